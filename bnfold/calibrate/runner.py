@@ -1,0 +1,100 @@
+"""Stage 2: run the training network over the calibration batches and accumulate BnStats.
+
+One onnxruntime session, one run per mini-batch; per BN only C means, C variances and a shape
+come back to Python, where they are accumulated in float64 (see ``stats.update``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from ..data.sources import CalibrationData
+from ..discover import BnSite
+from ..errors import BadInputError, UnsupportedModelError
+from ..graph.constants import Constants
+from ..graph.index import GraphIndex
+from ..records import BnStats
+from .graph import build_calibration_model
+from .stats import update
+
+Progress = Callable[[int, int], None]
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    from ..load import _PROTO_LIMIT, prepare_for_save
+
+    prepare_for_save(model)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    tmpdir = None
+    try:
+        if model.ByteSize() < _PROTO_LIMIT:
+            source: bytes | str = model.SerializeToString()
+        else:  # too large for one protobuf: go through a file with external data
+            tmpdir = tempfile.mkdtemp(prefix="bnfold-cal-")
+            path = os.path.join(tmpdir, "calibration.onnx")
+            onnx.save_model(model, path, save_as_external_data=True, location="calibration.data")
+            source = path
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(f"onnxruntime cannot run the calibration network: {first}") from exc
+    finally:
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    index: GraphIndex,
+    consts: Constants,
+    sites: list[BnSite],
+    data: CalibrationData,
+    progress: Progress | None = None,
+) -> dict[str, BnStats]:
+    """Per-BN float64 sums over every calibration batch (main-graph BNs only)."""
+    main = [s for s in sites if s.pos is not None]
+    if not main:
+        return {}
+    cal, outs = build_calibration_model(model, index, consts, main)
+    sess = _session(cal)
+    del cal
+    names = [n for o in outs for n in (o.mean, o.var, o.shape)]
+    stats: dict[str, BnStats] = {}
+    total = data.num_batches
+    if progress:
+        progress(0, total)
+    for done, batch in enumerate(data, start=1):
+        try:
+            values = sess.run(names, batch)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BadInputError(
+                f"onnxruntime failed on calibration batch {done}: {first}; check the data's shapes"
+            ) from exc
+        for k, o in enumerate(outs):
+            mu = np.asarray(values[3 * k], dtype=np.float64).reshape(-1)
+            var = np.asarray(values[3 * k + 1], dtype=np.float64).reshape(-1)
+            shape = [int(v) for v in values[3 * k + 2]]
+            c = mu.shape[0]
+            m_b = int(np.prod(shape, dtype=np.int64)) // max(c, 1)
+            if not (np.isfinite(mu).all() and np.isfinite(var).all()):
+                raise BadInputError(
+                    f"activations at BN '{o.bn}' became non-finite on calibration batch {done}; "
+                    "check the data's scale and the model's weights"
+                )
+            st = stats.get(o.bn)
+            if st is None:
+                st = stats[o.bn] = BnStats(channels=c)
+            update(st, mu, var, m_b)
+        if progress:
+            progress(done, total)
+    return stats

@@ -1,0 +1,165 @@
+"""Find every BatchNormalization and tell how it normalises (training, decomposed, inference).
+
+Recognised training-mode BN: ``training_mode=1`` (opset >= 14); extra outputs before opset 14;
+``is_test=0`` (opset < 7); and a BN whose mean/var inputs are computed from its own input (what
+torch exports for ``track_running_stats=False``). BNs inside If/Loop/Scan bodies and functions
+are listed with their location so that none is skipped silently.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+from .graph.constants import Constants
+from .graph.index import GraphIndex
+from .records import BnInfo, Mode
+
+_TRACE_LIMIT = 16
+
+
+@dataclass(frozen=True)
+class BnSite:
+    """A BN found in the main graph (``pos`` set) or in a subgraph/function (``pos`` None)."""
+
+    info: BnInfo
+    pos: int | None
+    spatial: bool = True  # legacy spatial=0 means per-activation statistics
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return op.version
+    return 1
+
+
+def name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every unnamed or duplicate-named node of the main graph a unique name (in place)."""
+    counts = Counter(n.name for n in graph.node if n.name)
+    used = set(counts)
+    for i, node in enumerate(graph.node):
+        if node.name and counts[node.name] == 1:
+            continue
+        base = f"{node.name or node.op_type}_{i}"
+        name, k = base, 1
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        node.name = name
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def is_bn(node: onnx.NodeProto) -> bool:
+    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+
+
+def attr_training(node: onnx.NodeProto, opset: int) -> bool:
+    """Training mode as the node's attributes and outputs declare it."""
+    if opset >= 14:
+        return bool(_attr(node, "training_mode", 0))
+    if opset < 7 and _attr(node, "is_test", 0) == 0:
+        return True
+    return sum(1 for o in node.output[1:] if o) > 0
+
+
+def _depends_on(index: GraphIndex, name: str, target: str) -> bool:
+    """Whether ``name`` is computed from ``target`` within a few producer steps."""
+    stack, seen = [name], set()
+    while stack and len(seen) < _TRACE_LIMIT * 4:
+        cur = stack.pop()
+        if cur == target:
+            return True
+        if cur in seen:
+            continue
+        seen.add(cur)
+        node = index.node_of(cur)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
+    return False
+
+
+def _bn_info(node: onnx.NodeProto, mode: Mode, index: GraphIndex | None, consts: Constants | None,
+             graph_path: str) -> BnInfo:
+    producer = producer_op = None
+    channels = None
+    if index is not None:
+        p = index.node_of(node.input[0])
+        if p is not None:
+            producer, producer_op = p.name, p.op_type
+    if consts is not None:
+        for slot in (1, 3, 2, 4):
+            name = node.input[slot] if slot < len(node.input) else ""
+            if not name:
+                continue
+            init = consts.index.initializers.get(name)
+            if init is not None:
+                dims = tuple(init.dims)
+            else:
+                v = consts.value(name)
+                dims = v.shape if v is not None else ()
+            if len(dims) == 1:
+                channels = int(dims[0])
+                break
+    return BnInfo(
+        name=node.name,
+        mode=mode,
+        input=node.input[0],
+        output=node.output[0],
+        producer=producer,
+        producer_op=producer_op,
+        epsilon=float(_attr(node, "epsilon", 1e-5)),
+        channels=channels,
+        graph_path=graph_path,
+    )
+
+
+def _subgraph_bns(graph: onnx.GraphProto, opset: int, path: str) -> list[BnSite]:
+    sites: list[BnSite] = []
+    for node in graph.node:
+        if is_bn(node):
+            mode = Mode.TRAINING if attr_training(node, opset) else Mode.INFERENCE
+            sites.append(BnSite(_bn_info(node, mode, None, None, path), None))
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for k, g in enumerate(subs):
+                sub_path = f"{path}/{node.name or node.op_type}.{a.name}" + (f"[{k}]" if len(subs) > 1 else "")
+                sites.extend(_subgraph_bns(g, opset, sub_path))
+    return sites
+
+
+def find_bns(model: onnx.ModelProto, index: GraphIndex, consts: Constants) -> list[BnSite]:
+    """Every BN of the model: main graph first (in node order), then subgraphs and functions."""
+    opset = index.opset
+    sites: list[BnSite] = []
+    sub: list[BnSite] = []
+    for pos, node in enumerate(index.nodes):
+        if pos in index.removed:
+            continue
+        if is_bn(node):
+            training = attr_training(node, opset)
+            stats_inputs = [node.input[i] for i in (3, 4) if i < len(node.input)]
+            computed = [n for n in stats_inputs if not consts.is_constant(n)]
+            if computed and any(_depends_on(index, n, node.input[0]) for n in computed):
+                mode = Mode.DECOMPOSED
+            else:
+                mode = Mode.TRAINING if training else Mode.INFERENCE
+            spatial = bool(_attr(node, "spatial", 1)) if opset < 9 else True
+            sites.append(BnSite(_bn_info(node, mode, index, consts, ""), pos, spatial))
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else (
+                list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])
+            for k, g in enumerate(subs):
+                path = f"{node.name}.{a.name}" + (f"[{k}]" if len(subs) > 1 else "")
+                sub.extend(_subgraph_bns(g, opset, path))
+    for fn in model.functions:
+        sub.extend(_subgraph_bns(onnx.GraphProto(node=fn.node), opset, f"function:{fn.domain}.{fn.name}"))
+    return sites + sub

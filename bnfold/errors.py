@@ -1,0 +1,29 @@
+"""The error hierarchy. Each class maps to one CLI exit code (see ``cli/main.py``).
+
+Messages are one line: what is wrong, and what to do about it.
+"""
+from __future__ import annotations
+
+
+class BnfoldError(Exception):
+    """Base class of every error bnfold raises on purpose."""
+
+    exit_code = 3
+
+
+class BadInputError(BnfoldError):
+    """The model file, the calibration data or an option value is wrong (exit 3)."""
+
+    exit_code = 3
+
+
+class UnsupportedModelError(BnfoldError):
+    """The model is valid but bnfold cannot process it (exit 3)."""
+
+    exit_code = 3
+
+
+class VerificationFailed(BnfoldError):
+    """The folded model does not compute the frozen model's function within tolerance (exit 1)."""
+
+    exit_code = 1

@@ -1,0 +1,69 @@
+"""Stage 3: write population statistics into every BN, turning it into a plain inference BN.
+
+A frozen BN has one output, no ``training_mode``, and constant mean/var initializers. Nodes that
+computed batch statistics for it (the decomposed ReduceMean/Sub/Mul pattern) are removed once
+nothing else reads them. Extra outputs (updated running statistics) that somebody still reads
+are served by Identity nodes of the frozen statistics.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .discover import BnSite
+from .graph.index import GraphIndex
+from .records import FrozenStats
+
+
+def stats_dtype(index: GraphIndex, node: onnx.NodeProto) -> np.dtype:
+    """dtype for the mean/var inputs: that of the scale (valid for every opset: T1 or T)."""
+    for slot in (1, 3):
+        et = index.elem_type(node.input[slot]) if slot < len(node.input) else None
+        if et:
+            return np.dtype(helper.tensor_dtype_to_np_dtype(et))
+    et = index.elem_type(node.input[0])
+    return np.dtype(helper.tensor_dtype_to_np_dtype(et)) if et else np.dtype(np.float32)
+
+
+def _drop_attr(node: onnx.NodeProto, name: str) -> None:
+    keep = [a for a in node.attribute if a.name != name]
+    if len(keep) != len(node.attribute):
+        del node.attribute[:]
+        node.attribute.extend(keep)
+
+
+def freeze(index: GraphIndex, sites: list[BnSite], stats: dict[str, FrozenStats]) -> None:
+    """Write ``stats`` into the BNs of the main graph named in it (changes recorded on ``index``)."""
+    for site in sites:
+        if site.pos is None or site.info.name not in stats:
+            continue
+        st = stats[site.info.name]
+        pos = site.pos
+        node = index.nodes[pos]
+        dtype = stats_dtype(index, node)
+        names = []
+        for kind, arr in (("mean", st.mean), ("var", st.var)):
+            name = index.fresh_name(f"{node.name}.frozen_{kind}")
+            index.add_initializer(numpy_helper.from_array(arr.astype(dtype), name))
+            names.append(name)
+        old = [node.input[3], node.input[4]]
+        index.set_input(pos, 3, names[0])
+        index.set_input(pos, 4, names[1])
+        _drop_attr(node, "training_mode")
+        if index.opset < 7:
+            _drop_attr(node, "is_test")
+            node.attribute.append(helper.make_attribute("is_test", 1))
+        extra = list(node.output[1:])
+        del node.output[1:]
+        for k, out in enumerate(extra):
+            if not out:
+                continue
+            if index.producer.get(out) == pos:
+                del index.producer[out]
+            if index.use_count(out) and k < 2:
+                ident = helper.make_node("Identity", [names[k]], [out],
+                                         name=index.fresh_node_name(f"{node.name}.frozen_out{k + 1}"))
+                index.insert_node(pos + 1, ident)
+        for name in old:
+            index.remove_dead_producers(name)

@@ -1,0 +1,177 @@
+"""Constant values of tensors: initializers, Constant nodes, and small constant subgraphs.
+
+Paddle keeps weights in Constant nodes; some exporters compute them (Cast, Mul by a scale,
+ConstantOfShape); torch's eval export routes parameters through Identity. All count as constants
+once evaluated. Evaluation is memoised and bounded in depth and size.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .index import GraphIndex
+
+_MAX_DEPTH = 12
+_MAX_ELEMENTS = 1 << 28
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None  # sparse_value / strings: not handled
+
+
+def _axes(node: onnx.NodeProto, args: list[np.ndarray]) -> list[int] | None:
+    if len(args) > 1:
+        return [int(v) for v in args[1].reshape(-1)]
+    ax = _attr(node, "axes")
+    return None if ax is None else [int(v) for v in ax]
+
+
+def _unsqueeze(node, args):
+    x, axes = args[0], _axes(node, args)
+    if axes is None:
+        return None
+    out_rank = x.ndim + len(axes)
+    for a in sorted(a % out_rank for a in axes):
+        x = np.expand_dims(x, a)
+    return x
+
+
+def _squeeze(node, args):
+    x, axes = args[0], _axes(node, args)
+    if axes is None:
+        return np.squeeze(x)
+    return np.squeeze(x, axis=tuple(a % x.ndim for a in axes))
+
+
+def _reshape(node, args):
+    x, shape = args[0], [int(v) for v in args[1].reshape(-1)]
+    if not _attr(node, "allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _cast(node, args):
+    to = _attr(node, "to")
+    return args[0].astype(helper.tensor_dtype_to_np_dtype(to))
+
+
+def _constant_of_shape(node, args):
+    shape = [int(v) for v in args[0].reshape(-1)] if args else []
+    if int(np.prod(shape, dtype=np.int64)) > _MAX_ELEMENTS:
+        return None
+    val = _attr(node, "value")
+    fill = numpy_helper.to_array(val).reshape(-1)[0] if val is not None else np.float32(0)
+    return np.full(shape, fill, dtype=np.asarray(fill).dtype)
+
+
+def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]):
+    def run(node, args):
+        a, b = args
+        out = fn(a, b)
+        return out.astype(np.result_type(a.dtype, b.dtype), copy=False)
+
+    return run
+
+
+_OPS: dict[str, Callable[[onnx.NodeProto, list[np.ndarray]], np.ndarray | None]] = {
+    "Identity": lambda n, a: a[0],
+    "Cast": _cast,
+    "Mul": _binary(np.multiply),
+    "Add": _binary(np.add),
+    "Sub": _binary(np.subtract),
+    "Div": _binary(lambda a, b: a / b if a.dtype.kind == "f" else a // b),
+    "Sqrt": lambda n, a: np.sqrt(a[0]),
+    "Neg": lambda n, a: -a[0],
+    "Reshape": _reshape,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Flatten": lambda n, a: a[0].reshape(
+        int(np.prod(a[0].shape[: _attr(n, "axis", 1) % max(a[0].ndim, 1)] or [1])), -1
+    ),
+    "Transpose": lambda n, a: np.transpose(a[0], _attr(n, "perm")),
+    "ConstantOfShape": _constant_of_shape,
+}
+
+
+class Constants:
+    """Resolves the constant value of a tensor name, or None when it is not constant."""
+
+    def __init__(self, index: GraphIndex) -> None:
+        self.index = index
+        self._cache: dict[str, np.ndarray | None] = {}
+
+    def value(self, name: str) -> np.ndarray | None:
+        if not name:
+            return None
+        return self._eval(name, 0)
+
+    def is_constant(self, name: str) -> bool:
+        if name in self.index.initializers:
+            return True
+        return self.value(name) is not None
+
+    def is_initializer(self, name: str) -> bool:
+        return name in self.index.initializers
+
+    def _eval(self, name: str, depth: int) -> np.ndarray | None:
+        if name in self.index.initializers:  # not cached: weights are large and read once
+            return numpy_helper.to_array(self.index.initializers[name])
+        if name in self._cache:
+            return self._cache[name]
+        result = self._compute(name, depth)
+        if result is not None and result.size > _MAX_ELEMENTS:
+            result = None
+        self._cache[name] = result
+        return result
+
+    def _compute(self, name: str, depth: int) -> np.ndarray | None:
+        idx = self.index
+        if name in idx.initializers:
+            return numpy_helper.to_array(idx.initializers[name])
+        if name in idx.graph_inputs or depth > _MAX_DEPTH:
+            return None
+        node = idx.node_of(name)
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Constant":
+            return _constant_node_value(node)
+        op = _OPS.get(node.op_type)
+        if op is None or len(node.output) != 1:
+            return None
+        args = []
+        for inp in node.input:
+            if not inp:
+                continue
+            v = self._eval(inp, depth + 1)
+            if v is None:
+                return None
+            args.append(v)
+        try:
+            out = op(node, args)
+        except (ValueError, TypeError, IndexError):
+            return None
+        return None if out is None else np.asarray(out)
+
+    def forget(self, name: str) -> None:
+        self._cache.pop(name, None)

@@ -1,0 +1,245 @@
+"""The graph index: producers, consumers, initializers, built once per graph in linear time.
+
+Every pass reads it instead of scanning the graph; the mutators below keep it current.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import onnx
+
+
+def _subgraph_free_names(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing scope."""
+    free: set[str] = set()
+    for attr in node.attribute:
+        graphs = []
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs = [attr.g]
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs = list(attr.graphs)
+        for g in graphs:
+            defined = {i.name for i in g.input} | {t.name for t in g.initializer}
+            defined |= {t.name for t in g.sparse_initializer}
+            for n in g.node:
+                defined.update(o for o in n.output if o)
+            for n in g.node:
+                free.update(i for i in n.input if i and i not in defined)
+                free.update(x for x in _subgraph_free_names(n) if x not in defined)
+            free.update(o.name for o in g.output if o.name not in defined)
+    return free
+
+
+# Standard operators that carry subgraphs; other domains may too, so they are checked as well.
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
+def has_subgraph(node: onnx.NodeProto) -> bool:
+    if node.op_type not in _CONTROL_FLOW and node.domain in ("", "ai.onnx"):
+        return False
+    return any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
+    )
+
+
+class GraphIndex:
+    """Producers and consumers of every tensor name in one graph.
+
+    ``consumers[name]`` lists node positions, once per input slot that reads ``name``; a node whose
+    subgraph reads ``name`` from the outer scope counts as a consumer too. Graph outputs are kept
+    separately in ``graph_outputs``.
+    """
+
+    def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self.removed: set[int] = set()
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        producer, consumers = self.producer, self.consumers
+        for i, node in enumerate(self.nodes):
+            for out in node.output:
+                producer[out] = i
+            for inp in node.input:
+                consumers[inp].append(i)
+            if has_subgraph(node):
+                for name in _subgraph_free_names(node):
+                    consumers[name].append(i)
+        producer.pop("", None)
+        consumers.pop("", None)
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.graph_outputs: set[str] = {o.name for o in graph.output}
+        self.graph_inputs: set[str] = {i.name for i in graph.input} - set(self.initializers)
+        self.value_info: dict[str, onnx.ValueInfoProto] = {}
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            self.value_info.setdefault(vi.name, vi)
+        self._names = set(self.producer) | set(self.initializers) | {i.name for i in graph.input}
+        self._node_names = {n.name for n in self.nodes if n.name}
+        self.new_initializers: list[onnx.TensorProto] = []
+        self.dropped_initializers: set[str] = set()
+        self.new_nodes: list[tuple[int, int]] = []  # (insert before position, position of new node)
+
+    # ---- queries -------------------------------------------------------------------------
+    def node_of(self, name: str) -> onnx.NodeProto | None:
+        i = self.producer.get(name)
+        return None if i is None or i in self.removed else self.nodes[i]
+
+    def use_count(self, name: str) -> int:
+        """How many readers ``name`` has: node input slots, subgraph references, graph outputs."""
+        live = sum(1 for i in self.consumers.get(name, ()) if i not in self.removed)
+        return live + (1 if name in self.graph_outputs else 0)
+
+    def consumer_nodes(self, name: str) -> list[int]:
+        return [i for i in self.consumers.get(name, ()) if i not in self.removed]
+
+    def rank(self, name: str) -> int | None:
+        vi = self.value_info.get(name)
+        if vi is None or not vi.type.HasField("tensor_type"):
+            return None
+        tt = vi.type.tensor_type
+        return len(tt.shape.dim) if tt.HasField("shape") else None
+
+    def shape(self, name: str) -> tuple[int | None, ...] | None:
+        vi = self.value_info.get(name)
+        if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            return None
+        return tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
+
+    def elem_type(self, name: str) -> int | None:
+        if name in self.initializers:
+            return self.initializers[name].data_type
+        vi = self.value_info.get(name)
+        if vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            return vi.type.tensor_type.elem_type
+        return None
+
+    # ---- naming --------------------------------------------------------------------------
+    def fresh_name(self, base: str) -> str:
+        name, k = base, 1
+        while name in self._names:
+            name, k = f"{base}_{k}", k + 1
+        self._names.add(name)
+        return name
+
+    def fresh_node_name(self, base: str) -> str:
+        name, k = base, 1
+        while name in self._node_names:
+            name, k = f"{base}_{k}", k + 1
+        self._node_names.add(name)
+        return name
+
+    # ---- mutation (recorded; ``commit`` writes it into the GraphProto once) ---------------
+    def set_input(self, pos: int, slot: int, name: str) -> None:
+        node = self.nodes[pos]
+        old = node.input[slot] if slot < len(node.input) else ""
+        if old:
+            lst = self.consumers[old]
+            lst.remove(pos)
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = name
+        if name:
+            self.consumers[name].append(pos)
+
+    def set_output(self, pos: int, slot: int, name: str) -> None:
+        node = self.nodes[pos]
+        old = node.output[slot]
+        if self.producer.get(old) == pos:
+            del self.producer[old]
+        node.output[slot] = name
+        self.producer[name] = pos
+        self._names.add(name)
+
+    def add_initializer(self, tensor: onnx.TensorProto) -> None:
+        self.new_initializers.append(tensor)
+        self.initializers[tensor.name] = tensor
+        self._names.add(tensor.name)
+
+    def remove_node(self, pos: int) -> None:
+        node = self.nodes[pos]
+        self.removed.add(pos)
+        for inp in node.input:
+            if inp and pos in self.consumers.get(inp, ()):
+                self.consumers[inp] = [i for i in self.consumers[inp] if i != pos]
+        for out in node.output:
+            if self.producer.get(out) == pos:
+                del self.producer[out]
+
+    def insert_node(self, before: int, node: onnx.NodeProto) -> int:
+        """Queue ``node`` to be placed just before position ``before``; returns its position."""
+        pos = len(self.nodes)
+        self.nodes.append(node)
+        self.new_nodes.append((before, pos))
+        for inp in node.input:
+            if inp:
+                self.consumers[inp].append(pos)
+        for out in node.output:
+            if out:
+                self.producer[out] = pos
+                self._names.add(out)
+        if node.name:
+            self._node_names.add(node.name)
+        return pos
+
+    def drop_if_unused(self, name: str) -> None:
+        """Remove an initializer nobody reads any more (not a graph input or output)."""
+        if name in self.initializers and self.use_count(name) == 0 and name not in self.graph_outputs:
+            self.dropped_initializers.add(name)
+
+    def remove_dead_producers(self, name: str, limit: int = 64) -> None:
+        """Remove the chain of side-effect-free nodes that only fed ``name`` (now unread)."""
+        stack, steps = [name], 0
+        while stack and steps < limit:
+            cur = stack.pop()
+            steps += 1
+            if self.use_count(cur) != 0:
+                continue
+            if cur in self.initializers:
+                self.drop_if_unused(cur)
+                continue
+            pos = self.producer.get(cur)
+            if pos is None or pos in self.removed:
+                continue
+            node = self.nodes[pos]
+            if has_subgraph(node) or node.domain not in ("", "ai.onnx"):
+                continue
+            if any(self.use_count(o) for o in node.output if o):
+                continue
+            self.remove_node(pos)
+            stack.extend(i for i in node.input if i)
+
+    def commit(self) -> None:
+        """Write the recorded changes into the GraphProto (one linear pass)."""
+        g = self.graph
+        inserts: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+        for before, pos in self.new_nodes:
+            if pos not in self.removed:
+                inserts[before].append(self.nodes[pos])
+        n_orig = len(self.nodes) - len(self.new_nodes)
+        if self.removed or self.new_nodes:
+            ordered: list[onnx.NodeProto] = []
+            for i in range(n_orig):
+                ordered.extend(inserts.get(i, ()))
+                if i not in self.removed:
+                    ordered.append(self.nodes[i])
+            ordered.extend(inserts.get(n_orig, ()))
+            del g.node[:]
+            g.node.extend(ordered)
+            live = {o for n in ordered for o in n.output} | {i.name for i in g.input}
+            stale = [i for i, v in enumerate(g.value_info) if v.name not in live]
+            for i in reversed(stale):
+                del g.value_info[i]
+        if self.dropped_initializers:
+            dead = [i for i, t in enumerate(g.initializer) if t.name in self.dropped_initializers]
+            for i in reversed(dead):
+                del g.initializer[i]
+            dead_in = [i for i, v in enumerate(g.input) if v.name in self.dropped_initializers]
+            for i in reversed(dead_in):
+                del g.input[i]
+        if self.new_initializers:
+            g.initializer.extend(self.new_initializers)
+        self.new_initializers, self.new_nodes = [], []
+        self.dropped_initializers, self.removed = set(), set()
+        self.nodes = list(g.node)
+        # positions changed: callers that go on using the graph build a new index

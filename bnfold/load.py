@@ -1,0 +1,130 @@
+"""Stage 1: load an ONNX model from a path (or take a ModelProto) and write one back, atomically.
+
+The file is read once: the same bytes are hashed (for the report) and parsed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import BadInputError, UnsupportedModelError
+
+# Protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
+_PROTO_LIMIT = 2**31 - 2**24
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto
+    path: Path | None
+    sha256: str | None
+    external_data: bool  # some tensors lived in external files
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+    )
+
+
+def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
+    """Read a model. Raises BadInputError for a missing, unreadable or non-ONNX file."""
+    if isinstance(source, onnx.ModelProto):
+        return LoadedModel(source, None, None, _uses_external_data(source))
+    path = Path(source)
+    if not path.exists():
+        raise BadInputError(f"model file '{path}' not found; check the path")
+    if not path.is_file():
+        raise BadInputError(f"model path '{path}' is not a file; pass the .onnx file itself")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"cannot read model file '{path}': {exc.strerror or exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise BadInputError(
+            f"'{path}' is not an ONNX model (protobuf parse failed); pass an .onnx file"
+        ) from exc
+    del data
+    if not model.HasField("graph") or (len(model.graph.node) == 0 and not model.opset_import):
+        raise BadInputError(f"'{path}' is not an ONNX model (no graph found); pass an .onnx file")
+    external = _uses_external_data(model)
+    if external:
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as exc:
+            raise BadInputError(
+                f"external data of '{path}' could not be read ({exc}); keep the data files next to the model"
+            ) from exc
+    return LoadedModel(model, path, digest, external)
+
+
+def _ir_version_for_runtime(model: onnx.ModelProto) -> int:
+    """Keep the model's IR version unless the installed onnxruntime would refuse it."""
+    ir = model.ir_version or onnx.IR_VERSION
+    if ir <= 10:  # accepted by every onnxruntime we support; no need to import it
+        return ir
+    from .verify.session import ort_max_ir_version
+
+    return min(ir, ort_max_ir_version())
+
+
+def prepare_for_save(model: onnx.ModelProto) -> None:
+    model.ir_version = _ir_version_for_runtime(model)
+    model.producer_name = "bnfold"
+    from . import __version__
+
+    model.producer_version = __version__
+
+
+def save_onnx(
+    model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False
+) -> str:
+    """Write ``model`` to ``path`` atomically; return the sha256 of the written model file.
+
+    With ``external_data`` (or when the model is too large for one protobuf), tensors go to
+    ``<name>.data`` beside the model. Parent directories are created. Nothing is left behind
+    on failure.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    too_big = model.ByteSize() >= _PROTO_LIMIT if not external_data else True
+    tmpdir = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=path.parent))
+    try:
+        tmp_model = tmpdir / path.name
+        if external_data or too_big:
+            location = path.name + ".data"
+            onnx.save_model(
+                model,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=location,
+                size_threshold=1024,
+            )
+            data_file = tmpdir / location
+            if data_file.exists():
+                os.replace(data_file, path.parent / location)
+            digest = hashlib.sha256(tmp_model.read_bytes()).hexdigest()
+        else:
+            blob = model.SerializeToString()
+            digest = hashlib.sha256(blob).hexdigest()
+            with open(tmp_model, "wb") as fh:
+                fh.write(blob)
+            del blob
+        os.replace(tmp_model, path)
+    except OSError as exc:
+        raise UnsupportedModelError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return digest

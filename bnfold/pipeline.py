@@ -1,0 +1,315 @@
+"""The public API: load → calibrate → freeze → plan → fold → verify → report.
+
+``fold`` runs the whole pipeline; ``inspect`` stops after planning. Each stage lives in its own
+module; this one only wires them together and fills the report.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+
+from .calibrate.runner import calibrate
+from .calibrate.stats import finalize
+from .data.sources import CalibrationData, InputSpec, from_arrays, open_data
+from .discover import BnSite, default_opset, find_bns, name_nodes
+from .errors import BadInputError, UnsupportedModelError
+from .folding.apply import apply_plan
+from .freeze import freeze
+from .graph.constants import Constants
+from .graph.index import GraphIndex
+from .load import LoadedModel, load_onnx, prepare_for_save, save_onnx
+from .plan import make_plan
+from .records import Action, BnRecord, FoldDecision, FrozenStats, Mode, Report, VerifyResult
+
+GAP_WARNING = 0.10  # warn where the unbiased and pooled variances differ by more than 10 %
+ESTIMATORS = ("unbiased", "pooled")
+
+DataArg = "str | os.PathLike[str] | Mapping[str, np.ndarray] | CalibrationData | None"
+
+
+@dataclass
+class FoldResult:
+    model: onnx.ModelProto | None  # None on a dry run
+    report: Report
+
+    @property
+    def ok(self) -> bool:
+        """False iff verification ran and failed."""
+        v = self.report.verification
+        return v is None or v.passed
+
+
+@dataclass(frozen=True)
+class BnInspection:
+    name: str
+    mode: Mode
+    producer: str | None
+    producer_op: str | None
+    channels: int | None
+    decision: FoldDecision
+    graph_path: str = ""
+
+
+# ---- stages wired together ----------------------------------------------------------------
+class _Work:
+    """The model being processed with its index; rebuilt after each committed stage."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        name_nodes(self.model.graph)
+        self.opset = default_opset(self.model)
+        self.reindex()
+
+    def reindex(self) -> None:
+        self.index = GraphIndex(self.model.graph, self.opset)
+        self.consts = Constants(self.index)
+        self.sites = find_bns(self.model, self.index, self.consts)
+
+    def commit(self) -> None:
+        self.index.commit()
+        self.reindex()
+
+
+def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
+    if isinstance(model, onnx.ModelProto):  # never mutate the caller's model
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return load_onnx(copy)
+    return load_onnx(model)
+
+
+def _input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    from .verify.session import input_specs
+
+    return input_specs(model)
+
+
+def _fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The batch size every input fixes on axis 0, if any does."""
+    fixed = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
+    return fixed.pop() if len(fixed) == 1 else None
+
+
+def _open_data(data, model: onnx.ModelProto, batch_size: int | None) -> CalibrationData:
+    specs = _input_specs(model)
+    fixed = _fixed_batch(specs)
+    if fixed is not None:
+        if batch_size is None:
+            batch_size = fixed
+        elif batch_size != fixed:
+            name = next(s.name for s in specs if s.shape and s.shape[0] is not None)
+            raise BadInputError(
+                f"model input '{name}' has a fixed batch size of {fixed}; use --batch-size {fixed} "
+                "or export the model with a dynamic batch axis"
+            )
+    if isinstance(data, CalibrationData):
+        return data
+    if isinstance(data, Mapping):
+        return from_arrays(data, specs, batch_size)
+    return open_data(data, specs, batch_size)
+
+
+def _check_modes(work: _Work, have_data: bool) -> None:
+    for site in work.sites:
+        info = site.info
+        if info.mode is Mode.INFERENCE:
+            continue
+        if site.pos is None:
+            raise UnsupportedModelError(
+                f"BN '{info.name}' inside {info.graph_path} is in training mode; bnfold cannot calibrate "
+                "BN inside subgraphs or functions: export the model with the BN in eval mode"
+            )
+        if not have_data:
+            raise BadInputError(
+                f"BN '{info.name}' is in {info.mode.value} mode (batch statistics); pass calibration "
+                "data with --data so bnfold can compute its population statistics"
+            )
+
+
+def _calibrate_and_freeze(work: _Work, data: CalibrationData, estimator: str, progress) -> tuple[
+        dict[str, FrozenStats], list[str]]:
+    raw = calibrate(work.model, work.index, work.consts, work.sites, data, progress)
+    frozen = {name: finalize(st, estimator, name) for name, st in raw.items()}
+    warnings = []
+    wide = sorted((s.gap, n) for n, s in frozen.items() if s.gap > GAP_WARNING)
+    if wide:
+        names = ", ".join(f"{n} ({g:.0%})" for g, n in reversed(wide[-10:]))
+        warnings.append(
+            f"unbiased (Algorithm 2) and pooled variance differ by more than {GAP_WARNING:.0%} at "
+            f"{len(wide)} BN: {names}{' ...' if len(wide) > 10 else ''}"
+        )
+    for site in work.sites:
+        if site.pos is None and site.info.mode is Mode.INFERENCE:
+            warnings.append(f"BN '{site.info.name}' in {site.info.graph_path} keeps its stored statistics "
+                            "(subgraphs are not calibrated)")
+    freeze(work.index, work.sites, frozen)
+    work.commit()
+    return frozen, warnings
+
+
+def _verify_batches(data: CalibrationData | None, model: onnx.ModelProto, k: int) -> list[dict[str, np.ndarray]] | str:
+    """Batch-size-1 feeds for verification, or a string saying why there are none."""
+    specs = _input_specs(model)
+    bs = _fixed_batch(specs) or 1
+    if data is not None:
+        taken = data.take(k * bs)
+        n = next(iter(taken.values())).shape[0]
+        if n < bs:
+            return f"fewer calibration samples ({n}) than the model's fixed batch size {bs}"
+        return [{name: arr[i:i + bs] for name, arr in taken.items()} for i in range(0, n - bs + 1, bs)]
+    rng = np.random.default_rng(0)
+    feeds: list[dict[str, np.ndarray]] = []
+    for _ in range(k):
+        feed = {}
+        for spec in specs:
+            if spec.shape is None or any(d is None for d in spec.shape[1:]):
+                return f"input '{spec.name}' has dynamic dimensions; pass --data to verify"
+            shape = (bs,) + tuple(spec.shape[1:])
+            if spec.dtype.kind == "f":
+                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            elif spec.dtype.kind in "iu":
+                return f"input '{spec.name}' is an integer input; pass --data to verify"
+            else:
+                return f"input '{spec.name}' has dtype {spec.dtype}; pass --data to verify"
+        feeds.append(feed)
+    return feeds
+
+
+def _records(work_sites: list[BnSite], modes: dict[str, Mode], plan, frozen) -> list[BnRecord]:
+    by_bn = plan.by_bn()
+    out = []
+    for site in work_sites:
+        d = by_bn[site.info.name]
+        out.append(BnRecord(
+            name=site.info.name, mode_before=modes.get(site.info.name, site.info.mode), action=d.action,
+            target=d.target, direction=d.direction, reason=d.reason, detail=d.detail,
+            channels=site.info.channels, stats=frozen.get(site.info.name)))
+    return out
+
+
+def fold(
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    data=None,
+    batch_size: int | None = None,
+    estimator: str = "unbiased",
+    verify: bool = True,
+    dry_run: bool = False,
+    verify_samples: int = 4,
+    atol: float | None = None,
+    rtol: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> FoldResult:
+    """Freeze (with ``data``), fold and verify one ONNX model.
+
+    ``data``: a ``.npz``/``.npy`` path or directory, a mapping of input name to array (leading
+    axis = samples), or a ``CalibrationData``. With data every BN is recalibrated (Algorithm 2,
+    or the pooled variance with ``estimator='pooled'``); without, inference BNs keep their stored
+    statistics and a training-mode BN is an error. ``output`` is written atomically, and only
+    when verification passed (or was switched off); on a dry run nothing is written.
+    """
+    if estimator not in ESTIMATORS:
+        raise BadInputError(f"unknown estimator '{estimator}'; use one of: {', '.join(ESTIMATORS)}")
+    if verify_samples < 1:
+        raise BadInputError("verify_samples must be at least 1")
+    loaded = _load(model)
+    work = _Work(loaded)
+    modes = {s.info.name: s.info.mode for s in work.sites}
+    _check_modes(work, data is not None)
+    cal = _open_data(data, work.model, batch_size) if data is not None else None
+    frozen: dict[str, FrozenStats] = {}
+    warnings: list[str] = []
+    if cal is not None:
+        frozen, warnings = _calibrate_and_freeze(work, cal, estimator, progress)
+    report = Report(
+        input_path=str(loaded.path) if loaded.path else None, output_path=None if dry_run or output is None else str(output),
+        input_sha256=loaded.sha256, output_sha256=None, estimator=estimator,
+        batch_size=cal.batch_size if cal is not None else None, calibrated=cal is not None, bns=[],
+        warnings=warnings, dry_run=dry_run)
+
+    plan, routes = make_plan(work.index, work.consts, work.sites)
+    if dry_run:
+        final = apply_plan(work.index, work.consts, plan, routes, commit=False)
+        report.bns = _records(work.sites, modes, final, frozen)
+        return FoldResult(None, report)
+
+    stage = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=Path(output).parent if output else None)) \
+        if (verify or output) else None
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        reference = None
+        if verify:
+            reference = stage / "frozen.onnx"
+            save_onnx(work.model, reference, external_data=loaded.external_data)
+            if loaded.external_data:
+                onnx.load_external_data_for_model(work.model, str(stage))
+        final = apply_plan(work.index, work.consts, plan, routes, commit=True)
+        work.index.commit()
+        report.bns = _records(work.sites, modes, final, frozen)
+        prepare_for_save(work.model)
+        if stage is not None:
+            staged = stage / (Path(output).name if output else "folded.onnx")
+            digest = save_onnx(work.model, staged, external_data=loaded.external_data)
+            if loaded.external_data:
+                onnx.load_external_data_for_model(work.model, str(stage))
+            if verify:
+                batches = _verify_batches(cal, work.model, verify_samples)
+                if isinstance(batches, str):
+                    report.warnings.append(f"verification skipped: {batches}")
+                else:
+                    from .verify.compare import verify_models
+
+                    report.verification = verify_models(reference, staged, batches, atol=atol, rtol=rtol)
+            if output and (report.verification is None or report.verification.passed):
+                _move_into_place(staged, Path(output), loaded.external_data)
+                report.output_sha256 = digest
+        return FoldResult(work.model, report)
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_into_place(staged: Path, output: Path, external: bool) -> None:
+    if external:
+        data = staged.parent / (staged.name + ".data")
+        if data.exists():
+            os.replace(data, output.parent / (output.name + ".data"))
+    os.replace(staged, output)
+
+
+def _placeholder_stats(work: _Work, site: BnSite) -> FrozenStats:
+    scale = work.consts.value(work.index.nodes[site.pos].input[1])
+    c = int(scale.shape[0]) if scale is not None and scale.ndim == 1 else 1
+    zero, one = np.zeros(c), np.ones(c)
+    return FrozenStats(zero, one, one, one, 0.0, 0, 0)
+
+
+def inspect(model: str | os.PathLike[str] | onnx.ModelProto) -> list[BnInspection]:
+    """Every BN with its producer, mode and the decision ``fold`` would take (stored statistics).
+
+    Training-mode BNs are planned as if frozen: the decision does not depend on the statistics,
+    except DTYPE_OVERFLOW, which ``fold --dry-run`` with data checks exactly.
+    """
+    work = _Work(_load(model))
+    modes = {s.info.name: s.info.mode for s in work.sites}
+    pending = [s for s in work.sites if s.pos is not None and s.info.mode is not Mode.INFERENCE]
+    if pending:  # plan as fold would: after freezing (placeholder statistics; decomposition removed)
+        placeholder = {s.info.name: _placeholder_stats(work, s) for s in pending}
+        freeze(work.index, work.sites, placeholder)
+        work.commit()
+    plan, routes = make_plan(work.index, work.consts, work.sites)
+    # the arithmetic check needs statistics: only BNs that already have them are checked here
+    checked = {bn: r for bn, r in routes.items() if modes[bn] is Mode.INFERENCE}
+    by_bn = apply_plan(work.index, work.consts, plan, checked, commit=False).by_bn()
+    return [BnInspection(s.info.name, modes[s.info.name], s.info.producer, s.info.producer_op, s.info.channels,
+                         by_bn[s.info.name], s.info.graph_path) for s in work.sites]

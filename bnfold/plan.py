@@ -1,0 +1,296 @@
+"""Stage 4: decide, for every BN, whether and where it folds — without changing the graph.
+
+Backward (into the producer) is tried first: the walk from the BN's input may pass through
+nodes that keep channel c on axis 1 (an Add of a per-channel constant, Reshape/Squeeze/Unsqueeze
+that leave axes 0 and 1 alone, Identity) and ends at a Conv, ConvTranspose, Gemm or MatMul with
+constant weights. If that fails, forward into a following unpadded Conv (math.md section 4).
+Each rule that refuses names a Reason; nothing here mutates the graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .discover import BnSite
+from .graph.constants import Constants
+from .graph.index import GraphIndex
+from .records import Action, FoldDecision, FoldPlan, Mode, Reason
+
+PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+LOOK_THROUGH = {"Add", "Reshape", "Squeeze", "Unsqueeze", "Identity"}
+_MAX_CHAIN = 8
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16}
+
+
+@dataclass
+class Route:
+    """How to apply one fold; consumed by ``fold.apply``."""
+
+    bn_pos: int
+    direction: str  # "backward" | "forward"
+    target_pos: int
+    chain: list[tuple[int, int]] = field(default_factory=list)  # (node pos, data slot), BN side first
+    add_consts: list[np.ndarray] = field(default_factory=list)  # per-channel (C,) biases passed through
+    out_rank: int = 2  # rank of the BN input
+
+
+class _Refuse(Exception):
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+class Planner:
+    def __init__(self, index: GraphIndex, consts: Constants) -> None:
+        self.index, self.consts = index, consts
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _shape_of(self, name: str) -> tuple[int, ...] | None:
+        t = self.index.initializers.get(name)
+        if t is not None:
+            return tuple(int(d) for d in t.dims)
+        v = self.consts.value(name)
+        return None if v is None else tuple(v.shape)
+
+    def _require_const(self, name: str, what: str, node: onnx.NodeProto) -> tuple[int, ...]:
+        shape = self._shape_of(name) if name else None
+        if shape is None:
+            raise _Refuse(Reason.NOT_CONSTANT, f"{what} of {node.op_type} '{node.name}' is not a constant")
+        return shape
+
+    def _require_float(self, name: str, node: onnx.NodeProto) -> None:
+        et = self.index.elem_type(name)
+        if et is None:
+            v = self.consts.value(name)
+            if v is not None and v.dtype.kind != "f":
+                et = -1
+        if et is not None and et not in _FLOAT_TYPES:
+            raise _Refuse(Reason.UNSUPPORTED_DTYPE,
+                          f"weight of {node.op_type} '{node.name}' is not floating point")
+
+    # ---- the decision --------------------------------------------------------------------
+    def decide(self, site: BnSite) -> tuple[FoldDecision, Route | None]:
+        info = site.info
+        if site.pos is None:
+            return FoldDecision(info.name, Action.FROZEN_KEPT, reason=Reason.IN_SUBGRAPH,
+                                detail=f"inside {info.graph_path}; bnfold folds main-graph BN only"), None
+        if not site.spatial:
+            return FoldDecision(info.name, Action.FROZEN_KEPT, reason=Reason.SPATIAL_ZERO,
+                                detail="spatial=0: statistics per activation, not per channel"), None
+        bn = self.index.nodes[site.pos]
+        # statistics of a training-mode BN become constants when it is frozen
+        slots = ((1, "scale"), (2, "bias"), (3, "mean"), (4, "variance"))
+        if info.mode is not Mode.INFERENCE:
+            slots = slots[:2]
+        for slot, what in slots:
+            if not self.consts.is_constant(bn.input[slot]):
+                return FoldDecision(info.name, Action.FROZEN_KEPT, reason=Reason.NOT_CONSTANT,
+                                    detail=f"BN {what} '{bn.input[slot]}' is not a constant"), None
+        channels = int(self._shape_of(bn.input[1])[0]) if self._shape_of(bn.input[1]) else None
+        try:
+            route = self._backward(site.pos, bn, channels)
+            p = self.index.nodes[route.target_pos]
+            through = tuple(self.index.nodes[pos].name for pos, _ in reversed(route.chain))
+            return FoldDecision(info.name, Action.FOLDED, target=p.name, direction="backward",
+                                reason=self._clone_note(p),
+                                detail=f"into {p.op_type} '{p.name}'", through=through), route
+        except _Refuse as back:
+            try:
+                route = self._forward(site.pos, bn, channels)
+            except _Refuse as fwd:
+                if fwd.reason is _NO_CANDIDATE:
+                    return FoldDecision(info.name, Action.FROZEN_KEPT, reason=back.reason,
+                                        detail=back.detail), None
+                if back.reason in (Reason.NO_PRODUCER, Reason.UNSUPPORTED_PRODUCER):
+                    return FoldDecision(info.name, Action.FROZEN_KEPT, reason=fwd.reason,
+                                        detail=f"{fwd.detail}; backward: {back.detail}"), None
+                return FoldDecision(info.name, Action.FROZEN_KEPT, reason=back.reason,
+                                    detail=f"{back.detail}; forward: {fwd.detail}"), None
+            c = self.index.nodes[route.target_pos]
+            return FoldDecision(info.name, Action.FOLDED, target=c.name, direction="forward",
+                                reason=self._clone_note(c),
+                                detail=f"into the following {c.op_type} '{c.name}' (backward: {back.detail})"), route
+
+    def _clone_note(self, node: onnx.NodeProto) -> Reason | None:
+        shared = any(self.index.use_count(n) > 1 for n in node.input[1:3] if n)
+        return Reason.SHARED_WEIGHT_CLONED if shared else None
+
+    # ---- backward ------------------------------------------------------------------------
+    def _backward(self, bn_pos: int, bn: onnx.NodeProto, channels: int | None) -> Route:
+        idx = self.index
+        cur = bn.input[0]
+        chain: list[tuple[int, int]] = []
+        while True:
+            if idx.use_count(cur) != 1:
+                where = "a graph output" if cur in idx.graph_outputs else f"{idx.use_count(cur)} readers"
+                raise _Refuse(Reason.PRODUCER_FANOUT,
+                              f"tensor '{cur}' between producer and BN is also read elsewhere ({where})")
+            pos = idx.producer.get(cur)
+            if pos is None or pos in idx.removed:
+                kind = "a constant" if self.consts.is_constant(cur) else "a graph input"
+                raise _Refuse(Reason.NO_PRODUCER, f"input '{cur}' is {kind}")
+            node = idx.nodes[pos]
+            if node.domain not in ("", "ai.onnx"):
+                raise _Refuse(Reason.UNSUPPORTED_PRODUCER, f"input comes from {node.domain}.{node.op_type} '{node.name}'")
+            if node.op_type in PRODUCERS:
+                break
+            if node.op_type in LOOK_THROUGH and len(chain) < _MAX_CHAIN:
+                slot = self._data_slot(node)
+                chain.append((pos, slot))
+                cur = node.input[slot]
+                continue
+            raise _Refuse(Reason.UNSUPPORTED_PRODUCER, f"input comes from {node.op_type} '{node.name}'")
+        out_channels, rank = self._producer(node, pos)
+        if channels is not None and out_channels != channels:
+            raise _Refuse(Reason.CHANNEL_MISMATCH,
+                          f"{node.op_type} '{node.name}' has {out_channels} output channels, BN has {channels}")
+        route = Route(bn_pos, "backward", pos, chain)
+        for cpos, slot in reversed(chain):  # from the producer toward the BN
+            rank = self._through(idx.nodes[cpos], slot, rank, out_channels, route)
+        bn_rank = idx.rank(bn.input[0])
+        if bn_rank is not None and bn_rank != rank:
+            raise _Refuse(Reason.CHANNEL_MISMATCH, f"rank {rank} after the look-through nodes, BN input has {bn_rank}")
+        route.out_rank = rank
+        return route
+
+    def _data_slot(self, node: onnx.NodeProto) -> int:
+        if node.op_type == "Add":
+            const = [self.consts.is_constant(i) for i in node.input[:2]]
+            if const.count(True) != 1:
+                raise _Refuse(Reason.UNSUPPORTED_PRODUCER,
+                              f"input comes from Add '{node.name}' of two computed tensors")
+            return const.index(False)
+        for extra in node.input[1:]:
+            if extra and not self.consts.is_constant(extra):
+                raise _Refuse(Reason.NOT_CONSTANT, f"{node.op_type} '{node.name}' has a computed shape/axes input")
+        return 0
+
+    def _producer(self, node: onnx.NodeProto, pos: int) -> tuple[int, int]:
+        """(output channels, output rank) of a producer that can take the fold."""
+        op = node.op_type
+        if op in ("Conv", "ConvTranspose"):
+            w = self._require_const(node.input[1], "weight", node)
+            if len(node.input) > 2 and node.input[2]:
+                self._require_const(node.input[2], "bias", node)
+            self._require_float(node.input[1], node)
+            group = int(_attr(node, "group", 1))
+            return (w[0] if op == "Conv" else w[1] * group), len(w)
+        if op == "Gemm":
+            b = self._require_const(node.input[1], "B", node)
+            self._require_float(node.input[1], node)
+            n = b[0] if _attr(node, "transB", 0) else b[1]
+            if len(node.input) > 2 and node.input[2]:
+                c = self._require_const(node.input[2], "C", node)
+                if not (len(c) <= 2 and int(np.prod(c)) in (1, n) and (len(c) < 2 or c[0] == 1)):
+                    raise _Refuse(Reason.CHANNEL_MISMATCH, f"Gemm '{node.name}' C of shape {list(c)} is not per column")
+            return n, 2
+        # MatMul
+        if self.consts.is_constant(node.input[0]) and not self.consts.is_constant(node.input[1]):
+            raise _Refuse(Reason.UNSUPPORTED_PRODUCER, f"MatMul '{node.name}' has its constant on the left")
+        w = self._require_const(node.input[1], "weight", node)
+        self._require_float(node.input[1], node)
+        if len(w) != 2:
+            raise _Refuse(Reason.CHANNEL_MISMATCH, f"MatMul '{node.name}' weight has rank {len(w)}, not 2")
+        a_rank = self.index.rank(node.input[0])
+        if a_rank is None:
+            raise _Refuse(Reason.UNKNOWN_RANK, f"rank of MatMul '{node.name}' input is unknown")
+        if a_rank != 2:
+            raise _Refuse(Reason.CHANNEL_MISMATCH,
+                          f"MatMul '{node.name}' output has rank {a_rank}: its columns are not on BN axis 1")
+        return w[1], 2
+
+    def _through(self, node: onnx.NodeProto, slot: int, rank: int, c: int, route: Route) -> int:
+        """Check that ``node`` keeps channel c on axis 1; return the rank after it."""
+        op = node.op_type
+        if op == "Identity":
+            return rank
+        if op == "Add":
+            v = self.consts.value(node.input[1 - slot])
+            if v.ndim > rank:
+                raise _Refuse(Reason.CHANNEL_MISMATCH, f"Add '{node.name}' broadcasts to a higher rank")
+            full = (1,) * (rank - v.ndim) + tuple(v.shape)
+            if any(d != 1 for i, d in enumerate(full) if i != 1) or full[1] not in (1, c):
+                raise _Refuse(Reason.CHANNEL_MISMATCH,
+                              f"Add '{node.name}' constant of shape {list(v.shape)} is not per channel")
+            route.add_consts.append(np.broadcast_to(v.reshape(full[1]).astype(np.float64), (c,)).copy())
+            return rank
+        if op in ("Squeeze", "Unsqueeze"):
+            axes = node.input[1] if len(node.input) > 1 and node.input[1] else None
+            ax = [int(a) for a in self.consts.value(axes).reshape(-1)] if axes else _attr(node, "axes")
+            if ax is None:
+                raise _Refuse(Reason.UNKNOWN_RANK, f"{op} '{node.name}' has no axes")
+            new_rank = rank + len(ax) if op == "Unsqueeze" else rank - len(ax)
+            ref = new_rank if op == "Unsqueeze" else rank
+            if any(a % ref < 2 for a in ax) or new_rank < 2:
+                raise _Refuse(Reason.CHANNEL_MISMATCH, f"{op} '{node.name}' touches axis 0 or 1")
+            return new_rank
+        # Reshape
+        shape = [int(s) for s in self.consts.value(node.input[1]).reshape(-1)]
+        allowzero = bool(_attr(node, "allowzero", 0))
+        ok = len(shape) >= 2 and shape[1] == c
+        if ok and shape[0] == 0 and not allowzero:
+            pass  # batch axis copied
+        elif ok and rank == 2 and -1 not in shape[1:] and int(np.prod(shape[1:])) == c and shape[0] in (-1,):
+            pass  # (N, C) -> (N, C, 1, ...)
+        else:
+            in_shape = self.index.shape(node.input[0])
+            if not (ok and in_shape and in_shape[0] is not None and shape[0] == in_shape[0]):
+                raise _Refuse(Reason.CHANNEL_MISMATCH,
+                              f"Reshape '{node.name}' to {shape} may move the channel axis")
+        return len(shape)
+
+    # ---- forward -------------------------------------------------------------------------
+    def _forward(self, bn_pos: int, bn: onnx.NodeProto, channels: int | None) -> Route:
+        idx = self.index
+        y = bn.output[0]
+        readers = idx.consumer_nodes(y)
+        convs = [p for p in readers if idx.nodes[p].op_type == "Conv" and idx.nodes[p].domain in ("", "ai.onnx")]
+        if not convs:
+            raise _Refuse(_NO_CANDIDATE, "")
+        if len(readers) != 1 or y in idx.graph_outputs:
+            raise _Refuse(Reason.BN_OUTPUT_FANOUT, f"BN output '{y}' is read by {idx.use_count(y)} consumers")
+        pos = convs[0]
+        conv = idx.nodes[pos]
+        if list(conv.input).count(y) != 1 or conv.input[0] != y:
+            raise _Refuse(Reason.UNSUPPORTED_PRODUCER, f"BN output feeds Conv '{conv.name}' as a parameter")
+        pads = _attr(conv, "pads")
+        auto_pad = _attr(conv, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if (pads and any(int(p) for p in pads)) or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            raise _Refuse(Reason.PADDED_FORWARD_FOLD,
+                          f"following Conv '{conv.name}' pads its input (zeros, not the BN shift)")
+        w = self._require_const(conv.input[1], "weight", conv)
+        if len(conv.input) > 2 and conv.input[2]:
+            self._require_const(conv.input[2], "bias", conv)
+        self._require_float(conv.input[1], conv)
+        group = int(_attr(conv, "group", 1))
+        if channels is not None and w[1] * group != channels:
+            raise _Refuse(Reason.CHANNEL_MISMATCH, f"Conv '{conv.name}' takes {w[1] * group} channels, BN has {channels}")
+        return Route(bn_pos, "forward", pos, out_rank=len(w))
+
+
+# sentinel: "no Conv follows the BN", so no forward fold was even a candidate
+_NO_CANDIDATE = object()
+
+
+def make_plan(index: GraphIndex, consts: Constants, sites: list[BnSite]) -> tuple[FoldPlan, dict[str, Route]]:
+    planner = Planner(index, consts)
+    decisions: list[FoldDecision] = []
+    routes: dict[str, Route] = {}
+    for site in sites:
+        decision, route = planner.decide(site)
+        decisions.append(decision)
+        if route is not None:
+            routes[decision.bn] = route
+    return FoldPlan(tuple(decisions)), routes

@@ -1,0 +1,189 @@
+"""Plain records that flow between the pipeline's stages.
+
+Every stage reads and writes these; none reaches into another stage's internals.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class Mode(str, enum.Enum):
+    """How a BN normalises before bnfold touches it."""
+
+    INFERENCE = "inference"  # stored statistics
+    TRAINING = "training"  # training_mode=1: batch statistics
+    DECOMPOSED = "training-decomposed"  # mean/var inputs computed from its own input
+
+
+class Action(str, enum.Enum):
+    FOLDED = "folded"  # removed, absorbed into ``target``
+    FROZEN_KEPT = "frozen-kept"  # stays as an inference BN; ``reason`` says why
+
+
+class Reason(str, enum.Enum):
+    """Why a BN was not folded (or a note on how it was)."""
+
+    NO_PRODUCER = "NO_PRODUCER"  # its input is a graph input / has no producing node
+    UNSUPPORTED_PRODUCER = "UNSUPPORTED_PRODUCER"  # producer is not Conv/ConvTranspose/Gemm/MatMul
+    PRODUCER_FANOUT = "PRODUCER_FANOUT"  # producer's output feeds another node or is a graph output
+    NOT_CONSTANT = "NOT_CONSTANT"  # a weight, bias or BN parameter is not a constant
+    CHANNEL_MISMATCH = "CHANNEL_MISMATCH"  # producer channels do not line up with BN axis 1
+    UNKNOWN_RANK = "UNKNOWN_RANK"  # rank/shape needed to prove axis 1 is the channel axis is unknown
+    PADDED_FORWARD_FOLD = "PADDED_FORWARD_FOLD"  # BN->Conv where the Conv pads: not exact
+    DTYPE_OVERFLOW = "DTYPE_OVERFLOW"  # folded value overflows / underflows the weight dtype
+    UNSUPPORTED_DTYPE = "UNSUPPORTED_DTYPE"  # integer / quantized weights
+    IN_SUBGRAPH = "IN_SUBGRAPH"  # BN lives in an If/Loop/Scan body or a function
+    SPATIAL_ZERO = "SPATIAL_ZERO"  # legacy spatial=0 BN: per-activation statistics
+    BN_OUTPUT_FANOUT = "BN_OUTPUT_FANOUT"  # (forward fold) BN output feeds several nodes / graph output
+    # notes attached to folded BNs
+    SHARED_WEIGHT_CLONED = "SHARED_WEIGHT_CLONED"  # weight shared with another node: folded copy made
+
+
+@dataclass(frozen=True)
+class BnInfo:
+    """A BatchNormalization node found in the graph (before freezing)."""
+
+    name: str  # node name (made unique by load if empty or duplicated)
+    mode: Mode
+    input: str  # X
+    output: str  # Y
+    producer: str | None  # name of the node producing X (None for a graph input)
+    producer_op: str | None
+    epsilon: float
+    channels: int | None  # C, when known from the parameters
+    graph_path: str = ""  # "" for the main graph, "node/attr" path for subgraphs
+
+
+@dataclass
+class BnStats:
+    """Per-channel calibration sums for one BN, float64. Mergeable by ``merge``.
+
+    Algorithm 2 needs only sums that add exactly across batches and ranks:
+    ``sum_m`` = sum m_b, ``sum_m1`` = sum (m_b - 1), ``sum_mu`` = sum m_b*mu_b,
+    ``sum_var`` = sum m_b*sigma2_b (sigma2_b biased). The pooled estimator
+    keeps a running (count, mean, M2) merged with Chan's formula.
+    """
+
+    channels: int
+    batches: int = 0
+    sum_m: int = 0
+    sum_m1: int = 0
+    sum_mu: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sum_var: np.ndarray = field(default=None)  # type: ignore[assignment]
+    pooled_mean: np.ndarray = field(default=None)  # type: ignore[assignment]
+    pooled_m2: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        for attr in ("sum_mu", "sum_var", "pooled_mean", "pooled_m2"):
+            if getattr(self, attr) is None:
+                setattr(self, attr, np.zeros(self.channels, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class FrozenStats:
+    """The statistics written into a frozen BN, with the comparison of both estimators."""
+
+    mean: np.ndarray  # float64 (C,)
+    var: np.ndarray  # float64 (C,), the chosen estimator
+    var_unbiased: np.ndarray  # Algorithm 2
+    var_pooled: np.ndarray  # pooled population variance
+    gap: float  # max over channels of |pooled - unbiased| / max(pooled, tiny)
+    samples: int  # sum m_b
+    batches: int
+
+
+@dataclass(frozen=True)
+class FoldDecision:
+    """What ``fold`` will do with one BN. Produced by the planner, consumed by ``apply``."""
+
+    bn: str  # BN node name
+    action: Action
+    target: str | None = None  # node the BN folds into
+    direction: str | None = None  # "backward" (into producer) or "forward" (into following Conv)
+    reason: Reason | None = None  # why not folded, or a note for a folded BN
+    detail: str = ""  # one human sentence
+    through: tuple[str, ...] = ()  # look-through nodes between target and BN (backward)
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    decisions: tuple[FoldDecision, ...]
+
+    def by_bn(self) -> dict[str, FoldDecision]:
+        return {d.bn: d for d in self.decisions}
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """Verification figures for one model output."""
+
+    name: str
+    dtype: str
+    max_abs: float
+    max_rel: float
+    atol: float
+    rtol: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    passed: bool
+    provider: str
+    samples: int
+    outputs: tuple[OutputError, ...]
+    rule: str = "|folded - frozen| <= atol + rtol * |frozen|, elementwise, all elements"
+    note: str = ""
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+
+@dataclass
+class BnRecord:
+    """The report's line for one BN."""
+
+    name: str
+    mode_before: Mode
+    action: Action
+    target: str | None = None
+    direction: str | None = None
+    reason: Reason | None = None
+    detail: str = ""
+    channels: int | None = None
+    stats: FrozenStats | None = None  # None when the stored statistics were kept
+
+
+@dataclass
+class Report:
+    """Everything ``fold`` did. Rendered by ``bnfold.report``; computes nothing itself."""
+
+    input_path: str | None
+    output_path: str | None
+    input_sha256: str | None
+    output_sha256: str | None
+    estimator: str
+    batch_size: int | None
+    calibrated: bool
+    bns: list[BnRecord]
+    verification: VerifyResult | None = None
+    warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folded(self) -> int:
+        return sum(1 for b in self.bns if b.action is Action.FOLDED)
+
+    @property
+    def kept(self) -> int:
+        return sum(1 for b in self.bns if b.action is Action.FROZEN_KEPT)

@@ -1,0 +1,203 @@
+"""onnxruntime sessions for verification, and the facts about the installed onnxruntime we need.
+
+onnxruntime (about 0.1 s) and onnx are imported inside the functions: importing this module is
+cheap, so ``bnfold --help`` and the report-only paths never pay for them.
+
+Rules (see ``docs``/pitfalls): sessions are built from the model's *path* so external data resolves
+next to the model; graph optimisations are off by default (onnxruntime's BASIC level already fuses
+Conv+BN, so a reference run with them on would compare folded with folded); a requested CUDA provider
+is checked in ``session.get_providers()`` because onnxruntime silently falls back to CPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import TYPE_CHECKING
+
+from ..errors import BadInputError, UnsupportedModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+    import onnxruntime
+
+    from ..data.sources import InputSpec
+
+__all__ = ["make_session", "ort_max_ir_version", "input_specs", "PROVIDERS"]
+
+#: short provider names accepted by ``make_session`` -> onnxruntime execution provider
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+}
+
+# CUDA settings for a reproducible comparison: TF32 in cuDNN convolutions and EXHAUSTIVE algorithm
+# search each move fp32 results by 1e-6..1e-3, more than the fp32 tolerance allows.
+_CUDA_OPTIONS = {
+    "use_tf32": "0",
+    "cudnn_conv_algo_search": "DEFAULT",
+}
+
+# "/onnxruntime_src/onnxruntime/core/graph/model.cc:256 onnxruntime::Model::Model(...) " noise
+_SRC_LOCATION = re.compile(r"[^\s:]*onnxruntime_src[^\s:]*:\d+\s+")
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_CPP_SIGNATURE = re.compile(r"(?:[A-Za-z_]\w*::)+~?[A-Za-z_]\w*\([^()]*\)\s*(?:const\s*)?")
+
+
+def _provider_name(provider: str) -> str:
+    key = provider.strip().lower()
+    if key in PROVIDERS:
+        return PROVIDERS[key]
+    for full in PROVIDERS.values():
+        if key == full.lower():
+            return full
+    raise BadInputError(
+        f"unknown execution provider {provider!r}: use one of {', '.join(sorted(PROVIDERS))}"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """onnxruntime's first message line, without the C++ source location and signature."""
+    text = str(exc).strip()
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    cleaned = _CPP_SIGNATURE.sub("", _SRC_LOCATION.sub("", _ORT_PREFIX.sub("", line))).strip()
+    return cleaned or line
+
+
+def _session_options(optimize: bool) -> "onnxruntime.SessionOptions":
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.use_deterministic_compute = True
+    opts.log_severity_level = 3  # errors only: no provider fallback chatter on stderr
+    return opts
+
+
+def make_session(
+    model_path: str | os.PathLike,
+    provider: str = "cpu",
+    optimize: bool = False,
+) -> "onnxruntime.InferenceSession":
+    """Build an onnxruntime session from ``model_path``.
+
+    ``optimize=False`` (the default) sets ``ORT_DISABLE_ALL``. ``provider`` is ``'cpu'`` or
+    ``'cuda'`` (the full execution-provider names are accepted too). Raises
+    :class:`BadInputError` for a missing file or an unknown provider and
+    :class:`UnsupportedModelError` when onnxruntime refuses the model or CUDA is not available.
+    """
+    import onnxruntime as ort
+
+    ep = _provider_name(provider)
+    path = os.fspath(model_path)
+    if not os.path.isfile(path):
+        raise BadInputError(f"model file not found: {path}")
+
+    if ep == "CUDAExecutionProvider":
+        available = ort.get_available_providers()
+        if ep not in available:
+            raise UnsupportedModelError(
+                "CUDA execution provider requested but not available: onnxruntime "
+                f"{ort.__version__} offers {', '.join(available)}; install onnxruntime-gpu "
+                "(and uninstall onnxruntime) or use --provider cpu"
+            )
+        providers: list = [(ep, dict(_CUDA_OPTIONS)), "CPUExecutionProvider"]
+    else:
+        providers = [ep]
+
+    try:
+        session = ort.InferenceSession(path, sess_options=_session_options(optimize), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        message = _first_line(exc)
+        hint = ""
+        if "IR version" in message:
+            hint = f"; save the model with ir_version <= {ort_max_ir_version()}"
+        raise UnsupportedModelError(
+            f"onnxruntime {ort.__version__} cannot load {path}: {message}{hint}"
+        ) from None
+
+    if ep not in session.get_providers():
+        raise UnsupportedModelError(
+            f"CUDA execution provider requested but not available: the session fell back to "
+            f"{', '.join(session.get_providers())}; install onnxruntime-gpu with a CUDA/cuDNN "
+            "matching this machine, or use --provider cpu"
+        )
+    return session
+
+
+@functools.lru_cache(maxsize=None)
+def ort_max_ir_version() -> int:
+    """Highest ONNX IR version the installed onnxruntime accepts (13 for onnxruntime 1.31).
+
+    Probed once per process: a one-node Identity model at ``onnx.IR_VERSION`` and downwards.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "bnfold_ir_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for ir in range(onnx.IR_VERSION, 2, -1):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=ir)
+        try:
+            ort.InferenceSession(
+                model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception:
+            continue
+        return ir
+    raise UnsupportedModelError(  # pragma: no cover - a broken onnxruntime install
+        f"onnxruntime {ort.__version__} accepts no ONNX IR version between 3 and {onnx.IR_VERSION}"
+    )
+
+
+def input_specs(model: "onnx.ModelProto") -> "list[InputSpec]":
+    """The inputs a user feeds: ``graph.input`` minus initializers (old-IR models list both).
+
+    Dtypes are numpy dtypes (``ml_dtypes`` ones for bfloat16/float8), dims are ``dim_value`` or
+    ``None`` for symbolic/unknown dims; ``shape`` is ``None`` when the rank is unknown. A non-tensor
+    input raises :class:`UnsupportedModelError`.
+    """
+    from onnx import helper
+
+    from ..data.sources import InputSpec
+
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    initializers.update(init.values.name for init in graph.sparse_initializer)
+    specs = []
+    for value in graph.input:
+        if value.name in initializers:
+            continue
+        if value.type.WhichOneof("value") != "tensor_type":
+            raise UnsupportedModelError(
+                f"graph input {value.name!r} is not a tensor; bnfold feeds tensors only"
+            )
+        tensor_type = value.type.tensor_type
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        except Exception:
+            raise UnsupportedModelError(
+                f"graph input {value.name!r} has an unsupported element type {tensor_type.elem_type}"
+            ) from None
+        shape = (
+            tuple(
+                dim.dim_value if dim.WhichOneof("value") == "dim_value" else None
+                for dim in tensor_type.shape.dim
+            )
+            if tensor_type.HasField("shape")
+            else None  # unknown rank
+        )
+        specs.append(InputSpec(name=value.name, dtype=dtype, shape=shape))
+    return specs

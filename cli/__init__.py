@@ -1,0 +1,1 @@
+"""The click application (installed as bnfold.cli)."""

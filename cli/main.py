@@ -1,0 +1,407 @@
+"""bnfold's command-line application (installed as the ``bnfold`` console script).
+
+The commands parse options into the config records of ``cli/options.py`` and call the library's
+public API (``bnfold.pipeline.fold`` / ``inspect``) and its renderers (``bnfold.report``); they
+hold no logic of their own. The library is imported lazily inside the commands, so
+``bnfold --help`` never imports onnx, onnxruntime or torch.
+
+Exit codes are decided in ONE place, :func:`exit_code_for` below:
+
+    0  success
+    1  the folded model failed verification (report written, model not written)
+    2  usage error (unknown option, bad option value, missing argument)
+    3  bad input or a model bnfold cannot process (any BnfoldError with exit_code 3, an
+       unreadable/unwritable file), and any unexpected internal error
+
+A missing MODEL file is bad input (exit 3, ``bnfold: error: model file not found: ...``), not a
+usage error: bnfold checks it itself instead of letting click's ``exists=True`` answer with 2.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from bnfold import __version__
+from bnfold.errors import BadInputError, BnfoldError, VerificationFailed
+
+from .options import (
+    ESTIMATORS,
+    RUN_FLAGS,
+    DataConfig,
+    ReportConfig,
+    VerifyConfig,
+    data_options,
+    debug_option,
+    report_options,
+    verify_options,
+)
+from .progress import calibration_progress
+
+EXIT_OK = 0
+EXIT_VERIFICATION_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_INTERRUPTED = 130
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+_EPILOG = """\b
+Exit codes:
+  0  success
+  1  the folded model failed verification (report written, model not written)
+  2  usage error
+  3  bad input, a model bnfold cannot process, or an internal error
+"""
+
+
+# --------------------------------------------------------------------------- library access
+# Lazy imports: the pipeline pulls in onnx and onnxruntime; --help and usage errors must not.
+
+
+def _api() -> Any:
+    from bnfold import pipeline
+
+    return pipeline
+
+
+def _summary() -> Any:
+    from bnfold.report import summary
+
+    return summary
+
+
+def _json_report() -> Any:
+    from bnfold.report import json_report
+
+    return json_report
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _require_model_file(path: Path) -> None:
+    if not path.exists():
+        raise BadInputError(f"model file not found: {path}")
+    if path.is_dir():
+        raise BadInputError(f"model path is a directory, expected an ONNX file: {path}")
+
+
+def _require_data(path: Path) -> None:
+    if not path.exists():
+        raise BadInputError(f"calibration data not found: {path} (give a .npz, a .npy or a directory of .npy files)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """``mkdir -p`` the parent of ``path``; return the directories it created, deepest first."""
+    created: list[Path] = []
+    parent = path.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    for d in reversed(created):
+        d.mkdir()
+    return created
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _value(x: Any) -> Any:
+    """An enum's value, else the object itself (for JSON)."""
+    return getattr(x, "value", x)
+
+
+def inspection_to_dict(row: Any) -> dict[str, Any]:
+    """One ``BnInspection`` as the JSON object ``bnfold inspect --json`` prints."""
+    d = row.decision
+    return {
+        "name": row.name,
+        "mode": _value(row.mode),
+        "producer": row.producer,
+        "producer_op": row.producer_op,
+        "channels": row.channels,
+        "action": _value(d.action),
+        "target": d.target,
+        "direction": d.direction,
+        "reason": _value(d.reason) if d.reason is not None else None,
+        "detail": d.detail,
+    }
+
+
+def _dry_run_rows(rows: list[Any], report: Any) -> list[Any]:
+    """``inspect``'s rows (producer, mode) with the decisions of the dry run's report, which are
+    the exact ones (a dry run with --data also checks the folded values, e.g. DTYPE_OVERFLOW)."""
+    decided = {b.name: b for b in report.bns}
+    out = []
+    for row in rows:
+        b = decided.get(row.name)
+        if b is not None:
+            decision = replace(row.decision, action=b.action, target=b.target, direction=b.direction,
+                               reason=b.reason, detail=b.detail)
+            row = replace(row, decision=decision)
+        out.append(row)
+    return out
+
+
+def _verification_message(report: Any, output: Path | None, report_path: Path | None) -> str:
+    v = report.verification
+    if v is None:
+        return "the folded model failed verification"
+    failed = [o.name for o in v.outputs if not o.passed]
+    where = f" at output(s) {', '.join(failed)}" if failed else ""
+    msg = (
+        f"the folded model failed verification{where} on {v.samples} sample(s): "
+        f"max abs diff {v.max_abs:.3g}, max rel diff {v.max_rel:.3g}"
+    )
+    if output is not None:
+        msg += f"; {output} was not written"
+    if report_path is not None:
+        msg += f"; details in {report_path}"
+    return msg
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@click.group(context_settings=_CONTEXT, epilog=_EPILOG)
+@click.version_option(__version__, "--version", prog_name="bnfold", message="%(prog)s %(version)s")
+@debug_option
+def cli() -> None:
+    """Freeze training-mode BatchNorm with calibrated population statistics, fold BatchNorm
+    into neighbouring Conv/ConvTranspose/Gemm/MatMul operators, and verify the folded ONNX
+    model against the frozen one with onnxruntime.
+
+    Run 'bnfold COMMAND --help' for a command's options.
+    """
+
+
+@cli.command("fold", context_settings=_CONTEXT, epilog=_EPILOG, short_help="Freeze, fold and verify the BNs of an ONNX model.")
+@click.argument("model", type=click.Path(path_type=Path), metavar="MODEL")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="OUTPUT",
+    help="Where to write the folded model (parent folders are created). Required unless --dry-run.",
+)
+@data_options
+@click.option(
+    "--estimator",
+    type=click.Choice(ESTIMATORS),
+    default="unbiased",
+    show_default=True,
+    help=(
+        "Population variance written into frozen BNs: 'unbiased' = Algorithm 2 of the BN paper, "
+        "'pooled' = variance of all calibration values. Both are computed and compared."
+    ),
+)
+@report_options
+@verify_options
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    default=False,
+    help="Print the plan (what would be folded or kept, and why) and write no model.",
+)
+@debug_option
+def fold_command(
+    model: Path,
+    output: Path | None,
+    data: DataConfig,
+    estimator: str,
+    report: ReportConfig,
+    verify: VerifyConfig,
+    dry_run: bool,
+) -> int:
+    """Freeze, fold and verify the BatchNorm layers of MODEL (an .onnx file).
+
+    Training-mode BNs are frozen with statistics calibrated on --data, every BN that can be
+    folded is folded, and the result is checked against the frozen, unfolded model before it is
+    written to OUTPUT. A model that fails the check is not written (exit 1).
+    """
+    if output is None and not dry_run:
+        raise click.UsageError("Missing option '-o' / '--output' (required unless --dry-run).")
+    if data.batch_size is not None and data.path is None:
+        raise click.UsageError("--batch-size needs --data.")
+    _require_model_file(model)
+    if data.path is not None:
+        _require_data(data.path)
+    if output is not None and _same_file(model, output):
+        raise click.BadParameter("is the input MODEL; bnfold never overwrites its input.", param_hint="'-o' / '--output'")
+
+    api = _api()
+    created = [] if dry_run or output is None else _make_parents(output)
+    try:
+        with calibration_progress() as progress:
+            result = api.fold(
+                model,
+                output=output,
+                data=data.path,
+                batch_size=data.batch_size,
+                estimator=estimator,
+                verify=verify.enabled,
+                dry_run=dry_run,
+                verify_samples=verify.samples,
+                atol=verify.atol,
+                rtol=verify.rtol,
+                progress=progress,
+            )
+    finally:
+        if output is not None and not output.exists():
+            _remove_empty(created)
+
+    rep = result.report
+    if report.path is not None:
+        _make_parents(report.path)
+        _json_report().write_json(rep, report.path)
+
+    summary = _summary()
+    if dry_run:
+        click.echo(summary.plan_table(_dry_run_rows(api.inspect(model), rep)))
+        click.echo()
+    click.echo(summary.summary_text(rep))
+    if report.path is not None:
+        click.echo(f"Wrote report {report.path}")
+    if not result.ok:
+        raise VerificationFailed(_verification_message(rep, output, report.path))
+    return EXIT_OK  # the summary's last lines name the written model ("Wrote OUTPUT")
+
+
+@cli.command("inspect", context_settings=_CONTEXT, epilog=_EPILOG, short_help="List every BN with its mode and the fold decision.")
+@click.argument("model", type=click.Path(path_type=Path), metavar="MODEL")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    default=False,
+    help="Print a JSON list (name, mode, producer, producer_op, channels, action, target, direction, reason, detail).",
+)
+@debug_option
+def inspect_command(model: Path, as_json: bool) -> int:
+    """List every BatchNorm of MODEL: its producer, its mode (training / inference), and what
+    'bnfold fold' would do with it, with the reason code. Reads the model only."""
+    _require_model_file(model)
+    rows = _api().inspect(model)
+    if as_json:
+        click.echo(json.dumps([inspection_to_dict(r) for r in rows], indent=2))
+    else:
+        click.echo(_summary().plan_table(rows))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- exit codes
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _err(text: str) -> None:
+    click.echo(text, err=True)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """THE mapping from an exception that ended a run to bnfold's exit code (and its message)."""
+    debug = RUN_FLAGS.debug
+    if isinstance(exc, click.exceptions.Exit):
+        return exc.exit_code
+    if isinstance(exc, click.UsageError):  # BadParameter, NoSuchOption, MissingParameter, ...
+        exc.show()
+        return EXIT_USAGE
+    if isinstance(exc, click.ClickException):  # e.g. click.FileError: a file we cannot open
+        _err(f"bnfold: error: {_one_line(exc.format_message())}")
+        return EXIT_BAD_INPUT
+    if isinstance(exc, (click.Abort, KeyboardInterrupt)):
+        _err("bnfold: interrupted")
+        return EXIT_INTERRUPTED
+    if isinstance(exc, BrokenPipeError):  # e.g. `bnfold inspect m.onnx | head`: not an error
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, BnfoldError):
+        _err(f"bnfold: error: {_one_line(str(exc)) or type(exc).__name__}")
+        return int(exc.exit_code)
+    if isinstance(exc, OSError):  # a file the user named cannot be read or written
+        what = exc.strerror or _one_line(str(exc))
+        where = f": {exc.filename}" if exc.filename else ""
+        _err(f"bnfold: error: {what}{where}")
+        return EXIT_BAD_INPUT
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    hint = "" if debug else " (rerun with --debug for the traceback)"
+    _err(f"bnfold: internal error: {type(exc).__name__}: {_one_line(str(exc))}{hint}")
+    return EXIT_BAD_INPUT
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+class _EchoHandler(logging.Handler):
+    """Library log records as ``bnfold: warning: ...`` lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _err(f"bnfold: {record.levelname.lower()}: {_one_line(record.getMessage())}")
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("bnfold")
+    log.setLevel(logging.WARNING)
+    if not any(isinstance(h, _EchoHandler) for h in log.handlers):
+        log.addHandler(_EchoHandler())
+    log.propagate = False
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    if RUN_FLAGS.debug:
+        _err(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+    else:
+        _err(f"bnfold: warning: {_one_line(str(message))}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run bnfold with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    RUN_FLAGS.debug = False
+    _setup_logging()
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            rv = cli.main(args=list(argv) if argv is not None else None, prog_name="bnfold", standalone_mode=False)
+        except BaseException as exc:  # noqa: BLE001 - every ending is mapped to an exit code
+            return exit_code_for(exc)
+    return rv if isinstance(rv, int) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

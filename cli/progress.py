@@ -1,0 +1,82 @@
+"""The calibration progress bar: ``calibrating [#####.....] 12/40 batches`` on stderr.
+
+Drawn only when the stream is a terminal; elsewhere (pipes, CI logs, files) it draws nothing,
+so logs stay free of carriage returns. The library calls ``progress(done, total)`` once per
+batch; ``total`` <= 0 means the number of batches is not known in advance.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Callable, Iterator, TextIO
+
+ProgressFn = Callable[[int, int], None]
+
+
+class ProgressBar:
+    """A one-line bar that rewrites itself in place with ``\\r``."""
+
+    def __init__(self, stream: TextIO, label: str = "calibrating", unit: str = "batches",
+                 width: int = 20, min_interval: float = 0.1) -> None:
+        self.stream = stream
+        self.label = label
+        self.unit = unit
+        self.width = width
+        self.min_interval = min_interval
+        self._last_draw = float("-inf")
+        self._last_len = 0
+        self._open = False  # a line is drawn and not yet ended by a newline
+
+    def render(self, done: int, total: int) -> str:
+        if total > 0:
+            done_clamped = max(0, min(done, total))
+            filled = done_clamped * self.width // total
+            bar = "#" * filled + "." * (self.width - filled)
+            return f"{self.label} [{bar}] {done}/{total} {self.unit}"
+        return f"{self.label} {done} {self.unit}"
+
+    def __call__(self, done: int, total: int) -> None:
+        finished = total > 0 and done >= total
+        now = time.monotonic()
+        if not finished and now - self._last_draw < self.min_interval:
+            return
+        self._last_draw = now
+        text = self.render(done, total)
+        pad = " " * max(0, self._last_len - len(text))
+        self.stream.write("\r" + text + pad)
+        self._last_len = len(text)
+        self._open = True
+        if finished:
+            self.close()
+        else:
+            self.stream.flush()
+
+    def close(self) -> None:
+        """End the drawn line (if any) so later output starts on a fresh line."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
+            self._last_len = 0
+
+
+def make_progress(stream: TextIO | None = None, **kwargs) -> ProgressBar | None:
+    """A ``ProgressBar`` on ``stream`` (default stderr) when it is a terminal, else ``None``."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        is_tty = stream.isatty()
+    except (AttributeError, ValueError):
+        is_tty = False
+    return ProgressBar(stream, **kwargs) if is_tty else None
+
+
+@contextlib.contextmanager
+def calibration_progress(stream: TextIO | None = None) -> Iterator[ProgressFn | None]:
+    """Yield the callback to pass as ``progress=`` (or None), and end its line on the way out."""
+    bar = make_progress(stream)
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
