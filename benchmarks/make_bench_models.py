@@ -226,13 +226,22 @@ def build_resnet50(out: Path, seed: int, image_size: int, with_train: bool, chec
 
 
 def _conv3x3_np(x, w, bias):
+    n, c, h, wd = x.shape
     xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
     win = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))  # N,C,H,W,3,3
-    return np.einsum("nchwij,ocij->nohw", win, w, optimize=True) + bias[None, :, None, None]
+    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * h * wd, c * 9)
+    y = cols @ w.reshape(w.shape[0], -1).T + bias
+    return y.reshape(n, h, wd, -1).transpose(0, 3, 1, 2)
 
 
+# BN output = gamma * z + beta with beta = gamma * U(1.5, 3): ReLU rarely clips. With beta
+# around 0 the fixed-statistics chain is chaotic (as random BN+ReLU nets are): float32 rounding
+# grows ~1.2x per block and onnxruntime's output is inf/NaN after 2000 blocks even though the
+# numpy float64 reference is O(1). With this offset it is weakly contracting: onnxruntime vs
+# float64 differ by ~1e-5, but a parameter error more than a few hundred blocks before the
+# output fades below that (see README / report).
 CHAIN_GAMMA = (0.5, 1.5)
-CHAIN_BETA = None
+CHAIN_BETA = (1.5, 3.0)
 
 
 def build_chain(out: Path, seed: int, blocks: int, channels: int, check: bool) -> list[dict]:

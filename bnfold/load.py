@@ -8,11 +8,12 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import BadInputError, UnsupportedModelError
 
@@ -26,6 +27,26 @@ class LoadedModel:
     path: Path | None
     sha256: str | None
     external_data: bool  # some tensors lived in external files
+
+
+class _Hasher:
+    """sha256 of a bytes object, computed on a thread (hashlib releases the GIL)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.hexdigest = ""
+
+    def _run(self) -> None:
+        self.hexdigest = hashlib.sha256(self._data).hexdigest()
+
+    def __enter__(self) -> "_Hasher":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
+        self._data = b""
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
@@ -47,14 +68,15 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
         data = path.read_bytes()
     except OSError as exc:
         raise BadInputError(f"cannot read model file '{path}': {exc.strerror or exc}") from exc
-    digest = hashlib.sha256(data).hexdigest()
     model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as exc:
-        raise BadInputError(
-            f"'{path}' is not an ONNX model (protobuf parse failed); pass an .onnx file"
-        ) from exc
+    with _Hasher(data) as hasher:  # hashes in a thread while protobuf parses
+        try:
+            model.ParseFromString(data)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            raise BadInputError(
+                f"'{path}' is not an ONNX model (protobuf parse failed); pass an .onnx file"
+            ) from exc
+    digest = hasher.hexdigest
     del data
     if not model.HasField("graph") or (len(model.graph.node) == 0 and not model.opset_import):
         raise BadInputError(f"'{path}' is not an ONNX model (no graph found); pass an .onnx file")
@@ -98,7 +120,13 @@ def save_onnx(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    too_big = model.ByteSize() >= _PROTO_LIMIT if not external_data else True
+    blob = b""
+    if not external_data:
+        try:
+            blob = model.SerializeToString()
+        except (ValueError, EncodeError):  # over protobuf's 2 GiB limit: tensors go to an external file
+            blob = b""
+    too_big = not external_data and not blob
     tmpdir = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=path.parent))
     try:
         tmp_model = tmpdir / path.name
@@ -117,10 +145,9 @@ def save_onnx(
                 os.replace(data_file, path.parent / location)
             digest = hashlib.sha256(tmp_model.read_bytes()).hexdigest()
         else:
-            blob = model.SerializeToString()
-            digest = hashlib.sha256(blob).hexdigest()
-            with open(tmp_model, "wb") as fh:
+            with _Hasher(blob) as hasher, open(tmp_model, "wb") as fh:
                 fh.write(blob)
+            digest = hasher.hexdigest
             del blob
         os.replace(tmp_model, path)
     except OSError as exc:

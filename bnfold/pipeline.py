@@ -231,10 +231,11 @@ def fold(
     if cal is not None:
         frozen, warnings = _calibrate_and_freeze(work, cal, estimator, progress)
     report = Report(
-        input_path=str(loaded.path) if loaded.path else None, output_path=None if dry_run or output is None else str(output),
+        input_path=str(loaded.path) if loaded.path else None, output_path=None,
         input_sha256=loaded.sha256, output_sha256=None, estimator=estimator,
         batch_size=cal.batch_size if cal is not None else None, calibrated=cal is not None, bns=[],
-        warnings=warnings, dry_run=dry_run)
+        warnings=warnings, dry_run=dry_run,
+        extra={"calibration_samples": cal.num_samples} if cal is not None else {})
 
     plan, routes = make_plan(work.index, work.consts, work.sites)
     if dry_run:
@@ -242,10 +243,10 @@ def fold(
         report.bns = _records(work.sites, modes, final, frozen)
         return FoldResult(None, report)
 
-    stage = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=Path(output).parent if output else None)) \
-        if (verify or output) else None
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=Path(output).parent if output else None)) \
+        if (verify or output) else None
     try:
         reference = None
         if verify:
@@ -272,7 +273,7 @@ def fold(
                     report.verification = verify_models(reference, staged, batches, atol=atol, rtol=rtol)
             if output and (report.verification is None or report.verification.passed):
                 _move_into_place(staged, Path(output), loaded.external_data)
-                report.output_sha256 = digest
+                report.output_path, report.output_sha256 = str(output), digest
         return FoldResult(work.model, report)
     finally:
         if stage is not None:

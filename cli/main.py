@@ -345,6 +345,8 @@ def exit_code_for(exc: BaseException) -> int:
         except (OSError, ValueError):
             pass
         return EXIT_OK
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, BnfoldError):
@@ -355,8 +357,6 @@ def exit_code_for(exc: BaseException) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         _err(f"bnfold: error: {what}{where}")
         return EXIT_BAD_INPUT
-    if isinstance(exc, SystemExit):
-        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     hint = "" if debug else " (rerun with --debug for the traceback)"
     _err(f"bnfold: internal error: {type(exc).__name__}: {_one_line(str(exc))}{hint}")
     return EXIT_BAD_INPUT

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from ..graph.constants import Constants
+from ..graph.constants import Constants, array_to_tensor
 from ..graph.index import GraphIndex
 from ..plan import Route
 from ..records import Action, FoldDecision, FoldPlan, Reason
@@ -32,6 +32,17 @@ def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
+def _bias_original(b: np.ndarray | None, folded: np.ndarray) -> np.ndarray:
+    """The bias before folding, shaped like the folded one (zeros where there was none).
+
+    A folded bias that underflows where the old one was zero or absent is harmless; only a
+    normal old value turning subnormal counts (math.md section 3).
+    """
+    if b is not None and b.size == folded.size:
+        return b.reshape(folded.shape)
+    return np.zeros_like(folded)
+
+
 class _Applier:
     def __init__(self, index: GraphIndex, consts: Constants, commit: bool) -> None:
         self.index, self.consts, self.commit = index, consts, commit
@@ -50,10 +61,10 @@ class _Applier:
         old = node.input[slot] if slot < len(node.input) else ""
         in_place = old in idx.initializers and idx.use_count(old) == 1 and old not in idx.graph_outputs
         if in_place:
-            idx.initializers[old].CopyFrom(numpy_helper.from_array(array, old))
+            array_to_tensor(array, old, into=idx.initializers[old])
             return
         name = idx.fresh_name(f"{node.name}.{label}")
-        idx.add_initializer(numpy_helper.from_array(array, name))
+        idx.add_initializer(array_to_tensor(array, name))
         idx.set_input(pos, slot, name)
         if old:
             idx.remove_dead_producers(old)
@@ -90,7 +101,7 @@ class _Applier:
             w2, b2 = arith.fold_matmul(w, None, s, t)
         w_out = arith.cast_back(w2, w.dtype, original=w)
         b_dtype = b.dtype if b is not None else w.dtype
-        b_out = arith.cast_back(b2, b_dtype, original=b.reshape(-1) if b is not None and b.size == b2.size else None)
+        b_out = arith.cast_back(b2, b_dtype, original=_bias_original(b, b2))
         if not self.commit:
             return
         self.write_param(route.target_pos, 1, w_out, "weight_folded")
@@ -125,7 +136,7 @@ class _Applier:
             return
         shape = (bias.shape[0],) + (1,) * (route.out_rank - 2)
         name = idx.fresh_name(f"{idx.nodes[route.target_pos].name}.bias_folded")
-        idx.add_initializer(numpy_helper.from_array(bias.reshape(shape), name))
+        idx.add_initializer(array_to_tensor(bias.reshape(shape), name))
         add = helper.make_node("Add", [idx.nodes[last].output[0], name], [y],
                                name=idx.fresh_node_name(f"{bn.name}.folded_bias"))
         idx.insert_node(route.bn_pos, add)
@@ -141,7 +152,7 @@ class _Applier:
         b = self.value(bias_name)
         w2, b2 = arith.fold_forward_conv(w, b, s, t, int(_attr(conv, "group", 1)))
         w_out = arith.cast_back(w2, w.dtype, original=w)
-        b_out = arith.cast_back(b2, b.dtype if b is not None else w.dtype, original=b)
+        b_out = arith.cast_back(b2, b.dtype if b is not None else w.dtype, original=_bias_original(b, b2))
         if not self.commit:
             return
         self.write_param(route.target_pos, 1, w_out, "weight_folded")

@@ -295,6 +295,13 @@ def _resolve_dtype(dtype: Any) -> np.dtype:
     return dt
 
 
+# (max, smallest normal) of the dtypes with a fast path in cast_back
+_LIMITS = {
+    np.dtype(t): (float(np.finfo(t).max), float(np.finfo(t).tiny))
+    for t in (np.float16, np.float32, np.float64)
+}
+
+
 def _tiny(dt: np.dtype) -> float:
     """Smallest positive normal number of ``dt``."""
     if dt.name == "bfloat16":
@@ -313,8 +320,18 @@ def cast_back(value64: Any, dtype: Any, original: Any = None) -> np.ndarray:
     number of ``dtype``; zero and subnormal originals do not count. Without ``original``, every
     nonzero value that becomes zero or subnormal counts. Returns a new C-contiguous array.
     """
-    v = _f64(value64, "value64")
-    dt = _resolve_dtype(dtype)
+    v = value64 if type(value64) is np.ndarray and value64.dtype == np.float64 else _f64(value64, "value64")
+    limits = _LIMITS.get(dtype) if isinstance(dtype, np.dtype) else None
+    dt = dtype if limits is not None else _resolve_dtype(dtype)
+    if original is not None and np.shape(original) != v.shape:
+        raise ValueError(f"original has shape {np.shape(original)}, value has shape {v.shape}")
+    if limits is not None and v.size:
+        # fast path: if every cast magnitude is finite and at least the smallest normal number,
+        # nothing overflowed or turned subnormal, and the element-wise checks below are not needed
+        out = v.astype(dt)
+        a = np.abs(out)
+        if a.max() <= limits[0] and a.min() >= limits[1]:
+            return out
     if not np.isfinite(v).all():
         bad = int((~np.isfinite(v)).sum())
         raise FoldValueError("overflow", f"{bad} folded value(s) are not finite (inf or nan)")

@@ -17,6 +17,40 @@ from .index import GraphIndex
 _MAX_DEPTH = 12
 _MAX_ELEMENTS = 1 << 28
 
+# element types whose raw_data is plain little-endian numpy memory
+_RAW_DTYPES = {
+    onnx.TensorProto.FLOAT: np.dtype("<f4"),
+    onnx.TensorProto.DOUBLE: np.dtype("<f8"),
+    onnx.TensorProto.FLOAT16: np.dtype("<f2"),
+    onnx.TensorProto.INT64: np.dtype("<i8"),
+    onnx.TensorProto.INT32: np.dtype("<i4"),
+}
+
+
+def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
+    """``numpy_helper.to_array`` with a fast path for raw little-endian data (read-only view)."""
+    dt = _RAW_DTYPES.get(t.data_type)
+    if dt is not None and t.raw_data and t.data_location != onnx.TensorProto.EXTERNAL:
+        return np.frombuffer(t.raw_data, dtype=dt).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t)
+
+
+def array_to_tensor(array: np.ndarray, name: str, into: onnx.TensorProto | None = None) -> onnx.TensorProto:
+    """A TensorProto holding ``array`` as raw data; ``into`` is overwritten in place if given."""
+    dt = _RAW_DTYPES.get(helper.np_dtype_to_tensor_dtype(array.dtype)) if array.dtype.kind == "f" else None
+    if dt is None or into is None:
+        t = numpy_helper.from_array(array, name)
+        if into is None:
+            return t
+        into.CopyFrom(t)
+        return into
+    into.Clear()
+    into.name = name
+    into.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    into.dims.extend(array.shape)
+    into.raw_data = np.ascontiguousarray(array, dtype=dt).tobytes()
+    return into
+
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
@@ -136,7 +170,7 @@ class Constants:
 
     def _eval(self, name: str, depth: int) -> np.ndarray | None:
         if name in self.index.initializers:  # not cached: weights are large and read once
-            return numpy_helper.to_array(self.index.initializers[name])
+            return tensor_to_array(self.index.initializers[name])
         if name in self._cache:
             return self._cache[name]
         result = self._compute(name, depth)
@@ -148,7 +182,7 @@ class Constants:
     def _compute(self, name: str, depth: int) -> np.ndarray | None:
         idx = self.index
         if name in idx.initializers:
-            return numpy_helper.to_array(idx.initializers[name])
+            return tensor_to_array(idx.initializers[name])
         if name in idx.graph_inputs or depth > _MAX_DEPTH:
             return None
         node = idx.node_of(name)

@@ -65,12 +65,13 @@ def summary_text(report: Report) -> str:
     with_stats = [b for b in report.bns if b.stats is not None]
     if report.calibrated and with_stats:
         worst = max(with_stats, key=lambda b: (b.stats.gap if math.isfinite(b.stats.gap) else math.inf))
-        samples = max(b.stats.samples for b in with_stats)
         batches = max(b.stats.batches for b in with_stats)
+        n = report.extra.get("calibration_samples")
+        on = f"{n} samples in {batches} batches" if n is not None else f"{batches} batches"
         bs = f", batch size {report.batch_size}" if report.batch_size is not None else ""
         lines.append(
             f"Statistics: estimator {report.estimator}{bs}; {len(with_stats)} BN calibrated on "
-            f"{samples} samples in {batches} batches; largest estimator gap "
+            f"{on}; largest estimator gap "
             f"{_fmt(worst.stats.gap)} at {worst.name}"
         )
     elif report.calibrated:
