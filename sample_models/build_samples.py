@@ -29,7 +29,6 @@ import copy
 import hashlib
 import io
 import json
-import os
 import sys
 import warnings
 import zipfile
@@ -273,7 +272,10 @@ def build_resnet_train(out: Path, check: bool) -> dict:
     path = out / "resnet_train.onnx"
     save_model(onnx_model, path)
 
-    info = {}
+    info = {"expect": {
+        "calibrate": "all 17 BNs (training_mode=1; stored running stats are NOT the population stats)",
+        "fold": "all 17: 16 into their Conv (bias created), head.2 (BatchNorm1d) into Gemm head.1 (transB=1)",
+        "remaining_bn": 0}}
     if check:
         with torch.no_grad():
             want = reference.train()(example).numpy()
@@ -348,7 +350,14 @@ def build_unfoldable(out: Path, check: bool) -> dict:
     calib = make_images(np.random.default_rng(11), 16, 4, 16)
     save_npz(out / "unfoldable_calib.npz", x=calib)
 
-    info = {}
+    info = {"expect": {
+        "calibrate": "not needed (inference-mode BNs with stored statistics)",
+        "fold": {"bn_d_foldable": "into conv_c (which has no bias)"},
+        "not_foldable": {
+            "bn_a_graph_input": "no producer (graph input); consumer conv_a has pads=1",
+            "bn_b_producer_fanout": "producer conv_a also feeds relu_b; consumer is Add",
+            "bn_c_after_relu": "producer is Relu; consumer conv_c has pads=1"},
+        "remaining_bn": 3}}
     if check:
         a = run_ort(path, {"x": calib[:CHECK_BATCH]}, "disable")[0]
         b = run_ort(path, {"x": calib[:CHECK_BATCH]}, "all")[0]
@@ -380,7 +389,15 @@ def build_resnet_trs(out: Path, check: bool) -> dict:
     path = out / "resnet_trs.onnx"
     save_model(onnx_model, path)
 
-    info = {"fixed_batch": TRS_BATCH}
+    info = {"fixed_batch": TRS_BATCH, "expect": {
+        "calibrate": "8 decomposed BNs (training_mode=1, mean/var from ReduceMean subgraphs); "
+                     "head.5 is inference-mode (stored stats)",
+        "fold": "all 9 once the statistics subgraphs are gone: 6 into Conv, up_bn into "
+                "ConvTranspose(group=2), head.2 into Gemm head.1, head.5 into Gemm head.4",
+        "dead_after_calibration": "8 x (Constant, Reshape, Transpose, 3 ReduceMean, Sub, Mul) = 64 nodes",
+        "identity_params": "block1.bn2.weight/bias are Identity outputs of block1.bn1.weight/bias "
+                           "(one shared initializer per pair)",
+        "remaining_bn": 0}}
     if check:
         with torch.no_grad():
             want = model(example).numpy()
