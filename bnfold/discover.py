@@ -8,7 +8,7 @@ are listed with their location so that none is skipped silently.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 from onnx import helper
@@ -123,11 +123,15 @@ def _bn_info(node: onnx.NodeProto, mode: Mode, index: GraphIndex | None, consts:
 
 
 def _subgraph_bns(graph: onnx.GraphProto, opset: int, path: str) -> list[BnSite]:
+    """BNs of a subgraph or function, named ``<path>::<node name>`` so that none collides with a
+    main-graph BN or with another subgraph's (unnamed nodes: ``BatchNormalization_<i>``)."""
     sites: list[BnSite] = []
-    for node in graph.node:
+    for i, node in enumerate(graph.node):
         if is_bn(node):
             mode = Mode.TRAINING if attr_training(node, opset) else Mode.INFERENCE
-            sites.append(BnSite(_bn_info(node, mode, None, None, path), None))
+            info = _bn_info(node, mode, None, None, path)
+            info = replace(info, name=f"{path}::{node.name or f'BatchNormalization_{i}'}")
+            sites.append(BnSite(info, None))
         for a in node.attribute:
             subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
             for k, g in enumerate(subs):

@@ -27,3 +27,9 @@ class VerificationFailed(BnfoldError):
     """The folded model does not compute the frozen model's function within tolerance (exit 1)."""
 
     exit_code = 1
+
+
+class ProviderUnavailable(BnfoldError):
+    """A requested execution provider cannot run here (exit 4)."""
+
+    exit_code = 4

@@ -91,6 +91,28 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     return LoadedModel(model, path, digest, external)
 
 
+def data_files(path: Path) -> list[Path]:
+    """External-data files bnfold wrote for the model at ``path`` (``<name>.data``, ``<name>.<hex>.data``)."""
+    return [p for p in path.parent.glob(f"{glob_escape(path.name)}.*data")
+            if p.name == path.name + ".data" or (p.name.startswith(path.name + ".") and p.name.endswith(".data"))]
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def remove_stale_data(path: Path, keep: str) -> None:
+    """Delete data files of earlier writes of ``path`` once the new model is in place."""
+    for p in data_files(path):
+        if p.name != keep:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
 def _ir_version_for_runtime(model: onnx.ModelProto) -> int:
     """Keep the model's IR version unless the installed onnxruntime would refuse it."""
     ir = model.ir_version or onnx.IR_VERSION
@@ -102,7 +124,9 @@ def _ir_version_for_runtime(model: onnx.ModelProto) -> int:
 
 
 def prepare_for_save(model: onnx.ModelProto) -> None:
-    model.ir_version = _ir_version_for_runtime(model)
+    # IR < 4 demands every initializer among the graph inputs; folding adds initializers, and
+    # IR 4 only relaxes that rule, so such models are written as IR 4
+    model.ir_version = max(_ir_version_for_runtime(model), 4)
     model.producer_name = "bnfold"
     from . import __version__
 
@@ -131,7 +155,8 @@ def save_onnx(
     try:
         tmp_model = tmpdir / path.name
         if external_data or too_big:
-            location = path.name + ".data"
+            # a fresh data-file name per write: the old model never points at new data
+            location = f"{path.name}.{os.urandom(4).hex()}.data"
             onnx.save_model(
                 model,
                 str(tmp_model),
@@ -140,10 +165,15 @@ def save_onnx(
                 location=location,
                 size_threshold=1024,
             )
+            # the in-memory model now points at the file: read the tensors back (callers go on)
+            onnx.load_external_data_for_model(model, str(tmpdir))
             data_file = tmpdir / location
             if data_file.exists():
                 os.replace(data_file, path.parent / location)
             digest = hashlib.sha256(tmp_model.read_bytes()).hexdigest()
+            os.replace(tmp_model, path)
+            remove_stale_data(path, keep=location)
+            return digest
         else:
             with _Hasher(blob) as hasher, open(tmp_model, "wb") as fh:
                 fh.write(blob)

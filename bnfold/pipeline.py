@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -27,6 +27,9 @@ from .graph.index import GraphIndex
 from .load import LoadedModel, load_onnx, prepare_for_save, save_onnx
 from .plan import make_plan
 from .records import Action, BnRecord, FoldDecision, FrozenStats, Mode, Report, VerifyResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .verify.engine import VerifyConfig
 
 GAP_WARNING = 0.10  # warn where the unbiased and pooled variances differ by more than 10 %
 ESTIMATORS = ("unbiased", "pooled")
@@ -111,10 +114,37 @@ def _open_data(data, model: onnx.ModelProto, batch_size: int | None) -> Calibrat
                 "or export the model with a dynamic batch axis"
             )
     if isinstance(data, CalibrationData):
-        return data
-    if isinstance(data, Mapping):
-        return from_arrays(data, specs, batch_size)
-    return open_data(data, specs, batch_size)
+        cal = data
+    elif isinstance(data, Mapping):
+        cal = from_arrays(data, specs, batch_size)
+    else:
+        cal = open_data(data, specs, batch_size)
+    if fixed is not None and cal.num_samples % fixed:
+        if cal.num_samples < fixed:
+            raise BadInputError(
+                f"{cal.num_samples} calibration samples, fewer than the model's fixed batch size {fixed}; "
+                f"give at least {fixed} samples")
+        return _FullBatches(cal)
+    return cal
+
+
+class _FullBatches:
+    """Calibration data without its short last batch (a fixed-batch model cannot run it)."""
+
+    def __init__(self, data: CalibrationData) -> None:
+        self._data = data
+        self.batch_size = data.batch_size
+        self.num_samples = data.num_samples - data.num_samples % data.batch_size
+        self.dropped = data.num_samples - self.num_samples
+        self.num_batches = self.num_samples // self.batch_size
+
+    def __iter__(self):
+        for k, batch in enumerate(self._data):
+            if k < self.num_batches:
+                yield batch
+
+    def take(self, k: int) -> dict[str, np.ndarray]:
+        return self._data.take(min(k, self.num_samples))
 
 
 def _check_modes(work: _Work, have_data: bool) -> None:
@@ -208,6 +238,8 @@ def fold(
     atol: float | None = None,
     rtol: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    verify_config: "VerifyConfig | None" = None,
+    frozen_output: str | os.PathLike[str] | None = None,
 ) -> FoldResult:
     """Freeze (with ``data``), fold and verify one ONNX model.
 
@@ -216,6 +248,10 @@ def fold(
     or the pooled variance with ``estimator='pooled'``); without, inference BNs keep their stored
     statistics and a training-mode BN is an error. ``output`` is written atomically, and only
     when verification passed (or was switched off); on a dry run nothing is written.
+    ``frozen_output``: also write the frozen, unfolded model (the verification reference), e.g.
+    for a later ``bnfold verify FROZEN FOLDED`` in CI.
+    ``verify_config`` (``bnfold.verify.engine.VerifyConfig``) sets providers, tolerances, the
+    error statistic and the repro directory; ``atol``/``rtol`` override its global tolerances.
     """
     if estimator not in ESTIMATORS:
         raise BadInputError(f"unknown estimator '{estimator}'; use one of: {', '.join(ESTIMATORS)}")
@@ -230,6 +266,9 @@ def fold(
     warnings: list[str] = []
     if cal is not None:
         frozen, warnings = _calibrate_and_freeze(work, cal, estimator, progress)
+        if isinstance(cal, _FullBatches):
+            warnings.append(f"the last {cal.dropped} calibration sample(s) were not used: the model's "
+                            f"fixed batch size {cal.batch_size} does not divide {cal.num_samples + cal.dropped}")
     report = Report(
         input_path=str(loaded.path) if loaded.path else None, output_path=None,
         input_sha256=loaded.sha256, output_sha256=None, estimator=estimator,
@@ -245,15 +284,18 @@ def fold(
 
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
+    if frozen_output:
+        Path(frozen_output).parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=Path(output).parent if output else None)) \
         if (verify or output) else None
     try:
         reference = None
+        prepare_for_save(work.model)  # an IR the installed onnxruntime accepts, for both models
+        if frozen_output:
+            save_onnx(work.model, frozen_output, external_data=loaded.external_data)
         if verify:
             reference = stage / "frozen.onnx"
             save_onnx(work.model, reference, external_data=loaded.external_data)
-            if loaded.external_data:
-                onnx.load_external_data_for_model(work.model, str(stage))
         final = apply_plan(work.index, work.consts, plan, routes, commit=True)
         work.index.commit()
         report.bns = _records(work.sites, modes, final, frozen)
@@ -261,16 +303,15 @@ def fold(
         if stage is not None:
             staged = stage / (Path(output).name if output else "folded.onnx")
             digest = save_onnx(work.model, staged, external_data=loaded.external_data)
-            if loaded.external_data:
-                onnx.load_external_data_for_model(work.model, str(stage))
             if verify:
                 batches = _verify_batches(cal, work.model, verify_samples)
                 if isinstance(batches, str):
                     report.warnings.append(f"verification skipped: {batches}")
                 else:
-                    from .verify.compare import verify_models
-
-                    report.verification = verify_models(reference, staged, batches, atol=atol, rtol=rtol)
+                    report.verification = _run_verification(
+                        reference, staged, batches, verify_config, atol, rtol,
+                        {"source": "data" if cal is not None else "random", "seed": None if cal else 0,
+                         "samples": verify_samples, "batch_size": _fixed_batch(_input_specs(work.model)) or 1})
             if output and (report.verification is None or report.verification.passed):
                 _move_into_place(staged, Path(output), loaded.external_data)
                 report.output_path, report.output_sha256 = str(output), digest
@@ -280,12 +321,39 @@ def fold(
             shutil.rmtree(stage, ignore_errors=True)
 
 
+def _run_verification(reference: Path, candidate: Path, batches, config, atol, rtol, inputs) -> VerifyResult:
+    from dataclasses import replace
+
+    from .verify.engine import VerifyConfig, verify
+
+    config = config or VerifyConfig()
+    if atol is not None:
+        config = replace(config, atol=(atol, config.atol[1]))
+    if rtol is not None:
+        config = replace(config, rtol=(rtol, config.rtol[1]))
+    # the staged models vanish after fold: a repro bundle gets copies of them
+    config = replace(config, inputs=dict(inputs, **config.inputs), repro_copy_models=True)
+    return verify(reference, candidate, batches, config)
+
+
 def _move_into_place(staged: Path, output: Path, external: bool) -> None:
+    """Data file first (under its fresh name), then the model; stale data files last."""
+    from .load import data_files, remove_stale_data
+
+    assert staged.name == output.name  # the model names its data file after itself
+    keep = ""
     if external:
-        data = staged.parent / (staged.name + ".data")
-        if data.exists():
-            os.replace(data, output.parent / (output.name + ".data"))
-    os.replace(staged, output)
+        for data in data_files(staged):
+            os.replace(data, output.parent / data.name)
+            keep = data.name
+    try:
+        os.replace(staged, output)
+    except OSError:
+        if keep:  # leave the directory as it was: the old model and its data
+            (output.parent / keep).unlink(missing_ok=True)
+        raise
+    if external:
+        remove_stale_data(output, keep=keep)
 
 
 def _placeholder_stats(work: _Work, site: BnSite) -> FrozenStats:
@@ -314,3 +382,37 @@ def inspect(model: str | os.PathLike[str] | onnx.ModelProto) -> list[BnInspectio
     by_bn = apply_plan(work.index, work.consts, plan, checked, commit=False).by_bn()
     return [BnInspection(s.info.name, modes[s.info.name], s.info.producer, s.info.producer_op, s.info.channels,
                          by_bn[s.info.name], s.info.graph_path) for s in work.sites]
+
+
+def check_equivalence(
+    reference: str | os.PathLike[str],
+    candidate: str | os.PathLike[str],
+    *,
+    data: str | os.PathLike[str] | None = None,
+    batch_size: int = 1,
+    seed: int = 0,
+    val_range: tuple[float, float] = (0.0, 1.0),
+    iterations: int | None = None,
+    config: "VerifyConfig | None" = None,
+) -> VerifyResult:
+    """``bnfold verify`` as a function: does ``candidate`` compute ``reference``'s function?
+
+    Inputs come from ``data`` (its first ``iterations`` batches, all when None) or are drawn
+    uniformly from ``val_range`` with ``seed`` (``iterations`` batches, default 1).
+    """
+    from dataclasses import replace
+
+    from .verify.engine import VerifyConfig, verify
+    from .verify.inputs import data_feeds, random_feeds
+
+    for path in (reference, candidate):
+        if not Path(path).is_file():
+            raise BadInputError(f"model file not found: {path}")
+    specs = _input_specs(onnx.load(os.fspath(reference), load_external_data=False))
+    if data is not None:
+        feeds, info = data_feeds(data, specs, batch_size=batch_size, iterations=iterations)
+    else:
+        feeds, info = random_feeds(specs, seed=seed, val_range=val_range, iterations=iterations or 1,
+                                   batch_size=batch_size)
+    config = config or VerifyConfig()
+    return verify(reference, candidate, feeds, replace(config, inputs=dict(info, **config.inputs)))

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .verify.metrics import OutputMetrics
 
 
 class Mode(str, enum.Enum):
@@ -118,34 +121,74 @@ class FoldPlan:
 
 
 @dataclass(frozen=True)
-class OutputError:
-    """Verification figures for one model output."""
+class ProviderRun:
+    """Reference vs candidate on one execution provider."""
 
-    name: str
-    dtype: str
+    provider: str  # requested short name: "cpu", "cuda"
+    status: str  # "ran" | "skipped" (provider not available and --allow-missing-providers)
+    used: tuple[str, ...]  # execution providers the candidate session really used
+    passed: bool
+    outputs: tuple["OutputMetrics", ...] = ()
+    # (output, max |reference on this provider - reference on the first provider|): provider noise
+    noise_floor: tuple[tuple[str, float], ...] = ()
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class SiteResult:
+    """A fold site: the folded producer's output against the original BN's output (CPU)."""
+
+    bn: str
+    tensor: str
+    target: str
+    direction: str  # "backward" | "forward" | "kept"
+    position: int  # node position of the BN in the reference: depth along the network
     max_abs: float
     max_rel: float
     atol: float
     rtol: float
     passed: bool
+    worst_channels: tuple[tuple[int, float], ...] = ()  # (channel, max abs error), worst first
 
 
 @dataclass(frozen=True)
 class VerifyResult:
+    """The verdict and every figure behind it. ``passed`` is what a CI job gates on."""
+
     passed: bool
-    provider: str
     samples: int
-    outputs: tuple[OutputError, ...]
-    rule: str = "|folded - frozen| <= atol + rtol * |frozen|, elementwise, all elements"
+    runs: tuple[ProviderRun, ...]
+    sites: tuple[SiteResult, ...] = ()
+    first_divergent_site: str | None = None
+    rule: str = "|candidate - reference| <= atol + rtol * |reference|"
+    settings: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    repro_dir: str | None = None
     note: str = ""
 
     @property
+    def ran(self) -> tuple[ProviderRun, ...]:
+        return tuple(r for r in self.runs if r.status == "ran")
+
+    @property
+    def provider(self) -> str:
+        """The first provider that ran (the one ``outputs`` describes)."""
+        ran = self.ran
+        return ran[0].provider if ran else (self.runs[0].provider if self.runs else "")
+
+    @property
+    def outputs(self) -> tuple["OutputMetrics", ...]:
+        ran = self.ran
+        return ran[0].outputs if ran else ()
+
+    @property
     def max_abs(self) -> float:
-        return max((o.max_abs for o in self.outputs), default=0.0)
+        return max((o.max_abs for r in self.ran for o in r.outputs), default=0.0)
 
     @property
     def max_rel(self) -> float:
-        return max((o.max_rel for o in self.outputs), default=0.0)
+        return max((o.max_rel for r in self.ran for o in r.outputs), default=0.0)
 
 
 @dataclass

@@ -7,11 +7,12 @@ hold no logic of their own. The library is imported lazily inside the commands, 
 
 Exit codes are decided in ONE place, :func:`exit_code_for` below:
 
-    0  success
-    1  the folded model failed verification (report written, model not written)
+    0  success (verify: the models are equivalent)
+    1  verification failed (fold: report written, model not written; verify: a mismatch)
     2  usage error (unknown option, bad option value, missing argument)
     3  bad input or a model bnfold cannot process (any BnfoldError with exit_code 3, an
        unreadable/unwritable file), and any unexpected internal error
+    4  a requested execution provider is not available (unless --allow-missing-providers)
 
 A missing MODEL file is bad input (exit 3, ``bnfold: error: model file not found: ...``), not a
 usage error: bnfold checks it itself instead of letting click's ``exists=True`` answer with 2.
@@ -36,13 +37,17 @@ from bnfold.errors import BadInputError, BnfoldError, VerificationFailed
 from .options import (
     ESTIMATORS,
     RUN_FLAGS,
+    CompareOptions,
     DataConfig,
+    FoldCheck,
+    RandomInputs,
     ReportConfig,
-    VerifyConfig,
+    compare_options,
     data_options,
     debug_option,
+    fold_check_options,
+    random_input_options,
     report_options,
-    verify_options,
 )
 from .progress import calibration_progress
 
@@ -56,10 +61,11 @@ _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 _EPILOG = """\b
 Exit codes:
-  0  success
-  1  the folded model failed verification (report written, model not written)
+  0  success / equivalent
+  1  verification failed (fold writes the report, not the model)
   2  usage error
   3  bad input, a model bnfold cannot process, or an internal error
+  4  a requested execution provider is not available
 """
 
 
@@ -183,6 +189,54 @@ def _verification_message(report: Any, output: Path | None, report_path: Path | 
     return msg
 
 
+def _engine_config(compare: CompareOptions) -> Any:
+    """The library's VerifyConfig from the CLI options (tolerance strings parsed here)."""
+    from bnfold.verify.engine import VerifyConfig
+    from bnfold.verify.metrics import parse_tolerances
+
+    tols = {}
+    for name in ("atol", "rtol"):
+        try:
+            tols[name] = parse_tolerances(getattr(compare, name), None)
+        except BnfoldError as exc:
+            raise click.BadParameter(str(exc), param_hint=f"'--{name}'") from None
+    return VerifyConfig(
+        providers=compare.providers, atol=tols["atol"], rtol=tols["rtol"], error_stat=compare.error_stat,
+        quantile=compare.quantile, allow_missing_providers=compare.allow_missing_providers, tf32=compare.tf32,
+        repro_dir=str(compare.repro_dir) if compare.repro_dir else None)
+
+
+def _write_verification_reports(result: Any, report: ReportConfig, *, write_json: bool,
+                                models: dict[str, Any] | None = None) -> None:
+    """JUnit XML, Markdown (+ $GITHUB_STEP_SUMMARY), HTML and, for ``verify``, the JSON report."""
+    from bnfold.report import html, junit, markdown
+
+    if write_json and report.path is not None:
+        _make_parents(report.path)
+        _json_report().write_verify_json(result, report.path, **(models or {}))
+    if report.junit_xml is not None:
+        _make_parents(report.junit_xml)
+        junit.write_junit(result, report.junit_xml)
+    text = markdown.markdown_summary(result)
+    if report.summary_md is not None:
+        _make_parents(report.summary_md)
+        markdown.write_markdown(result, report.summary_md)
+    markdown.append_github_step_summary(text)
+    if report.html is not None:
+        _make_parents(report.html)
+        html.write_html(result, report.html)
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path), "sha256": digest.hexdigest()}
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -208,6 +262,13 @@ def cli() -> None:
     metavar="OUTPUT",
     help="Where to write the folded model (parent folders are created). Required unless --dry-run.",
 )
+@click.option(
+    "--frozen-output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FROZEN",
+    help="Also write the frozen, unfolded model (the verification reference), e.g. for 'bnfold verify FROZEN OUTPUT'.",
+)
 @data_options
 @click.option(
     "--estimator",
@@ -220,7 +281,8 @@ def cli() -> None:
     ),
 )
 @report_options
-@verify_options
+@fold_check_options
+@compare_options
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -231,10 +293,12 @@ def cli() -> None:
 def fold_command(
     model: Path,
     output: Path | None,
+    frozen_output: Path | None,
     data: DataConfig,
     estimator: str,
     report: ReportConfig,
-    verify: VerifyConfig,
+    check: FoldCheck,
+    compare: CompareOptions,
     dry_run: bool,
 ) -> int:
     """Freeze, fold and verify the BatchNorm layers of MODEL (an .onnx file).
@@ -250,10 +314,13 @@ def fold_command(
     _require_model_file(model)
     if data.path is not None:
         _require_data(data.path)
+    if frozen_output is not None and _same_file(model, frozen_output):
+        raise click.BadParameter("is the input MODEL; bnfold never overwrites its input.", param_hint="'--frozen-output'")
     if output is not None and _same_file(model, output):
         raise click.BadParameter("is the input MODEL; bnfold never overwrites its input.", param_hint="'-o' / '--output'")
 
     api = _api()
+    config = _engine_config(compare)
     created = [] if dry_run or output is None else _make_parents(output)
     try:
         with calibration_progress() as progress:
@@ -263,12 +330,12 @@ def fold_command(
                 data=data.path,
                 batch_size=data.batch_size,
                 estimator=estimator,
-                verify=verify.enabled,
+                verify=check.enabled,
                 dry_run=dry_run,
-                verify_samples=verify.samples,
-                atol=verify.atol,
-                rtol=verify.rtol,
+                verify_samples=check.samples,
                 progress=progress,
+                verify_config=config,
+                frozen_output=None if dry_run else frozen_output,
             )
     finally:
         if output is not None and not output.exists():
@@ -278,6 +345,8 @@ def fold_command(
     if report.path is not None:
         _make_parents(report.path)
         _json_report().write_json(rep, report.path)
+    if rep.verification is not None:
+        _write_verification_reports(rep.verification, report, write_json=False)
 
     summary = _summary()
     if dry_run:
@@ -289,6 +358,44 @@ def fold_command(
     if not result.ok:
         raise VerificationFailed(_verification_message(rep, output, report.path))
     return EXIT_OK  # the summary's last lines name the written model ("Wrote OUTPUT")
+
+
+@cli.command("verify", context_settings=_CONTEXT, epilog=_EPILOG,
+             short_help="Check that CANDIDATE computes REFERENCE's function.")
+@click.argument("reference", type=click.Path(path_type=Path), metavar="REFERENCE")
+@click.argument("candidate", type=click.Path(path_type=Path), metavar="CANDIDATE")
+@data_options
+@random_input_options
+@compare_options
+@report_options
+@debug_option
+def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: RandomInputs,
+                   compare: CompareOptions, report: ReportConfig) -> int:
+    """Run REFERENCE and CANDIDATE (.onnx files) in onnxruntime with graph optimisations off on the
+    same inputs (--data, or seeded random values) on each requested provider, and compare every
+    output with |candidate - reference| <= atol + rtol*|reference|. Fold sites (tensors both models
+    share after a BN) are compared too, to name the first layer where they part. Exit 0 when
+    equivalent, 1 on a mismatch, 4 when a requested provider cannot run."""
+    for path in (reference, candidate):
+        _require_model_file(path)
+    if data.path is not None:
+        _require_data(data.path)
+    config = _engine_config(compare)
+    result = _api().check_equivalence(
+        reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,
+        val_range=inputs.val_range, iterations=inputs.iterations, config=config)
+    _write_verification_reports(result, report, write_json=True,
+                                models={"reference": _file_record(reference), "candidate": _file_record(candidate)})
+    click.echo(_summary().verify_summary_text(result))
+    for path in (report.path, report.junit_xml, report.summary_md, report.html):
+        if path is not None:
+            click.echo(f"Wrote {path}")
+    if not result.passed:
+        raise VerificationFailed(
+            f"CANDIDATE does not match REFERENCE: max abs diff {result.max_abs:.3g}, max rel diff "
+            f"{result.max_rel:.3g}" + (f"; first divergent fold site {result.first_divergent_site}"
+                                       if result.first_divergent_site else ""))
+    return EXIT_OK
 
 
 @cli.command("inspect", context_settings=_CONTEXT, epilog=_EPILOG, short_help="List every BN with its mode and the fold decision.")

@@ -35,20 +35,44 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class VerifyConfig:
-    """Whether and how the folded model is checked against the frozen model."""
+class FoldCheck:
+    """Whether fold checks the folded model, and on how many samples."""
 
     enabled: bool = True
     samples: int = 4
-    atol: float | None = None  # None: the library's default for the output dtype
-    rtol: float | None = None
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """How two models are compared (shared by ``fold`` and ``verify``); strings parsed later."""
+
+    providers: tuple[str, ...] = ("cpu",)
+    atol: str | None = None  # "X", "NAME:X", comma-separated
+    rtol: str | None = None
+    error_stat: str = "max"
+    quantile: float = 0.99
+    allow_missing_providers: bool = False
+    tf32: bool = False
+    repro_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class RandomInputs:
+    """Seeded random inputs for ``verify`` without --data."""
+
+    seed: int = 0
+    val_range: tuple[float, float] = (0.0, 1.0)
+    iterations: int | None = None
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """Where to write the JSON report (None: no report file)."""
+    """Where to write the reports (None: not written)."""
 
     path: Path | None = None
+    junit_xml: Path | None = None
+    summary_md: Path | None = None
+    html: Path | None = None
 
 
 # --------------------------------------------------------------------------- --debug
@@ -137,57 +161,98 @@ data_options = _group(
 )
 data_options.__doc__ = "--data PATH, --batch-size M  ->  data: DataConfig"
 
-verify_options = _group(
+def _providers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    names = tuple(p.strip().lower() for p in value.split(",") if p.strip())
+    bad = [p for p in names if p not in ("cpu", "cuda")]
+    if bad or not names:
+        raise click.BadParameter(f"{','.join(bad) or value!r}: use cpu, cuda or cpu,cuda")
+    return tuple(dict.fromkeys(names))
+
+
+def _val_range(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give LO,HI, e.g. 0,1") from None
+    if lo > hi:
+        raise click.BadParameter(f"{value!r}: LO must not exceed HI")
+    return (lo, hi)
+
+
+_TOL_HELP = ("{what} tolerance of the rule |candidate - reference| <= atol + rtol*|reference|: X for every "
+             "output, NAME:X for one output, comma-separated (e.g. 1e-4,logits:1e-3). Default: per output "
+             "dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2, float64 1e-9).")
+
+compare_options = _group(
     [
-        click.option(
-            "--no-verify",
-            is_flag=True,
-            default=False,
-            help="Skip verification with onnxruntime (the folded model is written unchecked).",
-        ),
-        click.option(
-            "--verify-samples",
-            type=click.IntRange(min=1),
-            default=4,
-            show_default=True,
-            metavar="K",
-            help="Number of input samples (batch size 1 each) on which folded and frozen models are compared.",
-        ),
-        click.option(
-            "--atol",
-            type=click.FloatRange(min=0.0),
-            default=None,
-            metavar="X",
-            help="Absolute tolerance of the check |folded - frozen| <= atol + rtol*|frozen|. Default: per output dtype.",
-        ),
-        click.option(
-            "--rtol",
-            type=click.FloatRange(min=0.0),
-            default=None,
-            metavar="X",
-            help="Relative tolerance of the same check. Default: per output dtype.",
-        ),
+        click.option("--providers", default="cpu", show_default=True, callback=_providers, metavar="LIST",
+                     help="Execution providers to compare on: cpu, cuda or cpu,cuda. With two, the reference "
+                          "is also compared across providers (the noise floor)."),
+        click.option("--atol", default=None, metavar="SPEC", help=_TOL_HELP.format(what="Absolute")),
+        click.option("--rtol", default=None, metavar="SPEC", help=_TOL_HELP.format(what="Relative")),
+        click.option("--check-error-stat", "error_stat", type=click.Choice(("max", "mean", "median", "quantile")),
+                     default="max", show_default=True,
+                     help="Statistic the verdict applies the rule to: max = every element must pass; "
+                          "mean/median/quantile = that statistic of |a-b| - rtol*|ref| must be <= atol."),
+        click.option("--quantile", type=click.FloatRange(0.0, 1.0), default=0.99, show_default=True,
+                     help="q for --check-error-stat quantile."),
+        click.option("--allow-missing-providers", is_flag=True, default=False,
+                     help="Record a requested provider that cannot run as skipped instead of failing with exit 4."),
+        click.option("--tf32", is_flag=True, default=False,
+                     help="Allow TF32 in CUDA convolutions (off by default: it moves fp32 results by 1e-4..1e-3)."),
+        click.option("--repro-dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+                     help="On failure, write a repro bundle here: the models' paths (fold: copies of the "
+                          "models) and the inputs as test_data_set_0/*.pb."),
     ],
-    lambda no_verify, verify_samples, atol, rtol: (
-        "verify",
-        VerifyConfig(enabled=not no_verify, samples=verify_samples, atol=atol, rtol=rtol),
+    lambda providers, atol, rtol, error_stat, quantile, allow_missing_providers, tf32, repro_dir: (
+        "compare",
+        CompareOptions(providers, atol, rtol, error_stat, quantile, allow_missing_providers, tf32, repro_dir),
     ),
-    ("no_verify", "verify_samples", "atol", "rtol"),
+    ("providers", "atol", "rtol", "error_stat", "quantile", "allow_missing_providers", "tf32", "repro_dir"),
 )
-verify_options.__doc__ = "--no-verify, --verify-samples K, --atol X, --rtol X  ->  verify: VerifyConfig"
+compare_options.__doc__ = "--providers, --atol, --rtol, --check-error-stat, ...  ->  compare: CompareOptions"
+
+fold_check_options = _group(
+    [
+        click.option("--no-verify", is_flag=True, default=False,
+                     help="Skip verification with onnxruntime (the folded model is written unchecked)."),
+        click.option("--verify-samples", type=click.IntRange(min=1), default=4, show_default=True, metavar="K",
+                     help="Samples (batch size 1 each) on which folded and frozen models are compared."),
+    ],
+    lambda no_verify, verify_samples: ("check", FoldCheck(enabled=not no_verify, samples=verify_samples)),
+    ("no_verify", "verify_samples"),
+)
+fold_check_options.__doc__ = "--no-verify, --verify-samples K  ->  check: FoldCheck"
+
+random_input_options = _group(
+    [
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs (without --data)."),
+        click.option("--val-range", default=None, callback=_val_range, metavar="LO,HI",
+                     help="Range of the random inputs (without --data). Default: 0,1."),
+        click.option("--iterations", type=click.IntRange(min=1), default=None, metavar="K",
+                     help="Number of input batches: random batches (default 1), or the first K batches of --data "
+                          "(default all)."),
+    ],
+    lambda seed, val_range, iterations: ("inputs", RandomInputs(seed, val_range or (0.0, 1.0), iterations)),
+    ("seed", "val_range", "iterations"),
+)
+random_input_options.__doc__ = "--seed N, --val-range LO,HI, --iterations K  ->  inputs: RandomInputs"
 
 report_options = _group(
     [
-        click.option(
-            "--report",
-            "report_path",
-            type=click.Path(dir_okay=False, path_type=Path),
-            default=None,
-            metavar="REPORT.json",
-            help="Write the JSON report here (also when verification fails, and on --dry-run).",
-        ),
+        click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     metavar="REPORT.json",
+                     help="Write the JSON report here (also when verification fails, and on --dry-run)."),
+        click.option("--junit-xml", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="OUT.xml",
+                     help="Write the verification as JUnit XML (one test case per provider x output)."),
+        click.option("--summary-md", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="OUT.md",
+                     help="Write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY when that is set)."),
+        click.option("--html", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="OUT.html",
+                     help="Write a self-contained HTML page with error plots per fold site and output."),
     ],
-    lambda report_path: ("report", ReportConfig(path=report_path)),
-    ("report_path",),
+    lambda report_path, junit_xml, summary_md, html: ("report", ReportConfig(report_path, junit_xml, summary_md, html)),
+    ("report_path", "junit_xml", "summary_md", "html"),
 )
-report_options.__doc__ = "--report REPORT.json  ->  report: ReportConfig"
+report_options.__doc__ = "--report, --junit-xml, --summary-md, --html  ->  report: ReportConfig"

@@ -491,12 +491,17 @@ def cli_main():
 
 
 def _fake_report(verified: bool | None):
-    from bnfold.records import Action, BnRecord, Mode, OutputError, Report, VerifyResult
+    import numpy as np
+
+    from bnfold.records import Action, BnRecord, Mode, ProviderRun, Report, VerifyResult
+    from bnfold.verify.metrics import compute_metrics
 
     verification = None
     if verified is not None:
-        out = OutputError("out", "float32", 0.5 if not verified else 0.0, 0.1, 1e-5, 1e-4, verified)
-        verification = VerifyResult(passed=verified, provider="CPUExecutionProvider", samples=4, outputs=(out,))
+        ref = np.zeros(4, np.float32)
+        out = compute_metrics("out", ref, ref + (0.0 if verified else 0.5), atol=1e-5, rtol=1e-4)
+        run = ProviderRun("cpu", "ran", ("CPUExecutionProvider",), verified, (out,))
+        verification = VerifyResult(passed=verified, samples=4, runs=(run,))
     return Report(
         input_path="m.onnx", output_path=None, input_sha256=None, output_sha256=None,
         estimator="unbiased", batch_size=None, calibrated=False,
@@ -562,12 +567,16 @@ def test_options_reach_the_library(monkeypatch, capsys, tmp_path: Path, cli_main
     out = tmp_path / "o.onnx"
     rc = cli_main.main([
         "fold", str(model), "-o", str(out), "--data", str(data), "--batch-size", "7", "--estimator", "pooled",
-        "--verify-samples", "3", "--atol", "0.01", "--rtol", "0.02",
+        "--verify-samples", "3", "--atol", "0.01,logits:0.5", "--rtol", "0.02", "--providers", "cpu",
+        "--check-error-stat", "quantile", "--quantile", "0.9",
     ])
     assert rc == 0, capsys.readouterr().err
     assert calls["output"] == out and calls["data"] == data and calls["batch_size"] == 7
     assert calls["estimator"] == "pooled" and calls["verify"] is True and calls["dry_run"] is False
-    assert (calls["verify_samples"], calls["atol"], calls["rtol"]) == (3, 0.01, 0.02)
+    cfg = calls["verify_config"]
+    assert calls["verify_samples"] == 3
+    assert (cfg.atol, cfg.rtol) == ((0.01, {"logits": 0.5}), (0.02, {}))
+    assert (cfg.providers, cfg.error_stat, cfg.quantile) == (("cpu",), "quantile", 0.9)
     capsys.readouterr()
 
     rc = cli_main.main(["fold", str(model), "--no-verify", "--dry-run"])

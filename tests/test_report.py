@@ -1,8 +1,14 @@
-"""bnfold.report: the JSON report (schema, numbers, atomic write), the summary and the plan table."""
+"""bnfold.report: the JSON report (both kinds: schema, numbers, atomic write), the summaries and the
+plan table. The VerifyResult builders here are shared with test_report_formats.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +23,26 @@ from bnfold.records import (
     FoldDecision,
     FrozenStats,
     Mode,
-    OutputError,
+    ProviderRun,
     Reason,
     Report,
+    SiteResult,
     VerifyResult,
 )
-from bnfold.report.json_report import SCHEMA_VERSION, report_to_dict, to_json, write_json
-from bnfold.report.summary import ellipsize, plan_table, summary_text
+from bnfold.report.json_report import (
+    INPUTS_KEYS,
+    SCHEMA_VERSION,
+    SETTINGS_KEYS,
+    collect_environment,
+    report_to_dict,
+    to_json,
+    verify_report_to_dict,
+    verify_to_json,
+    write_json,
+    write_verify_json,
+)
+from bnfold.report.summary import ellipsize, plan_table, summary_text, verify_summary_text
+from bnfold.verify.metrics import ERROR_STATS, OutputMetrics, compute_metrics
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "docs" / "report-schema.json"
 SHA_IN = "a" * 64
@@ -39,6 +58,84 @@ def schema():
 
 def _validate(doc, schema):
     jsonschema.Draft202012Validator(schema).validate(doc)
+
+
+# ---- VerifyResult builders (also used by test_report_formats.py) --------------------------------
+def make_metrics(name: str = "logits", error: float = 1e-6, *, shape=(4, 10), atol: float = 1e-4,
+                 rtol: float = 1e-4, seed: int = 0, dtype=np.float32, **kw) -> OutputMetrics:
+    """Real metrics: a random reference and the same plus ``error`` (an all-positive shift)."""
+    rng = np.random.default_rng(seed)
+    ref = rng.normal(size=shape).astype(dtype)
+    cand = (ref.astype(np.float64) + error).astype(dtype)
+    return compute_metrics(name, ref, cand, atol=atol, rtol=rtol, **kw)
+
+
+def make_site(bn: str, position: int, max_abs: float, *, passed: bool | None = None,
+              atol: float = 1e-4, channels=()) -> SiteResult:
+    if passed is None:
+        passed = bool(max_abs <= atol)
+    return SiteResult(bn=bn, tensor=f"{bn}_out", target=f"{bn}_conv", direction="backward",
+                      position=position, max_abs=max_abs, max_rel=max_abs * 10, atol=atol,
+                      rtol=1e-4, passed=passed, worst_channels=tuple(channels))
+
+
+SETTINGS = {
+    "graph_optimization_level": "disabled",
+    "tf32": False,
+    "deterministic": True,
+    "cudnn_conv_algo_search": "DEFAULT",
+    "error_stat": "max",
+    "quantile": None,
+    "tolerances": {"atol": None, "rtol": None, "per_output": {}},
+}
+INPUTS = {
+    "source": "random",
+    "seed": 0,
+    "val_range": (-1.0, 1.0),
+    "iterations": 2,
+    "data": None,
+    "batch_size": 4,
+    "sha256": {"input": "c" * 64},
+}
+
+
+def make_passing_result() -> VerifyResult:
+    logits = make_metrics("logits", 2.5e-6)
+    features = make_metrics("features", 1e-6, shape=(4, 3, 2, 2), seed=1)
+    run = ProviderRun("cpu", "ran", ("CPUExecutionProvider",), True, (logits, features))
+    sites = (make_site("layer1.0.bn1", 2, 3e-7), make_site("layer1.0.bn2", 5, 0.0))
+    return VerifyResult(passed=True, samples=8, runs=(run,), sites=sites, settings=dict(SETTINGS),
+                        inputs=dict(INPUTS), note="batch size 1")
+
+
+def make_failing_result() -> VerifyResult:
+    """cpu ran and fails on one output, cuda ran with a noise floor, rocm skipped; a fold site
+    with '<' in its name diverges, one later site is inf and one nan."""
+    ok = make_metrics("logits", 2e-6)
+    bad = make_metrics("probs<&>", 0.25, shape=(4, 6), seed=2)
+    cpu = ProviderRun("cpu", "ran", ("CPUExecutionProvider",), False, (ok, bad))
+    cuda = ProviderRun("cuda", "ran", ("CUDAExecutionProvider", "CPUExecutionProvider"), False,
+                       (make_metrics("logits", 3e-6), make_metrics("probs<&>", 0.5, shape=(4, 6))),
+                       noise_floor=(("logits", 1.5e-6), ("probs<&>", float("inf"))),
+                       note="TF32 off")
+    rocm = ProviderRun("rocm", "skipped", (), False, note="ROCMExecutionProvider not available")
+    sites = (
+        make_site("stem.bn", 1, 1e-7),
+        make_site("layer1.bn<1>", 4, 0.125, channels=((7, 0.125), (2, 0.01))),
+        make_site("layer2.bn", 9, float("inf")),
+        make_site("layer3.bn", 12, float("nan"), passed=False),
+        make_site("head.bn", 15, 0.0),
+    )
+    return VerifyResult(
+        passed=False, samples=4, runs=(cpu, cuda, rocm), sites=sites,
+        first_divergent_site="layer1.bn<1>", settings=dict(SETTINGS, tf32=True),
+        inputs=dict(INPUTS), environment={"gpu": "NVIDIA H100 80GB HBM3", "driver": "550.54"},
+        repro_dir="/tmp/bnfold-repro", note="2 of 3 providers ran",
+    )
+
+
+REF = {"path": "model.onnx", "sha256": SHA_IN}
+CAND = {"path": "model.folded.onnx", "sha256": SHA_OUT}
 
 
 def make_stats(gap: float, samples: int = 96) -> FrozenStats:
@@ -85,16 +182,7 @@ def make_report(**overrides) -> Report:
             stats=None,
         ),
     ]
-    verification = VerifyResult(
-        passed=True,
-        provider="cpu",
-        samples=8,
-        outputs=(
-            OutputError("logits", "float32", 2.5e-6, 1.5e-5, 1e-4, 1e-4, True),
-            OutputError("features", "float32", np.float32(1e-6), 3e-6, 1e-4, 1e-4, np.bool_(True)),
-        ),
-        note="batch size 1",
-    )
+    verification = make_passing_result()
     fields = dict(
         input_path="in/model.onnx",
         output_path=Path("out/model.folded.onnx"),
@@ -115,7 +203,7 @@ def make_report(**overrides) -> Report:
 
 
 # ---------------------------------------------------------------------------------------------
-# JSON
+# JSON: fold kind
 # ---------------------------------------------------------------------------------------------
 
 
@@ -124,11 +212,13 @@ def test_report_validates_and_round_trips(schema):
     _validate(doc, schema)
     text = json.dumps(doc, allow_nan=False)
     assert json.loads(text) == doc
+    assert json.loads(to_json(make_report())) == doc
 
 
 def test_report_numbers(schema):
     doc = report_to_dict(make_report())
-    assert doc["schema_version"] == SCHEMA_VERSION
+    assert doc["schema_version"] == SCHEMA_VERSION == "2.0"
+    assert doc["kind"] == "fold"
     assert doc["tool"] == {"name": "bnfold", "version": bnfold.__version__}
     assert set(doc["versions"]) == {"onnx", "onnxruntime", "numpy", "python"}
     assert doc["versions"]["numpy"] == np.__version__
@@ -153,34 +243,185 @@ def test_report_numbers(schema):
     }
     assert type(s["batches"]) is int
     v = doc["verification"]
-    assert v["passed"] is True and v["provider"] == "cpu" and v["samples"] == 8
-    assert v["max_abs"] == 2.5e-6 and v["max_rel"] == 1.5e-5
-    assert v["rule"].startswith("|folded - frozen|")
-    assert [o["name"] for o in v["outputs"]] == ["logits", "features"]
-    assert v["outputs"][1]["passed"] is True
-    assert v["outputs"][1]["max_abs"] == pytest.approx(1e-6)
+    result = make_report().verification
+    assert v["verdict"] == "pass" and v["passed"] is True and v["samples"] == 8
+    assert v["rule"] == result.rule and v["note"] == "batch size 1"
+    assert v["max_abs"] == result.max_abs and v["max_rel"] == result.max_rel
+    (run,) = v["runs"]
+    assert run["provider"] == "cpu" and run["status"] == "ran" and run["passed"] is True
+    assert run["used"] == ["CPUExecutionProvider"] and run["noise_floor"] == {}
+    assert [o["name"] for o in run["outputs"]] == ["logits", "features"]
+    assert run["outputs"][0] == result.runs[0].outputs[0].to_dict()
+    assert run["outputs"][1]["shape"] == [4, 3, 2, 2]
+    assert run["outputs"][0]["max_abs"] == pytest.approx(2.5e-6, rel=0.1)
+    assert [s["bn"] for s in v["sites"]] == ["layer1.0.bn1", "layer1.0.bn2"]
+    assert v["sites"][1] == {
+        "bn": "layer1.0.bn2", "tensor": "layer1.0.bn2_out", "target": "layer1.0.bn2_conv",
+        "direction": "backward", "position": 5, "max_abs": 0.0, "max_rel": 0.0, "atol": 1e-4,
+        "rtol": 1e-4, "passed": True, "worst_channels": [],
+    }
+    assert v["first_divergent_site"] is None and v["repro_dir"] is None
+    assert v["settings"]["tf32"] is False and v["settings"]["graph_optimization_level"] == "disabled"
+    assert v["inputs"]["val_range"] == [-1.0, 1.0] and v["inputs"]["sha256"] == {"input": "c" * 64}
     assert doc["warnings"] == ["opset 9 model: upgraded to 15"]
     assert doc["extra"] == {"timing_s": {"fold": 0.25}, "shape": [1, 3], "mode": "training", "arr": [0, 1, 2]}
 
 
 def test_report_minimal_and_non_finite(schema):
-    failed = VerifyResult(
-        passed=False, provider="cuda", samples=1,
-        outputs=(OutputError("y", "float32", float("inf"), float("nan"), 1e-4, 1e-4, False),),
-    )
+    bad = make_metrics("y", 0.0)
+    bad = dataclasses.replace(bad, passed=False, max_abs=float("inf"), max_rel=float("nan"),
+                              min_atol=float("inf"), snr_db=float("-inf"), cosine=None, top1=None)
+    failed = VerifyResult(passed=False, samples=1,
+                          runs=(ProviderRun("cuda", "ran", ("CUDAExecutionProvider",), False, (bad,)),))
     report = make_report(
         output_path=None, output_sha256=None, batch_size=None, calibrated=False, dry_run=True,
         bns=[], verification=failed, warnings=[], extra={},
     )
     doc = report_to_dict(report)
     _validate(doc, schema)
-    assert doc["verification"]["max_abs"] == "inf"
-    assert doc["verification"]["outputs"][0]["max_rel"] == "nan"
+    v = doc["verification"]
+    assert v["max_abs"] == "inf" and v["verdict"] == "fail"
+    out = v["runs"][0]["outputs"][0]
+    assert (out["max_rel"], out["min_atol"], out["snr_db"], out["cosine"]) == ("nan", "inf", "-inf", None)
+    # no settings/inputs given: every documented key present, derived from the metrics when possible
+    assert list(v["settings"]) == list(SETTINGS_KEYS)
+    assert v["settings"]["error_stat"] == "max" and v["settings"]["tf32"] is None
+    assert v["settings"]["tolerances"] == {"per_output": {"y": {"atol": 1e-4, "rtol": 1e-4}}}
+    assert list(v["inputs"]) == list(INPUTS_KEYS) and v["inputs"]["sha256"] == {}
+    assert v["sites"] == [] and v["first_divergent_site"] is None
     assert doc["counts"] == {"bn": 0, "folded": 0, "frozen_kept": 0}
     json.loads(to_json(report))  # strict JSON
     doc = report_to_dict(make_report(verification=None))
     _validate(doc, schema)
     assert doc["verification"] is None
+
+
+def test_report_no_runs(schema):
+    """A verification where nothing ran (every provider skipped) still renders and validates."""
+    result = VerifyResult(passed=False, samples=0,
+                          runs=(ProviderRun("cuda", "skipped", (), False, note="not available"),))
+    doc = report_to_dict(make_report(verification=result))
+    _validate(doc, schema)
+    v = doc["verification"]
+    assert v["max_abs"] == 0.0 and v["runs"][0]["status"] == "skipped"
+    assert v["runs"][0]["outputs"] == [] and v["settings"]["error_stat"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON: verify kind
+# ---------------------------------------------------------------------------------------------
+
+
+def test_verify_report_validates_and_round_trips(schema):
+    result = make_failing_result()
+    doc = verify_report_to_dict(result, reference=REF, candidate=CAND)
+    _validate(doc, schema)
+    assert json.loads(json.dumps(doc, allow_nan=False)) == doc
+    assert json.loads(verify_to_json(result, reference=REF, candidate=CAND)) == doc
+    assert doc["kind"] == "verify" and doc["schema_version"] == SCHEMA_VERSION
+    assert doc["reference"] == REF and doc["candidate"] == CAND
+    assert set(doc) == {"schema_version", "kind", "tool", "reference", "candidate", "verification"}
+
+
+def test_verify_report_content(schema):
+    result = make_failing_result()
+    v = verify_report_to_dict(result, reference=REF, candidate=CAND)["verification"]
+    assert v["verdict"] == "fail" and v["passed"] is False and v["samples"] == 4
+    assert [r["provider"] for r in v["runs"]] == ["cpu", "cuda", "rocm"]
+    cpu, cuda, rocm = v["runs"]
+    assert [o["passed"] for o in cpu["outputs"]] == [True, False]
+    assert cpu["outputs"][1]["name"] == "probs<&>" and cpu["outputs"][1]["mismatches"] == 24
+    assert cuda["used"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert cuda["noise_floor"] == {"logits": 1.5e-6, "probs<&>": "inf"}
+    assert cuda["note"] == "TF32 off"
+    assert rocm["status"] == "skipped" and rocm["outputs"] == [] and rocm["used"] == []
+    assert v["max_abs"] == pytest.approx(0.5)  # the worst over every provider that ran
+    sites = {s["bn"]: s for s in v["sites"]}
+    assert sites["layer1.bn<1>"]["worst_channels"] == [
+        {"channel": 7, "max_abs": 0.125}, {"channel": 2, "max_abs": 0.01}]
+    assert sites["layer2.bn"]["max_abs"] == "inf" and sites["layer3.bn"]["max_abs"] == "nan"
+    assert sites["layer2.bn"]["passed"] is False and sites["head.bn"]["passed"] is True
+    assert v["first_divergent_site"] == "layer1.bn<1>" and v["repro_dir"] == "/tmp/bnfold-repro"
+    assert v["settings"]["tf32"] is True and v["settings"]["deterministic"] is True
+    assert v["inputs"]["seed"] == 0 and v["inputs"]["source"] == "random"
+    env = v["environment"]
+    assert env["gpu"] == "NVIDIA H100 80GB HBM3" and env["driver"] == "550.54"  # record wins
+    assert set(env["versions"]) >= {"bnfold", "onnx", "onnxruntime", "numpy", "torch", "python"}
+
+
+def test_verify_report_normalises_verifier_spellings(schema):
+    """The engine's own key spellings land on the documented keys; nothing is lost."""
+    settings = {
+        "graph_optimization_level": "ORT_DISABLE_ALL",
+        "deterministic_compute": True,
+        "tf32": False,
+        "cuda": {"use_tf32": "0 unless --tf32", "cudnn_conv_algo_search": "DEFAULT"},
+        "error_stat": "quantile",
+        "quantile": 0.99,
+        "atol": {"global": 1e-4, "per_output": {"logits": 1e-3}},
+        "rtol": {"global": None, "per_output": {}},
+        "providers_requested": ["cpu", "cuda"],
+    }
+    inputs = {"source": "data", "path": "calib.npz", "batch_size": 8, "iterations": 3,
+              "sha256": {"x": "d" * 64}}
+    result = dataclasses.replace(make_passing_result(), settings=settings, inputs=inputs,
+                                 environment={"versions": {"onnxruntime-gpu": "1.20.0"}})
+    v = verify_report_to_dict(result, reference=REF, candidate=CAND)
+    _validate(v, schema)
+    v = v["verification"]
+    s = v["settings"]
+    assert s["deterministic"] is True and "deterministic_compute" not in s
+    assert s["cudnn_conv_algo_search"] == "DEFAULT" and s["cuda"]["use_tf32"] == "0 unless --tf32"
+    assert s["tolerances"] == {"atol": {"global": 1e-4, "per_output": {"logits": 1e-3}},
+                               "rtol": {"global": None, "per_output": {}}}
+    assert "atol" not in s and s["providers_requested"] == ["cpu", "cuda"]
+    assert (s["error_stat"], s["quantile"]) == ("quantile", 0.99)
+    i = v["inputs"]
+    assert i["data"] == "calib.npz" and "path" not in i and i["seed"] is None
+    assert i["val_range"] is None and i["iterations"] == 3
+    versions = v["environment"]["versions"]
+    assert versions["onnxruntime-gpu"] == "1.20.0" and "torch" in versions
+
+
+def test_verify_report_file_specs():
+    result = make_passing_result()
+    doc = verify_report_to_dict(result, reference={"path": Path("a.onnx"), "sha256": None},
+                                candidate={"path": None, "sha256": None})
+    assert doc["reference"] == {"path": "a.onnx", "sha256": None}
+    with pytest.raises(ValueError, match="sha1"):
+        verify_report_to_dict(result, reference={"path": "a", "sha1": "x"}, candidate=CAND)
+
+
+def test_environment_versions_without_importing_torch():
+    env = collect_environment()
+    assert env["versions"]["bnfold"] == bnfold.__version__
+    assert env["versions"]["numpy"] == np.__version__
+    assert env["versions"]["python"].count(".") == 2
+    assert set(env) == {"versions", "platform", "providers_available", "gpu"}
+    # in a fresh interpreter: rendering a report imports none of torch, onnx, onnxruntime
+    code = (
+        "import sys\n"
+        "from bnfold.report.json_report import collect_environment, verify_report_to_dict\n"
+        "from bnfold.report import junit, markdown, html, summary\n"
+        "env = collect_environment()\n"
+        "assert env['providers_available'] is None and env['gpu'] is None, env\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    # the record's values win key by key; versions merge
+    env = collect_environment({"versions": {"torch": "9.9"}, "gpu": "X"})
+    assert env["versions"]["torch"] == "9.9" and env["versions"]["numpy"] == np.__version__
+    assert env["gpu"] == "X"
+
+
+def test_environment_providers_when_onnxruntime_loaded():
+    import onnxruntime
+
+    env = collect_environment()
+    assert env["providers_available"] == list(onnxruntime.get_available_providers())
+    assert "CPUExecutionProvider" in env["providers_available"]
 
 
 def test_schema_catches_drift(schema):
@@ -192,14 +433,75 @@ def test_schema_catches_drift(schema):
     del doc["counts"]
     with pytest.raises(jsonschema.ValidationError):
         _validate(doc, schema)
+    doc = verify_report_to_dict(make_failing_result(), reference=REF, candidate=CAND)
+    doc["verification"]["runs"][0]["outputs"][0]["extra_metric"] = 1.0
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(doc, schema)
+    doc = verify_report_to_dict(make_failing_result(), reference=REF, candidate=CAND)
+    doc["verification"]["sites"][0]["worst_channels"].append({"channel": 1, "max_abs": 1, "x": 2})
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(doc, schema)
+    doc = verify_report_to_dict(make_failing_result(), reference=REF, candidate=CAND)
+    doc["verification"]["max_abs"] = float("inf")  # a bare number would not be strict JSON
+    doc["verification"]["max_abs"] = "Infinity"
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(doc, schema)
+    doc = verify_report_to_dict(make_passing_result(), reference=REF, candidate=CAND)
+    doc["kind"] = "fold"  # a verify document does not pass as a fold report
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(doc, schema)
+    # settings / inputs / environment are open: extra keys are allowed there
+    doc = verify_report_to_dict(make_passing_result(), reference=REF, candidate=CAND)
+    doc["verification"]["settings"]["intra_op_threads"] = 1
+    doc["verification"]["inputs"]["shapes"] = {"input": [1, 3]}
+    doc["verification"]["environment"]["cuda"] = "12.4"
+    _validate(doc, schema)
 
 
 def test_schema_enums_match_records(schema):
-    bn = schema["$defs"]["bn"]["properties"]
+    defs = schema["$defs"]
+    bn = defs["bn"]["properties"]
     assert set(bn["reason"]["enum"]) - {None} == {r.value for r in Reason}
     assert set(bn["mode_before"]["enum"]) == {m.value for m in Mode}
     assert set(bn["action"]["enum"]) == {a.value for a in Action}
     assert schema["properties"]["schema_version"]["const"] == SCHEMA_VERSION
+    for kind in ("fold_report", "verify_report"):
+        assert defs[kind]["properties"]["schema_version"]["const"] == SCHEMA_VERSION
+    # the records' fields and the schema's objects stay in step
+    output = defs["output"]
+    assert set(output["required"]) == set(output["properties"]) == {f.name for f in dataclasses.fields(OutputMetrics)}
+    assert set(output["properties"]["error_stat"]["enum"]) == set(ERROR_STATS)
+    site = defs["site"]
+    assert set(site["required"]) == {f.name for f in dataclasses.fields(SiteResult)}
+    run = defs["run"]
+    assert set(run["required"]) == {f.name for f in dataclasses.fields(ProviderRun)}
+    verification = defs["verification"]["required"]
+    record = {f.name for f in dataclasses.fields(VerifyResult)}
+    assert record <= set(verification)
+    assert set(defs["settings"]["required"]) == set(SETTINGS_KEYS)
+    assert set(defs["inputs"]["required"]) == set(INPUTS_KEYS)
+
+
+def test_schema_doc_covers_every_field():
+    """docs/report-schema.md names every property the schema defines."""
+    doc = (SCHEMA_PATH.parent / "report-schema.md").read_text(encoding="utf-8")
+    s = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    missing = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for name in node.get("properties", {}):
+                if f"`{name}`" not in doc:
+                    missing.add(name)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(s)
+    assert not missing, sorted(missing)
+    assert f'"{SCHEMA_VERSION}"' in doc
 
 
 def test_write_json_atomic(tmp_path):
@@ -213,6 +515,15 @@ def test_write_json_atomic(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["report.json"]
 
 
+def test_write_verify_json(tmp_path, schema):
+    path = tmp_path / "verify.json"
+    write_verify_json(make_failing_result(), path, reference=REF, candidate=CAND)
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    _validate(doc, schema)
+    assert doc["kind"] == "verify" and doc["verification"]["verdict"] == "fail"
+    assert sorted(os.listdir(tmp_path)) == ["verify.json"]
+
+
 def test_write_json_failure_leaves_nothing(tmp_path, monkeypatch):
     path = tmp_path / "report.json"
 
@@ -222,35 +533,77 @@ def test_write_json_failure_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         write_json(make_report(), path)
+    with pytest.raises(OSError, match="disk full"):
+        write_verify_json(make_passing_result(), path, reference=REF, candidate=CAND)
     assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------
-# summary and plan table
+# summaries and plan table
 # ---------------------------------------------------------------------------------------------
 
 
 def test_summary_text():
-    text = summary_text(make_report())
+    report = make_report()
+    text = summary_text(report)
     lines = text.splitlines()
     assert lines[0] == "BN found 3: folded 2, frozen and kept 1 (PRODUCER_FANOUT: 1)"
     assert "SHARED_WEIGHT_CLONED: 1" in text
     assert "unbiased" in text and "0.5 at layer1.0.bn2" in text  # largest gap and its layer
-    assert "max abs 2.5e-06" in text and "max rel 1.5e-05" in text and "PASSED" in text
+    v = report.verification
+    assert f"max abs {v.max_abs:.3g}" in text and f"max rel {v.max_rel:.3g}" in text
+    assert "PASSED" in text and "cpu: ran on CPUExecutionProvider -> passed" in text
+    assert "Fold sites: all 2 within tolerance" in text
     assert "opset 9 model: upgraded to 15" in text
     assert "\x1b" not in text and text.isascii()
-    assert len(lines) <= 10
+    assert len(lines) <= 12
 
 
 def test_summary_text_failed_and_uncalibrated():
     failed = VerifyResult(
-        passed=False, provider="cpu", samples=2,
-        outputs=(OutputError("y", "float32", 0.3, 0.1, 1e-4, 1e-4, False),),
+        passed=False, samples=2,
+        runs=(ProviderRun("cpu", "ran", ("CPUExecutionProvider",), False,
+                          (make_metrics("y", 0.3),)),),
     )
     text = summary_text(make_report(verification=failed, calibrated=False, dry_run=True))
-    assert "FAILED" in text and "y" in text
+    assert "FAILED" in text and "y [float32]: max abs 0.3" in text and "-> FAIL" in text
     assert "not calibrated" in text and "Dry run" in text
     assert "Verification: not run" in summary_text(make_report(verification=None))
+
+
+def test_verify_summary_text():
+    result = make_failing_result()
+    text = verify_summary_text(result)
+    lines = text.splitlines()
+    assert lines[0].startswith("Verification (cpu, cuda, rocm, 4 samples): max abs 0.5")
+    assert lines[0].endswith("-> FAILED")
+    assert "  cpu: ran on CPUExecutionProvider -> FAILED" in lines
+    assert any(line.startswith("  cuda: ran on CUDAExecutionProvider, CPUExecutionProvider -> FAILED")
+               and "TF32 off" in line for line in lines)
+    assert "  rocm: skipped (ROCMExecutionProvider not available)" in lines
+    (logits_cuda,) = [l for l in lines if "logits" in l and "noise floor" in l]
+    assert re.search(r"max abs 3(\.\d+)?e-06 \(noise floor 1\.5e-06\)", logits_cuda)
+    assert "-> ok" in logits_cuda
+    assert "cosine 1-" in logits_cuda and "top-1 100%" in logits_cuda
+    probs = [l for l in lines if "probs<&>" in l]
+    assert len(probs) == 2 and all("-> FAIL" in l and "mismatches 24/24 (100%)" in l for l in probs)
+    assert "noise floor inf" in probs[1]
+    (first,) = [l for l in lines if "First divergent fold site" in l]
+    assert "layer1.bn<1>" in first and "max abs 0.125" in first
+    assert "worst channels 7 (0.125), 2 (0.01)" in first
+    assert "  Fold sites: 3 of 5 out of tolerance" in lines
+    assert "/tmp/bnfold-repro" in text and "2 of 3 providers ran" in text
+    assert "\x1b" not in text
+
+
+def test_verify_summary_first_divergent_defaults_to_earliest_failing():
+    result = dataclasses.replace(make_failing_result(), first_divergent_site=None)
+    (first,) = [l for l in verify_summary_text(result).splitlines() if "First divergent" in l]
+    assert "layer1.bn<1>" in first and "position 4" in first
+    passing = verify_summary_text(make_passing_result())
+    assert "PASSED" in passing and "First divergent" not in passing
+    assert math.isfinite(make_passing_result().max_abs)
+
 
 
 @dataclass

@@ -56,9 +56,14 @@ def _prune(graph: onnx.GraphProto, wanted: set[str]) -> None:
     keep.reverse()
     del graph.node[:]
     graph.node.extend(keep)
-    inits = [i for i, t in enumerate(graph.initializer) if t.name not in needed]
+    dead = {t.name for t in graph.initializer if t.name not in needed}
+    inits = [i for i, t in enumerate(graph.initializer) if t.name in dead]
     for i in reversed(inits):
         del graph.initializer[i]
+    # old IR lists initializers among the inputs too: an input without its initializer is required
+    stale = [i for i, v in enumerate(graph.input) if v.name in dead]
+    for i in reversed(stale):
+        del graph.input[i]
 
 
 def build_calibration_model(

@@ -328,7 +328,8 @@ def cast_back(value64: Any, dtype: Any, original: Any = None) -> np.ndarray:
     if limits is not None and v.size:
         # fast path: if every cast magnitude is finite and at least the smallest normal number,
         # nothing overflowed or turned subnormal, and the element-wise checks below are not needed
-        out = v.astype(dt)
+        with np.errstate(over="ignore", under="ignore"):
+            out = v.astype(dt)
         a = np.abs(out)
         if a.max() <= limits[0] and a.min() >= limits[1]:
             return out

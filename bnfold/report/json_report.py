@@ -1,36 +1,73 @@
-"""The machine-readable report: ``report_to_dict`` and ``write_json``.
+"""The machine-readable report: ``report_to_dict`` / ``write_json`` (after ``fold``) and
+``verify_report_to_dict`` / ``write_verify_json`` (a standalone verification).
 
-The layout is fixed by ``docs/report-schema.json`` (``SCHEMA_VERSION``); change both together and
-bump the version. The report computes nothing new: it renders the :class:`Report` record.
+Both kinds share one layout, fixed by ``docs/report-schema.json`` (``SCHEMA_VERSION``) and described
+field by field in ``docs/report-schema.md``; change them together and bump the version. A top-level
+``"kind"`` (``"fold"`` or ``"verify"``) says which of the two a document is. The report computes
+nothing new: it renders the :class:`Report` / :class:`VerifyResult` records.
 
 JSON has no infinities or NaN; non-finite floats (an output whose shape or NaN positions differ
 reports ``max_abs`` = inf) are written as the strings ``"inf"``, ``"-inf"`` and ``"nan"``, and the
 file is written with ``allow_nan=False`` so it is strict JSON any parser accepts.
 
 Only the standard library and numpy are imported; versions come from ``importlib.metadata``
-(cheap: no import of onnx or onnxruntime).
+(cheap: no import of onnx, onnxruntime or torch). The list of available onnxruntime providers is
+read only when onnxruntime has already been imported (it has, whenever a verification ran).
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import math
 import os
 import platform
+import sys
 import tempfile
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import PurePath
 from typing import Any
 
 import numpy as np
 
-from ..records import BnRecord, FrozenStats, OutputError, Report, VerifyResult
+from ..records import BnRecord, FrozenStats, ProviderRun, Report, SiteResult, VerifyResult
 
-__all__ = ["SCHEMA_VERSION", "report_to_dict", "to_json", "write_json"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "SETTINGS_KEYS",
+    "INPUTS_KEYS",
+    "collect_environment",
+    "settings_to_dict",
+    "inputs_to_dict",
+    "report_to_dict",
+    "to_json",
+    "write_json",
+    "verification_to_dict",
+    "verify_report_to_dict",
+    "verify_to_json",
+    "write_verify_json",
+    "write_text_atomic",
+]
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
 TOOL_NAME = "bnfold"
+
+#: keys always present in ``verification.settings`` (null when the record does not give them)
+SETTINGS_KEYS = (
+    "graph_optimization_level",
+    "tf32",
+    "deterministic",
+    "cudnn_conv_algo_search",
+    "error_stat",
+    "quantile",
+    "tolerances",
+)
+#: keys always present in ``verification.inputs`` (null when the record does not give them)
+INPUTS_KEYS = ("source", "seed", "val_range", "iterations", "data", "batch_size", "sha256")
+#: libraries whose versions ``environment.versions`` lists (null when not installed)
+VERSION_KEYS = ("bnfold", "onnx", "onnxruntime", "numpy", "torch")
 
 
 def _number(value: Any) -> float | str:
@@ -41,6 +78,10 @@ def _number(value: Any) -> float | str:
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
     return x
+
+
+def _number_or_none(value: Any) -> float | str | None:
+    return None if value is None else _number(value)
 
 
 def _json_safe(value: Any) -> Any:
@@ -63,7 +104,7 @@ def _json_safe(value: Any) -> Any:
         return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _json_safe(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {str(_json_safe(k)): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
@@ -71,6 +112,7 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
+# ---- versions and environment -------------------------------------------------------------------
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -87,18 +129,76 @@ def _tool_version() -> str:
         return _version("bnfold") or "unknown"
 
 
+def _ort_version() -> str | None:
+    # the GPU wheel has another distribution name
+    return _version("onnxruntime") or _version("onnxruntime-gpu")
+
+
 def _versions() -> dict[str, str | None]:
-    ort = _version("onnxruntime")
-    if ort is None:  # the GPU wheel has another distribution name
-        ort = _version("onnxruntime-gpu")
     return {
         "onnx": _version("onnx"),
-        "onnxruntime": ort,
+        "onnxruntime": _ort_version(),
         "numpy": _version("numpy"),
         "python": platform.python_version(),
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> tuple[tuple[str, str | None], ...]:
+    return (
+        ("bnfold", _tool_version()),
+        ("onnx", _version("onnx")),
+        ("onnxruntime", _ort_version()),
+        ("numpy", _version("numpy")),
+        ("torch", _version("torch")),  # metadata only: torch is never imported here
+        ("python", platform.python_version()),
+    )
+
+
+def _providers_available() -> list[str] | None:
+    ort = sys.modules.get("onnxruntime")
+    if ort is None:
+        return None
+    try:
+        return [str(p) for p in ort.get_available_providers()]
+    except Exception:  # pragma: no cover - a broken install
+        return None
+
+
+def _gpu_name() -> str | None:
+    torch = sys.modules.get("torch")  # only when the caller already imported it
+    if torch is None:
+        return None
+    try:
+        if torch.cuda.is_available():
+            return str(torch.cuda.get_device_name(0))
+    except Exception:  # pragma: no cover - a broken CUDA setup
+        pass
+    return None
+
+
+def collect_environment(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the verification ran on: library versions, platform, onnxruntime providers, GPU.
+
+    Cheap: versions come from package metadata; the providers are read only when onnxruntime is
+    already imported, the GPU name only when torch is. ``overrides`` (``VerifyResult.environment``)
+    win key by key; a ``"versions"`` mapping in it is merged into the collected one.
+    """
+    env: dict[str, Any] = {
+        "versions": dict(_library_versions()),
+        "platform": platform.platform(),
+        "providers_available": _providers_available(),
+        "gpu": _gpu_name(),
+    }
+    for key, value in (overrides or {}).items():
+        if key == "versions" and isinstance(value, Mapping):
+            env["versions"] = {**env["versions"], **dict(value)}
+        else:
+            env[key] = value
+    return _json_safe(env)
+
+
+# ---- fold records -------------------------------------------------------------------------------
 def _min_max(array: np.ndarray) -> tuple[float | str | None, float | str | None]:
     arr = np.asarray(array, dtype=np.float64)
     if arr.size == 0:
@@ -140,38 +240,117 @@ def _bn_to_dict(bn: BnRecord) -> dict[str, Any]:
     }
 
 
-def _output_to_dict(out: OutputError) -> dict[str, Any]:
+# ---- verification records -----------------------------------------------------------------------
+# other spellings verifiers use for the documented keys: (documented key, alias)
+_SETTINGS_ALIASES = (("deterministic", "deterministic_compute"),)
+_INPUTS_ALIASES = (("data", "path"),)
+
+
+def settings_to_dict(result: VerifyResult) -> dict[str, Any]:
+    """``result.settings`` in the documented layout (see ``docs/report-schema.md``)."""
+    given = dict(result.settings)
+    for key, alias in _SETTINGS_ALIASES:
+        if key not in given and alias in given:
+            given[key] = given.pop(alias)
+    cuda = given.get("cuda")
+    if "cudnn_conv_algo_search" not in given and isinstance(cuda, Mapping):
+        given["cudnn_conv_algo_search"] = cuda.get("cudnn_conv_algo_search")
+    if "tolerances" not in given and ("atol" in given or "rtol" in given):
+        given["tolerances"] = {"atol": given.pop("atol", None), "rtol": given.pop("rtol", None)}
+    first = result.outputs[0] if result.outputs else None
+    # what the metrics themselves say, when the record's settings do not
+    derived: dict[str, Any] = {}
+    if first is not None:
+        derived["error_stat"] = first.error_stat
+        derived["quantile"] = first.quantile
+        derived["tolerances"] = {
+            "per_output": {o.name: {"atol": o.atol, "rtol": o.rtol} for o in result.outputs}
+        }
+    out = {key: given.pop(key, derived.get(key)) for key in SETTINGS_KEYS}
+    out.update(given)
+    return _json_safe(out)
+
+
+def inputs_to_dict(result: VerifyResult) -> dict[str, Any]:
+    """``result.inputs`` in the documented layout (see ``docs/report-schema.md``)."""
+    given = dict(result.inputs)
+    for key, alias in _INPUTS_ALIASES:
+        if key not in given and alias in given:
+            given[key] = given.pop(alias)
+    out = {key: given.pop(key, None) for key in INPUTS_KEYS}
+    if out["sha256"] is None:
+        out["sha256"] = {}
+    out.update(given)
+    return _json_safe(out)
+
+
+def _metrics_to_dict(metrics: Any) -> dict[str, Any]:
+    # OutputMetrics.to_dict() is JSON-safe for Python floats; a second pass covers numpy scalars
+    return _json_safe(metrics.to_dict())
+
+
+def _run_to_dict(run: ProviderRun) -> dict[str, Any]:
     return {
-        "name": out.name,
-        "dtype": out.dtype,
-        "max_abs": _number(out.max_abs),
-        "max_rel": _number(out.max_rel),
-        "atol": _number(out.atol),
-        "rtol": _number(out.rtol),
-        "passed": bool(out.passed),
+        "provider": run.provider,
+        "status": run.status,
+        "used": [str(p) for p in run.used],
+        "passed": bool(run.passed),
+        "note": run.note,
+        "noise_floor": {str(name): _number(v) for name, v in run.noise_floor},
+        "outputs": [_metrics_to_dict(o) for o in run.outputs],
     }
 
 
-def _verification_to_dict(result: VerifyResult | None) -> dict[str, Any] | None:
+def _site_to_dict(site: SiteResult) -> dict[str, Any]:
+    return {
+        "bn": site.bn,
+        "tensor": site.tensor,
+        "target": site.target,
+        "direction": site.direction,
+        "position": int(site.position),
+        "max_abs": _number(site.max_abs),
+        "max_rel": _number(site.max_rel),
+        "atol": _number(site.atol),
+        "rtol": _number(site.rtol),
+        "passed": bool(site.passed),
+        "worst_channels": [
+            {"channel": int(c), "max_abs": _number(v)} for c, v in site.worst_channels
+        ],
+    }
+
+
+def verification_to_dict(result: VerifyResult | None) -> dict[str, Any] | None:
+    """The ``verification`` object of both report kinds (``None`` stays ``None``)."""
     if result is None:
         return None
     return {
+        "verdict": "pass" if result.passed else "fail",
         "passed": bool(result.passed),
-        "provider": result.provider,
         "samples": int(result.samples),
         "rule": result.rule,
         "note": result.note,
-        "outputs": [_output_to_dict(o) for o in result.outputs],
         "max_abs": _number(result.max_abs),
         "max_rel": _number(result.max_rel),
+        "settings": settings_to_dict(result),
+        "inputs": inputs_to_dict(result),
+        "environment": collect_environment(result.environment),
+        "runs": [_run_to_dict(r) for r in result.runs],
+        "sites": [_site_to_dict(s) for s in result.sites],
+        "first_divergent_site": result.first_divergent_site,
+        "repro_dir": _json_safe(result.repro_dir),
     }
 
 
+def _tool() -> dict[str, str]:
+    return {"name": TOOL_NAME, "version": _tool_version()}
+
+
 def report_to_dict(report: Report) -> dict[str, Any]:
-    """The report as plain JSON types, in the layout of ``docs/report-schema.json``."""
+    """The fold report as plain JSON types (``kind: "fold"``), see ``docs/report-schema.json``."""
     return {
         "schema_version": SCHEMA_VERSION,
-        "tool": {"name": TOOL_NAME, "version": _tool_version()},
+        "kind": "fold",
+        "tool": _tool(),
         "versions": _versions(),
         "input": {"path": _json_safe(report.input_path), "sha256": report.input_sha256},
         "output": {"path": _json_safe(report.output_path), "sha256": report.output_sha256},
@@ -186,16 +365,53 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         },
         "bns": [_bn_to_dict(b) for b in report.bns],
         "warnings": [str(w) for w in report.warnings],
-        "verification": _verification_to_dict(report.verification),
+        "verification": verification_to_dict(report.verification),
         "extra": _json_safe(dict(report.extra)),
     }
 
 
+def _file(spec: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    spec = dict(spec or {})
+    unknown = set(spec) - {"path", "sha256"}
+    if unknown:
+        raise ValueError(f"{what}: unexpected key(s) {', '.join(sorted(unknown))}; use path, sha256")
+    return {"path": _json_safe(spec.get("path")), "sha256": spec.get("sha256")}
+
+
+def verify_report_to_dict(
+    result: VerifyResult, *, reference: Mapping[str, Any], candidate: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A standalone verification (``kind: "verify"``): the two models compared and the verdict.
+
+    ``reference`` / ``candidate`` are ``{"path": ..., "sha256": ...}`` (either value may be None).
+    """
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "verify",
+        "tool": _tool(),
+        "reference": _file(reference, "reference"),
+        "candidate": _file(candidate, "candidate"),
+        "verification": verification_to_dict(result),
+    }
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+
+
 def to_json(report: Report) -> str:
-    """The report as strict JSON text (indented, trailing newline)."""
-    return json.dumps(report_to_dict(report), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    """The fold report as strict JSON text (indented, trailing newline)."""
+    return _dumps(report_to_dict(report))
 
 
+def verify_to_json(
+    result: VerifyResult, *, reference: Mapping[str, Any], candidate: Mapping[str, Any]
+) -> str:
+    """The verify report as strict JSON text (indented, trailing newline)."""
+    return _dumps(verify_report_to_dict(result, reference=reference, candidate=candidate))
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
 def _new_file_mode() -> int:
     # What open() would give a new file: 0o666 minus the umask (read back by setting it twice).
     umask = os.umask(0o022)
@@ -203,10 +419,10 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_json(report: Report, path: str | os.PathLike) -> None:
-    """Write the report to ``path`` atomically: a temporary file in the same directory, then
-    ``os.replace``. A reader never sees a half-written report; on failure nothing is left behind."""
-    text = to_json(report)
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file in the same directory, then
+    ``os.replace``. A reader never sees a half-written file; on failure nothing is left behind.
+    An existing file keeps its permissions."""
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))
     try:
@@ -229,3 +445,19 @@ def write_json(report: Report, path: str | os.PathLike) -> None:
         except OSError:
             pass
         raise
+
+
+def write_json(report: Report, path: str | os.PathLike) -> None:
+    """Write the fold report to ``path`` atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(to_json(report), path)
+
+
+def write_verify_json(
+    result: VerifyResult,
+    path: str | os.PathLike,
+    *,
+    reference: Mapping[str, Any],
+    candidate: Mapping[str, Any],
+) -> None:
+    """Write the verify report to ``path`` atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(verify_to_json(result, reference=reference, candidate=candidate), path)

@@ -1,17 +1,21 @@
-"""Plain-text renderings for the terminal: ``summary_text`` (after ``fold``) and ``plan_table``
-(``bnfold inspect``). ASCII only, no colours: the output goes to logs and CI consoles, and a
-Windows console with a legacy code page cannot encode a Unicode ellipsis.
+"""Plain-text renderings for the terminal: ``summary_text`` (after ``fold``), ``verify_summary_text``
+(after ``verify``) and ``plan_table`` (``bnfold inspect``). The number formatting and site ordering
+here are shared by the other renderers (JUnit, Markdown, HTML).
+
+ASCII only, no colours: the output goes to logs and CI consoles, and a Windows console with a
+legacy code page cannot encode a Unicode ellipsis.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from ..records import Action, Report
+from ..records import Action, ProviderRun, Report, VerifyResult
 
-__all__ = ["summary_text", "plan_table", "ellipsize"]
+__all__ = ["summary_text", "verify_summary_text", "plan_table", "ellipsize"]
 
 ELLIPSIS = "..."
 
@@ -29,10 +33,189 @@ def ellipsize(text: str, width: int) -> str:
     return text[:head] + ELLIPSIS + (text[-tail:] if tail else "")
 
 
-def _fmt(x: float) -> str:
-    if isinstance(x, float) and not math.isfinite(x):
+def fmt(x: Any) -> str:
+    """A number for people: 3 significant digits, ``inf``/``-inf``/``nan`` spelled out, ``-`` for
+    None. Integers are written in full."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, numbers.Integral):
+        return str(int(x))
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
         return str(x)
-    return f"{x:.3g}"
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.3g}"
+
+
+_fmt = fmt  # the old private name
+
+
+def fmt_cosine(x: float | None) -> str:
+    """Cosine similarity: close to 1 is what matters, so 6 significant digits."""
+    if x is None:
+        return "-"
+    v = float(x)
+    if not math.isfinite(v):
+        return fmt(v)
+    if 0.99999 < v < 1.0:  # "1 - 7.9e-13": how far from identical, which 6 digits would hide
+        return f"1-{1.0 - v:.2g}"
+    return f"{v:.6g}"
+
+
+def fmt_pct(x: float | None) -> str:
+    """A percentage (``x`` already in percent)."""
+    return "-" if x is None else f"{fmt(x)}%"
+
+
+def fmt_fraction(x: float | None) -> str:
+    """A fraction in [0, 1] (top-1 agreement) as a percentage."""
+    return "-" if x is None else fmt_pct(100.0 * float(x))
+
+
+def samples_text(n: int) -> str:
+    return f"{n} sample" if n == 1 else f"{n} samples"
+
+
+def magnitude(x: Any) -> float:
+    """An error magnitude for sorting: NaN counts as worse than anything (inf)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return math.inf
+    return math.inf if math.isnan(v) else v
+
+
+def worst_sites(sites: Iterable[Any], n: int | None = None) -> list[Any]:
+    """Fold sites worst first: failing before passing, then by max abs error (NaN as inf), then by
+    position along the network."""
+    ordered = sorted(sites, key=lambda s: (bool(s.passed), -magnitude(s.max_abs), s.position))
+    return ordered if n is None else ordered[:n]
+
+
+def find_site(result: VerifyResult, name: str | None) -> Any | None:
+    """The site named ``name`` (BN name, else compared tensor), or None."""
+    if not name:
+        return None
+    for s in result.sites:
+        if s.bn == name:
+            return s
+    for s in result.sites:
+        if s.tensor == name:
+            return s
+    return None
+
+
+def noise_floors(run: ProviderRun) -> dict[str, float]:
+    return {name: value for name, value in run.noise_floor}
+
+
+def channels_text(site: Any) -> str:
+    """``"3 (0.25), 7 (0.1)"``: the worst channels with their max abs error."""
+    return ", ".join(f"{c} ({fmt(v)})" for c, v in site.worst_channels)
+
+
+def output_figures(o: Any, noise: float | None = None) -> str:
+    """One output's figures on one line (used by the summary and the JUnit failure message)."""
+    parts = [f"max abs {fmt(o.max_abs)}"]
+    if noise is not None:
+        parts[0] += f" (noise floor {fmt(noise)})"
+    parts.append(f"p99 abs {fmt(o.p99_abs)}")
+    parts.append(f"max rel {fmt(o.max_rel)}")
+    parts.append(f"mismatches {o.mismatches}/{o.elements} ({fmt_pct(o.mismatch_pct)})")
+    if o.cosine is not None:
+        parts.append(f"cosine {fmt_cosine(o.cosine)}")
+    if o.snr_db is not None:
+        parts.append(f"SNR {fmt(o.snr_db)} dB")
+    if o.max_ulp is not None:
+        parts.append(f"max ULP {o.max_ulp}")
+    if o.top1 is not None:
+        parts.append(f"top-1 {fmt_fraction(o.top1)}")
+    if o.top5 is not None:
+        parts.append(f"top-5 {fmt_fraction(o.top5)}")
+    return ", ".join(parts)
+
+
+def tolerance_text(o: Any) -> str:
+    stat = o.error_stat
+    if stat == "quantile" and o.quantile is not None:
+        stat = f"q{fmt(o.quantile)}"
+    if o.atol == 0 and o.rtol == 0 and stat == "max":
+        return "exact"
+    text = f"atol {fmt(o.atol)}, rtol {fmt(o.rtol)}"
+    return text if stat == "max" else f"{text} on {stat}"
+
+
+def run_label(run: ProviderRun) -> str:
+    """``"ran on CUDAExecutionProvider, CPUExecutionProvider"`` / ``"skipped"``."""
+    if run.status != "ran":
+        return run.status
+    used = ", ".join(run.used) if run.used else "no provider recorded"
+    return f"ran on {used}"
+
+
+def _providers_text(result: VerifyResult) -> str:
+    return ", ".join(r.provider for r in result.runs) or "no provider"
+
+
+def _verification_lines(v: VerifyResult, max_outputs: int = 10) -> list[str]:
+    verdict = "PASSED" if v.passed else "FAILED"
+    lines = [
+        f"Verification ({_providers_text(v)}, {samples_text(v.samples)}): max abs {fmt(v.max_abs)}, "
+        f"max rel {fmt(v.max_rel)} -> {verdict}"
+    ]
+    for run in v.runs:
+        head = f"  {run.provider}: {run_label(run)}"
+        if run.status == "ran":
+            head += " -> " + ("passed" if run.passed else "FAILED")
+        if run.note:
+            head += f" ({run.note})"
+        lines.append(head)
+        noise = noise_floors(run)
+        for o in run.outputs[:max_outputs]:
+            mark = "ok" if o.passed else "FAIL"
+            lines.append(
+                f"    {o.name} [{o.dtype}]: {output_figures(o, noise.get(o.name))} -> {mark} "
+                f"({tolerance_text(o)})"
+            )
+        if len(run.outputs) > max_outputs:
+            lines.append(f"    ... and {len(run.outputs) - max_outputs} more output(s)")
+    if v.sites:
+        failing = [s for s in v.sites if not s.passed]
+        first = find_site(v, v.first_divergent_site)
+        if first is None and failing:
+            first = min(failing, key=lambda s: s.position)
+        if first is not None:
+            line = (
+                f"  First divergent fold site: {first.bn} ({first.direction} into {first.target}, "
+                f"tensor {first.tensor}, position {first.position}): max abs {fmt(first.max_abs)}, "
+                f"max rel {fmt(first.max_rel)} (atol {fmt(first.atol)}, rtol {fmt(first.rtol)})"
+            )
+            if first.worst_channels:
+                line += f"; worst channels {channels_text(first)}"
+            lines.append(line)
+            lines.append(f"  Fold sites: {len(failing)} of {len(v.sites)} out of tolerance")
+        else:
+            lines.append(f"  Fold sites: all {len(v.sites)} within tolerance")
+    elif v.first_divergent_site:
+        lines.append(f"  First divergent fold site: {v.first_divergent_site}")
+    if v.note:
+        lines.append(f"  {v.note}")
+    if v.repro_dir:
+        lines.append(f"  Reproduction files: {v.repro_dir}")
+    return lines
+
+
+def verify_summary_text(result: VerifyResult) -> str:
+    """A few lines for the terminal after ``bnfold verify``: the verdict, each provider (ran or
+    skipped, and the providers it really used), each output's figures with the noise floor when
+    there is one, and the first divergent fold site with its worst channels."""
+    return "\n".join(_verification_lines(result))
 
 
 def _reason_counts(report: Report, action: Action) -> Counter:
@@ -72,7 +255,7 @@ def summary_text(report: Report) -> str:
         lines.append(
             f"Statistics: estimator {report.estimator}{bs}; {len(with_stats)} BN calibrated on "
             f"{on}; largest estimator gap "
-            f"{_fmt(worst.stats.gap)} at {worst.name}"
+            f"{fmt(worst.stats.gap)} at {worst.name}"
         )
     elif report.calibrated:
         lines.append(f"Statistics: estimator {report.estimator}; calibrated, no BN needed new statistics")
@@ -84,20 +267,7 @@ def summary_text(report: Report) -> str:
     if v is None:
         lines.append("Verification: not run")
     else:
-        verdict = "PASSED" if v.passed else "FAILED"
-        tol = ""
-        if v.outputs:
-            tols = sorted({(o.dtype, o.atol, o.rtol) for o in v.outputs})
-            tol = "; " + ", ".join(f"{d} atol {_fmt(a)} rtol {_fmt(r)}" for d, a, r in tols)
-        lines.append(
-            f"Verification ({v.provider}, {v.samples} samples): max abs {_fmt(v.max_abs)}, "
-            f"max rel {_fmt(v.max_rel)} -> {verdict}{tol}"
-        )
-        failed = [o.name for o in v.outputs if not o.passed]
-        if failed:
-            lines.append(f"  outputs out of tolerance: {', '.join(failed)}")
-        if v.note:
-            lines.append(f"  {v.note}")
+        lines.extend(_verification_lines(v))
 
     if report.dry_run:
         lines.append("Dry run: no model written")

@@ -15,7 +15,7 @@ import os
 import re
 from typing import TYPE_CHECKING
 
-from ..errors import BadInputError, UnsupportedModelError
+from ..errors import BadInputError, ProviderUnavailable, UnsupportedModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..data.sources import InputSpec
 
-__all__ = ["make_session", "ort_max_ir_version", "input_specs", "PROVIDERS"]
+__all__ = ["make_session", "ort_max_ir_version", "input_specs", "PROVIDERS", "CUDA_SETTINGS"]
 
 #: short provider names accepted by ``make_session`` -> onnxruntime execution provider
 PROVIDERS = {
@@ -37,6 +37,10 @@ _CUDA_OPTIONS = {
     "use_tf32": "0",
     "cudnn_conv_algo_search": "DEFAULT",
 }
+
+#: what a CUDA verification session is configured with (recorded in reports)
+CUDA_SETTINGS = {"use_tf32": "0 unless --tf32", "cudnn_conv_algo_search": "DEFAULT",
+                 "deterministic_compute": True}
 
 # "/onnxruntime_src/onnxruntime/core/graph/model.cc:256 onnxruntime::Model::Model(...) " noise
 _SRC_LOCATION = re.compile(r"[^\s:]*onnxruntime_src[^\s:]*:\d+\s+")
@@ -82,6 +86,7 @@ def make_session(
     model_path: str | os.PathLike,
     provider: str = "cpu",
     optimize: bool = False,
+    tf32: bool = False,
 ) -> "onnxruntime.InferenceSession":
     """Build an onnxruntime session from ``model_path``.
 
@@ -100,12 +105,13 @@ def make_session(
     if ep == "CUDAExecutionProvider":
         available = ort.get_available_providers()
         if ep not in available:
-            raise UnsupportedModelError(
+            raise ProviderUnavailable(
                 "CUDA execution provider requested but not available: onnxruntime "
                 f"{ort.__version__} offers {', '.join(available)}; install onnxruntime-gpu "
-                "(and uninstall onnxruntime) or use --provider cpu"
+                "(and uninstall onnxruntime) or use --providers cpu (or --allow-missing-providers)"
             )
-        providers: list = [(ep, dict(_CUDA_OPTIONS)), "CPUExecutionProvider"]
+        options = dict(_CUDA_OPTIONS, use_tf32="1" if tf32 else "0")
+        providers: list = [(ep, options), "CPUExecutionProvider"]
     else:
         providers = [ep]
 
@@ -121,10 +127,10 @@ def make_session(
         ) from None
 
     if ep not in session.get_providers():
-        raise UnsupportedModelError(
+        raise ProviderUnavailable(
             f"CUDA execution provider requested but not available: the session fell back to "
             f"{', '.join(session.get_providers())}; install onnxruntime-gpu with a CUDA/cuDNN "
-            "matching this machine, or use --provider cpu"
+            "matching this machine, or use --providers cpu (or --allow-missing-providers)"
         )
     return session
 

@@ -1,0 +1,199 @@
+"""Markdown for pull-request comments and GitHub job summaries: ``markdown_summary``,
+``write_markdown`` and ``append_github_step_summary``.
+
+GitHub-flavoured Markdown: a verdict line (✅ / ❌), one table per provider (one row per output), the
+10 worst fold sites, and a settings line. Names are escaped so that a ``|`` cannot break a table and
+``<``/``>``/``&`` cannot open HTML (GitHub renders inline HTML in Markdown).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..records import ProviderRun, VerifyResult
+from .json_report import inputs_to_dict, settings_to_dict, write_text_atomic
+from .summary import (
+    channels_text,
+    fmt,
+    fmt_cosine,
+    fmt_fraction,
+    fmt_pct,
+    noise_floors,
+    run_label,
+    samples_text,
+    worst_sites,
+)
+
+__all__ = ["markdown_summary", "write_markdown", "append_github_step_summary", "WORST_SITES"]
+
+PASS_MARK = "✅"
+FAIL_MARK = "❌"
+SKIP_MARK = "⏭️"
+#: how many fold sites the table lists (worst first)
+WORST_SITES = 10
+
+_MD_SPECIAL = "\\`*_[]|<>&"
+
+
+def md_escape(text: Any) -> str:
+    """Text safe inside a table cell: Markdown punctuation backslash-escaped, ``<``/``>``/``&`` as
+    entities, newlines as spaces."""
+    out = []
+    for ch in str(text).replace("\r", " ").replace("\n", " "):
+        if ch == "<":
+            out.append("&lt;")
+        elif ch == ">":
+            out.append("&gt;")
+        elif ch == "&":
+            out.append("&amp;")
+        elif ch in _MD_SPECIAL:
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    align = ["---:" if i in right else ":---" for i in range(len(header))]
+    return [_row(header), _row(align)] + [_row(r) for r in rows]
+
+
+def _run_table(run: ProviderRun) -> list[str]:
+    noise = noise_floors(run)
+    header = ["output", "max abs", "p99 abs", "max rel", "mismatches", "cosine", "SNR dB",
+              "max ULP", "top-1", "atol/rtol", "verdict"]
+    if noise:
+        header.insert(2, "noise floor")
+    rows = []
+    for o in run.outputs:
+        tol = f"{fmt(o.atol)} / {fmt(o.rtol)}"
+        if o.error_stat != "max":
+            stat = f"q{fmt(o.quantile)}" if o.error_stat == "quantile" else o.error_stat
+            tol += f" ({md_escape(stat)})"
+        cells = [
+            md_escape(o.name),
+            fmt(o.max_abs),
+            fmt(o.p99_abs),
+            fmt(o.max_rel),
+            f"{o.mismatches} ({fmt_pct(o.mismatch_pct)})",
+            fmt_cosine(o.cosine),
+            fmt(o.snr_db),
+            fmt(o.max_ulp),
+            fmt_fraction(o.top1),
+            tol,
+            f"{PASS_MARK} pass" if o.passed else f"{FAIL_MARK} fail",
+        ]
+        if noise:
+            cells.insert(2, fmt(noise.get(o.name)))
+        rows.append(cells)
+    right = set(range(1, len(header) - 2))
+    return _table(header, rows, right)
+
+
+def _sites_table(result: VerifyResult) -> list[str]:
+    sites = worst_sites(result.sites, WORST_SITES)
+    header = ["position", "BN", "direction", "target", "max abs", "max rel", "atol/rtol",
+              "worst channels", "verdict"]
+    rows = []
+    for s in sites:
+        name = md_escape(s.bn)
+        if s.bn == result.first_divergent_site:
+            name = f"**{name}** (first divergent)"
+        rows.append([
+            str(s.position), name, md_escape(s.direction), md_escape(s.target), fmt(s.max_abs),
+            fmt(s.max_rel), f"{fmt(s.atol)} / {fmt(s.rtol)}",
+            md_escape(channels_text(s)) if s.worst_channels else "-",
+            f"{PASS_MARK} pass" if s.passed else f"{FAIL_MARK} fail",
+        ])
+    return _table(header, rows, {0, 4, 5})
+
+
+def _settings_line(result: VerifyResult) -> str:
+    items: list[str] = []
+    for key, value in settings_to_dict(result).items():
+        if value is None or isinstance(value, (dict, list)):
+            continue
+        items.append(f"{md_escape(key)} {md_escape(value)}")
+    inputs = inputs_to_dict(result)
+    for key in ("source", "data", "seed", "batch_size", "iterations"):
+        if inputs.get(key) is not None:
+            items.append(f"{md_escape('inputs.' + key)} {md_escape(inputs[key])}")
+    return "**Settings:** " + ("; ".join(items) if items else "defaults")
+
+
+def markdown_summary(result: VerifyResult, title: str = "bnfold verification") -> str:
+    """The verification as GitHub-flavoured Markdown (ends with a newline)."""
+    lines = [f"## {md_escape(title)}", ""]
+    mark = PASS_MARK if result.passed else FAIL_MARK
+    word = "PASSED" if result.passed else "FAILED"
+    providers = ", ".join(md_escape(r.provider) for r in result.runs) or "no provider"
+    lines.append(
+        f"{mark} **{word}** on {providers}: {samples_text(result.samples)}, max abs "
+        f"{fmt(result.max_abs)}, max rel {fmt(result.max_rel)}"
+    )
+    lines.append("")
+    lines.append(f"Rule: {md_escape(result.rule)}")
+    if result.note:
+        lines.append("")
+        lines.append(md_escape(result.note))
+    for run in result.runs:
+        lines.append("")
+        if run.status != "ran":
+            note = f": {md_escape(run.note)}" if run.note else ""
+            lines.append(f"### {md_escape(run.provider)} {SKIP_MARK} {md_escape(run.status)}{note}")
+            continue
+        mark = PASS_MARK if run.passed else FAIL_MARK
+        lines.append(f"### {md_escape(run.provider)} {mark}")
+        lines.append("")
+        lines.append(md_escape(run_label(run)) + (f" ({md_escape(run.note)})" if run.note else ""))
+        if run.outputs:
+            lines.append("")
+            lines.extend(_run_table(run))
+    if result.sites:
+        failing = sum(1 for s in result.sites if not s.passed)
+        shown = min(WORST_SITES, len(result.sites))
+        lines.append("")
+        lines.append(
+            f"### Fold sites: {failing} of {len(result.sites)} out of tolerance "
+            f"(worst {shown} shown)"
+        )
+        lines.append("")
+        lines.extend(_sites_table(result))
+    elif result.first_divergent_site:
+        lines.append("")
+        lines.append(f"First divergent fold site: {md_escape(result.first_divergent_site)}")
+    lines.append("")
+    lines.append(_settings_line(result))
+    if result.repro_dir:
+        lines.append("")
+        lines.append(f"Reproduction files: {md_escape(result.repro_dir)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(
+    result: VerifyResult, path: str | os.PathLike, title: str = "bnfold verification"
+) -> None:
+    """Write :func:`markdown_summary` to ``path`` atomically."""
+    write_text_atomic(markdown_summary(result, title), path)
+
+
+def append_github_step_summary(text: str) -> bool:
+    """Append ``text`` to the file named by ``$GITHUB_STEP_SUMMARY`` (GitHub Actions' job summary).
+
+    Returns True when it wrote, False when the variable is unset or empty. A blank line separates
+    it from what earlier steps wrote.
+    """
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return False
+    if not text.endswith("\n"):
+        text += "\n"
+    with open(target, "a", encoding="utf-8", newline="\n") as fh:
+        if fh.tell() > 0:
+            text = "\n" + text
+        fh.write(text)
+    return True

@@ -1,0 +1,259 @@
+"""Stage 6: verification. Reference (frozen, unfolded) vs candidate (folded) under onnxruntime.
+
+Per execution provider: both models run with graph optimisations off on the same inputs, and
+every output is compared (``metrics.compute_metrics``). Where more than one provider ran, the
+reference is compared across providers too: that noise floor tells a folding error from provider
+noise. Then, on the CPU, every fold site (see ``sites``) is compared, so a failure names the first
+layer where the two models part. On failure a repro bundle (inputs as ONNX test data) is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import BadInputError, ProviderUnavailable
+from ..load import data_files
+from ..records import ProviderRun, SiteResult, VerifyResult
+from .metrics import compute_metrics_batched, tolerances_for
+from .session import CUDA_SETTINGS, make_session
+from .sites import find_sites, with_outputs, worst_channels
+
+Feeds = Sequence[Mapping[str, np.ndarray]]
+_SITE_FEEDS = 2  # fold-site localisation runs on the first few feeds: bounded memory
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    providers: tuple[str, ...] = ("cpu",)
+    atol: tuple[float | None, dict[str, float]] = (None, {})
+    rtol: tuple[float | None, dict[str, float]] = (None, {})
+    error_stat: str = "max"
+    quantile: float = 0.99
+    allow_missing_providers: bool = False
+    tf32: bool = False
+    localize: bool = True
+    repro_dir: str | None = None  # where a failing run writes its repro bundle
+    repro_copy_models: bool = False  # copy both models into the bundle (their paths are temporary)
+    inputs: dict[str, Any] = field(default_factory=dict)  # how the feeds were made (for the report)
+
+
+def _dtype_name(ort_type: str) -> str:
+    t = ort_type.removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64"}.get(t, t)
+
+
+def _hash_feeds(feeds: Feeds) -> dict[str, str]:
+    out: dict[str, Any] = {}
+    for feed in feeds:
+        for name, arr in feed.items():
+            out.setdefault(name, hashlib.sha256()).update(np.ascontiguousarray(arr).tobytes())
+    return {k: h.hexdigest() for k, h in out.items()}
+
+
+def _environment() -> dict[str, Any]:
+    import onnxruntime as ort
+
+    versions = {}
+    for pkg in ("bnfold", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "torch"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        try:
+            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            gpu = None
+    return {"versions": versions, "providers_available": ort.get_available_providers(), "gpu": gpu}
+
+
+class _CandidateFailed(Exception):
+    pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _run_all(sess, names: list[str], feeds: Feeds, *, reference: bool = True) -> list[list[np.ndarray]]:
+    """Outputs per name (a list over feeds). A reference that cannot run is bad input."""
+    inputs = [i.name for i in sess.get_inputs()]
+    per: list[list[np.ndarray]] = [[] for _ in names]
+    for k, feed in enumerate(feeds):
+        missing = [n for n in inputs if n not in feed]
+        if missing:
+            raise BadInputError(f"verification batch {k} lacks model input(s) {', '.join(missing)}; "
+                                "give a value for every model input")
+        try:
+            values = sess.run(names, {n: feed[n] for n in inputs})
+        except Exception as exc:  # onnxruntime's own exception types
+            if not reference:
+                raise _CandidateFailed(_first_line(exc)) from exc
+            raise BadInputError(f"onnxruntime cannot run the reference model on verification batch {k}: "
+                                f"{_first_line(exc)}; check the inputs' shapes and dtypes") from None
+        for slot, value in enumerate(values):
+            per[slot].append(value)
+    return per
+
+
+def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, config: VerifyConfig
+                  ) -> tuple[ProviderRun, dict[str, list[np.ndarray]] | None]:
+    try:
+        ref = make_session(reference, provider, tf32=config.tf32)
+        cand = make_session(candidate, provider, tf32=config.tf32)
+    except ProviderUnavailable as exc:
+        if not config.allow_missing_providers:
+            raise
+        return ProviderRun(provider, "skipped", (), True, note=str(exc)), None
+    names = [o.name for o in ref.get_outputs()]
+    cand_names = {o.name for o in cand.get_outputs()}
+    if set(names) != cand_names:
+        raise BadInputError(
+            f"reference and candidate have different outputs ({sorted(names)} vs {sorted(cand_names)}); "
+            "compare models with the same interface")
+    dtypes = {o.name: _dtype_name(o.type) for o in ref.get_outputs()}
+    ref_out = _run_all(ref, names, feeds)
+    try:
+        cand_out = _run_all(cand, names, feeds, reference=False)
+    except _CandidateFailed as exc:  # the candidate crashes where the reference runs: a failure
+        return ProviderRun(provider, "ran", tuple(cand.get_providers()), False,
+                           note=f"candidate failed to run: {exc}"), dict(zip(names, ref_out))
+    metrics = []
+    for name, r, c in zip(names, ref_out, cand_out):
+        atol, rtol = tolerances_for(name, dtypes[name], config.atol, config.rtol)
+        metrics.append(compute_metrics_batched(name, r, c, dtype=dtypes[name], atol=atol, rtol=rtol,
+                                               error_stat=config.error_stat, quantile=config.quantile))
+    passed = all(m.passed for m in metrics)
+    return ProviderRun(provider, "ran", tuple(cand.get_providers()), passed, tuple(metrics)), dict(zip(names, ref_out))
+
+
+def _noise_floor(base: dict[str, list[np.ndarray]], other: dict[str, list[np.ndarray]]) -> tuple[tuple[str, float], ...]:
+    floor = []
+    for name, refs in base.items():
+        worst = 0.0
+        for a, b in zip(refs, other.get(name, ())):
+            if a.dtype.kind in "fc" and a.shape == b.shape and a.size:
+                worst = max(worst, float(np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
+        floor.append((name, worst))
+    return tuple(floor)
+
+
+def _localize(reference: str, candidate: str, feeds: Feeds, config: VerifyConfig, workdir: Path) -> tuple[SiteResult, ...]:
+    sites = find_sites(onnx.load(reference, load_external_data=False),
+                       onnx.load(candidate, load_external_data=False))
+    if not sites:
+        return ()
+    names = [s.tensor for s in sites]
+    paths = []
+    for label, path in (("ref", reference), ("cand", candidate)):
+        exposed = with_outputs(onnx.load(path), names)  # weights loaded: the copy lives elsewhere
+        out = workdir / f"{label}_sites.onnx"
+        try:
+            out.write_bytes(exposed.SerializeToString())
+        except ValueError:  # over 2 GiB: weights to a file beside the copy
+            onnx.save_model(exposed, str(out), save_as_external_data=True, location=f"{label}.data")
+        del exposed
+        paths.append(str(out))
+    few = list(feeds[:_SITE_FEEDS])
+    try:
+        ref_s, cand_s = make_session(paths[0], "cpu"), make_session(paths[1], "cpu")
+        ref_v = _run_all(ref_s, names, few)
+        cand_v = _run_all(cand_s, names, few, reference=False)
+    except Exception:  # localisation is a diagnosis: never let it hide the verdict
+        return ()
+    results = []
+    for site, r, c in zip(sites, ref_v, cand_v):
+        dtype = str(r[0].dtype)
+        atol, rtol = tolerances_for(site.tensor, dtype, (None, {}), (None, {}))
+        m = compute_metrics_batched(site.tensor, r, c, dtype=dtype, atol=atol, rtol=rtol)
+        ra, ca = np.concatenate(r), np.concatenate(c)
+        results.append(SiteResult(site.bn, site.tensor, site.target, site.direction, site.position,
+                                  m.max_abs, m.max_rel, atol, rtol, m.passed, worst_channels(ra, ca)))
+    return tuple(results)
+
+
+def _write_repro(directory: str, reference: str, candidate: str, feeds: Feeds, config: VerifyConfig) -> str:
+    out = Path(directory)
+    data = out / "test_data_set_0"
+    data.mkdir(parents=True, exist_ok=True)
+    for k, (name, arr) in enumerate(feeds[0].items()):
+        tensor = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        (data / f"input_{k}.pb").write_bytes(tensor.SerializeToString())
+    if config.repro_copy_models:
+        for label, path in (("reference", reference), ("candidate", candidate)):
+            target = out / f"{label}.onnx"
+            shutil.copyfile(path, target)
+            for data in data_files(Path(path)):  # keeps its name: the model refers to it
+                shutil.copyfile(data, out / data.name)
+            if label == "reference":
+                reference = str(target)
+            else:
+                candidate = str(target)
+    (out / "repro.json").write_text(json.dumps({
+        "reference": os.path.abspath(reference), "candidate": os.path.abspath(candidate),
+        "providers": list(config.providers), "inputs": config.inputs,
+        "command": f"bnfold verify {os.path.abspath(reference)} {os.path.abspath(candidate)}",
+    }, indent=2))
+    return str(out)
+
+
+def verify(reference: str | os.PathLike[str], candidate: str | os.PathLike[str], feeds: Feeds,
+           config: VerifyConfig | None = None) -> VerifyResult:
+    """Compare ``candidate`` with ``reference`` on ``feeds`` (a list of input dicts)."""
+    config = config or VerifyConfig()
+    reference, candidate = os.fspath(reference), os.fspath(candidate)
+    feeds = list(feeds)
+    if not feeds:
+        raise BadInputError("no verification inputs: give at least one sample")
+    runs: list[ProviderRun] = []
+    outputs_by_provider: dict[str, dict[str, list[np.ndarray]]] = {}
+    for provider in config.providers:
+        run, ref_out = _provider_run(reference, candidate, provider, feeds, config)
+        if ref_out is not None:
+            outputs_by_provider[provider] = ref_out
+        runs.append(run)
+    ran = [p for p in config.providers if p in outputs_by_provider]
+    if len(ran) > 1:
+        base = outputs_by_provider[ran[0]]
+        runs = [r if r.status != "ran" or r.provider == ran[0] else
+                ProviderRun(r.provider, r.status, r.used, r.passed, r.outputs,
+                            _noise_floor(base, outputs_by_provider[r.provider]), r.note) for r in runs]
+    passed = bool(ran) and all(r.passed for r in runs if r.status == "ran")
+    with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as tmp:
+        sites = _localize(reference, candidate, feeds, config, Path(tmp)) if config.localize else ()
+    first = next((s.bn for s in sorted(sites, key=lambda s: s.position) if not s.passed), None)
+    repro = None
+    if not passed and config.repro_dir:
+        repro = _write_repro(config.repro_dir, reference, candidate, feeds, config)
+    settings = {
+        "graph_optimization_level": "ORT_DISABLE_ALL",
+        "deterministic_compute": True,
+        "tf32": config.tf32,
+        "cuda": CUDA_SETTINGS if "cuda" in ran else None,
+        "error_stat": config.error_stat,
+        "quantile": config.quantile if config.error_stat == "quantile" else None,
+        "atol": {"global": config.atol[0], "per_output": config.atol[1]},
+        "rtol": {"global": config.rtol[0], "per_output": config.rtol[1]},
+        "providers_requested": list(config.providers),
+        "allow_missing_providers": config.allow_missing_providers,
+    }
+    samples = sum(int(next(iter(f.values())).shape[0]) if f and np.ndim(next(iter(f.values()))) else 1 for f in feeds)
+    inputs = dict(config.inputs, sha256=_hash_feeds(feeds))
+    note = "" if ran else "no requested execution provider could run"
+    return VerifyResult(passed, samples, tuple(runs), sites, first, settings=settings, inputs=inputs,
+                        environment=_environment(), repro_dir=repro, note=note)

@@ -1,0 +1,715 @@
+"""Per-output error metrics for verification reports that CI pipelines can gate on.
+
+Pure numpy: nothing here imports onnxruntime or onnx. ``ml_dtypes`` is used when it is importable
+(bfloat16 arrays arrive as ``ml_dtypes.bfloat16``); without it bfloat16 is handled as raw ``uint16``
+bit patterns.
+
+Default tolerances
+------------------
+When neither a per-output nor a global value is given, ``(atol, rtol)`` comes from
+:data:`bnfold.verify.compare.DEFAULT_TOLERANCES` by the output's dtype:
+
+- ``float32``: ``(1e-4, 1e-4)``. Folding ``BN(conv(x, W) + b)`` into ``conv(x, W*k) + b'`` reorders
+  one multiply-add per layer: a few ulps (~1e-7 relative) per folded layer, about 1e-6..1e-5 on
+  activations of order 1 after ~50 layers. 1e-4 keeps an order of magnitude of headroom while still
+  catching real folding mistakes (a scale on the wrong axis, a missing epsilon, a dropped bias shift
+  one channel by the size of the BN shift, typically 1e-2..1).
+- ``float16``: ``(1e-2, 1e-2)``. 11-bit mantissa (ulp ~1e-3 at 1.0); the folded weight is rounded
+  once to fp16 where the unfolded path rounds the conv output and the BN output separately.
+- ``bfloat16``: ``(5e-2, 5e-2)``. 8-bit mantissa (ulp ~8e-3 at 1.0); same reasoning as fp16. Other
+  narrow floats (float8 variants...) use these too.
+- ``float64``: ``(1e-9, 1e-9)``. The reordering costs ~1e-16 per layer.
+- integer, bool and string outputs: exact equality; tolerances are ignored and recorded as 0.
+
+Precedence (:func:`tolerances_for`): a per-output value (``--atol logits:1e-3``) beats a global value
+(``--atol 1e-4``), which beats the dtype default. atol and rtol are resolved independently.
+
+Metric definitions
+------------------
+``a`` is the reference (frozen, unfolded model), ``b`` the candidate (folded model), both converted
+to float64 (float16/bfloat16 exactly; bfloat16 from ``ml_dtypes`` arrays or from ``uint16`` bit
+patterns), ``d = |a - b|`` elementwise. A position is a *finite pair* when both values are finite.
+A non-finite position *agrees* when both are NaN or both are the same infinity; otherwise it
+*disagrees*. ``bound = atol + rtol * |a|`` (``rtol * 0`` taken as 0 even for ``rtol = inf``).
+
+- ``elements``: ``a.size``.
+- ``max_abs``: ``max d`` over all positions, with agreeing non-finite positions counted as 0 and
+  disagreeing ones as ``inf``; 0 for no elements.
+- ``p99_abs`` / ``mean_abs`` / ``median_abs``: the 0.99 quantile (numpy's default linear
+  interpolation) / mean / median of ``d`` over the finite pairs (0 when there are none). Non-finite
+  positions are accounted for by ``nan_*``/``inf_*``, ``mismatches`` and ``max_abs``.
+- ``max_rel``: ``max d / max(|a|, guard)`` over the finite pairs, ``guard = max(atol, smallest
+  normal of the dtype)`` (float16 2**-14, float32/bfloat16 2**-126, float64 2**-1022; 1 for integer
+  outputs), so elements with ``|a| < guard`` are divided by ``guard``; ``inf`` if any non-finite
+  position disagrees.
+- ``mismatches``: finite pairs with ``d > bound`` plus disagreeing non-finite positions;
+  ``mismatch_pct = 100 * mismatches / elements`` (0 for no elements).
+- ``worst_index`` / ``worst_ref`` / ``worst_cand``: the position of ``max_abs`` (first in C order on
+  ties, so index 0 when all are equal) and the two values there; ``None`` without elements.
+- ``min_atol``: the smallest atol with which every element passes at the given rtol,
+  ``max(0, max(d - rtol*|a|))`` over the finite pairs, raised by the few ulps needed for the float64
+  check ``d <= atol + rtol*|a|`` itself to pass; ``inf`` if a non-finite position disagrees.
+- ``min_rtol``: the smallest rtol with which every element passes at the given atol,
+  ``max over |a| > 0 of max(0, d - atol) / |a|`` (raised likewise by a few ulps); ``inf`` if an
+  element with ``a == 0`` has ``d > atol`` or a non-finite position disagrees.
+- ``cosine``: cosine similarity of the flattened finite pairs (each vector scaled by its max-abs
+  first, so no overflow); 1.0 if both norms are 0, ``None`` if exactly one is.
+- ``snr_db``: ``10*log10(sum a**2 / sum (a-b)**2)`` over the finite pairs (computed with scaling);
+  ``inf`` when the error is zero, ``None`` when ``a`` is all zero and the error is not.
+- ``max_ulp``: max ULP distance in the output's own dtype (float16, float32, float64, bfloat16):
+  bit patterns mapped to a monotone integer line (``+x -> magnitude bits``, ``-x -> -magnitude bits``,
+  so ``+0`` and ``-0`` are 0 apart and the smallest positive and negative subnormals 2 apart),
+  over positions where neither value is NaN (infinities sit one step past the largest finite value).
+  Exact Python int even beyond int64. ``None`` for other dtypes. Values given in a wider dtype are
+  rounded to the output dtype first.
+- ``nan_ref`` / ``nan_cand`` / ``inf_ref`` / ``inf_cand``: counts of NaN / +-inf.
+- ``top1``: for float outputs of shape ``(N, K)``, ``N >= 1``, ``K >= 2``: the fraction of rows whose
+  argmax (first on ties) agrees. ``top5`` (``K >= 5``): the fraction of rows where the reference's
+  top-1 class has fewer than 5 classes with a strictly greater candidate score. Otherwise ``None``.
+
+Verdict (``passed``), by ``error_stat``:
+
+- ``'max'``: every finite pair satisfies ``d <= bound`` and no non-finite position disagrees
+  (i.e. ``mismatches == 0``).
+- ``'mean'`` / ``'median'`` / ``'quantile'`` (``q = quantile``, linear interpolation): the statistic
+  of the per-element excess ``e = d - rtol*|a|`` over the finite pairs is ``<= atol`` (the same rule
+  ``d <= atol + rtol*|a|``, applied to a statistic); any disagreeing non-finite position fails; no
+  finite pairs passes.
+- shapes differ: fails, with ``max_abs`` (and every error magnitude) ``inf`` and ``mismatches ==
+  elements``.
+- integer / bool / string outputs: exact equality of values and of the two arrays' dtypes; recorded
+  with ``atol = rtol = 0`` and ``error_stat = 'max'``. ``min_atol``/``min_rtol`` are 0 when equal and
+  ``inf`` otherwise (no tolerance makes an exact comparison pass). Their ``max_rel`` divides by
+  ``max(|a|, 1)``. String outputs report every error magnitude as 0 when all elements are equal and
+  ``inf`` otherwise, ``worst_index`` at the first unequal element, and no values, cosine or SNR.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from ..errors import BadInputError
+
+try:  # pragma: no cover - depends on the environment
+    import ml_dtypes as _ml_dtypes
+except ImportError:  # pragma: no cover
+    _ml_dtypes = None
+
+__all__ = [
+    "ERROR_STATS",
+    "OutputMetrics",
+    "compute_metrics",
+    "compute_metrics_batched",
+    "parse_tolerances",
+    "tolerances_for",
+    "check_tolerance_names",
+]
+
+ERROR_STATS = ("max", "mean", "median", "quantile")
+
+_ALIASES = {"float": "float32", "single": "float32", "double": "float64", "half": "float16"}
+
+# smallest positive normal value per float dtype
+_TINY = {
+    "float16": 2.0**-14,
+    "float32": 2.0**-126,
+    "bfloat16": 2.0**-126,
+    "float64": 2.0**-1022,
+}
+
+_ULP_TYPES = {
+    "float16": (np.float16, np.int16),
+    "float32": (np.float32, np.int32),
+    "float64": (np.float64, np.int64),
+}
+
+_INF = float("inf")
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    """Every metric of one output; see the module docstring for the exact definitions."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    atol: float
+    rtol: float
+    error_stat: str
+    quantile: float | None
+    passed: bool
+    elements: int
+    max_abs: float
+    p99_abs: float
+    mean_abs: float
+    median_abs: float
+    max_rel: float
+    mismatches: int
+    mismatch_pct: float
+    worst_index: tuple[int, ...] | None
+    worst_ref: float | None
+    worst_cand: float | None
+    min_atol: float
+    min_rtol: float
+    cosine: float | None
+    snr_db: float | None
+    max_ulp: int | None
+    nan_ref: int
+    nan_cand: int
+    inf_ref: int
+    inf_cand: int
+    top1: float | None
+    top5: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: non-finite floats as ``"inf"``, ``"-inf"``, ``"nan"``; tuples as lists."""
+        return {f.name: _json_safe(getattr(self, f.name)) for f in fields(self)}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# ---- dtype helpers ------------------------------------------------------------------------------
+def _normalize_dtype(name: str) -> str:
+    return _ALIASES.get(name, name)
+
+
+def _is_float_name(name: str) -> bool:
+    return name.startswith(("float", "bfloat"))
+
+
+def _tiny(dtype_name: str) -> float:
+    if dtype_name in _TINY:
+        return _TINY[dtype_name]
+    if _ml_dtypes is not None:
+        try:
+            return float(_ml_dtypes.finfo(getattr(_ml_dtypes, dtype_name)).tiny)
+        except (AttributeError, TypeError, ValueError):
+            pass
+    return _TINY["float32"]
+
+
+def _bf16_bits(array: np.ndarray) -> np.ndarray:
+    """bfloat16 values as uint16 bit patterns (float input is rounded to nearest even)."""
+    array = np.asarray(array)
+    if array.dtype == np.uint16:
+        return array
+    if array.dtype.name == "bfloat16":
+        return array.view(np.uint16)
+    f32 = np.ascontiguousarray(array, dtype=np.float32)
+    if _ml_dtypes is not None:
+        return f32.astype(_ml_dtypes.bfloat16).view(np.uint16)
+    bits = f32.view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    quiet_nan = ((bits >> 16) | np.uint32(0x0040)).astype(np.uint16)
+    return np.where(np.isnan(f32), quiet_nan, rounded)
+
+
+def _to_float64(array: np.ndarray, dtype_name: str) -> np.ndarray:
+    array = np.asarray(array)
+    if dtype_name == "bfloat16" and array.dtype == np.uint16:
+        return (array.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    if array.dtype.kind in "iub" and dtype_name not in _TINY:
+        # float8 and the like: an integer array is most likely raw bit patterns
+        raise BadInputError(
+            f"cannot decode {dtype_name} values from a {array.dtype.name} array; "
+            "give them as float arrays (bfloat16 may also come as uint16 bit patterns)"
+        )
+    return array.astype(np.float64)
+
+
+def _ulp_keys(array: np.ndarray, values: np.ndarray, dtype_name: str) -> np.ndarray | None:
+    """Bit patterns on a monotone int64 line: +x -> magnitude bits, -x -> -magnitude bits."""
+    if dtype_name == "bfloat16":
+        signed = _bf16_bits(array).view(np.int16)
+        mask = 0x7FFF
+    elif dtype_name in _ULP_TYPES:
+        ftype, itype = _ULP_TYPES[dtype_name]
+        arr = np.asarray(array)
+        if arr.dtype != ftype:
+            with np.errstate(over="ignore"):
+                arr = values.astype(ftype)
+        signed = np.ascontiguousarray(arr).view(itype)
+        mask = np.iinfo(itype).max
+    else:
+        return None
+    wide = signed.astype(np.int64)
+    mag = wide & np.int64(mask)
+    return np.where(wide < 0, -mag, mag)
+
+
+def _abs_diff_u64(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """|x - y| of two int64 arrays, exact, as uint64 (cannot overflow: |x - y| < 2**64)."""
+    ux = x.view(np.uint64)
+    uy = y.view(np.uint64)
+    return np.where(x >= y, ux - uy, uy - ux)
+
+
+# ---- small numeric pieces -----------------------------------------------------------------------
+def _within(d: np.ndarray, m: np.ndarray, atol: float, rtol: float) -> np.ndarray:
+    """``d <= atol + rtol*m`` elementwise, with ``rtol*0 == 0`` even for ``rtol = inf``."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = np.where(m > 0, rtol * m, 0.0)
+        return d <= atol + scaled
+
+
+def _raise_until(value: float, ok) -> float:
+    """``value`` raised by as little as needed (a few ulps in practice) for ``ok`` to hold."""
+    if ok(value):
+        return value
+    step = max(float(np.spacing(value)), 5e-324)
+    while True:
+        value = value + step
+        if not math.isfinite(value) or ok(value):
+            return value
+        step *= 2.0
+
+
+def _quantile(x: np.ndarray, q: float) -> float:
+    """numpy's linear quantile, with ``inf`` (not NaN) where it interpolates towards an ``inf``."""
+    with np.errstate(invalid="ignore"):
+        r = float(np.quantile(x, q))
+    if math.isnan(r):  # inf - inf in the interpolation: the upper neighbour is inf
+        r = float(np.quantile(x, q, method="higher"))
+    return r
+
+
+def _cosine(x: np.ndarray, y: np.ndarray) -> float | None:
+    sx = float(np.max(np.abs(x), initial=0.0))
+    sy = float(np.max(np.abs(y), initial=0.0))
+    if sx == 0.0 and sy == 0.0:
+        return 1.0
+    if sx == 0.0 or sy == 0.0:
+        return None
+    xn = x / sx
+    yn = y / sy
+    c = float(np.dot(xn, yn)) / math.sqrt(float(np.dot(xn, xn)) * float(np.dot(yn, yn)))
+    return min(1.0, max(-1.0, c))
+
+
+def _snr_db(x: np.ndarray, y: np.ndarray) -> float | None:
+    with np.errstate(over="ignore", invalid="ignore"):
+        err = x - y
+    se = float(np.max(np.abs(err), initial=0.0))
+    if se == 0.0:
+        return _INF
+    sr = float(np.max(np.abs(x), initial=0.0))
+    if sr == 0.0:
+        return None
+    if not math.isfinite(se):
+        return -_INF
+    pr = float(np.sum(np.square(x / sr)))
+    pe = float(np.sum(np.square(err / se)))
+    return 20.0 * (math.log10(sr) - math.log10(se)) + 10.0 * math.log10(pr / pe)
+
+
+def _top_k(a: np.ndarray, b: np.ndarray) -> tuple[float | None, float | None]:
+    if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 2:
+        return None, None
+    ra = np.argmax(a, axis=1)
+    rb = np.argmax(b, axis=1)
+    top1 = float(np.mean(ra == rb))
+    top5 = None
+    if a.shape[1] >= 5:
+        score = b[np.arange(a.shape[0]), ra]
+        with np.errstate(invalid="ignore"):
+            greater = np.sum(b > score[:, None], axis=1)
+        top5 = float(np.mean(greater < 5))
+    return top1, top5
+
+
+def _check_tol(value: float, what: str) -> float:
+    value = float(value)
+    if math.isnan(value) or value < 0:
+        raise BadInputError(f"{what} must be a number >= 0, got {value!r}")
+    return value
+
+
+def _worst(diff: np.ndarray, a: np.ndarray | None, b: np.ndarray | None):
+    if diff.size == 0:
+        return None, None, None
+    k = int(np.argmax(diff.ravel()))
+    index = tuple(int(i) for i in np.unravel_index(k, diff.shape))
+    if a is None or b is None:
+        return index, None, None
+    return index, float(a.ravel()[k]), float(b.ravel()[k])
+
+
+def _count(mask: np.ndarray) -> int:
+    return int(np.count_nonzero(mask))
+
+
+# ---- the three result builders ------------------------------------------------------------------
+def _shape_mismatch(name, dtype_name, ref, cand, atol, rtol, error_stat, q) -> OutputMetrics:
+    def counts(arr):
+        try:
+            values = _to_float64(arr, dtype_name) if _is_float_name(dtype_name) else None
+        except BadInputError:
+            values = None
+        if values is None:
+            return 0, 0
+        return _count(np.isnan(values)), _count(np.isinf(values))
+
+    nan_ref, inf_ref = counts(ref)
+    nan_cand, inf_cand = counts(cand)
+    n = int(ref.size)
+    return OutputMetrics(
+        name=name, dtype=dtype_name, shape=tuple(int(s) for s in ref.shape), atol=atol, rtol=rtol,
+        error_stat=error_stat, quantile=q, passed=False, elements=n,
+        max_abs=_INF, p99_abs=_INF, mean_abs=_INF, median_abs=_INF, max_rel=_INF,
+        mismatches=n, mismatch_pct=100.0, worst_index=None, worst_ref=None, worst_cand=None,
+        min_atol=_INF, min_rtol=_INF, cosine=None, snr_db=None, max_ulp=None,
+        nan_ref=nan_ref, nan_cand=nan_cand, inf_ref=inf_ref, inf_cand=inf_cand, top1=None, top5=None,
+    )
+
+
+def _exact(name, dtype_name, ref: np.ndarray, cand: np.ndarray) -> OutputMetrics:
+    n = int(ref.size)
+    shape = tuple(int(s) for s in ref.shape)
+    same_dtype = ref.dtype == cand.dtype
+    if ref.dtype.kind in "OUSV" or cand.dtype.kind in "OUSV":
+        eq = np.asarray(ref == cand)
+        if eq.shape != ref.shape:
+            eq = np.zeros(ref.shape, dtype=bool)
+        neq = ~eq.astype(bool)
+        mismatches = _count(neq)
+        err = _INF if mismatches else 0.0
+        diff = neq.astype(np.float64)
+        index = _worst(diff, None, None)[0]
+        return OutputMetrics(
+            name=name, dtype=dtype_name, shape=shape, atol=0.0, rtol=0.0, error_stat="max",
+            quantile=None, passed=mismatches == 0 and same_dtype, elements=n,
+            max_abs=err, p99_abs=err, mean_abs=err, median_abs=err, max_rel=err,
+            mismatches=mismatches, mismatch_pct=100.0 * mismatches / n if n else 0.0,
+            worst_index=index, worst_ref=None, worst_cand=None, min_atol=err, min_rtol=err,
+            cosine=None, snr_db=None, max_ulp=None, nan_ref=0, nan_cand=0, inf_ref=0, inf_cand=0,
+            top1=None, top5=None,
+        )
+
+    if ref.dtype.kind in "bu" and cand.dtype.kind in "bu":
+        x = ref.astype(np.uint64)
+        y = cand.astype(np.uint64)
+        udiff = np.where(x >= y, x - y, y - x)
+    else:
+        udiff = _abs_diff_u64(ref.astype(np.int64), cand.astype(np.int64))
+    diff = udiff.astype(np.float64)
+    a = ref.astype(np.float64)
+    b = cand.astype(np.float64)
+    mismatches = _count(udiff != 0)
+    index, worst_ref, worst_cand = _worst(diff, a, b)
+    flat = diff.ravel()
+    limit = 0.0 if mismatches == 0 else _INF
+    return OutputMetrics(
+        name=name, dtype=dtype_name, shape=shape, atol=0.0, rtol=0.0, error_stat="max",
+        quantile=None, passed=mismatches == 0 and same_dtype, elements=n,
+        max_abs=float(flat.max(initial=0.0)),
+        p99_abs=_quantile(flat, 0.99) if n else 0.0,
+        mean_abs=float(flat.mean()) if n else 0.0,
+        median_abs=float(np.median(flat)) if n else 0.0,
+        max_rel=float((flat / np.maximum(np.abs(a.ravel()), 1.0)).max(initial=0.0)),
+        mismatches=mismatches, mismatch_pct=100.0 * mismatches / n if n else 0.0,
+        worst_index=index, worst_ref=worst_ref, worst_cand=worst_cand,
+        min_atol=limit, min_rtol=limit,
+        cosine=_cosine(a.ravel(), b.ravel()), snr_db=_snr_db(a.ravel(), b.ravel()), max_ulp=None,
+        nan_ref=0, nan_cand=0, inf_ref=0, inf_cand=0, top1=None, top5=None,
+    )
+
+
+def _floating(name, dtype_name, ref, cand, atol, rtol, error_stat, q) -> OutputMetrics:
+    a = _to_float64(ref, dtype_name)
+    b = _to_float64(cand, dtype_name)
+    n = int(a.size)
+    nan_a, nan_b = np.isnan(a), np.isnan(b)
+    inf_a, inf_b = np.isinf(a), np.isinf(b)
+    fin = np.isfinite(a) & np.isfinite(b)
+    with np.errstate(invalid="ignore"):
+        agree = ~fin & ((nan_a & nan_b) | (a == b))
+    disagree = ~fin & ~agree
+    n_disagree = _count(disagree)
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = np.where(fin, np.abs(a - b), np.where(disagree, _INF, 0.0))
+    df = diff[fin]
+    mf = np.abs(a[fin])
+    ok = _within(df, mf, atol, rtol)
+    mismatches = _count(~ok) + n_disagree
+
+    index, worst_ref, worst_cand = _worst(diff, a, b)
+    max_abs = float(diff.max(initial=0.0))
+
+    guard = max(atol, _tiny(dtype_name))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        rel = np.where(df == 0, 0.0, df / np.maximum(mf, guard))
+    max_rel = _INF if n_disagree else float(rel.max(initial=0.0))
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        excess = df - np.where(mf > 0, rtol * mf, 0.0)
+
+    if n_disagree:
+        min_atol = _INF
+        min_rtol = _INF
+    else:
+        start = max(0.0, float(excess.max(initial=0.0)))
+        min_atol = _raise_until(start, lambda t: bool(_within(df, mf, t, rtol).all()))
+        zero = mf == 0
+        if np.any(df[zero] > atol):
+            min_rtol = _INF
+        else:
+            pos = ~zero
+            dp, mp = df[pos], mf[pos]
+            with np.errstate(over="ignore", invalid="ignore"):
+                need = np.maximum(dp - atol, 0.0) / mp
+            start = max(0.0, float(need.max(initial=0.0)))
+            min_rtol = _raise_until(start, lambda t: bool(_within(dp, mp, atol, t).all()))
+
+    if error_stat == "max":
+        passed = mismatches == 0
+    elif n_disagree:
+        passed = False
+    elif excess.size == 0:
+        passed = True
+    else:
+        if error_stat == "mean":
+            stat = float(np.mean(excess))
+        elif error_stat == "median":
+            stat = float(np.median(excess))
+        else:
+            stat = _quantile(excess, q)
+        passed = stat <= atol
+
+    af, bf = a[fin], b[fin]
+    keys_ok = ~(nan_a | nan_b)
+    keys_a = _ulp_keys(ref, a, dtype_name)
+    max_ulp = None
+    if keys_a is not None:
+        keys_b = _ulp_keys(cand, b, dtype_name)
+        ulp = _abs_diff_u64(keys_a[keys_ok], keys_b[keys_ok])
+        max_ulp = int(ulp.max(initial=0))
+
+    top1, top5 = _top_k(a, b)
+    return OutputMetrics(
+        name=name, dtype=dtype_name, shape=tuple(int(s) for s in a.shape), atol=atol, rtol=rtol,
+        error_stat=error_stat, quantile=q, passed=bool(passed), elements=n,
+        max_abs=max_abs,
+        p99_abs=_quantile(df, 0.99) if df.size else 0.0,
+        mean_abs=float(np.mean(df)) if df.size else 0.0,
+        median_abs=float(np.median(df)) if df.size else 0.0,
+        max_rel=max_rel, mismatches=mismatches,
+        mismatch_pct=100.0 * mismatches / n if n else 0.0,
+        worst_index=index, worst_ref=worst_ref, worst_cand=worst_cand,
+        min_atol=float(min_atol), min_rtol=float(min_rtol),
+        cosine=_cosine(af, bf), snr_db=_snr_db(af, bf), max_ulp=max_ulp,
+        nan_ref=_count(nan_a), nan_cand=_count(nan_b), inf_ref=_count(inf_a), inf_cand=_count(inf_b),
+        top1=top1, top5=top5,
+    )
+
+
+# ---- public API ---------------------------------------------------------------------------------
+def compute_metrics(
+    name: str,
+    ref: np.ndarray,
+    cand: np.ndarray,
+    *,
+    dtype: str | None = None,
+    atol: float,
+    rtol: float,
+    error_stat: str = "max",
+    quantile: float = 0.99,
+) -> OutputMetrics:
+    """All metrics for one output (see the module docstring for definitions and the verdict).
+
+    ``dtype`` is the output's dtype name (``'float32'``, ``'bfloat16'``, ``'int64'``...; the
+    reference array's dtype when ``None``). With ``dtype='bfloat16'`` either array may be an
+    ``ml_dtypes.bfloat16`` array or raw ``uint16`` bit patterns. ``error_stat`` is one of
+    :data:`ERROR_STATS`; ``quantile`` (in [0, 1]) is used by ``'quantile'`` only. Raises
+    :class:`BadInputError` for a negative/NaN tolerance, an unknown statistic or a bad quantile.
+    """
+    atol = _check_tol(atol, "atol")
+    rtol = _check_tol(rtol, "rtol")
+    if error_stat not in ERROR_STATS:
+        raise BadInputError(
+            f"unknown error statistic {error_stat!r}; use one of {', '.join(ERROR_STATS)}"
+        )
+    q: float | None = None
+    if error_stat == "quantile":
+        q = float(quantile)
+        if not 0.0 <= q <= 1.0:
+            raise BadInputError(f"quantile must be in [0, 1], got {quantile!r}")
+    ref = np.asarray(ref)
+    cand = np.asarray(cand)
+    dtype_name = _normalize_dtype(dtype or ref.dtype.name)
+    if not _is_float_name(dtype_name):
+        atol, rtol, error_stat, q = 0.0, 0.0, "max", None
+    if ref.shape != cand.shape:
+        return _shape_mismatch(name, dtype_name, ref, cand, atol, rtol, error_stat, q)
+    if not _is_float_name(dtype_name):
+        return _exact(name, dtype_name, ref, cand)
+    return _floating(name, dtype_name, ref, cand, atol, rtol, error_stat, q)
+
+
+def compute_metrics_batched(
+    name: str, refs: Sequence[np.ndarray], cands: Sequence[np.ndarray], **kw: Any
+) -> OutputMetrics:
+    """Metrics over successive batches of one output, as :func:`compute_metrics` of their concatenation.
+
+    Batches are concatenated along axis 0 (``worst_index[0]`` is then the sample index across all
+    batches). 0-d batches are stacked into shape ``(batches,)``; batches whose trailing dims differ
+    (dynamic shapes) are flattened and concatenated into shape ``(total elements,)``, where
+    ``worst_index`` is a flat position and ``top1``/``top5`` are not computed. A batch whose reference
+    and candidate shapes differ fails the output like a shape mismatch, over all elements.
+    ``kw`` is passed to :func:`compute_metrics`. Raises :class:`BadInputError` when the two lists
+    differ in length or are empty.
+    """
+    if len(refs) != len(cands):
+        raise BadInputError(
+            f"output {name!r}: {len(refs)} reference batch(es) but {len(cands)} candidate batch(es)"
+        )
+    if not refs:
+        raise BadInputError(f"output {name!r}: no batches to compare")
+    dtype_name = _normalize_dtype(kw.get("dtype") or np.asarray(refs[0]).dtype.name)
+    kw = dict(kw, dtype=dtype_name)
+
+    def prepared(arr):
+        arr = np.asarray(arr)
+        return _bf16_bits(arr) if dtype_name == "bfloat16" else arr
+
+    rs = [prepared(r) for r in refs]
+    cs = [prepared(c) for c in cands]
+
+    def joined(arrays):
+        if all(x.ndim == 0 for x in arrays):
+            return np.stack(arrays)
+        if all(x.ndim >= 1 for x in arrays) and len({x.shape[1:] for x in arrays}) == 1:
+            return np.concatenate(arrays, axis=0)
+        return np.concatenate([x.ravel() for x in arrays])
+
+    ref = joined(rs)
+    if any(r.shape != c.shape for r, c in zip(rs, cs)):
+        # run the argument checks, then report the mismatch over all elements
+        atol = _check_tol(kw["atol"], "atol")
+        rtol = _check_tol(kw["rtol"], "rtol")
+        error_stat = kw.get("error_stat", "max")
+        q = float(kw.get("quantile", 0.99)) if error_stat == "quantile" else None
+        if not _is_float_name(dtype_name):
+            atol, rtol, error_stat, q = 0.0, 0.0, "max", None
+        cand = np.concatenate([c.ravel() for c in cs])
+        return _shape_mismatch(name, dtype_name, ref, cand, atol, rtol, error_stat, q)
+    return compute_metrics(name, ref, joined(cs), **kw)
+
+
+def _tolerance_error(token: str, spec: str, reason: str) -> BadInputError:
+    return BadInputError(
+        f"bad tolerance {token!r} in {spec!r}: {reason}; accepted forms: 'X' (all outputs), "
+        "'NAME:X' (one output; NAME may contain ':', the last one separates), "
+        "comma-separated (e.g. '1e-4,logits:1e-3')"
+    )
+
+
+def _parse_value(text: str, token: str, spec: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _tolerance_error(token, spec, f"{text.strip()!r} is not a number") from None
+    if math.isnan(value):
+        raise _tolerance_error(token, spec, "NaN is not a tolerance")
+    if value < 0:
+        raise _tolerance_error(token, spec, "tolerances must be >= 0")
+    return value
+
+
+def parse_tolerances(spec: str | None, default: float | None) -> tuple[float | None, dict[str, float]]:
+    """Parse a CLI tolerance: ``'1e-4'`` (global), ``'logits:1e-3,probs:1e-2'`` (per output), or mixed.
+
+    Returns ``(global value or default, {output name: value})``. ``spec=None`` gives
+    ``(default, {})``. Output names may contain ``':'`` (the last ``':'`` separates the value) but
+    not ``','``. Raises :class:`BadInputError` (one line, naming the bad token and the accepted forms)
+    on an empty token, a non-number, NaN, a negative value, a global value given twice or an output
+    named twice. ``inf`` is accepted (it disables that check).
+    """
+    if spec is None:
+        return default, {}
+    global_value: float | None = None
+    per_output: dict[str, float] = {}
+    for raw in spec.split(","):
+        token = raw.strip()
+        if not token:
+            raise _tolerance_error(raw, spec, "empty entry")
+        if ":" in token:
+            out, _, text = token.rpartition(":")
+            out = out.strip()
+            if not out:
+                raise _tolerance_error(token, spec, "missing output name before ':'")
+            if not text.strip():
+                raise _tolerance_error(token, spec, f"missing value after {out!r}:")
+            value = _parse_value(text, token, spec)
+            if out in per_output:
+                raise _tolerance_error(token, spec, f"output {out!r} given twice")
+            per_output[out] = value
+        else:
+            value = _parse_value(token, token, spec)
+            if global_value is not None:
+                raise _tolerance_error(token, spec, "global value given twice")
+            global_value = value
+    return (default if global_value is None else global_value), per_output
+
+
+def tolerances_for(
+    output: str,
+    dtype: str,
+    atol_spec: tuple[float | None, Mapping[str, float]] | None,
+    rtol_spec: tuple[float | None, Mapping[str, float]] | None,
+) -> tuple[float, float]:
+    """``(atol, rtol)`` for one output: per-output override > global > dtype default.
+
+    The specs are :func:`parse_tolerances` results (``None`` means nothing given). atol and rtol are
+    resolved independently. Non-float dtypes always get ``(0.0, 0.0)``: they are compared exactly.
+    """
+    from .compare import tolerance_for
+
+    dtype_name = _normalize_dtype(dtype)
+    if not _is_float_name(dtype_name):
+        return 0.0, 0.0
+    d_atol, d_rtol = tolerance_for(dtype_name)
+
+    def pick(spec, fallback: float) -> float:
+        if spec is None:
+            return float(fallback)
+        global_value, per_output = spec
+        if output in per_output:
+            return float(per_output[output])
+        if global_value is not None:
+            return float(global_value)
+        return float(fallback)
+
+    return pick(atol_spec, d_atol), pick(rtol_spec, d_rtol)
+
+
+def check_tolerance_names(
+    outputs: Sequence[str],
+    atol_spec: tuple[float | None, Mapping[str, float]] | None,
+    rtol_spec: tuple[float | None, Mapping[str, float]] | None,
+) -> None:
+    """Raise :class:`BadInputError` when a per-output tolerance names an output the model lacks."""
+    known = set(outputs)
+    for option, spec in (("--atol", atol_spec), ("--rtol", rtol_spec)):
+        if spec is None:
+            continue
+        unknown = [n for n in spec[1] if n not in known]
+        if unknown:
+            raise BadInputError(
+                f"{option} names output(s) {', '.join(repr(n) for n in unknown)} that the model "
+                f"does not have; its outputs are {', '.join(repr(n) for n in outputs) or '(none)'}"
+            )
