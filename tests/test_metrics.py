@@ -432,3 +432,15 @@ def test_min_rtol_is_smallest_passing(pair, atol, rtol):
         if _resolvable(m.min_rtol * mag_a.ravel()[k], float(d.ravel()[k])):
             assert not compute_metrics("o", ref, cand, atol=atol, rtol=m.min_rtol * (1 - 1e-6)).passed
     assert m.passed == (m.min_rtol <= rtol)
+
+
+def test_error_histogram_counts_per_decade():
+    from bnfold.verify.metrics import HIST_ZERO
+
+    ref = np.zeros(7, np.float64)
+    # errors: two exact, one in [1e-7, 1e-6), two in [1e-3, 1e-2), one huge (clipped to 1e6), one NaN pair
+    cand = np.array([0.0, 0.0, 5e-7, 2e-3, 9.9e-3, 3e9, np.nan])
+    ref[6] = np.nan
+    m = compute_metrics("y", ref, cand, atol=1e-4, rtol=0.0)
+    assert dict(m.error_histogram) == {HIST_ZERO: 2, -7: 1, -3: 2, 6: 1}
+    assert sum(c for _, c in m.error_histogram) == 6  # the agreeing NaN pair is not a finite pair

@@ -300,7 +300,12 @@ def test_html_structure_and_plots(tmp_path):
     assert "Verification FAILED on cpu, cuda, rocm" in body and "bnfold <check>" in body
     assert "<check>" not in text  # the title was escaped in the markup
     svgs = page.of("svg")
-    assert len(svgs) == 2  # one per plot
+    outputs = [o for r in result.runs if r.status == "ran" for o in r.outputs if o.error_histogram]
+    assert outputs  # the fixture's outputs carry error histograms
+    # fold-site plot, summary bars, and one histogram per (provider, output)
+    assert len(svgs) == 2 + len(outputs)
+    hist_bars = [e for _, e in page.of("rect") if e[1].get("class") == "hbar"]
+    assert len(hist_bars) >= len(outputs)
     circles = page.of("circle")
     assert len(circles) == len(result.sites)
     assert all(e[2] == 0 for _, e in circles)  # all in the first (fold-site) plot
@@ -372,7 +377,9 @@ def test_html_escapes_names():
 def test_html_empty_sites_skipped_and_nothing_ran():
     result = dataclasses.replace(make_failing_result(), sites=(), first_divergent_site=None)
     page = _parse(render_html(result))
-    assert len(page.of("svg")) == 1 and not page.of("circle")  # outputs plot only
+    svgs = page.of("svg")
+    n_hist = sum(1 for r in result.runs if r.status == "ran" for o in r.outputs if o.error_histogram)
+    assert len(svgs) == 1 + n_hist and not page.of("circle")  # no fold-site plot
     assert "No fold sites were compared." in "".join(page.text)
     nothing = VerifyResult(passed=False, samples=0,
                            runs=(ProviderRun("cuda", "skipped", (), False, note="no GPU"),))

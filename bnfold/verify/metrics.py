@@ -164,10 +164,30 @@ class OutputMetrics:
     inf_cand: int
     top1: float | None
     top5: float | None
+    # |a-b| over the finite pairs by decade: (lower exponent k, count) for 10**k <= d < 10**(k+1),
+    # k clipped to [HIST_LO, HIST_HI]; exact zeros under k = HIST_ZERO. Only non-empty bins.
+    error_histogram: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: non-finite floats as ``"inf"``, ``"-inf"``, ``"nan"``; tuples as lists."""
         return {f.name: _json_safe(getattr(self, f.name)) for f in fields(self)}
+
+
+HIST_LO, HIST_HI, HIST_ZERO = -12, 6, -99
+
+
+def error_histogram(d: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Counts of ``d`` (finite, >= 0) per decade; zeros under ``HIST_ZERO``."""
+    if d.size == 0:
+        return ()
+    zeros = int(np.count_nonzero(d == 0))
+    pos = d[d > 0]
+    bins: dict[int, int] = {HIST_ZERO: zeros} if zeros else {}
+    if pos.size:
+        k = np.clip(np.floor(np.log10(pos)), HIST_LO, HIST_HI).astype(np.int64)
+        values, counts = np.unique(k, return_counts=True)
+        bins.update({int(v): int(c) for v, c in zip(values, counts)})
+    return tuple(sorted(bins.items()))
 
 
 def _json_safe(value: Any) -> Any:
@@ -513,7 +533,7 @@ def _floating(name, dtype_name, ref, cand, atol, rtol, error_stat, q) -> OutputM
         min_atol=float(min_atol), min_rtol=float(min_rtol),
         cosine=_cosine(af, bf), snr_db=_snr_db(af, bf), max_ulp=max_ulp,
         nan_ref=_count(nan_a), nan_cand=_count(nan_b), inf_ref=_count(inf_a), inf_cand=_count(inf_b),
-        top1=top1, top5=top5,
+        top1=top1, top5=top5, error_histogram=error_histogram(df),
     )
 
 
