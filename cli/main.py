@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import click
 
 from bnfold import __version__
-from bnfold.errors import BadInputError, BnfoldError, VerificationFailed
+from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, VerificationFailed
 
 from .options import (
     ESTIMATORS,
@@ -316,6 +316,9 @@ def fold_command(
         _require_data(data.path)
     if frozen_output is not None and _same_file(model, frozen_output):
         raise click.BadParameter("is the input MODEL; bnfold never overwrites its input.", param_hint="'--frozen-output'")
+    if output is not None and frozen_output is not None and _same_file(output, frozen_output):
+        raise click.BadParameter("is the same file as -o; give the frozen model its own path.",
+                                 param_hint="'--frozen-output'")
     if output is not None and _same_file(model, output):
         raise click.BadParameter("is the input MODEL; bnfold never overwrites its input.", param_hint="'-o' / '--output'")
 
@@ -390,6 +393,10 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     for path in (report.path, report.junit_xml, report.summary_md, report.html):
         if path is not None:
             click.echo(f"Wrote {path}")
+    if not result.ran:
+        raise ProviderUnavailable(
+            "no requested execution provider could run, so nothing was compared: "
+            + "; ".join(r.note for r in result.runs if r.note))
     if not result.passed:
         raise VerificationFailed(
             f"CANDIDATE does not match REFERENCE: max abs diff {result.max_abs:.3g}, max rel diff "

@@ -140,9 +140,9 @@ data_options = _group(
             default=None,
             metavar="PATH",
             help=(
-                "Calibration data: a .npz file keyed by input name, a .npy file (single-input "
-                "models), or a directory of .npy files named after the inputs. Leading axis = "
-                "samples. Required when the model has training-mode BatchNorm."
+                "Input data: a .npz file keyed by input name, a .npy file (single-input models), or a "
+                "directory of such files (read in sorted name order); leading axis = samples. fold: the "
+                "calibration data (required for training-mode BatchNorm); verify: the inputs compared on."
             ),
         ),
         click.option(
@@ -151,8 +151,9 @@ data_options = _group(
             default=None,
             metavar="M",
             help=(
-                "Samples per calibration batch (the mini-batch size m of the BN statistics). "
-                "Needs --data. Default: the library's default."
+                "Samples per batch. fold: the calibration mini-batch (needs --data; default: all samples "
+                "in one batch, or the model's fixed batch size). verify: the batch size of the compared "
+                "inputs (default 1)."
             ),
         ),
     ],

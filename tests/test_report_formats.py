@@ -86,7 +86,7 @@ def test_junit_counts_and_cases(tmp_path):
     assert "max abs nan" in cases[("bnfold.verify.sites", "layer3.bn")].find("failure").get("message")
     props = {p.get("name"): p.get("value") for p in suite.find("properties")}
     assert props["verdict"] == "fail" and props["samples"] == "4"
-    assert props["first_divergent_site"] == "layer1.bn<1>" and props["settings.tf32"] == "True"
+    assert props["first_divergent_site"] == "layer1.bn<1>" and props["settings.tf32"] == "true"  # JSON literals, not Python reprs
 
 
 def test_junit_passing(tmp_path):

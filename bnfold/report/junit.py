@@ -16,6 +16,8 @@ count and settings go into ``<properties>``. The file is written atomically.
 """
 from __future__ import annotations
 
+import json
+
 import os
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -70,7 +72,8 @@ def _build(result: VerifyResult, suite_name: str) -> ET.Element:
     props = ET.SubElement(suite, "properties")
 
     def prop(name: str, value: Any) -> None:
-        ET.SubElement(props, "property", name=name, value=_clean("" if value is None else str(value)))
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        ET.SubElement(props, "property", name=name, value=_clean("" if value is None else text))
 
     prop("verdict", "pass" if result.passed else "fail")
     prop("samples", result.samples)

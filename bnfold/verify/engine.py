@@ -26,7 +26,7 @@ from onnx import numpy_helper
 from ..errors import BadInputError, ProviderUnavailable
 from ..load import data_files
 from ..records import ProviderRun, SiteResult, VerifyResult
-from .metrics import compute_metrics_batched, tolerances_for
+from .metrics import check_tolerance_names, compute_metrics_batched, tolerances_for
 from .session import CUDA_SETTINGS, make_session
 from .sites import find_sites, with_outputs, worst_channels
 
@@ -126,6 +126,7 @@ def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, c
         raise BadInputError(
             f"reference and candidate have different outputs ({sorted(names)} vs {sorted(cand_names)}); "
             "compare models with the same interface")
+    check_tolerance_names(names, config.atol, config.rtol)
     dtypes = {o.name: _dtype_name(o.type) for o in ref.get_outputs()}
     ref_out = _run_all(ref, names, feeds)
     try:
@@ -187,6 +188,23 @@ def _localize(reference: str, candidate: str, feeds: Feeds, config: VerifyConfig
     return tuple(results)
 
 
+def _repro_command(reference: str, candidate: str, config: VerifyConfig) -> str:
+    inp = config.inputs
+    args = ["bnfold", "verify", os.path.abspath(reference), os.path.abspath(candidate)]
+    if inp.get("source") == "data" and inp.get("path"):
+        args += ["--data", str(inp["path"])]
+    elif inp.get("seed") is not None:
+        args += ["--seed", str(inp["seed"])]
+        if inp.get("val_range"):
+            args += ["--val-range", ",".join(str(v) for v in inp["val_range"])]
+    if inp.get("batch_size"):
+        args += ["--batch-size", str(inp["batch_size"])]
+    if inp.get("iterations"):
+        args += ["--iterations", str(inp["iterations"])]
+    args += ["--providers", ",".join(config.providers)]
+    return " ".join(args)
+
+
 def _write_repro(directory: str, reference: str, candidate: str, feeds: Feeds, config: VerifyConfig) -> str:
     out = Path(directory)
     data = out / "test_data_set_0"
@@ -207,7 +225,7 @@ def _write_repro(directory: str, reference: str, candidate: str, feeds: Feeds, c
     (out / "repro.json").write_text(json.dumps({
         "reference": os.path.abspath(reference), "candidate": os.path.abspath(candidate),
         "providers": list(config.providers), "inputs": config.inputs,
-        "command": f"bnfold verify {os.path.abspath(reference)} {os.path.abspath(candidate)}",
+        "command": _repro_command(reference, candidate, config),
     }, indent=2))
     return str(out)
 

@@ -1,0 +1,408 @@
+"""Population statistics for the BatchNorm modules of a PyTorch module (math.md section 2).
+
+The *training network* of the BN paper: every BN module normalises each mini-batch with that
+batch's statistics, upstream BNs included, while everything else (Dropout, stochastic depth, any
+``self.training`` branch) stays in eval mode. ``torch.optim.swa_utils.update_bn`` puts the whole
+model in train mode instead (Dropout on) and weighs a short last batch like a full one; fvcore's
+PreciseBN keeps the biased pooled variance. Here:
+
+* a forward pre-hook on each BN computes the batch's per-channel mean and *biased* variance in
+  float64 with two passes, on the model's device, and adds them to float64 device tensors
+  (Algorithm 2's weighted sums and the pooled ``(count, mean, M2)`` merged with Chan's formula).
+  Nothing is copied to the host per batch; the sums come back once, at the end;
+* the BN's ``forward`` is replaced, for the run only, by ``F.batch_norm(x, None, None, weight,
+  bias, training=True)``: batch statistics, and the module's running buffers are never touched
+  (no momentum, no ``num_batches_tracked`` update);
+* at the end the sums become :class:`bnfold.records.BnStats` and :func:`bnfold.calibrate.stats.finalize`
+  turns them into :class:`bnfold.records.FrozenStats`, exactly as on the ONNX path.
+
+The returned module is in eval mode with the chosen estimator's statistics in ``running_mean`` /
+``running_var``; a ``track_running_stats=False`` BN becomes a BN with running statistics.
+"""
+from __future__ import annotations
+
+import copy
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
+
+from ..calibrate.stats import ESTIMATORS, finalize
+from ..errors import BadInputError, UnsupportedModelError
+from ..records import BnStats, FrozenStats, Mode
+from .batches import Batch, check_arity, count_batches, iter_batches
+
+__all__ = [
+    "GAP_WARNING",
+    "CalibrationRun",
+    "calibrate",
+    "copy_module",
+    "find_batchnorms",
+    "bn_mode",
+    "is_standard_bn",
+    "module_device",
+    "run_calibration",
+]
+
+GAP_WARNING = 0.10  # as on the ONNX path: warn where the two estimators differ by more than 10 %
+
+Progress = Callable[[int, "int | None"], None]
+
+_BN_FORWARDS = (_BatchNorm.forward, SyncBatchNorm.forward)
+
+
+# ----------------------------------------------------------------------------- module helpers
+
+
+def is_standard_bn(m: nn.Module) -> bool:
+    """A BatchNorm1d/2d/3d, SyncBatchNorm or LazyBatchNorm (or subclass keeping their forward)."""
+    return isinstance(m, _BatchNorm) and type(m).forward in _BN_FORWARDS
+
+
+def find_batchnorms(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """Every ``_BatchNorm`` submodule once (an aliased module under its first name), in module order."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def bn_mode(m: _BatchNorm) -> Mode:
+    """TRAINING where the module normalises with batch statistics as it stands, else INFERENCE."""
+    if m.training or not m.track_running_stats or m.running_mean is None or m.running_var is None:
+        return Mode.TRAINING
+    return Mode.INFERENCE
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def float_dtype(module: nn.Module) -> torch.dtype:
+    """The module's floating dtype (first floating parameter or buffer), for numpy batches."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if not is_lazy(t) and t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies modules with uninitialised (lazy) parameters.
+
+    ``deepcopy`` refuses an ``UninitializedParameter``; each one is replaced in the memo by a fresh
+    uninitialised one of the same kind, device and dtype.
+    """
+    memo: dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if is_lazy(t):
+            if isinstance(t, UninitializedParameter):
+                memo[id(t)] = UninitializedParameter(requires_grad=t.requires_grad, device=t.device, dtype=t.dtype)
+            else:
+                memo[id(t)] = UninitializedBuffer(requires_grad=False, device=t.device, dtype=t.dtype)
+    return copy.deepcopy(module, memo)
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+
+class _DeviceStats:
+    """Algorithm 2's sums and the pooled (count, mean, M2) of one BN, as float64 device tensors.
+
+    ``sum_m``/``sum_m1``/``batches`` are Python ints known from shapes: no device synchronisation.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.channels: int | None = None
+        self.batches = 0
+        self.sum_m = 0
+        self.sum_m1 = 0
+        self.sum_mu: torch.Tensor | None = None
+        self.sum_var: torch.Tensor | None = None
+        self.pooled_mean: torch.Tensor | None = None
+        self.pooled_m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise BadInputError(f"BN '{self.name}' got an input of shape {tuple(x.shape)}; expected (N, C, ...)")
+        c = int(x.shape[1])
+        m = x.numel() // c if c else 0
+        if m == 0:
+            return  # an empty batch carries no statistics
+        if self.channels is None:
+            self.channels = c
+        elif c != self.channels:
+            raise BadInputError(f"BN '{self.name}' got {c} channels after {self.channels} in earlier batches")
+        dims = [0, *range(2, x.dim())]
+        x64 = x.detach().to(torch.float64)
+        mu = x64.mean(dim=dims)
+        dev = x64 - mu.view((1, c) + (1,) * (x.dim() - 2))
+        var = dev.square_().mean(dim=dims)  # two-pass, biased
+        del dev, x64
+        n_a = self.sum_m
+        n = n_a + m
+        self.batches += 1
+        self.sum_m = n
+        self.sum_m1 += m - 1
+        if self.sum_mu is None:
+            self.sum_mu = mu * m
+            self.sum_var = var * m
+            self.pooled_mean = mu.clone()
+            self.pooled_m2 = var * m
+        else:
+            self.sum_mu.add_(mu, alpha=m)
+            self.sum_var.add_(var, alpha=m)
+            delta = mu - self.pooled_mean
+            self.pooled_mean.add_(delta, alpha=m / n)
+            self.pooled_m2.add_(var, alpha=m).add_(delta.square_(), alpha=n_a * m / n)
+
+    def to_bnstats(self) -> BnStats:
+        """One host copy of the sums, as the ONNX path's :class:`BnStats`."""
+        if self.channels is None or self.sum_mu is None:
+            return BnStats(channels=0)
+        host = torch.stack([self.sum_mu, self.sum_var, self.pooled_mean, self.pooled_m2]).cpu().numpy()
+        return BnStats(
+            channels=self.channels, batches=self.batches, sum_m=self.sum_m, sum_m1=self.sum_m1,
+            sum_mu=host[0].copy(), sum_var=host[1].copy(), pooled_mean=host[2].copy(), pooled_m2=host[3].copy(),
+        )
+
+
+def _batch_stat_forward(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """The BN of the training network: normalise with the batch's statistics, buffers untouched."""
+    self._check_input_dim(x)
+    c = x.shape[1] if x.dim() >= 2 else 0
+    if c and x.numel() // c == 1:
+        # one value per channel: (x - mean) = 0, so the output is beta; F.batch_norm refuses this
+        y = torch.zeros_like(x)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype).view((1, c) + (1,) * (x.dim() - 2))
+        return y
+    return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class CalibrationRun:
+    """What a calibration pass produced (``calibrate`` returns ``module`` and ``stats``)."""
+
+    module: nn.Module
+    stats: dict[str, FrozenStats]
+    warnings: list[str] = field(default_factory=list)
+    batch_size: int | None = None
+    batches: int = 0
+    samples: int | None = 0  # sum of the batch sizes; None where a batch has no leading dimension
+    ranks: dict[str, set[int]] = field(default_factory=dict)  # BN input ranks seen in the first forward
+    reused: dict[str, int] = field(default_factory=dict)  # BN name -> calls per forward, where > 1
+    first_batch: Batch | None = None
+
+
+def _check_estimator(estimator: str) -> None:
+    if estimator not in ESTIMATORS:
+        raise BadInputError(f"unknown estimator '{estimator}'; use one of: {', '.join(ESTIMATORS)}")
+
+
+def _calibration_targets(work: nn.Module, warnings: list[str]) -> list[tuple[str, _BatchNorm]]:
+    targets = []
+    for name, m in find_batchnorms(work):
+        if is_standard_bn(m):
+            targets.append((name, m))
+        elif bn_mode(m) is Mode.TRAINING:
+            raise UnsupportedModelError(
+                f"BN '{name}' ({type(m).__name__}) overrides forward and normalises with batch statistics; "
+                "bnfold cannot tell what it computes: replace it by a torch BatchNorm module"
+            )
+        else:
+            warnings.append(f"BN '{name}' ({type(m).__name__}) overrides forward; it keeps its stored statistics")
+    return targets
+
+
+def _write_stats(m: _BatchNorm, st: FrozenStats, dtype: torch.dtype, device: torch.device) -> None:
+    mean = torch.from_numpy(st.mean)
+    var = torch.from_numpy(st.var)
+    if not m.track_running_stats or m.running_mean is None or m.running_var is None:
+        if m.affine and m.weight is not None:
+            dtype, device = m.weight.dtype, m.weight.device
+        m.register_buffer("running_mean", mean.to(device=device, dtype=dtype))
+        m.register_buffer("running_var", var.to(device=device, dtype=dtype))
+        m.register_buffer("num_batches_tracked", torch.tensor(st.batches, dtype=torch.long, device=device))
+        m.track_running_stats = True
+    else:
+        with torch.no_grad():
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.fill_(st.batches)
+
+
+def run_calibration(
+    module: nn.Module,
+    data: Any,
+    *,
+    device: str | torch.device | None = None,
+    estimator: str = "unbiased",
+    allow_reused_bn: bool = False,
+    inplace: bool = False,
+    progress: Progress | None = None,
+) -> CalibrationRun:
+    """Calibrate every BN of ``module`` on ``data`` and freeze it; see :func:`calibrate`."""
+    _check_estimator(estimator)
+    if not isinstance(module, nn.Module):
+        raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    work = module if inplace else copy_module(module)
+    dev = torch.device(device) if device is not None else module_device(work)
+    if device is not None and module_device(work) != dev:
+        work.to(dev)
+    warnings: list[str] = []
+    targets = _calibration_targets(work, warnings)
+    run = CalibrationRun(module=work, stats={}, warnings=warnings)
+    if not targets:
+        work.eval()
+        return run
+
+    acc = {name: _DeviceStats(name) for name, _ in targets}
+    calls_now = {name: 0 for name, _ in targets}
+    max_calls = {name: 0 for name, _ in targets}
+    first_call: list[str] = []
+    in_dtype: dict[str, torch.dtype] = {}
+    state = {"first": True}
+
+    def make_hook(name: str):
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise BadInputError(f"BN '{name}' was called without a tensor input")
+            x = args[0]
+            calls_now[name] += 1
+            if calls_now[name] > 1 and not allow_reused_bn:
+                raise BadInputError(
+                    f"BN '{name}' is applied more than once in one forward; each call site normalises a "
+                    "different population. Give each site its own BN, or pass allow_reused_bn=True to "
+                    "pool the statistics of all its calls"
+                )
+            max_calls[name] = max(max_calls[name], calls_now[name])
+            if name not in in_dtype:
+                in_dtype[name] = x.dtype
+                first_call.append(name)
+            if state["first"]:
+                run.ranks.setdefault(name, set()).add(x.dim())
+            acc[name].add(x)
+
+        return hook
+
+    training = {m: m.training for m in work.modules()}
+    handles = []
+    patched: list[_BatchNorm] = []
+    total = count_batches(data)
+    try:
+        work.eval()
+        for name, m in targets:
+            handles.append(m.register_forward_pre_hook(make_hook(name)))
+            m.forward = types.MethodType(_batch_stat_forward, m)  # type: ignore[method-assign]
+            patched.append(m)
+        if progress:
+            progress(0, total)
+        dtype = float_dtype(work)
+        with torch.no_grad():
+            for done, batch in enumerate(iter_batches(data, dev, dtype), start=1):
+                if done == 1:
+                    check_arity(work, batch)
+                    run.first_batch = batch
+                    run.batch_size = batch.size
+                for k in calls_now:
+                    calls_now[k] = 0
+                work(*batch.args, **batch.kwargs)
+                state["first"] = False
+                run.batches = done
+                size = batch.size
+                run.samples = None if run.samples is None or size is None else run.samples + size
+                if progress:
+                    progress(done, total)
+    except BaseException:
+        for m, flag in training.items():
+            m.training = flag
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+        for m in patched:
+            m.__dict__.pop("forward", None)
+    if run.batches == 0:
+        for m, flag in training.items():
+            m.training = flag
+        raise BadInputError("the calibration data is empty: give at least one batch")
+
+    # one host copy per BN, then the same finalize as the ONNX path
+    sums = {name: acc[name].to_bnstats() for name in first_call}
+    for name in first_call:  # forward order: the first BN that saw inf/nan is the one to name
+        s = sums[name]
+        if not all(np.isfinite(a).all() for a in (s.sum_mu, s.sum_var, s.pooled_mean, s.pooled_m2)):
+            raise BadInputError(
+                f"BN '{name}' saw non-finite activations (inf or nan) during calibration; check the "
+                "calibration data and the layers before this BN"
+            )
+    modules = dict(targets)
+    for name, m in targets:
+        if name not in sums:
+            warnings.append(f"BN '{name}' was never called during calibration; it keeps its stored statistics")
+            continue
+        st = finalize(sums[name], estimator, name)
+        run.stats[name] = st
+        _write_stats(modules[name], st, in_dtype[name], dev)
+    for name, n in max_calls.items():
+        if n > 1:
+            run.reused[name] = n
+            warnings.append(
+                f"BN '{name}' is applied at {n} places per forward; its statistics pool all of them "
+                "(allow_reused_bn=True)"
+            )
+    wide = sorted((s.gap, n) for n, s in run.stats.items() if s.gap > GAP_WARNING)
+    if wide:
+        names = ", ".join(f"{n} ({g:.0%})" for g, n in reversed(wide[-10:]))
+        warnings.append(
+            f"unbiased (Algorithm 2) and pooled variance differ by more than {GAP_WARNING:.0%} at "
+            f"{len(wide)} BN: {names}{' ...' if len(wide) > 10 else ''}"
+        )
+    work.eval()
+    return run
+
+
+def calibrate(
+    module: nn.Module,
+    data: Any,
+    *,
+    device: str | torch.device | None = None,
+    estimator: str = "unbiased",
+    allow_reused_bn: bool = False,
+    inplace: bool = False,
+    progress: Progress | None = None,
+) -> tuple[nn.Module, dict[str, FrozenStats]]:
+    """Freeze every BatchNorm of ``module`` with population statistics from ``data``.
+
+    ``data``: an iterable of batches (tensors, numpy arrays, tuples/lists for positional inputs,
+    dicts for keyword inputs, or a ``DataLoader`` yielding those); see :mod:`bnfold.torch.batches`.
+    Each BN normalises with its batch statistics while the rest of the network is in eval mode
+    (Algorithm 2's training network), under ``torch.no_grad()``, on ``device`` (default: the
+    module's). ``estimator`` picks ``'unbiased'`` (Algorithm 2, default) or ``'pooled'``.
+
+    Returns ``(frozen, stats)``: the module in eval mode with the new ``running_mean`` /
+    ``running_var`` (a ``track_running_stats=False`` BN gains running buffers), and the
+    :class:`FrozenStats` per BN qualified name. ``module`` itself is left untouched unless
+    ``inplace=True`` (then ``frozen is module``). A BN applied more than once per forward is
+    refused unless ``allow_reused_bn=True`` (its calls are then pooled, with a warning).
+
+    Raises :class:`BadInputError` for empty data, a BN that never saw more than one value per
+    channel in a batch, non-finite activations (naming the first BN that saw them), or a reused BN.
+    """
+    run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
+                          inplace=inplace, progress=progress)
+    return run.module, run.stats
+
