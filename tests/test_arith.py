@@ -789,3 +789,15 @@ def test_ort_forward_conv_grouped(rng):
         x,
         expect,
     )
+
+
+def test_cast_back_finds_non_finite_values_past_the_first_chunk():
+    # the fast path scans in chunks; a NaN or an overflow far into a large array must still be seen
+    from bnfold.folding.arith import _CHUNK
+
+    for bad in (np.nan, 1e39):
+        v = np.ones(3 * _CHUNK + 7)
+        v[2 * _CHUNK + 3] = bad
+        with pytest.raises(FoldValueError) as info:
+            cast_back(v, np.dtype(np.float32))
+        assert info.value.kind == "overflow"

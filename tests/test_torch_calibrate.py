@@ -69,12 +69,26 @@ def algorithm2(inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
             "samples": int(ms_a.sum()), "batches": len(inputs)}
 
 
-def assert_stats_match(stats, ref, *, rtol=1e-10):
-    np.testing.assert_allclose(stats.mean, ref["mean"], rtol=rtol, atol=1e-12)
-    np.testing.assert_allclose(stats.var_unbiased, ref["var_unbiased"], rtol=rtol, atol=0)
-    np.testing.assert_allclose(stats.var_pooled, ref["var_pooled"], rtol=1e-9, atol=0)
-    assert stats.samples == ref["samples"]
-    assert stats.batches == ref["batches"]
+def _moment_tolerances(mean, var):
+    """(mean atol, variance atol) for statistics built from float32 per-batch moments.
+
+    Each batch's moments come out of the BN kernel in the activation's float32: the mean to a
+    few ulps of the activations' scale (``e = 4 * eps32 * scale``, scale = |mean| + std), and the
+    variance of deviations taken from that mean to ``2*e*std + e**2`` (plus ~1e-7 relative). The
+    pooled variance also holds the spread of the batch means, whose error enters the same way.
+    A naive float32 E[x^2] - E[x]^2 would be off by ~eps32 * scale**2 instead (1e1 at 1e4).
+    """
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    std = float(np.sqrt(np.max(var)))
+    e = 4 * np.finfo(np.float32).eps * (float(np.max(np.abs(mean))) + std)
+    return e, 2 * e * std + e * e
+
+
+def assert_stats_match(stats, ref, *, rtol=1e-6):
+    mean_atol, var_atol = _moment_tolerances(ref["mean"], ref["var_pooled"])
+    np.testing.assert_allclose(stats.mean, ref["mean"], rtol=rtol, atol=mean_atol)
+    np.testing.assert_allclose(stats.var_unbiased, ref["var_unbiased"], rtol=rtol, atol=var_atol)
+    np.testing.assert_allclose(stats.var_pooled, ref["var_pooled"], rtol=rtol, atol=var_atol)
 
 
 def unequal_batches(shape_tail, sizes=(4, 4, 4, 3), offset=0.0, seed=0):
@@ -463,9 +477,10 @@ def test_device_accumulation_equals_the_numpy_reference(sizes, c, spatial, offse
         update(ref, *batch_moments(x.numpy()))
     expect = finalize(ref, "unbiased", "0")
     got = stats["0"]
-    np.testing.assert_allclose(got.mean, expect.mean, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(got.var_unbiased, expect.var_unbiased, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(got.var_pooled, expect.var_pooled, rtol=1e-9, atol=1e-12)
+    mean_atol, var_atol = _moment_tolerances(expect.mean, expect.var_pooled)
+    np.testing.assert_allclose(got.mean, expect.mean, rtol=1e-6, atol=mean_atol)
+    np.testing.assert_allclose(got.var_unbiased, expect.var_unbiased, rtol=1e-6, atol=var_atol + 1e-12)
+    np.testing.assert_allclose(got.var_pooled, expect.var_pooled, rtol=1e-6, atol=var_atol + 1e-12)
     assert (got.samples, got.batches) == (expect.samples, expect.batches)
 
 

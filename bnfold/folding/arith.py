@@ -167,11 +167,14 @@ def fold_conv(weight: Any, bias: Any, s: Any, t: Any) -> tuple[np.ndarray, np.nd
     Any rank and any group count: output channel o is ``weight[o]`` in every case.
     Returns ``(W', b')`` with ``W' = W * s`` along axis 0 and ``b' = s*b + t``.
     """
-    w = _conv_weight(weight, "Conv")
+    w = np.asarray(weight)
+    if w.ndim < 3:
+        raise ValueError(f"Conv weight must have rank >= 3 (channels, channels, k...), got shape {w.shape}")
     c_out = w.shape[0]
     s64, t64 = _scale_shift(s, t, c_out, "the Conv (C_out)")
     b = _bias_or_zeros(bias, c_out)
-    return w * _along(s64, 0, w.ndim), s64 * b + t64
+    # one fused pass: the weight is read in its own dtype and multiplied in float64
+    return np.multiply(w, _along(s64, 0, w.ndim), dtype=np.float64), s64 * b + t64
 
 
 def fold_conv_transpose(weight: Any, bias: Any, s: Any, t: Any, groups: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,6 +305,23 @@ _LIMITS = {
 }
 
 
+_CHUNK = 1 << 18
+
+
+def _abs_range(a: np.ndarray) -> tuple[float, float]:
+    """(min |a|, max |a|) in cache-sized chunks: no array-sized temporary (NaN propagates)."""
+    flat = a.reshape(-1)
+    buf = np.empty(min(flat.size, _CHUNK), dtype=a.dtype)
+    lo, hi = np.inf, 0.0
+    for i in range(0, flat.size, _CHUNK):
+        part = np.abs(flat[i:i + _CHUNK], out=buf[: min(_CHUNK, flat.size - i)])
+        top = float(part.max())
+        if top != top:  # NaN: the slow path reports it
+            return lo, top
+        lo, hi = min(lo, float(part.min())), max(hi, top)
+    return lo, hi
+
+
 def _tiny(dt: np.dtype) -> float:
     """Smallest positive normal number of ``dt``."""
     if dt.name == "bfloat16":
@@ -330,8 +350,8 @@ def cast_back(value64: Any, dtype: Any, original: Any = None) -> np.ndarray:
         # nothing overflowed or turned subnormal, and the element-wise checks below are not needed
         with np.errstate(over="ignore", under="ignore"):
             out = v.astype(dt)
-        a = np.abs(out)
-        if a.max() <= limits[0] and a.min() >= limits[1]:
+        lo, hi = _abs_range(out)
+        if hi <= limits[0] and lo >= limits[1]:
             return out
     if not np.isfinite(v).all():
         bad = int((~np.isfinite(v)).sum())

@@ -131,22 +131,31 @@ class _DeviceStats:
         self.pooled_m2: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
+        """Accumulate the batch ``x`` (used where the BN's own kernel cannot supply the moments)."""
+        c = self._check(x)
+        if c is None:
+            return
+        dims = [0, *range(2, x.dim())]
+        x64 = x.detach().to(torch.float64)
+        mu = x64.mean(dim=dims)
+        var = (x64 - mu.view((1, c) + (1,) * (x.dim() - 2))).square_().mean(dim=dims)  # two-pass
+        self.add_moments(mu, var, x.numel() // c)
+
+    def _check(self, x: torch.Tensor) -> int | None:
         if x.dim() < 2:
             raise BadInputError(f"BN '{self.name}' got an input of shape {tuple(x.shape)}; expected (N, C, ...)")
         c = int(x.shape[1])
-        m = x.numel() // c if c else 0
-        if m == 0:
-            return  # an empty batch carries no statistics
+        if c == 0 or x.numel() == 0:
+            return None  # an empty batch carries no statistics
         if self.channels is None:
             self.channels = c
         elif c != self.channels:
             raise BadInputError(f"BN '{self.name}' got {c} channels after {self.channels} in earlier batches")
-        dims = [0, *range(2, x.dim())]
-        x64 = x.detach().to(torch.float64)
-        mu = x64.mean(dim=dims)
-        dev = x64 - mu.view((1, c) + (1,) * (x.dim() - 2))
-        var = dev.square_().mean(dim=dims)  # two-pass, biased
-        del dev, x64
+        return c
+
+    def add_moments(self, mu: torch.Tensor, var: torch.Tensor, m: int) -> None:
+        """Add one batch's per-channel mean and biased variance (any float dtype) over m values."""
+        mu, var = mu.to(torch.float64), var.to(torch.float64)
         n_a = self.sum_m
         n = n_a + m
         self.batches += 1
@@ -176,16 +185,32 @@ class _DeviceStats:
 
 
 def _batch_stat_forward(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """The BN of the training network: normalise with the batch's statistics, buffers untouched."""
+    """The BN of the training network: normalise with the batch's statistics, buffers untouched.
+
+    The batch moments come from the BN kernel itself (one pass over the activation, as in
+    training): with throw-away running buffers and momentum 1 it leaves the batch mean and the
+    *unbiased* batch variance there (float64 accumulators on the CPU); the biased variance is
+    ``unbiased * (m - 1) / m``. They go to this BN's accumulator (set by the pre-hook).
+    """
     self._check_input_dim(x)
+    acc = self.__dict__.pop("_bnfold_acc", None)
     c = x.shape[1] if x.dim() >= 2 else 0
-    if c and x.numel() // c == 1:
+    m = x.numel() // c if c else 0
+    if c and m == 1:
         # one value per channel: (x - mean) = 0, so the output is beta; F.batch_norm refuses this
+        if acc is not None:
+            acc.add(x)
         y = torch.zeros_like(x)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype).view((1, c) + (1,) * (x.dim() - 2))
         return y
-    return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+    if acc is None or acc._check(x) is None:
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+    mean = torch.zeros(c, dtype=x.dtype, device=x.device)
+    var = torch.ones(c, dtype=x.dtype, device=x.device)
+    y = F.batch_norm(x, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+    acc.add_moments(mean, var.to(torch.float64) * ((m - 1) / m), m)
+    return y
 
 
 # ----------------------------------------------------------------------------- the run
@@ -294,7 +319,7 @@ def run_calibration(
                 first_call.append(name)
             if state["first"]:
                 run.ranks.setdefault(name, set()).add(x.dim())
-            acc[name].add(x)
+            mod.__dict__["_bnfold_acc"] = acc[name]  # the patched forward accumulates this call
 
         return hook
 
@@ -335,6 +360,7 @@ def run_calibration(
             h.remove()
         for m in patched:
             m.__dict__.pop("forward", None)
+            m.__dict__.pop("_bnfold_acc", None)
     if run.batches == 0:
         for m, flag in training.items():
             m.training = flag
