@@ -42,12 +42,14 @@ from .options import (
     FoldCheck,
     RandomInputs,
     ReportConfig,
+    TorchOptions,
     compare_options,
     data_options,
     debug_option,
     fold_check_options,
     random_input_options,
     report_options,
+    torch_options,
 )
 from .progress import calibration_progress
 
@@ -252,8 +254,9 @@ def cli() -> None:
     """
 
 
-@cli.command("fold", context_settings=_CONTEXT, epilog=_EPILOG, short_help="Freeze, fold and verify the BNs of an ONNX model.")
-@click.argument("model", type=click.Path(path_type=Path), metavar="MODEL")
+@cli.command("fold", context_settings=_CONTEXT, epilog=_EPILOG,
+             short_help="Freeze, fold and verify the BNs of an ONNX or PyTorch model.")
+@click.argument("model", type=click.Path(path_type=Path), metavar="MODEL", required=False, default=None)
 @click.option(
     "-o",
     "--output",
@@ -289,9 +292,10 @@ def cli() -> None:
     default=False,
     help="Print the plan (what would be folded or kept, and why) and write no model.",
 )
+@torch_options
 @debug_option
 def fold_command(
-    model: Path,
+    model: Path | None,
     output: Path | None,
     frozen_output: Path | None,
     data: DataConfig,
@@ -300,13 +304,30 @@ def fold_command(
     check: FoldCheck,
     compare: CompareOptions,
     dry_run: bool,
+    torch_opts: TorchOptions,
 ) -> int:
-    """Freeze, fold and verify the BatchNorm layers of MODEL (an .onnx file).
+    """Freeze, fold and verify the BatchNorm layers of MODEL (an .onnx file, or a PyTorch model).
 
     Training-mode BNs are frozen with statistics calibrated on --data, every BN that can be
     folded is folded, and the result is checked against the frozen, unfolded model before it is
     written to OUTPUT. A model that fails the check is not written (exit 1).
+
+    \b
+    PyTorch models (see README, "PyTorch models"): MODEL is an ExportedProgram (.pt2), a
+    TorchScript archive, or (with --unsafe-pickle) a whole pickled module; or give
+    --model-factory MODULE:CALLABLE [--weights STATE_DICT] and omit MODEL (or pass '-').
+    OUTPUT's suffix picks the format: .onnx (export, then the ONNX fold and verification),
+    .pt2 (torch.export), .pt/.ts/.torchscript (torch.jit.trace).
     """
+    if torch_opts.model_factory is not None or (model is not None and str(model) != "-" and _is_torch_model(model)):
+        return _fold_torch(model, output, frozen_output, data, estimator, report, check, compare, dry_run, torch_opts)
+    if torch_opts.weights is not None:
+        raise click.UsageError("--weights needs --model-factory (the state_dict is loaded into the factory's model).")
+    if model is None or str(model) == "-":
+        raise click.UsageError("Missing argument 'MODEL'.")
+    if torch_opts.given():
+        raise click.UsageError(f"{', '.join(torch_opts.given())}: for PyTorch models only; {model} is read as an "
+                               "ONNX model.")
     if output is None and not dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (required unless --dry-run).")
     if data.batch_size is not None and data.path is None:
@@ -361,6 +382,117 @@ def fold_command(
     if not result.ok:
         raise VerificationFailed(_verification_message(rep, output, report.path))
     return EXIT_OK  # the summary's last lines name the written model ("Wrote OUTPUT")
+
+
+# --------------------------------------------------------------------------- PyTorch models
+
+#: MODEL suffixes read as PyTorch files even when their content does not say so (the PyTorch
+#: loader then names what is wrong); other files are PyTorch files when they are zip archives or
+#: pickles (an ONNX file is a protobuf: neither)
+_TORCH_MODEL_SUFFIXES = {".pt", ".pth", ".pt2", ".ts", ".torchscript", ".ptl", ".ckpt"}
+#: OUTPUT suffix -> format, for PyTorch models (as bnfold.torch.cli.OUTPUT_FORMATS; no torch import here)
+_TORCH_OUTPUTS = {".onnx": "onnx", ".pt2": "pt2", ".pt": "torchscript", ".ts": "torchscript",
+                  ".torchscript": "torchscript"}
+
+
+def _is_torch_model(path: Path) -> bool:
+    """Whether fold reads ``path`` as a PyTorch model (``.onnx`` never is)."""
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return suffix in _TORCH_MODEL_SUFFIXES
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return True
+    return suffix in _TORCH_MODEL_SUFFIXES
+
+
+def _fold_torch(model: Path | None, output: Path | None, frozen_output: Path | None, data: DataConfig,
+                estimator: str, report: ReportConfig, check: FoldCheck, compare: CompareOptions, dry_run: bool,
+                topts: TorchOptions) -> int:
+    """``fold`` for a PyTorch model; the work is in ``bnfold.torch.cli``."""
+    if topts.model_factory is not None:
+        if model is not None and str(model) != "-":
+            raise click.UsageError("MODEL must be omitted (or '-') with --model-factory: the factory builds the "
+                                   "model and --weights gives its state_dict.")
+        model = None
+    elif topts.weights is not None:
+        raise click.UsageError("--weights needs --model-factory (the state_dict is loaded into the factory's model).")
+    if output is None and not dry_run:
+        raise click.UsageError("Missing option '-o' / '--output' (required unless --dry-run).")
+    if data.batch_size is not None and data.path is None:
+        raise click.UsageError("--batch-size needs --data.")
+    fmt = None
+    if output is not None:
+        fmt = _TORCH_OUTPUTS.get(output.suffix.lower())
+        if fmt is None:
+            raise click.BadParameter(
+                f"{output.suffix or 'no suffix'}: for a PyTorch model OUTPUT ends in .onnx, .pt2, .pt, .ts or "
+                ".torchscript (the suffix picks the format)", param_hint="'-o' / '--output'")
+    if frozen_output is not None:
+        ffmt = _TORCH_OUTPUTS.get(frozen_output.suffix.lower())
+        if ffmt is None or (fmt is not None and ffmt != fmt):
+            raise click.BadParameter("for a PyTorch model it must be written in OUTPUT's format (same kind of "
+                                     "suffix as -o).", param_hint="'--frozen-output'")
+    if model is not None:
+        _require_model_file(model)
+        for path, hint in ((output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'")):
+            if path is not None and _same_file(model, path):
+                raise click.BadParameter("is the input MODEL; bnfold never overwrites its input.", param_hint=hint)
+    if topts.weights is not None:
+        for path, hint in ((output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'")):
+            if path is not None and _same_file(topts.weights, path):
+                raise click.BadParameter("is the --weights file; bnfold never overwrites its input.", param_hint=hint)
+    if output is not None and frozen_output is not None and _same_file(output, frozen_output):
+        raise click.BadParameter("is the same file as -o; give the frozen model its own path.",
+                                 param_hint="'--frozen-output'")
+    if data.path is not None:
+        _require_data(data.path)
+    config = _engine_config(compare)
+
+    from bnfold.torch import cli as torch_cli  # imports torch
+
+    request = torch_cli.TorchFoldRequest(
+        model=model, factory=topts.model_factory, weights=topts.weights, unsafe_pickle=topts.unsafe_pickle,
+        output=None if dry_run else output, frozen_output=None if dry_run else frozen_output, data=data.path,
+        batch_size=data.batch_size, estimator=estimator, device=topts.device,
+        allow_reused_bn=topts.allow_reused_bn, verify=check.enabled, verify_samples=check.samples, dry_run=dry_run,
+        verify_config=config, warn=lambda msg: _err(f"bnfold: warning: {_one_line(msg)}"))
+    if dry_run and output is not None:
+        request.output = output  # picks the route (.onnx: through the export); nothing is written
+    created = [] if dry_run or output is None else _make_parents(output)
+    try:
+        with calibration_progress() as progress:
+            request.progress = progress
+            outcome = torch_cli.run(request)
+    finally:
+        if output is not None and not output.exists():
+            _remove_empty(created)
+
+    rep = outcome.report
+    if report.path is not None:
+        _make_parents(report.path)
+        _json_report().write_json(rep, report.path)
+    if rep.verification is not None:
+        _write_verification_reports(rep.verification, report, write_json=False)
+    summary = _summary()
+    if dry_run and outcome.plan_rows is not None:
+        click.echo(summary.plan_table(_dry_run_rows(outcome.plan_rows, rep)))
+        click.echo()
+    for line in outcome.lines:
+        click.echo(line)
+    click.echo(summary.summary_text(rep))
+    if report.path is not None:
+        click.echo(f"Wrote report {report.path}")
+    if not outcome.ok:
+        if outcome.failure:
+            where = f"; details in {report.path}" if report.path is not None else ""
+            raise VerificationFailed(outcome.failure + where)
+        raise VerificationFailed(_verification_message(rep, output, report.path))
+    return EXIT_OK
 
 
 @cli.command("verify", context_settings=_CONTEXT, epilog=_EPILOG,

@@ -257,3 +257,67 @@ report_options = _group(
     ("report_path", "junit_xml", "summary_md", "html"),
 )
 report_options.__doc__ = "--report, --junit-xml, --summary-md, --html  ->  report: ReportConfig"
+
+
+# --------------------------------------------------------------------------- PyTorch models
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """How ``fold`` reads a PyTorch model and where it calibrates it."""
+
+    model_factory: str | None = None  # "package.module:callable"
+    weights: Path | None = None  # a state_dict for the factory's model
+    unsafe_pickle: bool = False
+    device: str | None = None  # cpu | cuda; None: cuda when torch sees one, else cpu
+    allow_reused_bn: bool = False
+
+    def given(self) -> list[str]:
+        """The flags given on the command line (for 'applies to PyTorch models only')."""
+        flags = []
+        if self.model_factory is not None:
+            flags.append("--model-factory")
+        if self.weights is not None:
+            flags.append("--weights")
+        if self.unsafe_pickle:
+            flags.append("--unsafe-pickle")
+        if self.device is not None:
+            flags.append("--device")
+        if self.allow_reused_bn:
+            flags.append("--allow-reused-bn")
+        return flags
+
+
+def _factory(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    module_name, sep, attr = value.partition(":")
+    names = module_name.split(".") + attr.split(".")
+    if not sep or not all(n.isidentifier() for n in names):
+        raise click.BadParameter(f"{value!r}: give MODULE:CALLABLE, e.g. mypkg.models:build_model")
+    return value
+
+
+torch_options = _group(
+    [
+        click.option("--model-factory", default=None, callback=_factory, metavar="MODULE:CALLABLE",
+                     help="PyTorch: build the model by calling this (imported with importlib, the current folder "
+                          "on sys.path) instead of reading MODEL; MODEL is then omitted or '-'."),
+        click.option("--weights", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                     help="PyTorch: a state_dict (torch.save(model.state_dict())) loaded into the --model-factory "
+                          "model with torch.load(weights_only=True), strict."),
+        click.option("--unsafe-pickle", is_flag=True, default=False,
+                     help="PyTorch: allow MODEL to be a whole pickled module (torch.save(model)). UNSAFE: "
+                          "unpickling runs arbitrary code from the file; use only on files you trust."),
+        click.option("--device", type=click.Choice(("cpu", "cuda")), default=None,
+                     help="PyTorch: where the model is calibrated and folded. Default: cuda when torch sees a GPU, "
+                          "else cpu. cuda without a GPU is exit 4."),
+        click.option("--allow-reused-bn", is_flag=True, default=False,
+                     help="PyTorch: a BN module applied at several places per forward is calibrated on all its "
+                          "calls pooled (refused otherwise)."),
+    ],
+    lambda model_factory, weights, unsafe_pickle, device, allow_reused_bn: (
+        "torch_opts", TorchOptions(model_factory, weights, unsafe_pickle, device, allow_reused_bn)),
+    ("model_factory", "weights", "unsafe_pickle", "device", "allow_reused_bn"),
+)
+torch_options.__doc__ = "--model-factory, --weights, --unsafe-pickle, --device, --allow-reused-bn  ->  torch_opts: TorchOptions"

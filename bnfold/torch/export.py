@@ -1,0 +1,309 @@
+"""Write PyTorch modules out (ONNX, ExportedProgram, TorchScript) and check what was written.
+
+* :func:`export_onnx`: ``torch.onnx.export(..., dynamo=False, do_constant_folding=False,
+  opset_version=17)`` with the inputs named after forward's parameters, the outputs ``output``
+  (one) or ``output_0``, ``output_1``, ... (pytree order), and a dynamic batch axis where the
+  export allows it (else a static one, with a warning).
+* :func:`save_exported_program`: ``torch.export.export`` (batch axis ``Dim.AUTO``) +
+  ``torch.export.save``.
+* :func:`save_torchscript`: ``torch.jit.trace`` + ``torch.jit.save``.
+* :func:`compare_arrays`: the figures ``report.extra["export_check"]`` / ``["torch_check"]``
+  hold, with the default tolerance of the output dtype (:func:`bnfold.verify.compare.tolerance_for`).
+
+The caller stages files and moves them into place once they are checked.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+__all__ = [
+    "ExportInfo", "compare_arrays", "export_onnx", "flat_outputs", "load_saved", "run_eager", "run_onnx",
+    "save_exported_program", "save_torchscript",
+]
+
+OPSET = 17
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class ExportInfo:
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_batch: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _quiet(notes: list[str]) -> Iterator[None]:
+    """Silence torch's export chatter; keep one note when the tracer saw value-dependent code."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    if tracer:
+        notes.append(
+            "the trace for the export met Python code that depends on tensor values or shapes "
+            f"({len(tracer)} TracerWarning(s), e.g. '{' '.join(str(tracer[0].message).split())[:120]}'); "
+            "the exported model holds the path taken for the example inputs")
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    """The tensors of a forward's result, in pytree order."""
+    from torch.utils import _pytree as pytree
+
+    leaves = pytree.tree_leaves(out)
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise UnsupportedModelError("the model's forward returns no tensor")
+    return tensors
+
+
+def output_names(out: Any) -> list[str]:
+    """Names for the tensors of a forward's result: ``output`` for one tensor; else the keys of a
+    dict result (``logits``, ``aux_0``) or ``output_<i>`` for positions."""
+    from torch.utils import _pytree as pytree
+
+    pairs, _ = pytree.tree_flatten_with_path(out)
+    paths = [p for p, leaf in pairs if isinstance(leaf, torch.Tensor)]
+    if len(paths) == 1 and not paths[0]:
+        return ["output"]
+    names = []
+    for path in paths:
+        parts = []
+        for k in path:
+            for attr in ("key", "idx", "name"):
+                if hasattr(k, attr):
+                    parts.append(str(getattr(k, attr)))
+                    break
+        keyed = any(hasattr(k, "key") or hasattr(k, "name") for k in path)
+        names.append("_".join(parts) if keyed and parts else "output_" + "_".join(parts or ["0"]))
+    if len(set(names)) != len(names):
+        names = [f"output_{i}" for i in range(len(paths))]
+    return names
+
+
+def run_eager(module: nn.Module, example: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [t.detach() for t in flat_outputs(module(**example))]
+
+
+def eager_named(module: nn.Module, example: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """``{output name: array}`` of an eager run (names as :func:`output_names`)."""
+    with torch.no_grad():
+        result = module(**example)
+    return dict(zip(output_names(result), (_to_numpy(t) for t in flat_outputs(result))))
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy()
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
+                dynamic_batch: bool = True, preserve_training: bool = False) -> ExportInfo:
+    """Export ``module`` called as ``module(**example)`` to an ONNX file at ``path``."""
+    names = list(example)
+    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        result = module(**example)
+    _restore(module, saved)
+    outputs = flat_outputs(result)
+    out_names = output_names(result)
+    batch = None
+    for t in example.values():
+        if t.dim() >= 1:
+            batch = int(t.shape[0])
+            break
+    notes: list[str] = []
+    training = torch.onnx.TrainingMode.PRESERVE if preserve_training else torch.onnx.TrainingMode.EVAL
+
+    def attempt(dynamic: bool) -> None:
+        axes = None
+        if dynamic:
+            axes = {n: {0: "batch"} for n, t in example.items() if t.dim() >= 1}
+            for n, t in zip(out_names, outputs):
+                if t.dim() >= 1 and batch is not None and int(t.shape[0]) == batch:
+                    axes[n] = {0: "batch"}
+        with _quiet(notes):
+            torch.onnx.export(module, (), os.fspath(path), kwargs=dict(example), dynamo=False,
+                              do_constant_folding=False, opset_version=OPSET, input_names=names,
+                              output_names=out_names, dynamic_axes=axes, training=training)
+
+    dynamic = dynamic_batch and batch is not None
+    try:
+        attempt(dynamic)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds
+        if not dynamic:
+            raise UnsupportedModelError(f"torch.onnx.export failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+        try:
+            attempt(False)
+        except Exception as exc2:  # noqa: BLE001
+            raise UnsupportedModelError(f"torch.onnx.export failed: {type(exc2).__name__}: "
+                                        f"{_one_line(exc2)}") from exc2
+        notes.append(f"the ONNX export has a static batch size of {batch}: exporting with a dynamic batch axis "
+                     f"failed ({type(exc).__name__}: {_one_line(exc, 160)})")
+        dynamic = False
+    return ExportInfo(names, out_names, dynamic, notes)
+
+
+def run_eager_any(module: nn.Module, example: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Eager outputs; a module in training mode (TorchScript) has its buffers restored afterwards."""
+    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    try:
+        return run_eager(module, example)
+    finally:
+        _restore(module, saved)
+
+
+def _restore(module: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, v in module.state_dict().items():
+            if k in saved and v.shape == saved[k].shape:
+                v.copy_(saved[k])
+
+
+def run_onnx(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
+    """Run an ONNX file on onnxruntime's CPU provider with graph optimisations off."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise UnsupportedModelError(f"onnxruntime cannot load the ONNX export: {_one_line(exc)}") from exc
+    feed = {}
+    for i in sess.get_inputs():
+        if i.name not in feeds:
+            raise UnsupportedModelError(f"the ONNX export has an input '{i.name}' the data does not provide")
+        arr = np.asarray(feeds[i.name])
+        want = _ORT_TYPES.get(i.type)
+        feed[i.name] = arr.astype(want) if want is not None and arr.dtype != want else arr
+    try:
+        values = sess.run(None, feed)
+    except Exception as exc:  # noqa: BLE001
+        raise UnsupportedModelError(f"onnxruntime cannot run the ONNX export on the data samples: "
+                                    f"{_one_line(exc)}") from exc
+    return [o.name for o in sess.get_outputs()], [np.asarray(v) for v in values]
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def compare_arrays(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
+                   samples: int) -> dict[str, Any]:
+    """max abs / max rel error and the verdict per output and overall (default dtype tolerances)."""
+    from ..verify.compare import compare_outputs, tolerance_for
+
+    metrics = compare_outputs(dict(reference), dict(candidate))
+    outputs = []
+    for m in metrics:
+        atol, rtol = tolerance_for(m.dtype)
+        outputs.append({"name": m.name, "dtype": m.dtype, "max_abs": float(m.max_abs), "max_rel": float(m.max_rel),
+                        "atol": float(m.atol if m.atol is not None else atol),
+                        "rtol": float(m.rtol if m.rtol is not None else rtol), "passed": bool(m.passed)})
+    return {
+        "max_abs": max((o["max_abs"] for o in outputs), default=0.0),
+        "max_rel": max((o["max_rel"] for o in outputs), default=0.0),
+        "passed": all(o["passed"] for o in outputs),
+        "samples": int(samples),
+        "outputs": outputs,
+    }
+
+
+def tensors_to_arrays(names: list[str], tensors: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    return {n: _to_numpy(t) for n, t in zip(names, tensors)}
+
+
+# ----------------------------------------------------------------------------- torch formats
+
+
+def _names_of(args: tuple[torch.Tensor, ...], kwargs: Mapping[str, torch.Tensor],
+              arg_names: list[str]) -> dict[str, torch.Tensor]:
+    return {**dict(zip(arg_names, args)), **dict(kwargs)}
+
+
+def save_exported_program(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: Mapping[str, torch.Tensor],
+                          arg_names: list[str], path: Path, *, dynamic_batch: bool = True) -> list[str]:
+    """``torch.export.export(module, args, kwargs)`` + ``torch.export.save`` to ``path``; returns notes.
+
+    ``arg_names`` name the positional ``args`` (forward's parameters), for ``dynamic_shapes``.
+    """
+    notes: list[str] = []
+    Dim = torch.export.Dim
+    named = _names_of(args, kwargs, arg_names)
+
+    def export(dynamic: bool) -> Any:
+        shapes = {n: ({0: Dim.AUTO} if t.dim() >= 1 else None) for n, t in named.items()} if dynamic else None
+        with _quiet(notes):
+            return torch.export.export(module, tuple(args), kwargs=dict(kwargs), dynamic_shapes=shapes, strict=False)
+
+    try:
+        ep = export(dynamic_batch)
+    except Exception as exc:  # noqa: BLE001
+        if not dynamic_batch:
+            raise UnsupportedModelError(f"torch.export.export failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+        try:
+            ep = export(False)
+        except Exception as exc2:  # noqa: BLE001
+            raise UnsupportedModelError(f"torch.export.export failed: {type(exc2).__name__}: "
+                                        f"{_one_line(exc2)}") from exc2
+        notes.append(f"the ExportedProgram has a static batch size: a dynamic batch axis failed "
+                     f"({type(exc).__name__}: {_one_line(exc, 160)})")
+    torch.export.save(ep, os.fspath(path))
+    return notes
+
+
+def save_torchscript(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: Mapping[str, torch.Tensor],
+                     arg_names: list[str], path: Path) -> list[str]:
+    """``torch.jit.trace`` + ``torch.jit.save`` to ``path``; returns notes."""
+    notes: list[str] = []
+    try:
+        with _quiet(notes):
+            if kwargs:
+                traced = torch.jit.trace(module, example_kwarg_inputs=_names_of(args, kwargs, arg_names),
+                                         check_trace=False, strict=False)
+            else:
+                traced = torch.jit.trace(module, tuple(args), check_trace=False, strict=False)
+    except Exception as exc:  # noqa: BLE001
+        raise UnsupportedModelError(f"torch.jit.trace failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+    torch.jit.save(traced, os.fspath(path))
+    return notes
+
+
+def load_saved(path: Path, kind: str) -> nn.Module:
+    """Read back what :func:`save_exported_program` / :func:`save_torchscript` wrote."""
+    if kind == "pt2":
+        return torch.export.load(str(path)).module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(path), map_location="cpu")

@@ -1,0 +1,447 @@
+"""``bnfold fold`` on PyTorch models: ExportedProgram, TorchScript, factory + state_dict, pickles.
+
+Every test runs the CLI in a subprocess (``python -m bnfold.cli.main``) on real torch models saved
+under a temporary folder, with the model classes in a module written there and put on
+PYTHONPATH (as a user's own code would be). The reference for "matches" is the frozen model
+computed here with :func:`bnfold.torch.calibrate` on the same data and batch size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = 8
+
+MODELS = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        """Conv -> BN -> ReLU -> Conv (no bias) -> BN -> pool -> Linear -> BN1d."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 5)
+            self.bn3 = nn.BatchNorm1d(5)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.conv(x)))
+            h = torch.relu(self.bn2(self.conv2(h)))
+            return self.bn3(self.fc(h.mean((2, 3))))
+
+
+    class TwoInputs(nn.Module):
+        """forward(x, y): two inputs fed by name from an .npz keyed x, y."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+            self.bn = nn.BatchNorm2d(6)
+            self.proj = nn.Conv2d(2, 6, 1)
+            self.bn_y = nn.BatchNorm2d(6)
+
+        def forward(self, x, y):
+            return torch.relu(self.bn(self.conv(x))) + self.bn_y(self.proj(y))
+
+
+    class Untraceable(nn.Module):
+        """Python control flow on a tensor value: torch.fx cannot trace it."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = self.bn(self.conv(x))
+            if h.abs().sum() > 0:
+                return torch.relu(h)
+            return h
+
+
+    class _Double(torch.autograd.Function):
+        """x * 2 in PyTorch, but exported to ONNX as Identity: an export that diverges."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def symbolic(g, x):
+            return g.op("Identity", x)
+
+
+    class BadExport(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return _Double.apply(self.bn(self.conv(x)))
+
+
+    def build_net():
+        torch.manual_seed(1)
+        return Net()
+
+
+    def build_two():
+        torch.manual_seed(2)
+        return TwoInputs()
+
+
+    def build_untraceable():
+        torch.manual_seed(3)
+        return Untraceable()
+
+
+    def build_bad_export():
+        torch.manual_seed(4)
+        return BadExport()
+''')
+
+
+def randomise_bn(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory):
+    """The model module, saved models and calibration data, built once."""
+    root = tmp_path_factory.mktemp("torch_cli")
+    (root / "tmodels.py").write_text(MODELS, encoding="utf-8")
+    sys.path.insert(0, str(root))
+    try:
+        import importlib
+
+        tm = importlib.import_module("tmodels")
+    finally:
+        sys.path.remove(str(root))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((24, 3, 8, 8)).astype(np.float32) * 2 + 0.5
+    np.save(root / "calib.npy", x)
+    y = rng.standard_normal((24, 2, 8, 8)).astype(np.float32)
+    np.savez(root / "xy.npz", x=x, y=y)
+
+    net = randomise_bn(tm.build_net(), 10).train()
+    ex = torch.from_numpy(x[:4])
+    ep = torch.export.export(net, (ex,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    torch.export.save(ep, root / "net.pt2")
+    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export; users still have archives
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(net), root / "net.ts")
+    torch.save(net, root / "whole.pt")
+    two = randomise_bn(tm.build_two(), 11)
+    torch.save(two.state_dict(), root / "two_sd.pt")
+    partial = {k: v for k, v in two.state_dict().items() if not k.startswith("bn_y.")}
+    torch.save(partial, root / "two_partial.pt")
+    return {"root": root, "tm": tm, "net": net, "two": two, "x": x, "y": y}
+
+
+def run_cli(work: dict, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(work["root"]), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("GITHUB_STEP_SUMMARY", None)
+    return subprocess.run([sys.executable, "-m", "bnfold.cli.main", *map(str, args)], capture_output=True,
+                          text=True, cwd=work["root"], env=env, timeout=timeout)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("bnfold: warning:")]
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), proc.stderr
+    return lines[0]
+
+
+def frozen_reference(model: nn.Module, arrays: dict[str, np.ndarray]) -> nn.Module:
+    """The frozen model the CLI calibrates: same data, batches of BATCH, Algorithm 2."""
+    from bnfold.torch import calibrate
+
+    n = next(iter(arrays.values())).shape[0]
+    batches = [{k: torch.from_numpy(v[i:i + BATCH]) for k, v in arrays.items()} for i in range(0, n, BATCH)]
+    frozen, _ = calibrate(model, batches)
+    return frozen
+
+
+def eager(model: nn.Module, **inputs: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+
+
+def positional(model: nn.Module, *arrays: np.ndarray) -> np.ndarray:
+    """A written model is called like the original: positionally."""
+    with torch.no_grad():
+        return model(*(torch.from_numpy(a) for a in arrays)).numpy()
+
+
+def run_onnx(path: Path, **inputs: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, inputs)[0]
+
+
+def onnx_ops(path: Path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def validate_report(path: Path) -> dict:
+    report = json.loads(path.read_text(encoding="utf-8"))
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO / "docs" / "report-schema.json").read_text(encoding="utf-8"))
+    jsonschema.validate(report, schema)
+    return report
+
+
+# --------------------------------------------------------------------------- ExportedProgram
+
+
+def test_pt2_to_onnx(work: dict) -> None:
+    root = work["root"]
+    out, rep = root / "o1" / "net.onnx", root / "o1" / "report.json"
+    proc = run_cli(work, "fold", "net.pt2", "--data", "calib.npy", "--batch-size", BATCH, "-o", out,
+                   "--report", rep, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "Export check" in proc.stdout and "PASSED" in proc.stdout
+    assert "BatchNormalization" not in onnx_ops(out)
+    frozen = frozen_reference(work["net"], {"x": work["x"]})
+    x = work["x"][:6]
+    np.testing.assert_allclose(run_onnx(out, x=x), eager(frozen, x=x), atol=1e-4, rtol=1e-4)
+    report = validate_report(rep)
+    assert report["counts"] == {"bn": 3, "folded": 3, "frozen_kept": 0}
+    assert report["input"]["path"] == "net.pt2" and report["output"]["path"] == str(out)
+    check = report["extra"]["export_check"]
+    assert check["passed"] is True and check["max_abs"] < 1e-4 and set(check) >= {"max_abs", "max_rel", "passed"}
+    assert report["extra"]["source"]["kind"] == "exported_program"
+    assert report["verification"]["passed"] is True
+
+
+def test_pt2_to_pt2(work: dict) -> None:
+    root = work["root"]
+    out, rep = root / "o2" / "net_folded.pt2", root / "o2" / "report.json"
+    proc = run_cli(work, "fold", "net.pt2", "--data", "calib.npy", "--batch-size", BATCH, "-o", out,
+                   "--report", rep)
+    assert proc.returncode == 0, proc.stderr
+    folded = torch.export.load(str(out)).module()
+    targets = [str(n.target) for n in folded.graph.nodes if n.op == "call_function"]
+    assert not any("batch_norm" in t for t in targets), targets
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    frozen = frozen_reference(work["net"], {"x": work["x"]})
+    for n in (1, 5):  # a dynamic batch axis: other batch sizes than the example's
+        x = work["x"][:n]
+        np.testing.assert_allclose(positional(folded, x), eager(frozen, x=x), atol=1e-4, rtol=1e-4)
+    report = validate_report(rep)
+    assert report["counts"]["folded"] == 3 and report["verification"] is None
+    assert report["extra"]["torch_check"]["passed"] is True
+    assert report["extra"]["export_check"]["passed"] is True
+    assert {b["name"] for b in report["bns"]} == {"bn", "bn2", "bn3"}
+    assert all(b["mode_before"] == "training" and b["stats"] is not None for b in report["bns"])
+
+
+def test_pt2_dry_run_writes_nothing(work: dict) -> None:
+    root = work["root"]
+    out = root / "o3" / "net.pt2"
+    proc = run_cli(work, "fold", "net.pt2", "--data", "calib.npy", "-o", out, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "Dry run: no model written" in proc.stdout and "bn3" in proc.stdout
+    assert not out.exists() and not out.parent.exists()
+
+
+# --------------------------------------------------------------------------- TorchScript
+
+
+def test_torchscript_to_onnx(work: dict) -> None:
+    root = work["root"]
+    out, rep = root / "o4" / "net.onnx", root / "o4" / "report.json"
+    proc = run_cli(work, "fold", "net.ts", "--data", "calib.npy", "--batch-size", BATCH, "-o", out, "--report", rep)
+    assert proc.returncode == 0, proc.stderr
+    assert "BatchNormalization" not in onnx_ops(out)
+    frozen = frozen_reference(work["net"], {"x": work["x"]})
+    x = work["x"][:4]
+    np.testing.assert_allclose(run_onnx(out, x=x), eager(frozen, x=x), atol=1e-4, rtol=1e-4)
+    report = validate_report(rep)
+    assert any("TorchScript" in w and "ONNX export" in w for w in report["warnings"]), report["warnings"]
+    assert report["extra"]["export_check"]["passed"] is True
+
+
+def test_torchscript_to_pt2_refused(work: dict) -> None:
+    out = work["root"] / "o5" / "net.pt2"
+    line = one_line_error(run_cli(work, "fold", "net.ts", "--data", "calib.npy", "-o", out), 3)
+    assert ".onnx" in line
+    assert not out.parent.exists()
+
+
+# --------------------------------------------------------------------------- factory + weights
+
+
+def test_factory_weights_two_inputs(work: dict) -> None:
+    root = work["root"]
+    out, rep = root / "o6" / "two.pt", root / "o6" / "report.json"
+    proc = run_cli(work, "fold", "-", "--model-factory", "tmodels:build_two", "--weights", "two_sd.pt",
+                   "--data", "xy.npz", "--batch-size", BATCH, "-o", out, "--report", rep)
+    assert proc.returncode == 0, proc.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        folded = torch.jit.load(str(out))
+    names = [getattr(m, "original_name", "") for m in folded.modules()]
+    assert not any("BatchNorm" in n for n in names), names
+    frozen = frozen_reference(work["two"], {"x": work["x"], "y": work["y"]})
+    x, y = work["x"][:3], work["y"][:3]
+    np.testing.assert_allclose(positional(folded, x, y), eager(frozen, x=x, y=y), atol=1e-4, rtol=1e-4)
+    report = validate_report(rep)
+    assert report["counts"] == {"bn": 2, "folded": 2, "frozen_kept": 0}
+    assert report["input"]["path"] == "two_sd.pt" and report["extra"]["source"]["factory"] == "tmodels:build_two"
+    assert report["extra"]["torch_check"]["passed"] is True
+
+
+def test_factory_to_onnx_without_model_argument(work: dict) -> None:
+    out = work["root"] / "o7" / "two.onnx"
+    proc = run_cli(work, "fold", "--model-factory", "tmodels:build_two", "--weights", "two_sd.pt",
+                   "--data", "xy.npz", "--batch-size", BATCH, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    ops = onnx_ops(out)
+    assert "BatchNormalization" not in ops and "Conv" in ops
+    frozen = frozen_reference(work["two"], {"x": work["x"], "y": work["y"]})
+    x, y = work["x"][:3], work["y"][:3]
+    np.testing.assert_allclose(run_onnx(out, x=x, y=y), eager(frozen, x=x, y=y), atol=1e-4, rtol=1e-4)
+
+
+def test_fx_untraceable_falls_back_to_onnx(work: dict) -> None:
+    root = work["root"]
+    out, rep = root / "o8" / "u.onnx", root / "o8" / "report.json"
+    proc = run_cli(work, "fold", "--model-factory", "tmodels:build_untraceable", "--data", "calib.npy",
+                   "-o", out, "--report", rep)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("bnfold: warning:")]
+    assert any("torch.fx cannot trace" in w and "ONNX export" in w for w in warnings), proc.stderr
+    report = validate_report(rep)
+    assert any("torch.fx cannot trace" in w for w in report["warnings"])
+    assert report["extra"]["route"] == "onnx-fallback" and report["counts"]["folded"] == 1
+    assert "BatchNormalization" not in onnx_ops(out)
+
+    out2 = root / "o8" / "u.pt2"
+    line = one_line_error(run_cli(work, "fold", "--model-factory", "tmodels:build_untraceable", "--data",
+                                  "calib.npy", "-o", out2), 3)
+    assert "torch.fx cannot trace" in line and ".onnx" in line
+    assert not out2.exists()
+
+
+def test_export_divergence_is_exit_1(work: dict) -> None:
+    root = work["root"]
+    out, rep = root / "o9" / "bad.onnx", root / "o9" / "report.json"
+    proc = run_cli(work, "fold", "--model-factory", "tmodels:build_bad_export", "--data", "calib.npy",
+                   "-o", out, "--report", rep)
+    line = one_line_error(proc, 1)
+    assert "export diverged" in line, line
+    assert not out.exists()
+    report = validate_report(rep)
+    assert report["extra"]["export_check"]["passed"] is False and report["output"]["path"] is None
+
+
+# --------------------------------------------------------------------------- pickles
+
+
+def test_whole_pickle_needs_unsafe_flag(work: dict) -> None:
+    root = work["root"]
+    out = root / "o10" / "whole.onnx"
+    line = one_line_error(run_cli(work, "fold", "whole.pt", "--data", "calib.npy", "-o", out), 3)
+    assert "--unsafe-pickle" in line and "pickled" in line
+    assert not out.exists() and not out.parent.exists()
+
+    proc = run_cli(work, "fold", "whole.pt", "--unsafe-pickle", "--data", "calib.npy", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert any(ln.startswith("bnfold: warning: --unsafe-pickle") and "arbitrary code" in ln
+               for ln in proc.stderr.splitlines()), proc.stderr
+    assert out.exists() and "BatchNormalization" not in onnx_ops(out)
+
+
+def test_help_warns_about_unsafe_pickle(work: dict) -> None:
+    proc = run_cli(work, "fold", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for flag in ("--model-factory", "--weights", "--unsafe-pickle", "--device", "--allow-reused-bn"):
+        assert flag in text
+    assert "arbitrary code" in text
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs(work: dict) -> None:
+    """Each case: exit 3 with one line, nothing written. Run side by side to save time."""
+    root = work["root"]
+    (root / "garbage.pt").write_bytes(b"definitely not a torch file" * 4)
+    out = root / "bad" / "m.onnx"
+    cases = {
+        "missing file": (["fold", "nope.pt2", "--data", "calib.npy", "-o", out], "not found"),
+        "not a torch file": (["fold", "garbage.pt", "--data", "calib.npy", "-o", out], "not a PyTorch model"),
+        "factory module": (["fold", "--model-factory", "no_such_module:build", "--data", "calib.npy", "-o", out],
+                           "no_such_module"),
+        "factory attribute": (["fold", "--model-factory", "tmodels:nope", "--data", "calib.npy", "-o", out],
+                              "nope"),
+        "weights keys": (["fold", "--model-factory", "tmodels:build_two", "--weights", "two_partial.pt",
+                          "--data", "xy.npz", "-o", out], "missing keys"),
+        "state_dict as MODEL": (["fold", "two_sd.pt", "--data", "xy.npz", "-o", out], "--model-factory"),
+        "data key": (["fold", "--model-factory", "tmodels:build_two", "--weights", "two_sd.pt",
+                      "--data", "calib.npy", "-o", out], ".npy"),
+    }
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    procs = {name: subprocess.Popen([sys.executable, "-m", "bnfold.cli.main", *map(str, argv)], cwd=root, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (argv, _) in cases.items()}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        proc = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+        line = one_line_error(proc, 3)
+        assert cases[name][1] in line, (name, line)
+        if name == "weights keys":
+            assert "bn_y.weight" in line and "bn_y.running_var" in line, line
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_usage_and_device_errors(work: dict) -> None:
+    root = work["root"]
+    out = root / "usage" / "m.onnx"
+    for argv in (["fold", "net.pt2", "--data", "calib.npy", "-o", root / "usage" / "m.bin"],
+                 ["fold", "net.pt2", "--weights", "two_sd.pt", "--data", "calib.npy", "-o", out],
+                 ["fold", "--model-factory", "not-a-spec", "--data", "calib.npy", "-o", out]):
+        proc = run_cli(work, *argv)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert "Error:" in proc.stderr and "Traceback" not in proc.stderr
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is not an error here")
+    line = one_line_error(run_cli(work, "fold", "net.pt2", "--data", "calib.npy", "-o", out, "--device", "cuda"), 4)
+    assert "cuda" in line.lower()
+    assert not out.parent.exists()
