@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from .graph.constants import Constants
-from .graph.index import GraphIndex
+from .graph.index import GraphIndex, has_subgraph
 from .records import BnInfo, Mode
 
 _TRACE_LIMIT = 16
@@ -38,17 +38,21 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def name_nodes(graph: onnx.GraphProto) -> None:
     """Give every unnamed or duplicate-named node of the main graph a unique name (in place)."""
-    counts = Counter(n.name for n in graph.node if n.name)
+    names = [n.name for n in graph.node]
+    counts = Counter(names)
+    if len(counts) == len(names) and "" not in counts:
+        return  # the common case: nothing to rename
     used = set(counts)
-    for i, node in enumerate(graph.node):
-        if node.name and counts[node.name] == 1:
+    used.discard("")
+    for i, (node, name) in enumerate(zip(graph.node, names)):
+        if name and counts[name] == 1:
             continue
-        base = f"{node.name or node.op_type}_{i}"
-        name, k = base, 1
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        node.name = name
+        base = f"{name or node.op_type}_{i}"
+        new, k = base, 1
+        while new in used:
+            new, k = f"{base}_{k}", k + 1
+        used.add(new)
+        node.name = new
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -58,17 +62,21 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+_STD = ("", "ai.onnx")
+
+
 def is_bn(node: onnx.NodeProto) -> bool:
-    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+    return node.op_type == "BatchNormalization" and node.domain in _STD
 
 
-def attr_training(node: onnx.NodeProto, opset: int) -> bool:
+def attr_training(node: onnx.NodeProto, opset: int, attrs: dict | None = None) -> bool:
     """Training mode as the node's attributes and outputs declare it."""
+    attrs = attrs if attrs is not None else {a.name: a for a in node.attribute}
     if opset >= 14:
-        return bool(_attr(node, "training_mode", 0))
-    if opset < 7 and _attr(node, "is_test", 0) == 0:
+        return "training_mode" in attrs and bool(attrs["training_mode"].i)
+    if opset < 7 and ("is_test" not in attrs or attrs["is_test"].i == 0):
         return True
-    return sum(1 for o in node.output[1:] if o) > 0
+    return any(list(node.output)[1:])
 
 
 def _depends_on(index: GraphIndex, name: str, target: str) -> bool:
@@ -88,19 +96,22 @@ def _depends_on(index: GraphIndex, name: str, target: str) -> bool:
 
 
 def _bn_info(node: onnx.NodeProto, mode: Mode, index: GraphIndex | None, consts: Constants | None,
-             graph_path: str) -> BnInfo:
+             graph_path: str, attrs: dict | None = None) -> BnInfo:
+    ins = list(node.input)
+    attrs = attrs if attrs is not None else {a.name: a for a in node.attribute}
     producer = producer_op = None
     channels = None
     if index is not None:
-        p = index.node_of(node.input[0])
+        p = index.node_of(ins[0])
         if p is not None:
             producer, producer_op = p.name, p.op_type
     if consts is not None:
+        inits = consts.index.initializers
         for slot in (1, 3, 2, 4):
-            name = node.input[slot] if slot < len(node.input) else ""
+            name = ins[slot] if slot < len(ins) else ""
             if not name:
                 continue
-            init = consts.index.initializers.get(name)
+            init = inits.get(name)
             if init is not None:
                 dims = tuple(init.dims)
             else:
@@ -112,11 +123,11 @@ def _bn_info(node: onnx.NodeProto, mode: Mode, index: GraphIndex | None, consts:
     return BnInfo(
         name=node.name,
         mode=mode,
-        input=node.input[0],
+        input=ins[0],
         output=node.output[0],
         producer=producer,
         producer_op=producer_op,
-        epsilon=float(_attr(node, "epsilon", 1e-5)),
+        epsilon=float(attrs["epsilon"].f) if "epsilon" in attrs else 1e-5,
         channels=channels,
         graph_path=graph_path,
     )
@@ -148,16 +159,19 @@ def find_bns(model: onnx.ModelProto, index: GraphIndex, consts: Constants) -> li
     for pos, node in enumerate(index.nodes):
         if pos in index.removed:
             continue
-        if is_bn(node):
-            training = attr_training(node, opset)
-            stats_inputs = [node.input[i] for i in (3, 4) if i < len(node.input)]
-            computed = [n for n in stats_inputs if not consts.is_constant(n)]
-            if computed and any(_depends_on(index, n, node.input[0]) for n in computed):
+        if node.op_type == "BatchNormalization" and node.domain in _STD:
+            attrs = {a.name: a for a in node.attribute}
+            training = attr_training(node, opset, attrs)
+            ins = list(node.input)
+            computed = [n for n in ins[3:5] if not consts.is_constant(n)]
+            if computed and any(_depends_on(index, n, ins[0]) for n in computed):
                 mode = Mode.DECOMPOSED
             else:
                 mode = Mode.TRAINING if training else Mode.INFERENCE
-            spatial = bool(_attr(node, "spatial", 1)) if opset < 9 else True
-            sites.append(BnSite(_bn_info(node, mode, index, consts, ""), pos, spatial))
+            spatial = bool(attrs["spatial"].i) if opset < 9 and "spatial" in attrs else True
+            sites.append(BnSite(_bn_info(node, mode, index, consts, "", attrs), pos, spatial))
+        if not has_subgraph(node):
+            continue
         for a in node.attribute:
             subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else (
                 list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])

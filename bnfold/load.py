@@ -16,6 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import BadInputError, UnsupportedModelError
+from .serialize import write_model
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
 _PROTO_LIMIT = 2**31 - 2**24
@@ -139,49 +140,48 @@ def save_onnx(
     """Write ``model`` to ``path`` atomically; return the sha256 of the written model file.
 
     With ``external_data`` (or when the model is too large for one protobuf), tensors go to
-    ``<name>.data`` beside the model. Parent directories are created. Nothing is left behind
-    on failure.
+    ``<name>.<hex>.data`` beside the model. Parent directories are created. Nothing is left
+    behind on failure.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = b""
     if not external_data:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".bnfold-tmp", dir=path.parent)
         try:
-            blob = model.SerializeToString()
+            with os.fdopen(fd, "wb") as fh:
+                digest = write_model(model, fh)  # streamed: no file-sized bytes object
+            os.replace(tmp_name, path)
+            return digest
         except (ValueError, EncodeError):  # over protobuf's 2 GiB limit: tensors go to an external file
-            blob = b""
-    too_big = not external_data and not blob
+            pass
+        except OSError as exc:
+            raise UnsupportedModelError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+        finally:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
     tmpdir = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=path.parent))
     try:
         tmp_model = tmpdir / path.name
-        if external_data or too_big:
-            # a fresh data-file name per write: the old model never points at new data
-            location = f"{path.name}.{os.urandom(4).hex()}.data"
-            onnx.save_model(
-                model,
-                str(tmp_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=location,
-                size_threshold=1024,
-            )
-            # the in-memory model now points at the file: read the tensors back (callers go on)
-            onnx.load_external_data_for_model(model, str(tmpdir))
-            data_file = tmpdir / location
-            if data_file.exists():
-                os.replace(data_file, path.parent / location)
-            digest = hashlib.sha256(tmp_model.read_bytes()).hexdigest()
-            os.replace(tmp_model, path)
-            remove_stale_data(path, keep=location)
-            return digest
-        else:
-            with _Hasher(blob) as hasher, open(tmp_model, "wb") as fh:
-                fh.write(blob)
-            digest = hasher.hexdigest
-            del blob
+        # a fresh data-file name per write: the old model never points at new data
+        location = f"{path.name}.{os.urandom(4).hex()}.data"
+        onnx.save_model(
+            model,
+            str(tmp_model),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=location,
+            size_threshold=1024,
+        )
+        # the in-memory model now points at the file: read the tensors back (callers go on)
+        onnx.load_external_data_for_model(model, str(tmpdir))
+        data_file = tmpdir / location
+        if data_file.exists():
+            os.replace(data_file, path.parent / location)
+        digest = hashlib.sha256(tmp_model.read_bytes()).hexdigest()
         os.replace(tmp_model, path)
+        remove_stale_data(path, keep=location)
+        return digest
     except OSError as exc:
         raise UnsupportedModelError(f"cannot write '{path}': {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return digest

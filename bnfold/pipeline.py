@@ -22,6 +22,7 @@ from .discover import BnSite, default_opset, find_bns, name_nodes
 from .errors import BadInputError, UnsupportedModelError
 from .folding.apply import apply_plan
 from .freeze import freeze
+from .gcpause import without_gc
 from .graph.constants import Constants
 from .graph.index import GraphIndex
 from .load import LoadedModel, load_onnx, prepare_for_save, save_onnx
@@ -225,6 +226,7 @@ def _records(work_sites: list[BnSite], modes: dict[str, Mode], plan, frozen) -> 
     return out
 
 
+@without_gc
 def fold(
     model: str | os.PathLike[str] | onnx.ModelProto,
     *,
@@ -363,6 +365,7 @@ def _placeholder_stats(work: _Work, site: BnSite) -> FrozenStats:
     return FrozenStats(zero, one, one, one, 0.0, 0, 0)
 
 
+@without_gc
 def inspect(model: str | os.PathLike[str] | onnx.ModelProto) -> list[BnInspection]:
     """Every BN with its producer, mode and the decision ``fold`` would take (stored statistics).
 

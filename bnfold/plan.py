@@ -36,6 +36,10 @@ class Route:
     chain: list[tuple[int, int]] = field(default_factory=list)  # (node pos, data slot), BN side first
     add_consts: list[np.ndarray] = field(default_factory=list)  # per-channel (C,) biases passed through
     out_rank: int = 2  # rank of the BN input
+    eps: float = 1e-5  # the BN's epsilon
+
+
+_PARAM_SLOTS = ((1, "scale"), (2, "bias"), (3, "mean"), (4, "variance"))
 
 
 class _Refuse(Exception):
@@ -59,7 +63,7 @@ class Planner:
     def _shape_of(self, name: str) -> tuple[int, ...] | None:
         t = self.index.initializers.get(name)
         if t is not None:
-            return tuple(int(d) for d in t.dims)
+            return tuple(t.dims)
         v = self.consts.value(name)
         return None if v is None else tuple(v.shape)
 
@@ -89,17 +93,19 @@ class Planner:
             return FoldDecision(info.name, Action.FROZEN_KEPT, reason=Reason.SPATIAL_ZERO,
                                 detail="spatial=0: statistics per activation, not per channel"), None
         bn = self.index.nodes[site.pos]
+        ins = list(bn.input)
         # statistics of a training-mode BN become constants when it is frozen
-        slots = ((1, "scale"), (2, "bias"), (3, "mean"), (4, "variance"))
-        if info.mode is not Mode.INFERENCE:
-            slots = slots[:2]
+        slots = _PARAM_SLOTS if info.mode is Mode.INFERENCE else _PARAM_SLOTS[:2]
+        is_constant = self.consts.is_constant
         for slot, what in slots:
-            if not self.consts.is_constant(bn.input[slot]):
+            if not is_constant(ins[slot]):
                 return FoldDecision(info.name, Action.FROZEN_KEPT, reason=Reason.NOT_CONSTANT,
-                                    detail=f"BN {what} '{bn.input[slot]}' is not a constant"), None
-        channels = int(self._shape_of(bn.input[1])[0]) if self._shape_of(bn.input[1]) else None
+                                    detail=f"BN {what} '{ins[slot]}' is not a constant"), None
+        scale_shape = self._shape_of(ins[1])
+        channels = int(scale_shape[0]) if scale_shape else None
         try:
             route = self._backward(site.pos, bn, channels)
+            route.eps = info.epsilon
             p = self.index.nodes[route.target_pos]
             through = tuple(self.index.nodes[pos].name for pos, _ in reversed(route.chain))
             return FoldDecision(info.name, Action.FOLDED, target=p.name, direction="backward",
@@ -108,6 +114,7 @@ class Planner:
         except _Refuse as back:
             try:
                 route = self._forward(site.pos, bn, channels)
+                route.eps = info.epsilon
             except _Refuse as fwd:
                 if fwd.reason is _NO_CANDIDATE:
                     return FoldDecision(info.name, Action.FROZEN_KEPT, reason=back.reason,
@@ -123,7 +130,8 @@ class Planner:
                                 detail=f"into the following {c.op_type} '{c.name}' (backward: {back.detail})"), route
 
     def _clone_note(self, node: onnx.NodeProto) -> Reason | None:
-        shared = any(self.index.use_count(n) > 1 for n in node.input[1:3] if n)
+        use_count = self.index.use_count
+        shared = any(use_count(n) > 1 for n in list(node.input)[1:3] if n)
         return Reason.SHARED_WEIGHT_CLONED if shared else None
 
     # ---- backward ------------------------------------------------------------------------
@@ -180,11 +188,12 @@ class Planner:
         """(output channels, output rank) of a producer that can take the fold."""
         op = node.op_type
         if op in ("Conv", "ConvTranspose"):
-            w = self._require_const(node.input[1], "weight", node)
-            if len(node.input) > 2 and node.input[2]:
-                self._require_const(node.input[2], "bias", node)
-            self._require_float(node.input[1], node)
-            group = int(_attr(node, "group", 1))
+            ins = list(node.input)
+            w = self._require_const(ins[1], "weight", node)
+            if len(ins) > 2 and ins[2]:
+                self._require_const(ins[2], "bias", node)
+            self._require_float(ins[1], node)
+            group = int(_attr(node, "group", 1)) if op == "ConvTranspose" else 1
             return (w[0] if op == "Conv" else w[1] * group), len(w)
         if op == "Gemm":
             b = self._require_const(node.input[1], "B", node)

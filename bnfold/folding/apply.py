@@ -11,11 +11,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..graph.constants import Constants, array_to_tensor
+from ..graph.constants import Constants, array_to_tensor, tensor_to_array
 from ..graph.index import GraphIndex
 from ..plan import Route
 from ..records import Action, FoldDecision, FoldPlan, Reason
 from . import arith
+from .batched import BATCH_ELEMENTS, BnParams, ConvFold, fold_conv_many, fold_conv_one, scale_shift_many
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -50,9 +51,46 @@ class _Applier:
     def value(self, name: str | None) -> np.ndarray | None:
         return self.consts.value(name) if name else None
 
-    def bn_params(self, bn: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray]:
-        gamma, beta, mean, var = (self.value(bn.input[i]) for i in (1, 2, 3, 4))
-        return arith.bn_scale_shift(gamma, beta, mean, var, float(_attr(bn, "epsilon", 1e-5)))
+    def bn_params(self, bn: onnx.NodeProto, eps: float) -> BnParams:
+        inits, value = self.index.initializers, self.consts.value
+        vals = []
+        for name in list(bn.input)[1:5]:
+            t = inits.get(name)
+            vals.append(tensor_to_array(t) if t is not None else value(name))
+        return BnParams(*vals, eps)
+
+    def precompute(self, routes: list[Route]) -> list[tuple[tuple[np.ndarray, np.ndarray], object]]:
+        """Per route: the BN's (s, t) with the looked-through biases, and for a backward fold into
+        a Conv its folded (weight, bias) or FoldValueError; all computed in batches."""
+        nodes = self.index.nodes
+        st = scale_shift_many([self.bn_params(nodes[r.bn_pos], r.eps) for r in routes])
+        for k, r in enumerate(routes):
+            s, t = st[k]
+            for extra in r.add_consts:  # s*(z + c) + t = s*z + (s*c + t)
+                t = t + s * extra
+            st[k] = (s, t)
+        convs: list[int] = []
+        jobs: list[ConvFold] = []
+        for k, r in enumerate(routes):
+            p = nodes[r.target_pos]
+            # large weights are folded one at a time in ``backward``: only one new copy is alive
+            if r.direction == "backward" and p.op_type == "Conv" and self._small(p.input[1]):
+                bias_name = p.input[2] if len(p.input) > 2 else ""
+                jobs.append(ConvFold(self.value(p.input[1]), self.value(bias_name), *st[k]))
+                convs.append(k)
+        folded: list[object] = [None] * len(routes)
+        for k, res in zip(convs, fold_conv_many(jobs)):
+            folded[k] = res
+        return list(zip(st, folded))
+
+    def _small(self, name: str) -> bool:
+        init = self.index.initializers.get(name)
+        if init is None:
+            return False
+        size = 1
+        for d in init.dims:
+            size *= d
+        return size <= BATCH_ELEMENTS // 4
 
     # ---- writing parameters --------------------------------------------------------------
     def write_param(self, pos: int, slot: int, array: np.ndarray, label: str) -> None:
@@ -71,37 +109,29 @@ class _Applier:
 
     def remove_bn(self, bn_pos: int) -> None:
         idx = self.index
-        bn = idx.nodes[bn_pos]
-        params = [i for i in bn.input[1:] if i]
+        params = list(idx.nodes[bn_pos].input)[1:]
         idx.remove_node(bn_pos)
+        inits, consumers, outputs = idx.initializers, idx.consumers, idx.graph_outputs
         for name in params:
-            idx.remove_dead_producers(name)
+            if name in inits and not consumers.get(name) and name not in outputs:
+                idx.dropped_initializers.add(name)  # the common case of remove_dead_producers
+            elif name:
+                idx.remove_dead_producers(name)
 
     # ---- backward ------------------------------------------------------------------------
-    def backward(self, route: Route) -> None:
+    def backward(self, route: Route, st: tuple[np.ndarray, np.ndarray], folded) -> None:
         idx = self.index
-        bn = idx.nodes[route.bn_pos]
         p = idx.nodes[route.target_pos]
-        s, t = self.bn_params(bn)
-        for extra in route.add_consts:  # s*(z + c) + t = s*z + (s*c + t)
-            t = t + s * extra
-        w = self.value(p.input[1])
         op = p.op_type
-        bias_name = p.input[2] if len(p.input) > 2 and p.input[2] else None
-        b = self.value(bias_name)
         if op == "Conv":
-            w2, b2 = arith.fold_conv(w, b, s, t)
-        elif op == "ConvTranspose":
-            w2, b2 = arith.fold_conv_transpose(w, b, s, t, int(_attr(p, "group", 1)))
-        elif op == "Gemm":
-            w2, b2 = arith.fold_gemm(w, b, s, t, trans_b=bool(_attr(p, "transB", 0)),
-                                     alpha=float(_attr(p, "alpha", 1.0)), beta=float(_attr(p, "beta", 1.0)),
-                                     n=s.shape[0])
-        else:  # MatMul
-            w2, b2 = arith.fold_matmul(w, None, s, t)
-        w_out = arith.cast_back(w2, w.dtype, original=w)
-        b_dtype = b.dtype if b is not None else w.dtype
-        b_out = arith.cast_back(b2, b_dtype, original=_bias_original(b, b2))
+            if folded is None:  # not batched in ``precompute``
+                folded = fold_conv_one(ConvFold(self.value(p.input[1]), self.value(
+                    p.input[2] if len(p.input) > 2 else ""), *st))
+            if isinstance(folded, arith.FoldValueError):
+                raise folded
+            w_out, b_out = folded
+        else:
+            w_out, b_out = self._backward_values(p, st)
         if not self.commit:
             return
         self.write_param(route.target_pos, 1, w_out, "weight_folded")
@@ -112,6 +142,25 @@ class _Applier:
         if op == "Gemm":
             _set_attr(p, "beta", 1.0)
         self._rewire_chain(route, bias=None)
+
+    def _backward_values(self, p: onnx.NodeProto, st: tuple[np.ndarray, np.ndarray]):
+        s, t = st
+        w = self.value(p.input[1])
+        op = p.op_type
+        bias_name = p.input[2] if len(p.input) > 2 and p.input[2] else None
+        b = self.value(bias_name)
+        if op == "ConvTranspose":
+            w2, b2 = arith.fold_conv_transpose(w, b, s, t, int(_attr(p, "group", 1)))
+        elif op == "Gemm":
+            w2, b2 = arith.fold_gemm(w, b, s, t, trans_b=bool(_attr(p, "transB", 0)),
+                                     alpha=float(_attr(p, "alpha", 1.0)), beta=float(_attr(p, "beta", 1.0)),
+                                     n=s.shape[0])
+        else:  # MatMul
+            w2, b2 = arith.fold_matmul(w, None, s, t)
+        w_out = arith.cast_back(w2, w.dtype, original=w)
+        b_dtype = b.dtype if b is not None else w.dtype
+        b_out = arith.cast_back(b2, b_dtype, original=_bias_original(b, b2))
+        return w_out, b_out
 
     def _rewire_chain(self, route: Route, bias: np.ndarray | None) -> None:
         """Drop the BN and the Adds it looked through; the last kept node writes the BN's output."""
@@ -142,11 +191,11 @@ class _Applier:
         idx.insert_node(route.bn_pos, add)
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, route: Route) -> None:
+    def forward(self, route: Route, st: tuple[np.ndarray, np.ndarray], folded=None) -> None:
         idx = self.index
         bn = idx.nodes[route.bn_pos]
         conv = idx.nodes[route.target_pos]
-        s, t = self.bn_params(bn)
+        s, t = st
         w = self.value(conv.input[1])
         bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
         b = self.value(bias_name)
@@ -170,6 +219,8 @@ def apply_plan(
     Returns the final plan: folds whose values do not fit the dtype become FROZEN_KEPT.
     """
     applier = _Applier(index, consts, commit)
+    todo = [(d, routes[d.bn]) for d in plan.decisions if d.action is Action.FOLDED and d.bn in routes]
+    values = dict(zip((d.bn for d, _ in todo), applier.precompute([r for _, r in todo])))
     final: list[FoldDecision] = []
     for d in plan.decisions:
         route = routes.get(d.bn)
@@ -177,7 +228,7 @@ def apply_plan(
             final.append(d)
             continue
         try:
-            (applier.backward if route.direction == "backward" else applier.forward)(route)
+            (applier.backward if route.direction == "backward" else applier.forward)(route, *values[d.bn])
         except arith.FoldValueError as exc:
             final.append(FoldDecision(d.bn, Action.FROZEN_KEPT, reason=Reason.DTYPE_OVERFLOW,
                                       detail=f"folding into '{d.target}' would {exc.kind} the weight dtype"))

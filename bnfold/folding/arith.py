@@ -311,7 +311,10 @@ _CHUNK = 1 << 18
 def _abs_range(a: np.ndarray) -> tuple[float, float]:
     """(min |a|, max |a|) in cache-sized chunks: no array-sized temporary (NaN propagates)."""
     flat = a.reshape(-1)
-    buf = np.empty(min(flat.size, _CHUNK), dtype=a.dtype)
+    if flat.size <= _CHUNK:
+        part = np.abs(flat)
+        return float(part.min()), float(part.max())  # NaN propagates through max
+    buf = np.empty(_CHUNK, dtype=a.dtype)
     lo, hi = np.inf, 0.0
     for i in range(0, flat.size, _CHUNK):
         part = np.abs(flat[i:i + _CHUNK], out=buf[: min(_CHUNK, flat.size - i)])

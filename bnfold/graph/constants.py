@@ -26,17 +26,30 @@ _RAW_DTYPES = {
     onnx.TensorProto.INT32: np.dtype("<i4"),
 }
 
+_RAW_BY_NUMPY = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float64): onnx.TensorProto.DOUBLE,
+                 np.dtype(np.float16): onnx.TensorProto.FLOAT16}
+
 
 def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
     """``numpy_helper.to_array`` with a fast path for raw little-endian data (read-only view)."""
     dt = _RAW_DTYPES.get(t.data_type)
-    if dt is not None and t.raw_data and t.data_location != onnx.TensorProto.EXTERNAL:
-        return np.frombuffer(t.raw_data, dtype=dt).reshape(tuple(t.dims))
+    if dt is not None and t.data_location != onnx.TensorProto.EXTERNAL:
+        raw = t.raw_data  # each access copies the bytes: read it once
+        if raw:
+            a = np.frombuffer(raw, dtype=dt)
+            dims = t.dims
+            return a if len(dims) == 1 and dims[0] == a.size else a.reshape(tuple(dims))
     return numpy_helper.to_array(t)
 
 
 def array_to_tensor(array: np.ndarray, name: str, into: onnx.TensorProto | None = None) -> onnx.TensorProto:
     """A TensorProto holding ``array`` as raw data; ``into`` is overwritten in place if given."""
+    if into is not None and array.dtype in _RAW_BY_NUMPY and into.data_type == _RAW_BY_NUMPY[array.dtype] \
+            and into.name == name and into.HasField("raw_data") and into.data_location != onnx.TensorProto.EXTERNAL \
+            and tuple(into.dims) == array.shape and not into.HasField("segment"):
+        # same name, dtype and shape, raw data: only the bytes change
+        into.raw_data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        return into
     dt = _RAW_DTYPES.get(helper.np_dtype_to_tensor_dtype(array.dtype)) if array.dtype.kind == "f" else None
     if dt is None or into is None:
         t = numpy_helper.from_array(array, name)
@@ -158,6 +171,9 @@ class Constants:
     def value(self, name: str) -> np.ndarray | None:
         if not name:
             return None
+        init = self.index.initializers.get(name)
+        if init is not None:  # not cached: weights are large and read once
+            return tensor_to_array(init)
         return self._eval(name, 0)
 
     def is_constant(self, name: str) -> bool:

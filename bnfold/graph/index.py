@@ -32,6 +32,7 @@ def _subgraph_free_names(node: onnx.NodeProto) -> set[str]:
 
 # Standard operators that carry subgraphs; other domains may too, so they are checked as well.
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+_STD = ("", "ai.onnx")
 
 
 def has_subgraph(node: onnx.NodeProto) -> bool:
@@ -40,6 +41,18 @@ def has_subgraph(node: onnx.NodeProto) -> bool:
     return any(
         a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
     )
+
+
+def _delete_positions(field, positions) -> None:
+    """Delete the given positions of a repeated protobuf field, in runs, from the back."""
+    runs: list[list[int]] = []
+    for i in sorted(set(positions)):
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    for a, b in reversed(runs):
+        del field[a:b]
 
 
 class GraphIndex:
@@ -58,24 +71,41 @@ class GraphIndex:
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = defaultdict(list)
         producer, consumers = self.producer, self.consumers
+        self._subgraph_reads: dict[int, set[str]] = {}  # node position -> outer names its subgraphs read
         for i, node in enumerate(self.nodes):
             for out in node.output:
                 producer[out] = i
             for inp in node.input:
                 consumers[inp].append(i)
-            if has_subgraph(node):
-                for name in _subgraph_free_names(node):
+            if (node.op_type in _CONTROL_FLOW or node.domain not in _STD) and has_subgraph(node):
+                free = _subgraph_free_names(node)
+                self._subgraph_reads[i] = free
+                for name in free:
                     consumers[name].append(i)
         producer.pop("", None)
         consumers.pop("", None)
-        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        self._init_pos: dict[str, int] = {}  # position in graph.initializer, for ``commit``
+        for k, t in enumerate(graph.initializer):
+            self.initializers[t.name] = t
+            self._init_pos[t.name] = k
         self.graph_outputs: set[str] = {o.name for o in graph.output}
-        self.graph_inputs: set[str] = {i.name for i in graph.input} - set(self.initializers)
+        graph_input_names = [i.name for i in graph.input]
+        self.graph_inputs: set[str] = set(graph_input_names).difference(self.initializers)
         self.value_info: dict[str, onnx.ValueInfoProto] = {}
-        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        for group in (graph.input, graph.output):
+            for vi in group:
+                self.value_info.setdefault(vi.name, vi)
+        self._vi_pos: dict[str, list[int]] = defaultdict(list)  # positions in graph.value_info
+        for k, vi in enumerate(graph.value_info):
             self.value_info.setdefault(vi.name, vi)
-        self._names = set(self.producer) | set(self.initializers) | {i.name for i in graph.input}
-        self._node_names = {n.name for n in self.nodes if n.name}
+            self._vi_pos[vi.name].append(k)
+        self._orphaned: set[str] = set()  # names that lost their producer (their value_info may go)
+        self._spent = False
+        self._names = set(producer)
+        self._names.update(self.initializers, graph_input_names)
+        self._node_names = {n.name for n in self.nodes}
+        self._node_names.discard("")
         self.new_initializers: list[onnx.TensorProto] = []
         self.dropped_initializers: set[str] = set()
         self.new_nodes: list[tuple[int, int]] = []  # (insert before position, position of new node)
@@ -86,12 +116,15 @@ class GraphIndex:
         return None if i is None or i in self.removed else self.nodes[i]
 
     def use_count(self, name: str) -> int:
-        """How many readers ``name`` has: node input slots, subgraph references, graph outputs."""
-        live = sum(1 for i in self.consumers.get(name, ()) if i not in self.removed)
-        return live + (1 if name in self.graph_outputs else 0)
+        """How many readers ``name`` has: node input slots, subgraph references, graph outputs.
+
+        ``remove_node`` takes a removed node out of every list, so the lists hold live readers only.
+        """
+        readers = self.consumers.get(name)
+        return (len(readers) if readers else 0) + (name in self.graph_outputs)
 
     def consumer_nodes(self, name: str) -> list[int]:
-        return [i for i in self.consumers.get(name, ()) if i not in self.removed]
+        return list(self.consumers.get(name, ()))
 
     def rank(self, name: str) -> int | None:
         vi = self.value_info.get(name)
@@ -147,6 +180,7 @@ class GraphIndex:
         old = node.output[slot]
         if self.producer.get(old) == pos:
             del self.producer[old]
+            self._orphaned.add(old)
         node.output[slot] = name
         self.producer[name] = pos
         self._names.add(name)
@@ -159,12 +193,17 @@ class GraphIndex:
     def remove_node(self, pos: int) -> None:
         node = self.nodes[pos]
         self.removed.add(pos)
-        for inp in node.input:
-            if inp and pos in self.consumers.get(inp, ()):
-                self.consumers[inp] = [i for i in self.consumers[inp] if i != pos]
+        consumers = self.consumers
+        # one list entry per reading slot (and per name a subgraph reads): drop one per occurrence
+        for inp in (*node.input, *self._subgraph_reads.pop(pos, ())):
+            readers = consumers.get(inp)
+            if readers and pos in readers:
+                readers.remove(pos)
+        producer = self.producer
         for out in node.output:
-            if self.producer.get(out) == pos:
-                del self.producer[out]
+            if producer.get(out) == pos:
+                del producer[out]
+                self._orphaned.add(out)
 
     def insert_node(self, before: int, node: onnx.NodeProto) -> int:
         """Queue ``node`` to be placed just before position ``before``; returns its position."""
@@ -210,14 +249,17 @@ class GraphIndex:
             stack.extend(i for i in node.input if i)
 
     def commit(self) -> None:
-        """Write the recorded changes into the GraphProto (one linear pass)."""
+        """Write the recorded changes into the GraphProto (one linear pass). The index is spent
+        afterwards: positions have changed, so build a new one to go on."""
+        if self._spent:
+            raise RuntimeError("this GraphIndex was committed already; build a new one")
         g = self.graph
         inserts: dict[int, list[onnx.NodeProto]] = defaultdict(list)
         for before, pos in self.new_nodes:
             if pos not in self.removed:
                 inserts[before].append(self.nodes[pos])
         n_orig = len(self.nodes) - len(self.new_nodes)
-        if self.removed or self.new_nodes:
+        if self.new_nodes:
             ordered: list[onnx.NodeProto] = []
             for i in range(n_orig):
                 ordered.extend(inserts.get(i, ()))
@@ -226,20 +268,17 @@ class GraphIndex:
             ordered.extend(inserts.get(n_orig, ()))
             del g.node[:]
             g.node.extend(ordered)
-            live = {o for n in ordered for o in n.output} | {i.name for i in g.input}
-            stale = [i for i, v in enumerate(g.value_info) if v.name not in live]
-            for i in reversed(stale):
-                del g.value_info[i]
+        elif self.removed:  # deleting in place is cheaper than copying every kept node
+            _delete_positions(g.node, self.removed)
+        stale = [k for name in self._orphaned if name not in self.producer and name not in self.graph_inputs
+                 for k in self._vi_pos.get(name, ())]
+        _delete_positions(g.value_info, stale)
         if self.dropped_initializers:
-            dead = [i for i, t in enumerate(g.initializer) if t.name in self.dropped_initializers]
-            for i in reversed(dead):
-                del g.initializer[i]
+            _delete_positions(g.initializer, [self._init_pos[n] for n in self.dropped_initializers
+                                              if n in self._init_pos])
             dead_in = [i for i, v in enumerate(g.input) if v.name in self.dropped_initializers]
-            for i in reversed(dead_in):
-                del g.input[i]
+            _delete_positions(g.input, dead_in)
         if self.new_initializers:
             g.initializer.extend(self.new_initializers)
-        self.new_initializers, self.new_nodes = [], []
-        self.dropped_initializers, self.removed = set(), set()
-        self.nodes = list(g.node)
-        # positions changed: callers that go on using the graph build a new index
+        # positions changed: a caller that goes on using the graph builds a new index
+        self._spent = True

@@ -1,0 +1,151 @@
+"""Many folds at once: ``arith``'s formulas, vectorised over small tensors.
+
+A network of thousands of small BNs would otherwise pay numpy's per-call cost (a few
+microseconds) a dozen times per BN. Here the per-channel vectors of all BNs, and the weights of
+all small Convs, are concatenated, computed in one pass and split again. Every element goes
+through exactly the float64 operations ``arith`` applies to it, so the results are bit for bit
+those of the one-at-a-time functions (tested). Anything unusual (a shape ``arith`` would refuse,
+a value the dtype cannot hold, a large weight) is handed to ``arith`` one at a time, which raises
+or computes exactly as before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from . import arith
+
+# weights up to this many elements are batched; one batch holds at most about this many
+BATCH_ELEMENTS = 1 << 18
+
+
+@dataclass(frozen=True)
+class BnParams:
+    gamma: np.ndarray
+    beta: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    eps: float
+
+
+def _bounds(lengths: list[int]) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive pieces of the given lengths (np.split costs far more per piece)."""
+    out, start = [], 0
+    for n in lengths:
+        out.append((start, start + n))
+        start += n
+    return out
+
+
+def _vector_ok(p: BnParams) -> bool:
+    m = p.mean
+    if m.ndim != 1:
+        return False
+    shape = m.shape
+    return all(a is not None and a.shape == shape for a in (p.gamma, p.beta, p.var))
+
+
+def scale_shift_many(params: Sequence[BnParams]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``arith.bn_scale_shift`` of every entry (raises as it does for a bad one)."""
+    if not params or not all(_vector_ok(p) for p in params):
+        return [arith.bn_scale_shift(p.gamma, p.beta, p.mean, p.var, p.eps) for p in params]
+    lengths = [p.mean.shape[0] for p in params]
+    f64 = np.float64
+    mu = np.concatenate([p.mean for p in params], dtype=f64)
+    v = np.concatenate([p.var for p in params], dtype=f64)
+    g = np.concatenate([p.gamma for p in params], dtype=f64)
+    b = np.concatenate([p.beta for p in params], dtype=f64)
+    denom = v + np.repeat(np.array([float(p.eps) for p in params]), lengths)
+    if not (np.isfinite(denom) & (denom > 0)).all():  # arith names the BN and channel
+        return [arith.bn_scale_shift(p.gamma, p.beta, p.mean, p.var, p.eps) for p in params]
+    s = g / np.sqrt(denom)
+    t = b - s * mu
+    bounds = _bounds(lengths)
+    return [(s[a:b], t[a:b]) for a, b in bounds]
+
+
+@dataclass(frozen=True)
+class ConvFold:
+    """One backward fold into a Conv weight ``(C_out, ...)`` (scaled along axis 0)."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    s: np.ndarray  # float64 (C_out,)
+    t: np.ndarray
+
+
+Folded = "tuple[np.ndarray, np.ndarray] | arith.FoldValueError"
+
+
+def _bias_original(b: np.ndarray | None, c: int) -> np.ndarray:
+    return np.zeros(c) if b is None else b
+
+
+def fold_conv_one(job: ConvFold) -> "Folded":
+    """``arith.fold_conv`` then ``cast_back`` of weight and bias; a FoldValueError is returned."""
+    w, b = job.weight, job.bias
+    w2, b2 = arith.fold_conv(w, b, job.s, job.t)
+    try:
+        w_out = arith.cast_back(w2, w.dtype, original=w)
+        b_orig = b.reshape(b2.shape) if b is not None and b.size == b2.size else np.zeros_like(b2)
+        b_out = arith.cast_back(b2, b.dtype if b is not None else w.dtype, original=b_orig)
+    except arith.FoldValueError as exc:
+        return exc
+    return w_out, b_out
+
+
+def _batchable(job: ConvFold) -> bool:
+    w, b = job.weight, job.bias
+    if w.ndim < 3 or w.size > BATCH_ELEMENTS // 4 or w.dtype not in arith._LIMITS:
+        return False
+    c = w.shape[0]
+    if job.s.shape != (c,) or job.t.shape != (c,):
+        return False
+    return b is None or (b.shape == (c,) and b.dtype in arith._LIMITS)
+
+
+def _fold_batch(jobs: list[ConvFold]) -> list["Folded"]:
+    """One concatenated pass over jobs sharing the weight dtype and the bias dtype."""
+    ws = [j.weight for j in jobs]
+    w_dtype = ws[0].dtype
+    b_dtype = jobs[0].bias.dtype if jobs[0].bias is not None else w_dtype
+    chans = [w.shape[0] for w in ws]
+    per_channel = np.repeat([w.size // w.shape[0] for w in ws], chans)
+    s = np.concatenate([j.s for j in jobs])
+    t = np.concatenate([j.t for j in jobs])
+    w_flat = np.concatenate([w.reshape(-1) for w in ws])
+    b_orig = np.concatenate([_bias_original(j.bias, c) for j, c in zip(jobs, chans)], dtype=np.float64)
+    try:
+        w_out = arith.cast_back(np.multiply(w_flat, np.repeat(s, per_channel), dtype=np.float64), w_dtype,
+                                original=w_flat)
+        b_out = arith.cast_back(s * b_orig + t, b_dtype, original=b_orig)
+    except arith.FoldValueError:  # find out which fold it is, one at a time
+        return [fold_conv_one(j) for j in jobs]
+    w_bounds = _bounds([w.size for w in ws])
+    b_bounds = _bounds(chans)
+    return [(w_out[a:b].reshape(w.shape), b_out[c:d]) for (a, b), (c, d), w in zip(w_bounds, b_bounds, ws)]
+
+
+def fold_conv_many(jobs: Sequence[ConvFold]) -> list["Folded"]:
+    """``fold_conv_one`` of every job, small ones in concatenated batches."""
+    out: list["Folded" | None] = [None] * len(jobs)
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        if _batchable(job):
+            key = (job.weight.dtype, None if job.bias is None else job.bias.dtype)
+            groups.setdefault(key, []).append(i)
+        else:
+            out[i] = fold_conv_one(job)
+    for members in groups.values():
+        start, size = 0, 0
+        for k, i in enumerate(members + [None]):
+            if i is not None and size + jobs[i].weight.size <= BATCH_ELEMENTS:
+                size += jobs[i].weight.size
+                continue
+            chunk = members[start:k]
+            for i2, res in zip(chunk, _fold_batch([jobs[m] for m in chunk]) if chunk else ()):
+                out[i2] = res
+            start, size = k, (jobs[i].weight.size if i is not None else 0)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,98 @@
+"""The batched fold arithmetic gives bit for bit what ``arith`` gives one BN at a time."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnfold.folding import arith, batched
+from bnfold.folding.batched import BnParams, ConvFold
+
+
+def _params(rng, c, dtype=np.float32, eps=1e-5):
+    return BnParams(rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype),
+                    rng.standard_normal(c).astype(dtype), rng.uniform(0.1, 2.0, c).astype(dtype), eps)
+
+
+def _one_at_a_time(job: ConvFold):
+    w2, b2 = arith.fold_conv(job.weight, job.bias, job.s, job.t)
+    try:
+        w_out = arith.cast_back(w2, job.weight.dtype, original=job.weight)
+        b_dtype = job.bias.dtype if job.bias is not None else job.weight.dtype
+        b_orig = job.bias if job.bias is not None else np.zeros_like(b2)
+        return w_out, arith.cast_back(b2, b_dtype, original=b_orig)
+    except arith.FoldValueError as exc:
+        return exc
+
+
+def _same(a, b):
+    if isinstance(a, Exception) or isinstance(b, Exception):
+        assert type(a) is type(b) and a.kind == b.kind
+        return
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8))  # bit for bit, NaN-safe
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 4), st.integers(1, 3), st.booleans(),
+                          st.sampled_from(["float32", "float16", "float64"])), min_size=1, max_size=12),
+       st.integers(0, 2**31 - 1))
+def test_fold_conv_many_equals_one_at_a_time(specs, seed):
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for c_out, c_in, k, has_bias, dt in specs:
+        w = rng.standard_normal((c_out, c_in, k, k)).astype(dt)
+        b = rng.standard_normal(c_out).astype(dt) if has_bias else None
+        p = _params(rng, c_out, eps=float(rng.uniform(1e-6, 1e-2)))
+        s, t = arith.bn_scale_shift(p.gamma, p.beta, p.mean, p.var, p.eps)
+        jobs.append(ConvFold(w, b, s, t))
+    for got, job in zip(batched.fold_conv_many(jobs), jobs):
+        _same(got, _one_at_a_time(job))
+
+
+def test_scale_shift_many_equals_bn_scale_shift():
+    rng = np.random.default_rng(1)
+    params = [_params(rng, c, dtype=dt, eps=e) for c, dt, e in
+              [(3, np.float32, 1e-5), (1, np.float16, 1e-3), (17, np.float64, 0.0), (8, np.float32, 0.1)]]
+    params[2] = BnParams(params[2].gamma, params[2].beta, params[2].mean, params[2].var + 1.0, 0.0)
+    for (s, t), p in zip(batched.scale_shift_many(params), params):
+        s1, t1 = arith.bn_scale_shift(p.gamma, p.beta, p.mean, p.var, p.eps)
+        assert np.array_equal(s, s1) and np.array_equal(t, t1) and s.dtype == np.float64
+
+
+def test_scale_shift_many_raises_like_arith_for_a_bad_variance():
+    rng = np.random.default_rng(2)
+    good = _params(rng, 4)
+    bad = BnParams(good.gamma, good.beta, good.mean, np.array([1.0, -5.0, 1.0, 1.0], np.float32), 1e-5)
+    with pytest.raises(ValueError, match=r"channel\(s\) \[1\]"):
+        batched.scale_shift_many([good, bad])
+
+
+def test_overflow_is_attributed_to_the_right_fold():
+    rng = np.random.default_rng(3)
+    ok = ConvFold(rng.standard_normal((2, 1, 1, 1)).astype(np.float16), None, np.ones(2), np.zeros(2))
+    huge = ConvFold(np.full((2, 1, 1, 1), 100.0, np.float16), None, np.array([1e4, 1.0]), np.zeros(2))
+    res = batched.fold_conv_many([ok, huge, ok])
+    assert isinstance(res[1], arith.FoldValueError) and res[1].kind == "overflow"
+    _same(res[0], _one_at_a_time(ok))
+    _same(res[2], _one_at_a_time(ok))
+
+
+def test_batches_are_split_by_size(monkeypatch):
+    monkeypatch.setattr(batched, "BATCH_ELEMENTS", 64)
+    rng = np.random.default_rng(4)
+    jobs = []
+    for c in range(1, 30):
+        w = rng.standard_normal((c % 4 + 1, 2, 2, 2)).astype(np.float32)
+        jobs.append(ConvFold(w, None, rng.uniform(0.5, 2, w.shape[0]), rng.standard_normal(w.shape[0])))
+    jobs.append(ConvFold(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), None, np.ones(8), np.zeros(8)))
+    for got, job in zip(batched.fold_conv_many(jobs), jobs):
+        _same(got, _one_at_a_time(job))
+
+
+def test_wrong_shapes_raise_as_arith_does():
+    w = np.ones((3, 1, 1, 1), np.float32)
+    with pytest.raises(ValueError, match="channels"):
+        batched.fold_conv_many([ConvFold(w, None, np.ones(2), np.zeros(2))])
