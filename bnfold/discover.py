@@ -96,8 +96,8 @@ def _depends_on(index: GraphIndex, name: str, target: str) -> bool:
 
 
 def _bn_info(node: onnx.NodeProto, mode: Mode, index: GraphIndex | None, consts: Constants | None,
-             graph_path: str, attrs: dict | None = None) -> BnInfo:
-    ins = list(node.input)
+             graph_path: str, attrs: dict | None = None, ins: list[str] | None = None) -> BnInfo:
+    ins = ins if ins is not None else list(node.input)
     attrs = attrs if attrs is not None else {a.name: a for a in node.attribute}
     producer = producer_op = None
     channels = None
@@ -169,7 +169,7 @@ def find_bns(model: onnx.ModelProto, index: GraphIndex, consts: Constants) -> li
             else:
                 mode = Mode.TRAINING if training else Mode.INFERENCE
             spatial = bool(attrs["spatial"].i) if opset < 9 and "spatial" in attrs else True
-            sites.append(BnSite(_bn_info(node, mode, index, consts, "", attrs), pos, spatial))
+            sites.append(BnSite(_bn_info(node, mode, index, consts, "", attrs, ins), pos, spatial))
         if not has_subgraph(node):
             continue
         for a in node.attribute:

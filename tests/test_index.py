@@ -80,3 +80,14 @@ def test_fold_restores_the_collector_state(enabled):
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_fresh_names_never_reuse_a_removed_tensor_name():
+    m = _conv_bn_chain(1)
+    idx = GraphIndex(m.graph, 17)
+    idx.remove_node(1)  # the BN: its output bn0 loses its producer
+    idx.set_output(0, 0, "renamed")  # the Conv's old output c0 is orphaned too
+    assert idx.fresh_name("bn0") != "bn0" and idx.fresh_name("c0") != "c0"
+    assert idx.fresh_name("s0") == "s0_1"  # an initializer's name is taken
+    assert idx.fresh_name("brand_new") == "brand_new"
+    assert idx.fresh_node_name("conv0") == "conv0_1"

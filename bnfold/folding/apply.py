@@ -11,12 +11,28 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..graph.constants import Constants, array_to_tensor, tensor_to_array
+from ..graph.constants import Constants, array_to_tensor, raw_values, tensor_to_array
 from ..graph.index import GraphIndex
 from ..plan import Route
 from ..records import Action, FoldDecision, FoldPlan, Reason
 from . import arith
-from .batched import BATCH_ELEMENTS, BnParams, ConvFold, fold_conv_many, fold_conv_one, scale_shift_many
+from .batched import (BATCH_ELEMENTS, BnParams, ConvFold, bounds, fold_conv_flat, fold_conv_one, scale_shift_flat,
+                      scale_shift_many)
+
+
+def _chunks(members: list, limit: int):
+    """Consecutive runs of ``members`` whose weights (size last) hold at most ``limit`` values."""
+    run: list = []
+    total = 0
+    for m in members:
+        size = m[-1]
+        if run and total + size > limit:
+            yield run
+            run, total = [], 0
+        run.append(m)
+        total += size
+    if run:
+        yield run
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -61,27 +77,87 @@ class _Applier:
 
     def precompute(self, routes: list[Route]) -> list[tuple[tuple[np.ndarray, np.ndarray], object]]:
         """Per route: the BN's (s, t) with the looked-through biases, and for a backward fold into
-        a Conv its folded (weight, bias) or FoldValueError; all computed in batches."""
-        nodes = self.index.nodes
-        st = scale_shift_many([self.bn_params(nodes[r.bn_pos], r.eps) for r in routes])
+        a small Conv its folded (weight, bias) or FoldValueError; all computed in batches."""
+        st = self._scale_shift(routes)
         for k, r in enumerate(routes):
-            s, t = st[k]
-            for extra in r.add_consts:  # s*(z + c) + t = s*z + (s*c + t)
-                t = t + s * extra
-            st[k] = (s, t)
-        convs: list[int] = []
-        jobs: list[ConvFold] = []
+            if r.add_consts:
+                s, t = st[k]
+                for extra in r.add_consts:  # s*(z + c) + t = s*z + (s*c + t)
+                    t = t + s * extra
+                st[k] = (s, t)
+        folded = self._small_convs(routes, st)
+        return list(zip(st, folded))
+
+    def _scale_shift(self, routes: list[Route]) -> list[tuple[np.ndarray, np.ndarray]]:
+        nodes, inits = self.index.nodes, self.index.initializers
+        params = [list(nodes[r.bn_pos].input)[1:5] for r in routes]
+        cols = [raw_values(inits, [p[j] for p in params], rank=1) for j in range(4)] if params else [None]
+        if all(c is not None for c in cols) and cols[0][1] == cols[1][1] == cols[2][1] == cols[3][1]:
+            lengths = cols[0][1]
+            eps = np.repeat(np.array([r.eps for r in routes], dtype=np.float64), lengths)
+            st = scale_shift_flat(cols[0][0], cols[1][0], cols[2][0], cols[3][0], eps)
+            if st is not None:
+                s, t = st
+                return [(s[a:b], t[a:b]) for a, b in bounds(lengths)]
+        # parameters that are not plain raw initializers, or a bad variance (arith names it)
+        return scale_shift_many([self.bn_params(nodes[r.bn_pos], r.eps) for r in routes])
+
+    def _small_convs(self, routes: list[Route], st) -> list[object]:
+        """Folded (weight, bias) of backward folds into Convs with small raw weights, in
+        concatenated batches; None for every other route (``backward`` folds those itself, so that
+        only one large folded weight is alive at a time)."""
+        nodes, inits = self.index.nodes, self.index.initializers
+        folded: list[object] = [None] * len(routes)
+        groups: dict[tuple, list[tuple[int, str, str, tuple[int, ...]]]] = {}
         for k, r in enumerate(routes):
             p = nodes[r.target_pos]
-            # large weights are folded one at a time in ``backward``: only one new copy is alive
-            if r.direction == "backward" and p.op_type == "Conv" and self._small(p.input[1]):
-                bias_name = p.input[2] if len(p.input) > 2 else ""
-                jobs.append(ConvFold(self.value(p.input[1]), self.value(bias_name), *st[k]))
-                convs.append(k)
-        folded: list[object] = [None] * len(routes)
-        for k, res in zip(convs, fold_conv_many(jobs)):
-            folded[k] = res
-        return list(zip(st, folded))
+            if r.direction != "backward" or p.op_type != "Conv":
+                continue
+            ins = list(p.input)
+            w = inits.get(ins[1])
+            if w is None:
+                continue
+            shape = tuple(w.dims)
+            size = 1
+            for d in shape:
+                size *= d
+            if len(shape) < 3 or not shape[0] or size > BATCH_ELEMENTS // 4 or st[k][0].shape != (shape[0],):
+                continue
+            b_name = ins[2] if len(ins) > 2 else ""
+            b = inits.get(b_name) if b_name else None
+            if b_name and b is None:
+                continue
+            groups.setdefault((w.data_type, b.data_type if b is not None else None), []).append(
+                (k, ins[1], b_name, shape, size))
+        for members in groups.values():
+            for chunk in _chunks(members, BATCH_ELEMENTS):
+                self._fold_chunk(chunk, st, folded)
+        return folded
+
+    def _fold_chunk(self, chunk, st, folded: list[object]) -> None:
+        inits = self.index.initializers
+        ws = raw_values(inits, [w for _, w, _, _, _ in chunk])
+        has_bias = bool(chunk[0][2])
+        bs = raw_values(inits, [b for _, _, b, _, _ in chunk], rank=1) if has_bias else None
+        couts = [shape[0] for _, _, _, shape, _ in chunk]
+        if ws is None or (has_bias and (bs is None or bs[1] != couts)):
+            for k, w, b, _, _ in chunk:  # not plain raw data: one at a time
+                folded[k] = fold_conv_one(ConvFold(self.value(w), self.value(b), *st[k]))
+            return
+        w_flat, sizes = ws
+        s = np.concatenate([st[k][0] for k, *_ in chunk])
+        t = np.concatenate([st[k][1] for k, *_ in chunk])
+        b_orig = bs[0].astype(np.float64) if bs is not None else np.zeros(len(s))
+        b_dtype = bs[0].dtype if bs is not None else w_flat.dtype
+        try:
+            w_out, b_out = fold_conv_flat(w_flat, np.repeat([n // c for n, c in zip(sizes, couts)], couts),
+                                          s, t, b_orig, b_dtype)
+        except arith.FoldValueError:  # which fold it is: one at a time
+            for k, w, b, _, _ in chunk:
+                folded[k] = fold_conv_one(ConvFold(self.value(w), self.value(b), *st[k]))
+            return
+        for (k, _, _, shape, _), (a, b_), (c, d) in zip(chunk, bounds(sizes), bounds(couts)):
+            folded[k] = (w_out[a:b_].reshape(shape), b_out[c:d])
 
     def _small(self, name: str) -> bool:
         init = self.index.initializers.get(name)
@@ -96,10 +172,11 @@ class _Applier:
     def write_param(self, pos: int, slot: int, array: np.ndarray, label: str) -> None:
         idx = self.index
         node = idx.nodes[pos]
-        old = node.input[slot] if slot < len(node.input) else ""
-        in_place = old in idx.initializers and idx.use_count(old) == 1 and old not in idx.graph_outputs
-        if in_place:
-            array_to_tensor(array, old, into=idx.initializers[old])
+        ins = node.input
+        old = ins[slot] if slot < len(ins) else ""
+        init = idx.initializers.get(old) if old else None
+        if init is not None and idx.use_count(old) == 1:  # only this node reads it (no graph output)
+            array_to_tensor(array, old, into=init)
             return
         name = idx.fresh_name(f"{node.name}.{label}")
         idx.add_initializer(array_to_tensor(array, name))
@@ -109,8 +186,7 @@ class _Applier:
 
     def remove_bn(self, bn_pos: int) -> None:
         idx = self.index
-        params = list(idx.nodes[bn_pos].input)[1:]
-        idx.remove_node(bn_pos)
+        params = idx.remove_node(bn_pos)[1:]
         inits, consumers, outputs = idx.initializers, idx.consumers, idx.graph_outputs
         for name in params:
             if name in inits and not consumers.get(name) and name not in outputs:

@@ -30,7 +30,7 @@ class BnParams:
     eps: float
 
 
-def _bounds(lengths: list[int]) -> list[tuple[int, int]]:
+def bounds(lengths: list[int]) -> list[tuple[int, int]]:
     """(start, stop) of consecutive pieces of the given lengths (np.split costs far more per piece)."""
     out, start = [], 0
     for n in lengths:
@@ -47,23 +47,33 @@ def _vector_ok(p: BnParams) -> bool:
     return all(a is not None and a.shape == shape for a in (p.gamma, p.beta, p.var))
 
 
+def scale_shift_flat(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
+                     eps: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``bn_scale_shift`` over concatenated per-channel vectors (``eps`` repeated per channel);
+    None where some ``var + eps`` is not positive and finite (``arith`` then names the channel)."""
+    f64 = np.float64
+    denom = np.asarray(var, dtype=f64) + eps
+    if not (np.isfinite(denom) & (denom > 0)).all():
+        return None
+    s = np.asarray(gamma, dtype=f64) / np.sqrt(denom)
+    return s, np.asarray(beta, dtype=f64) - s * np.asarray(mean, dtype=f64)
+
+
 def scale_shift_many(params: Sequence[BnParams]) -> list[tuple[np.ndarray, np.ndarray]]:
     """``arith.bn_scale_shift`` of every entry (raises as it does for a bad one)."""
     if not params or not all(_vector_ok(p) for p in params):
         return [arith.bn_scale_shift(p.gamma, p.beta, p.mean, p.var, p.eps) for p in params]
     lengths = [p.mean.shape[0] for p in params]
     f64 = np.float64
-    mu = np.concatenate([p.mean for p in params], dtype=f64)
-    v = np.concatenate([p.var for p in params], dtype=f64)
-    g = np.concatenate([p.gamma for p in params], dtype=f64)
-    b = np.concatenate([p.beta for p in params], dtype=f64)
-    denom = v + np.repeat(np.array([float(p.eps) for p in params]), lengths)
-    if not (np.isfinite(denom) & (denom > 0)).all():  # arith names the BN and channel
+    st = scale_shift_flat(np.concatenate([p.gamma for p in params], dtype=f64),
+                          np.concatenate([p.beta for p in params], dtype=f64),
+                          np.concatenate([p.mean for p in params], dtype=f64),
+                          np.concatenate([p.var for p in params], dtype=f64),
+                          np.repeat(np.array([float(p.eps) for p in params]), lengths))
+    if st is None:  # arith names the BN and channel
         return [arith.bn_scale_shift(p.gamma, p.beta, p.mean, p.var, p.eps) for p in params]
-    s = g / np.sqrt(denom)
-    t = b - s * mu
-    bounds = _bounds(lengths)
-    return [(s[a:b], t[a:b]) for a, b in bounds]
+    s, t = st
+    return [(s[a:b], t[a:b]) for a, b in bounds(lengths)]
 
 
 @dataclass(frozen=True)
@@ -106,26 +116,33 @@ def _batchable(job: ConvFold) -> bool:
     return b is None or (b.shape == (c,) and b.dtype in arith._LIMITS)
 
 
+def fold_conv_flat(w_flat: np.ndarray, per_channel: np.ndarray, s: np.ndarray, t: np.ndarray,
+                   b_orig: np.ndarray, b_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Many Conv folds over concatenated data: ``w_flat`` holds the weights (output channel by
+    output channel, ``per_channel[c]`` values each), ``s``/``t``/``b_orig`` one value per output
+    channel (``b_orig`` float64, zeros where a Conv had no bias). Returns the cast-back weights and
+    biases, flat; raises ``FoldValueError`` if any value does not fit (the caller finds which)."""
+    w64 = np.multiply(w_flat, np.repeat(s, per_channel), dtype=np.float64)
+    w_out = arith.cast_back(w64, w_flat.dtype, original=w_flat)
+    del w64
+    return w_out, arith.cast_back(s * b_orig + t, b_dtype, original=b_orig)
+
+
 def _fold_batch(jobs: list[ConvFold]) -> list["Folded"]:
     """One concatenated pass over jobs sharing the weight dtype and the bias dtype."""
     ws = [j.weight for j in jobs]
-    w_dtype = ws[0].dtype
-    b_dtype = jobs[0].bias.dtype if jobs[0].bias is not None else w_dtype
+    b_dtype = jobs[0].bias.dtype if jobs[0].bias is not None else ws[0].dtype
     chans = [w.shape[0] for w in ws]
-    per_channel = np.repeat([w.size // w.shape[0] for w in ws], chans)
-    s = np.concatenate([j.s for j in jobs])
-    t = np.concatenate([j.t for j in jobs])
-    w_flat = np.concatenate([w.reshape(-1) for w in ws])
-    b_orig = np.concatenate([_bias_original(j.bias, c) for j, c in zip(jobs, chans)], dtype=np.float64)
     try:
-        w_out = arith.cast_back(np.multiply(w_flat, np.repeat(s, per_channel), dtype=np.float64), w_dtype,
-                                original=w_flat)
-        b_out = arith.cast_back(s * b_orig + t, b_dtype, original=b_orig)
+        w_out, b_out = fold_conv_flat(
+            np.concatenate([w.reshape(-1) for w in ws]),
+            np.repeat([w.size // w.shape[0] for w in ws], chans),
+            np.concatenate([j.s for j in jobs]), np.concatenate([j.t for j in jobs]),
+            np.concatenate([_bias_original(j.bias, c) for j, c in zip(jobs, chans)], dtype=np.float64), b_dtype)
     except arith.FoldValueError:  # find out which fold it is, one at a time
         return [fold_conv_one(j) for j in jobs]
-    w_bounds = _bounds([w.size for w in ws])
-    b_bounds = _bounds(chans)
-    return [(w_out[a:b].reshape(w.shape), b_out[c:d]) for (a, b), (c, d), w in zip(w_bounds, b_bounds, ws)]
+    return [(w_out[a:b].reshape(w.shape), b_out[c:d])
+            for (a, b), (c, d), w in zip(bounds([w.size for w in ws]), bounds(chans), ws)]
 
 
 def fold_conv_many(jobs: Sequence[ConvFold]) -> list["Folded"]:

@@ -26,8 +26,11 @@ _RAW_DTYPES = {
     onnx.TensorProto.INT32: np.dtype("<i4"),
 }
 
-_RAW_BY_NUMPY = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float64): onnx.TensorProto.DOUBLE,
-                 np.dtype(np.float16): onnx.TensorProto.FLOAT16}
+_RAW_SIZES = {code: dt.itemsize for code, dt in _RAW_DTYPES.items()}
+
+# little-endian numpy dtypes written as raw_data by ``array_to_tensor``'s fast path
+_RAW_BY_NUMPY = {np.dtype("<f4"): onnx.TensorProto.FLOAT, np.dtype("<f8"): onnx.TensorProto.DOUBLE,
+                 np.dtype("<f2"): onnx.TensorProto.FLOAT16}
 
 
 def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
@@ -42,14 +45,55 @@ def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t)
 
 
+def raw_values(initializers: dict[str, onnx.TensorProto], names: list[str],
+               rank: int | None = None) -> tuple[np.ndarray, list[int]] | None:
+    """The named initializers' values flattened and concatenated into one read-only array, and
+    their element counts: one numpy object for all of them (for thousands of small tensors that
+    is most of the cost). None unless each is a raw-data initializer (of rank ``rank`` if given)
+    and all share one dtype."""
+    raws: list[bytes] = []
+    code = None
+    for name in names:
+        t = initializers.get(name)
+        if t is None:
+            return None
+        if rank is not None:
+            dims = t.dims
+            if len(dims) != rank or (rank == 1 and dims[0] * _RAW_SIZES.get(t.data_type, 0) != len(t.raw_data)):
+                return None
+        if code is None:
+            code = t.data_type
+        elif t.data_type != code:
+            return None
+        raw = t.raw_data
+        if not raw or t.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        raws.append(raw)
+    dt = _RAW_DTYPES.get(code) if code is not None else None
+    if dt is None or dt.kind != "f":
+        return None
+    size = dt.itemsize
+    if any(len(r) % size for r in raws):
+        return None
+    return np.frombuffer(b"".join(raws), dtype=dt), [len(r) // size for r in raws]
+
+
 def array_to_tensor(array: np.ndarray, name: str, into: onnx.TensorProto | None = None) -> onnx.TensorProto:
     """A TensorProto holding ``array`` as raw data; ``into`` is overwritten in place if given."""
-    if into is not None and array.dtype in _RAW_BY_NUMPY and into.data_type == _RAW_BY_NUMPY[array.dtype] \
-            and into.name == name and into.HasField("raw_data") and into.data_location != onnx.TensorProto.EXTERNAL \
-            and tuple(into.dims) == array.shape and not into.HasField("segment"):
-        # same name, dtype and shape, raw data: only the bytes change
-        into.raw_data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-        return into
+    code = _RAW_BY_NUMPY.get(array.dtype)
+    if code is not None:
+        if into is None:
+            t = onnx.TensorProto()
+            t.name, t.data_type = name, code
+            t.dims.extend(array.shape)
+            t.raw_data = np.ascontiguousarray(array).tobytes()
+            return t
+        if into.data_type == code and into.name == name and into.HasField("raw_data") \
+                and into.data_location != onnx.TensorProto.EXTERNAL and tuple(into.dims) == array.shape \
+                and not into.HasField("segment"):
+            # same name, dtype and shape, raw data: only the bytes change
+            into.raw_data = np.ascontiguousarray(array).tobytes()
+            return into
     dt = _RAW_DTYPES.get(helper.np_dtype_to_tensor_dtype(array.dtype)) if array.dtype.kind == "f" else None
     if dt is None or into is None:
         t = numpy_helper.from_array(array, name)

@@ -102,10 +102,9 @@ class GraphIndex:
             self._vi_pos[vi.name].append(k)
         self._orphaned: set[str] = set()  # names that lost their producer (their value_info may go)
         self._spent = False
-        self._names = set(producer)
-        self._names.update(self.initializers, graph_input_names)
-        self._node_names = {n.name for n in self.nodes}
-        self._node_names.discard("")
+        self._graph_input_names = graph_input_names
+        self._names_cache: set[str] | None = None  # every tensor name; built on first use
+        self._node_names_cache: set[str] | None = None
         self.new_initializers: list[onnx.TensorProto] = []
         self.dropped_initializers: set[str] = set()
         self.new_nodes: list[tuple[int, int]] = []  # (insert before position, position of new node)
@@ -148,11 +147,30 @@ class GraphIndex:
         return None
 
     # ---- naming --------------------------------------------------------------------------
+    @property
+    def _names(self) -> set[str]:
+        if self._names_cache is None:
+            # every name the graph had or has: removed tensors' names are not handed out again
+            names = set(self.producer)
+            names.update(self.initializers, self._graph_input_names, self.graph_outputs, self._orphaned,
+                         self.value_info)
+            self._names_cache = names
+        return self._names_cache
+
+    @property
+    def _node_names(self) -> set[str]:
+        if self._node_names_cache is None:
+            names = {n.name for n in self.nodes}
+            names.discard("")
+            self._node_names_cache = names
+        return self._node_names_cache
+
     def fresh_name(self, base: str) -> str:
         name, k = base, 1
-        while name in self._names:
+        names = self._names
+        while name in names:
             name, k = f"{base}_{k}", k + 1
-        self._names.add(name)
+        names.add(name)
         return name
 
     def fresh_node_name(self, base: str) -> str:
@@ -183,27 +201,37 @@ class GraphIndex:
             self._orphaned.add(old)
         node.output[slot] = name
         self.producer[name] = pos
-        self._names.add(name)
+        if self._names_cache is not None:
+            self._names_cache.add(name)
 
     def add_initializer(self, tensor: onnx.TensorProto) -> None:
         self.new_initializers.append(tensor)
         self.initializers[tensor.name] = tensor
-        self._names.add(tensor.name)
+        if self._names_cache is not None:
+            self._names_cache.add(tensor.name)
 
-    def remove_node(self, pos: int) -> None:
+    def remove_node(self, pos: int) -> list[str]:
+        """Drop the node at ``pos``; returns its inputs."""
         node = self.nodes[pos]
         self.removed.add(pos)
         consumers = self.consumers
+        inputs = list(node.input)
         # one list entry per reading slot (and per name a subgraph reads): drop one per occurrence
-        for inp in (*node.input, *self._subgraph_reads.pop(pos, ())):
+        for inp in inputs:
             readers = consumers.get(inp)
             if readers and pos in readers:
                 readers.remove(pos)
+        if pos in self._subgraph_reads:
+            for inp in self._subgraph_reads.pop(pos):
+                readers = consumers.get(inp)
+                if readers and pos in readers:
+                    readers.remove(pos)
         producer = self.producer
         for out in node.output:
             if producer.get(out) == pos:
                 del producer[out]
                 self._orphaned.add(out)
+        return inputs
 
     def insert_node(self, before: int, node: onnx.NodeProto) -> int:
         """Queue ``node`` to be placed just before position ``before``; returns its position."""
@@ -216,9 +244,11 @@ class GraphIndex:
         for out in node.output:
             if out:
                 self.producer[out] = pos
-                self._names.add(out)
+                if self._names_cache is not None:
+                    self._names_cache.add(out)
         if node.name:
-            self._node_names.add(node.name)
+            if self._node_names_cache is not None:
+                self._node_names_cache.add(node.name)
         return pos
 
     def drop_if_unused(self, name: str) -> None:
