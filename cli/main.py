@@ -191,8 +191,34 @@ def _verification_message(report: Any, output: Path | None, report_path: Path | 
     return msg
 
 
-def _engine_config(compare: CompareOptions) -> Any:
-    """The library's VerifyConfig from the CLI options (tolerance strings parsed here)."""
+def _repro_dir(compare: CompareOptions, report_path: Path | None) -> Path | None:
+    """Where a failing verification writes its repro bundle: ``--repro-dir``, else beside the JSON
+    report (``<REPORT>.repro``), else ``./bnfold-repro``; None with ``--no-repro``.
+
+    An explicit ``--repro-dir`` that is a non-empty folder other than an earlier bundle is refused
+    here, before any work (exit 2): bnfold replaces only its own bundles and never deletes a
+    user's files. A default place that is taken falls back to ``<name>-1``, ... when the bundle is
+    written (``bnfold.verify.repro``).
+    """
+    from bnfold.verify.repro import default_location, replaceable  # no onnx / onnxruntime import
+
+    if compare.no_repro:
+        if compare.repro_dir is not None:
+            raise click.UsageError("--repro-dir and --no-repro exclude each other.")
+        return None
+    if compare.repro_dir is None:
+        return default_location(report_path)
+    if not replaceable(compare.repro_dir):
+        raise click.BadParameter(
+            f"{compare.repro_dir} exists and is not a bnfold repro bundle (no repro.json); bnfold replaces only "
+            "an empty folder or an earlier bundle: give a new folder, or --no-repro.", param_hint="'--repro-dir'")
+    return compare.repro_dir
+
+
+def _engine_config(compare: CompareOptions, report_path: Path | None = None) -> Any:
+    """The library's VerifyConfig from the CLI options (tolerance strings parsed here, the repro
+    folder decided here: the library writes a bundle only where it is told to)."""
+    repro = _repro_dir(compare, report_path)
     from bnfold.verify.engine import VerifyConfig
     from bnfold.verify.metrics import parse_tolerances
 
@@ -205,7 +231,7 @@ def _engine_config(compare: CompareOptions) -> Any:
     return VerifyConfig(
         providers=compare.providers, atol=tols["atol"], rtol=tols["rtol"], error_stat=compare.error_stat,
         quantile=compare.quantile, allow_missing_providers=compare.allow_missing_providers, tf32=compare.tf32,
-        repro_dir=str(compare.repro_dir) if compare.repro_dir else None)
+        repro_dir=str(repro) if repro is not None else None)
 
 
 def _write_verification_reports(result: Any, report: ReportConfig, *, write_json: bool,
@@ -344,7 +370,7 @@ def fold_command(
         raise click.BadParameter("is the input MODEL; bnfold never overwrites its input.", param_hint="'-o' / '--output'")
 
     api = _api()
-    config = _engine_config(compare)
+    config = _engine_config(compare, report.path)
     created = [] if dry_run or output is None else _make_parents(output)
     try:
         with calibration_progress() as progress:
@@ -451,7 +477,7 @@ def _fold_torch(model: Path | None, output: Path | None, frozen_output: Path | N
                                  param_hint="'--frozen-output'")
     if data.path is not None:
         _require_data(data.path)
-    config = _engine_config(compare)
+    config = _engine_config(compare, report.path)
 
     from bnfold.torch import cli as torch_cli  # imports torch
 
@@ -515,7 +541,7 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
         _require_model_file(path)
     if data.path is not None:
         _require_data(data.path)
-    config = _engine_config(compare)
+    config = _engine_config(compare, report.path)
     result = _api().check_equivalence(
         reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,
         val_range=inputs.val_range, iterations=inputs.iterations, config=config)

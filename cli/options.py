@@ -53,7 +53,8 @@ class CompareOptions:
     quantile: float = 0.99
     allow_missing_providers: bool = False
     tf32: bool = False
-    repro_dir: Path | None = None
+    repro_dir: Path | None = None  # None: the default place (see cli.main._repro_dir)
+    no_repro: bool = False  # --no-repro: no bundle at all
 
 
 @dataclass(frozen=True)
@@ -204,14 +205,21 @@ compare_options = _group(
         click.option("--tf32", is_flag=True, default=False,
                      help="Allow TF32 in CUDA convolutions (off by default: it moves fp32 results by 1e-4..1e-3)."),
         click.option("--repro-dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
-                     help="On failure, write a repro bundle here: the models' paths (fold: copies of the "
-                          "models) and the inputs as test_data_set_0/*.pb."),
+                     help="Where a failing verification writes its repro bundle: the models' paths (fold: the "
+                          "models), the inputs as test_data_set_0/*.pb and repro.json with a 'bnfold verify' "
+                          "command. Default: REPORT.repro beside --report REPORT.json, else ./bnfold-repro. An "
+                          "earlier bundle there is replaced; another existing non-empty folder is an error. "
+                          "Nothing is written when verification passes."),
+        click.option("--no-repro", is_flag=True, default=False,
+                     help="Write no repro bundle when verification fails."),
     ],
-    lambda providers, atol, rtol, error_stat, quantile, allow_missing_providers, tf32, repro_dir: (
+    lambda providers, atol, rtol, error_stat, quantile, allow_missing_providers, tf32, repro_dir, no_repro: (
         "compare",
-        CompareOptions(providers, atol, rtol, error_stat, quantile, allow_missing_providers, tf32, repro_dir),
+        CompareOptions(providers, atol, rtol, error_stat, quantile, allow_missing_providers, tf32, repro_dir,
+                       no_repro),
     ),
-    ("providers", "atol", "rtol", "error_stat", "quantile", "allow_missing_providers", "tf32", "repro_dir"),
+    ("providers", "atol", "rtol", "error_stat", "quantile", "allow_missing_providers", "tf32", "repro_dir",
+     "no_repro"),
 )
 compare_options.__doc__ = "--providers, --atol, --rtol, --check-error-stat, ...  ->  compare: CompareOptions"
 

@@ -189,3 +189,73 @@ def test_different_interfaces_are_bad_input(pair, rng, tmp_path):
     onnx.save(m, other)
     with pytest.raises(BadInputError, match="different outputs"):
         verify(ref, other, _feeds(rng))
+
+
+# ---- fold-site localisation on models with external data (the >2 GiB path, in small) --------
+
+
+def _save_external(src, dst):
+    m = onnx.load(src)
+    onnx.save_model(m, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=0)
+
+
+def test_sites_of_external_data_models_without_loading_weights(pair, rng, tmp_path, monkeypatch):
+    """The site copies are built from the graphs alone; onnxruntime reads the weights from the
+    models' folders (models in different folders, cwd elsewhere)."""
+    ref, cand = pair
+    folded = onnx.load(cand)
+    conv1_weight = next(n for n in folded.graph.node if n.name == "conv1").input[1]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ext_ref, ext_bad = tmp_path / "a" / "ref.onnx", tmp_path / "b" / "bad.onnx"
+    _save_external(ref, ext_ref)
+    _perturb(cand, tmp_path / "bad_inline.onnx", conv1_weight, 0.5)
+    _save_external(tmp_path / "bad_inline.onnx", ext_bad)
+    assert (tmp_path / "b" / "bad.onnx.data").is_file()
+
+    import bnfold.verify.engine as engine
+
+    def no_full_load(*args, **kwargs):  # the weights must not be loaded into Python
+        if kwargs.get("load_external_data", True):
+            raise AssertionError("a model was loaded with its external data")
+        return real_load(*args, **kwargs)
+
+    real_load = onnx.load
+    monkeypatch.setattr(engine.onnx, "load", no_full_load)
+    monkeypatch.chdir(tmp_path)
+    res = verify(ext_ref, ext_bad, _feeds(rng), VerifyConfig(localize=True))
+    assert not res.passed
+    assert [s.bn for s in res.sites] == ["bn0", "bn1", "bn2"]
+    assert res.first_divergent_site == "bn1"
+
+
+def test_sites_fall_back_to_a_file_copy(pair, rng, tmp_path, monkeypatch):
+    """Where onnxruntime cannot take the external-data folder, the copy is written with weights."""
+    import bnfold.verify.engine as engine
+
+    ref, cand = pair
+    ext_ref = tmp_path / "ext" / "ref.onnx"
+    ext_ref.parent.mkdir()
+    _save_external(ref, ext_ref)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no external-data folder option")
+
+    monkeypatch.setattr(engine, "make_session_from_model", refuse)
+    res = verify(ext_ref, cand, _feeds(rng))
+    assert res.passed and [s.bn for s in res.sites] == ["bn0", "bn1", "bn2"]
+    assert all(s.passed for s in res.sites)
+
+
+def test_a_failing_localisation_never_hides_the_verdict(pair, rng, tmp_path, monkeypatch):
+    import bnfold.verify.engine as engine
+
+    ref, cand = pair
+
+    def boom(*args, **kwargs):
+        raise MemoryError("out of memory while exposing the sites")
+
+    monkeypatch.setattr(engine, "with_outputs", boom)
+    res = verify(ref, cand, _feeds(rng))
+    assert res.passed and res.sites == () and res.first_divergent_site is None

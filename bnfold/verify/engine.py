@@ -4,13 +4,13 @@ Per execution provider: both models run with graph optimisations off on the same
 every output is compared (``metrics.compute_metrics``). Where more than one provider ran, the
 reference is compared across providers too: that noise floor tells a folding error from provider
 noise. Then, on the CPU, every fold site (see ``sites``) is compared, so a failure names the first
-layer where the two models part. On failure a repro bundle (inputs as ONNX test data) is written.
+layer where the two models part. On failure, with ``repro_dir`` set, a repro bundle is written (``repro``).
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
-import json
+import logging
 import os
 import shutil
 import subprocess
@@ -21,14 +21,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from google.protobuf.message import EncodeError
 
 from ..errors import BadInputError, ProviderUnavailable
-from ..load import data_files
 from ..records import ProviderRun, SiteResult, VerifyResult
 from .metrics import check_tolerance_names, compute_metrics_batched, tolerances_for
-from .session import CUDA_SETTINGS, make_session
+from .repro import write_bundle
+from .session import CUDA_SETTINGS, make_session, make_session_from_model
 from .sites import find_sites, with_outputs, worst_channels
+
+log = logging.getLogger(__name__)
 
 Feeds = Sequence[Mapping[str, np.ndarray]]
 _SITE_FEEDS = 2  # fold-site localisation runs on the first few feeds: bounded memory
@@ -44,8 +46,11 @@ class VerifyConfig:
     allow_missing_providers: bool = False
     tf32: bool = False
     localize: bool = True
-    repro_dir: str | None = None  # where a failing run writes its repro bundle
-    repro_copy_models: bool = False  # copy both models into the bundle (their paths are temporary)
+    # Where a failing run writes its repro bundle (``repro.write_bundle``). None (the default):
+    # none. The library never picks a folder by itself; the CLI passes --repro-dir or its default
+    # (``repro.default_location``: beside --report, else ./bnfold-repro) unless --no-repro.
+    repro_dir: str | None = None
+    repro_copy_models: bool = False  # copy (hard-link) both models into the bundle: their paths are temporary
     inputs: dict[str, Any] = field(default_factory=dict)  # how the feeds were made (for the report)
 
 
@@ -154,29 +159,51 @@ def _noise_floor(base: dict[str, list[np.ndarray]], other: dict[str, list[np.nda
     return tuple(floor)
 
 
+def _site_session(model: onnx.ModelProto, names: list[str], path: str, workdir: Path, label: str):
+    """A CPU session of ``model`` (read without its external data) with ``names`` as outputs too.
+
+    The copy is built in memory, without the weights: onnxruntime reads those from the folder of
+    ``path`` (``make_session_from_model``), so a model of any size costs neither a load of its
+    weights nor a copy of them. Where this onnxruntime cannot do that, the weights are loaded and
+    the copy is written to ``workdir`` (with external data beyond protobuf's 2 GiB limit).
+    """
+    exposed = with_outputs(model, names)
+    try:
+        return make_session_from_model(exposed, Path(path).parent)
+    except Exception:  # an onnxruntime without the external-data folder option, or not serialisable
+        pass
+    del exposed
+    full = with_outputs(onnx.load(path), names)
+    out = workdir / f"{label}_sites.onnx"
+    try:
+        out.write_bytes(full.SerializeToString())
+    except (ValueError, EncodeError):  # over 2 GiB (EncodeError with upb protobuf): weights beside it
+        onnx.save_model(full, str(out), save_as_external_data=True, location=f"{label}.data")
+    del full
+    return make_session(str(out), "cpu")
+
+
 def _localize(reference: str, candidate: str, feeds: Feeds, config: VerifyConfig, workdir: Path) -> tuple[SiteResult, ...]:
-    sites = find_sites(onnx.load(reference, load_external_data=False),
-                       onnx.load(candidate, load_external_data=False))
+    """Fold sites compared on the CPU. A diagnosis: any failure here means no sites, never a
+    different verdict or an error."""
+    try:
+        return _localize_sites(reference, candidate, feeds, workdir)
+    except Exception as exc:  # noqa: BLE001 - localisation must never hide the verdict
+        log.debug("fold-site localisation skipped: %s", _first_line(exc))
+        return ()
+
+
+def _localize_sites(reference: str, candidate: str, feeds: Feeds, workdir: Path) -> tuple[SiteResult, ...]:
+    models = (onnx.load(reference, load_external_data=False), onnx.load(candidate, load_external_data=False))
+    sites = find_sites(*models)
     if not sites:
         return ()
     names = [s.tensor for s in sites]
-    paths = []
-    for label, path in (("ref", reference), ("cand", candidate)):
-        exposed = with_outputs(onnx.load(path), names)  # weights loaded: the copy lives elsewhere
-        out = workdir / f"{label}_sites.onnx"
-        try:
-            out.write_bytes(exposed.SerializeToString())
-        except ValueError:  # over 2 GiB: weights to a file beside the copy
-            onnx.save_model(exposed, str(out), save_as_external_data=True, location=f"{label}.data")
-        del exposed
-        paths.append(str(out))
     few = list(feeds[:_SITE_FEEDS])
-    try:
-        ref_s, cand_s = make_session(paths[0], "cpu"), make_session(paths[1], "cpu")
-        ref_v = _run_all(ref_s, names, few)
-        cand_v = _run_all(cand_s, names, few, reference=False)
-    except Exception:  # localisation is a diagnosis: never let it hide the verdict
-        return ()
+    ref_s = _site_session(models[0], names, reference, workdir, "ref")
+    cand_s = _site_session(models[1], names, candidate, workdir, "cand")
+    ref_v = _run_all(ref_s, names, few)
+    cand_v = _run_all(cand_s, names, few, reference=False)
     results = []
     for site, r, c in zip(sites, ref_v, cand_v):
         dtype = str(r[0].dtype)
@@ -186,48 +213,6 @@ def _localize(reference: str, candidate: str, feeds: Feeds, config: VerifyConfig
         results.append(SiteResult(site.bn, site.tensor, site.target, site.direction, site.position,
                                   m.max_abs, m.max_rel, atol, rtol, m.passed, worst_channels(ra, ca)))
     return tuple(results)
-
-
-def _repro_command(reference: str, candidate: str, config: VerifyConfig) -> str:
-    inp = config.inputs
-    args = ["bnfold", "verify", os.path.abspath(reference), os.path.abspath(candidate)]
-    if inp.get("source") == "data" and inp.get("path"):
-        args += ["--data", str(inp["path"])]
-    elif inp.get("seed") is not None:
-        args += ["--seed", str(inp["seed"])]
-        if inp.get("val_range"):
-            args += ["--val-range", ",".join(str(v) for v in inp["val_range"])]
-    if inp.get("batch_size"):
-        args += ["--batch-size", str(inp["batch_size"])]
-    if inp.get("iterations"):
-        args += ["--iterations", str(inp["iterations"])]
-    args += ["--providers", ",".join(config.providers)]
-    return " ".join(args)
-
-
-def _write_repro(directory: str, reference: str, candidate: str, feeds: Feeds, config: VerifyConfig) -> str:
-    out = Path(directory)
-    data = out / "test_data_set_0"
-    data.mkdir(parents=True, exist_ok=True)
-    for k, (name, arr) in enumerate(feeds[0].items()):
-        tensor = numpy_helper.from_array(np.ascontiguousarray(arr), name)
-        (data / f"input_{k}.pb").write_bytes(tensor.SerializeToString())
-    if config.repro_copy_models:
-        for label, path in (("reference", reference), ("candidate", candidate)):
-            target = out / f"{label}.onnx"
-            shutil.copyfile(path, target)
-            for data in data_files(Path(path)):  # keeps its name: the model refers to it
-                shutil.copyfile(data, out / data.name)
-            if label == "reference":
-                reference = str(target)
-            else:
-                candidate = str(target)
-    (out / "repro.json").write_text(json.dumps({
-        "reference": os.path.abspath(reference), "candidate": os.path.abspath(candidate),
-        "providers": list(config.providers), "inputs": config.inputs,
-        "command": _repro_command(reference, candidate, config),
-    }, indent=2))
-    return str(out)
 
 
 def verify(reference: str | os.PathLike[str], candidate: str | os.PathLike[str], feeds: Feeds,
@@ -256,8 +241,9 @@ def verify(reference: str | os.PathLike[str], candidate: str | os.PathLike[str],
         sites = _localize(reference, candidate, feeds, config, Path(tmp)) if config.localize else ()
     first = next((s.bn for s in sorted(sites, key=lambda s: s.position) if not s.passed), None)
     repro = None
-    if not passed and config.repro_dir:
-        repro = _write_repro(config.repro_dir, reference, candidate, feeds, config)
+    if not passed and ran and config.repro_dir:
+        first_outputs = {name: values[0] for name, values in outputs_by_provider[ran[0]].items()}
+        repro = write_bundle(config.repro_dir, reference, candidate, feeds, config, first_outputs)
     settings = {
         "graph_optimization_level": "ORT_DISABLE_ALL",
         "deterministic_compute": True,

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..data.sources import InputSpec
 
-__all__ = ["make_session", "ort_max_ir_version", "input_specs", "PROVIDERS", "CUDA_SETTINGS"]
+__all__ = ["make_session", "make_session_from_model", "ort_max_ir_version", "input_specs", "PROVIDERS", "CUDA_SETTINGS"]
 
 #: short provider names accepted by ``make_session`` -> onnxruntime execution provider
 PROVIDERS = {
@@ -133,6 +133,41 @@ def make_session(
             "matching this machine, or use --providers cpu (or --allow-missing-providers)"
         )
     return session
+
+
+#: onnxruntime session option (1.20+): where a model loaded from bytes finds its external data
+_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+_EXTERNAL_FOLDER_SINCE = (1, 20)  # conservatively: older releases get the file fallback
+
+
+def _ort_version() -> tuple[int, int]:
+    import onnxruntime as ort
+
+    m = re.match(r"(\d+)\.(\d+)", ort.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def make_session_from_model(model: "onnx.ModelProto", base_dir: str | os.PathLike) -> "onnxruntime.InferenceSession":
+    """A CPU session (``ORT_DISABLE_ALL``) for an in-memory ``model`` whose external-data locations
+    are relative to ``base_dir`` (the folder of the file it was read from, with
+    ``load_external_data=False``).
+
+    The serialized model holds no external tensors, so it stays small whatever the weights weigh,
+    and onnxruntime reads the weights from ``base_dir`` itself. Used for the fold-site copies,
+    which must not be written next to a user's model. Raises whatever onnxruntime raises (an
+    onnxruntime without the option cannot find the data): callers fall back to a file.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    if _ort_version() < _EXTERNAL_FOLDER_SINCE and any(
+            t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        # an older onnxruntime would look for the data relative to the current folder
+        raise UnsupportedModelError(f"onnxruntime {ort.__version__} cannot read external data of a model "
+                                    "loaded from bytes")
+    opts = _session_options(False)
+    opts.add_session_config_entry(_EXTERNAL_FOLDER_KEY, os.path.abspath(os.fspath(base_dir)))
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 @functools.lru_cache(maxsize=None)
