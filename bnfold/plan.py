@@ -107,7 +107,7 @@ class Planner:
             route = self._backward(site.pos, bn, channels)
             route.eps = info.epsilon
             p = self.index.nodes[route.target_pos]
-            through = tuple(self.index.nodes[pos].name for pos, _ in reversed(route.chain))
+            through = tuple(self.index.nodes[pos].name for pos, _ in reversed(route.chain)) if route.chain else ()
             return FoldDecision(info.name, Action.FOLDED, target=p.name, direction="backward",
                                 reason=self._clone_note(p),
                                 detail=f"into {p.op_type} '{p.name}'", through=through), route
@@ -137,7 +137,7 @@ class Planner:
     # ---- backward ------------------------------------------------------------------------
     def _backward(self, bn_pos: int, bn: onnx.NodeProto, channels: int | None) -> Route:
         idx = self.index
-        cur = bn.input[0]
+        cur = x = bn.input[0]
         chain: list[tuple[int, int]] = []
         while True:
             if idx.use_count(cur) != 1:
@@ -149,11 +149,12 @@ class Planner:
                 kind = "a constant" if self.consts.is_constant(cur) else "a graph input"
                 raise _Refuse(Reason.NO_PRODUCER, f"input '{cur}' is {kind}")
             node = idx.nodes[pos]
+            op = node.op_type
             if node.domain not in ("", "ai.onnx"):
-                raise _Refuse(Reason.UNSUPPORTED_PRODUCER, f"input comes from {node.domain}.{node.op_type} '{node.name}'")
-            if node.op_type in PRODUCERS:
+                raise _Refuse(Reason.UNSUPPORTED_PRODUCER, f"input comes from {node.domain}.{op} '{node.name}'")
+            if op in PRODUCERS:
                 break
-            if node.op_type in LOOK_THROUGH and len(chain) < _MAX_CHAIN:
+            if op in LOOK_THROUGH and len(chain) < _MAX_CHAIN:
                 slot = self._data_slot(node)
                 chain.append((pos, slot))
                 cur = node.input[slot]
@@ -166,7 +167,7 @@ class Planner:
         route = Route(bn_pos, "backward", pos, chain)
         for cpos, slot in reversed(chain):  # from the producer toward the BN
             rank = self._through(idx.nodes[cpos], slot, rank, out_channels, route)
-        bn_rank = idx.rank(bn.input[0])
+        bn_rank = idx.rank(x)
         if bn_rank is not None and bn_rank != rank:
             raise _Refuse(Reason.CHANNEL_MISMATCH, f"rank {rank} after the look-through nodes, BN input has {bn_rank}")
         route.out_rank = rank
