@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +14,7 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import BadInputError, UnsupportedModelError
-from .serialize import write_model
+from .serialize import _copy_except, write_model
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
 _PROTO_LIMIT = 2**31 - 2**24
@@ -28,6 +26,8 @@ class LoadedModel:
     path: Path | None
     sha256: str | None
     external_data: bool  # some tensors lived in external files
+    locations: tuple[str, ...] = ()  # the external-data files named in the model file, as written there
+    stamp: tuple = ()  # file_stamp() of the model file and its data files just after reading them
 
 
 class _Hasher:
@@ -56,6 +56,53 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
+# Standard operators with tensor or graph attributes; operators of other domains are looked at too.
+_ATTR_TENSOR_OPS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan", "SequenceMap"})
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Every TensorProto of ``graph``: initializers, tensor attributes, and those of subgraphs."""
+    yield from graph.initializer
+    yield from (s.values for s in graph.sparse_initializer)
+    for node in graph.node:
+        if node.op_type not in _ATTR_TENSOR_OPS and node.domain in ("", "ai.onnx"):
+            continue  # no tensor in its attributes (a quick test: graphs have thousands of nodes)
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("sparse_tensor"):
+                yield a.sparse_tensor.values
+            if a.HasField("g"):
+                yield from _all_tensors(a.g)
+            for g in a.graphs:
+                yield from _all_tensors(g)
+
+
+def external_locations(model: onnx.ModelProto) -> tuple[str, ...]:
+    """The external-data files the model's tensors (subgraphs included) point at."""
+    found: dict[str, None] = {}
+    for t in _all_tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    found[entry.value] = None
+    return tuple(found)
+
+
+def file_stamp(path: Path, locations: tuple[str, ...] = ()) -> tuple:
+    """Size, modification time and inode of the model file and its data files: what tells that a
+    file was replaced or rewritten since (() when one cannot be read)."""
+    out = []
+    for p in (path, *(path.parent / loc for loc in locations)):
+        try:
+            st = os.stat(p)
+        except OSError:
+            return ()
+        out.append((st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev))
+    return tuple(out)
+
+
 def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     """Read a model. Raises BadInputError for a missing, unreadable or non-ONNX file."""
     if isinstance(source, onnx.ModelProto):
@@ -82,6 +129,7 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     if not model.HasField("graph") or (len(model.graph.node) == 0 and not model.opset_import):
         raise BadInputError(f"'{path}' is not an ONNX model (no graph found); pass an .onnx file")
     external = _uses_external_data(model)
+    locations = external_locations(model)
     if external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
@@ -89,7 +137,7 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
             raise BadInputError(
                 f"external data of '{path}' could not be read ({exc}); keep the data files next to the model"
             ) from exc
-    return LoadedModel(model, path, digest, external)
+    return LoadedModel(model, path, digest, external, locations, file_stamp(path, locations))
 
 
 def data_files(path: Path) -> list[Path]:
@@ -124,14 +172,31 @@ def _ir_version_for_runtime(model: onnx.ModelProto) -> int:
     return min(ir, ort_max_ir_version())
 
 
-def prepare_for_save(model: onnx.ModelProto) -> None:
+def ir_version_for_save(model: onnx.ModelProto) -> int:
+    """The IR version ``prepare_for_save`` writes."""
     # IR < 4 demands every initializer among the graph inputs; folding adds initializers, and
     # IR 4 only relaxes that rule, so such models are written as IR 4
-    model.ir_version = max(_ir_version_for_runtime(model), 4)
+    return max(_ir_version_for_runtime(model), 4)
+
+
+def prepare_for_save(model: onnx.ModelProto) -> None:
+    model.ir_version = ir_version_for_save(model)
     model.producer_name = "bnfold"
     from . import __version__
 
     model.producer_version = __version__
+
+
+def _create_new(folder: Path, prefix: str) -> tuple[int, str]:
+    """A new temporary file in ``folder`` with the permission bits of any new file (0o666 minus the
+    umask; ``mkstemp`` would give 0o600, which the rename would carry over to the model)."""
+    for _ in range(100):
+        name = os.path.join(folder, f".{prefix}.{os.urandom(4).hex()}.bnfold-tmp")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in '{folder}'")
 
 
 def save_onnx(
@@ -140,13 +205,13 @@ def save_onnx(
     """Write ``model`` to ``path`` atomically; return the sha256 of the written model file.
 
     With ``external_data`` (or when the model is too large for one protobuf), tensors go to
-    ``<name>.<hex>.data`` beside the model. Parent directories are created. Nothing is left
-    behind on failure.
+    ``<name>.<hex>.data`` beside the model (see ``_save_external``). Parent directories are
+    created. ``model`` is not modified. Nothing is left behind on failure.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not external_data:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".bnfold-tmp", dir=path.parent)
+        fd, tmp_name = _create_new(path.parent, path.name)
         try:
             with os.fdopen(fd, "wb") as fh:
                 digest = write_model(model, fh)  # streamed: no file-sized bytes object
@@ -159,29 +224,112 @@ def save_onnx(
         finally:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=path.parent))
     try:
-        tmp_model = tmpdir / path.name
-        # a fresh data-file name per write: the old model never points at new data
-        location = f"{path.name}.{os.urandom(4).hex()}.data"
-        onnx.save_model(
-            model,
-            str(tmp_model),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=location,
-            size_threshold=1024,
-        )
-        # the in-memory model now points at the file: read the tensors back (callers go on)
-        onnx.load_external_data_for_model(model, str(tmpdir))
-        data_file = tmpdir / location
-        if data_file.exists():
-            os.replace(data_file, path.parent / location)
-        digest = hashlib.sha256(tmp_model.read_bytes()).hexdigest()
-        os.replace(tmp_model, path)
-        remove_stale_data(path, keep=location)
-        return digest
+        return _save_external(model, path)
     except OSError as exc:
         raise UnsupportedModelError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+
+
+# Large tensors go to the data file; this is onnx's default threshold too.
+EXTERNAL_MIN_BYTES = 1024
+# Offsets of tensors in the data file are multiples of this (onnxruntime can map them directly).
+DATA_ALIGN = 4096
+_ZEROS = bytes(DATA_ALIGN)
+
+
+def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _save_external(model: onnx.ModelProto, path: Path) -> str:
+    """Write ``model`` with its large tensors in a fresh ``<name>.<8 hex>.data`` beside ``path``.
+
+    ``model`` is never modified (``onnx.save_model(save_as_external_data=True)`` rewrites the
+    model to point at the file, and reading the weights back costs a full copy that protobuf's
+    arena keeps). Instead a skeleton is built: every field of the model except the main graph's
+    initializers, then one initializer at a time either copied inline or, when it holds at least
+    ``EXTERNAL_MIN_BYTES`` of ``raw_data`` and is not external already, written to the data file
+    at a ``DATA_ALIGN``-aligned offset and added to the skeleton as a copy without ``raw_data``
+    that points there. Only the main graph's initializers move: tensors inside subgraphs (If/Loop
+    bodies), Constant nodes, sparse initializers and tensors stored in typed fields (float_data,
+    ...) stay inline in the model file. The extra memory is one tensor and the skeleton.
+
+    The data file is written first (temporary name, then rename), then the model; data files of
+    earlier writes of ``path`` are removed last, so the old model never points at new data and the
+    new model is never in place without its data. Returns the sha256 of the model file.
+    """
+    folder = path.parent
+    # a fresh data-file name per write: the old model never points at new data
+    location = f"{path.name}.{os.urandom(4).hex()}.data"
+    skeleton = onnx.ModelProto()
+    _copy_except(model, skeleton, "graph")
+    graph = skeleton.graph
+    _copy_except(model.graph, graph, "initializer")
+    data_tmp = model_tmp = ""
+    placed = False
+    try:
+        offset = 0
+        fh = None
+        try:
+            for t in model.graph.initializer:
+                raw = t.raw_data if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") else b""
+                if len(raw) < EXTERNAL_MIN_BYTES:
+                    del raw
+                    graph.initializer.add().CopyFrom(t)
+                    continue
+                if fh is None:
+                    fd, data_tmp = _create_new(folder, location)
+                    fh = os.fdopen(fd, "wb")
+                pad = -offset % DATA_ALIGN
+                if pad:
+                    fh.write(_ZEROS[:pad])
+                    offset += pad
+                fh.write(raw)
+                head = graph.initializer.add()
+                _copy_except(t, head, "raw_data")
+                del head.external_data[:]
+                _set_external(head, location, offset, len(raw))
+                offset += len(raw)
+                del raw
+        finally:
+            if fh is not None:
+                fh.close()
+        try:
+            size = skeleton.ByteSize()
+        except (ValueError, EncodeError):
+            size = None
+        if size is None or size > _PROTO_LIMIT:
+            raise UnsupportedModelError(
+                f"cannot write '{path}': the model is over protobuf's 2 GiB limit even with its initializers in "
+                "external data (large Constant nodes, subgraph tensors or tensors without raw_data stay in the "
+                "model file); store those weights as initializers")
+        try:
+            data = skeleton.SerializeToString()
+        except (ValueError, EncodeError) as exc:
+            raise UnsupportedModelError(
+                f"cannot write '{path}': the model is over protobuf's 2 GiB limit even with its initializers in "
+                "external data") from exc
+        del skeleton, graph
+        digest = hashlib.sha256(data).hexdigest()
+        fd, model_tmp = _create_new(folder, path.name)
+        with os.fdopen(fd, "wb") as mf:
+            mf.write(data)
+        del data
+        if data_tmp:
+            os.replace(data_tmp, folder / location)
+            data_tmp = ""
+            placed = True
+        os.replace(model_tmp, path)
+        model_tmp = ""
+        placed = False
+        remove_stale_data(path, keep=location)
+        return digest
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        for name in (data_tmp, model_tmp):
+            if name and os.path.exists(name):
+                os.unlink(name)
+        if placed:  # the model did not move into place: leave the folder as it was
+            (folder / location).unlink(missing_ok=True)

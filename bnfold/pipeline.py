@@ -25,7 +25,7 @@ from .freeze import freeze
 from .gcpause import without_gc
 from .graph.constants import Constants
 from .graph.index import GraphIndex
-from .load import LoadedModel, load_onnx, prepare_for_save, save_onnx
+from .load import LoadedModel, file_stamp, ir_version_for_save, load_onnx, prepare_for_save, save_onnx
 from .plan import make_plan
 from .records import Action, BnRecord, FoldDecision, FrozenStats, Mode, Report, VerifyResult
 
@@ -68,7 +68,10 @@ class _Work:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.model = loaded.model
+        names = [n.name for n in self.model.graph.node]
         name_nodes(self.model.graph)
+        # whether node names now differ from the input's (which then cannot serve as the reference)
+        self.renamed = any(n.name != old for n, old in zip(self.model.graph.node, names))
         self.opset = default_opset(self.model)
         self.reindex()
 
@@ -291,11 +294,12 @@ def fold(
     stage = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=Path(output).parent if output else None)) \
         if (verify or output) else None
     try:
-        reference = None
+        # nothing frozen: the input file itself is the reference, unless something differs
+        reference = _input_as_reference(work) if verify and cal is None else None
         prepare_for_save(work.model)  # an IR the installed onnxruntime accepts, for both models
         if frozen_output:
             save_onnx(work.model, frozen_output, external_data=loaded.external_data)
-        if verify:
+        if verify and (reference is None or file_stamp(reference, loaded.locations) != loaded.stamp):
             reference = stage / "frozen.onnx"
             save_onnx(work.model, reference, external_data=loaded.external_data)
         final = apply_plan(work.index, work.consts, plan, routes, commit=True)
@@ -323,6 +327,41 @@ def fold(
             shutil.rmtree(stage, ignore_errors=True)
 
 
+def _input_as_reference(work: _Work) -> Path | None:
+    """The input file, where it is the frozen model as ``fold`` would write it, else None.
+
+    Called before anything is frozen or folded (the caller checks that nothing was calibrated),
+    while the model in memory is still the input as read. Writing that model again (all its
+    weights, gigabytes for some models) would give the same graph and the same tensors with
+    only the producer fields changed, so the input file is used as the verification reference
+    when: it was read from a file; its IR version is the one ``prepare_for_save`` writes (else
+    onnxruntime may refuse it, or the written model would differ); no node was renamed
+    (``name_nodes``: fold-site results carry the reference's BN node names, which must be the
+    report's); every external-data file lies inside the model's folder as a relative path (as
+    onnxruntime requires); and the caller checks just before using it that the files were not
+    changed since they were read (``file_stamp``). In any doubt the frozen model is written.
+    """
+    loaded = work.loaded
+    path = loaded.path
+    if path is None or not loaded.stamp or work.renamed:
+        return None
+    if ir_version_for_save(work.model) != work.model.ir_version:
+        return None
+    try:
+        folder = path.resolve().parent
+        if path.parent.resolve() != folder:  # a link to a model in another folder
+            return None
+        for location in loaded.locations:
+            rel = Path(location)
+            if rel.is_absolute() or ".." in rel.parts:
+                return None
+            if not (path.parent / rel).resolve().is_relative_to(folder):
+                return None
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return path
+
+
 def _run_verification(reference: Path, candidate: Path, batches, config, atol, rtol, inputs) -> VerifyResult:
     from dataclasses import replace
 
@@ -339,22 +378,24 @@ def _run_verification(reference: Path, candidate: Path, batches, config, atol, r
 
 
 def _move_into_place(staged: Path, output: Path, external: bool) -> None:
-    """Data file first (under its fresh name), then the model; stale data files last."""
+    """Data file first (under its fresh name), then the model; stale data files last.
+
+    A model read without external data has one too where it was too large for one protobuf.
+    """
     from .load import data_files, remove_stale_data
 
     assert staged.name == output.name  # the model names its data file after itself
     keep = ""
-    if external:
-        for data in data_files(staged):
-            os.replace(data, output.parent / data.name)
-            keep = data.name
+    for data in data_files(staged):
+        os.replace(data, output.parent / data.name)
+        keep = data.name
     try:
         os.replace(staged, output)
     except OSError:
         if keep:  # leave the directory as it was: the old model and its data
             (output.parent / keep).unlink(missing_ok=True)
         raise
-    if external:
+    if external or keep:
         remove_stale_data(output, keep=keep)
 
 

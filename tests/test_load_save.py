@@ -19,6 +19,19 @@ from conftest import (
 )
 
 
+
+def _fail_replace_onto(monkeypatch, target) -> None:
+    """Make ``os.replace`` onto ``target`` fail as a full disk would (other renames still work)."""
+    real_replace = os.replace
+
+    def failing_replace(src, dst, *a, **k):
+        if os.fspath(dst) == os.fspath(target):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+
+
 def conv_bn(rng, *, c_in=3, c_out=4, ir_version=10, training=False, big=False):
     w = rand(rng, c_out * (8 if big else 1), c_in, 3, 3)
     c_out = w.shape[0]
@@ -360,17 +373,10 @@ def test_overwriting_external_data_output_is_atomic(rng, tmp_path, monkeypatch):
     y_a = ort_run(out, {"x": x})[0]
     before = sorted(os.listdir(out_dir))
 
-    real_replace = os.replace
-
-    def failing_replace(src, dst, *a, **k):
-        if os.fspath(dst) == os.fspath(out):
-            raise OSError(28, "No space left on device")
-        return real_replace(src, dst, *a, **k)
-
-    monkeypatch.setattr(os, "replace", failing_replace)
+    _fail_replace_onto(monkeypatch, out)
     with pytest.raises(Exception):
         fold(src_b, output=out)
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.undo()
     assert sorted(os.listdir(out_dir)) == before
     np.testing.assert_array_equal(ort_run(out, {"x": x})[0], y_a)
 
@@ -385,3 +391,389 @@ def test_fixed_batch_with_short_last_batch(rng):
         assert "batch size" in str(exc) and "5" in str(exc), str(exc)
     else:
         assert res.report.bns[0].stats.batches == 2 and res.report.warnings
+
+
+# ---- writing with external data (save_onnx) -------------------------------------------------
+def _mixed_model(rng):
+    """y = If(cond, then: a4 + sub, else: a4) with a4 = (x + c) + typed + (x + big), and
+    z = (x + big)[:255] + small + k1024[:255].
+
+    ``big`` (12 KB) and ``k1024`` (exactly 1024 bytes) have raw_data and go to the data file;
+    ``small`` (1020 bytes), ``typed`` (float_data, not raw), the Constant node's tensor ``c`` and
+    the subgraph's initializer ``sub`` stay in the model file."""
+    n = 3000
+    big = init("big", rand(rng, n))
+    small = init("small", rand(rng, 255))
+    k1024 = init("k1024", rand(rng, 256))
+    typed = helper.make_tensor("typed", onnx.TensorProto.FLOAT, [n], rand(rng, n).tolist())
+    const = numpy_helper.from_array(rand(rng, n), "cval")
+    sub = init("sub", rand(rng, n))
+    then_g = helper.make_graph([helper.make_node("Add", ["a4", "sub"], ["t"], name="sub_add")], "then", [],
+                               [vi("t", [n])], [sub])
+    else_g = helper.make_graph([helper.make_node("Identity", ["a4"], ["e"], name="sub_id")], "else", [],
+                               [vi("e", [n])])
+    nodes = [helper.make_node("Add", ["x", "big"], ["a0"], name="add0"),
+             helper.make_node("Slice", ["a0", "s0", "s1"], ["a0s"], name="slice"),
+             helper.make_node("Add", ["a0s", "small"], ["a1"], name="add1"),
+             helper.make_node("Slice", ["k1024", "s0", "s1"], ["k255"], name="slice2"),
+             helper.make_node("Add", ["a1", "k255"], ["z"], name="add5"),
+             helper.make_node("Constant", [], ["c"], name="const", value=const),
+             helper.make_node("Add", ["x", "c"], ["a2"], name="add2"),
+             helper.make_node("Add", ["a2", "typed"], ["a3"], name="add3"),
+             helper.make_node("Add", ["a3", "a0"], ["a4"], name="add4"),
+             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)]
+    inits = [big, init("s0", np.array([0])), init("s1", np.array([255])), small, typed,
+             init("cond", np.array(True)), k1024]
+    return make_model(nodes, [vi("x", [n])], [vi("y", [n]), vi("z", [255])], inits)
+
+
+def _external_info(stored):
+    return {t.name: {e.key: e.value for e in t.external_data}
+            for t in stored.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def _all_values(model):
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out.update({f"{a.name}/{t.name}": numpy_helper.to_array(t) for t in a.g.initializer})
+            elif a.type == onnx.AttributeProto.TENSOR:
+                out[f"{node.name}/{a.name}"] = numpy_helper.to_array(a.t)
+    return out
+
+
+@pytest.fixture
+def umask022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_save_external_round_trip(rng, tmp_path, umask022):
+    import re
+
+    from bnfold.load import DATA_ALIGN, save_onnx
+
+    model = _mixed_model(rng)
+    before = model.SerializeToString()
+    path = tmp_path / "m.onnx"
+    digest = save_onnx(model, path, external_data=True)
+    assert model.SerializeToString() == before, "the model in memory must not change"
+    assert digest == sha256(path)
+    [data] = [n for n in os.listdir(tmp_path) if n != "m.onnx"]
+    assert re.fullmatch(r"m\.onnx\.[0-9a-f]{8}\.data", data)
+    # permission bits of any new file under the umask (onnx itself would create 0600)
+    assert (tmp_path / data).stat().st_mode & 0o777 == 0o644
+    assert path.stat().st_mode & 0o777 == 0o644
+
+    stored = onnx.load(path, load_external_data=False)
+    info = _external_info(stored)
+    assert sorted(info) == ["big", "k1024"]  # >= 1024 bytes of raw_data; the rest inline
+    size = (tmp_path / data).stat().st_size
+    for name, entry in info.items():
+        assert entry["location"] == data
+        assert int(entry["offset"]) % DATA_ALIGN == 0
+        raw = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name)).tobytes()
+        assert int(entry["length"]) == len(raw)
+        with open(tmp_path / data, "rb") as fh:
+            fh.seek(int(entry["offset"]))
+            assert fh.read(len(raw)) == raw
+        assert int(entry["offset"]) + len(raw) <= size
+    inline = {t.name for t in stored.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
+    assert {"small", "typed", "s0", "s1", "cond"} == inline
+    sub = next(a.g for a in stored.graph.node[-1].attribute if a.name == "then_branch").initializer[0]
+    assert sub.name == "sub" and sub.data_location != onnx.TensorProto.EXTERNAL and sub.raw_data
+    const = next(n for n in stored.graph.node if n.op_type == "Constant").attribute[0].t
+    assert const.data_location != onnx.TensorProto.EXTERNAL and const.raw_data
+
+    # the same model, every value equal, and onnxruntime runs it (by path) like the model in memory
+    back = onnx.load(path)
+    expect = _all_values(model)
+    got = _all_values(back)
+    assert expect.keys() == got.keys()
+    for k in expect:
+        np.testing.assert_array_equal(got[k], expect[k])
+    assert [n.name for n in back.graph.node] == [n.name for n in model.graph.node]
+    onnx.checker.check_model(str(path), full_check=True)
+    x = {"x": rand(rng, 3000)}
+    for a, b in zip(ort_run(path, x), ort_run(model, x)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_save_external_twice_keeps_one_data_file(rng, tmp_path):
+    from bnfold.load import save_onnx
+
+    model = _mixed_model(rng)
+    path = tmp_path / "m.onnx"
+    save_onnx(model, path, external_data=True)
+    first = set(os.listdir(tmp_path))
+    save_onnx(model, path, external_data=True)
+    second = set(os.listdir(tmp_path))
+    assert len(first) == len(second) == 2 and first != second  # a fresh data-file name, the old one gone
+    assert leftovers(tmp_path) == []
+    x = {"x": rand(rng, 3000)}
+    np.testing.assert_array_equal(ort_run(path, x)[0], ort_run(model, x)[0])
+
+
+@pytest.mark.parametrize("umask", [0o027, 0o002])
+def test_save_external_permissions_follow_umask(rng, tmp_path, umask):
+    from bnfold.load import save_onnx
+
+    model, *_ = conv_bn(rng, big=True)
+    old = os.umask(umask)
+    try:
+        save_onnx(model, tmp_path / "m.onnx", external_data=True)
+    finally:
+        os.umask(old)
+    modes = {n: (tmp_path / n).stat().st_mode & 0o777 for n in os.listdir(tmp_path)}
+    assert len(modes) == 2 and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_model_read_with_external_data_written_again(rng, tmp_path):
+    from bnfold.load import load_onnx, save_onnx
+
+    model, *_ = conv_bn(rng, big=True)
+    src_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    src_dir.mkdir()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save with external data rewrites the model it is given
+    onnx.save(copy, src_dir / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    loaded = load_onnx(src_dir / "m.onnx")
+    assert loaded.external_data and loaded.locations == ("weights.bin",)
+    before = loaded.model.SerializeToString()
+    out = out_dir / "f.onnx"
+    digest = save_onnx(loaded.model, out, external_data=True)
+    assert loaded.model.SerializeToString() == before
+    assert digest == sha256(out)
+    info = _external_info(onnx.load(out, load_external_data=False))
+    assert sorted(info) == ["w"]  # the BN parameters (16 bytes each) and the bias are inline now
+    back = onnx.load(out)
+    for t in model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(next(u for u in back.graph.initializer
+                                                                 if u.name == t.name)),
+                                      numpy_helper.to_array(t))
+    x = {"x": rand(rng, 2, 3, 5, 5)}
+    np.testing.assert_array_equal(ort_run(out, x)[0], ort_run(model, x)[0])
+    assert len(os.listdir(out_dir)) == 2
+
+
+def test_save_external_without_large_tensors_writes_no_data_file(rng, tmp_path):
+    from bnfold.load import save_onnx
+
+    model, *_ = conv_bn(rng)  # every tensor under 1 KiB
+    path = tmp_path / "m.onnx"
+    save_onnx(model, path, external_data=True)
+    (tmp_path / "m.onnx.0badf00d.data").write_bytes(b"stale")  # as if from an earlier write
+    save_onnx(model, path, external_data=True)
+    assert os.listdir(tmp_path) == ["m.onnx"]
+    assert onnx.load(path) == model
+
+
+def test_save_external_too_large_even_without_initializers(rng, tmp_path, monkeypatch):
+    """A skeleton (model without the initializers' raw data) over the limit: a clear error, no files."""
+    from bnfold import load
+
+    model = _mixed_model(rng)  # its Constant node holds 12 KB inline
+    monkeypatch.setattr(load, "_PROTO_LIMIT", 4096)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(UnsupportedModelError, match="2 GiB.*external data"):
+        load.save_onnx(model, path, external_data=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_external_failure_keeps_the_old_pair(rng, tmp_path, monkeypatch):
+    from bnfold.load import save_onnx
+
+    model_a, *_ = conv_bn(rng, big=True)
+    model_b, *_ = conv_bn(rng, big=True)
+    path = tmp_path / "m.onnx"
+    save_onnx(model_a, path, external_data=True)
+    before = {n: sha256(tmp_path / n) for n in os.listdir(tmp_path)}
+    _fail_replace_onto(monkeypatch, path)
+    with pytest.raises(UnsupportedModelError, match="No space"):
+        save_onnx(model_b, path, external_data=True)
+    assert {n: sha256(tmp_path / n) for n in os.listdir(tmp_path)} == before
+
+
+def test_save_external_keeps_tensors_already_external(rng, tmp_path):
+    """A tensor still pointing at a file (never loaded) is copied as it is, not read."""
+    from bnfold.load import save_onnx
+
+    model, *_ = conv_bn(rng, big=True)
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    (tmp_path / "w.bin").write_bytes(w.raw_data)
+    w.ClearField("raw_data")
+    w.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "w.bin"), ("offset", "0")):
+        e = w.external_data.add()
+        e.key, e.value = key, value
+    save_onnx(model, tmp_path / "m.onnx", external_data=True)
+    stored = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    assert next(t for t in stored.graph.initializer if t.name == "w") == w
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "w.bin"]  # nothing else was large enough
+
+
+# ---- fold without calibration: the input file is the verification reference -----------------
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the paths fold saves models to and the reference verification runs against."""
+    import bnfold.pipeline as pipeline
+
+    seen = {"saved": [], "reference": []}
+    real_save, real_run = pipeline.save_onnx, pipeline._run_verification
+
+    def save(model, path, **kw):
+        seen["saved"].append(os.path.basename(path))
+        return real_save(model, path, **kw)
+
+    def run(reference, candidate, *a, **kw):
+        seen["reference"].append(os.fspath(reference))
+        return real_run(reference, candidate, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "save_onnx", save)
+    monkeypatch.setattr(pipeline, "_run_verification", run)
+    return seen
+
+
+def _save_external(model, src):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save(copy, src, save_as_external_data=True, all_tensors_to_one_file=True, location=src.name + ".data",
+              size_threshold=0)
+
+
+def test_fold_without_data_verifies_against_the_input_file(rng, tmp_path, spy):
+    model, *_ = conv_bn(rng, big=True)
+    src = tmp_path / "in" / "m.onnx"
+    src.parent.mkdir()
+    _save_external(model, src)
+    before = {n: sha256(src.parent / n) for n in os.listdir(src.parent)}
+    out, frozen = tmp_path / "out" / "f.onnx", tmp_path / "frozen" / "fr.onnx"
+    res = fold(src, output=out, frozen_output=frozen)
+    v = res.report.verification
+    assert v.passed and [s.bn for s in v.sites] == ["bn"] and v.sites[0].passed
+    assert spy["reference"] == [str(src)]
+    assert spy["saved"] == ["fr.onnx", "f.onnx"]  # the frozen output is still written; no staged copy
+    assert {n: sha256(src.parent / n) for n in os.listdir(src.parent)} == before
+    # the frozen output is the input model, values and graph
+    back, orig = onnx.load(frozen), onnx.load(src)
+    assert back.graph.node == orig.graph.node
+    assert {t.name: numpy_helper.to_array(t).tobytes() for t in back.graph.initializer} == \
+        {t.name: numpy_helper.to_array(t).tobytes() for t in orig.graph.initializer}
+    assert leftovers(tmp_path / "out") == [] and leftovers(tmp_path / "in") == []
+
+
+def test_fold_without_data_inline_weights_uses_the_input_too(rng, tmp_path, spy):
+    model, *_ = conv_bn(rng)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    res = fold(src, output=tmp_path / "f.onnx")
+    assert res.report.verification.passed and spy["reference"] == [str(src)] and spy["saved"] == ["f.onnx"]
+
+
+@pytest.mark.parametrize("case", ["data", "proto", "ir14", "renamed", "changed"])
+def test_frozen_copy_is_written_where_the_input_cannot_serve(rng, tmp_path, spy, monkeypatch, case):
+    model, *_ = conv_bn(rng, ir_version=onnx.IR_VERSION if case == "ir14" else 10, big=True,
+                        training=case == "data")
+    if case == "renamed":
+        for node in model.graph.node:
+            node.name = ""
+    src = tmp_path / "m.onnx"
+    _save_external(model, src)
+    if case == "changed":  # the input is rewritten after it was read: it is no longer what was folded
+        import bnfold.pipeline as pipeline
+
+        real_plan = pipeline.make_plan
+
+        def plan_then_touch(*a, **kw):
+            st = src.stat()
+            os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+            return real_plan(*a, **kw)
+
+        monkeypatch.setattr(pipeline, "make_plan", plan_then_touch)
+    data = {"x": rand(rng, 6, 3, 5, 5)} if case == "data" else None
+    res = fold(model if case == "proto" else src, output=tmp_path / "out" / "f.onnx", data=data, batch_size=None)
+    v = res.report.verification
+    assert v.passed
+    assert spy["saved"] == ["frozen.onnx", "f.onnx"]
+    assert os.path.basename(spy["reference"][0]) == "frozen.onnx"
+    # fold-site results name the BNs as the report does
+    assert [s.bn for s in v.sites] == [r.name for r in res.report.bns] and all(r.name for r in res.report.bns)
+
+
+def test_unnamed_nodes_fold_sites_match_the_report(rng, tmp_path):
+    """name_nodes renames unnamed nodes in memory only. The fold-site localisation matches tensor
+    names, so it would find the sites against the input file too; but the sites would then carry the
+    input's (empty) BN names, so the frozen copy is the reference and names agree with the report."""
+    from bnfold.verify.engine import verify
+
+    nodes, inits, cur, c = [], [], "x", 3
+    for i in range(3):
+        inits.append(init(f"w{i}", rand(rng, 4, c, 3, 3)))
+        nodes.append(helper.make_node("Conv", [cur, f"w{i}"], [f"c{i}"], pads=[1] * 4))
+        bn_node, bn_inits = bn("", f"c{i}", f"b{i}", bn_params(rng, 4), prefix=f"bn{i}")
+        nodes += [bn_node]
+        inits += bn_inits
+        cur, c = f"b{i}", 4
+    model = make_model(nodes, [vi("x", ["N", 3, 5, 5])], [vi(cur, 4)], inits)
+    src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
+    onnx.save(model, src)
+    res = fold(src, output=out)
+    names = [r.name for r in res.report.bns]
+    assert len(set(names)) == 3 and all(names)
+    assert [s.bn for s in res.report.verification.sites] == names
+    # against the input file itself: the same three sites, same tensors, by the input's names
+    direct = verify(src, out, [{"x": rand(rng, 1, 3, 5, 5)}])
+    assert direct.passed
+    assert [s.tensor for s in direct.sites] == [s.tensor for s in res.report.verification.sites]
+    assert [s.bn for s in direct.sites] == ["", "", ""]
+
+
+def test_model_before_folding_is_the_input_file(rng, tmp_path, monkeypatch):
+    """What makes the input a valid reference: without calibration, nothing before the fold stage
+    changes the model in memory (other than node names, and the IR version and producer fields
+    that prepare_for_save sets, all checked separately)."""
+    import shutil
+
+    import bnfold.pipeline as pipeline
+
+    seen = []
+    real_apply = pipeline.apply_plan
+
+    def apply(index, *a, **kw):
+        if kw.get("commit"):
+            seen.append(index.graph.SerializeToString())
+        return real_apply(index, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "apply_plan", apply)
+    sample = tmp_path / "unfoldable.onnx"
+    shutil.copyfile(os.path.join(os.path.dirname(__file__), "..", "sample_models", "unfoldable.onnx"), sample)
+    model, *_ = conv_bn(rng, big=True)
+    ext = tmp_path / "ext.onnx"
+    _save_external(model, ext)
+    for src in (sample, ext):
+        seen.clear()
+        fold(src, output=tmp_path / "out" / src.name)
+        assert seen == [onnx.load(src).graph.SerializeToString()]
+
+
+def test_model_too_large_for_one_protobuf_is_written_with_its_data(rng, tmp_path, monkeypatch):
+    """An input without external data that cannot be written as one protobuf (over 2 GiB, simulated)
+    is written with external data: the data file moves into place with the model."""
+    from bnfold import load
+
+    def too_large(model, fh):
+        raise ValueError("model is larger than protobuf's 2 GiB limit")
+
+    monkeypatch.setattr(load, "write_model", too_large)
+    model, *_ = conv_bn(rng, big=True)
+    out = tmp_path / "out" / "f.onnx"
+    res = fold(model, output=out)
+    assert res.report.verification.passed
+    assert res.report.output_sha256 == sha256(out)
+    names = os.listdir(out.parent)
+    assert len(names) == 2 and _external_info(onnx.load(out, load_external_data=False))
+    x = {"x": rand(rng, 1, 3, 5, 5)}
+    np.testing.assert_allclose(ort_run(out, x)[0], ort_run(model, x)[0], rtol=1e-4, atol=1e-4)

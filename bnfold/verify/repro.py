@@ -196,28 +196,9 @@ def _external_locations(path: str) -> list[str]:
     """The external-data files ``path``'s tensors point at (relative to its folder)."""
     import onnx
 
-    model = onnx.load(path, load_external_data=False)
-    found: dict[str, None] = {}
+    from ..load import external_locations
 
-    def tensors(graph: "onnx.GraphProto"):
-        yield from graph.initializer
-        yield from (s.values for s in graph.sparse_initializer)
-        for node in graph.node:
-            for a in node.attribute:
-                if a.HasField("t"):
-                    yield a.t
-                yield from a.tensors
-                if a.HasField("g"):
-                    yield from tensors(a.g)
-                for g in a.graphs:
-                    yield from tensors(g)
-
-    for t in tensors(model.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in t.external_data:
-                if entry.key == "location":
-                    found[entry.value] = None
-    return list(found)
+    return list(external_locations(onnx.load(path, load_external_data=False)))
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -73,7 +73,8 @@ def worst_channels(ref: np.ndarray, cand: np.ndarray, k: int = 3) -> tuple[tuple
     """The ``k`` channels (axis 1) with the largest absolute difference, with that difference."""
     if ref.ndim < 2 or ref.shape != cand.shape:
         return ()
-    diff = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
+    with np.errstate(invalid="ignore"):  # inf - inf is a NaN difference, ranked worst below
+        diff = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
     per = diff.max(axis=tuple(i for i in range(diff.ndim) if i != 1))
     per = np.where(np.isnan(per), np.inf, per)
     order = np.argsort(-per)[:k]
