@@ -128,8 +128,8 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     del data
     if not model.HasField("graph") or (len(model.graph.node) == 0 and not model.opset_import):
         raise BadInputError(f"'{path}' is not an ONNX model (no graph found); pass an .onnx file")
-    external = _uses_external_data(model)
-    locations = external_locations(model)
+    locations = external_locations(model)  # one walk over every tensor
+    external = bool(locations) and _uses_external_data(model)
     if external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
