@@ -163,7 +163,8 @@ def find_bns(model: onnx.ModelProto, index: GraphIndex, consts: Constants) -> li
             attrs = {a.name: a for a in node.attribute}
             training = attr_training(node, opset, attrs)
             ins = list(node.input)
-            computed = [n for n in ins[3:5] if not consts.is_constant(n)]
+            inits = index.initializers
+            computed = [n for n in ins[3:5] if n not in inits and not consts.is_constant(n)]
             if computed and any(_depends_on(index, n, ins[0]) for n in computed):
                 mode = Mode.DECOMPOSED
             else:

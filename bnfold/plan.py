@@ -96,9 +96,10 @@ class Planner:
         ins = list(bn.input)
         # statistics of a training-mode BN become constants when it is frozen
         slots = _PARAM_SLOTS if info.mode is Mode.INFERENCE else _PARAM_SLOTS[:2]
+        inits = self.index.initializers
         is_constant = self.consts.is_constant
         for slot, what in slots:
-            if not is_constant(ins[slot]):
+            if ins[slot] not in inits and not is_constant(ins[slot]):
                 return FoldDecision(info.name, Action.FROZEN_KEPT, reason=Reason.NOT_CONSTANT,
                                     detail=f"BN {what} '{ins[slot]}' is not a constant"), None
         scale_shape = self._shape_of(ins[1])
@@ -131,7 +132,8 @@ class Planner:
 
     def _clone_note(self, node: onnx.NodeProto) -> Reason | None:
         use_count = self.index.use_count
-        shared = any(use_count(n) > 1 for n in list(node.input)[1:3] if n)
+        ins = node.input
+        shared = use_count(ins[1]) > 1 or (len(ins) > 2 and bool(ins[2]) and use_count(ins[2]) > 1)
         return Reason.SHARED_WEIGHT_CLONED if shared else None
 
     # ---- backward ------------------------------------------------------------------------
@@ -191,7 +193,7 @@ class Planner:
         if op in ("Conv", "ConvTranspose"):
             ins = list(node.input)
             w = self._require_const(ins[1], "weight", node)
-            if len(ins) > 2 and ins[2]:
+            if len(ins) > 2 and ins[2] and ins[2] not in self.index.initializers:
                 self._require_const(ins[2], "bias", node)
             self._require_float(ins[1], node)
             group = int(_attr(node, "group", 1)) if op == "ConvTranspose" else 1

@@ -244,16 +244,17 @@ class _Applier:
         bn = idx.nodes[route.bn_pos]
         y = bn.output[0]
         kept = [(route.target_pos, 0)]
-        for pos, slot in reversed(route.chain):
-            node = idx.nodes[pos]
-            if node.op_type == "Add":
-                const = node.input[1 - slot]
-                idx.remove_node(pos)
-                idx.remove_dead_producers(const)
-            else:
-                kept.append((pos, slot))
-        for (prev, _), (pos, slot) in zip(kept, kept[1:]):
-            idx.set_input(pos, slot, idx.nodes[prev].output[0])
+        if route.chain:
+            for pos, slot in reversed(route.chain):
+                node = idx.nodes[pos]
+                if node.op_type == "Add":
+                    const = node.input[1 - slot]
+                    idx.remove_node(pos)
+                    idx.remove_dead_producers(const)
+                else:
+                    kept.append((pos, slot))
+            for (prev, _), (pos, slot) in zip(kept, kept[1:]):
+                idx.set_input(pos, slot, idx.nodes[prev].output[0])
         last = kept[-1][0]
         self.remove_bn(route.bn_pos)
         if bias is None:
