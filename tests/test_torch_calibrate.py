@@ -533,6 +533,11 @@ def test_cpu_moments_match_float64(shape, offset, dtype):
     assert mean.dtype == var.dtype == torch.float64
     np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=0, atol=64 * eps * 0.5)
     np.testing.assert_allclose(var.numpy(), ref_var, rtol=64 * eps)
+    # shifted by a previous batch's mean: near (used) and far (refused, same result as no shift)
+    for shift in (torch.tensor(ref_mean, dtype=dtype) + 0.01, torch.tensor(ref_mean, dtype=dtype) + 50.0):
+        mean2, var2 = _cpu_batch_moments(x, _Scratch(), shift)
+        np.testing.assert_allclose(mean2.numpy(), ref_mean, rtol=0, atol=64 * eps * 0.5)
+        np.testing.assert_allclose(var2.numpy(), ref_var, rtol=64 * eps)
 
 
 def test_cpu_scratch_buffer_is_shared_and_grows():
