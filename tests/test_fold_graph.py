@@ -693,3 +693,31 @@ def test_300_block_training_chain_calibrates_and_folds(rng):
     assert res.report.folded == 300
     assert all(r.stats is not None and r.stats.batches == 4 for r in res.report.bns)
     assert res.report.verification.passed
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_backward_fold_into_the_same_conv(rng, bias):
+    """Relu -> BN1 -> unpadded Conv -> BN2: BN1 folds forward and BN2 backward, both into the Conv.
+
+    The two folds must compose (the second sees the first's weights), also now that backward
+    folds into small Convs are computed in a batch before any fold is applied.
+    """
+    p1, p2 = bn_params(rng, 3), bn_params(rng, 4)
+    bn1, i1 = bn("bn1", "r", "h", p1)
+    bn2, i2 = bn("bn2", "z", "y", p2)
+    w, b = rand(rng, 4, 3, 1, 1), rand(rng, 4)
+    conv_in = ["h", "w"] + (["b"] if bias else [])
+    model = make_model([helper.make_node("Relu", ["x"], ["r"], name="relu"), bn1,
+                        helper.make_node("Conv", conv_in, ["z"], name="conv"), bn2],
+                       [vi("x", ["N", 3, 5, 5])], [vi("y", 4)],
+                       [init("w", w)] + ([init("b", b)] if bias else []) + i1 + i2)
+    x = rand(rng, 2, 3, 5, 5)
+    res = fold(model)
+    assert (record(res, "bn1").target, record(res, "bn1").direction) == ("conv", "forward")
+    assert (record(res, "bn2").target, record(res, "bn2").direction) == ("conv", "backward")
+    assert op_types(res.model) == ["Relu", "Conv"]
+    check_full(res.model)
+    assert res.report.verification.passed
+    h = npref.batchnorm(np.maximum(x, 0), p1["scale"], p1["bias"], p1["mean"], p1["var"], EPS)
+    z = npref.conv(h, w, b if bias else None)
+    _close64(ort_run(res.model, {"x": x})[0], npref.batchnorm(z, p2["scale"], p2["bias"], p2["mean"], p2["var"], EPS))

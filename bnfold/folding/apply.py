@@ -7,6 +7,8 @@ the weight's dtype cancels that fold: the BN stays, frozen, with DTYPE_OVERFLOW.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -109,9 +111,12 @@ class _Applier:
         nodes, inits = self.index.nodes, self.index.initializers
         folded: list[object] = [None] * len(routes)
         groups: dict[tuple, list[tuple[int, str, str, tuple[int, ...]]]] = {}
+        # a Conv that takes two folds (a BN before it forward, one after it backward) must see the
+        # first fold's weights when the second is computed: those are folded in ``backward``
+        targets = Counter(r.target_pos for r in routes)
         for k, r in enumerate(routes):
             p = nodes[r.target_pos]
-            if r.direction != "backward" or p.op_type != "Conv":
+            if r.direction != "backward" or targets[r.target_pos] > 1 or p.op_type != "Conv":
                 continue
             ins = list(p.input)
             w = inits.get(ins[1])
@@ -158,15 +163,6 @@ class _Applier:
             return
         for (k, _, _, shape, _), (a, b_), (c, d) in zip(chunk, bounds(sizes), bounds(couts)):
             folded[k] = (w_out[a:b_].reshape(shape), b_out[c:d])
-
-    def _small(self, name: str) -> bool:
-        init = self.index.initializers.get(name)
-        if init is None:
-            return False
-        size = 1
-        for d in init.dims:
-            size *= d
-        return size <= BATCH_ELEMENTS // 4
 
     # ---- writing parameters --------------------------------------------------------------
     def write_param(self, pos: int, slot: int, array: np.ndarray, label: str) -> None:
