@@ -27,7 +27,7 @@ from .graph.constants import Constants
 from .graph.index import GraphIndex
 from .load import LoadedModel, file_stamp, ir_version_for_save, load_onnx, prepare_for_save, save_onnx
 from .plan import make_plan
-from .records import Action, BnRecord, FoldDecision, FrozenStats, Mode, Report, VerifyResult
+from .records import BnRecord, FoldDecision, FrozenStats, Mode, Report, VerifyResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from .verify.engine import VerifyConfig

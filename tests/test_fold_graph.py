@@ -16,7 +16,7 @@ import npref
 from bnfold.pipeline import fold, inspect
 from bnfold.records import Action
 from conftest import (
-    DOUBLE, EPS, FLOAT, FLOAT16, INT64, assert_same_outputs, bn, bn_params, check_full, count_op, init, make_model,
+    DOUBLE, EPS, FLOAT, FLOAT16, assert_same_outputs, bn, bn_params, check_full, count_op, init, make_model,
     op_types, ort_run, rand, record, vi,
 )
 

@@ -20,7 +20,7 @@ from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.pipeline import fold, inspect
 from bnfold.records import Action, Mode, Reason
 from conftest import (
-    EPS, all_nodes, assert_same_outputs, bn_params, check_full, count_op, init, make_model, op_types, ort_run,
+    EPS, bn_params, check_full, count_op, init, make_model, op_types, ort_run,
     rand, record, vi,
 )
 

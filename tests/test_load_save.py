@@ -14,7 +14,7 @@ from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.pipeline import fold, inspect
 from bnfold.records import Action, Mode
 from conftest import (
-    EPS, assert_same_outputs, bn, bn_params, check_full, count_op, init, make_model, op_types, ort_run, rand,
+    EPS, assert_same_outputs, bn, bn_params, check_full, init, make_model, op_types, ort_run, rand,
     record, sha256, vi,
 )
 

@@ -6,7 +6,6 @@ where it was kept, the model valid (full checker) and computing the same functio
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import helper, numpy_helper
 

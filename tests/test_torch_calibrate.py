@@ -460,16 +460,16 @@ def test_importing_bnfold_does_not_import_torch():
 # ----------------------------------------------------------------------------- against the numpy reference
 
 from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import strategies as hst  # noqa: E402
 
 from bnfold.calibrate.stats import batch_moments, finalize, update  # noqa: E402
 from bnfold.records import BnStats  # noqa: E402
 
 
 @settings(max_examples=25, deadline=None)
-@given(sizes=st.lists(st.integers(1, 5), min_size=1, max_size=5), c=st.integers(1, 4),
-       spatial=st.lists(st.integers(1, 3), min_size=0, max_size=2), offset=st.sampled_from([0.0, 1e4]),
-       seed=st.integers(0, 2**16))
+@given(sizes=hst.lists(hst.integers(1, 5), min_size=1, max_size=5), c=hst.integers(1, 4),
+       spatial=hst.lists(hst.integers(1, 3), min_size=0, max_size=2), offset=hst.sampled_from([0.0, 1e4]),
+       seed=hst.integers(0, 2**16))
 def test_device_accumulation_equals_the_numpy_reference(sizes, c, spatial, offset, seed):
     """The torch hooks' sums (on device, Chan's merge in torch) equal bnfold.calibrate.stats."""
     if sum(n * int(np.prod(spatial)) for n in sizes) == len(sizes):
