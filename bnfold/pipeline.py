@@ -299,7 +299,11 @@ def fold(
         prepare_for_save(work.model)  # an IR the installed onnxruntime accepts, for both models
         if frozen_output:
             save_onnx(work.model, frozen_output, external_data=loaded.external_data)
-        if verify and (reference is None or file_stamp(reference, loaded.locations) != loaded.stamp):
+        if reference is not None and file_stamp(reference, loaded.locations) != loaded.stamp:
+            reference = None  # the input changed since it was read
+        if verify and reference is None and frozen_output and not _same_file(frozen_output, output):
+            reference = Path(frozen_output)  # just written: the frozen model, no second copy
+        if verify and reference is None:
             reference = stage / "frozen.onnx"
             save_onnx(work.model, reference, external_data=loaded.external_data)
         final = apply_plan(work.index, work.consts, plan, routes, commit=True)
@@ -325,6 +329,10 @@ def fold(
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str] | None) -> bool:
+    return b is not None and Path(a).resolve() == Path(b).resolve()
 
 
 def _input_as_reference(work: _Work) -> Path | None:

@@ -14,7 +14,7 @@ from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.pipeline import fold, inspect
 from bnfold.records import Action, Mode
 from conftest import (
-    EPS, assert_same_outputs, bn, bn_params, check_full, init, make_model, op_types, ort_run, rand,
+    EPS, assert_same_outputs, bn, bn_params, check_full, count_op, init, make_model, op_types, ort_run, rand,
     record, sha256, vi,
 )
 
@@ -777,3 +777,26 @@ def test_model_too_large_for_one_protobuf_is_written_with_its_data(rng, tmp_path
     assert len(names) == 2 and _external_info(onnx.load(out, load_external_data=False))
     x = {"x": rand(rng, 1, 3, 5, 5)}
     np.testing.assert_allclose(ort_run(out, x)[0], ort_run(model, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_output_is_the_reference_when_calibrating(rng, tmp_path, spy):
+    """With data and frozen_output, the frozen model is written once and verification runs
+    against that file (no second, staged copy); an output at the same path keeps the copy."""
+    model, *_ = conv_bn(rng, big=True, training=True)
+    src = tmp_path / "m.onnx"
+    _save_external(model, src)
+    data = {"x": rand(rng, 6, 3, 5, 5)}
+    frozen, out = tmp_path / "fr" / "frozen.onnx", tmp_path / "out" / "f.onnx"
+    res = fold(src, output=out, frozen_output=frozen, data=data)
+    assert res.report.verification.passed
+    assert spy["saved"] == ["frozen.onnx", "f.onnx"] and spy["reference"] == [str(frozen)]
+    # the frozen output really is the frozen (calibrated, unfolded) model
+    assert count_op(onnx.load(frozen), "BatchNormalization") == 1
+    y_ref = ort_run(frozen, {"x": data["x"][:2]})[0]
+    np.testing.assert_allclose(ort_run(out, {"x": data["x"][:2]})[0], y_ref, rtol=1e-4, atol=1e-4)
+    spy["saved"].clear()
+    spy["reference"].clear()
+    same = tmp_path / "same" / "m.onnx"
+    fold(src, output=same, frozen_output=same, data=data)
+    assert spy["saved"] == ["m.onnx", "frozen.onnx", "m.onnx"]
+    assert os.path.basename(spy["reference"][0]) == "frozen.onnx"
