@@ -13,6 +13,7 @@ import npref
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.pipeline import fold, inspect
 from bnfold.records import Action, Mode
+from bnfold.verify.session import ort_max_ir_version
 from conftest import (
     EPS, assert_same_outputs, bn, bn_params, check_full, count_op, init, make_model, op_types, ort_run, rand,
     record, sha256, vi,
@@ -63,7 +64,7 @@ def test_ir14_input_output_loads_in_onnxruntime_without_verify(rng, tmp_path):
     assert onnx.load(src).ir_version == onnx.IR_VERSION >= 14
     fold(src, output=out, verify=False)
     x = rand(rng, 2, 3, 5, 5)
-    y = ort_run(out, {"x": x})[0]  # onnxruntime 1.31 accepts IR <= 13
+    y = ort_run(out, {"x": x})[0]  # onnxruntime 1.31 accepts IR <= 13, 1.32 accepts 14
     expect = npref.batchnorm(npref.conv(x, w, b, pads=[1] * 4), p["scale"], p["bias"], p["mean"], p["var"], EPS)
     np.testing.assert_allclose(y, expect, rtol=1e-4, atol=1e-4)
 
@@ -77,8 +78,46 @@ def test_ir14_input_folds_and_verifies(rng, tmp_path, training):
     data = {"x": rand(rng, 6, 3, 5, 5)} if training else None
     res = fold(src, output=out, data=data, batch_size=4 if training else None)
     assert res.report.verification is not None and res.report.verification.passed
-    assert onnx.load(out).ir_version <= 13
+    assert onnx.load(out).ir_version == min(onnx.IR_VERSION, ort_max_ir_version())
     ort_run(out, {"x": rand(rng, 1, 3, 5, 5)})
+
+
+def test_ir_version_clamped_to_what_onnxruntime_accepts(rng, tmp_path, monkeypatch):
+    """An onnxruntime that refuses the input's IR version (1.31 refuses 14) gets its maximum.
+
+    The installed onnxruntime may accept every IR onnx writes, so the probe is replaced by an
+    older runtime's answer; the probe itself is checked against a real session below.
+    """
+    import bnfold.verify.session as session
+
+    model, *_ = conv_bn(rng, ir_version=onnx.IR_VERSION)
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    monkeypatch.setattr(session, "ort_max_ir_version", lambda: onnx.IR_VERSION - 1)
+    fold(src, output=out, verify=False)
+    assert onnx.load(out).ir_version == onnx.IR_VERSION - 1
+
+
+def test_ort_max_ir_version_is_accepted_and_the_next_is_not():
+    import onnxruntime as ort
+
+    top = ort_max_ir_version()
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+
+    def accepted(ir: int) -> bool:
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=ir)
+        try:
+            ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception:
+            return False
+        return True
+
+    assert accepted(top)
+    assert top == onnx.IR_VERSION or not accepted(top + 1)
 
 
 def test_ir_version_kept_when_accepted(rng, tmp_path):
@@ -680,6 +719,10 @@ def test_frozen_copy_is_written_where_the_input_cannot_serve(rng, tmp_path, spy,
     if case == "renamed":
         for node in model.graph.node:
             node.name = ""
+    if case == "ir14":  # an onnxruntime that refuses the input's IR (1.31 refuses 14; 1.32 takes it)
+        import bnfold.verify.session as session
+
+        monkeypatch.setattr(session, "ort_max_ir_version", lambda: onnx.IR_VERSION - 1)
     src = tmp_path / "m.onnx"
     _save_external(model, src)
     if case == "changed":  # the input is rewritten after it was read: it is no longer what was folded
