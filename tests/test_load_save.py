@@ -82,18 +82,23 @@ def test_ir14_input_folds_and_verifies(rng, tmp_path, training):
     ort_run(out, {"x": rand(rng, 1, 3, 5, 5)})
 
 
+def refuse_newest_ir(monkeypatch) -> None:
+    """Make bnfold see an onnxruntime that accepts IR versions below onnx's newest only."""
+    import bnfold.verify.session as session
+
+    monkeypatch.setattr(session, "ort_max_ir_version", lambda: onnx.IR_VERSION - 1)
+
+
 def test_ir_version_clamped_to_what_onnxruntime_accepts(rng, tmp_path, monkeypatch):
     """An onnxruntime that refuses the input's IR version (1.31 refuses 14) gets its maximum.
 
     The installed onnxruntime may accept every IR onnx writes, so the probe is replaced by an
     older runtime's answer; the probe itself is checked against a real session below.
     """
-    import bnfold.verify.session as session
-
+    refuse_newest_ir(monkeypatch)
     model, *_ = conv_bn(rng, ir_version=onnx.IR_VERSION)
     src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(model, src)
-    monkeypatch.setattr(session, "ort_max_ir_version", lambda: onnx.IR_VERSION - 1)
     fold(src, output=out, verify=False)
     assert onnx.load(out).ir_version == onnx.IR_VERSION - 1
 
@@ -720,9 +725,7 @@ def test_frozen_copy_is_written_where_the_input_cannot_serve(rng, tmp_path, spy,
         for node in model.graph.node:
             node.name = ""
     if case == "ir14":  # an onnxruntime that refuses the input's IR (1.31 refuses 14; 1.32 takes it)
-        import bnfold.verify.session as session
-
-        monkeypatch.setattr(session, "ort_max_ir_version", lambda: onnx.IR_VERSION - 1)
+        refuse_newest_ir(monkeypatch)
     src = tmp_path / "m.onnx"
     _save_external(model, src)
     if case == "changed":  # the input is rewritten after it was read: it is no longer what was folded
