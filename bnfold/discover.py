@@ -36,12 +36,14 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def name_nodes(graph: onnx.GraphProto) -> None:
-    """Give every unnamed or duplicate-named node of the main graph a unique name (in place)."""
+def name_nodes(graph: onnx.GraphProto) -> bool:
+    """Give every unnamed or duplicate-named node of the main graph a unique name (in place).
+    Returns whether any node was renamed."""
     names = [n.name for n in graph.node]
     counts = Counter(names)
     if len(counts) == len(names) and "" not in counts:
-        return  # the common case: nothing to rename
+        return False  # the common case: nothing to rename
+    renamed = False
     used = set(counts)
     used.discard("")
     for i, (node, name) in enumerate(zip(graph.node, names)):
@@ -52,7 +54,9 @@ def name_nodes(graph: onnx.GraphProto) -> None:
         while new in used:
             new, k = f"{base}_{k}", k + 1
         used.add(new)
+        renamed = renamed or new != name
         node.name = new
+    return renamed
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -156,9 +160,12 @@ def find_bns(model: onnx.ModelProto, index: GraphIndex, consts: Constants) -> li
     opset = index.opset
     sites: list[BnSite] = []
     sub: list[BnSite] = []
-    for pos, node in enumerate(index.nodes):
+    nodes = index.nodes
+    # the index knows where the BNs and the subgraph-carrying nodes are: no walk over every node
+    for pos in sorted({*index.bn_positions, *index.subgraph_positions}):
         if pos in index.removed:
             continue
+        node = nodes[pos]
         if node.op_type == "BatchNormalization" and node.domain in _STD:
             attrs = {a.name: a for a in node.attribute}
             training = attr_training(node, opset, attrs)

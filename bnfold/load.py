@@ -125,10 +125,13 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
                 f"'{path}' is not an ONNX model (protobuf parse failed); pass an .onnx file"
             ) from exc
     digest = hasher.hexdigest
+    # every external tensor names its file under the key "location": without those bytes in the
+    # file there is none, and the walk over every tensor is skipped
+    maybe_external = b"location" in data
     del data
     if not model.HasField("graph") or (len(model.graph.node) == 0 and not model.opset_import):
         raise BadInputError(f"'{path}' is not an ONNX model (no graph found); pass an .onnx file")
-    locations = external_locations(model)  # one walk over every tensor
+    locations = external_locations(model) if maybe_external else ()  # one walk over every tensor
     external = bool(locations) and _uses_external_data(model)
     if external:
         try:

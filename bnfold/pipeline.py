@@ -68,10 +68,8 @@ class _Work:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.model = loaded.model
-        names = [n.name for n in self.model.graph.node]
-        name_nodes(self.model.graph)
         # whether node names now differ from the input's (which then cannot serve as the reference)
-        self.renamed = any(n.name != old for n, old in zip(self.model.graph.node, names))
+        self.renamed = name_nodes(self.model.graph)
         self.opset = default_opset(self.model)
         self.reindex()
 

@@ -57,17 +57,18 @@ def raw_values(initializers: dict[str, onnx.TensorProto], names: list[str],
         t = initializers.get(name)
         if t is None:
             return None
-        if rank is not None:
-            dims = t.dims
-            if len(dims) != rank or (rank == 1 and dims[0] * _RAW_SIZES.get(t.data_type, 0) != len(t.raw_data)):
-                return None
+        data_type = t.data_type
         if code is None:
-            code = t.data_type
-        elif t.data_type != code:
+            code = data_type
+        elif data_type != code:
             return None
-        raw = t.raw_data
+        raw = t.raw_data  # each access copies the bytes: read it once
         if not raw or t.data_location == onnx.TensorProto.EXTERNAL:
             return None
+        if rank is not None:
+            dims = t.dims
+            if len(dims) != rank or (rank == 1 and dims[0] * _RAW_SIZES.get(data_type, 0) != len(raw)):
+                return None
         raws.append(raw)
     dt = _RAW_DTYPES.get(code) if code is not None else None
     if dt is None or dt.kind != "f":

@@ -72,12 +72,16 @@ class GraphIndex:
         self.consumers: dict[str, list[int]] = defaultdict(list)
         producer, consumers = self.producer, self.consumers
         self._subgraph_reads: dict[int, set[str]] = {}  # node position -> outer names its subgraphs read
+        self.bn_positions: list[int] = []  # standard BatchNormalization nodes, in node order
         for i, node in enumerate(self.nodes):
             for out in node.output:
                 producer[out] = i
             for inp in node.input:
                 consumers[inp].append(i)
-            if (node.op_type in _CONTROL_FLOW or node.domain not in _STD) and has_subgraph(node):
+            op = node.op_type
+            if op == "BatchNormalization" and node.domain in _STD:
+                self.bn_positions.append(i)
+            elif (op in _CONTROL_FLOW or node.domain not in _STD) and has_subgraph(node):
                 free = _subgraph_free_names(node)
                 self._subgraph_reads[i] = free
                 for name in free:
@@ -108,6 +112,11 @@ class GraphIndex:
         self.new_initializers: list[onnx.TensorProto] = []
         self.dropped_initializers: set[str] = set()
         self.new_nodes: list[tuple[int, int]] = []  # (insert before position, position of new node)
+
+    @property
+    def subgraph_positions(self) -> list[int]:
+        """Positions of the live nodes that carry subgraphs, in node order."""
+        return sorted(self._subgraph_reads)
 
     # ---- queries -------------------------------------------------------------------------
     def node_of(self, name: str) -> onnx.NodeProto | None:
@@ -238,6 +247,8 @@ class GraphIndex:
         pos = len(self.nodes)
         self.nodes.append(node)
         self.new_nodes.append((before, pos))
+        if node.op_type == "BatchNormalization" and node.domain in _STD:
+            self.bn_positions.append(pos)
         for inp in node.input:
             if inp:
                 self.consumers[inp].append(pos)
