@@ -2,7 +2,8 @@
 
 Each measurement runs in a fresh subprocess, so peak RSS (ru_maxrss) belongs to that job alone.
 Reported per model: in-process seconds (after imports) and peak RSS, for the baseline and for
-``bnfold.fold(..., verify=False)``, the ratios, and the wall time of the whole CLI command.
+``bnfold.fold(..., verify=False)``, the ratios of the medians and the median of the ratios of
+interleaved baseline/fold pairs, and the wall time of the whole CLI command.
 Goal (issue 2): ratio <= 1.5 for time and memory.
 
     python benchmarks/make_bench_models.py --out benchmarks/_work
@@ -56,8 +57,11 @@ def _cli_wall(args: list[str]) -> float:
 def bench(path: str, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         dst = os.path.join(tmp, "out.onnx")
-        base = [_child("baseline", path, dst) for _ in range(repeats)]
-        fold = [_child("fold", path, dst) for _ in range(repeats)]
+        # interleaved, so that a slow spell of a shared machine hits both alike
+        base, fold = [], []
+        for _ in range(repeats):
+            base.append(_child("baseline", path, dst))
+            fold.append(_child("fold", path, dst))
         cli_base = [_cli_wall([sys.executable, "-c", "import onnx,sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])",
                                path, dst]) for _ in range(repeats)]
         cli_fold = [_cli_wall([sys.executable, "-m", "bnfold.cli.main", "fold", path, "-o", dst, "--no-verify"])
@@ -78,6 +82,8 @@ def bench(path: str, repeats: int) -> dict:
         "cli_fold_wall_s": statistics.median(cli_fold),
     }
     res["time_ratio"] = res["fold_s"] / res["baseline_s"]
+    # the ratio within each interleaved pair, then the median: robust to the machine's drift
+    res["paired_time_ratio"] = statistics.median(f["seconds"] / b["seconds"] for b, f in zip(base, fold))
     res["peak_ratio"] = res["fold_peak_mb"] / res["baseline_peak_mb"]
     res["peak_over_imports_ratio"] = res["fold_peak_over_imports_mb"] / max(res["baseline_peak_over_imports_mb"], 1e-9)
     res["cli_wall_ratio"] = res["cli_fold_wall_s"] / res["cli_baseline_wall_s"]
@@ -87,13 +93,14 @@ def bench(path: str, repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     rows = [bench(m, a.repeats) for m in a.models]
     for r in rows:
         print(f"{r['model']}: {r['size_mb']:.1f} MB, {r['bn']} BN, {r['folded']} folded")
-        print(f"  in-process  load+save {r['baseline_s']:.3f} s   fold {r['fold_s']:.3f} s   ratio {r['time_ratio']:.2f}")
+        print(f"  in-process  load+save {r['baseline_s']:.3f} s   fold {r['fold_s']:.3f} s   ratio {r['time_ratio']:.2f}"
+              f"  (median of paired ratios {r['paired_time_ratio']:.2f})")
         print(f"  peak RSS    load+save {r['baseline_peak_mb']:.0f} MB  fold {r['fold_peak_mb']:.0f} MB  ratio {r['peak_ratio']:.2f}"
               f"  (above imports: {r['baseline_peak_over_imports_mb']:.0f} vs {r['fold_peak_over_imports_mb']:.0f} MB,"
               f" ratio {r['peak_over_imports_ratio']:.2f})")

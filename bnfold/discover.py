@@ -100,7 +100,8 @@ def _depends_on(index: GraphIndex, name: str, target: str) -> bool:
 
 
 def _bn_info(node: onnx.NodeProto, mode: Mode, index: GraphIndex | None, consts: Constants | None,
-             graph_path: str, attrs: dict | None = None, ins: list[str] | None = None) -> BnInfo:
+             graph_path: str, attrs: dict | None = None, ins: list[str] | None = None,
+             output: str | None = None) -> BnInfo:
     ins = ins if ins is not None else list(node.input)
     attrs = attrs if attrs is not None else {a.name: a for a in node.attribute}
     producer = producer_op = None
@@ -128,7 +129,7 @@ def _bn_info(node: onnx.NodeProto, mode: Mode, index: GraphIndex | None, consts:
         name=node.name,
         mode=mode,
         input=ins[0],
-        output=node.output[0],
+        output=output if output is not None else node.output[0],
         producer=producer,
         producer_op=producer_op,
         epsilon=float(attrs["epsilon"].f) if "epsilon" in attrs else 1e-5,
@@ -169,7 +170,7 @@ def find_bns(model: onnx.ModelProto, index: GraphIndex, consts: Constants) -> li
         if node.op_type == "BatchNormalization" and node.domain in _STD:
             attrs = {a.name: a for a in node.attribute}
             training = attr_training(node, opset, attrs)
-            ins = list(node.input)
+            ins = index.ins[pos]
             inits = index.initializers
             computed = [n for n in ins[3:5] if n not in inits and not consts.is_constant(n)]
             if computed and any(_depends_on(index, n, ins[0]) for n in computed):
@@ -177,7 +178,8 @@ def find_bns(model: onnx.ModelProto, index: GraphIndex, consts: Constants) -> li
             else:
                 mode = Mode.TRAINING if training else Mode.INFERENCE
             spatial = bool(attrs["spatial"].i) if opset < 9 and "spatial" in attrs else True
-            sites.append(BnSite(_bn_info(node, mode, index, consts, "", attrs, ins), pos, spatial))
+            sites.append(BnSite(_bn_info(node, mode, index, consts, "", attrs, ins, index.outs[pos][0]),
+                                pos, spatial))
         if not has_subgraph(node):
             continue
         for a in node.attribute:

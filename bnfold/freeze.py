@@ -54,13 +54,9 @@ def freeze(index: GraphIndex, sites: list[BnSite], stats: dict[str, FrozenStats]
         if index.opset < 7:
             _drop_attr(node, "is_test")
             node.attribute.append(helper.make_attribute("is_test", 1))
-        extra = list(node.output[1:])
-        del node.output[1:]
-        for k, out in enumerate(extra):
+        for k, out in enumerate(index.drop_outputs(pos, 1)):
             if not out:
                 continue
-            if index.producer.get(out) == pos:
-                del index.producer[out]
             if index.use_count(out) and k < 2:
                 ident = helper.make_node("Identity", [names[k]], [out],
                                          name=index.fresh_node_name(f"{node.name}.frozen_out{k + 1}"))

@@ -20,34 +20,39 @@ from .serialize import _copy_except, write_model
 _PROTO_LIMIT = 2**31 - 2**24
 
 
+class _Hasher:
+    """sha256 of a bytes object, computed on a thread (hashlib releases the GIL) while the model
+    is parsed and folded; ``hexdigest()`` waits for it."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._digest = ""
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._digest = hashlib.sha256(self._data).hexdigest()
+        self._data = b""
+
+    def hexdigest(self) -> str:
+        self._thread.join()
+        return self._digest
+
+
 @dataclass
 class LoadedModel:
     model: onnx.ModelProto
     path: Path | None
-    sha256: str | None
+    digest: "str | _Hasher | None"  # sha256 of the file, or the thread computing it
     external_data: bool  # some tensors lived in external files
     locations: tuple[str, ...] = ()  # the external-data files named in the model file, as written there
     stamp: tuple = ()  # file_stamp() of the model file and its data files just after reading them
 
-
-class _Hasher:
-    """sha256 of a bytes object, computed on a thread (hashlib releases the GIL)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.hexdigest = ""
-
-    def _run(self) -> None:
-        self.hexdigest = hashlib.sha256(self._data).hexdigest()
-
-    def __enter__(self) -> "_Hasher":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._thread.join()
-        self._data = b""
+    @property
+    def sha256(self) -> str | None:
+        if isinstance(self.digest, _Hasher):
+            self.digest = self.digest.hexdigest()
+        return self.digest
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
@@ -77,6 +82,16 @@ def _all_tensors(graph: onnx.GraphProto):
                 yield from _all_tensors(a.g)
             for g in a.graphs:
                 yield from _all_tensors(g)
+
+
+def _may_be_external(data: bytes, graph: onnx.GraphProto) -> bool:
+    """False only where no tensor can be external: every external tensor names its file under the
+    key "location", so a file without those bytes has none. The scan costs about 1 ns per byte
+    and the walk in ``external_locations`` about 1 us per tensor or node: the scan is made only
+    where it is the cheaper (many small tensors; a file of a few large ones is walked)."""
+    if len(data) > 1000 * (len(graph.initializer) + len(graph.node)):
+        return True
+    return b"location" in data
 
 
 def external_locations(model: onnx.ModelProto) -> tuple[str, ...]:
@@ -117,21 +132,17 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     except OSError as exc:
         raise BadInputError(f"cannot read model file '{path}': {exc.strerror or exc}") from exc
     model = onnx.ModelProto()
-    with _Hasher(data) as hasher:  # hashes in a thread while protobuf parses
-        try:
-            model.ParseFromString(data)
-        except (DecodeError, RuntimeError, ValueError) as exc:
-            raise BadInputError(
-                f"'{path}' is not an ONNX model (protobuf parse failed); pass an .onnx file"
-            ) from exc
-    digest = hasher.hexdigest
-    # every external tensor names its file under the key "location": without those bytes in the
-    # file there is none, and the walk over every tensor is skipped
-    maybe_external = b"location" in data
-    del data
+    hasher = _Hasher(data)  # on a thread, while protobuf parses and bnfold folds
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise BadInputError(
+            f"'{path}' is not an ONNX model (protobuf parse failed); pass an .onnx file"
+        ) from exc
     if not model.HasField("graph") or (len(model.graph.node) == 0 and not model.opset_import):
         raise BadInputError(f"'{path}' is not an ONNX model (no graph found); pass an .onnx file")
-    locations = external_locations(model) if maybe_external else ()  # one walk over every tensor
+    locations = external_locations(model) if _may_be_external(data, model.graph) else ()
+    del data
     external = bool(locations) and _uses_external_data(model)
     if external:
         try:
@@ -140,7 +151,7 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
             raise BadInputError(
                 f"external data of '{path}' could not be read ({exc}); keep the data files next to the model"
             ) from exc
-    return LoadedModel(model, path, digest, external, locations, file_stamp(path, locations))
+    return LoadedModel(model, path, hasher, external, locations, file_stamp(path, locations))
 
 
 def data_files(path: Path) -> list[Path]:

@@ -274,7 +274,7 @@ def fold(
                             f"fixed batch size {cal.batch_size} does not divide {cal.num_samples + cal.dropped}")
     report = Report(
         input_path=str(loaded.path) if loaded.path else None, output_path=None,
-        input_sha256=loaded.sha256, output_sha256=None, estimator=estimator,
+        input_sha256=None, output_sha256=None, estimator=estimator,  # input hash: set below (still computing)
         batch_size=cal.batch_size if cal is not None else None, calibrated=cal is not None, bns=[],
         warnings=warnings, dry_run=dry_run,
         extra={"calibration_samples": cal.num_samples} if cal is not None else {})
@@ -283,6 +283,7 @@ def fold(
     if dry_run:
         final = apply_plan(work.index, work.consts, plan, routes, commit=False)
         report.bns = _records(work.sites, modes, final, frozen)
+        report.input_sha256 = loaded.sha256
         return FoldResult(None, report)
 
     if output:
@@ -307,6 +308,7 @@ def fold(
         final = apply_plan(work.index, work.consts, plan, routes, commit=True)
         work.index.commit()
         report.bns = _records(work.sites, modes, final, frozen)
+        report.input_sha256 = loaded.sha256
         prepare_for_save(work.model)
         if stage is not None:
             staged = stage / (Path(output).name if output else "folded.onnx")

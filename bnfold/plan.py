@@ -93,7 +93,7 @@ class Planner:
             return FoldDecision(info.name, Action.FROZEN_KEPT, reason=Reason.SPATIAL_ZERO,
                                 detail="spatial=0: statistics per activation, not per channel"), None
         bn = self.index.nodes[site.pos]
-        ins = list(bn.input)
+        ins = self.index.ins[site.pos]
         # statistics of a training-mode BN become constants when it is frozen
         slots = _PARAM_SLOTS if info.mode is Mode.INFERENCE else _PARAM_SLOTS[:2]
         inits = self.index.initializers
@@ -110,7 +110,7 @@ class Planner:
             p = self.index.nodes[route.target_pos]
             through = tuple(self.index.nodes[pos].name for pos, _ in reversed(route.chain)) if route.chain else ()
             return FoldDecision(info.name, Action.FOLDED, target=p.name, direction="backward",
-                                reason=self._clone_note(p),
+                                reason=self._clone_note(route.target_pos),
                                 detail=f"into {p.op_type} '{p.name}'", through=through), route
         except _Refuse as back:
             try:
@@ -127,19 +127,19 @@ class Planner:
                                     detail=f"{back.detail}; forward: {fwd.detail}"), None
             c = self.index.nodes[route.target_pos]
             return FoldDecision(info.name, Action.FOLDED, target=c.name, direction="forward",
-                                reason=self._clone_note(c),
+                                reason=self._clone_note(route.target_pos),
                                 detail=f"into the following {c.op_type} '{c.name}' (backward: {back.detail})"), route
 
-    def _clone_note(self, node: onnx.NodeProto) -> Reason | None:
+    def _clone_note(self, pos: int) -> Reason | None:
         use_count = self.index.use_count
-        ins = node.input
+        ins = self.index.ins[pos]
         shared = use_count(ins[1]) > 1 or (len(ins) > 2 and bool(ins[2]) and use_count(ins[2]) > 1)
         return Reason.SHARED_WEIGHT_CLONED if shared else None
 
     # ---- backward ------------------------------------------------------------------------
     def _backward(self, bn_pos: int, bn: onnx.NodeProto, channels: int | None) -> Route:
         idx = self.index
-        cur = x = bn.input[0]
+        cur = x = idx.ins[bn_pos][0]
         chain: list[tuple[int, int]] = []
         while True:
             if idx.use_count(cur) != 1:
@@ -159,7 +159,7 @@ class Planner:
             if op in LOOK_THROUGH and len(chain) < _MAX_CHAIN:
                 slot = self._data_slot(node)
                 chain.append((pos, slot))
-                cur = node.input[slot]
+                cur = idx.ins[pos][slot]
                 continue
             raise _Refuse(Reason.UNSUPPORTED_PRODUCER, f"input comes from {node.op_type} '{node.name}'")
         out_channels, rank = self._producer(node, pos)
@@ -191,7 +191,7 @@ class Planner:
         """(output channels, output rank) of a producer that can take the fold."""
         op = node.op_type
         if op in ("Conv", "ConvTranspose"):
-            ins = list(node.input)
+            ins = self.index.ins[pos]
             w = self._require_const(ins[1], "weight", node)
             if len(ins) > 2 and ins[2] and ins[2] not in self.index.initializers:
                 self._require_const(ins[2], "bias", node)

@@ -13,6 +13,7 @@ from bnfold.folding.arith import (
     bn_scale_shift,
     cast_back,
     fold_conv,
+    fold_conv_cast,
     fold_conv_transpose,
     fold_forward_conv,
     fold_gemm,
@@ -538,7 +539,7 @@ def test_low_precision_inputs_are_computed_in_float64(rng):
 
 def test_public_names():
     assert set(arith.__all__) == {
-        "FoldValueError", "bn_scale_shift", "cast_back", "fold_conv", "fold_conv_transpose",
+        "FoldValueError", "bn_scale_shift", "cast_back", "fold_conv", "fold_conv_cast", "fold_conv_transpose",
         "fold_forward_conv", "fold_gemm", "fold_matmul",
     }
 
@@ -801,3 +802,56 @@ def test_cast_back_finds_non_finite_values_past_the_first_chunk():
         with pytest.raises(FoldValueError) as info:
             cast_back(v, np.dtype(np.float32))
         assert info.value.kind == "overflow"
+
+
+# ----------------------------------------------------------------------------- fold_conv_cast
+
+
+def _cast_reference(w, b, s, t):
+    w2, b2 = fold_conv(w, b, s, t)
+    b_orig = b.astype(np.float64) if b is not None else np.zeros_like(b2)
+    return cast_back(w2, w.dtype, original=w), cast_back(b2, (b if b is not None else w).dtype, original=b_orig)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (96, 64, 3, 3), (700, 1, 3, 3, 3), (3, 40000, 3)])
+def test_fold_conv_cast_equals_fold_then_cast(rng, dtype, with_bias, shape):
+    # bit for bit: the blocked path (weights above one chunk) multiplies and rounds each element
+    # exactly as fold_conv + cast_back do; rows wider than a chunk go one row per block
+    # magnitudes far from float16's limits, so that every case folds
+    w = (rng.uniform(0.05, 1, shape) * rng.choice([-1, 1], shape)).astype(dtype)
+    w.reshape(-1)[:: 17] = 0  # zeros defeat cast_back's fast range check, in many blocks
+    b = rng.standard_normal(shape[0]).astype(dtype) if with_bias else None
+    s, t = rng.uniform(0.2, 3, shape[0]), rng.standard_normal(shape[0])
+    got_w, got_b = fold_conv_cast(w, b, s, t)
+    ref_w, ref_b = _cast_reference(w, b, s, t)
+    assert got_w.dtype == ref_w.dtype and got_b.dtype == ref_b.dtype
+    np.testing.assert_array_equal(got_w, ref_w)
+    np.testing.assert_array_equal(got_b, ref_b)
+    assert got_w.flags.c_contiguous and not np.shares_memory(got_w, w)
+
+
+@pytest.mark.parametrize("kind, scale", [("overflow", 1e6), ("underflow", 1e-9)])
+def test_fold_conv_cast_errors_name_every_value(rng, kind, scale):
+    # a value that does not fit, far into a large weight: the same error, with the count over the
+    # whole weight, as the unblocked computation
+    w = rng.uniform(0.5, 1, (512, 32, 3, 3)).astype(np.float16)
+    s = np.ones(512)
+    s[[300, 301, 505]] = scale
+    with pytest.raises(FoldValueError) as ref:
+        _cast_reference(w, None, s, np.zeros(512))
+    with pytest.raises(FoldValueError) as got:
+        fold_conv_cast(w, None, s, np.zeros(512))
+    assert got.value.kind == ref.value.kind == kind
+    assert str(got.value) == str(ref.value) and str(3 * 32 * 9) in str(got.value)
+
+
+def test_fold_conv_cast_shape_errors_as_fold_conv(rng):
+    w = rng.standard_normal((600, 600, 1, 1)).astype(np.float32)
+    for s in (np.ones(599), np.ones((600, 1))):
+        with pytest.raises(ValueError) as ref:
+            fold_conv(w, None, s, np.zeros(600))
+        with pytest.raises(ValueError) as got:
+            fold_conv_cast(w, None, s, np.zeros(600))
+        assert str(got.value) == str(ref.value)

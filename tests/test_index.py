@@ -91,3 +91,57 @@ def test_fresh_names_never_reuse_a_removed_tensor_name():
     assert idx.fresh_name("s0") == "s0_1"  # an initializer's name is taken
     assert idx.fresh_name("brand_new") == "brand_new"
     assert idx.fresh_node_name("conv0") == "conv0_1"
+
+
+def _fresh_lists(idx: GraphIndex) -> dict[str, list[int]]:
+    """Consumer lists computed from scratch from the index's nodes (the reference)."""
+    out: dict[str, list[int]] = {}
+    for pos, node in enumerate(idx.nodes):
+        if pos in idx.removed:
+            continue
+        for name in node.input:
+            if name:
+                out.setdefault(name, []).append(pos)
+    return out
+
+
+@pytest.mark.parametrize("build_lists_first", [True, False])
+def test_reader_counts_and_consumer_lists_follow_every_mutation(build_lists_first):
+    # counts are kept from the start; the consumer lists are built on first use and then kept too
+    m = _conv_bn_chain(3)
+    idx = GraphIndex(m.graph, 17)
+    if build_lists_first:
+        assert idx.consumer_nodes("c0") == [1]
+    idx.set_input(3, 0, "x")  # conv1 now reads x instead of r0
+    idx.set_input(6, 2, "b2")  # conv2 gains a bias slot (slot 1 .. 2 padded)
+    idx.remove_node(1)  # bn0
+    idx.remove_node(1)  # removing twice changes nothing
+    ident = helper.make_node("Identity", ["w0"], ["w0_copy"], name="ident")
+    pos = idx.insert_node(0, ident)
+    idx.set_output(pos, 0, "w0_alias")
+    cut = idx.drop_outputs(7, 0)  # bn2 loses its output
+    assert cut == ["bn2"] and idx.node_of("bn2") is None and idx.outs[7] == []
+    ref = _fresh_lists(idx)
+    for name in {*ref, "r0", "c0", "bn2", "w0", "b2", "x"}:
+        assert idx.consumer_nodes(name) == ref.get(name, []), name
+        assert idx.readers(name) == len(ref.get(name, [])), name
+        assert idx.use_count(name) == len(ref.get(name, [])) + (name in idx.graph_outputs)
+    for p, node in enumerate(idx.nodes):  # the cached name lists match the protobuf nodes
+        assert idx.ins[p] == list(node.input) and idx.outs[p] == list(node.output)
+    assert idx.producer["w0_alias"] == pos and "w0_copy" not in idx.producer
+
+
+def test_bn_and_subgraph_positions():
+    m = _conv_bn_chain(2)
+    body = helper.make_graph([helper.make_node("Identity", ["r0"], ["y_then"])], "then", [],
+                             [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, None)])
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    m.graph.initializer.append(cond)
+    m.graph.node.insert(3, helper.make_node("If", ["cond"], ["y_if"], then_branch=body, else_branch=body))
+    m.graph.node.append(helper.make_node("BatchNormalization", ["r1", "s0", "b0", "m0", "v0"], ["z"],
+                                         domain="com.example"))  # not the standard operator
+    idx = GraphIndex(m.graph, 17)
+    assert idx.bn_positions == [1, 5]
+    assert idx.subgraph_positions == [3]
+    assert idx.use_count("r0") == 2  # conv1, and the If (both branches: once) reads it from the outer scope
+    assert idx.consumer_nodes("r0") == [3, 4]

@@ -62,6 +62,31 @@ def _bias_original(b: np.ndarray | None, folded: np.ndarray) -> np.ndarray:
     return np.zeros_like(folded)
 
 
+class _Raw:
+    """A folded value as the raw bytes of the raw-data initializer it replaces (same dtype and
+    shape): written in place without a numpy round trip."""
+
+    __slots__ = ("data", "shape", "dtype")
+
+    def __init__(self, data: bytes, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.data, self.shape, self.dtype = data, shape, dtype
+
+    def array(self) -> np.ndarray:
+        return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape)
+
+
+class _RawFold:
+    """One Conv's share of a batched fold: its folded weight and bias as raw bytes."""
+
+    __slots__ = ("w", "b", "shape", "w_dtype", "b_dtype")
+
+    def __init__(self, w: bytes, b: bytes, shape: tuple[int, ...], w_dtype: np.dtype, b_dtype: np.dtype) -> None:
+        self.w, self.b, self.shape, self.w_dtype, self.b_dtype = w, b, shape, w_dtype, b_dtype
+
+    def params(self) -> tuple[_Raw, _Raw]:
+        return _Raw(self.w, self.shape, self.w_dtype), _Raw(self.b, (self.shape[0],), self.b_dtype)
+
+
 class _Applier:
     def __init__(self, index: GraphIndex, consts: Constants, commit: bool) -> None:
         self.index, self.consts, self.commit = index, consts, commit
@@ -92,7 +117,7 @@ class _Applier:
 
     def _scale_shift(self, routes: list[Route]) -> list[tuple[np.ndarray, np.ndarray]]:
         nodes, inits = self.index.nodes, self.index.initializers
-        params = [list(nodes[r.bn_pos].input)[1:5] for r in routes]
+        params = [self.index.ins[r.bn_pos][1:5] for r in routes]
         cols = [raw_values(inits, [p[j] for p in params], rank=1) for j in range(4)] if params else [None]
         if all(c is not None for c in cols) and cols[0][1] == cols[1][1] == cols[2][1] == cols[3][1]:
             lengths = cols[0][1]
@@ -118,7 +143,7 @@ class _Applier:
             p = nodes[r.target_pos]
             if r.direction != "backward" or targets[r.target_pos] > 1 or p.op_type != "Conv":
                 continue
-            ins = list(p.input)
+            ins = self.index.ins[r.target_pos]
             w = inits.get(ins[1])
             if w is None:
                 continue
@@ -145,7 +170,7 @@ class _Applier:
         has_bias = bool(chunk[0][2])
         bs = raw_values(inits, [b for _, _, b, _, _ in chunk], rank=1) if has_bias else None
         couts = [shape[0] for _, _, _, shape, _ in chunk]
-        if ws is None or (has_bias and (bs is None or bs[1] != couts)):
+        if ws is None or ws[1] != [size for *_, size in chunk] or (has_bias and (bs is None or bs[1] != couts)):
             for k, w, b, _, _ in chunk:  # not plain raw data: one at a time
                 folded[k] = fold_conv_one(ConvFold(self.value(w), self.value(b), *st[k]))
             return
@@ -161,19 +186,29 @@ class _Applier:
             for k, w, b, _, _ in chunk:
                 folded[k] = fold_conv_one(ConvFold(self.value(w), self.value(b), *st[k]))
             return
+        # raw bytes, cut per Conv: each has the dtype, shape and byte layout of the tensor it replaces
+        w_raw, wi = w_out.tobytes(), w_out.itemsize
+        b_raw, bi = b_out.tobytes(), b_out.itemsize
         for (k, _, _, shape, _), (a, b_), (c, d) in zip(chunk, bounds(sizes), bounds(couts)):
-            folded[k] = (w_out[a:b_].reshape(shape), b_out[c:d])
+            folded[k] = _RawFold(w_raw[a * wi:b_ * wi], b_raw[c * bi:d * bi], shape, w_out.dtype, b_out.dtype)
 
     # ---- writing parameters --------------------------------------------------------------
-    def write_param(self, pos: int, slot: int, array: np.ndarray, label: str) -> None:
+    def write_param(self, pos: int, slot: int, array: "np.ndarray | _Raw", label: str) -> None:
+        """Give input ``slot`` of node ``pos`` the value ``array``: in place where this node is the
+        initializer's only reader, else as a new initializer."""
         idx = self.index
         node = idx.nodes[pos]
-        ins = node.input
+        ins = idx.ins[pos]
         old = ins[slot] if slot < len(ins) else ""
         init = idx.initializers.get(old) if old else None
         if init is not None and idx.use_count(old) == 1:  # only this node reads it (no graph output)
-            array_to_tensor(array, old, into=init)
+            if isinstance(array, _Raw):  # the initializer's own dtype and shape: only the bytes change
+                init.raw_data = array.data
+            else:
+                array_to_tensor(array, old, into=init)
             return
+        if isinstance(array, _Raw):
+            array = array.array()
         name = idx.fresh_name(f"{node.name}.{label}")
         idx.add_initializer(array_to_tensor(array, name))
         idx.set_input(pos, slot, name)
@@ -183,9 +218,9 @@ class _Applier:
     def remove_bn(self, bn_pos: int) -> None:
         idx = self.index
         params = idx.remove_node(bn_pos)[1:]
-        inits, consumers, outputs = idx.initializers, idx.consumers, idx.graph_outputs
+        inits, readers, outputs = idx.initializers, idx.readers, idx.graph_outputs
         for name in params:
-            if name in inits and not consumers.get(name) and name not in outputs:
+            if name in inits and not readers(name) and name not in outputs:
                 idx.dropped_initializers.add(name)  # the common case of remove_dead_producers
             elif name:
                 idx.remove_dead_producers(name)
@@ -201,7 +236,7 @@ class _Applier:
                     p.input[2] if len(p.input) > 2 else ""), *st))
             if isinstance(folded, arith.FoldValueError):
                 raise folded
-            w_out, b_out = folded
+            w_out, b_out = folded.params() if isinstance(folded, _RawFold) else folded
         else:
             w_out, b_out = self._backward_values(p, st)
         if not self.commit:
@@ -238,7 +273,7 @@ class _Applier:
         """Drop the BN and the Adds it looked through; the last kept node writes the BN's output."""
         idx = self.index
         bn = idx.nodes[route.bn_pos]
-        y = bn.output[0]
+        y = idx.outs[route.bn_pos][0]
         kept = [(route.target_pos, 0)]
         if route.chain:
             for pos, slot in reversed(route.chain):
@@ -250,7 +285,7 @@ class _Applier:
                 else:
                     kept.append((pos, slot))
             for (prev, _), (pos, slot) in zip(kept, kept[1:]):
-                idx.set_input(pos, slot, idx.nodes[prev].output[0])
+                idx.set_input(pos, slot, idx.outs[prev][0])
         last = kept[-1][0]
         self.remove_bn(route.bn_pos)
         if bias is None:

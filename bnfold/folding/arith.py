@@ -47,6 +47,7 @@ __all__ = [
     "bn_scale_shift",
     "cast_back",
     "fold_conv",
+    "fold_conv_cast",
     "fold_conv_transpose",
     "fold_forward_conv",
     "fold_gemm",
@@ -323,6 +324,54 @@ def _abs_range(a: np.ndarray) -> tuple[float, float]:
             return lo, top
         lo, hi = min(lo, float(part.min())), max(hi, top)
     return lo, hi
+
+
+def fold_conv_cast(weight: Any, bias: Any, s: Any, t: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``fold_conv`` then ``cast_back`` of ``W'`` (to the weight's dtype) and ``b'`` (to the
+    bias's, or the weight's if there is none): the same values and the same errors.
+
+    A large weight is scaled a block of output channels at a time, each block multiplied in
+    float64 and cast while it is in cache, so no float64 copy of the whole weight exists (half
+    the memory traffic, and no weight-sized temporary).
+    """
+    w = np.asarray(weight)
+    w_out = None
+    if w.ndim >= 3 and w.dtype in _LIMITS and w.size > _CHUNK and w.shape[0]:
+        c_out = w.shape[0]
+        s64, t64 = _scale_shift(s, t, c_out, "the Conv (C_out)")
+        b2 = s64 * _bias_or_zeros(bias, c_out) + t64
+        w_out = _scale_rows_cast(w.reshape(c_out, -1), s64)
+    if w_out is None:
+        w2, b2 = fold_conv(w, bias, s, t)
+        w_out = cast_back(w2, w.dtype, original=w)
+        del w2
+    b = None if bias is None else np.asarray(bias)
+    b_orig = b.reshape(b2.shape) if b is not None and b.size == b2.size else np.zeros_like(b2)
+    return w_out.reshape(w.shape), cast_back(b2, b.dtype if b is not None else w.dtype, original=b_orig)
+
+
+def _scale_rows_cast(rows: np.ndarray, s64: np.ndarray) -> np.ndarray | None:
+    """``cast_back(rows * s64[:, None], rows.dtype, original=rows)`` block by block; None if some
+    value does not fit (the caller then computes the whole array, and its error names every value)."""
+    dt = rows.dtype
+    top, tiny = _LIMITS[dt]
+    out = np.empty(rows.shape, dtype=dt)
+    per = max(1, _CHUNK // max(rows.shape[1], 1))
+    scale = s64[:, None]
+    with np.errstate(over="ignore", under="ignore"):
+        for i in range(0, rows.shape[0], per):
+            j = min(rows.shape[0], i + per)
+            block = np.multiply(rows[i:j], scale[i:j], dtype=np.float64)
+            dest = out[i:j]
+            dest[...] = block
+            lo, hi = _abs_range(dest)
+            if hi <= top and lo >= tiny:
+                continue
+            try:  # zeros, or a real problem: the element-wise checks on this block alone
+                dest[...] = cast_back(block, dt, original=rows[i:j])
+            except FoldValueError:
+                return None
+    return out
 
 
 def _tiny(dt: np.dtype) -> float:

@@ -95,15 +95,10 @@ def _bias_original(b: np.ndarray | None, c: int) -> np.ndarray:
 
 def fold_conv_one(job: ConvFold) -> "Folded":
     """``arith.fold_conv`` then ``cast_back`` of weight and bias; a FoldValueError is returned."""
-    w, b = job.weight, job.bias
-    w2, b2 = arith.fold_conv(w, b, job.s, job.t)
     try:
-        w_out = arith.cast_back(w2, w.dtype, original=w)
-        b_orig = b.reshape(b2.shape) if b is not None and b.size == b2.size else np.zeros_like(b2)
-        b_out = arith.cast_back(b2, b.dtype if b is not None else w.dtype, original=b_orig)
+        return arith.fold_conv_cast(job.weight, job.bias, job.s, job.t)
     except arith.FoldValueError as exc:
         return exc
-    return w_out, b_out
 
 
 def _batchable(job: ConvFold) -> bool:

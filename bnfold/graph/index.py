@@ -4,7 +4,8 @@ Every pass reads it instead of scanning the graph; the mutators below keep it cu
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
+from itertools import chain
 
 import onnx
 
@@ -58,41 +59,44 @@ def _delete_positions(field, positions) -> None:
 class GraphIndex:
     """Producers and consumers of every tensor name in one graph.
 
-    ``consumers[name]`` lists node positions, once per input slot that reads ``name``; a node whose
-    subgraph reads ``name`` from the outer scope counts as a consumer too. Graph outputs are kept
-    separately in ``graph_outputs``.
+    ``use_count(name)`` counts the input slots that read ``name`` (a node whose subgraph reads it
+    from the outer scope counts too) and graph outputs; ``consumer_nodes(name)`` lists the reading
+    nodes. ``ins[pos]`` and ``outs[pos]`` are the node's input and output names as Python lists
+    (read-only for callers: reading a protobuf field costs far more, and the mutators below keep
+    them in step with the nodes).
     """
 
     def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
         self.graph = graph
         self.opset = opset
-        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        nodes = self.nodes = list(graph.node)
         self.removed: set[int] = set()
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = defaultdict(list)
-        producer, consumers = self.producer, self.consumers
+        # comprehensions and a Counter: one pass of C loops over names already read, where a loop
+        # of dict updates per node would cost most of the index's time
+        self.ins: list[list[str]] = [n.input[:] for n in nodes]
+        self.outs: list[list[str]] = [n.output[:] for n in nodes]
+        self.producer: dict[str, int] = {o: i for i, outs in enumerate(self.outs) for o in outs}
+        self._readers: Counter[str] = Counter(chain.from_iterable(self.ins))
+        self._consumers: dict[str, list[int]] | None = None  # reading positions, built on first use
         self._subgraph_reads: dict[int, set[str]] = {}  # node position -> outer names its subgraphs read
-        self.bn_positions: list[int] = []  # standard BatchNormalization nodes, in node order
-        for i, node in enumerate(self.nodes):
-            for out in node.output:
-                producer[out] = i
-            for inp in node.input:
-                consumers[inp].append(i)
-            op = node.op_type
-            if op == "BatchNormalization" and node.domain in _STD:
-                self.bn_positions.append(i)
-            elif (op in _CONTROL_FLOW or node.domain not in _STD) and has_subgraph(node):
-                free = _subgraph_free_names(node)
+        # standard BatchNormalization nodes, in node order
+        self.bn_positions: list[int] = []
+        for i, (op, domain) in enumerate(zip([n.op_type for n in nodes], [n.domain for n in nodes])):
+            if domain in _STD and op not in _CONTROL_FLOW:
+                if op == "BatchNormalization":
+                    self.bn_positions.append(i)
+                continue
+            if has_subgraph(nodes[i]):
+                free = _subgraph_free_names(nodes[i])
                 self._subgraph_reads[i] = free
-                for name in free:
-                    consumers[name].append(i)
-        producer.pop("", None)
-        consumers.pop("", None)
-        self.initializers: dict[str, onnx.TensorProto] = {}
-        self._init_pos: dict[str, int] = {}  # position in graph.initializer, for ``commit``
-        for k, t in enumerate(graph.initializer):
-            self.initializers[t.name] = t
-            self._init_pos[t.name] = k
+                self._readers.update(free)
+        self.producer.pop("", None)
+        self._readers.pop("", None)
+        inits = list(graph.initializer)
+        init_names = [t.name for t in inits]
+        self.initializers: dict[str, onnx.TensorProto] = dict(zip(init_names, inits))
+        # position in graph.initializer, for ``commit``
+        self._init_pos: dict[str, int] = dict(zip(init_names, range(len(init_names))))
         self.graph_outputs: set[str] = {o.name for o in graph.output}
         graph_input_names = [i.name for i in graph.input]
         self.graph_inputs: set[str] = set(graph_input_names).difference(self.initializers)
@@ -128,11 +132,37 @@ class GraphIndex:
 
         ``remove_node`` takes a removed node out of every list, so the lists hold live readers only.
         """
-        readers = self.consumers.get(name)
-        return (len(readers) if readers else 0) + (name in self.graph_outputs)
+        return self._readers.get(name, 0) + (name in self.graph_outputs)
+
+    def readers(self, name: str) -> int:
+        """How many input slots and subgraph references read ``name`` (graph outputs not counted)."""
+        return self._readers.get(name, 0)
 
     def consumer_nodes(self, name: str) -> list[int]:
-        return list(self.consumers.get(name, ()))
+        """Positions of the live nodes that read ``name``, in node order, once per reading slot."""
+        if self._consumers is None:
+            lists: dict[str, list[int]] = defaultdict(list)
+            reads = self._subgraph_reads
+            for i, ins in enumerate(self.ins):
+                if i in self.removed:
+                    continue
+                for x in ins:
+                    if x:
+                        lists[x].append(i)
+                for x in reads.get(i, ()):
+                    lists[x].append(i)
+            self._consumers = lists
+        return sorted(self._consumers.get(name, ()))  # mutations append: back into node order
+
+    def _add_reader(self, name: str, pos: int) -> None:
+        self._readers[name] += 1
+        if self._consumers is not None:
+            self._consumers[name].append(pos)
+
+    def _drop_reader(self, name: str, pos: int) -> None:
+        self._readers[name] -= 1
+        if self._consumers is not None:
+            self._consumers[name].remove(pos)
 
     def rank(self, name: str) -> int | None:
         vi = self.value_info.get(name)
@@ -192,23 +222,27 @@ class GraphIndex:
     # ---- mutation (recorded; ``commit`` writes it into the GraphProto once) ---------------
     def set_input(self, pos: int, slot: int, name: str) -> None:
         node = self.nodes[pos]
-        old = node.input[slot] if slot < len(node.input) else ""
+        ins = self.ins[pos]
+        old = ins[slot] if slot < len(ins) else ""
         if old:
-            lst = self.consumers[old]
-            lst.remove(pos)
-        while len(node.input) <= slot:
+            self._drop_reader(old, pos)
+        while len(ins) <= slot:
             node.input.append("")
+            ins.append("")
         node.input[slot] = name
+        ins[slot] = name
         if name:
-            self.consumers[name].append(pos)
+            self._add_reader(name, pos)
 
     def set_output(self, pos: int, slot: int, name: str) -> None:
         node = self.nodes[pos]
-        old = node.output[slot]
+        outs = self.outs[pos]
+        old = outs[slot]
         if self.producer.get(old) == pos:
             del self.producer[old]
             self._orphaned.add(old)
         node.output[slot] = name
+        outs[slot] = name
         self.producer[name] = pos
         if self._names_cache is not None:
             self._names_cache.add(name)
@@ -219,24 +253,33 @@ class GraphIndex:
         if self._names_cache is not None:
             self._names_cache.add(tensor.name)
 
+    def drop_outputs(self, pos: int, keep: int) -> list[str]:
+        """Cut the node's outputs to the first ``keep``; returns the names cut (which keep no
+        producer: a caller that still needs one gives it another)."""
+        outs = self.outs[pos]
+        cut = outs[keep:]
+        del self.nodes[pos].output[keep:]
+        del outs[keep:]
+        for name in cut:
+            if name and self.producer.get(name) == pos:
+                del self.producer[name]
+                self._orphaned.add(name)
+        return cut
+
     def remove_node(self, pos: int) -> list[str]:
         """Drop the node at ``pos``; returns its inputs."""
-        node = self.nodes[pos]
+        inputs = list(self.ins[pos])
+        if pos in self.removed:
+            return inputs
         self.removed.add(pos)
-        consumers = self.consumers
-        inputs = list(node.input)
-        # one list entry per reading slot (and per name a subgraph reads): drop one per occurrence
+        # one reader per reading slot (and per name a subgraph reads): drop one per occurrence
         for inp in inputs:
-            readers = consumers.get(inp)
-            if readers and pos in readers:
-                readers.remove(pos)
-        if pos in self._subgraph_reads:
-            for inp in self._subgraph_reads.pop(pos):
-                readers = consumers.get(inp)
-                if readers and pos in readers:
-                    readers.remove(pos)
+            if inp:
+                self._drop_reader(inp, pos)
+        for inp in self._subgraph_reads.pop(pos, ()):
+            self._drop_reader(inp, pos)
         producer = self.producer
-        for out in node.output:
+        for out in self.outs[pos]:
             if producer.get(out) == pos:
                 del producer[out]
                 self._orphaned.add(out)
@@ -246,13 +289,15 @@ class GraphIndex:
         """Queue ``node`` to be placed just before position ``before``; returns its position."""
         pos = len(self.nodes)
         self.nodes.append(node)
+        self.ins.append(node.input[:])
+        self.outs.append(node.output[:])
         self.new_nodes.append((before, pos))
         if node.op_type == "BatchNormalization" and node.domain in _STD:
             self.bn_positions.append(pos)
-        for inp in node.input:
+        for inp in self.ins[pos]:
             if inp:
-                self.consumers[inp].append(pos)
-        for out in node.output:
+                self._add_reader(inp, pos)
+        for out in self.outs[pos]:
             if out:
                 self.producer[out] = pos
                 if self._names_cache is not None:
@@ -284,10 +329,10 @@ class GraphIndex:
             node = self.nodes[pos]
             if has_subgraph(node) or node.domain not in ("", "ai.onnx"):
                 continue
-            if any(self.use_count(o) for o in node.output if o):
+            if any(self.use_count(o) for o in self.outs[pos] if o):
                 continue
             self.remove_node(pos)
-            stack.extend(i for i in node.input if i)
+            stack.extend(i for i in self.ins[pos] if i)
 
     def commit(self) -> None:
         """Write the recorded changes into the GraphProto (one linear pass). The index is spent
