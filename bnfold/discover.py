@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from .graph.constants import Constants
-from .graph.index import GraphIndex, has_subgraph
+from .graph.index import GraphIndex
 from .records import BnInfo, Mode
 
 _TRACE_LIMIT = 16
@@ -118,7 +118,7 @@ def _bn_info(node: onnx.NodeProto, mode: Mode, index: GraphIndex | None, consts:
                 continue
             init = inits.get(name)
             if init is not None:
-                dims = tuple(init.dims)
+                dims = init.dims
             else:
                 v = consts.value(name)
                 dims = v.shape if v is not None else ()
@@ -162,26 +162,24 @@ def find_bns(model: onnx.ModelProto, index: GraphIndex, consts: Constants) -> li
     sites: list[BnSite] = []
     sub: list[BnSite] = []
     nodes = index.nodes
+    inits = index.initializers
     # the index knows where the BNs and the subgraph-carrying nodes are: no walk over every node
-    for pos in sorted({*index.bn_positions, *index.subgraph_positions}):
+    for pos in index.bn_positions:
         if pos in index.removed:
             continue
         node = nodes[pos]
-        if node.op_type == "BatchNormalization" and node.domain in _STD:
-            attrs = {a.name: a for a in node.attribute}
-            training = attr_training(node, opset, attrs)
-            ins = index.ins[pos]
-            inits = index.initializers
-            computed = [n for n in ins[3:5] if n not in inits and not consts.is_constant(n)]
-            if computed and any(_depends_on(index, n, ins[0]) for n in computed):
-                mode = Mode.DECOMPOSED
-            else:
-                mode = Mode.TRAINING if training else Mode.INFERENCE
-            spatial = bool(attrs["spatial"].i) if opset < 9 and "spatial" in attrs else True
-            sites.append(BnSite(_bn_info(node, mode, index, consts, "", attrs, ins, index.outs[pos][0]),
-                                pos, spatial))
-        if not has_subgraph(node):
-            continue
+        attrs = {a.name: a for a in node.attribute}
+        training = attr_training(node, opset, attrs)
+        ins = index.ins[pos]
+        computed = [n for n in ins[3:5] if n not in inits and not consts.is_constant(n)]
+        if computed and any(_depends_on(index, n, ins[0]) for n in computed):
+            mode = Mode.DECOMPOSED
+        else:
+            mode = Mode.TRAINING if training else Mode.INFERENCE
+        spatial = bool(attrs["spatial"].i) if opset < 9 and "spatial" in attrs else True
+        sites.append(BnSite(_bn_info(node, mode, index, consts, "", attrs, ins, index.outs[pos][0]), pos, spatial))
+    for pos in index.subgraph_positions:
+        node = nodes[pos]
         for a in node.attribute:
             subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else (
                 list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])

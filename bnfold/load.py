@@ -105,6 +105,11 @@ def external_locations(model: onnx.ModelProto) -> tuple[str, ...]:
     return tuple(found)
 
 
+def stamp_bytes(stamp: tuple) -> int | None:
+    """Total size of the files in a ``file_stamp`` (None if there is none)."""
+    return sum(entry[0] for entry in stamp) if stamp else None
+
+
 def file_stamp(path: Path, locations: tuple[str, ...] = ()) -> tuple:
     """Size, modification time and inode of the model file and its data files: what tells that a
     file was replaced or rewritten since (() when one cannot be read)."""
@@ -214,13 +219,15 @@ def _create_new(folder: Path, prefix: str) -> tuple[int, str]:
 
 
 def save_onnx(
-    model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False
+    model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False,
+    size_hint: int | None = None,
 ) -> str:
     """Write ``model`` to ``path`` atomically; return the sha256 of the written model file.
 
     With ``external_data`` (or when the model is too large for one protobuf), tensors go to
     ``<name>.<hex>.data`` beside the model (see ``_save_external``). Parent directories are
-    created. ``model`` is not modified. Nothing is left behind on failure.
+    created. ``model`` is not modified. Nothing is left behind on failure. ``size_hint``: about
+    the model's size in bytes, if known (``write_model``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +235,7 @@ def save_onnx(
         fd, tmp_name = _create_new(path.parent, path.name)
         try:
             with os.fdopen(fd, "wb") as fh:
-                digest = write_model(model, fh)  # streamed: no file-sized bytes object
+                digest = write_model(model, fh, size_hint)  # large tensors streamed
             os.replace(tmp_name, path)
             return digest
         except (ValueError, EncodeError):  # over protobuf's 2 GiB limit: tensors go to an external file

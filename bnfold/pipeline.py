@@ -25,7 +25,8 @@ from .freeze import freeze
 from .gcpause import without_gc
 from .graph.constants import Constants
 from .graph.index import GraphIndex
-from .load import LoadedModel, file_stamp, ir_version_for_save, load_onnx, prepare_for_save, save_onnx
+from .load import (LoadedModel, file_stamp, ir_version_for_save, load_onnx, prepare_for_save, save_onnx,
+                   stamp_bytes)
 from .plan import make_plan
 from .records import BnRecord, FoldDecision, FrozenStats, Mode, Report, VerifyResult
 
@@ -296,15 +297,16 @@ def fold(
         # nothing frozen: the input file itself is the reference, unless something differs
         reference = _input_as_reference(work) if verify and cal is None else None
         prepare_for_save(work.model)  # an IR the installed onnxruntime accepts, for both models
+        size = stamp_bytes(loaded.stamp)  # the input's size: about the output's
         if frozen_output:
-            save_onnx(work.model, frozen_output, external_data=loaded.external_data)
+            save_onnx(work.model, frozen_output, external_data=loaded.external_data, size_hint=size)
         if reference is not None and file_stamp(reference, loaded.locations) != loaded.stamp:
             reference = None  # the input changed since it was read
         if verify and reference is None and frozen_output and not _same_file(frozen_output, output):
             reference = Path(frozen_output)  # just written: the frozen model, no second copy
         if verify and reference is None:
             reference = stage / "frozen.onnx"
-            save_onnx(work.model, reference, external_data=loaded.external_data)
+            save_onnx(work.model, reference, external_data=loaded.external_data, size_hint=size)
         final = apply_plan(work.index, work.consts, plan, routes, commit=True)
         work.index.commit()
         report.bns = _records(work.sites, modes, final, frozen)
@@ -312,7 +314,7 @@ def fold(
         prepare_for_save(work.model)
         if stage is not None:
             staged = stage / (Path(output).name if output else "folded.onnx")
-            digest = save_onnx(work.model, staged, external_data=loaded.external_data)
+            digest = save_onnx(work.model, staged, external_data=loaded.external_data, size_hint=size)
             if verify:
                 batches = _verify_batches(cal, work.model, verify_samples)
                 if isinstance(batches, str):

@@ -23,6 +23,8 @@ from google.protobuf.descriptor import FieldDescriptor
 
 # initializers at least this large are streamed; a model without any is serialised whole
 STREAM_MIN_BYTES = 1 << 20
+# a model about this small is serialised in one piece (its bytes object costs little memory)
+ONE_PIECE_MAX_BYTES = 64 << 20
 
 _LEN = 2  # protobuf wire type of length-delimited fields
 _MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
@@ -99,15 +101,20 @@ class _Writer:
         return self.sha.hexdigest()
 
 
-def write_model(model: onnx.ModelProto, fh: BinaryIO) -> str:
+def write_model(model: onnx.ModelProto, fh: BinaryIO, size_hint: int | None = None) -> str:
     """Write ``model``'s protobuf encoding to ``fh``; return the sha256 of what was written.
 
-    ``model`` is not modified. Raises ValueError (like ``SerializeToString``) if the model is
-    too large for one protobuf message.
+    Tensors of ``STREAM_MIN_BYTES`` or more are streamed from their own buffers, so that no
+    model-sized bytes object exists. ``size_hint`` (about the model's size, e.g. its input file's):
+    below ``ONE_PIECE_MAX_BYTES`` the model is serialised in one piece without looking at the
+    tensors (finding the large ones costs about a microsecond per tensor, which is what counts
+    for a model of thousands of small ones). ``model`` is not modified. Raises ValueError (like
+    ``SerializeToString``) if the model is too large for one protobuf message.
     """
     graph = model.graph
     inits = graph.initializer
-    sizes = [t.ByteSize() for t in inits]
+    small_model = size_hint is not None and size_hint < ONE_PIECE_MAX_BYTES
+    sizes = [] if small_model else [t.ByteSize() for t in inits]
     big = {k for k, n in enumerate(sizes) if n >= STREAM_MIN_BYTES and inits[k].HasField("raw_data")}
     writer = _Writer(fh)
     try:

@@ -810,7 +810,7 @@ def test_model_too_large_for_one_protobuf_is_written_with_its_data(rng, tmp_path
     is written with external data: the data file moves into place with the model."""
     from bnfold import load
 
-    def too_large(model, fh):
+    def too_large(model, fh, size_hint=None):
         raise ValueError("model is larger than protobuf's 2 GiB limit")
 
     monkeypatch.setattr(load, "write_model", too_large)

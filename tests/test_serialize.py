@@ -48,12 +48,13 @@ def _model(big_every: int = 2, n: int = 6, big: int = 300_000) -> onnx.ModelProt
     return m
 
 
+@pytest.mark.parametrize("size_hint", [None, 10, 1 << 40])  # one piece below the limit, else streamed
 @pytest.mark.parametrize("stream_min", [1, 1024, 1 << 20, 1 << 40])
-def test_round_trip_is_the_same_model(stream_min, monkeypatch):
+def test_round_trip_is_the_same_model(stream_min, size_hint, monkeypatch):
     monkeypatch.setattr(serialize, "STREAM_MIN_BYTES", stream_min)
     m = _model()
     buf = io.BytesIO()
-    digest = serialize.write_model(m, buf)
+    digest = serialize.write_model(m, buf, size_hint)
     data = buf.getvalue()
     back = onnx.ModelProto()
     back.ParseFromString(data)
@@ -104,3 +105,22 @@ def test_a_failing_write_raises_and_leaves_no_thread(monkeypatch):
     with pytest.raises(OSError, match="No space"):
         serialize.write_model(_model(), _FailingFile())
     assert threading.active_count() == before
+
+
+def test_small_size_hint_serialises_in_one_piece(monkeypatch):
+    # with a hint below the limit, no tensor is looked at: one protobuf serialisation, one write
+    monkeypatch.setattr(serialize, "STREAM_MIN_BYTES", 1)
+    m = _model()
+    writes = []
+
+    class _Recording(io.BytesIO):
+        def write(self, b):
+            writes.append(len(b))
+            return super().write(b)
+
+    buf = _Recording()
+    serialize.write_model(m, buf, size_hint=serialize.ONE_PIECE_MAX_BYTES - 1)
+    assert writes == [m.ByteSize()] and buf.getvalue() == m.SerializeToString()
+    writes.clear()
+    serialize.write_model(m, _Recording(), size_hint=serialize.ONE_PIECE_MAX_BYTES)
+    assert len(writes) > 1  # streamed

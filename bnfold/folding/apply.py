@@ -7,6 +7,7 @@ the weight's dtype cancels that fold: the BN stays, frozen, with DTYPE_OVERFLOW.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -148,9 +149,7 @@ class _Applier:
             if w is None:
                 continue
             shape = tuple(w.dims)
-            size = 1
-            for d in shape:
-                size *= d
+            size = math.prod(shape)
             if len(shape) < 3 or not shape[0] or size > BATCH_ELEMENTS // 4 or st[k][0].shape != (shape[0],):
                 continue
             b_name = ins[2] if len(ins) > 2 else ""
@@ -197,7 +196,6 @@ class _Applier:
         """Give input ``slot`` of node ``pos`` the value ``array``: in place where this node is the
         initializer's only reader, else as a new initializer."""
         idx = self.index
-        node = idx.nodes[pos]
         ins = idx.ins[pos]
         old = ins[slot] if slot < len(ins) else ""
         init = idx.initializers.get(old) if old else None
@@ -209,7 +207,7 @@ class _Applier:
             return
         if isinstance(array, _Raw):
             array = array.array()
-        name = idx.fresh_name(f"{node.name}.{label}")
+        name = idx.fresh_name(f"{idx.nodes[pos].name}.{label}")
         idx.add_initializer(array_to_tensor(array, name))
         idx.set_input(pos, slot, name)
         if old:
@@ -218,9 +216,9 @@ class _Applier:
     def remove_bn(self, bn_pos: int) -> None:
         idx = self.index
         params = idx.remove_node(bn_pos)[1:]
-        inits, readers, outputs = idx.initializers, idx.readers, idx.graph_outputs
+        inits, counts, outputs = idx.initializers, idx.reader_counts, idx.graph_outputs
         for name in params:
-            if name in inits and not readers(name) and name not in outputs:
+            if name in inits and not counts.get(name) and name not in outputs:
                 idx.dropped_initializers.add(name)  # the common case of remove_dead_producers
             elif name:
                 idx.remove_dead_producers(name)

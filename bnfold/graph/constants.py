@@ -51,32 +51,28 @@ def raw_values(initializers: dict[str, onnx.TensorProto], names: list[str],
     their element counts: one numpy object for all of them (for thousands of small tensors that
     is most of the cost). None unless each is a raw-data initializer (of rank ``rank`` if given)
     and all share one dtype."""
-    raws: list[bytes] = []
-    code = None
-    for name in names:
-        t = initializers.get(name)
-        if t is None:
-            return None
-        data_type = t.data_type
-        if code is None:
-            code = data_type
-        elif data_type != code:
-            return None
-        raw = t.raw_data  # each access copies the bytes: read it once
-        if not raw or t.data_location == onnx.TensorProto.EXTERNAL:
-            return None
-        if rank is not None:
-            dims = t.dims
-            if len(dims) != rank or (rank == 1 and dims[0] * _RAW_SIZES.get(data_type, 0) != len(raw)):
-                return None
-        raws.append(raw)
-    dt = _RAW_DTYPES.get(code) if code is not None else None
+    # one comprehension per attribute: for thousands of tiny tensors the interpreter's per-step
+    # cost, not protobuf, is what counts
+    get = initializers.get
+    tensors = [get(name) for name in names]
+    if not tensors or any(t is None for t in tensors):
+        return None
+    codes = {t.data_type for t in tensors}
+    dt = _RAW_DTYPES.get(codes.pop()) if len(codes) == 1 else None
     if dt is None or dt.kind != "f":
+        return None
+    raws = [t.raw_data for t in tensors]  # each access copies the bytes: read once
+    if not all(raws) or onnx.TensorProto.EXTERNAL in {t.data_location for t in tensors}:
         return None
     size = dt.itemsize
     if any(len(r) % size for r in raws):
         return None
-    return np.frombuffer(b"".join(raws), dtype=dt), [len(r) // size for r in raws]
+    counts = [len(r) // size for r in raws]
+    if rank is not None:
+        dims = [t.dims for t in tensors]
+        if any(len(d) != rank for d in dims) or (rank == 1 and [d[0] for d in dims] != counts):
+            return None
+    return np.frombuffer(b"".join(raws), dtype=dt), counts
 
 
 def array_to_tensor(array: np.ndarray, name: str, into: onnx.TensorProto | None = None) -> onnx.TensorProto:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from itertools import chain
+from typing import Mapping
 
 import onnx
 
@@ -133,6 +134,11 @@ class GraphIndex:
         ``remove_node`` takes a removed node out of every list, so the lists hold live readers only.
         """
         return self._readers.get(name, 0) + (name in self.graph_outputs)
+
+    @property
+    def reader_counts(self) -> "Mapping[str, int]":
+        """``readers`` of every name at once (read-only; ``.get(name)`` is 0 or None for none)."""
+        return self._readers
 
     def readers(self, name: str) -> int:
         """How many input slots and subgraph references read ``name`` (graph outputs not counted)."""
@@ -273,9 +279,12 @@ class GraphIndex:
             return inputs
         self.removed.add(pos)
         # one reader per reading slot (and per name a subgraph reads): drop one per occurrence
+        counts, lists = self._readers, self._consumers
         for inp in inputs:
             if inp:
-                self._drop_reader(inp, pos)
+                counts[inp] -= 1
+                if lists is not None:
+                    lists[inp].remove(pos)
         for inp in self._subgraph_reads.pop(pos, ()):
             self._drop_reader(inp, pos)
         producer = self.producer
