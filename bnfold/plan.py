@@ -102,8 +102,7 @@ class Planner:
             if ins[slot] not in inits and not is_constant(ins[slot]):
                 return FoldDecision(info.name, Action.FROZEN_KEPT, reason=Reason.NOT_CONSTANT,
                                     detail=f"BN {what} '{ins[slot]}' is not a constant"), None
-        scale_shape = self._shape_of(ins[1])
-        channels = int(scale_shape[0]) if scale_shape else None
+        channels = info.channels  # from the BN's parameters, read by discovery
         try:
             route = self._backward(site.pos, bn, channels)
             route.eps = info.epsilon

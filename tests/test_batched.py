@@ -96,3 +96,25 @@ def test_wrong_shapes_raise_as_arith_does():
     w = np.ones((3, 1, 1, 1), np.float32)
     with pytest.raises(ValueError, match="channels"):
         batched.fold_conv_many([ConvFold(w, None, np.ones(2), np.zeros(2))])
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_fold_conv_flat_rows_and_repeat_paths_equal_one_at_a_time(uniform):
+    # equal sizes per output channel take the row path, mixed sizes the repeat path: both bit for
+    # bit the one-at-a-time result
+    rng = np.random.default_rng(3)
+    shapes = [(4, 2, 3, 3)] * 3 if uniform else [(4, 2, 3, 3), (2, 1, 1, 1), (3, 5, 3, 3)]
+    jobs = []
+    for shape in shapes:
+        p = _params(rng, shape[0])
+        s, t = arith.bn_scale_shift(p.gamma, p.beta, p.mean, p.var, p.eps)
+        jobs.append(ConvFold(rng.standard_normal(shape).astype(np.float32),
+                             rng.standard_normal(shape[0]).astype(np.float32), s, t))
+    w_out, b_out = batched.fold_conv_flat(
+        np.concatenate([j.weight.reshape(-1) for j in jobs]),
+        np.repeat([j.weight[0].size for j in jobs], [j.weight.shape[0] for j in jobs]),
+        np.concatenate([j.s for j in jobs]), np.concatenate([j.t for j in jobs]),
+        np.concatenate([j.bias for j in jobs]).astype(np.float64), np.dtype(np.float32))
+    ref_w = np.concatenate([_one_at_a_time(j)[0].reshape(-1) for j in jobs])
+    ref_b = np.concatenate([_one_at_a_time(j)[1] for j in jobs])
+    _same((w_out, b_out), (ref_w, ref_b))

@@ -156,7 +156,9 @@ class _Applier:
             b = inits.get(b_name) if b_name else None
             if b_name and b is None:
                 continue
-            groups.setdefault((w.data_type, b.data_type if b is not None else None), []).append(
+            # one dtype pair and one size per output channel per batch: each batch is a matrix
+            # of rows, one per output channel
+            groups.setdefault((w.data_type, b.data_type if b is not None else None, size // shape[0]), []).append(
                 (k, ins[1], b_name, shape, size))
         for members in groups.values():
             for chunk in _chunks(members, BATCH_ELEMENTS):

@@ -350,22 +350,34 @@ def fold_conv_cast(weight: Any, bias: Any, s: Any, t: Any) -> tuple[np.ndarray, 
     return w_out.reshape(w.shape), cast_back(b2, b.dtype if b is not None else w.dtype, original=b_orig)
 
 
+# rows per block in ``_scale_rows_cast``: about this many values (float64: 256 KiB, in cache)
+_BLOCK = 1 << 15
+
+
 def _scale_rows_cast(rows: np.ndarray, s64: np.ndarray) -> np.ndarray | None:
     """``cast_back(rows * s64[:, None], rows.dtype, original=rows)`` block by block; None if some
-    value does not fit (the caller then computes the whole array, and its error names every value)."""
+    value does not fit (the caller then computes the whole array, and its error names every value).
+
+    Each block is multiplied into one reused float64 buffer and cast into the result while it is
+    in cache: a single weight-sized allocation, the result.
+    """
     dt = rows.dtype
     top, tiny = _LIMITS[dt]
+    n, k = rows.shape
     out = np.empty(rows.shape, dtype=dt)
-    per = max(1, _CHUNK // max(rows.shape[1], 1))
+    per = max(1, _BLOCK // max(k, 1))
+    buf = np.empty((min(per, n), k), dtype=np.float64)
+    mag = np.empty((min(per, n), k), dtype=dt)
     scale = s64[:, None]
     with np.errstate(over="ignore", under="ignore"):
-        for i in range(0, rows.shape[0], per):
-            j = min(rows.shape[0], i + per)
-            block = np.multiply(rows[i:j], scale[i:j], dtype=np.float64)
-            dest = out[i:j]
-            dest[...] = block
-            lo, hi = _abs_range(dest)
-            if hi <= top and lo >= tiny:
+        for i in range(0, n, per):
+            j = min(n, i + per)
+            block, dest, a = buf[: j - i], out[i:j], mag[: j - i]
+            np.multiply(rows[i:j], scale[i:j], out=block)
+            np.copyto(dest, block, casting="unsafe")
+            np.abs(dest, out=a)
+            hi = a.max()
+            if hi <= top and a.min() >= tiny:  # NaN fails the first test
                 continue
             try:  # zeros, or a real problem: the element-wise checks on this block alone
                 dest[...] = cast_back(block, dt, original=rows[i:j])

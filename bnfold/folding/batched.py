@@ -117,9 +117,15 @@ def fold_conv_flat(w_flat: np.ndarray, per_channel: np.ndarray, s: np.ndarray, t
     output channel, ``per_channel[c]`` values each), ``s``/``t``/``b_orig`` one value per output
     channel (``b_orig`` float64, zeros where a Conv had no bias). Returns the cast-back weights and
     biases, flat; raises ``FoldValueError`` if any value does not fit (the caller finds which)."""
-    w64 = np.multiply(w_flat, np.repeat(s, per_channel), dtype=np.float64)
-    w_out = arith.cast_back(w64, w_flat.dtype, original=w_flat)
-    del w64
+    w_out = None
+    if per_channel.size and per_channel.min() == per_channel.max() and w_flat.dtype in arith._LIMITS:
+        # one row per output channel, folded block by block (no weight-sized float64 temporary)
+        w_out = arith._scale_rows_cast(w_flat.reshape(-1, int(per_channel[0])), s)
+    if w_out is None:  # mixed sizes, or a value that does not fit: cast_back names the problem
+        w64 = np.multiply(w_flat, np.repeat(s, per_channel), dtype=np.float64)
+        w_out = arith.cast_back(w64, w_flat.dtype, original=w_flat)
+        del w64
+    w_out = w_out.reshape(-1)
     return w_out, arith.cast_back(s * b_orig + t, b_dtype, original=b_orig)
 
 
