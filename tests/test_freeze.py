@@ -452,3 +452,34 @@ def test_estimator_gap_is_reported(rng):
     np.testing.assert_allclose(rec.stats.var_pooled, x.astype(np.float64).var(axis=(0, 2, 3)), rtol=1e-6)
     assert rec.stats.gap > 0.5
     assert any("bnA" in w and "pooled" in w for w in res.report.warnings)
+
+
+@pytest.mark.parametrize("route", ["memory", "file"])
+def test_calibration_weights_reach_onnxruntime_from_memory_or_through_a_file(rng, monkeypatch, route):
+    """Large weights are not copied into the calibration network: its initializers are heads
+    marked external and onnxruntime gets the model's own bytes (``route='memory'``); a network
+    too large for one protobuf even so goes through a file (``'file'``, the limit lowered). Both
+    give the brute-force Algorithm 2 statistics."""
+    from bnfold import load
+    from bnfold.calibrate.graph import IN_MEMORY_LOCATION, IN_MEMORY_MIN_BYTES, build_calibration_model
+    from bnfold.pipeline import _Work, _load
+
+    model, w, b, p = conv_train_bn_model(rng, c_in=16, c_out=32)
+    assert w.nbytes >= IN_MEMORY_MIN_BYTES > b.nbytes
+    before = model.SerializeToString()
+    work = _Work(_load(model))
+    cal, _, held = build_calibration_model(work.model, work.index, work.consts, work.sites)
+    head = next(t for t in cal.graph.initializer if t.name == "w")
+    assert not head.HasField("raw_data") and head.data_location == onnx.TensorProto.EXTERNAL
+    assert [(e.key, e.value) for e in head.external_data] == [("location", IN_MEMORY_LOCATION)]
+    assert list(held) == ["w"] and held["w"].raw_data == w.tobytes()
+    assert next(t for t in cal.graph.initializer if t.name == "b").raw_data == b.tobytes()  # small: inline
+    if route == "file":
+        monkeypatch.setattr(load, "_PROTO_LIMIT", 64)
+    x = data(rng, c_in=16)
+    res = fold(model, data={"x": x}, batch_size=BATCH)
+    assert model.SerializeToString() == before
+    acts = [npref.conv(xb, w, b, pads=[1] * 4) for xb in batches(x, BATCH)]
+    mean, var = alg2(acts)
+    assert_stats(record(res, "bn").stats, mean, var)
+    assert res.report.verification.passed

@@ -22,8 +22,40 @@ from onnx import helper, numpy_helper
 from ..discover import BnSite
 from ..errors import UnsupportedModelError
 from ..freeze import stats_dtype
-from ..graph.constants import Constants
+from ..graph.constants import _RAW_DTYPES, Constants
 from ..graph.index import GraphIndex
+from ..serialize import _copy_except
+
+
+# raw initializers of at least this many bytes reach onnxruntime from memory, not through the
+# serialised calibration model (see ``build_calibration_model``)
+IN_MEMORY_MIN_BYTES = 1024
+IN_MEMORY_LOCATION = "bnfold-in-memory"  # the placeholder location their heads carry
+
+
+def _copy_heads(model: onnx.ModelProto, cal: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Copy ``model`` into ``cal`` but for the data of large raw initializers: those get a head
+    (name, type, dims) marked external, and are returned by name (the model's own tensors)."""
+    _copy_except(model, cal, "graph")
+    _copy_except(model.graph, cal.graph, "initializer")
+    held: dict[str, onnx.TensorProto] = {}
+    for t in model.graph.initializer:
+        if (t.data_type in _RAW_DTYPES and t.data_location != onnx.TensorProto.EXTERNAL
+                and t.HasField("raw_data") and t.ByteSize() >= IN_MEMORY_MIN_BYTES and t.name not in held):
+            head = cal.graph.initializer.add()
+            _copy_except(t, head, "raw_data")
+            head.data_location = onnx.TensorProto.EXTERNAL
+            entry = head.external_data.add()
+            entry.key, entry.value = "location", IN_MEMORY_LOCATION
+            held[t.name] = t
+        else:
+            cal.graph.initializer.add().CopyFrom(t)
+    return held
+
+
+def in_memory_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The value of a tensor ``_copy_heads`` held back (a read-only view of one copy of its bytes)."""
+    return np.frombuffer(tensor.raw_data, dtype=_RAW_DTYPES[tensor.data_type]).reshape(tuple(tensor.dims))
 
 
 @dataclass(frozen=True)
@@ -68,10 +100,17 @@ def _prune(graph: onnx.GraphProto, wanted: set[str]) -> None:
 
 def build_calibration_model(
     model: onnx.ModelProto, index: GraphIndex, consts: Constants, sites: list[BnSite]
-) -> tuple[onnx.ModelProto, list[StatOutputs]]:
-    """A copy of ``model`` that outputs the batch statistics of every main-graph BN."""
+) -> tuple[onnx.ModelProto, list[StatOutputs], dict[str, onnx.TensorProto]]:
+    """A copy of ``model`` that outputs the batch statistics of every main-graph BN, its outputs,
+    and the initializers whose data it does not hold.
+
+    The weights are not copied: each large raw initializer appears as a head marked external (at
+    ``IN_MEMORY_LOCATION``), and the returned mapping names the model's own tensor for it, whose
+    bytes the session receives directly (``SessionOptions.add_external_initializers``). Copying
+    and serialising the weights, then parsing them back, was most of the calibration's set-up.
+    """
     cal = onnx.ModelProto()
-    cal.CopyFrom(model)
+    held = _copy_heads(model, cal)
     g = cal.graph
     nodes = list(g.node)
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
@@ -143,7 +182,8 @@ def build_calibration_model(
     g.output.extend(value_infos)
     del g.value_info[:]
     _prune(g, {v.name for v in value_infos})
-    return cal, outputs
+    kept = {t.name for t in g.initializer}
+    return cal, outputs, {name: t for name, t in held.items() if name in kept}
 
 
 def _decomposed(node, orig, consts, c, dt, mean_out, var_out, fresh, g) -> list[onnx.NodeProto]:

@@ -19,13 +19,15 @@ from ..errors import BadInputError, UnsupportedModelError
 from ..graph.constants import Constants
 from ..graph.index import GraphIndex
 from ..records import BnStats
-from .graph import build_calibration_model
+from .graph import build_calibration_model, in_memory_array
 from .stats import update
 
 Progress = Callable[[int, int], None]
 
 
-def _session(model: onnx.ModelProto):
+def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]):
+    """An onnxruntime CPU session of the calibration network; the ``held`` initializers' data
+    (see ``build_calibration_model``) is handed over from memory."""
     import onnxruntime as ort
 
     from ..load import _PROTO_LIMIT, prepare_for_save
@@ -34,15 +36,25 @@ def _session(model: onnx.ModelProto):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     tmpdir = None
+    values: list = []
     try:
-        if model.ByteSize() < _PROTO_LIMIT:
+        if model.ByteSize() < _PROTO_LIMIT:  # a skeleton: the large weights are not in it
             source: bytes | str = model.SerializeToString()
-        else:  # too large for one protobuf: go through a file with external data
+            # the values must outlive the session's creation: onnxruntime copies them only then
+            values = [ort.OrtValue.ortvalue_from_numpy(in_memory_array(t)) for t in held.values()]
+            if held:
+                opts.add_external_initializers(list(held), values)
+        else:  # too large for one protobuf even so: through a file with external data
+            for t in model.graph.initializer:
+                if t.name in held:
+                    t.CopyFrom(held[t.name])
             tmpdir = tempfile.mkdtemp(prefix="bnfold-cal-")
             path = os.path.join(tmpdir, "calibration.onnx")
             onnx.save_model(model, path, save_as_external_data=True, location="calibration.data")
             source = path
-        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        del values
+        return sess
     except Exception as exc:  # onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(f"onnxruntime cannot run the calibration network: {first}") from exc
@@ -63,9 +75,9 @@ def calibrate(
     main = [s for s in sites if s.pos is not None]
     if not main:
         return {}
-    cal, outs = build_calibration_model(model, index, consts, main)
-    sess = _session(cal)
-    del cal
+    cal, outs, held = build_calibration_model(model, index, consts, main)
+    sess = _session(cal, held)
+    del cal, held
     names = [n for o in outs for n in (o.mean, o.var, o.shape)]
     stats: dict[str, BnStats] = {}
     total = data.num_batches
