@@ -269,6 +269,33 @@ def test_pt2_to_pt2(work: dict) -> None:
     assert all(b["mode_before"] == "training" and b["stats"] is not None for b in report["bns"])
 
 
+def test_pt2_after_run_decompositions_folds_linear_too(work: dict) -> None:
+    """After ``run_decompositions`` a Linear is ``addmm(b, x, permute(w))`` (``mm`` without bias):
+    bnfold reads it as ``F.linear`` again, so the BatchNorm1d after it folds like the others."""
+    root = work["root"]
+    net = randomise_bn(work["tm"].build_net(), 12)
+    with torch.no_grad():  # stored statistics that fit the data, as a trained model's would
+        net.train()
+        for _ in range(3):
+            net(torch.from_numpy(work["x"]))
+    net.eval()
+    ep = torch.export.export(net, (torch.from_numpy(work["x"][:4]),),
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch")}}).run_decompositions()
+    ops = {str(n.target) for n in ep.graph_module.graph.nodes if n.op == "call_function"}
+    assert "aten.addmm.default" in ops and "aten.linear.default" not in ops
+    torch.export.save(ep, root / "net_decomposed.pt2")
+    out, rep = root / "o_dec" / "net.pt2", root / "o_dec" / "report.json"
+    proc = run_cli(work, "fold", "net_decomposed.pt2", "-o", out, "--report", rep)
+    assert proc.returncode == 0, proc.stderr
+    report = validate_report(rep)
+    assert report["counts"]["folded"] == 3, report["bns"]
+    assert {b["name"]: b["target"] for b in report["bns"]}["bn3"] == "fc"
+    folded = torch.export.load(str(out)).module()
+    assert not any("batch_norm" in str(n.target) for n in folded.graph.nodes if n.op == "call_function")
+    x = work["x"][:5]
+    np.testing.assert_allclose(positional(folded, x), eager(net, x=x), atol=1e-4, rtol=1e-4)
+
+
 def test_pt2_dry_run_writes_nothing(work: dict) -> None:
     root = work["root"]
     out = root / "o3" / "net.pt2"

@@ -204,6 +204,38 @@ def _functional_convolution(gm: fx.GraphModule, node: fx.Node) -> None:
         node.args = (x, w, b, stride, padding, dilation, groups)
 
 
+def _transposed_weight(node: Any) -> fx.Node | None:
+    """The matrix ``w`` where ``node`` is ``aten.permute(w, [1, 0])`` or ``aten.t(w)`` of a module tensor."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.kwargs:
+        return None
+    if node.target is _A.permute.default and len(node.args) == 2 and list(node.args[1]) == [1, 0]:
+        w = node.args[0]
+    elif node.target is _A.t.default and len(node.args) == 1:
+        w = node.args[0]
+    else:
+        return None
+    return w if isinstance(w, fx.Node) and w.op == "get_attr" else None
+
+
+def _functional_linear(g: fx.Graph, node: fx.Node) -> None:
+    """``aten.addmm(b, x, w.T)`` and ``aten.mm(x, w.T)`` (what ``run_decompositions`` makes of a
+    Linear, ``w`` a module tensor, ``alpha = beta = 1``) as ``F.linear(x, w, b)``."""
+    if node.kwargs and any(node.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
+        return
+    if node.target is _A.addmm.default and len(node.args) == 3:
+        bias, x, wt = node.args
+    elif node.target is _A.mm.default and len(node.args) == 2:
+        (x, wt), bias = node.args, None
+    else:
+        return
+    w = _transposed_weight(wt)
+    if w is None or (bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
+        return
+    node.target, node.args, node.kwargs = F.linear, (x, w, bias), {}
+    if not wt.users:
+        g.erase_node(wt)
+
+
 # batch-norm ops: (input, weight, bias, running_mean, running_var) first; how to read the rest
 _BN_SINGLE = {_A.batch_norm.default}  # (..., training, momentum, eps, cudnn_enabled) -> Tensor
 _BN_TUPLE_NO_TRAINING = {_A._native_batch_norm_legit_no_training.default}  # (..., momentum, eps) -> tuple
@@ -303,8 +335,9 @@ def exported_program_module(ep: Any) -> tuple[fx.GraphModule, list[str], int | N
     Every ``aten.batch_norm`` (and ``_native_batch_norm_legit_no_training`` / ``native_batch_norm``)
     becomes a call of a BatchNorm module holding the same tensors, under the module name the
     tensors had (``layer1.0.bn1``), in training mode where the op normalised with batch statistics;
-    ``aten.conv*d`` / ``conv_transpose*d`` / ``linear`` become their ``torch.nn.functional`` forms so
-    the fold recognises them; the input guards and the in-place ``num_batches_tracked`` updates
+    ``aten.conv*d`` / ``conv_transpose*d`` / ``linear`` (and ``addmm``/``mm`` of a transposed
+    module weight) become their ``torch.nn.functional`` forms so the fold recognises them; the
+    input guards and the in-place ``num_batches_tracked`` updates
     are dropped; forward takes the flat user inputs by name and returns the original structure.
 
     Returns ``(module, input names, static batch size or None, warnings)``.
@@ -335,6 +368,8 @@ def exported_program_module(ep: Any) -> tuple[fx.GraphModule, list[str], int | N
             node.target = _FUNCTIONAL[node.target]
         elif node.target is _A.convolution.default:
             _functional_convolution(gm, node)
+        elif node.target in (_A.addmm.default, _A.mm.default):
+            _functional_linear(g, node)
         elif (node.target in (_A.add_.Tensor, _A.add_.Scalar) and not node.users and node.args
               and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
               and str(node.args[0].target).endswith("num_batches_tracked")):
