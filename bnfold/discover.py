@@ -83,6 +83,14 @@ def attr_training(node: onnx.NodeProto, opset: int, attrs: dict | None = None) -
     return any(list(node.output)[1:])
 
 
+def training_bn_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the main graph's BNs that declare training mode (attributes and outputs only: no
+    index is built, and the weights need not be loaded)."""
+    opset = default_opset(model)
+    return [n.name or f"BatchNormalization_{i}" for i, n in enumerate(model.graph.node)
+            if is_bn(n) and attr_training(n, opset)]
+
+
 def _depends_on(index: GraphIndex, name: str, target: str) -> bool:
     """Whether ``name`` is computed from ``target`` within a few producer steps."""
     stack, seen = [name], set()

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 
 from .calibrate.runner import calibrate
-from .calibrate.stats import finalize
+from .calibrate.stats import finalize, gap_warning
 from .data.sources import CalibrationData, InputSpec, from_arrays, open_data
-from .discover import BnSite, default_opset, find_bns, name_nodes
+from .discover import BnSite, default_opset, find_bns, name_nodes, training_bn_names
 from .errors import BadInputError, UnsupportedModelError
 from .folding.apply import apply_plan
 from .freeze import freeze
@@ -33,7 +33,6 @@ from .records import BnRecord, FoldDecision, FrozenStats, Mode, Report, VerifyRe
 if TYPE_CHECKING:  # pragma: no cover
     from .verify.engine import VerifyConfig
 
-GAP_WARNING = 0.10  # warn where the unbiased and pooled variances differ by more than 10 %
 ESTIMATORS = ("unbiased", "pooled")
 
 DataArg = "str | os.PathLike[str] | Mapping[str, np.ndarray] | CalibrationData | None"
@@ -171,14 +170,8 @@ def _calibrate_and_freeze(work: _Work, data: CalibrationData, estimator: str, pr
         dict[str, FrozenStats], list[str]]:
     raw = calibrate(work.model, work.index, work.consts, work.sites, data, progress)
     frozen = {name: finalize(st, estimator, name) for name, st in raw.items()}
-    warnings = []
-    wide = sorted((s.gap, n) for n, s in frozen.items() if s.gap > GAP_WARNING)
-    if wide:
-        names = ", ".join(f"{n} ({g:.0%})" for g, n in reversed(wide[-10:]))
-        warnings.append(
-            f"unbiased (Algorithm 2) and pooled variance differ by more than {GAP_WARNING:.0%} at "
-            f"{len(wide)} BN: {names}{' ...' if len(wide) > 10 else ''}"
-        )
+    gap = gap_warning(frozen)
+    warnings = [gap] if gap else []
     for site in work.sites:
         if site.pos is None and site.info.mode is Mode.INFERENCE:
             warnings.append(f"BN '{site.info.name}' in {site.info.graph_path} keeps its stored statistics "
@@ -462,11 +455,22 @@ def check_equivalence(
     for path in (reference, candidate):
         if not Path(path).is_file():
             raise BadInputError(f"model file not found: {path}")
-    specs = _input_specs(onnx.load(os.fspath(reference), load_external_data=False))
+    ref_model = onnx.load(os.fspath(reference), load_external_data=False)
+    specs = _input_specs(ref_model)
+    training = training_bn_names(ref_model)
+    del ref_model
     if data is not None:
         feeds, info = data_feeds(data, specs, batch_size=batch_size, iterations=iterations)
     else:
         feeds, info = random_feeds(specs, seed=seed, val_range=val_range, iterations=iterations or 1,
                                    batch_size=batch_size)
     config = config or VerifyConfig()
-    return verify(reference, candidate, feeds, replace(config, inputs=dict(info, **config.inputs)))
+    result = verify(reference, candidate, feeds, replace(config, inputs=dict(info, **config.inputs)))
+    if training and not result.passed:
+        # its outputs depend on the rest of the batch: no folded (frozen) model reproduces them
+        names = ", ".join(f"'{n}'" for n in training[:3]) + (" ..." if len(training) > 3 else "")
+        note = (f"REFERENCE has {len(training)} BN in training mode ({names}): it normalises with each batch's "
+                "statistics, which a folded model does not; verify against the frozen model "
+                "(bnfold fold --frozen-output FROZEN.onnx)")
+        result = replace(result, note=f"{result.note}; {note}" if result.note else note)
+    return result

@@ -559,7 +559,8 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
         raise VerificationFailed(
             f"CANDIDATE does not match REFERENCE: max abs diff {result.max_abs:.3g}, max rel diff "
             f"{result.max_rel:.3g}" + (f"; first divergent fold site {result.first_divergent_site}"
-                                       if result.first_divergent_site else ""))
+                                       if result.first_divergent_site else "")
+            + (f"; {result.note}" if result.note else ""))
     return EXIT_OK
 
 

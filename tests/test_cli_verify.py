@@ -273,3 +273,30 @@ def test_github_step_summary_gets_the_markdown(models: dict[str, Path], tmp_path
     text = target.read_text(encoding="utf-8")
     assert text.startswith("earlier step\n")  # appended, not overwritten
     assert "bnfold verification" in text and "✅" in text
+
+
+def test_training_mode_reference_explains_the_mismatch(tmp_path: Path) -> None:
+    """A training-mode BN normalises with each batch's statistics: verifying a fold against the
+    training-mode input fails, and the error says why and which file to verify against instead;
+    the frozen model written by ``--frozen-output`` passes."""
+    rng = np.random.default_rng(7)
+    p = bn_params(rng, C)
+    names = [f"bn.{k}" for k in ("scale", "bias", "mean", "var")]
+    node = helper.make_node("BatchNormalization", ["z", *names], ["y", "bn.rm", "bn.rv"], name="bn", epsilon=1e-5,
+                            training_mode=1)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["z"], name="conv", pads=[1, 1, 1, 1]), node],
+        [vi("x", ["N", C, 6, 6])], [vi("y", ["N", C, 6, 6])],
+        [init("w", (rng.standard_normal((C, C, 3, 3)) * 0.3).astype(np.float32))]
+        + [init(n, p[k]) for n, k in zip(names, ("scale", "bias", "mean", "var"))])
+    src, out, frozen, data = (tmp_path / f for f in ("train.onnx", "folded.onnx", "frozen.onnx", "x.npy"))
+    onnx.save(model, src)
+    np.save(data, (rng.standard_normal((16, C, 6, 6)) * 2 + 1).astype(np.float32))
+    proc = run_cli("fold", src, "--data", data, "--batch-size", 8, "-o", out, "--frozen-output", frozen)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("verify", src, out, "--data", data, "--batch-size", 4, "--no-repro")
+    line = assert_one_line_error(proc, 1)
+    assert "1 BN in training mode ('bn')" in line and "--frozen-output" in line
+    proc = run_cli("verify", frozen, out, "--data", data, "--batch-size", 4)
+    assert proc.returncode == 0, proc.stderr
+    assert "training mode" not in proc.stdout + proc.stderr

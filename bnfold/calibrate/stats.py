@@ -26,6 +26,17 @@ from ..records import BnStats, FrozenStats
 __all__ = ["ESTIMATORS", "batch_moments", "finalize", "merge", "update"]
 
 ESTIMATORS = ("unbiased", "pooled")
+GAP_WARNING = 0.10  # warn where the unbiased and pooled variances differ by more than 10 %
+
+
+def gap_warning(frozen: "dict[str, FrozenStats]") -> str | None:
+    """The warning naming the BNs (the ten widest) whose estimators differ by more than GAP_WARNING."""
+    wide = sorted((s.gap, n) for n, s in frozen.items() if s.gap > GAP_WARNING)
+    if not wide:
+        return None
+    names = ", ".join(f"{n} ({g:.0%})" for g, n in reversed(wide[-10:]))
+    return (f"unbiased (Algorithm 2) and pooled variance differ by more than {GAP_WARNING:.0%} at "
+            f"{len(wide)} BN: {names}{' ...' if len(wide) > 10 else ''}")
 
 _TINY = 1e-30
 

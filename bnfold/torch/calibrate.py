@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
-from ..calibrate.stats import ESTIMATORS, finalize
+from ..calibrate.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning
 from ..errors import BadInputError, UnsupportedModelError
 from ..records import BnStats, FrozenStats, Mode
 from .batches import Batch, check_arity, count_batches, iter_batches
@@ -52,7 +52,6 @@ __all__ = [
     "run_calibration",
 ]
 
-GAP_WARNING = 0.10  # as on the ONNX path: warn where the two estimators differ by more than 10 %
 
 Progress = Callable[[int, "int | None"], None]
 
@@ -447,13 +446,9 @@ def run_calibration(
                 f"BN '{name}' is applied at {n} places per forward; its statistics pool all of them "
                 "(allow_reused_bn=True)"
             )
-    wide = sorted((s.gap, n) for n, s in run.stats.items() if s.gap > GAP_WARNING)
-    if wide:
-        names = ", ".join(f"{n} ({g:.0%})" for g, n in reversed(wide[-10:]))
-        warnings.append(
-            f"unbiased (Algorithm 2) and pooled variance differ by more than {GAP_WARNING:.0%} at "
-            f"{len(wide)} BN: {names}{' ...' if len(wide) > 10 else ''}"
-        )
+    gap = gap_warning(run.stats)
+    if gap:
+        warnings.append(gap)
     work.eval()
     return run
 
