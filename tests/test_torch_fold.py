@@ -229,25 +229,51 @@ class TiedWeights(nn.Module):
         return self.bn(self.c1(x)) + self.c2(x)
 
 
-def test_shared_module_and_tied_weights_are_not_scaled():
+class FunctionalShared(nn.Module):
+    """One parameter read by two F.conv2d calls, only the first followed by a BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3, 3, 3) * 0.3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(F.conv2d(x, self.w, padding=1)) + F.conv2d(x, self.w, padding=1)
+
+
+def test_shared_module_and_tied_weights_fold_into_private_copies():
+    """As on the ONNX path, a producer whose weights serve other calls (a module called twice, a
+    weight tied to another layer, a parameter read by two functional calls) folds into a copy of
+    its own (SHARED_WEIGHT_CLONED); the other calls keep the original weights."""
     torch.manual_seed(7)
+    x = torch.randn(2, 3, 5, 5)
     model = randomise_bn(SharedConv())
     data = batches((3, 5, 5))
     frozen, _ = calibrate(model, data)
     res = fold(model, data)
     for name in ("bn_a", "bn_b"):
         rec = record(res.report, name)
-        assert (rec.action, rec.reason) == (Action.FROZEN_KEPT, Reason.NOT_CONSTANT)
-        assert "reused" in rec.detail and "'conv'" in rec.detail
-    x = torch.randn(2, 3, 5, 5)
-    torch.testing.assert_close(out(res.module, x), out(frozen, x), rtol=0, atol=0)
+        assert (rec.action, rec.reason) == (Action.FOLDED, Reason.SHARED_WEIGHT_CLONED), rec
+        assert "private copy" in rec.detail
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in res.module.modules())
+    torch.testing.assert_close(out(res.module, x), out(frozen, x), rtol=1e-5, atol=1e-5)
 
     tied = randomise_bn(TiedWeights()).eval()
+    w_before = tied.c1.weight.detach().clone()
     res = fold(tied)
     rec = record(res.report, "bn")
-    assert (rec.action, rec.reason) == (Action.FROZEN_KEPT, Reason.NOT_CONSTANT)
-    assert "shared" in rec.detail
-    torch.testing.assert_close(out(res.module, x), out(tied, x), rtol=0, atol=0)
+    assert (rec.action, rec.reason) == (Action.FOLDED, Reason.SHARED_WEIGHT_CLONED)
+    torch.testing.assert_close(out(res.module, x), out(tied, x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(res.module.c2.weight, w_before)  # the other layer keeps the tied, unscaled weight
+
+    fn = randomise_bn(FunctionalShared()).eval()
+    w_before = fn.w.detach().clone()
+    res = fold(fn)
+    rec = record(res.report, "bn")
+    assert (rec.action, rec.reason) == (Action.FOLDED, Reason.SHARED_WEIGHT_CLONED)
+    torch.testing.assert_close(out(res.module, x), out(fn, x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(res.module.w, w_before)
+    assert torch.equal(fn.w, w_before)
 
 
 class FunctionalConv(nn.Module):

@@ -9,9 +9,11 @@ folds backward into the node that produces its input when that node is
   parameters read directly (``get_attr``), as in modules that call the functional form in their
   own ``forward`` (EfficientNet's same-padding convolutions);
 
-its output feeds nothing but the BN, its weight and bias are used by no other call (a module
-applied twice, or a weight tied to another layer, is not scaled), and both are floating point.
-Otherwise the BN stays, frozen, with the :class:`bnfold.records.Reason`.
+its output feeds nothing but the BN and its weight and bias are floating point. Otherwise the BN
+stays, frozen, with the :class:`bnfold.records.Reason`. Where the weights also serve other calls
+(a module applied twice, a weight tied to another layer, a parameter read by two functional
+calls), this call gets a private folded copy and the others keep the original, as a shared
+ONNX initializer does (``SHARED_WEIGHT_CLONED``).
 
 The arithmetic is :mod:`bnfold.folding.arith` in float64 on host copies, cast back to the
 producer's dtype with the same overflow/underflow refusal (``DTYPE_OVERFLOW``). ConvTranspose with
@@ -151,6 +153,7 @@ class _Producer:
     label: str = ""  # "Conv2d 'layer1.conv'" or "conv2d on 'stem.weight'", for the report
     weight_target: str | None = None  # call_function producers: get_attr targets
     bias_target: str | None = None
+    shared: bool = False  # the module or its weight serves other calls too: fold into a private copy
 
 
 class _Refusal(Exception):
@@ -193,16 +196,13 @@ def _producer(node: Any, gm: fx.GraphModule, uses: Counter, calls: Counter) -> _
         if mod._forward_hooks or mod._forward_pre_hooks or getattr(mod, "parametrizations", None):
             raise _Refusal(Reason.NOT_CONSTANT, f"'{node.target}' has forward hooks or parametrizations "
                            "(weight_norm, spectral_norm, ...) that compute its weight at run time")
-        if calls[node.target] > 1:
-            raise _Refusal(Reason.NOT_CONSTANT, f"module '{node.target}' is reused: it is called "
-                           f"{calls[node.target]} times in forward, and scaling it would change its other calls")
         w, b = mod.weight, mod.bias
-        if uses[id(w)] > 1 or (b is not None and uses[id(b)] > 1):
-            raise _Refusal(Reason.NOT_CONSTANT, f"the weight or bias of '{node.target}' is shared with "
-                           "another layer (the module is reused under another name or its weight is tied)")
+        # a module called again elsewhere, or a weight tied to another layer: scaling it in place
+        # would change those other calls, so this call gets its own folded copy (``_apply``)
+        shared = calls[node.target] > 1 or uses[id(w)] > 1 or (b is not None and uses[id(b)] > 1)
         groups = int(getattr(mod, "groups", 1))
         return _Producer(node, kind[0], kind[1], node.target, w, b, groups, module=mod,
-                         label=f"{type(mod).__name__} '{node.target}'")
+                         label=f"{type(mod).__name__} '{node.target}'", shared=shared)
     if node.op == "call_function" and node.target in _FUNC_KINDS:
         kind, dims = _FUNC_KINDS[node.target]
         w_node, _ = _arg(node, _WEIGHT_POS, "weight")
@@ -218,9 +218,7 @@ def _producer(node: Any, gm: fx.GraphModule, uses: Counter, calls: Counter) -> _
         if not isinstance(w, torch.Tensor) or (b is not None and not isinstance(b, torch.Tensor)):
             raise _Refusal(Reason.NOT_CONSTANT, f"the weight or bias of {_describe(node, gm)} is not a tensor")
         owner = w_node.target.rpartition(".")[0]
-        if uses[id(w)] > 1 or (b is not None and uses[id(b)] > 1):
-            raise _Refusal(Reason.NOT_CONSTANT, f"the weight of '{owner or w_node.target}' is used by more than "
-                           "one call: the module is reused or its weight is tied")
+        shared = uses[id(w)] > 1 or (b is not None and uses[id(b)] > 1)
         groups = 1
         if kind != "linear":
             g, _ = _arg(node, _GROUPS_POS, "groups", 1)
@@ -229,7 +227,7 @@ def _producer(node: Any, gm: fx.GraphModule, uses: Counter, calls: Counter) -> _
             groups = g
         return _Producer(node, kind, dims, owner or w_node.target, w, b, groups,
                          weight_target=w_node.target, bias_target=b_node.target if b_node is not None else None,
-                         label=f"{node.target.__name__} of '{owner or w_node.target}'")
+                         label=f"{node.target.__name__} of '{owner or w_node.target}'", shared=shared)
     raise _Refusal(Reason.UNSUPPORTED_PRODUCER, f"its input comes from {_describe(node, gm)}, "
                    "not from a Conv, ConvTranspose or Linear")
 
@@ -329,10 +327,52 @@ def _new_param(value: torch.Tensor, like: torch.Tensor | None) -> nn.Parameter:
     return nn.Parameter(value, requires_grad=bool(like.requires_grad) if like is not None else True)
 
 
+def _fresh_attr(owner: nn.Module, base: str) -> str:
+    name, k = base, 1
+    while hasattr(owner, name):
+        name, k = f"{base}{k}", k + 1
+    return name
+
+
+def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
+    """Set a call's argument where it was given (positionally, else as a keyword)."""
+    if len(node.args) > pos:
+        args = list(node.args)
+        args[pos] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def _apply_private_copy(gm: fx.GraphModule, p: _Producer, w_new: torch.Tensor, b_new: torch.Tensor) -> None:
+    """Point this call alone at new, folded parameters; the shared ones stay for the other calls."""
+    if p.module is not None:
+        mod = copy_module(p.module)
+        mod.weight = _new_param(w_new, p.weight)
+        mod.bias = _new_param(b_new, p.bias if p.bias is not None else p.weight)
+        parent_name, _, attr = p.node.target.rpartition(".")
+        parent = gm.get_submodule(parent_name) if parent_name else gm
+        new = _fresh_attr(parent, f"{attr}_bnfold")
+        parent.add_module(new, mod)
+        p.node.target = f"{parent_name}.{new}" if parent_name else new
+        return
+    owner_name, _, w_attr = p.weight_target.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    for pos, key, value, like in ((_WEIGHT_POS, "weight", w_new, p.weight),
+                                  (_BIAS_POS, "bias", b_new, p.bias if p.bias is not None else p.weight)):
+        attr = _fresh_attr(owner, f"{w_attr if key == 'weight' else 'bias'}_bnfold")
+        owner.register_parameter(attr, _new_param(value, like))
+        with gm.graph.inserting_before(p.node):
+            ref = gm.graph.get_attr(f"{owner_name}.{attr}" if owner_name else attr)
+        _set_arg(p.node, pos, key, ref)
+
+
 def _apply(gm: fx.GraphModule, bn_node: fx.Node, p: _Producer, w_new: torch.Tensor, b_new: torch.Tensor,
            private: bool) -> None:
     """Write the folded parameters (new Parameter objects) and remove the BN node."""
-    if p.module is not None:
+    if p.shared:
+        _apply_private_copy(gm, p, w_new, b_new)
+    elif p.module is not None:
         mod = p.module if private else copy_module(p.module)
         mod.weight = _new_param(w_new, p.weight)
         mod.bias = _new_param(b_new, p.bias if p.bias is not None else p.weight)
@@ -358,12 +398,7 @@ def _apply(gm: fx.GraphModule, bn_node: fx.Node, p: _Producer, w_new: torch.Tens
             owner.register_parameter(b_attr, _new_param(b_new, p.weight))
             with gm.graph.inserting_before(p.node):
                 b_node = gm.graph.get_attr(f"{owner_name}.{b_attr}" if owner_name else b_attr)
-            if len(p.node.args) > _BIAS_POS:
-                args = list(p.node.args)
-                args[_BIAS_POS] = b_node
-                p.node.args = tuple(args)
-            else:
-                p.node.kwargs = {**p.node.kwargs, "bias": b_node}
+            _set_arg(p.node, _BIAS_POS, "bias", b_node)
     bn_node.replace_all_uses_with(p.node)
     gm.graph.erase_node(bn_node)
 
@@ -504,6 +539,9 @@ def fold(
         rec.target = ", ".join(p.name for p, _, _ in plans)
         rec.detail = (f"applied at {len(nodes)} places; folded into each producer" if len(nodes) > 1
                       else f"folded into {plans[0][0].label}")
+        if any(p.shared for p, _, _ in plans):
+            rec.reason = Reason.SHARED_WEIGHT_CLONED
+            rec.detail += " (its weights serve other calls too: folded into a private copy)"
         records[name] = rec
 
     gm.graph.lint()
