@@ -20,7 +20,7 @@ from .records import BnInfo, Mode
 _TRACE_LIMIT = 16
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per BN: not frozen, for speed (see records.BnInfo); read-only all the same
 class BnSite:
     """A BN found in the main graph (``pos`` set) or in a subgraph/function (``pos`` None)."""
 
