@@ -53,11 +53,6 @@ def _copy_heads(model: onnx.ModelProto, cal: onnx.ModelProto) -> dict[str, onnx.
     return held
 
 
-def in_memory_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The value of a tensor ``_copy_heads`` held back (a read-only view of one copy of its bytes)."""
-    return np.frombuffer(tensor.raw_data, dtype=_RAW_DTYPES[tensor.data_type]).reshape(tuple(tensor.dims))
-
-
 @dataclass(frozen=True)
 class StatOutputs:
     bn: str

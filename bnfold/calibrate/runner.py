@@ -16,10 +16,10 @@ import onnx
 from ..data.sources import CalibrationData
 from ..discover import BnSite
 from ..errors import BadInputError, UnsupportedModelError
-from ..graph.constants import Constants
+from ..graph.constants import Constants, tensor_to_array
 from ..graph.index import GraphIndex
 from ..records import BnStats
-from .graph import build_calibration_model, in_memory_array
+from .graph import build_calibration_model
 from .stats import update
 
 Progress = Callable[[int, int], None]
@@ -41,7 +41,7 @@ def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]):
         if model.ByteSize() < _PROTO_LIMIT:  # a skeleton: the large weights are not in it
             source: bytes | str = model.SerializeToString()
             # the values must outlive the session's creation: onnxruntime copies them only then
-            values = [ort.OrtValue.ortvalue_from_numpy(in_memory_array(t)) for t in held.values()]
+            values = [ort.OrtValue.ortvalue_from_numpy(tensor_to_array(t)) for t in held.values()]
             if held:
                 opts.add_external_initializers(list(held), values)
         else:  # too large for one protobuf even so: through a file with external data

@@ -218,9 +218,9 @@ class _Applier:
     def remove_bn(self, bn_pos: int) -> None:
         idx = self.index
         params = idx.remove_node(bn_pos)[1:]
-        inits, counts, outputs = idx.initializers, idx.reader_counts, idx.graph_outputs
+        inits, readers, outputs = idx.initializers, idx.readers, idx.graph_outputs
         for name in params:
-            if name in inits and not counts.get(name) and name not in outputs:
+            if name in inits and not readers(name) and name not in outputs:
                 idx.dropped_initializers.add(name)  # the common case of remove_dead_producers
             elif name:
                 idx.remove_dead_producers(name)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from itertools import chain
-from typing import Mapping
 
 import onnx
 
@@ -131,14 +130,9 @@ class GraphIndex:
     def use_count(self, name: str) -> int:
         """How many readers ``name`` has: node input slots, subgraph references, graph outputs.
 
-        ``remove_node`` takes a removed node out of every list, so the lists hold live readers only.
+        ``remove_node`` takes a removed node's reads off the counts, so they count live readers only.
         """
         return self._readers.get(name, 0) + (name in self.graph_outputs)
-
-    @property
-    def reader_counts(self) -> "Mapping[str, int]":
-        """``readers`` of every name at once (read-only; ``.get(name)`` is 0 or None for none)."""
-        return self._readers
 
     def readers(self, name: str) -> int:
         """How many input slots and subgraph references read ``name`` (graph outputs not counted)."""
@@ -279,12 +273,9 @@ class GraphIndex:
             return inputs
         self.removed.add(pos)
         # one reader per reading slot (and per name a subgraph reads): drop one per occurrence
-        counts, lists = self._readers, self._consumers
         for inp in inputs:
             if inp:
-                counts[inp] -= 1
-                if lists is not None:
-                    lists[inp].remove(pos)
+                self._drop_reader(inp, pos)
         for inp in self._subgraph_reads.pop(pos, ()):
             self._drop_reader(inp, pos)
         producer = self.producer

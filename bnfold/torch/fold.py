@@ -344,18 +344,9 @@ def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
         node.kwargs = {**node.kwargs, name: value}
 
 
-def _apply_private_copy(gm: fx.GraphModule, p: _Producer, w_new: torch.Tensor, b_new: torch.Tensor) -> None:
-    """Point this call alone at new, folded parameters; the shared ones stay for the other calls."""
-    if p.module is not None:
-        mod = copy_module(p.module)
-        mod.weight = _new_param(w_new, p.weight)
-        mod.bias = _new_param(b_new, p.bias if p.bias is not None else p.weight)
-        parent_name, _, attr = p.node.target.rpartition(".")
-        parent = gm.get_submodule(parent_name) if parent_name else gm
-        new = _fresh_attr(parent, f"{attr}_bnfold")
-        parent.add_module(new, mod)
-        p.node.target = f"{parent_name}.{new}" if parent_name else new
-        return
+def _functional_private_copy(gm: fx.GraphModule, p: _Producer, w_new: torch.Tensor, b_new: torch.Tensor) -> None:
+    """Point this functional call alone at new, folded parameters; the shared ones stay for the
+    other calls."""
     owner_name, _, w_attr = p.weight_target.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
     for pos, key, value, like in ((_WEIGHT_POS, "weight", w_new, p.weight),
@@ -370,15 +361,19 @@ def _apply_private_copy(gm: fx.GraphModule, p: _Producer, w_new: torch.Tensor, b
 def _apply(gm: fx.GraphModule, bn_node: fx.Node, p: _Producer, w_new: torch.Tensor, b_new: torch.Tensor,
            private: bool) -> None:
     """Write the folded parameters (new Parameter objects) and remove the BN node."""
-    if p.shared:
-        _apply_private_copy(gm, p, w_new, b_new)
-    elif p.module is not None:
-        mod = p.module if private else copy_module(p.module)
+    if p.module is not None:
+        mod = p.module if private and not p.shared else copy_module(p.module)
         mod.weight = _new_param(w_new, p.weight)
         mod.bias = _new_param(b_new, p.bias if p.bias is not None else p.weight)
         if mod is not p.module:
             parent_name, _, attr = p.node.target.rpartition(".")
-            setattr(gm.get_submodule(parent_name) if parent_name else gm, attr, mod)
+            parent = gm.get_submodule(parent_name) if parent_name else gm
+            if p.shared:  # the module's other calls keep it: this call moves to the copy
+                attr = _fresh_attr(parent, f"{attr}_bnfold")
+                p.node.target = f"{parent_name}.{attr}" if parent_name else attr
+            setattr(parent, attr, mod)
+    elif p.shared:
+        _functional_private_copy(gm, p, w_new, b_new)
     else:
         owner_name, _, w_attr = p.weight_target.rpartition(".")
         owner = gm.get_submodule(owner_name) if owner_name else gm
