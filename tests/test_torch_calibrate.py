@@ -402,22 +402,27 @@ def test_progress_is_reported_per_batch():
     assert calls == [(0, None), (1, None), (2, None)]
 
 
-def test_no_host_copy_per_batch(monkeypatch):
-    """Statistics stay on the device: host copies do not grow with the number of batches."""
+@pytest.mark.parametrize("spatial", [(6, 5), (20, 20)], ids=["strided", "rows"])
+def test_no_host_copy_per_batch(monkeypatch, spatial):
+    """Statistics stay on the device: synchronising host transfers (``item``, ``tolist``, ``cpu``,
+    ``numpy`` of a tensor off the CPU) do not grow with the number of batches. On the CPU the
+    moments path reads its per-row sums through ``numpy()``, a view of host memory, not a copy:
+    those calls are not counted. (The CUDA test checks the real thing with sync debug mode.)"""
     model = conv2d_bn2d()
     counts = {"n": 0}
     for meth in ("item", "cpu", "numpy", "tolist"):
         orig = getattr(torch.Tensor, meth)
 
-        def wrapped(self, *a, _orig=orig, **k):
-            counts["n"] += 1
+        def wrapped(self, *a, _orig=orig, _meth=meth, **k):
+            if _meth != "numpy" or self.device.type != "cpu":
+                counts["n"] += 1
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, meth, wrapped)
-    calibrate(model, unequal_batches((3, 6, 5), sizes=(2, 2)))
+    calibrate(model, unequal_batches((3, *spatial), sizes=(2, 2)))
     two = counts["n"]
     counts["n"] = 0
-    calibrate(model, unequal_batches((3, 6, 5), sizes=(2,) * 12))
+    calibrate(model, unequal_batches((3, *spatial), sizes=(2,) * 12))
     assert counts["n"] == two
 
 
@@ -513,40 +518,3 @@ def test_cuda_statistics_stay_on_the_device():
     assert_stats_match(s_gpu["0"], algorithm2([b.double().numpy() for b in host]))
     np.testing.assert_allclose(s_gpu["2"].mean, s_cpu["2"].mean, rtol=1e-5)
     np.testing.assert_allclose(s_gpu["2"].var, s_cpu["2"].var, rtol=1e-4)
-
-
-@pytest.mark.parametrize("shape", [(16, 3), (4, 3, 7), (4, 5, 6, 7), (2, 3, 4, 5, 6)])
-@pytest.mark.parametrize("offset", [0.0, 1e4, -3e5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_moments_match_float64(shape, offset, dtype):
-    """The CPU path's shifted two-pass moments against float64 numpy: the mean to a few ulps of
-    the deviations (not of the offset), the variance to ~1e-6 relative."""
-    from bnfold.torch.calibrate import _cpu_batch_moments, _Scratch
-
-    g = torch.Generator().manual_seed(7)
-    x = (offset + 0.5 * torch.randn(shape, generator=g)).to(dtype)
-    mean, var = _cpu_batch_moments(x, _Scratch())
-    a = x.double().numpy()
-    axes = (0, *range(2, a.ndim))
-    ref_mean, ref_var = a.mean(axis=axes), a.var(axis=axes)
-    eps = float(torch.finfo(dtype).eps)
-    assert mean.dtype == var.dtype == torch.float64
-    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=0, atol=64 * eps * 0.5)
-    np.testing.assert_allclose(var.numpy(), ref_var, rtol=64 * eps)
-    # shifted by a previous batch's mean: near (used) and far (refused, same result as no shift)
-    for shift in (torch.tensor(ref_mean, dtype=dtype) + 0.01, torch.tensor(ref_mean, dtype=dtype) + 50.0):
-        mean2, var2 = _cpu_batch_moments(x, _Scratch(), shift)
-        np.testing.assert_allclose(mean2.numpy(), ref_mean, rtol=0, atol=64 * eps * 0.5)
-        np.testing.assert_allclose(var2.numpy(), ref_var, rtol=64 * eps)
-
-
-def test_cpu_scratch_buffer_is_shared_and_grows():
-    from bnfold.torch.calibrate import _Scratch
-
-    s = _Scratch()
-    a = s.like(torch.ones(2, 3))
-    b = s.like(torch.ones(1, 4))
-    assert a.data_ptr() == b.data_ptr() and b.shape == (1, 4)
-    c = s.like(torch.ones(5, 5))
-    assert c.shape == (5, 5) and c.numel() == 25
-    assert s.like(torch.ones(2, dtype=torch.float64)).dtype == torch.float64

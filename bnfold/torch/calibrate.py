@@ -7,13 +7,13 @@ model in train mode instead (Dropout on) and weighs a short last batch like a fu
 PreciseBN keeps the biased pooled variance. Here:
 
 * the BN's ``forward`` is replaced, for the run only, by one that normalises with the batch's
-  statistics and hands the batch's per-channel mean and *biased* variance (two-pass; on the CPU
-  from torch's reductions, elsewhere from the training-mode BN kernel) to that BN's accumulator,
+  statistics and hands the batch's per-channel mean and *biased* variance (on the CPU from
+  :mod:`bnfold.torch.moments`, elsewhere from the training-mode BN kernel) to that BN's accumulator,
   which adds them to float64 device tensors (Algorithm 2's weighted sums and the pooled
   ``(count, mean, M2)`` merged with Chan's formula). The module's running buffers are never
   touched (no momentum, no ``num_batches_tracked`` update), and nothing is copied to the host
-  per batch; the sums come back once, at the end. A forward pre-hook on each BN hands it its
-  accumulator and checks that it is called once per forward;
+  per batch; the sums come back once, at the end. The replaced forward also counts the BN's
+  calls, to check that it is called once per forward;
 * at the end the sums become :class:`bnfold.records.BnStats` and :func:`bnfold.calibrate.stats.finalize`
   turns them into :class:`bnfold.records.FrozenStats`, exactly as on the ONNX path.
 
@@ -23,7 +23,6 @@ The returned module is in eval mode with the chosen estimator's statistics in ``
 from __future__ import annotations
 
 import copy
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,10 +34,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
-from ..calibrate.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning
+from ..calibrate.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning, merge, update
 from ..errors import BadInputError, UnsupportedModelError
 from ..records import BnStats, FrozenStats, Mode
 from .batches import Batch, check_arity, count_batches, iter_batches
+from .moments import Scratch, cpu_batch_moments
 
 __all__ = [
     "GAP_WARNING",
@@ -117,12 +117,13 @@ class _DeviceStats:
     """Algorithm 2's sums and the pooled (count, mean, M2) of one BN, as float64 device tensors.
 
     ``sum_m``/``sum_m1``/``batches`` are Python ints known from shapes: no device synchronisation.
+    Moments computed on the host (the CPU path, numpy) go to ``host``, a :class:`BnStats` updated
+    by the ONNX path's own :func:`bnfold.calibrate.stats.update`; the two parts are merged at the end.
     """
 
-    def __init__(self, name: str, scratch: "_Scratch | None" = None) -> None:
+    def __init__(self, name: str, scratch: Scratch | None = None) -> None:
         self.name = name
         self.scratch = scratch  # shared buffer of the CPU moments path
-        self.shift: torch.Tensor | None = None  # the previous batch's mean (CPU moments path)
         self.channels: int | None = None
         self.batches = 0
         self.sum_m = 0
@@ -131,6 +132,7 @@ class _DeviceStats:
         self.sum_var: torch.Tensor | None = None
         self.pooled_mean: torch.Tensor | None = None
         self.pooled_m2: torch.Tensor | None = None
+        self.host: BnStats | None = None
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate the batch ``x`` (used where the BN's own kernel cannot supply the moments)."""
@@ -175,91 +177,54 @@ class _DeviceStats:
             self.pooled_mean.add_(delta, alpha=m / n)
             self.pooled_m2.add_(var, alpha=m).add_(delta.square_(), alpha=n_a * m / n)
 
+    def add_host_moments(self, mu: np.ndarray, var: np.ndarray, m: int) -> None:
+        """Add one batch's float64 numpy moments (the CPU path) over m values."""
+        if self.host is None:
+            self.host = BnStats(channels=int(mu.shape[0]))
+        update(self.host, mu, var, m)
+
     def to_bnstats(self) -> BnStats:
         """One host copy of the sums, as the ONNX path's :class:`BnStats`."""
-        if self.channels is None or self.sum_mu is None:
+        if self.channels is None or (self.sum_mu is None and self.host is None):
             return BnStats(channels=0)
+        if self.sum_mu is None:
+            return self.host
         host = torch.stack([self.sum_mu, self.sum_var, self.pooled_mean, self.pooled_m2]).cpu().numpy()
-        return BnStats(
+        dev = BnStats(
             channels=self.channels, batches=self.batches, sum_m=self.sum_m, sum_m1=self.sum_m1,
             sum_mu=host[0].copy(), sum_var=host[1].copy(), pooled_mean=host[2].copy(), pooled_m2=host[3].copy(),
         )
+        return dev if self.host is None else merge(self.host, dev)
 
 
-class _Scratch:
-    """One reusable buffer per (device, dtype) for the centred activation of the CPU path.
-
-    BN modules run one after another, so one buffer as large as the largest BN input serves all
-    of them; reusing it avoids the page faults of a fresh allocation per call, which cost more
-    than the arithmetic.
-    """
-
-    def __init__(self) -> None:
-        self._bufs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def like(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype)
-        buf = self._bufs.get(key)
-        n = x.numel()
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=x.dtype, device=x.device)
-            self._bufs[key] = buf
-        return buf[:n].view(x.shape)
-
-
-def _cpu_batch_moments(x: torch.Tensor, scratch: _Scratch,
-                       shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance (float64) of a float32/float64 CPU batch.
-
-    Shifted two-pass with torch's cascade reductions: with ``k`` a per-channel shift (the previous
-    batch's mean where given, else this batch's mean in the activation's dtype), ``d = mean(x - k)``
-    and ``q = mean((x - k)**2)``, the centred values in a reused buffer; then ``mean = k + d`` and
-    ``var = q - d**2``. The shift removes a large common offset before anything is squared or
-    summed, and ``k + d`` keeps the digits that a plain float32 mean of offset data loses. The
-    formula ``q - d**2`` cancels little while ``|d|`` is small against the spread: a given shift
-    further than a quarter of a standard deviation from this batch's mean is not used (the batch
-    is redone with its own mean). About half the time of the training-mode BN kernel on NCHW.
-    """
-    dims = [0, *range(2, x.dim())]
-    k = shift if shift is not None else x.mean(dims)
-    centred = torch.sub(x, k.view((1, -1) + (1,) * (x.dim() - 2)), out=scratch.like(x))
-    d = centred.mean(dims).to(torch.float64)
-    q = centred.square_().mean(dims).to(torch.float64)
-    if shift is not None and bool((16 * d * d > q).any()):
-        return _cpu_batch_moments(x, scratch)
-    return k.to(torch.float64) + d, (q - d * d).clamp_(min=0.0)
-
-
-def _batch_stat_forward(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+def _batch_stat_forward(self: _BatchNorm, x: torch.Tensor, acc: _DeviceStats) -> torch.Tensor:
     """The BN of the training network: normalise with the batch's statistics, buffers untouched.
 
-    On the CPU (float32/float64) the moments come from ``_cpu_batch_moments`` and the
+    On the CPU (float32/float64) the moments come from ``moments.cpu_batch_moments`` and the
     normalisation from the inference kernel given those moments. Elsewhere they come from the BN
     kernel itself (one pass over the activation, as in training): with throw-away running
     buffers and momentum 1 it leaves the batch mean and the *unbiased* batch variance there; the
     biased variance is ``unbiased * (m - 1) / m``. Either way they go to this BN's accumulator
-    (set by the pre-hook), and stay on the device.
+    ``acc``, and stay on the device.
     """
     self._check_input_dim(x)
-    acc = self.__dict__.pop("_bnfold_acc", None)
     c = x.shape[1] if x.dim() >= 2 else 0
     m = x.numel() // c if c else 0
     if c and m == 1:
         # one value per channel: (x - mean) = 0, so the output is beta; F.batch_norm refuses this
-        if acc is not None:
-            acc.add(x)
+        acc.add(x)
         y = torch.zeros_like(x)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype).view((1, c) + (1,) * (x.dim() - 2))
         return y
-    if acc is None or acc._check(x) is None:
+    if acc._check(x) is None:
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and acc.scratch is not None:
-        mean, var = _cpu_batch_moments(x, acc.scratch, acc.shift)
-        mean_x = mean.to(x.dtype)
-        y = F.batch_norm(x, mean_x, var.to(x.dtype), self.weight, self.bias, False, 0.0, self.eps)
-        acc.shift = mean_x  # the next batch's shift: its mean will be close
-        acc.add_moments(mean, var, m)
+        mean, var, _ = cpu_batch_moments(x, acc.scratch)
+        np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
+        y = F.batch_norm(x, torch.from_numpy(mean.astype(np_dtype)), torch.from_numpy(var.astype(np_dtype)),
+                         self.weight, self.bias, False, 0.0, self.eps)
+        acc.add_host_moments(mean, var, m)
         return y
     mean = torch.zeros(c, dtype=x.dtype, device=x.device)
     var = torch.ones(c, dtype=x.dtype, device=x.device)
@@ -349,7 +314,7 @@ def run_calibration(
         work.eval()
         return run
 
-    scratch = _Scratch()
+    scratch = Scratch()
     acc = {name: _DeviceStats(name, scratch) for name, _ in targets}
     calls_now = {name: 0 for name, _ in targets}
     max_calls = {name: 0 for name, _ in targets}
@@ -357,10 +322,18 @@ def run_calibration(
     in_dtype: dict[str, torch.dtype] = {}
     state = {"first": True}
 
-    def make_hook(name: str):
-        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+    def make_forward(name: str, bn: _BatchNorm) -> Callable[..., torch.Tensor]:
+        """The BN's forward for the run: count the call (reuse, ranks, dtype), then normalise with
+        the batch statistics and accumulate them. A plain function in the instance's ``__dict__``
+        rather than a forward pre-hook: a module without hooks takes torch's fast call path."""
+        stats = acc[name]
+
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
             if not args or not isinstance(args[0], torch.Tensor):
                 raise BadInputError(f"BN '{name}' was called without a tensor input")
+            if len(args) > 1 or kwargs:
+                raise BadInputError(f"BN '{name}' was called with {len(args)} positional and {len(kwargs)} "
+                                    "keyword arguments; a BatchNorm takes one tensor")
             x = args[0]
             calls_now[name] += 1
             if calls_now[name] > 1 and not allow_reused_bn:
@@ -375,19 +348,17 @@ def run_calibration(
                 first_call.append(name)
             if state["first"]:
                 run.ranks.setdefault(name, set()).add(x.dim())
-            mod.__dict__["_bnfold_acc"] = acc[name]  # the patched forward accumulates this call
+            return _batch_stat_forward(bn, x, stats)
 
-        return hook
+        return forward
 
     training = {m: m.training for m in work.modules()}
-    handles = []
     patched: list[_BatchNorm] = []
     total = count_batches(data)
     try:
         work.eval()
         for name, m in targets:
-            handles.append(m.register_forward_pre_hook(make_hook(name)))
-            m.forward = types.MethodType(_batch_stat_forward, m)  # type: ignore[method-assign]
+            m.forward = make_forward(name, m)  # type: ignore[method-assign]
             patched.append(m)
         if progress:
             progress(0, total)
@@ -412,11 +383,8 @@ def run_calibration(
             m.training = flag
         raise
     finally:
-        for h in handles:
-            h.remove()
         for m in patched:
             m.__dict__.pop("forward", None)
-            m.__dict__.pop("_bnfold_acc", None)
     if run.batches == 0:
         for m, flag in training.items():
             m.training = flag

@@ -1,0 +1,215 @@
+"""bnfold.torch.moments: per-channel batch moments on the CPU against a numpy reference.
+
+Tolerances: the activations are float32 (or float64) values; the reference is numpy's two-pass
+over exactly those values in long double. The mean is good to a few ulps of the *deviations* (not of a
+common offset), the variance to ``64 * eps`` relative: 7.6e-6 for float32, the test tolerance of
+the calibration tests, which the raw-sum path's bound (``CANCEL * 3.2e-7`` = 2.6e-6) stays inside.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as hst  # noqa: E402
+
+from bnfold.torch.moments import (CANCEL, ROW, Scratch, cpu_batch_moments, row_length, row_sums,  # noqa: E402
+                                  strided_moments)
+
+
+def reference(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Two-pass moments in numpy's long double (80-bit on x86: a float64 reference's own mean is
+    off by ~1e-7 at an offset of 1e9, which is 4e-14 of a variance of 0.25)."""
+    a = x.double().numpy().astype(np.longdouble)
+    axes = (0, *range(2, a.ndim))
+    mean = a.mean(axis=axes, keepdims=True)
+    var = ((a - mean) ** 2).mean(axis=axes)
+    return mean.reshape(-1).astype(np.float64), var.astype(np.float64)
+
+
+def assert_moments(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
+    ref_mean, ref_var = reference(x)
+    eps = float(torch.finfo(x.dtype).eps)
+    mean, var = np.asarray(mean), np.asarray(var)
+    assert mean.dtype == var.dtype == np.float64
+    spread = float(np.sqrt(ref_var.max())) + 1e-30
+    # a few ulps of the deviations, plus the last bits of the float64 result itself
+    np.testing.assert_allclose(mean, ref_mean, rtol=4 * 2.0 ** -52, atol=64 * eps * spread)
+    np.testing.assert_allclose(var, ref_var, rtol=64 * eps, atol=1e-30)
+
+
+def batch(shape, offset=0.0, scale=1.0, dtype=torch.float32, seed=7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (offset + scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+@pytest.mark.parametrize("spatial, expect", [
+    (1, 1), (49, 49), (1024, 1024), (3136, 784), (12544, 896), (50176, 1024),
+    (2053, 2053),  # a prime: whole rows
+    (2 * 1031, 2 * 1031),  # twice a prime over ROW: the only divisors are 1 and 2, too short
+    (64 * 1031, 64),  # 1031 is prime: the largest divisor up to ROW is 64, just long enough
+])
+def test_row_length(spatial, expect):
+    got = row_length(spatial)
+    assert got == expect
+    assert spatial % got == 0
+
+
+@given(spatial=hst.integers(1, 300_000))
+@settings(max_examples=200, deadline=None)
+def test_row_length_divides_and_is_short_where_it_can_be(spatial):
+    got = row_length(spatial)
+    assert spatial % got == 0
+    if spatial <= ROW:
+        assert got == spatial
+    elif any(spatial % d == 0 for d in range(64, ROW + 1)):
+        assert 64 <= got <= ROW and not any(spatial % d == 0 for d in range(got + 1, ROW + 1))
+    else:
+        assert got == spatial
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 40, 50), (2, 5, 2062), (1, 3, 8, 8, 20)])
+def test_row_sums_are_per_channel_float64_sums(shape):
+    x = batch(shape, offset=3.0)
+    spatial = int(np.prod(shape[2:]))
+    s, q = row_sums(x, row_length(spatial))
+    a = np.moveaxis(x.double().numpy(), 1, 0).reshape(shape[1], -1)
+    assert s.dtype == q.dtype == np.float64
+    np.testing.assert_allclose(s, a.sum(1), rtol=1e-6)
+    np.testing.assert_allclose(q, (a * a).sum(1), rtol=2e-6)
+    s2, q2 = row_sums(x, row_length(spatial), squares=False)
+    assert q2 is None and np.array_equal(s2, s)
+
+
+# ----------------------------------------------------------------------------- the two paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (2, 5, 112, 112), (3, 4, 2062), (2, 3, 4, 6, 9)])
+def test_small_offset_takes_raw_sums(shape, dtype):
+    x = batch(shape, offset=0.5, dtype=dtype)
+    mean, var, centred = cpu_batch_moments(x, Scratch())
+    assert centred == 0
+    assert_moments(x, mean, var)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [1e4, -3e5, 1e9])
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (2, 5, 56, 56), (3, 4, 2062)])
+def test_large_offset_is_centred_and_keeps_its_digits(shape, offset, dtype):
+    x = batch(shape, offset=offset, scale=0.5, dtype=dtype)
+    mean, var, centred = cpu_batch_moments(x, Scratch())
+    if dtype == torch.float32 or offset ** 2 > CANCEL[dtype] * 0.25:
+        assert centred == shape[1]
+    assert_moments(x, mean, var)
+    # the naive float32 E[x^2] - E[x]^2 is far off here: the test has teeth
+    if dtype == torch.float32:
+        x64 = x.double()
+        naive = (x * x).mean((0, *range(2, x.dim()))).double() - x64.mean((0, *range(2, x.dim()))) ** 2
+        assert float((naive - torch.from_numpy(reference(x)[1])).abs().max()) > 1e-2
+
+
+def test_cancellation_boundary():
+    """Just inside the CANCEL ratio the raw sums are used and still within tolerance; just
+    outside, the batch is centred."""
+    c = CANCEL[torch.float32]
+    shape = (4, 2, 64, 64)
+    base = batch(shape, seed=3)
+    base = (base - base.mean((0, 2, 3), keepdim=True)) / base.std((0, 2, 3), unbiased=False, keepdim=True)
+    inside = base + 0.97 * np.sqrt(c - 1)  # E[x^2] / var = 1 + mu^2 ~ 0.94 c
+    outside = base + 1.03 * np.sqrt(c - 1)
+    mean, var, centred = cpu_batch_moments(inside, Scratch())
+    assert centred == 0
+    assert_moments(inside, mean, var)
+    mean, var, centred = cpu_batch_moments(outside, Scratch())
+    assert centred == 2
+    assert_moments(outside, mean, var)
+
+
+@pytest.mark.parametrize("far", [[2], [0, 3], [1, 2, 3]])
+def test_only_the_channels_far_off_are_centred(far):
+    x = batch((3, 5, 20, 20))
+    x[:, far] = x[:, far] * 1e-2 + 1e3
+    mean, var, centred = cpu_batch_moments(x, Scratch())
+    assert centred == len(far)
+    assert_moments(x, mean, var)
+    # the raw formula on those channels would have lost digits: the test has teeth
+    s = x.double().sum((0, 2, 3))
+    q = x.square().sum((0, 2, 3)).double()
+    m = x.numel() // x.shape[1]
+    naive = q / m - (s / m) ** 2
+    ref = torch.from_numpy(reference(x)[1])
+    assert float(((naive - ref).abs() / ref)[far].max()) > 1e-3
+
+
+def test_constant_and_zero_channels():
+    x = batch((2, 4, 20, 20))
+    x[:, 0] = 0.0
+    x[:, 1] = 7.25
+    x[:, 2] = -1e-30
+    mean, var, _ = cpu_batch_moments(x, Scratch())
+    assert_moments(x, mean, var)
+    assert var[0] == 0.0 and var[1] == 0.0 and var[2] >= 0.0
+    assert mean[1] == 7.25
+
+
+@pytest.mark.parametrize("shape", [(16, 3), (4, 3, 7), (2, 3, 3, 5)])
+def test_small_spatial_size_takes_the_strided_path(shape):
+    x = batch(shape, offset=1e4)
+    mean, var, centred = cpu_batch_moments(x, Scratch())
+    assert centred == 0  # only the row path counts centred channels
+    assert_moments(x, mean, var)
+
+
+def test_channels_last_takes_the_strided_path():
+    x = batch((4, 6, 20, 20), offset=2.0).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    mean, var, _ = cpu_batch_moments(x, Scratch())
+    assert_moments(x, mean, var)
+    mean2, var2 = strided_moments(x, Scratch())
+    assert mean2.dtype == var2.dtype == torch.float64
+    assert_moments(x, mean2.numpy(), var2.numpy())
+
+
+def test_input_is_not_modified():
+    x = batch((2, 3, 32, 32), offset=1e4)
+    before = x.clone()
+    cpu_batch_moments(x, Scratch())
+    strided_moments(x, Scratch())
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_come_out_non_finite(bad):
+    """The caller (calibration) names the BN that saw them; moments must not hide them."""
+    x = batch((2, 3, 32, 32))
+    x[1, 2, 5, 5] = bad
+    mean, var, _ = cpu_batch_moments(x, Scratch())
+    assert np.isfinite(mean[:2]).all() and np.isfinite(var[:2]).all()
+    assert not (np.isfinite(mean[2]) and np.isfinite(var[2]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=hst.integers(1, 4), c=hst.integers(1, 5), spatial=hst.lists(hst.integers(1, 40), min_size=0, max_size=3),
+       offset=hst.sampled_from([0.0, 0.3, 2.0, -5.0, 1e3, 1e5]), scale=hst.sampled_from([1e-3, 1.0, 1e3]),
+       seed=hst.integers(0, 2**16))
+def test_moments_match_float64_property(n, c, spatial, offset, scale, seed):
+    x = batch((n, c, *spatial), offset=offset * scale, scale=scale, seed=seed)
+    if x.numel() // c < 2:
+        return
+    mean, var, _ = cpu_batch_moments(x, Scratch())
+    assert_moments(x, mean, var)
+
+
+def test_scratch_buffer_is_shared_and_grows():
+    s = Scratch()
+    a = s.like(torch.ones(2, 3))
+    b = s.like(torch.ones(1, 4))
+    assert a.data_ptr() == b.data_ptr() and b.shape == (1, 4)
+    c = s.like(torch.ones(5, 5))
+    assert c.shape == (5, 5) and c.numel() == 25
+    assert s.like(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
