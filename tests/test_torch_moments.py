@@ -146,6 +146,16 @@ def test_only_the_channels_far_off_are_centred(far):
     assert float(((naive - ref).abs() / ref)[far].max()) > 1e-3
 
 
+def test_squares_past_float32_range_are_centred():
+    """1e20 + 1e17 * N(0, 1): x^2 overflows float32 (the raw sum of squares is inf), the
+    centred values' squares do not; the moments are finite and right."""
+    x = batch((2, 3, 20, 20), offset=1e20, scale=1e17)
+    mean, var, centred = cpu_batch_moments(x, Scratch())
+    assert centred == 3
+    assert np.isfinite(var).all()
+    assert_moments(x, mean, var)
+
+
 def test_constant_and_zero_channels():
     x = batch((2, 4, 20, 20))
     x[:, 0] = 0.0

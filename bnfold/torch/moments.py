@@ -118,7 +118,9 @@ def cpu_batch_moments(x: torch.Tensor, scratch: Scratch) -> tuple[np.ndarray, np
         mean = s / m
         ex2 = q / m
         var = ex2 - mean * mean
-        bad = np.flatnonzero(~(ex2 <= CANCEL[x.dtype] * var))  # nan fails the test too
+        # nan fails the test too; an infinite E[x^2] (squares past the dtype's range) is redone
+        # from centred values, which may well be in range
+        bad = np.flatnonzero(~((ex2 <= CANCEL[x.dtype] * var) & (ex2 < np.inf)))
         if bad.size:
             _centre(x, mean, var, None if bad.size == x.shape[1] else bad, length, scratch)
         np.maximum(var, 0.0, out=var)
