@@ -118,20 +118,44 @@ def conv3d_bn3d():
                          nn.BatchNorm3d(3, momentum=None))
 
 
+class Permuted(nn.Module):
+    """A BN whose input is a non-contiguous view (channels moved by a permute), then a BN on a
+    channels-last activation: both take the strided moments path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_t = nn.BatchNorm1d(5)
+        self.bn_cl = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)  # (N, 4, H, 5)
+        t = self.bn_t(y.flatten(1, 2).transpose(1, 2))  # (N, 5, 4*H): a transposed view
+        z = self.bn_cl(y.contiguous(memory_format=torch.channels_last))
+        return t.sum() + z
+
+
+# small spatial sizes take the strided moments path; the "-rows" cases (spatial >= 16) the row sums
 CASES = {
     "bn1d-NC": (mlp_bn1d, (6,)),
     "bn1d-NCL": (conv1d_bn1d, (3, 9)),
+    "bn1d-NCL-rows": (conv1d_bn1d, (3, 45)),
     "bn2d": (conv2d_bn2d, (3, 6, 5)),
+    "bn2d-rows": (conv2d_bn2d, (3, 19, 23)),
     "bn3d": (conv3d_bn3d, (2, 4, 3, 5)),
+    "bn3d-rows": (conv3d_bn3d, (2, 4, 6, 5)),
+    "non-contiguous": (Permuted, (3, 6, 5)),
 }
 
 
+@pytest.mark.parametrize("offset", [0.0, 30.0], ids=["centred", "offset"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_statistics_equal_brute_force_algorithm2(case):
+def test_statistics_equal_brute_force_algorithm2(case, offset):
+    """At an offset of 30 (std ~1) the first BN's raw sums cancel and its channels are centred."""
     torch.manual_seed(1)
     make, tail = CASES[case]
     model = make()
-    batches = unequal_batches(tail)
+    batches = unequal_batches(tail, offset=offset)
     frozen, stats = calibrate(model, batches)
     ref = capture_bn_inputs(model, batches)
     assert set(stats) == set(ref)
@@ -143,6 +167,21 @@ def test_statistics_equal_brute_force_algorithm2(case):
         np.testing.assert_allclose(bn.running_mean.double().numpy(), r["mean"], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(bn.running_var.double().numpy(), r["var_unbiased"], rtol=1e-6)
     assert not frozen.training and not any(m.training for m in frozen.modules())
+
+
+def test_float64_model_keeps_float64_precision():
+    """A float64 model's statistics come out to float64 round-off, not float32's (rows path, with
+    an offset large enough that float32 arithmetic anywhere would show)."""
+    torch.manual_seed(4)
+    model = conv2d_bn2d().double()
+    batches = [b.double() for b in unequal_batches((3, 19, 23), offset=1e3)]
+    _, stats = calibrate(model, batches)
+    ref = capture_bn_inputs(model, batches)
+    for name, st in stats.items():
+        r = algorithm2(ref[name])
+        np.testing.assert_allclose(st.mean, r["mean"], rtol=1e-13, atol=1e-12)
+        np.testing.assert_allclose(st.var_unbiased, r["var_unbiased"], rtol=1e-10)
+        np.testing.assert_allclose(st.var_pooled, r["var_pooled"], rtol=1e-10)
 
 
 def test_unequal_last_batch_is_weighted_by_its_size():
