@@ -71,7 +71,7 @@ def resnet50() -> nn.Module:
 MODES = ("plain", "bnfold", "bnfold_inplace")
 
 
-def _worker(mode: str, work: str) -> None:
+def _worker(mode: str, work: str, channels_last: bool) -> None:
     """One measurement: load the model and batches, run ``mode`` once untimed, then once timed."""
     from bnfold.torch import calibrate
 
@@ -79,6 +79,9 @@ def _worker(mode: str, work: str) -> None:
     model.load_state_dict(torch.load(os.path.join(work, "model.pt"), weights_only=True))
     model.eval()
     data = torch.load(os.path.join(work, "data.pt"), weights_only=True)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        data = [x.contiguous(memory_format=torch.channels_last) for x in data]
 
     def run() -> float:
         t0 = time.perf_counter()
@@ -94,9 +97,9 @@ def _worker(mode: str, work: str) -> None:
     print(json.dumps({"mode": mode, "seconds": run(), "threads": torch.get_num_threads()}))
 
 
-def _measure(mode: str, work: str, env: dict[str, str]) -> float:
-    out = subprocess.run([sys.executable, __file__, "--worker", mode, "--work", work], check=True,
-                         capture_output=True, text=True, env=env)
+def _measure(mode: str, work: str, env: dict[str, str], channels_last: bool) -> float:
+    cmd = [sys.executable, __file__, "--worker", mode, "--work", work] + (["--channels-last"] if channels_last else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
 
@@ -108,11 +111,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8, help="rounds of (plain, bnfold, bnfold in place)")
     ap.add_argument("--malloc-tuned", action="store_true",
                     help="raise glibc's mmap/trim thresholds in the workers (fewer page faults on both sides)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="model and batches in channels-last memory format (the moments' column path)")
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        _worker(a.worker, a.work)
+        _worker(a.worker, a.work, a.channels_last)
         return
 
     from bnfold.torch import calibrate
@@ -135,12 +140,13 @@ def main() -> None:
         for r in range(a.repeats):
             order = MODES[r % 3:] + MODES[:r % 3]  # rotate, so that no job always follows the same one
             for mode in order:
-                times[mode].append(_measure(mode, work, env))
+                times[mode].append(_measure(mode, work, env, a.channels_last))
 
     p = times["plain"]
     print(f"ResNet-50-shaped module, {n_bn} BN, {len(data)} batches of {a.batch_size}x3x{a.image_size}x{a.image_size}, "
           f"{torch.get_num_threads()} threads, {a.repeats} rounds, fresh process per run"
-          + (", malloc thresholds raised" if a.malloc_tuned else ", default malloc"))
+          + (", malloc thresholds raised" if a.malloc_tuned else ", default malloc")
+          + (", channels-last" if a.channels_last else ""))
     print(f"  plain no_grad forward       median {statistics.median(p):.3f} s  (runs: {', '.join(f'{x:.3f}' for x in p)})")
     for mode, label in (("bnfold", "calibrate (copy)"), ("bnfold_inplace", "calibrate(inplace=True)")):
         o = times[mode]

@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as hst  # noqa: E402
 
-from bnfold.torch.moments import (CANCEL, ROW, Scratch, cpu_batch_moments, row_length, row_sums,  # noqa: E402
-                                  strided_moments)
+from bnfold.torch.moments import (CANCEL, ROW, Scratch, channels_last_view, cpu_batch_moments,  # noqa: E402
+                                  row_length, row_sums, strided_moments)
 
 
 def reference(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -175,14 +175,48 @@ def test_small_spatial_size_takes_the_strided_path(shape):
     assert_moments(x, mean, var)
 
 
-def test_channels_last_takes_the_strided_path():
-    x = batch((4, 6, 20, 20), offset=2.0).contiguous(memory_format=torch.channels_last)
-    assert not x.is_contiguous()
-    mean, var, _ = cpu_batch_moments(x, Scratch())
+def _moved(x: torch.Tensor) -> torch.Tensor:
+    """A view of x with the channels innermost in memory (as after a permute of NHWC data)."""
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+LAST = {
+    "channels_last-2d": ((4, 6, 20, 20), lambda x: x.contiguous(memory_format=torch.channels_last)),
+    "channels_last-3d": ((2, 5, 4, 6, 9), lambda x: x.contiguous(memory_format=torch.channels_last_3d)),
+    "moved-1d": ((3, 7, 2062), _moved),
+    "moved-2d": ((4, 6, 20, 20), _moved),
+}
+
+
+@pytest.mark.parametrize("offset", [0.5, 1e4])
+@pytest.mark.parametrize("case", sorted(LAST))
+def test_channels_last_takes_the_column_path(case, offset):
+    shape, make = LAST[case]
+    x = make(batch(shape, offset=offset))
+    assert not x.is_contiguous() and channels_last_view(x) is not None
+    mean, var, centred = cpu_batch_moments(x, Scratch())
+    assert centred == (shape[1] if offset > 1 else 0)
     assert_moments(x, mean, var)
     mean2, var2 = strided_moments(x, Scratch())
     assert mean2.dtype == var2.dtype == torch.float64
     assert_moments(x, mean2.numpy(), var2.numpy())
+
+
+def test_channels_last_centres_only_the_channels_far_off():
+    x = batch((3, 5, 20, 20))
+    x[:, [1, 4]] = x[:, [1, 4]] * 1e-2 + 1e3
+    x = x.contiguous(memory_format=torch.channels_last)
+    mean, var, centred = cpu_batch_moments(x, Scratch())
+    assert centred == 2
+    assert_moments(x, mean, var)
+
+
+def test_other_strided_layouts_take_the_strided_path():
+    x = batch((4, 6, 20, 40))[..., ::2]  # every other column: neither layout
+    assert channels_last_view(x) is None and not x.is_contiguous()
+    mean, var, centred = cpu_batch_moments(x, Scratch())
+    assert centred == 0
+    assert_moments(x, mean, var)
 
 
 def test_input_is_not_modified():
@@ -203,12 +237,14 @@ def test_non_finite_values_come_out_non_finite(bad):
     assert not (np.isfinite(mean[2]) and np.isfinite(var[2]))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(n=hst.integers(1, 4), c=hst.integers(1, 5), spatial=hst.lists(hst.integers(1, 40), min_size=0, max_size=3),
        offset=hst.sampled_from([0.0, 0.3, 2.0, -5.0, 1e3, 1e5]), scale=hst.sampled_from([1e-3, 1.0, 1e3]),
-       seed=hst.integers(0, 2**16))
-def test_moments_match_float64_property(n, c, spatial, offset, scale, seed):
+       seed=hst.integers(0, 2**16), moved=hst.booleans())
+def test_moments_match_float64_property(n, c, spatial, offset, scale, seed, moved):
     x = batch((n, c, *spatial), offset=offset * scale, scale=scale, seed=seed)
+    if moved and spatial:
+        x = _moved(x)  # channels innermost: the column path where the size allows
     if x.numel() // c < 2:
         return
     mean, var, _ = cpu_batch_moments(x, Scratch())
