@@ -42,6 +42,7 @@ class Reason(str, enum.Enum):
     IN_SUBGRAPH = "IN_SUBGRAPH"  # BN lives in an If/Loop/Scan body or a function
     SPATIAL_ZERO = "SPATIAL_ZERO"  # legacy spatial=0 BN: per-activation statistics
     BN_OUTPUT_FANOUT = "BN_OUTPUT_FANOUT"  # (forward fold) BN output feeds several nodes / graph output
+    HOOKED = "HOOKED"  # (PyTorch) the BN or its producer has forward hooks that folding would change
     # notes attached to folded BNs
     SHARED_WEIGHT_CLONED = "SHARED_WEIGHT_CLONED"  # weight shared with another node: folded copy made
 

@@ -76,6 +76,21 @@ MODELS = textwrap.dedent('''
             return h
 
 
+    class Mistraced(nn.Module):
+        """isinstance(x, Tensor) is False for an fx proxy: the trace silently drops the residual."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            if isinstance(x, torch.Tensor):
+                y = y + x
+            return y
+
+
     class _Double(torch.autograd.Function):
         """x * 2 in PyTorch, but exported to ONNX as Identity: an export that diverges."""
 
@@ -111,6 +126,11 @@ MODELS = textwrap.dedent('''
     def build_untraceable():
         torch.manual_seed(3)
         return Untraceable()
+
+
+    def build_mistraced():
+        torch.manual_seed(5)
+        return Mistraced()
 
 
     def build_bad_export():
@@ -381,6 +401,29 @@ def test_fx_untraceable_falls_back_to_onnx(work: dict) -> None:
     line = one_line_error(run_cli(work, "fold", "--model-factory", "tmodels:build_untraceable", "--data",
                                   "calib.npy", "-o", out2), 3)
     assert "torch.fx cannot trace" in line and ".onnx" in line
+    assert not out2.exists()
+
+
+def test_fx_trace_that_computes_something_else_falls_back_to_onnx(work: dict) -> None:
+    """The trace runs but drops a branch: caught by running it next to the module on the data."""
+    root = work["root"]
+    out, rep = root / "o8b" / "m.onnx", root / "o8b" / "report.json"
+    proc = run_cli(work, "fold", "--model-factory", "tmodels:build_mistraced", "--data", "calib.npy",
+                   "--batch-size", BATCH, "-o", out, "--report", rep)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("bnfold: warning:")]
+    assert any("computes something else" in w and "ONNX export" in w for w in warnings), proc.stderr
+    report = validate_report(rep)
+    assert report["extra"]["route"] == "onnx-fallback" and report["counts"]["folded"] == 1
+    x = work["x"][:3]
+    model = work["tm"].build_mistraced()
+    frozen = frozen_reference(model, {"x": work["x"]})
+    np.testing.assert_allclose(run_onnx(out, x=x), eager(frozen, x=x), atol=1e-4, rtol=1e-4)
+
+    out2 = root / "o8b" / "m.pt2"
+    line = one_line_error(run_cli(work, "fold", "--model-factory", "tmodels:build_mistraced", "--data",
+                                  "calib.npy", "-o", out2), 3)
+    assert "computes something else" in line and ".onnx" in line
     assert not out2.exists()
 
 

@@ -226,9 +226,14 @@ def _batch_stat_forward(self: _BatchNorm, x: torch.Tensor, acc: _DeviceStats) ->
                          self.weight, self.bias, False, 0.0, self.eps)
         acc.add_host_moments(mean, var, m)
         return y
-    mean = torch.zeros(c, dtype=x.dtype, device=x.device)
-    var = torch.ones(c, dtype=x.dtype, device=x.device)
-    y = F.batch_norm(x, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+    # float16/bfloat16: the kernel's mixed mode (float32 statistics and affine parameters, as
+    # autocast runs it) keeps a batch variance past float16's 65504 and bfloat16's 8 bits
+    stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    w = self.weight if self.weight is None else self.weight.to(stat_dtype)
+    b = self.bias if self.bias is None else self.bias.to(stat_dtype)
+    mean = torch.zeros(c, dtype=stat_dtype, device=x.device)
+    var = torch.ones(c, dtype=stat_dtype, device=x.device)
+    y = F.batch_norm(x, mean, var, w, b, True, 1.0, self.eps)
     acc.add_moments(mean, var.to(torch.float64) * ((m - 1) / m), m)
     return y
 
@@ -269,6 +274,28 @@ def _calibration_targets(work: nn.Module, warnings: list[str]) -> list[tuple[str
         else:
             warnings.append(f"BN '{name}' ({type(m).__name__}) overrides forward; it keeps its stored statistics")
     return targets
+
+
+def _stats_dtype(m: _BatchNorm, in_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the BN's running statistics have, or get (see ``_write_stats``)."""
+    if m.track_running_stats and m.running_mean is not None and m.running_var is not None:
+        return m.running_var.dtype
+    if m.affine and m.weight is not None:
+        return m.weight.dtype
+    return in_dtype
+
+
+def _check_fits(name: str, m: _BatchNorm, st: FrozenStats, dtype: torch.dtype) -> None:
+    """Refuse statistics that the BN's running buffers cannot hold (float16 tops out at 65504)."""
+    if not dtype.is_floating_point:
+        return
+    limit = torch.finfo(dtype).max
+    for what, values in (("mean", np.abs(st.mean)), ("variance", st.var)):
+        big = float(values.max(initial=0.0))
+        if big > limit:
+            raise BadInputError(
+                f"BN '{name}' has a population {what} of {big:.3g}, past what its {dtype} running statistics "
+                f"can hold ({limit:.3g}); calibrate the model in float32 (module.float()) and convert it after folding")
 
 
 def _write_stats(m: _BatchNorm, st: FrozenStats, dtype: torch.dtype, device: torch.device) -> None:
@@ -405,7 +432,9 @@ def run_calibration(
             warnings.append(f"BN '{name}' was never called during calibration; it keeps its stored statistics")
             continue
         st = finalize(sums[name], estimator, name)
+        _check_fits(name, m, st, _stats_dtype(m, in_dtype[name]))
         run.stats[name] = st
+    for name, st in run.stats.items():  # all checked first: a refusal leaves every BN as it was
         _write_stats(modules[name], st, in_dtype[name], dev)
     for name, n in max_calls.items():
         if n > 1:

@@ -34,6 +34,7 @@ from ..data.sources import CalibrationData, InputSpec, open_data
 from ..errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError
 from ..records import Action, BnRecord, FoldDecision, Mode, Report
 from . import export as ex
+from .batches import Batch
 from .calibrate import bn_mode, copy_module, find_batchnorms, float_dtype, is_standard_bn, module_device, run_calibration
 from .fold import fold as torch_fold
 from .fold import trace
@@ -190,12 +191,19 @@ def _to(example: Mapping[str, torch.Tensor], device: torch.device | str) -> dict
 # ----------------------------------------------------------------------------- helpers
 
 
-def _traceable(module: nn.Module) -> UnsupportedModelError | None:
-    """None when fx can trace the module (as the eval-mode module the fold traces), else the error."""
+def _traceable(module: nn.Module, loaded: LoadedTorchModel,
+               example: dict[str, torch.Tensor] | None) -> UnsupportedModelError | None:
+    """None when fx can trace the module (as the eval-mode module the fold traces) into a module
+    that computes the same on the example, else the error."""
     flags = {m: m.training for m in module.modules()}
+    batch = None
+    if example is not None:
+        args, kwargs, _ = _split(loaded, example)
+        dev = module_device(module)
+        batch = Batch(args=tuple(a.to(dev) for a in args), kwargs={k: v.to(dev) for k, v in kwargs.items()})
     try:
         module.eval()
-        trace(module)
+        trace(module, batch)
     except UnsupportedModelError as exc:
         return exc
     finally:
@@ -341,7 +349,7 @@ def run(req: TorchFoldRequest) -> TorchFoldOutcome:
     if loaded.scripted:
         route, reason = "onnx-torchscript", None
     else:
-        err = _traceable(loaded.module)
+        err = _traceable(loaded.module, loaded, example)
         route, reason = ("torch", None) if err is None else ("onnx-fallback", _trace_reason(err))
     name = type(loaded.module).__name__ if not loaded.scripted else getattr(loaded.module, "original_name", "module")
     if route != "torch" and fmt not in ("onnx", None):

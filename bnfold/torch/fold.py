@@ -46,12 +46,12 @@ from .calibrate import (
     bn_mode,
     copy_module,
     float_dtype,
-    is_standard_bn,
     module_device,
     run_calibration,
 )
+from .trace import hooked_modules, trace
 
-__all__ = ["TorchFoldResult", "fold", "trace"]
+__all__ = ["TorchFoldResult", "fold", "trace"]  # trace: re-exported from .trace
 
 
 @dataclass
@@ -60,35 +60,6 @@ class TorchFoldResult:
 
     module: nn.Module
     report: Report
-
-
-# ----------------------------------------------------------------------------- tracing
-
-
-class _Tracer(fx.Tracer):
-    """fx's tracer, keeping every standard BN (subclasses included) as one ``call_module`` node."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_standard_bn(m):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
-def trace(module: nn.Module) -> fx.GraphModule:
-    """``module`` as an ``fx.GraphModule``; UnsupportedModelError where symbolic tracing fails."""
-    tracer = _Tracer()
-    try:
-        graph = tracer.trace(module)
-    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... on dynamic code
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        if len(text) > 200:
-            text = text[:197] + "..."
-        raise UnsupportedModelError(
-            f"torch.fx tracing failed for {type(module).__name__} ({type(exc).__name__}: {text}); "
-            "export the model to ONNX in eval mode (torch.onnx.export(..., dynamo=False, "
-            "do_constant_folding=False)) and fold the .onnx file instead"
-        ) from exc
-    return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
 # ----------------------------------------------------------------------------- producers
@@ -193,9 +164,12 @@ def _producer(node: Any, gm: fx.GraphModule, uses: Counter, calls: Counter) -> _
         if kind is None:
             raise _Refusal(Reason.UNSUPPORTED_PRODUCER, f"its input comes from {_describe(node, gm)}, "
                            "not from a Conv, ConvTranspose or Linear")
-        if mod._forward_hooks or mod._forward_pre_hooks or getattr(mod, "parametrizations", None):
-            raise _Refusal(Reason.NOT_CONSTANT, f"'{node.target}' has forward hooks or parametrizations "
-                           "(weight_norm, spectral_norm, ...) that compute its weight at run time")
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            raise _Refusal(Reason.HOOKED, f"'{node.target}' has forward hooks or pre-hooks, which would then "
+                           "see the folded output")
+        if getattr(mod, "parametrizations", None):
+            raise _Refusal(Reason.NOT_CONSTANT, f"'{node.target}' has parametrizations (weight_norm, "
+                           "spectral_norm, ...) that compute its weight at run time")
         w, b = mod.weight, mod.bias
         # a module called again elsewhere, or a weight tied to another layer: scaling it in place
         # would change those other calls, so this call gets its own folded copy (``_apply``)
@@ -291,6 +265,12 @@ def _out_channels(p: _Producer) -> int:
 def _plan_site(bn_node: fx.Node, bn: _BatchNorm, name: str, gm: fx.GraphModule, uses: Counter,
                calls: Counter, ranks: set[int] | None) -> tuple[_Producer, torch.Tensor, torch.Tensor]:
     """The producer of one BN call and its folded weight and bias, or a :class:`_Refusal`."""
+    if bn._forward_hooks or bn._forward_pre_hooks:
+        raise _Refusal(Reason.HOOKED, f"BN '{name}' has forward hooks or pre-hooks; folding would remove the "
+                       "call they run on")
+    if getattr(bn, "parametrizations", None):
+        raise _Refusal(Reason.NOT_CONSTANT, f"BN '{name}' has parametrizations that compute its parameters "
+                       "at run time")
     x = bn_node.args[0] if bn_node.args else bn_node.kwargs.get("input")
     p = _producer(x, gm, uses, calls)
     if len(p.node.users) > 1:
@@ -313,6 +293,15 @@ def _plan_site(bn_node: fx.Node, bn: _BatchNorm, name: str, gm: fx.GraphModule, 
     elif ranks is not None and ranks != {p.dims + 2}:
         raise _Refusal(Reason.CHANNEL_MISMATCH, f"the BN input has rank {sorted(ranks)}, not (N, C) plus "
                        f"{p.dims} spatial axes: '{p.name}' was called without a batch axis")
+    elif ranks is None:
+        accepted = _bn_input_ranks(bn)
+        if accepted is not None and p.dims + 2 not in accepted:
+            raise _Refusal(Reason.CHANNEL_MISMATCH, f"{type(bn).__name__} takes inputs of rank {sorted(accepted)}: "
+                           f"it can only follow '{p.name}' called without a batch axis, which it then "
+                           "normalises along another axis")
+        if accepted is None or p.dims + 1 in accepted:
+            raise _Refusal(Reason.UNKNOWN_RANK, f"{type(bn).__name__} also takes the output of '{p.name}' called "
+                           "without a batch axis (then it normalises another axis); pass data or example_inputs")
     s, t = _scale_shift(bn, name)
     try:
         w_new, b_new = _folded_tensors(p, s, t)
@@ -321,6 +310,15 @@ def _plan_site(bn_node: fx.Node, bn: _BatchNorm, name: str, gm: fx.GraphModule, 
     except ValueError as exc:  # shapes the arithmetic refuses
         raise _Refusal(Reason.CHANNEL_MISMATCH, f"cannot fold into '{p.name}': {exc}") from None
     return p, w_new, b_new
+
+
+def _bn_input_ranks(bn: _BatchNorm) -> set[int] | None:
+    """The input ranks a BN module accepts (None: any rank from 2, as SyncBatchNorm)."""
+    for cls, ranks in ((nn.BatchNorm1d, {2, 3}), (nn.BatchNorm2d, {4}), (nn.BatchNorm3d, {5})):
+        lazy = getattr(nn, f"Lazy{cls.__name__}")
+        if isinstance(bn, (cls, lazy)) and not isinstance(bn, nn.SyncBatchNorm):
+            return ranks
+    return None
 
 
 def _new_param(value: torch.Tensor, like: torch.Tensor | None) -> nn.Parameter:
@@ -460,7 +458,7 @@ def fold(
     flags = {m: m.training for m in module.modules()}
     try:  # fail before calibrating when the module cannot be traced (as the eval-mode module it becomes)
         module.eval()
-        trace(module)
+        trace(module, allow_unchecked_hooks=data is not None or example_inputs is not None)
     finally:
         for m, flag in flags.items():
             m.training = flag
@@ -493,11 +491,19 @@ def fold(
             work.to(dev)
         work.eval()
     bns = [(n, m) for n, m in _calibration_targets(work, []) if m.running_mean is not None]
+    example = run.first_batch if data is not None else None
     if data is None and example_inputs is not None:
         ranks = _probe_ranks(work, example_inputs, dev, bns)
+        example = as_batch(tuple(example_inputs) if isinstance(example_inputs, list) else example_inputs,
+                           dev, float_dtype(work))
 
-    gm = trace(work)
+    gm = trace(work, example)  # checked against the frozen module on the example
     gm.eval()
+    hooked = hooked_modules(work)
+    if hooked:
+        warnings.append("forward hooks on " + ", ".join(f"'{h}'" if h else "the root module" for h in hooked)
+                        + " are not part of the folded module (torch.fx traces through those modules); it was "
+                        "checked to compute the same outputs on the data")
     private = not inplace
     uses, calls = _tensor_uses(gm)
     sites: dict[str, list[fx.Node]] = {}

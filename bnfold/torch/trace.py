@@ -1,0 +1,174 @@
+"""The data flow of a PyTorch module as an ``fx.GraphModule``, checked against the module itself.
+
+``torch.fx`` symbolic tracing runs ``forward`` once with proxies instead of tensors, so whatever
+``forward`` decides from its inputs' Python values is decided once, at trace time, and silently:
+
+* ``isinstance(x, torch.Tensor)`` is False for a proxy (MONAI's ``UpCat`` drops its skip
+  concatenation that way), ``if mask is not None`` is True for a proxy of an argument the data
+  never gives, a branch on a tensor's value raises;
+* forward hooks and pre-hooks of every module that is traced *through* (the root, containers,
+  custom blocks) are not part of the graph; only leaf modules (torch's own layers, every BN) are
+  called as modules and keep theirs.
+
+So :func:`trace` passes ``None`` for each optional argument (default ``None``) that the example
+does not give, and, given an example, runs the traced module next to the original on it: the two
+must agree (same structure, values to a relative 1e-4 of the output's scale), else
+:class:`UnsupportedModelError`, which the CLI answers by folding through an ONNX export instead.
+Without an example the check cannot be made, and hooks on traced-through modules are refused.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ..errors import BadInputError, UnsupportedModelError
+from .batches import Batch
+from .calibrate import is_standard_bn
+
+__all__ = ["hooked_modules", "trace"]
+
+_ONNX_ADVICE = ("export the model to ONNX in eval mode (torch.onnx.export(..., dynamo=False, "
+                "do_constant_folding=False)) and fold the .onnx file instead")
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping every standard BN (subclasses included) as one ``call_module`` node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if is_standard_bn(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def hooked_modules(module: nn.Module) -> list[str]:
+    """Modules that fx traces *through* and whose forward hooks the graph would lose ('' = the
+    root); a global forward hook counts as one on the root."""
+    tracer = _Tracer()
+    found: list[str] = []
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        found.append("(global forward hooks)")
+
+    def walk(m: nn.Module, name: str) -> None:
+        if name and tracer.is_leaf_module(m, name):
+            return  # called as a module: its hooks run, and what is inside is not traced
+        if _has_hooks(m):
+            found.append(name)
+        for child_name, child in m.named_children():
+            walk(child, f"{name}.{child_name}" if name else child_name)
+
+    walk(module, "")
+    return found
+
+
+def _concrete_none(module: nn.Module, example: Batch | None) -> dict[str, Any]:
+    """``None`` for each parameter of ``forward`` that defaults to None and the example omits."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    given: set[str] = set()
+    if example is not None:
+        try:
+            given = set(inspect.signature(module.forward).bind_partial(*example.args, **example.kwargs).arguments)
+        except TypeError:
+            return {}
+    return {n: None for n, p in params.items()
+            if p.default is None and n not in given
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def trace(module: nn.Module, example: Batch | None = None, *, allow_unchecked_hooks: bool = False) -> fx.GraphModule:
+    """``module`` as an ``fx.GraphModule``; :class:`UnsupportedModelError` where symbolic tracing
+    fails, or where the traced module computes something else than ``module`` on ``example``
+    (a :class:`Batch`; run under ``no_grad`` with both in their current mode, normally eval).
+
+    Without ``example``, a module whose hooks the graph would lose is refused, unless
+    ``allow_unchecked_hooks`` (a caller that checks a later trace on an example).
+    """
+    name = type(module).__name__
+    hooked = hooked_modules(module)
+    if hooked and example is None and not allow_unchecked_hooks:
+        shown = ", ".join(f"'{h}'" if h else "the root module" for h in hooked[:3])
+        raise UnsupportedModelError(
+            f"{shown} of {name} {'has' if len(hooked) == 1 else 'have'} forward hooks, which torch.fx tracing "
+            "leaves out; give data or example inputs so bnfold can check that the traced module computes the "
+            f"same, remove the hooks, or {_ONNX_ADVICE}")
+    tracer = _Tracer()
+    concrete = _concrete_none(module, example)
+    try:
+        graph = tracer.trace(module, concrete_args=concrete or None)
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... on dynamic code
+        raise UnsupportedModelError(
+            f"torch.fx tracing failed for {name} ({type(exc).__name__}: {_one_line(exc)}); {_ONNX_ADVICE}"
+        ) from exc
+    gm = fx.GraphModule(tracer.root, graph, name)
+    if example is not None:
+        _check_faithful(module, gm, example, name)
+    return gm
+
+
+def _check_faithful(module: nn.Module, gm: fx.GraphModule, example: Batch, name: str) -> None:
+    gm.train(module.training)
+    with torch.no_grad():
+        try:
+            ref = module(*example.args, **example.kwargs)
+        except Exception as exc:
+            raise BadInputError(f"the model's forward failed on the data ({type(exc).__name__}: "
+                                f"{_one_line(exc)}); check that the data matches the model's inputs") from exc
+        try:
+            got = gm(*example.args, **example.kwargs)
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"torch.fx traced {name} into a module that fails on the data ({type(exc).__name__}: "
+                f"{_one_line(exc, 160)}): forward branches on its inputs in a way symbolic tracing fixes once "
+                f"(isinstance, `is None`, shapes); {_ONNX_ADVICE}") from exc
+    problem = _difference(ref, got)
+    if problem is not None:
+        raise UnsupportedModelError(
+            f"torch.fx traced {name} into a module that computes something else on the data ({problem}): "
+            "forward branches on its inputs in a way symbolic tracing fixes once (isinstance, `is None`), "
+            f"has hooks that change outputs, or is not deterministic; {_ONNX_ADVICE}")
+
+
+def _difference(ref: Any, got: Any) -> str | None:
+    """None where ``got`` matches ``ref`` (same structure; tensors to 1e-4 of the output's scale)."""
+    ref_leaves, ref_spec = tree_flatten(ref)
+    got_leaves, got_spec = tree_flatten(got)
+    if ref_spec != got_spec:
+        return "its outputs have another structure"
+    for i, (a, b) in enumerate(zip(ref_leaves, got_leaves)):
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            return f"output {i} is a tensor on one side only"
+        if not isinstance(a, torch.Tensor):
+            if a != b:
+                return f"output {i} is {b!r}, not {a!r}"
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"output {i} has shape {tuple(b.shape)} {b.dtype}, not {tuple(a.shape)} {a.dtype}"
+        if not a.is_floating_point() and not a.is_complex():
+            if not torch.equal(a, b):
+                return f"output {i} differs"
+            continue
+        a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+        finite = torch.isfinite(a64)
+        scale = float(a64[finite].abs().max()) if bool(finite.any()) else 0.0
+        same_nonfinite = torch.equal(torch.isfinite(b64), finite) and torch.equal(a64[~finite].nan_to_num(),
+                                                                                 b64[~finite].nan_to_num())
+        diff = float((a64[finite] - b64[finite]).abs().max()) if bool(finite.any()) else 0.0
+        if not same_nonfinite or diff > 1e-4 * max(scale, 1e-30):
+            return f"output {i} differs by up to {diff:.3g} at a scale of {scale:.3g}"
+    return None
