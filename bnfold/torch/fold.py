@@ -151,6 +151,16 @@ def _tensor_uses(gm: fx.GraphModule) -> tuple[Counter, Counter]:
     return uses, calls
 
 
+def _refuse_run_time_parts(mod: nn.Module, label: str, hook_effect: str) -> None:
+    """HOOKED for forward hooks or pre-hooks, NOT_CONSTANT for parametrizations (weight_norm,
+    spectral_norm, ...: parameters computed at run time) of a producer or BN module."""
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        raise _Refusal(Reason.HOOKED, f"{label} has forward hooks or pre-hooks, {hook_effect}")
+    if getattr(mod, "parametrizations", None):
+        raise _Refusal(Reason.NOT_CONSTANT, f"{label} has parametrizations (weight_norm, spectral_norm, ...) "
+                       "that compute its parameters at run time")
+
+
 def _producer(node: Any, gm: fx.GraphModule, uses: Counter, calls: Counter) -> _Producer:
     if not isinstance(node, fx.Node):
         raise _Refusal(Reason.NO_PRODUCER, "its input is not produced by a node of the traced graph")
@@ -164,12 +174,7 @@ def _producer(node: Any, gm: fx.GraphModule, uses: Counter, calls: Counter) -> _
         if kind is None:
             raise _Refusal(Reason.UNSUPPORTED_PRODUCER, f"its input comes from {_describe(node, gm)}, "
                            "not from a Conv, ConvTranspose or Linear")
-        if mod._forward_hooks or mod._forward_pre_hooks:
-            raise _Refusal(Reason.HOOKED, f"'{node.target}' has forward hooks or pre-hooks, which would then "
-                           "see the folded output")
-        if getattr(mod, "parametrizations", None):
-            raise _Refusal(Reason.NOT_CONSTANT, f"'{node.target}' has parametrizations (weight_norm, "
-                           "spectral_norm, ...) that compute its weight at run time")
+        _refuse_run_time_parts(mod, f"'{node.target}'", "which would then see the folded output")
         w, b = mod.weight, mod.bias
         # a module called again elsewhere, or a weight tied to another layer: scaling it in place
         # would change those other calls, so this call gets its own folded copy (``_apply``)
@@ -265,12 +270,7 @@ def _out_channels(p: _Producer) -> int:
 def _plan_site(bn_node: fx.Node, bn: _BatchNorm, name: str, gm: fx.GraphModule, uses: Counter,
                calls: Counter, ranks: set[int] | None) -> tuple[_Producer, torch.Tensor, torch.Tensor]:
     """The producer of one BN call and its folded weight and bias, or a :class:`_Refusal`."""
-    if bn._forward_hooks or bn._forward_pre_hooks:
-        raise _Refusal(Reason.HOOKED, f"BN '{name}' has forward hooks or pre-hooks; folding would remove the "
-                       "call they run on")
-    if getattr(bn, "parametrizations", None):
-        raise _Refusal(Reason.NOT_CONSTANT, f"BN '{name}' has parametrizations that compute its parameters "
-                       "at run time")
+    _refuse_run_time_parts(bn, f"BN '{name}'", "which folding would remove with the BN call")
     x = bn_node.args[0] if bn_node.args else bn_node.kwargs.get("input")
     p = _producer(x, gm, uses, calls)
     if len(p.node.users) > 1:
