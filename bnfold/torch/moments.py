@@ -145,10 +145,10 @@ def cpu_batch_moments(x: torch.Tensor, scratch: Scratch) -> tuple[np.ndarray, np
             return row_sums(t, length)  # type: ignore[return-value]
     else:
         view = channels_last_view(x) if spatial >= _MIN_SPATIAL else None
-        if view is None:
+        length = row_length(view.shape[0], _BLOCK, _MIN_BLOCK) if view is not None else 0
+        if view is None or length > ROW:  # another layout, or an awkward row count: long float32 sums
             mean_t, var_t = strided_moments(x, scratch)
             return mean_t.numpy(), var_t.numpy(), 0
-        length = row_length(view.shape[0], _BLOCK, _MIN_BLOCK)
 
         def sums(t: torch.Tensor, owned: bool) -> tuple[np.ndarray, np.ndarray]:
             return column_sums(t, length, t if owned else scratch.take(t.shape, t.dtype, t.device))
