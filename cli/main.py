@@ -117,6 +117,26 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _check_paths(inputs: Sequence[tuple[Path | None, str]], outputs: Sequence[tuple[Path | None, str]]) -> None:
+    """Exit 2 where an output would overwrite an input (MODEL, --weights, --data, a verified model)
+    or another output: bnfold never overwrites its inputs, and each file it writes needs its own path."""
+    given_in = [(p, what) for p, what in inputs if p is not None]
+    given_out = [(p, hint) for p, hint in outputs if p is not None]
+    for i, (path, hint) in enumerate(given_out):
+        for src, what in given_in:
+            if _same_file(src, path):
+                raise click.BadParameter(f"is {what}; bnfold never overwrites its input.", param_hint=hint)
+        for other, other_hint in given_out[:i]:
+            if _same_file(other, path):
+                raise click.BadParameter(f"is the same file as {other_hint}; give each output its own path.",
+                                         param_hint=hint)
+
+
+def _report_outputs(report: ReportConfig) -> list[tuple[Path | None, str]]:
+    return [(report.path, "'--report'"), (report.junit_xml, "'--junit-xml'"),
+            (report.summary_md, "'--summary-md'"), (report.html, "'--html'")]
+
+
 def _make_parents(path: Path) -> list[Path]:
     """``mkdir -p`` the parent of ``path``; return the directories it created, deepest first."""
     created: list[Path] = []
@@ -361,13 +381,8 @@ def fold_command(
     _require_model_file(model)
     if data.path is not None:
         _require_data(data.path)
-    if frozen_output is not None and _same_file(model, frozen_output):
-        raise click.BadParameter("is the input MODEL; bnfold never overwrites its input.", param_hint="'--frozen-output'")
-    if output is not None and frozen_output is not None and _same_file(output, frozen_output):
-        raise click.BadParameter("is the same file as -o; give the frozen model its own path.",
-                                 param_hint="'--frozen-output'")
-    if output is not None and _same_file(model, output):
-        raise click.BadParameter("is the input MODEL; bnfold never overwrites its input.", param_hint="'-o' / '--output'")
+    _check_paths([(model, "the input MODEL"), (data.path, "the --data file")],
+                 [(output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'"), *_report_outputs(report)])
 
     api = _api()
     config = _engine_config(compare, report.path)
@@ -465,16 +480,8 @@ def _fold_torch(model: Path | None, output: Path | None, frozen_output: Path | N
                                      "suffix as -o).", param_hint="'--frozen-output'")
     if model is not None:
         _require_model_file(model)
-        for path, hint in ((output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'")):
-            if path is not None and _same_file(model, path):
-                raise click.BadParameter("is the input MODEL; bnfold never overwrites its input.", param_hint=hint)
-    if topts.weights is not None:
-        for path, hint in ((output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'")):
-            if path is not None and _same_file(topts.weights, path):
-                raise click.BadParameter("is the --weights file; bnfold never overwrites its input.", param_hint=hint)
-    if output is not None and frozen_output is not None and _same_file(output, frozen_output):
-        raise click.BadParameter("is the same file as -o; give the frozen model its own path.",
-                                 param_hint="'--frozen-output'")
+    _check_paths([(model, "the input MODEL"), (topts.weights, "the --weights file"), (data.path, "the --data file")],
+                 [(output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'"), *_report_outputs(report)])
     if data.path is not None:
         _require_data(data.path)
     config = _engine_config(compare, report.path)
@@ -541,6 +548,8 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
         _require_model_file(path)
     if data.path is not None:
         _require_data(data.path)
+    _check_paths([(reference, "REFERENCE"), (candidate, "CANDIDATE"), (data.path, "the --data file")],
+                 _report_outputs(report))
     config = _engine_config(compare, report.path)
     result = _api().check_equivalence(
         reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,

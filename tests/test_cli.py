@@ -250,6 +250,41 @@ def test_usage_errors_exit_2(args: list[str], tmp_path: Path, inference_model: P
     assert snapshot(inference_model) == before
 
 
+@pytest.mark.parametrize(
+    "args, hint",
+    [
+        pytest.param(["fold", "{model}", "-o", "{out}", "--report", "{model}"], "--report", id="report-is-model"),
+        pytest.param(["fold", "{model}", "-o", "{out}", "--data", "{data}", "--report", "{data}"], "--report",
+                     id="report-is-data"),
+        pytest.param(["fold", "{model}", "-o", "{out}", "--report", "{out}"], "--report", id="report-is-output"),
+        pytest.param(["fold", "{model}", "-o", "{out}", "--frozen-output", "{frozen}", "--html", "{frozen}"],
+                     "--html", id="html-is-frozen-output"),
+        pytest.param(["fold", "{model}", "-o", "{out}", "--report", "{rep}", "--summary-md", "{rep}"],
+                     "--summary-md", id="two-reports-one-file"),
+        pytest.param(["verify", "{model}", "{model2}", "--junit-xml", "{model2}"], "--junit-xml",
+                     id="verify-junit-is-candidate"),
+        pytest.param(["verify", "{model}", "{model2}", "--report", "{model}"], "--report",
+                     id="verify-report-is-reference"),
+    ],
+)
+def test_no_output_may_overwrite_an_input_or_another_output(args: list[str], hint: str, tmp_path: Path,
+                                                             inference_model: Path) -> None:
+    """A report path is an output like -o: it may not be MODEL, the data, a verified model, or
+    another output (exit 2, nothing written, the inputs untouched)."""
+    data = calib_npz(tmp_path / "calib.npz")
+    model2 = tmp_path / "copy.onnx"
+    shutil.copy(inference_model, model2)
+    out, frozen, rep = tmp_path / "out" / "folded.onnx", tmp_path / "out" / "frozen.onnx", tmp_path / "r" / "x.json"
+    inputs = [inference_model, data, model2]
+    before = [snapshot(p) for p in inputs]
+    argv = [a.format(model=inference_model, model2=model2, out=out, data=data, frozen=frozen, rep=rep) for a in args]
+    proc = run_cli(*argv)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and hint in proc.stderr, proc.stderr
+    assert [snapshot(p) for p in inputs] == before
+    assert not out.parent.exists() and not rep.parent.exists()
+
+
 # --------------------------------------------------------------------------- bad input: exit 3
 
 

@@ -427,6 +427,31 @@ def test_fx_trace_that_computes_something_else_falls_back_to_onnx(work: dict) ->
     assert not out2.exists()
 
 
+def test_report_may_not_overwrite_the_weights(work: dict) -> None:
+    root = work["root"]
+    weights = root / "two_sd.pt"
+    before = weights.read_bytes()
+    out = root / "o10" / "two.pt2"
+    proc = run_cli(work, "fold", "--model-factory", "tmodels:build_two", "--weights", "two_sd.pt",
+                   "--data", "xy.npz", "--batch-size", BATCH, "-o", out, "--report", weights)
+    assert proc.returncode == 2 and "--weights file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert weights.read_bytes() == before and not out.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc, where no file can be made")
+def test_frozen_output_is_not_left_behind_on_an_error(work: dict) -> None:
+    """The frozen model is written before the folded one; an error writing the folded one (exit 3)
+    must not leave it behind (it stays only beside a verdict: exit 0 or 1)."""
+    root = work["root"]
+    frozen = root / "o11" / "frozen.pt2"
+    proc = run_cli(work, "fold", "net.pt2", "--data", "calib.npy", "--batch-size", BATCH, "-o", "/proc/bnfold.pt2",
+                   "--frozen-output", frozen)
+    one_line_error(proc, 3)
+    assert not frozen.exists()
+    if frozen.parent.exists():
+        assert not list(frozen.parent.glob(".bnfold-*"))
+
+
 def test_export_divergence_is_exit_1(work: dict) -> None:
     root = work["root"]
     out, rep = root / "o9" / "bad.onnx", root / "o9" / "report.json"

@@ -422,12 +422,34 @@ def _run_torch(req: TorchFoldRequest, loaded: LoadedTorchModel, cal: Calibration
     example = _need_example(example, f"{_FORMAT_LABEL[fmt]} export and the checks")
     example = _ordered(loaded, example)
 
+    # the frozen model is staged too and moved into place only when the run ends with a verdict
+    # (passed, or a check that failed: exit 0 or 1), never after an error (exit 3)
+    frozen_stage: Path | None = None
     if req.frozen_output is not None:
         frozen_cpu = copy_module(frozen).to("cpu").eval()
-        notes_f = _write_final(fmt, frozen_cpu, loaded, example, req.frozen_output)
+        frozen_stage, frozen_tmp = _staged(req.frozen_output)
+        try:
+            notes_f = _save(fmt, frozen_cpu, loaded, example, frozen_tmp)
+        except BaseException:
+            shutil.rmtree(frozen_stage, ignore_errors=True)
+            raise
         report.warnings.extend(n for n in notes_f if n not in report.warnings)
         del frozen_cpu
+    try:
+        out = _check_and_save(req, loaded, result, frozen, example, fmt, report, out)
+        if frozen_stage is not None:
+            os.replace(frozen_tmp, req.frozen_output)
+        return out
+    finally:
+        if frozen_stage is not None:
+            shutil.rmtree(frozen_stage, ignore_errors=True)
 
+
+def _check_and_save(req: TorchFoldRequest, loaded: LoadedTorchModel, result: Any, frozen: nn.Module,
+                    example: dict[str, torch.Tensor], fmt: str, report: Report,
+                    out: TorchFoldOutcome) -> TorchFoldOutcome:
+    """The torch check (folded vs frozen, eager), then the written file and the export check."""
+    assert req.output is not None
     dev = module_device(frozen)
     if req.verify:
         try:
