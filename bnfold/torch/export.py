@@ -260,6 +260,8 @@ def save_exported_program(module: nn.Module, args: tuple[torch.Tensor, ...], kwa
     """
     notes: list[str] = []
     Dim = torch.export.Dim
+    if dynamic_batch:
+        args, kwargs = _batch_of_two(args, kwargs)
     named = _names_of(args, kwargs, arg_names)
 
     def export(dynamic: bool) -> Any:
@@ -279,8 +281,44 @@ def save_exported_program(module: nn.Module, args: tuple[torch.Tensor, ...], kwa
                                         f"{_one_line(exc2)}") from exc2
         notes.append(f"the ExportedProgram has a static batch size: a dynamic batch axis failed "
                      f"({type(exc).__name__}: {_one_line(exc, 160)})")
+    else:
+        static = _static_batch_inputs(ep) if dynamic_batch else []
+        if static:
+            notes.append(f"the ExportedProgram has a static batch size: torch.export specialised the first axis "
+                         f"of {', '.join(repr(n) for n in static)} (the model's code fixes it)")
     torch.export.save(ep, os.fspath(path))
     return notes
+
+
+def _batch_of_two(args: tuple[torch.Tensor, ...], kwargs: Mapping[str, torch.Tensor]) -> tuple[
+        tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """Inputs that all have a batch of one, repeated to two: torch.export specialises a dimension
+    of size 1 to a constant even under ``Dim.AUTO``, which would fix the written model's batch at 1."""
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not tensors or any(t.shape[0] != 1 for t in tensors):
+        return tuple(args), dict(kwargs)
+
+    def two(t: Any) -> Any:
+        return torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() >= 1 else t
+
+    return tuple(two(t) for t in args), {k: two(v) for k, v in kwargs.items()}
+
+
+def _static_batch_inputs(ep: Any) -> list[str]:
+    """User inputs of an ExportedProgram whose first axis is a constant, not a symbol (a SymInt
+    that ``Dim.AUTO`` specialised is concrete)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    names = set(ep.graph_signature.user_inputs)
+    static = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in names:
+            continue
+        val = node.meta.get("val")
+        shape = getattr(val, "shape", None)
+        if shape is not None and len(shape) >= 1 and is_concrete_int(shape[0]):
+            static.append(node.name)
+    return static
 
 
 def save_torchscript(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: Mapping[str, torch.Tensor],
