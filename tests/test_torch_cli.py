@@ -76,6 +76,18 @@ MODELS = textwrap.dedent('''
             return h
 
 
+    class KwOnly(nn.Module):
+        """forward(x, *, y): y may only be passed by name."""
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.bna = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+            self.b, self.bnb = nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x, *, y):
+            return self.bna(self.a(x)) + self.bnb(self.b(y))
+
+
     class Mistraced(nn.Module):
         """isinstance(x, Tensor) is False for an fx proxy: the trace silently drops the residual."""
 
@@ -126,6 +138,11 @@ MODELS = textwrap.dedent('''
     def build_untraceable():
         torch.manual_seed(3)
         return Untraceable()
+
+
+    def build_kwonly():
+        torch.manual_seed(6)
+        return KwOnly()
 
 
     def build_mistraced():
@@ -425,6 +442,37 @@ def test_fx_trace_that_computes_something_else_falls_back_to_onnx(work: dict) ->
                                   "calib.npy", "-o", out2), 3)
     assert "computes something else" in line and ".onnx" in line
     assert not out2.exists()
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_keyword_only_input(work: dict, suffix: str) -> None:
+    root = work["root"]
+    out = root / "o12" / f"kw{suffix}"
+    proc = run_cli(work, "fold", "--model-factory", "tmodels:build_kwonly", "--data", "xy.npz",
+                   "--batch-size", BATCH, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    frozen = frozen_reference(work["tm"].build_kwonly(), {"x": work["x"], "y": work["y"]})
+    x, y = work["x"][:3], work["y"][:3]
+    if suffix == ".onnx":
+        got = run_onnx(out, x=x, y=y)
+    else:
+        with torch.no_grad():
+            got = torch.export.load(str(out)).module()(torch.from_numpy(x), y=torch.from_numpy(y)).numpy()
+    np.testing.assert_allclose(got, eager(frozen, x=x, y=y), atol=1e-4, rtol=1e-4)
+
+
+def test_torchscript_with_two_inputs_to_onnx(work: dict) -> None:
+    root = work["root"]
+    ts = root / "two.ts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(work["two"]), ts)
+    out = root / "o13" / "two.onnx"
+    proc = run_cli(work, "fold", ts, "--data", "xy.npz", "--batch-size", BATCH, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    frozen = frozen_reference(work["two"], {"x": work["x"], "y": work["y"]})
+    x, y = work["x"][:3], work["y"][:3]
+    np.testing.assert_allclose(run_onnx(out, x=x, y=y), eager(frozen, x=x, y=y), atol=1e-4, rtol=1e-4)
 
 
 def test_report_may_not_overwrite_the_weights(work: dict) -> None:

@@ -176,7 +176,7 @@ def _split(loaded: LoadedTorchModel, example: Mapping[str, torch.Tensor]) -> tup
     keyword args, and the names of the positional ones: a written model is called like the original."""
     names: list[str] = []
     for i in loaded.inputs:
-        if i.name not in example:
+        if i.name not in example or i.keyword_only:
             break
         names.append(i.name)
     args = tuple(example[n] for n in names)
@@ -285,7 +285,7 @@ def _save(fmt: str, module: nn.Module, loaded: LoadedTorchModel, example: dict[s
         return ex.save_exported_program(module, args, kwargs, names, path, dynamic_batch=dynamic)
     if fmt == "torchscript":
         return ex.save_torchscript(module, args, kwargs, names, path)
-    info = ex.export_onnx(module, example, path, dynamic_batch=dynamic)
+    info = ex.export_onnx(module, example, path, dynamic_batch=dynamic, positional=names)
     return info.warnings
 
 
@@ -549,7 +549,7 @@ def _run_onnx(req: TorchFoldRequest, loaded: LoadedTorchModel, cal: CalibrationD
     tmpdir = Path(tempfile.mkdtemp(prefix="bnfold-torch-"))
     try:
         onnx_path = tmpdir / "frozen.onnx"
-        info = ex.export_onnx(module, example, onnx_path, dynamic_batch=True)
+        info = ex.export_onnx(module, example, onnx_path, dynamic_batch=True, positional=_split(loaded, example)[2])
         notes.extend(info.warnings)
         check = None
         if req.verify:

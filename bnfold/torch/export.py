@@ -120,9 +120,29 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------- ONNX
 
 
+class _ByName(nn.Module):
+    """Calls the wrapped module with every input by name: the legacy exporter hands ``kwargs`` on
+    positionally, which a keyword-only parameter (after ``*``) refuses."""
+
+    def __init__(self, module: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.module = module
+        self.names = names
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.module(**dict(zip(self.names, args)))
+
+
 def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
-                dynamic_batch: bool = True, preserve_training: bool = False) -> ExportInfo:
-    """Export ``module`` called as ``module(**example)`` to an ONNX file at ``path``."""
+                dynamic_batch: bool = True, preserve_training: bool = False,
+                positional: list[str] | None = None) -> ExportInfo:
+    """Export ``module`` called as ``module(**example)`` to an ONNX file at ``path``.
+
+    ``positional``: the inputs that are forward's leading parameters, in order (the caller knows
+    the signature). A TorchScript module gets those positionally (the legacy exporter trips over
+    its keyword inputs), and a module with other inputs (keyword-only ones) is called through a
+    wrapper that names every input.
+    """
     names = list(example)
     saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
     with torch.no_grad():
@@ -145,8 +165,14 @@ def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: st
             for n, t in zip(out_names, outputs):
                 if t.dim() >= 1 and batch is not None and int(t.shape[0]) == batch:
                     axes[n] = {0: "batch"}
+        target, args, kwargs = module, (), dict(example)
+        if positional is not None and positional == names:
+            target, args, kwargs = module, tuple(example.values()), {}
+        elif positional is not None and not isinstance(module, torch.jit.ScriptModule):
+            # in the module's own mode: the exporter restores the wrapper's mode afterwards, recursively
+            target, args, kwargs = _ByName(module, names).train(module.training), tuple(example.values()), {}
         with _quiet(notes):
-            torch.onnx.export(module, (), os.fspath(path), kwargs=dict(example), dynamo=False,
+            torch.onnx.export(target, args, os.fspath(path), kwargs=kwargs or None, dynamo=False,
                               do_constant_folding=False, opset_version=OPSET, input_names=names,
                               output_names=out_names, dynamic_axes=axes, training=training)
 

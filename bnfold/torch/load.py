@@ -64,6 +64,7 @@ class ForwardInput:
     name: str
     required: bool = True
     default: Any = None
+    keyword_only: bool = False  # after ``*`` in forward's signature: never passed positionally
 
 
 @dataclass
@@ -168,7 +169,8 @@ def forward_inputs(module: nn.Module) -> tuple[list[ForwardInput], bool]:
             continue
         else:
             required = p.default is inspect.Parameter.empty
-            out.append(ForwardInput(p.name, required=required, default=None if required else p.default))
+            out.append(ForwardInput(p.name, required=required, default=None if required else p.default,
+                                    keyword_only=p.kind is p.KEYWORD_ONLY))
     return out, var_kw
 
 
