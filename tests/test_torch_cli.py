@@ -88,6 +88,20 @@ MODELS = textwrap.dedent('''
             return self.bna(self.a(x)) + self.bnb(self.b(y))
 
 
+    class Optional(nn.Module):
+        """forward(x, mask=None, scale: float = 1.0): defaults the data may leave alone."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x, mask=None, scale: float = 1.0):
+            y = self.bn(self.conv(x))
+            if mask is not None:
+                y = y * mask
+            return y * scale
+
+
     class Mistraced(nn.Module):
         """isinstance(x, Tensor) is False for an fx proxy: the trace silently drops the residual."""
 
@@ -143,6 +157,11 @@ MODELS = textwrap.dedent('''
     def build_kwonly():
         torch.manual_seed(6)
         return KwOnly()
+
+
+    def build_optional():
+        torch.manual_seed(7)
+        return Optional()
 
 
     def build_mistraced():
@@ -459,6 +478,23 @@ def test_keyword_only_input(work: dict, suffix: str) -> None:
         with torch.no_grad():
             got = torch.export.load(str(out)).module()(torch.from_numpy(x), y=torch.from_numpy(y)).numpy()
     np.testing.assert_allclose(got, eager(frozen, x=x, y=y), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_defaults_the_data_leaves_alone_are_no_onnx_inputs(work: dict, with_mask: bool) -> None:
+    root = work["root"]
+    data = root / f"xm{int(with_mask)}.npz"
+    arrays = {"x": work["x"]}
+    if with_mask:
+        arrays["mask"] = (np.arange(4 * 8 * 8).reshape(1, 4, 8, 8) % 3).astype(np.float32).repeat(len(work["x"]), 0)
+    np.savez(data, **arrays)
+    out = root / "o14" / f"opt{int(with_mask)}.onnx"
+    proc = run_cli(work, "fold", "--model-factory", "tmodels:build_optional", "--data", data.name,
+                   "--batch-size", BATCH, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    frozen = frozen_reference(work["tm"].build_optional(), arrays)
+    sample = {k: v[:3] for k, v in arrays.items()}
+    np.testing.assert_allclose(run_onnx(out, **sample), eager(frozen, **sample), atol=1e-4, rtol=1e-4)
 
 
 def test_torchscript_with_two_inputs_to_onnx(work: dict) -> None:

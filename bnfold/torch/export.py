@@ -15,6 +15,7 @@ The caller stages files and moves them into place once they are checked.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -133,6 +134,18 @@ class _ByName(nn.Module):
         return self.module(**dict(zip(self.names, args)))
 
 
+def _more_parameters(module: nn.Module, names: list[str]) -> bool:
+    """Whether forward has parameters the example does not give: the legacy exporter would make
+    their defaults (``scale: float = 1.0``) graph inputs that no data feeds."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return False
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(n not in names for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+
 def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
                 dynamic_batch: bool = True, preserve_training: bool = False,
                 positional: list[str] | None = None) -> ExportInfo:
@@ -140,8 +153,8 @@ def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: st
 
     ``positional``: the inputs that are forward's leading parameters, in order (the caller knows
     the signature). A TorchScript module gets those positionally (the legacy exporter trips over
-    its keyword inputs), and a module with other inputs (keyword-only ones) is called through a
-    wrapper that names every input.
+    its keyword inputs); a module with other inputs (keyword-only ones), or with parameters the
+    example leaves to their defaults, is called through a wrapper that names every input.
     """
     names = list(example)
     saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -166,7 +179,7 @@ def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: st
                 if t.dim() >= 1 and batch is not None and int(t.shape[0]) == batch:
                     axes[n] = {0: "batch"}
         target, args, kwargs = module, (), dict(example)
-        if positional is not None and positional == names:
+        if positional is not None and positional == names and not _more_parameters(module, names):
             target, args, kwargs = module, tuple(example.values()), {}
         elif positional is not None and not isinstance(module, torch.jit.ScriptModule):
             # in the module's own mode: the exporter restores the wrapper's mode afterwards, recursively
