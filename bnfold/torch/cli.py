@@ -273,8 +273,13 @@ def _fill_input(report: Report, loaded: LoadedTorchModel) -> None:
 
 
 def _staged(output: Path) -> tuple[Path, Path]:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=output.parent))
+    """A private folder beside ``output`` to write it in, then renamed into place."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=output.parent))
+    except OSError as exc:
+        raise BadInputError(f"cannot write {output}: {output.parent} is not a folder bnfold can write in "
+                            f"({exc.strerror or type(exc).__name__}); give the output a path in a writable folder") from exc
     return stage, stage / output.name
 
 
