@@ -102,6 +102,17 @@ MODELS = textwrap.dedent('''
             return y * scale
 
 
+    class VarKw(nn.Module):
+        """forward(x, **kw): the data's 'bias' arrives through **kwargs."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x, **kw):
+            return self.bn(self.conv(x)) + kw["bias"]
+
+
     class Mistraced(nn.Module):
         """isinstance(x, Tensor) is False for an fx proxy: the trace silently drops the residual."""
 
@@ -162,6 +173,11 @@ MODELS = textwrap.dedent('''
     def build_optional():
         torch.manual_seed(7)
         return Optional()
+
+
+    def build_varkw():
+        torch.manual_seed(8)
+        return VarKw()
 
 
     def build_mistraced():
@@ -495,6 +511,23 @@ def test_defaults_the_data_leaves_alone_are_no_onnx_inputs(work: dict, with_mask
     frozen = frozen_reference(work["tm"].build_optional(), arrays)
     sample = {k: v[:3] for k, v in arrays.items()}
     np.testing.assert_allclose(run_onnx(out, **sample), eager(frozen, **sample), atol=1e-4, rtol=1e-4)
+
+
+def test_kwargs_inputs_fold_to_onnx_and_are_refused_for_pt2(work: dict) -> None:
+    root = work["root"]
+    arrays = {"x": work["x"], "bias": np.full((len(work["x"]), 4, 8, 8), 0.25, np.float32)}
+    np.savez(root / "xbias.npz", **arrays)
+    out = root / "o15" / "vk.onnx"
+    proc = run_cli(work, "fold", "--model-factory", "tmodels:build_varkw", "--data", "xbias.npz",
+                   "--batch-size", BATCH, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    frozen = frozen_reference(work["tm"].build_varkw(), arrays)
+    sample = {k: v[:3] for k, v in arrays.items()}
+    np.testing.assert_allclose(run_onnx(out, **sample), eager(frozen, **sample), atol=1e-4, rtol=1e-4)
+    out2 = root / "o15" / "vk.pt2"
+    line = one_line_error(run_cli(work, "fold", "--model-factory", "tmodels:build_varkw", "--data", "xbias.npz",
+                                  "--batch-size", BATCH, "-o", out2), 3)
+    assert "**kwargs" in line and ".onnx" in line and not out2.exists()
 
 
 def test_torchscript_with_two_inputs_to_onnx(work: dict) -> None:

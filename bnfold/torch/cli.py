@@ -365,6 +365,13 @@ def run(req: TorchFoldRequest) -> TorchFoldOutcome:
         raise UnsupportedModelError(
             f"torch.fx cannot trace {name} ({reason}), so bnfold cannot fold it in PyTorch and write "
             f"{_FORMAT_LABEL[fmt]}; use an .onnx OUTPUT (bnfold then folds it through an ONNX export)")
+    if fmt in ("pt2", "torchscript") and example is not None:
+        by_kwargs = sorted(set(example) - {i.name for i in loaded.inputs})
+        if by_kwargs:
+            raise UnsupportedModelError(
+                f"forward takes {', '.join(repr(k) for k in by_kwargs)} through **kwargs, which "
+                f"{_FORMAT_LABEL[fmt]} cannot carry as a named input; use an .onnx OUTPUT, or give forward "
+                "a parameter of that name")
     torch_route = route == "torch" and (fmt in ("pt2", "torchscript") or (fmt is None and req.dry_run))
     if example is None and not (torch_route and req.dry_run):
         _need_example(example, "the export and the checks")
