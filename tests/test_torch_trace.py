@@ -179,6 +179,34 @@ def test_optional_argument_the_data_gives_stays_an_input():
     assert float((ref - got).abs().max()) <= 1e-11 * max(1.0, float(ref.abs().max()))
 
 
+class Spectrum(nn.Module):
+    """A complex output: the trace check compares real and imaginary parts."""
+
+    def __init__(self, mistraced: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3)
+        self.bn = nn.BatchNorm1d(4)
+        self.mistraced = mistraced
+
+    def forward(self, x):
+        y = torch.fft.rfft(self.bn(self.conv(x)))
+        if self.mistraced and isinstance(x, torch.Tensor):  # the branch fx loses flips the phase
+            y = y.conj()
+        return y
+
+
+def test_complex_outputs_are_compared_in_full():
+    with pytest.raises(UnsupportedModelError, match="computes something else"):
+        fold(Spectrum(mistraced=True).double(), data((3, 16)))
+    model = Spectrum(mistraced=False).double()
+    batches = data((3, 16))
+    frozen, res = frozen_and_folded(model, batches)
+    assert [r.action for r in res.report.bns] == [Action.FOLDED]
+    with torch.no_grad():
+        ref, got = frozen(batches[0]), res.module(batches[0])
+    assert torch.allclose(got, ref, rtol=0, atol=1e-11 * float(ref.abs().max()))
+
+
 def test_trace_check_names_data_that_does_not_fit_as_bad_input():
     model = conv_bn().eval()
     with pytest.raises(BadInputError, match="forward failed on the data"):

@@ -163,7 +163,11 @@ def _difference(ref: Any, got: Any) -> str | None:
             if not torch.equal(a, b):
                 return f"output {i} differs"
             continue
-        a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+        if a.is_complex():  # compare real and imaginary parts
+            a64 = torch.view_as_real(a.detach().to(torch.complex128).resolve_conj())
+            b64 = torch.view_as_real(b.detach().to(torch.complex128).resolve_conj())
+        else:
+            a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
         finite = torch.isfinite(a64)
         scale = float(a64[finite].abs().max()) if bool(finite.any()) else 0.0
         same_nonfinite = torch.equal(torch.isfinite(b64), finite) and torch.equal(a64[~finite].nan_to_num(),
