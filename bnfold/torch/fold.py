@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..errors import BadInputError, UnsupportedModelError
 from ..folding import arith
 from ..records import Action, BnRecord, FrozenStats, Mode, Reason, Report
-from .batches import as_batch
+from .batches import Batch, as_batch
 from .calibrate import (
     _calibration_targets,
     _check_estimator,
@@ -399,9 +399,8 @@ def _apply(gm: fx.GraphModule, bn_node: fx.Node, p: _Producer, w_new: torch.Tens
 # ----------------------------------------------------------------------------- the front end
 
 
-def _probe_ranks(work: nn.Module, example_inputs: Any, device: torch.device,
-                 bns: list[tuple[str, _BatchNorm]]) -> dict[str, set[int]]:
-    """BN input ranks from one eval-mode forward on ``example_inputs``."""
+def _probe_ranks(work: nn.Module, batch: Batch, bns: list[tuple[str, _BatchNorm]]) -> dict[str, set[int]]:
+    """BN input ranks from one eval-mode forward on the example ``batch``."""
     ranks: dict[str, set[int]] = {}
     handles = []
     for name, m in bns:
@@ -409,9 +408,6 @@ def _probe_ranks(work: nn.Module, example_inputs: Any, device: torch.device,
             if args and isinstance(args[0], torch.Tensor):
                 ranks.setdefault(_name, set()).add(args[0].dim())
         handles.append(m.register_forward_pre_hook(hook))
-    if isinstance(example_inputs, list):
-        example_inputs = tuple(example_inputs)
-    batch = as_batch(example_inputs, device, float_dtype(work))
     try:
         with torch.no_grad():
             work(*batch.args, **batch.kwargs)
@@ -493,9 +489,9 @@ def fold(
     bns = [(n, m) for n, m in _calibration_targets(work, []) if m.running_mean is not None]
     example = run.first_batch if data is not None else None
     if data is None and example_inputs is not None:
-        ranks = _probe_ranks(work, example_inputs, dev, bns)
         example = as_batch(tuple(example_inputs) if isinstance(example_inputs, list) else example_inputs,
                            dev, float_dtype(work))
+        ranks = _probe_ranks(work, example, bns)
 
     gm = trace(work, example)  # checked against the frozen module on the example
     gm.eval()

@@ -28,6 +28,7 @@ shifted two-pass with torch's reductions over the batch and spatial dimensions.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -60,9 +61,7 @@ class Scratch:
         """A contiguous tensor of ``shape`` on the shared buffer (its contents are garbage)."""
         key = (device, dtype)
         buf = self._bufs.get(key)
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         if buf is None or buf.numel() < n:
             buf = torch.empty(n, dtype=dtype, device=device)
             self._bufs[key] = buf
@@ -122,13 +121,6 @@ def channels_last_view(x: torch.Tensor) -> torch.Tensor | None:
     return p.view(-1, x.shape[1]) if p.is_contiguous() else None
 
 
-def _spatial(x: torch.Tensor) -> int:
-    s = 1
-    for d in x.shape[2:]:
-        s *= d
-    return s
-
-
 def cpu_batch_moments(x: torch.Tensor, scratch: Scratch) -> tuple[np.ndarray, np.ndarray, int]:
     """``(mean, biased var, centred)`` of a float32/float64 CPU batch ``x`` (N, C, ...).
 
@@ -136,7 +128,7 @@ def cpu_batch_moments(x: torch.Tensor, scratch: Scratch) -> tuple[np.ndarray, np
     channels whose raw sums failed the cancellation test and were recomputed from centred values
     (0 on the strided path). See the module docstring for the method.
     """
-    spatial = _spatial(x)
+    spatial = math.prod(x.shape[2:])
     if spatial >= _MIN_SPATIAL and x.is_contiguous():
         view = x
         length = row_length(spatial)

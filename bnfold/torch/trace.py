@@ -72,13 +72,14 @@ def hooked_modules(module: nn.Module) -> list[str]:
 def _concrete_none(module: nn.Module, example: Batch | None) -> dict[str, Any]:
     """``None`` for each parameter of ``forward`` that defaults to None and the example omits."""
     try:
-        params = inspect.signature(module.forward).parameters
+        sig = inspect.signature(module.forward)
     except (TypeError, ValueError):
         return {}
+    params = sig.parameters
     given: set[str] = set()
     if example is not None:
         try:
-            given = set(inspect.signature(module.forward).bind_partial(*example.args, **example.kwargs).arguments)
+            given = set(sig.bind_partial(*example.args, **example.kwargs).arguments)
         except TypeError:
             return {}
     return {n: None for n, p in params.items()
