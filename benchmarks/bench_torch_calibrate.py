@@ -7,13 +7,18 @@ written here because torchvision does not import on this machine), the same batc
   first set from the same data, as a trained model's would fit its activations);
 - bnfold: ``bnfold.torch.calibrate(model, data)`` (copies the module, every BN normalises with
   its batch statistics, float64 statistics accumulated on the device), every batch;
-- bnfold in place: the same with ``inplace=True`` (no copy of the caller's module).
+- bnfold in place: the same with ``inplace=True`` (no copy of the caller's module);
+- the same with ``BNFOLD_NUMBA=0``: torch's two float32 reductions per BN input instead of the
+  numba kernels' one float64 pass (what a user without numba gets).
+
+The numba kernels are compiled (or loaded from numba's cache) in the warm-up run; that one-off
+cost is not in the figures.
 
 Each measurement runs in a fresh process (model and batches loaded from files written once), after
 one untimed warm-up run of the same job: in one long-lived process the page faults of glibc's
 allocator depend on what ran before (a plain forward was seen to take 2.3 s or 2.9 s depending
 on the job before it), which swamps a 10 % effect. Jobs are interleaved (plain, bnfold, bnfold in
-place, plain, ...) so that a slow phase of a shared machine hits all alike; reported are the
+place, without numba, plain, ...) so that a slow phase of a shared machine hits all alike; reported are the
 ratio of medians, the median of the per-round ratios and the ratio of minimums.
 
 ``--malloc-tuned`` runs the workers with glibc's mmap and trim thresholds raised, which removes
@@ -68,12 +73,14 @@ def resnet50() -> nn.Module:
     return nn.Sequential(*layers)
 
 
-MODES = ("plain", "bnfold", "bnfold_inplace")
+MODES = ("plain", "bnfold", "bnfold_inplace", "bnfold_inplace_torch")
 
 
 def _worker(mode: str, work: str, channels_last: bool) -> None:
     """One measurement: load the model and batches, run ``mode`` once untimed, then once timed."""
-    from bnfold.torch import calibrate
+    if mode == "bnfold_inplace_torch":
+        os.environ["BNFOLD_NUMBA"] = "0"
+    from bnfold.torch import calibrate, kernels
 
     model = resnet50()
     model.load_state_dict(torch.load(os.path.join(work, "model.pt"), weights_only=True))
@@ -94,13 +101,17 @@ def _worker(mode: str, work: str, channels_last: bool) -> None:
         return time.perf_counter() - t0
 
     run()
-    print(json.dumps({"mode": mode, "seconds": run(), "threads": torch.get_num_threads()}))
+    print(json.dumps({"mode": mode, "seconds": run(), "threads": torch.get_num_threads(),
+                      "numba": kernels.reason_disabled() or "used"}))
 
 
 def _measure(mode: str, work: str, env: dict[str, str], channels_last: bool) -> float:
     cmd = [sys.executable, __file__, "--worker", mode, "--work", work] + (["--channels-last"] if channels_last else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if mode != "plain" and (got["numba"] == "used") != (mode != "bnfold_inplace_torch"):
+        raise SystemExit(f"{mode}: numba kernels {got['numba']}")  # the mode measured what it says
+    return got["seconds"]
 
 
 def main() -> None:
@@ -108,7 +119,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--repeats", type=int, default=8, help="rounds of (plain, bnfold, bnfold in place)")
+    ap.add_argument("--repeats", type=int, default=8, help="rounds of (plain, bnfold, bnfold in place, the same without numba)")
     ap.add_argument("--malloc-tuned", action="store_true",
                     help="raise glibc's mmap/trim thresholds in the workers (fewer page faults on both sides)")
     ap.add_argument("--channels-last", action="store_true",
@@ -138,7 +149,7 @@ def main() -> None:
         torch.save(model.state_dict(), os.path.join(work, "model.pt"))
         torch.save(data, os.path.join(work, "data.pt"))
         for r in range(a.repeats):
-            order = MODES[r % 3:] + MODES[:r % 3]  # rotate, so that no job always follows the same one
+            order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]  # rotate, so that no job always follows the same one
             for mode in order:
                 times[mode].append(_measure(mode, work, env, a.channels_last))
 
@@ -148,7 +159,8 @@ def main() -> None:
           + (", malloc thresholds raised" if a.malloc_tuned else ", default malloc")
           + (", channels-last" if a.channels_last else ""))
     print(f"  plain no_grad forward       median {statistics.median(p):.3f} s  (runs: {', '.join(f'{x:.3f}' for x in p)})")
-    for mode, label in (("bnfold", "calibrate (copy)"), ("bnfold_inplace", "calibrate(inplace=True)")):
+    for mode, label in (("bnfold", "calibrate (copy)"), ("bnfold_inplace", "calibrate(inplace=True)"),
+                        ("bnfold_inplace_torch", "the same, BNFOLD_NUMBA=0")):
         o = times[mode]
         med = statistics.median(o) / statistics.median(p) - 1
         pair = statistics.median(x / y for x, y in zip(o, p)) - 1

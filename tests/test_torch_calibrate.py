@@ -148,10 +148,23 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["numba", "torch"])
+def moments_path(request, monkeypatch):
+    """The CPU moments under test: the numba kernels, or torch's (``BNFOLD_NUMBA=0``)."""
+    from bnfold.torch import kernels
+
+    if request.param == "torch":
+        monkeypatch.setenv(kernels.ENV, "0")
+    elif not kernels.enabled():
+        pytest.skip(f"numba kernels unavailable: {kernels.reason_disabled()}")
+    return request.param
+
+
 @pytest.mark.parametrize("offset", [0.0, 30.0], ids=["centred", "offset"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_statistics_equal_brute_force_algorithm2(case, offset):
-    """At an offset of 30 (std ~1) the first BN's raw sums cancel and its channels are centred."""
+def test_statistics_equal_brute_force_algorithm2(case, offset, moments_path):
+    """At an offset of 30 (std ~1) the first BN's float32 raw sums cancel and its channels are
+    centred (torch path); the kernels' float64 sums keep them."""
     torch.manual_seed(1)
     make, tail = CASES[case]
     model = make()
@@ -169,7 +182,7 @@ def test_statistics_equal_brute_force_algorithm2(case, offset):
     assert not frozen.training and not any(m.training for m in frozen.modules())
 
 
-def test_float64_model_keeps_float64_precision():
+def test_float64_model_keeps_float64_precision(moments_path):
     """A float64 model's statistics come out to float64 round-off, not float32's (rows path, with
     an offset large enough that float32 arithmetic anywhere would show)."""
     torch.manual_seed(4)
@@ -197,7 +210,7 @@ def test_unequal_last_batch_is_weighted_by_its_size():
     assert np.abs(stats["0"].mean - unweighted).min() > 0.5  # the weighting matters here
 
 
-def test_large_common_offset_keeps_its_digits():
+def test_large_common_offset_keeps_its_digits(moments_path):
     """1e4 + N(0, 1) in float32: two-pass float64 moments, never E[x^2] - E[x]^2."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))

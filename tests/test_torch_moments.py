@@ -1,5 +1,8 @@
 """bnfold.torch.moments: per-channel batch moments on the CPU against a numpy reference.
 
+Every test of ``cpu_batch_moments`` runs on both paths: the numba kernels (float64 sums, one
+read) and plain torch (``BNFOLD_NUMBA=0``: float32 row sums, two reads).
+
 Tolerances: the activations are float32 (or float64) values; the reference is numpy's two-pass
 over exactly those values in long double. The mean is good to a few ulps of the *deviations* (not of a
 common offset), the variance to ``64 * eps`` relative: 7.6e-6 for float32, the test tolerance of
@@ -11,11 +14,23 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as hst  # noqa: E402
 
-from bnfold.torch.moments import (CANCEL, ROW, Scratch, channels_last_view, cpu_batch_moments,  # noqa: E402
+from bnfold.torch import kernels  # noqa: E402
+from bnfold.torch.moments import (ROW, Scratch, cancel_limit, channels_last_view, cpu_batch_moments,  # noqa: E402
                                   row_length, row_sums, strided_moments)
+
+
+@pytest.fixture(params=["numba", "torch"], autouse=True)
+def path(request, monkeypatch):
+    """The moments path under test: the numba kernels, or plain torch with ``BNFOLD_NUMBA=0``."""
+    if request.param == "torch":
+        monkeypatch.setenv(kernels.ENV, "0")
+        assert not kernels.enabled()
+    elif not kernels.enabled():
+        pytest.skip(f"numba kernels unavailable: {kernels.reason_disabled()}")
+    return request.param
 
 
 def reference(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +118,7 @@ def test_small_offset_takes_raw_sums(shape, dtype):
 def test_large_offset_is_centred_and_keeps_its_digits(shape, offset, dtype):
     x = batch(shape, offset=offset, scale=0.5, dtype=dtype)
     mean, var, centred = cpu_batch_moments(x, Scratch())
-    if dtype == torch.float32 or offset ** 2 > CANCEL[dtype] * 0.25:
+    if offset ** 2 > cancel_limit(dtype) * 0.25:
         assert centred == shape[1]
     assert_moments(x, mean, var)
     # the naive float32 E[x^2] - E[x]^2 is far off here: the test has teeth
@@ -116,7 +131,7 @@ def test_large_offset_is_centred_and_keeps_its_digits(shape, offset, dtype):
 def test_cancellation_boundary():
     """Just inside the CANCEL ratio the raw sums are used and still within tolerance; just
     outside, the batch is centred."""
-    c = CANCEL[torch.float32]
+    c = cancel_limit(torch.float32)
     shape = (4, 2, 64, 64)
     base = batch(shape, seed=3)
     base = (base - base.mean((0, 2, 3), keepdim=True)) / base.std((0, 2, 3), unbiased=False, keepdim=True)
@@ -146,12 +161,14 @@ def test_only_the_channels_far_off_are_centred(far):
     assert float(((naive - ref).abs() / ref)[far].max()) > 1e-3
 
 
-def test_squares_past_float32_range_are_centred():
-    """1e20 + 1e17 * N(0, 1): x^2 overflows float32 (the raw sum of squares is inf), the
-    centred values' squares do not; the moments are finite and right."""
+def test_squares_past_float32_range_are_centred(path):
+    """1e20 + 1e17 * N(0, 1): x^2 overflows float32 (torch's raw sum of squares is inf; the
+    kernels' float64 one is not), the centred values' squares do not; the moments are finite
+    and right."""
     x = batch((2, 3, 20, 20), offset=1e20, scale=1e17)
     mean, var, centred = cpu_batch_moments(x, Scratch())
-    assert centred == 3
+    if path == "torch":
+        assert centred == 3
     assert np.isfinite(var).all()
     assert_moments(x, mean, var)
 
@@ -168,10 +185,12 @@ def test_constant_and_zero_channels():
 
 
 @pytest.mark.parametrize("shape", [(16, 3), (4, 3, 7), (2, 3, 3, 5)])
-def test_small_spatial_size_takes_the_strided_path(shape):
+def test_small_spatial_size(shape, path):
+    """torch: the strided path (rows too short to pay); numba: rows of the spatial size, or the
+    columns of an (N, C) batch, centred like any other (offset 1e4 over a spread of 1)."""
     x = batch(shape, offset=1e4)
     mean, var, centred = cpu_batch_moments(x, Scratch())
-    assert centred == 0  # only the row path counts centred channels
+    assert centred == (0 if path == "torch" else shape[1])  # the strided path counts none
     assert_moments(x, mean, var)
 
 
@@ -247,7 +266,7 @@ def test_non_finite_values_come_out_non_finite(bad):
     assert not (np.isfinite(mean[2]) and np.isfinite(var[2]))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=hst.integers(1, 4), c=hst.integers(1, 5), spatial=hst.lists(hst.integers(1, 40), min_size=0, max_size=3),
        offset=hst.sampled_from([0.0, 0.3, 2.0, -5.0, 1e3, 1e5]), scale=hst.sampled_from([1e-3, 1.0, 1e3]),
        seed=hst.integers(0, 2**16), moved=hst.booleans())

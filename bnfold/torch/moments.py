@@ -3,7 +3,17 @@
 Calibration runs every BN module on a batch and needs that batch's per-channel moments before it
 can normalise (math.md section 2: float64, never a float32 ``E[x^2] - E[x]^2`` that loses the
 digits of a large offset). On the CPU the cost of the moments is what calibration adds to a plain
-forward, so the common case reads the activation twice and writes nothing:
+forward, so the common case reads the activation as few times as it can and writes nothing.
+
+**With numba** (:mod:`bnfold.torch.kernels`, the default where it is installed) one pass adds
+each value and its square in float64: rows of one sample and channel for a contiguous batch,
+columns for an (N, C) or channels-last one. Squares of float32 values are exact in float64, so
+the raw ``E[x^2] - mean^2`` is kept up to ``E[x^2] <= CANCEL_FLOAT64_SUMS * var`` (1e6: a mean a
+thousand standard deviations off; the variance keeps about eight digits there), and the centring
+below is left to channels past that. Any other layout takes :func:`strided_moments`.
+
+**Without numba** (or with ``BNFOLD_NUMBA=0``) torch's reductions read the activation twice, in
+its dtype:
 
 * **raw sums** (:func:`row_sums`): the NC... activation is viewed as rows of at most ``ROW``
   contiguous values of one channel; torch reduces each row in float32 (``sum`` and the L2
@@ -34,15 +44,18 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["CANCEL", "ROW", "Scratch", "channels_last_view", "column_sums", "cpu_batch_moments", "row_length",
-           "row_sums", "strided_moments"]
+from . import kernels
+
+__all__ = ["CANCEL", "CANCEL_FLOAT64_SUMS", "ROW", "Scratch", "cancel_limit", "channels_last_view", "column_sums",
+           "cpu_batch_moments", "row_length", "row_sums", "strided_moments"]
 
 ROW = 1024  # longest row of one float32 reduction
 _MIN_ROW = 64  # a shorter divisor than this makes too many rows: one row per channel and sample instead
 _MIN_SPATIAL = 16  # below this (e.g. BatchNorm1d on (N, C)) the strided path is as fast
 _BLOCK = 256  # rows of a channels-last activation reduced together in its dtype
 _MIN_BLOCK = 8
-CANCEL = {torch.float32: 8.0, torch.float64: 1e6}  # largest E[x^2] / var taken from raw sums
+CANCEL = {torch.float32: 8.0, torch.float64: 1e6}  # largest E[x^2] / var taken from torch's raw sums
+CANCEL_FLOAT64_SUMS = 1e6  # the same where the kernels add in float64 (module docstring)
 _REFINE = 3  # passes of the centred sums at most (a second one is needed only past ~1e6 sigma)
 
 
@@ -87,16 +100,29 @@ def row_sums(x: torch.Tensor, length: int, squares: bool = True) -> tuple[np.nda
     """Per-channel float64 sum and (if ``squares``) sum of squares of an NC...-contiguous CPU ``x``.
 
     Rows of ``length`` values (a divisor of the spatial size) are reduced by torch in ``x``'s
-    dtype; the per-row results (a few per channel and sample) are added per channel in float64
-    by numpy, whose per-call cost on such small arrays is a fraction of torch's.
+    dtype, both into one (2, rows) result; the per-row results (a few per channel and sample)
+    are added per channel in float64 by numpy, whose per-call cost on such small arrays is a
+    fraction of torch's.
     """
     n, c = x.shape[0], x.shape[1]
     rows = x.view(-1, length)
-    s = rows.sum(1).numpy().reshape(n, c, -1).sum(axis=(0, 2), dtype=np.float64)
     if not squares:
-        return s, None
-    q = torch.linalg.vector_norm(rows, 2, 1).numpy().astype(np.float64)
-    return s, np.square(q, out=q).reshape(n, c, -1).sum(axis=(0, 2))
+        return _per_channel(rows.sum(1).numpy().astype(np.float64)[None], n, c)[0], None
+    out = torch.empty((2, rows.shape[0]), dtype=x.dtype)
+    torch.sum(rows, 1, out=out[0])
+    torch.linalg.vector_norm(rows, 2, 1, out=out[1])
+    both = out.numpy().astype(np.float64)
+    np.square(both[1], out=both[1])
+    s, q = _per_channel(both, n, c)
+    return s, q
+
+
+def _per_channel(v: np.ndarray, n: int, c: int) -> np.ndarray:
+    """``v`` (j, rows), its rows laid out (n, c, k): summed over the samples and the k rows of
+    each channel, as (j, c). Contiguous reductions only: numpy's ``sum(axis=(0, 2), dtype=...)``
+    is several times slower on these sizes."""
+    per = v.reshape(v.shape[0], n, -1).sum(axis=1)
+    return per if per.shape[1] == c else per.reshape(v.shape[0], c, -1).sum(axis=2)
 
 
 def column_sums(x2: torch.Tensor, length: int, squares_out: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -121,6 +147,15 @@ def channels_last_view(x: torch.Tensor) -> torch.Tensor | None:
     return p.view(-1, x.shape[1]) if p.is_contiguous() else None
 
 
+Sums = Callable[[torch.Tensor, bool], tuple[np.ndarray, np.ndarray]]
+
+
+def cancel_limit(dtype: torch.dtype) -> float:
+    """The largest ``E[x^2] / var`` taken from raw sums of a ``dtype`` batch on the path in use:
+    ``CANCEL_FLOAT64_SUMS`` where the numba kernels add in float64, else ``CANCEL[dtype]``."""
+    return CANCEL_FLOAT64_SUMS if kernels.enabled() else CANCEL[dtype]
+
+
 def cpu_batch_moments(x: torch.Tensor, scratch: Scratch) -> tuple[np.ndarray, np.ndarray, int]:
     """``(mean, biased var, centred)`` of a float32/float64 CPU batch ``x`` (N, C, ...).
 
@@ -128,22 +163,11 @@ def cpu_batch_moments(x: torch.Tensor, scratch: Scratch) -> tuple[np.ndarray, np
     channels whose raw sums failed the cancellation test and were recomputed from centred values
     (0 on the strided path). See the module docstring for the method.
     """
-    spatial = math.prod(x.shape[2:])
-    if spatial >= _MIN_SPATIAL and x.is_contiguous():
-        view = x
-        length = row_length(spatial)
-
-        def sums(t: torch.Tensor, owned: bool) -> tuple[np.ndarray, np.ndarray]:
-            return row_sums(t, length)  # type: ignore[return-value]
-    else:
-        view = channels_last_view(x) if spatial >= _MIN_SPATIAL else None
-        length = row_length(view.shape[0], _BLOCK, _MIN_BLOCK) if view is not None else 0
-        if view is None or length > ROW:  # another layout, or an awkward row count: long float32 sums
-            mean_t, var_t = strided_moments(x, scratch)
-            return mean_t.numpy(), var_t.numpy(), 0
-
-        def sums(t: torch.Tensor, owned: bool) -> tuple[np.ndarray, np.ndarray]:
-            return column_sums(t, length, t if owned else scratch.take(t.shape, t.dtype, t.device))
+    layout = _kernel_layout(x) if kernels.enabled() else _torch_layout(x, scratch)
+    if layout is None:  # another layout, or an awkward size: the strided two-pass
+        mean_t, var_t = strided_moments(x, scratch)
+        return mean_t.numpy(), var_t.numpy(), 0
+    view, sums, cancel = layout
     m = view.numel() // view.shape[1]
     s, q = sums(view, False)
     with np.errstate(invalid="ignore", over="ignore"):  # inf/nan activations: reported by the caller
@@ -152,15 +176,64 @@ def cpu_batch_moments(x: torch.Tensor, scratch: Scratch) -> tuple[np.ndarray, np
         var = ex2 - mean * mean
         # nan fails the test too; an infinite E[x^2] (squares past the dtype's range) is redone
         # from centred values, which may well be in range
-        bad = np.flatnonzero(~((ex2 <= CANCEL[x.dtype] * var) & (ex2 < np.inf)))
+        bad = np.flatnonzero(~((ex2 <= cancel * var) & (ex2 < np.inf)))
         if bad.size:
             _centre(view, mean, var, None if bad.size == x.shape[1] else bad, sums, scratch)
         np.maximum(var, 0.0, out=var)
     return mean, var, int(bad.size)
 
 
-def _centre(x: torch.Tensor, mean: np.ndarray, var: np.ndarray, bad: np.ndarray | None,
-            sums: Callable[[torch.Tensor, bool], tuple[np.ndarray, np.ndarray]], scratch: Scratch) -> None:
+def _kernel_layout(x: torch.Tensor) -> tuple[torch.Tensor, Sums, float] | None:
+    """``x`` with its channels on dimension 1 and the numba kernel that sums it per channel:
+    rows of one sample and channel where ``x`` is contiguous, columns where it is (N, C) or
+    channels-last; None for any other layout."""
+    if x.dim() == 2 and x.is_contiguous():
+        view = x
+    elif x.is_contiguous():
+        def rows(t: torch.Tensor, owned: bool) -> tuple[np.ndarray, np.ndarray]:
+            n, c = t.shape[0], t.shape[1]
+            s, q = _per_channel(kernels.row_moments(t.view(n * c, -1).numpy()), n, c)
+            return s, q
+        return x, rows, CANCEL_FLOAT64_SUMS
+    else:
+        view = channels_last_view(x)
+        if view is None:
+            return None
+
+    def columns(t: torch.Tensor, owned: bool) -> tuple[np.ndarray, np.ndarray]:
+        s, q = kernels.column_moments(t.numpy())
+        return s, q
+    return view, columns, CANCEL_FLOAT64_SUMS
+
+
+def _torch_layout(x: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, Sums, float] | None:
+    """As :func:`_kernel_layout` with torch's float32 reductions: rows of at most ``ROW`` values
+    where ``x`` is contiguous, blocks of channels-last rows; None where the spatial size is too
+    small for rows to pay, or no block length divides the row count."""
+    spatial = math.prod(x.shape[2:])
+    if spatial < _MIN_SPATIAL:
+        return None
+    cancel = CANCEL[x.dtype]
+    if x.is_contiguous():
+        length = row_length(spatial)
+
+        def rows(t: torch.Tensor, owned: bool) -> tuple[np.ndarray, np.ndarray]:
+            return row_sums(t, length)  # type: ignore[return-value]
+        return x, rows, cancel
+    view = channels_last_view(x)
+    if view is None:
+        return None
+    block = row_length(view.shape[0], _BLOCK, _MIN_BLOCK)
+    if block > ROW:  # an awkward row count: one long float32 sum per column
+        return None
+
+    def columns(t: torch.Tensor, owned: bool) -> tuple[np.ndarray, np.ndarray]:
+        return column_sums(t, block, t if owned else scratch.take(t.shape, t.dtype, t.device))
+    return view, columns, cancel
+
+
+def _centre(x: torch.Tensor, mean: np.ndarray, var: np.ndarray, bad: np.ndarray | None, sums: Sums,
+            scratch: Scratch) -> None:
     """Recompute ``mean``/``var`` of the ``bad`` channels (all where None) from ``x - k``, ``k``
     their mean in ``x``'s dtype, written to the scratch buffer (only those channels). ``x`` has
     its channels on dimension 1 (NC... rows, or the (R, C) channels-last view); ``sums`` is the
