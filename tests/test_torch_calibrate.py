@@ -421,6 +421,18 @@ def test_input_formats_give_the_same_statistics():
             assert stats[name].batches == 3 and stats[name].samples == 10 * 25
 
 
+def test_calibration_data_that_requires_grad(moments_path):
+    """Batches with requires_grad set reach the first BN as they are (no_grad does not clear a
+    leaf's flag); the statistics are the same as without it."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    batches = unequal_batches((3, 6, 7))
+    _, stats = calibrate(model, [b.clone().requires_grad_() for b in batches])
+    ref = capture_bn_inputs(model, batches)
+    for name, st in stats.items():
+        assert_stats_match(st, algorithm2(ref[name]))
+
+
 def test_single_tensor_batches_and_a_tensor_as_one_batch():
     torch.manual_seed(13)
     model = conv2d_bn2d()

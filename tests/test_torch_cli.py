@@ -570,6 +570,28 @@ def test_frozen_output_is_not_left_behind_on_an_error(work: dict) -> None:
         assert not list(frozen.parent.glob(".bnfold-*"))
 
 
+def test_checks_take_atol_and_rtol(work: dict) -> None:
+    """--atol/--rtol (global, and per output name) are the torch and export checks' tolerances;
+    zero tolerance is below the fold's own float32 round-off, so the torch check fails (exit 1)."""
+    root = work["root"]
+    out, rep = root / "o14" / "net_folded.pt2", root / "o14" / "report.json"
+    proc = run_cli(work, "fold", "net.pt2", "--data", "calib.npy", "--batch-size", BATCH, "-o", out,
+                   "--report", rep, "--atol", "0.5", "--rtol", "output:0.25,0.125")
+    assert proc.returncode == 0, proc.stderr
+    report = validate_report(rep)
+    for key in ("torch_check", "export_check"):
+        outs = report["extra"][key]["outputs"]
+        assert [(o["name"], o["atol"], o["rtol"]) for o in outs] == [("output", 0.5, 0.25)], outs
+    out0, rep0 = root / "o15" / "net_folded.pt2", root / "o15" / "report.json"
+    proc = run_cli(work, "fold", "net.pt2", "--data", "calib.npy", "--batch-size", BATCH, "-o", out0,
+                   "--report", rep0, "--atol", "0", "--rtol", "0")
+    line = one_line_error(proc, 1)
+    assert "folded module diverged" in line, line
+    check = validate_report(rep0)["extra"]["torch_check"]
+    assert check["passed"] is False and check["max_abs"] > 0 and check["outputs"][0]["atol"] == 0.0
+    assert not out0.exists()
+
+
 def test_export_divergence_is_exit_1(work: dict) -> None:
     root = work["root"]
     out, rep = root / "o9" / "bad.onnx", root / "o9" / "report.json"

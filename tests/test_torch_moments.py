@@ -248,6 +248,17 @@ def test_other_strided_layouts_take_the_strided_path():
     assert_moments(x, mean, var)
 
 
+def test_input_that_requires_grad():
+    """Calibration data that requires grad reaches a first BN as it is (no_grad does not clear
+    the flag of a leaf): its moments are read without autograd complaining."""
+    x = batch((2, 3, 8, 8), offset=2.0).requires_grad_()
+    with torch.no_grad():
+        mean, var, _ = cpu_batch_moments(x, Scratch())
+    assert_moments(x.detach(), mean, var)
+    mean, var, _ = cpu_batch_moments(x, Scratch())  # and with grad mode on
+    assert_moments(x.detach(), mean, var)
+
+
 def test_input_is_not_modified():
     x = batch((2, 3, 32, 32), offset=1e4)
     before = x.clone()

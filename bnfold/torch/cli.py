@@ -308,6 +308,12 @@ def _write_final(fmt: str, module: nn.Module, loaded: LoadedTorchModel, example:
 # ----------------------------------------------------------------------------- the run
 
 
+def _tolerances(req: TorchFoldRequest) -> dict[str, Any]:
+    """``--atol``/``--rtol`` for the torch and export checks (the dtype defaults where not given)."""
+    cfg = req.verify_config
+    return {} if cfg is None else {"atol": cfg.atol, "rtol": cfg.rtol}
+
+
 def _load(req: TorchFoldRequest) -> LoadedTorchModel:
     if req.factory is not None:
         return load_factory(req.factory, req.weights)
@@ -469,7 +475,7 @@ def _check_and_save(req: TorchFoldRequest, loaded: LoadedTorchModel, result: Any
             got = ex.eager_named(result.module, _to(example, dev))
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             raise _forward_failed(exc, "the data samples") from exc
-        check = ex.compare_arrays(ref, got, _samples(example))
+        check = ex.compare_arrays(ref, got, _samples(example), **_tolerances(req))
         report.extra["torch_check"] = check
         out.lines.append(_check_line("Torch check (folded vs frozen, eager float32)", check))
         if not check["passed"]:
@@ -495,7 +501,8 @@ def _check_and_save(req: TorchFoldRequest, loaded: LoadedTorchModel, result: Any
             except Exception as exc:  # noqa: BLE001 - the written file does not load or run
                 raise UnsupportedModelError(f"the {_FORMAT_LABEL[fmt]} written for the folded module does not "
                                             f"load or run: {type(exc).__name__}: {_one_line(exc)}") from exc
-            check = ex.compare_arrays(ref, {k: ex._to_numpy(v) for k, v in got.items()}, _samples(example))
+            got_arrays = {k: ex._to_numpy(v) for k, v in got.items()}
+            check = ex.compare_arrays(ref, got_arrays, _samples(example), **_tolerances(req))
             report.extra["export_check"] = check
             out.lines.append(_check_line(f"Export check ({_FORMAT_LABEL[fmt]} file vs folded module, eager)", check))
             if not check["passed"]:
@@ -571,7 +578,8 @@ def _run_onnx(req: TorchFoldRequest, loaded: LoadedTorchModel, cal: CalibrationD
                 raise _forward_failed(exc, "the data samples") from exc
             out_names, values = ex.run_onnx(onnx_path, {k: v.numpy() for k, v in example.items()})
             reference = ex.tensors_to_arrays(info.output_names, ref)
-            check = ex.compare_arrays(reference, dict(zip(out_names, values)), _samples(example))
+            check = ex.compare_arrays(reference, dict(zip(out_names, values)), _samples(example),
+                                      **_tolerances(req))
         if check is not None and not check["passed"]:
             rows = pipeline.inspect(onnx_path)
             report = Report(input_path=None, output_path=None, input_sha256=None, output_sha256=None,

@@ -258,18 +258,18 @@ _ORT_TYPES = {
 # ----------------------------------------------------------------------------- comparison
 
 
-def compare_arrays(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
-                   samples: int) -> dict[str, Any]:
-    """max abs / max rel error and the verdict per output and overall (default dtype tolerances)."""
-    from ..verify.compare import compare_outputs, tolerance_for
+Tolerance = tuple[float | None, Mapping[str, float]]  # parse_tolerances: (global, {output: value})
 
-    metrics = compare_outputs(dict(reference), dict(candidate))
-    outputs = []
-    for m in metrics:
-        atol, rtol = tolerance_for(m.dtype)
-        outputs.append({"name": m.name, "dtype": m.dtype, "max_abs": float(m.max_abs), "max_rel": float(m.max_rel),
-                        "atol": float(m.atol if m.atol is not None else atol),
-                        "rtol": float(m.rtol if m.rtol is not None else rtol), "passed": bool(m.passed)})
+
+def compare_arrays(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], samples: int,
+                   atol: Tolerance = (None, {}), rtol: Tolerance = (None, {})) -> dict[str, Any]:
+    """max abs / max rel error and the verdict per output and overall: ``--atol``/``--rtol``
+    (per output, else global) where given, else the output dtype's default tolerance."""
+    from ..verify.compare import compare_outputs
+
+    outputs = [{"name": m.name, "dtype": m.dtype, "max_abs": float(m.max_abs), "max_rel": float(m.max_rel),
+                "atol": float(m.atol), "rtol": float(m.rtol), "passed": bool(m.passed)}
+               for m in compare_outputs(dict(reference), dict(candidate), atol=atol, rtol=rtol)]
     return {
         "max_abs": max((o["max_abs"] for o in outputs), default=0.0),
         "max_rel": max((o["max_rel"] for o in outputs), default=0.0),

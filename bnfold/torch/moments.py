@@ -163,6 +163,7 @@ def cpu_batch_moments(x: torch.Tensor, scratch: Scratch) -> tuple[np.ndarray, np
     channels whose raw sums failed the cancellation test and were recomputed from centred values
     (0 on the strided path). See the module docstring for the method.
     """
+    x = x.detach()  # an input that requires grad (the data itself, into a first BN) has no numpy()
     layout = _kernel_layout(x) if kernels.enabled() else _torch_layout(x, scratch)
     if layout is None:  # another layout, or an awkward size: the strided two-pass
         mean_t, var_t = strided_moments(x, scratch)

@@ -65,15 +65,22 @@ def tolerance_for(dtype: str) -> tuple[float, float]:
 
 
 def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
-                    dtypes: Mapping[str, str] | None = None, atol: float | None = None,
-                    rtol: float | None = None) -> list:
-    """``OutputMetrics`` per reference output (in its order); a missing candidate output fails."""
+                    dtypes: Mapping[str, str] | None = None,
+                    atol: float | tuple[float | None, Mapping[str, float]] | None = None,
+                    rtol: float | tuple[float | None, Mapping[str, float]] | None = None) -> list:
+    """``OutputMetrics`` per reference output (in its order); a missing candidate output fails.
+
+    ``atol``/``rtol``: one value for every output, or a :func:`parse_tolerances` result
+    ``(global, {output: value})``; None: the output dtype's default.
+    """
     from .metrics import compute_metrics, tolerances_for
 
+    atol_spec = atol if isinstance(atol, tuple) else (atol, {})
+    rtol_spec = rtol if isinstance(rtol, tuple) else (rtol, {})
     results = []
     for name, ref in reference.items():
         dtype = (dtypes or {}).get(name) or str(np.asarray(ref).dtype)
-        a, r = tolerances_for(name, dtype, (atol, {}), (rtol, {}))
+        a, r = tolerances_for(name, dtype, atol_spec, rtol_spec)
         cand = candidate.get(name)
         if cand is None:
             cand = np.full(np.shape(ref)[:0] + (0,), np.nan)  # shape mismatch: fails with inf error
