@@ -292,8 +292,9 @@ def test_inplace_failure_restores_training_flags():
     model = conv2d_bn2d().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bad = [torch.randn(2, 3, 6, 5), torch.randn(2, 7, 6, 5)]  # second batch has the wrong channel count
-    with pytest.raises(RuntimeError):
+    with pytest.raises(BadInputError, match="failed on calibration batch 2") as info:
         calibrate(model, bad, inplace=True)
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error, kept as the cause
     assert all(m.training for m in model.modules())
     assert "forward" not in model[1].__dict__
     for k, v in model.state_dict().items():
@@ -509,6 +510,13 @@ def test_errors_are_clear():
         calibrate(model, 3)
     with pytest.raises(BadInputError, match="calibration batch is a"):
         calibrate(model, [object()])
+    # a forward that fails names the batch and, where the dtypes differ, the conversion
+    with pytest.raises(BadInputError, match=r"failed on calibration batch 2 .*torch\.float64 tensors and the module "
+                                            r"is torch\.float32: convert the data"):
+        calibrate(model, [torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64)])
+    with pytest.raises(BadInputError, match=r"failed on calibration batch 1 \(RuntimeError: .*\); check that the "
+                                            r"batches match"):
+        calibrate(model, [torch.randn(4, 5)])
 
 
 def test_calibration_runs_on_the_requested_device():

@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from ..calibrate.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning, merge, update
-from ..errors import BadInputError, UnsupportedModelError
+from ..errors import BadInputError, BnfoldError, UnsupportedModelError
 from ..records import BnStats, FrozenStats, Mode
 from .batches import Batch, check_arity, count_batches, iter_batches
 from .moments import Scratch, cpu_batch_moments
@@ -316,6 +316,29 @@ def _write_stats(m: _BatchNorm, st: FrozenStats, dtype: torch.dtype, device: tor
                 m.num_batches_tracked.fill_(st.batches)
 
 
+def _tensors(v: Any) -> list[torch.Tensor]:
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [t for x in v for t in _tensors(x)]
+    if isinstance(v, dict):
+        return [t for x in v.values() for t in _tensors(x)]
+    return []
+
+
+def _forward_failure(exc: Exception, done: int, batch: Batch, dtype: torch.dtype) -> str:
+    """One line for a forward that failed on calibration batch ``done`` (1-based), naming a
+    floating dtype that differs from the module's, the usual cause (tensors are passed as given;
+    numpy arrays are converted)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text if len(text) <= 200 else text[:197] + "..."
+    other = sorted({str(t.dtype) for t in _tensors([batch.args, batch.kwargs])
+                    if t.is_floating_point() and t.dtype != dtype})
+    fix = (f"the batch holds {', '.join(other)} tensors and the module is {dtype}: convert the data "
+           f"(x.to({dtype}))" if other else "check that the batches match the module's forward")
+    return f"the module's forward failed on calibration batch {done} ({type(exc).__name__}: {text}); {fix}"
+
+
 def run_calibration(
     module: nn.Module,
     data: Any,
@@ -398,7 +421,12 @@ def run_calibration(
                     run.batch_size = batch.size
                 for k in calls_now:
                     calls_now[k] = 0
-                work(*batch.args, **batch.kwargs)
+                try:
+                    work(*batch.args, **batch.kwargs)
+                except BnfoldError:
+                    raise
+                except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                    raise BadInputError(_forward_failure(exc, done, batch, dtype)) from exc
                 state["first"] = False
                 run.batches = done
                 size = batch.size
@@ -475,7 +503,9 @@ def calibrate(
     refused unless ``allow_reused_bn=True`` (its calls are then pooled, with a warning).
 
     Raises :class:`BadInputError` for empty data, a BN that never saw more than one value per
-    channel in a batch, non-finite activations (naming the first BN that saw them), or a reused BN.
+    channel in a batch, non-finite activations (naming the first BN that saw them), a reused BN,
+    or a forward that fails on a batch (naming the batch and a floating dtype that differs from
+    the module's; torch's error is the ``__cause__``).
     """
     run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
                           inplace=inplace, progress=progress)
