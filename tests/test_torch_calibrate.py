@@ -467,27 +467,33 @@ def test_progress_is_reported_per_batch():
     assert calls == [(0, None), (1, None), (2, None)]
 
 
-@pytest.mark.parametrize("spatial", [(6, 5), (20, 20)], ids=["strided", "rows"])
-def test_no_host_copy_per_batch(monkeypatch, spatial):
+@pytest.mark.parametrize("spatial, dtype", [((6, 5), torch.float32), ((20, 20), torch.float32),
+                                            ((20, 20), torch.bfloat16)],
+                         ids=["strided", "rows", "device-path"])
+def test_no_host_copy_per_batch(monkeypatch, spatial, dtype):
     """Statistics stay on the device: synchronising host transfers (``item``, ``tolist``, ``cpu``,
     ``numpy`` of a tensor off the CPU) do not grow with the number of batches. On the CPU the
     moments path reads its per-row sums through ``numpy()``, a view of host memory, not a copy:
-    those calls are not counted. (The CUDA test checks the real thing with sync debug mode.)"""
-    model = conv2d_bn2d()
+    those calls are not counted. A bfloat16 model takes the branch a CUDA model takes (moments
+    from the BN kernel, float64 sums in device tensors); there every ``numpy()`` counts too, so
+    the CUDA path's accumulation is checked here without a GPU. (The CUDA test checks the real
+    thing with sync debug mode where a GPU is lent.)"""
+    model = conv2d_bn2d().to(dtype)
+    strict = dtype != torch.float32
     counts = {"n": 0}
     for meth in ("item", "cpu", "numpy", "tolist"):
         orig = getattr(torch.Tensor, meth)
 
         def wrapped(self, *a, _orig=orig, _meth=meth, **k):
-            if _meth != "numpy" or self.device.type != "cpu":
+            if strict or _meth != "numpy" or self.device.type != "cpu":
                 counts["n"] += 1
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, meth, wrapped)
-    calibrate(model, unequal_batches((3, *spatial), sizes=(2, 2)))
+    calibrate(model, [b.to(dtype) for b in unequal_batches((3, *spatial), sizes=(2, 2))])
     two = counts["n"]
     counts["n"] = 0
-    calibrate(model, unequal_batches((3, *spatial), sizes=(2,) * 12))
+    calibrate(model, [b.to(dtype) for b in unequal_batches((3, *spatial), sizes=(2,) * 12)])
     assert counts["n"] == two
 
 
