@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bnfold.torch import kernels  # noqa: E402
-from bnfold.torch.moments import Scratch, cpu_batch_moments  # noqa: E402
+from bnfold.torch.moments import TARGET, Scratch, cpu_batch_moments  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not kernels.enabled(), reason=f"numba kernels unavailable: {kernels.reason_disabled()}")
 
@@ -117,3 +117,58 @@ def test_forked_child_falls_back_to_torch():
     assert reason is not None and "forked" in reason
     np.testing.assert_allclose(child_mean, mean, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(child_var, var, rtol=1e-5)
+
+
+def two_values(shape, lo=993.56274, hi=995.6324, seed=0) -> np.ndarray:
+    """Half lo, half hi at random: a mean ~965 standard deviations off, and only two distinct
+    values, so the rounding errors of a long float64 sum do not average out."""
+    rng = np.random.default_rng(seed)
+    return np.where(rng.random(shape) < 0.5, np.float32(lo), np.float32(hi)).astype(np.float32)
+
+
+def two_pass(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    b = a.astype(np.float64)
+    return ((b - b.mean(axes, keepdims=True)) ** 2).mean(axes)
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns", "channels_last"])
+def test_long_sums_keep_the_variance(layout):
+    """Four million values per channel with E[x^2] / var ~ 9.3e5 (found by review): one running
+    float64 total per row or column lost 1.6e-11 of the sum of squares, 1e-5 of the variance;
+    the partial sums and the adaptive limit keep it within TARGET (2^-24, ~6e-8), centring where
+    the bound says so."""
+    if layout == "rows":
+        a = two_values((1, 2, 2048, 2048))
+        axes = (0, 2, 3)
+    elif layout == "columns":
+        a = two_values((1 << 22, 2))
+        axes = (0,)
+    else:
+        a = two_values((1, 2048, 2048, 2)).transpose(0, 3, 1, 2)  # channels-last (1, 2, 2048, 2048)
+        axes = (0, 2, 3)
+    x = torch.from_numpy(a)
+    mean, var, _ = cpu_batch_moments(x, Scratch())
+    ref = two_pass(a, axes)
+    np.testing.assert_allclose(var, ref, rtol=2 * TARGET[torch.float32])
+
+
+@pytest.mark.parametrize("length, parts", [(49, 1), (1024, 1), (100_003, 1), (4096, 2), (1 << 22, 2), (100_003, 3)])
+def test_adds_bound_the_rounding(length, parts):
+    """The measured relative error of the kernels' sum of squares stays under the bound the
+    cancellation test uses (row_adds / column_adds * 2^-53), on values whose roundings all go
+    the same way (two distinct values). parts == 1: one row; else a column on that many threads."""
+    if parts == 1:
+        a = two_values((1, length))
+        got = kernels.row_moments(a)[1, 0]
+        bound = kernels.row_adds(length)
+    else:
+        a = two_values((length, 1))
+        before = torch.get_num_threads()
+        torch.set_num_threads(parts)
+        try:
+            got = kernels.column_moments(a)[1, 0]
+            bound = kernels.column_adds(length, kernels.parts())
+        finally:
+            torch.set_num_threads(before)
+    ref = float((a.astype(np.longdouble) ** 2).sum())
+    assert abs(got / ref - 1) <= bound * 2.0 ** -53

@@ -7,10 +7,15 @@ forward, so the common case reads the activation as few times as it can and writ
 
 **With numba** (:mod:`bnfold.torch.kernels`, the default where it is installed) one pass adds
 each value and its square in float64: rows of one sample and channel for a contiguous batch,
-columns for an (N, C) or channels-last one. Squares of float32 values are exact in float64, so
-the raw ``E[x^2] - mean^2`` is kept up to ``E[x^2] <= CANCEL_FLOAT64_SUMS * var`` (1e6: a mean a
-thousand standard deviations off; the variance keeps about eight digits there), and the centring
-below is left to channels past that. Any other layout takes :func:`strided_moments`.
+columns for an (N, C) or channels-last one; long channels as several rows of at most ``ROW``
+values, long columns as sums of partial sums (see the kernels). Squares of float32 values are
+exact in float64, so the raw ``E[x^2] - mean^2`` loses only the float64 rounding of the sums (at
+most ``kernels.row_adds``/``column_adds`` times 2^-53 of ``E[x^2]``)
+times ``E[x^2] / var``; :func:`float64_sums_limit` keeps that under ``TARGET[dtype]`` (2^-24 of
+the variance for float32, 2^-40 for float64): about ``E[x^2] <= 2e5 var`` for float32 rows of
+1024 values, a mean 400 standard deviations off (a float64 batch is centred from a mean ~1.5
+standard deviations off). Channels past it are centred as below. Any other layout takes
+:func:`strided_moments`.
 
 **Without numba** (or with ``BNFOLD_NUMBA=0``) torch's reductions read the activation twice, in
 its dtype:
@@ -46,8 +51,8 @@ import torch
 
 from . import kernels
 
-__all__ = ["CANCEL", "CANCEL_FLOAT64_SUMS", "ROW", "Scratch", "cancel_limit", "channels_last_view", "column_sums",
-           "cpu_batch_moments", "row_length", "row_sums", "strided_moments"]
+__all__ = ["CANCEL", "CANCEL_FLOAT64_SUMS", "ROW", "TARGET", "Scratch", "cancel_limit", "channels_last_view",
+           "column_sums", "cpu_batch_moments", "float64_sums_limit", "row_length", "row_sums", "strided_moments"]
 
 ROW = 1024  # longest row of one float32 reduction
 _MIN_ROW = 64  # a shorter divisor than this makes too many rows: one row per channel and sample instead
@@ -55,7 +60,8 @@ _MIN_SPATIAL = 16  # below this (e.g. BatchNorm1d on (N, C)) the strided path is
 _BLOCK = 256  # rows of a channels-last activation reduced together in its dtype
 _MIN_BLOCK = 8
 CANCEL = {torch.float32: 8.0, torch.float64: 1e6}  # largest E[x^2] / var taken from torch's raw sums
-CANCEL_FLOAT64_SUMS = 1e6  # the same where the kernels add in float64 (module docstring)
+CANCEL_FLOAT64_SUMS = 1e6  # the most taken from the kernels' float64 sums (float64_sums_limit)
+TARGET = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -40}  # variance error allowed to raw float64 sums
 _REFINE = 3  # passes of the centred sums at most (a second one is needed only past ~1e6 sigma)
 
 
@@ -150,10 +156,19 @@ def channels_last_view(x: torch.Tensor) -> torch.Tensor | None:
 Sums = Callable[[torch.Tensor, bool], tuple[np.ndarray, np.ndarray]]
 
 
-def cancel_limit(dtype: torch.dtype) -> float:
-    """The largest ``E[x^2] / var`` taken from raw sums of a ``dtype`` batch on the path in use:
-    ``CANCEL_FLOAT64_SUMS`` where the numba kernels add in float64, else ``CANCEL[dtype]``."""
-    return CANCEL_FLOAT64_SUMS if kernels.enabled() else CANCEL[dtype]
+def float64_sums_limit(dtype: torch.dtype, adds: int) -> float:
+    """The largest ``E[x^2] / var`` taken from float64 sums with ``adds`` sequential additions
+    (:func:`bnfold.torch.kernels.row_adds`, ``column_adds``): the variance then loses at most
+    ``3 * adds * 2^-53 * E[x^2] / var`` of itself (sum of squares, and twice the mean's share),
+    kept under ``TARGET[dtype]``; at most ``CANCEL_FLOAT64_SUMS``."""
+    return min(CANCEL_FLOAT64_SUMS, TARGET[dtype] / (3 * adds * 2.0 ** -53))
+
+
+def cancel_limit(x: torch.Tensor) -> float | None:
+    """The largest ``E[x^2] / var`` that :func:`cpu_batch_moments` takes from raw sums for the
+    batch ``x`` on the path in use; None where it takes the strided two-pass (no raw sums)."""
+    layout = _kernel_layout(x) if kernels.enabled() else _torch_layout(x, Scratch())
+    return None if layout is None else layout[2]
 
 
 def cpu_batch_moments(x: torch.Tensor, scratch: Scratch) -> tuple[np.ndarray, np.ndarray, int]:
@@ -185,17 +200,21 @@ def cpu_batch_moments(x: torch.Tensor, scratch: Scratch) -> tuple[np.ndarray, np
 
 
 def _kernel_layout(x: torch.Tensor) -> tuple[torch.Tensor, Sums, float] | None:
-    """``x`` with its channels on dimension 1 and the numba kernel that sums it per channel:
-    rows of one sample and channel where ``x`` is contiguous, columns where it is (N, C) or
-    channels-last; None for any other layout."""
+    """``x`` with its channels on dimension 1, the numba kernel that sums it per channel, and the
+    cancellation limit those sums allow: rows of one sample and channel where ``x`` is
+    contiguous, columns where it is (N, C) or channels-last; None for any other layout."""
     if x.dim() == 2 and x.is_contiguous():
         view = x
     elif x.is_contiguous():
+        spatial = math.prod(x.shape[2:])
+        length = row_length(spatial)
+
         def rows(t: torch.Tensor, owned: bool) -> tuple[np.ndarray, np.ndarray]:
             n, c = t.shape[0], t.shape[1]
-            s, q = _per_channel(kernels.row_moments(t.view(n * c, -1).numpy()), n, c)
+            s, q = _per_channel(kernels.row_moments(t.view(-1, length).numpy()), n, c)
             return s, q
-        return x, rows, CANCEL_FLOAT64_SUMS
+        adds = kernels.row_adds(length) + x.shape[0] + spatial // length  # + numpy's sums of the rows
+        return x, rows, float64_sums_limit(x.dtype, adds)
     else:
         view = channels_last_view(x)
         if view is None:
@@ -204,7 +223,7 @@ def _kernel_layout(x: torch.Tensor) -> tuple[torch.Tensor, Sums, float] | None:
     def columns(t: torch.Tensor, owned: bool) -> tuple[np.ndarray, np.ndarray]:
         s, q = kernels.column_moments(t.numpy())
         return s, q
-    return view, columns, CANCEL_FLOAT64_SUMS
+    return view, columns, float64_sums_limit(x.dtype, kernels.column_adds(view.shape[0], kernels.parts()))
 
 
 def _torch_layout(x: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, Sums, float] | None:
