@@ -4,8 +4,8 @@ torch has no CPU reduction that returns a row's sum and sum of squares from one 
 is a slow Welford, the training BN kernel writes its output), so the plain-torch moments read
 each BN input twice (``sum``, then ``vector_norm``) in float32. These kernels read it once and
 add in float64: the square of a float32 value is exact in float64, so ``E[x^2] - mean^2`` loses
-only what the ratio ``E[x^2] / var`` costs of ~1e-16, and the centring pass of
-:mod:`bnfold.torch.moments` is left to offsets of a thousand standard deviations and more.
+only the ratio ``E[x^2] / var`` times the sums' float64 rounding, and the centring pass of
+:mod:`bnfold.torch.moments` is left to means a few hundred standard deviations off (float32).
 
 * :func:`row_moments`: (R, L) C-contiguous rows (one per sample and channel of an NC... batch)
   -> (2, R) float64 sums and sums of squares, rows split among the threads;
