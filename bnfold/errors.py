@@ -5,6 +5,13 @@ Messages are one line: what is wrong, and what to do about it.
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """``exc``'s message on one line (whitespace runs collapsed; the class name if it is empty),
+    cut to ``limit`` characters with ``...`` where it is longer."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
 class BnfoldError(Exception):
     """Base class of every error bnfold raises on purpose."""
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadInputError
+from ..errors import BadInputError, one_line
 
 __all__ = ["CalibrationData", "InputSpec", "from_arrays", "open_data"]
 
@@ -200,8 +200,7 @@ def _scan_npz(path: str, label: str) -> list[_Member]:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+    return one_line(exc)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,20 +44,20 @@ class Batch:
         return None
 
 
-def _first_tensor(v: Any) -> torch.Tensor | None:
+def tensors(v: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``v`` (a tensor, or lists, tuples and mappings of them), depth first."""
     if isinstance(v, torch.Tensor):
-        return v
-    if isinstance(v, (list, tuple)):
+        yield v
+    elif isinstance(v, (list, tuple)):
         for x in v:
-            t = _first_tensor(x)
-            if t is not None:
-                return t
-    if isinstance(v, Mapping):
+            yield from tensors(x)
+    elif isinstance(v, Mapping):
         for x in v.values():
-            t = _first_tensor(x)
-            if t is not None:
-                return t
-    return None
+            yield from tensors(x)
+
+
+def _first_tensor(v: Any) -> torch.Tensor | None:
+    return next(tensors(v), None)
 
 
 def _convert(v: Any, device: torch.device | None, float_dtype: torch.dtype | None) -> Any:

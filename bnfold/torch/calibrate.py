@@ -35,9 +35,9 @@ from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from ..calibrate.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning, merge, update
-from ..errors import BadInputError, BnfoldError, UnsupportedModelError
+from ..errors import BadInputError, BnfoldError, UnsupportedModelError, one_line
 from ..records import BnStats, FrozenStats, Mode
-from .batches import Batch, check_arity, count_batches, iter_batches
+from .batches import Batch, check_arity, count_batches, iter_batches, tensors
 from .moments import Scratch, cpu_batch_moments
 
 __all__ = [
@@ -316,27 +316,16 @@ def _write_stats(m: _BatchNorm, st: FrozenStats, dtype: torch.dtype, device: tor
                 m.num_batches_tracked.fill_(st.batches)
 
 
-def _tensors(v: Any) -> list[torch.Tensor]:
-    if isinstance(v, torch.Tensor):
-        return [v]
-    if isinstance(v, (list, tuple)):
-        return [t for x in v for t in _tensors(x)]
-    if isinstance(v, dict):
-        return [t for x in v.values() for t in _tensors(x)]
-    return []
-
-
 def _forward_failure(exc: Exception, done: int, batch: Batch, dtype: torch.dtype) -> str:
     """One line for a forward that failed on calibration batch ``done`` (1-based), naming a
     floating dtype that differs from the module's, the usual cause (tensors are passed as given;
     numpy arrays are converted)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    text = text if len(text) <= 200 else text[:197] + "..."
-    other = sorted({str(t.dtype) for t in _tensors([batch.args, batch.kwargs])
+    other = sorted({str(t.dtype) for t in tensors([batch.args, batch.kwargs])
                     if t.is_floating_point() and t.dtype != dtype})
     fix = (f"the batch holds {', '.join(other)} tensors and the module is {dtype}: convert the data "
            f"(x.to({dtype}))" if other else "check that the batches match the module's forward")
-    return f"the module's forward failed on calibration batch {done} ({type(exc).__name__}: {text}); {fix}"
+    return (f"the module's forward failed on calibration batch {done} ({type(exc).__name__}: "
+            f"{one_line(exc, 200)}); {fix}")
 
 
 def run_calibration(

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..data.sources import CalibrationData, InputSpec, open_data
-from ..errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError
+from ..errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError, one_line
 from ..records import Action, BnRecord, FoldDecision, Mode, Report
 from . import export as ex
 from .batches import Batch
@@ -98,8 +98,7 @@ class TorchFoldOutcome:
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return one_line(exc, limit)
 
 
 # ----------------------------------------------------------------------------- data

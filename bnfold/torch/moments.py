@@ -10,9 +10,9 @@ each value and its square in float64: rows of one sample and channel for a conti
 columns for an (N, C) or channels-last one; long channels as several rows of at most ``ROW``
 values, long columns as sums of partial sums (see the kernels). Squares of float32 values are
 exact in float64, so the raw ``E[x^2] - mean^2`` loses only the float64 rounding of the sums (at
-most ``kernels.row_adds``/``column_adds`` times 2^-53 of ``E[x^2]``)
-times ``E[x^2] / var``; :func:`float64_sums_limit` keeps that under ``TARGET[dtype]`` (2^-24 of
-the variance for float32, 2^-40 for float64): about ``E[x^2] <= 2e5 var`` for float32 rows of
+most ``kernels.row_adds``/``column_adds`` times 2^-53 of ``E[x^2]``) times ``E[x^2] / var``;
+:func:`float64_sums_limit` keeps that under ``TARGET[dtype]`` (2^-24 of the variance for
+float32, 2^-40 for float64): about ``E[x^2] <= 2e5 var`` for float32 rows of
 1024 values, a mean 400 standard deviations off (a float64 batch is centred from a mean ~1.5
 standard deviations off). Channels past it are centred as below. Any other layout takes
 :func:`strided_moments`.

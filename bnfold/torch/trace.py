@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..errors import BadInputError, UnsupportedModelError
+from ..errors import BadInputError, UnsupportedModelError, one_line
 from .batches import Batch
 from .calibrate import is_standard_bn
 
@@ -88,8 +88,7 @@ def _concrete_none(module: nn.Module, example: Batch | None) -> dict[str, Any]:
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return one_line(exc, limit)
 
 
 def trace(module: nn.Module, example: Batch | None = None, *, allow_unchecked_hooks: bool = False) -> fx.GraphModule:
