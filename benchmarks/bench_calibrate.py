@@ -15,8 +15,8 @@ import time
 
 import onnxruntime as ort
 
-from bnfold.calibrate import runner
-from bnfold.pipeline import _open_data, _Work, _load
+from bnfold.api import _load, _open_data, _Work
+from bnfold.stages import calibrate as runner
 
 
 def _plain(path: str, data) -> tuple[float, float]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import BadInputError, BnfoldError, UnsupportedModelError, VerificationFailed
-from .records import Action, Mode, Reason
+from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, VerificationFailed
+from bnfold.records import Action, Mode, Reason
 
 __version__ = "0.1.0"
 
@@ -31,13 +31,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import BnInspection, FoldResult, fold, inspect
+    from bnfold.api import BnInspection, FoldResult, fold, inspect
 
 
 def __getattr__(name: str) -> Any:
     # The pipeline pulls in onnx; keep ``import bnfold`` cheap for the CLI's --help.
     if name in ("fold", "inspect", "FoldResult", "BnInspection"):
-        from . import pipeline
+        from bnfold import api as pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(name)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .verify.metrics import OutputMetrics
+    from bnfold.verify.metrics import OutputMetrics
 
 
 class Mode(str, enum.Enum):

@@ -1,7 +1,7 @@
 """bnfold's command-line application (installed as the ``bnfold`` console script).
 
 The commands parse options into the config records of ``cli/options.py`` and call the library's
-public API (``bnfold.pipeline.fold`` / ``inspect``) and its renderers (``bnfold.report``); they
+public API (``bnfold.api.fold`` / ``inspect``) and its renderers (``bnfold.report``); they
 hold no logic of their own. The library is imported lazily inside the commands, so
 ``bnfold --help`` never imports onnx, onnxruntime or torch.
 
@@ -30,11 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import click
-
-from bnfold import __version__
-from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, VerificationFailed
-
-from .options import (
+from bnfold.cli.options import (
     ESTIMATORS,
     RUN_FLAGS,
     CompareOptions,
@@ -51,7 +47,10 @@ from .options import (
     report_options,
     torch_options,
 )
-from .progress import calibration_progress
+from bnfold.cli.progress import calibration_progress
+
+from bnfold import __version__
+from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, VerificationFailed
 
 EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
@@ -76,7 +75,7 @@ Exit codes:
 
 
 def _api() -> Any:
-    from bnfold import pipeline
+    from bnfold import api as pipeline
 
     return pipeline
 

@@ -1,6 +1,6 @@
 """Float64 numpy reference implementations of the operators bnfold folds into.
 
-Written from the ONNX operator definitions, independently of ``bnfold.folding.arith``: clarity over
+Written from the ONNX operator definitions, independently of ``bnfold.formulas.arith``: clarity over
 speed. Layouts and attribute conventions are ONNX's:
 
 * ``conv``: x ``(N, C_in, *spatial)``, W ``(C_out, C_in/groups, *k)``; ``pads`` is

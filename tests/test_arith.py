@@ -1,4 +1,4 @@
-"""Tests of bnfold.folding.arith: each fold is checked against BN(producer(x)) computed in float64
+"""Tests of bnfold.formulas.arith: each fold is checked against BN(producer(x)) computed in float64
 with the independent numpy reference ``npref`` (itself checked against torch and onnxruntime)."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
-from bnfold.folding import arith
-from bnfold.folding.arith import (
+from bnfold.formulas import arith
+from bnfold.formulas.arith import (
     FoldValueError,
     bn_scale_shift,
     cast_back,
@@ -794,7 +794,7 @@ def test_ort_forward_conv_grouped(rng):
 
 def test_cast_back_finds_non_finite_values_past_the_first_chunk():
     # the fast path scans in chunks; a NaN or an overflow far into a large array must still be seen
-    from bnfold.folding.arith import _CHUNK
+    from bnfold.formulas.arith import _CHUNK
 
     for bad in (np.nan, 1e39):
         v = np.ones(3 * _CHUNK + 7)

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnfold.folding.arith import (
+from bnfold.formulas.arith import (
     bn_scale_shift,
     fold_conv,
     fold_conv_transpose,

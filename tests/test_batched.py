@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnfold.folding import arith, batched
-from bnfold.folding.batched import BnParams, ConvFold
+from bnfold.formulas import arith, batched
+from bnfold.formulas.batched import BnParams, ConvFold
 
 
 def _params(rng, c, dtype=np.float32, eps=1e-5):

@@ -18,9 +18,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
-
 from conftest import bn, bn_params, init, make_model, ort_run, vi
+from onnx import helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "docs" / "report-schema.json"

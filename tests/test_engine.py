@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import FLOAT16, bn, bn_params, init, make_model, rand, vi
 from onnx import numpy_helper
 
+from bnfold.api import check_equivalence, fold
 from bnfold.errors import BadInputError, ProviderUnavailable
-from bnfold.pipeline import check_equivalence, fold
 from bnfold.verify.engine import VerifyConfig, verify
-from conftest import FLOAT16, bn, bn_params, init, make_model, rand, vi
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 

@@ -7,18 +7,32 @@ unfolded model computes (onnxruntime, optimisations off) and what numpy float64 
 """
 from __future__ import annotations
 
+import npref
 import numpy as np
 import onnx
 import pytest
+from conftest import (
+    DOUBLE,
+    EPS,
+    FLOAT,
+    FLOAT16,
+    assert_same_outputs,
+    bn,
+    bn_params,
+    check_full,
+    count_op,
+    init,
+    make_model,
+    op_types,
+    ort_run,
+    rand,
+    record,
+    vi,
+)
 from onnx import helper
 
-import npref
-from bnfold.pipeline import fold, inspect
+from bnfold.api import fold, inspect
 from bnfold.records import Action
-from conftest import (
-    DOUBLE, EPS, FLOAT, FLOAT16, assert_same_outputs, bn, bn_params, check_full, count_op, init, make_model,
-    op_types, ort_run, rand, record, vi,
-)
 
 
 def fold_ok(model, feeds, *, bn_name="bn", target, direction="backward", rtol=1e-5, atol=1e-5, verify=True):

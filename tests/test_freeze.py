@@ -10,19 +10,28 @@ import subprocess
 import sys
 import textwrap
 
+import npref
 import numpy as np
 import onnx
 import pytest
+from conftest import (
+    EPS,
+    bn_params,
+    check_full,
+    count_op,
+    init,
+    make_model,
+    op_types,
+    ort_run,
+    rand,
+    record,
+    vi,
+)
 from onnx import helper
 
-import npref
+from bnfold.api import fold, inspect
 from bnfold.errors import BadInputError, UnsupportedModelError
-from bnfold.pipeline import fold, inspect
 from bnfold.records import Action, Mode, Reason
-from conftest import (
-    EPS, bn_params, check_full, count_op, init, make_model, op_types, ort_run,
-    rand, record, vi,
-)
 
 N_SAMPLES, BATCH = 10, 4  # batches of 4, 4, 2
 
@@ -250,7 +259,7 @@ def test_empty_named_optional_outputs_do_not_crash(tmp_path, outputs):
     np.savez(tmp_path / "data.npz", x=x)
     script = textwrap.dedent(f"""
         import numpy as np, sys
-        from bnfold.pipeline import fold
+        from bnfold.api import fold
         res = fold({str(path)!r}, output={str(tmp_path / 'out.onnx')!r}, data={str(tmp_path / 'data.npz')!r},
                    batch_size={BATCH})
         rec = res.report.bns[0]
@@ -460,14 +469,15 @@ def test_calibration_weights_reach_onnxruntime_from_memory_or_through_a_file(rng
     marked external and onnxruntime gets the model's own bytes (``route='memory'``); a network
     too large for one protobuf even so goes through a file (``'file'``, the limit lowered). Both
     give the brute-force Algorithm 2 statistics."""
-    from bnfold import load
-    from bnfold.calibrate.graph import IN_MEMORY_LOCATION, IN_MEMORY_MIN_BYTES, build_calibration_model
-    from bnfold.pipeline import _Work, _load
+    from bnfold.api import _load
+    from bnfold.stages.work import Work
+    from bnfold.onnx import io as load
+    from bnfold.stages.calibration_net import IN_MEMORY_LOCATION, IN_MEMORY_MIN_BYTES, build_calibration_model
 
     model, w, b, p = conv_train_bn_model(rng, c_in=16, c_out=32)
     assert w.nbytes >= IN_MEMORY_MIN_BYTES > b.nbytes
     before = model.SerializeToString()
-    work = _Work(_load(model))
+    work = Work(_load(model))
     cal, _, held = build_calibration_model(work.model, work.index, work.consts, work.sites)
     head = next(t for t in cal.graph.initializer if t.name == "w")
     assert not head.HasField("raw_data") and head.data_location == onnx.TensorProto.EXTERNAL

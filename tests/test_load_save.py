@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import os
 
+import npref
 import numpy as np
 import onnx
 import pytest
+from conftest import (
+    EPS,
+    assert_same_outputs,
+    bn,
+    bn_params,
+    check_full,
+    count_op,
+    init,
+    make_model,
+    op_types,
+    ort_run,
+    rand,
+    record,
+    sha256,
+    vi,
+)
 from onnx import helper, numpy_helper
 
-import npref
+from bnfold.api import fold, inspect
 from bnfold.errors import BadInputError, UnsupportedModelError
-from bnfold.pipeline import fold, inspect
+from bnfold.onnx.runtime import ort_max_ir_version
 from bnfold.records import Action, Mode
-from bnfold.verify.session import ort_max_ir_version
-from conftest import (
-    EPS, assert_same_outputs, bn, bn_params, check_full, count_op, init, make_model, op_types, ort_run, rand,
-    record, sha256, vi,
-)
-
 
 
 def _fail_replace_onto(monkeypatch, target) -> None:
@@ -84,7 +95,7 @@ def test_ir14_input_folds_and_verifies(rng, tmp_path, training):
 
 def refuse_newest_ir(monkeypatch) -> None:
     """Make bnfold see an onnxruntime that accepts IR versions below onnx's newest only."""
-    import bnfold.verify.session as session
+    import bnfold.onnx.runtime as session
 
     monkeypatch.setattr(session, "ort_max_ir_version", lambda: onnx.IR_VERSION - 1)
 
@@ -497,7 +508,7 @@ def umask022():
 def test_save_external_round_trip(rng, tmp_path, umask022):
     import re
 
-    from bnfold.load import DATA_ALIGN, save_onnx
+    from bnfold.onnx.io import DATA_ALIGN, save_onnx
 
     model = _mixed_model(rng)
     before = model.SerializeToString()
@@ -546,7 +557,7 @@ def test_save_external_round_trip(rng, tmp_path, umask022):
 
 
 def test_save_external_twice_keeps_one_data_file(rng, tmp_path):
-    from bnfold.load import save_onnx
+    from bnfold.onnx.io import save_onnx
 
     model = _mixed_model(rng)
     path = tmp_path / "m.onnx"
@@ -562,7 +573,7 @@ def test_save_external_twice_keeps_one_data_file(rng, tmp_path):
 
 @pytest.mark.parametrize("umask", [0o027, 0o002])
 def test_save_external_permissions_follow_umask(rng, tmp_path, umask):
-    from bnfold.load import save_onnx
+    from bnfold.onnx.io import save_onnx
 
     model, *_ = conv_bn(rng, big=True)
     old = os.umask(umask)
@@ -575,7 +586,7 @@ def test_save_external_permissions_follow_umask(rng, tmp_path, umask):
 
 
 def test_model_read_with_external_data_written_again(rng, tmp_path):
-    from bnfold.load import load_onnx, save_onnx
+    from bnfold.onnx.io import load_onnx, save_onnx
 
     model, *_ = conv_bn(rng, big=True)
     src_dir, out_dir = tmp_path / "in", tmp_path / "out"
@@ -604,7 +615,7 @@ def test_model_read_with_external_data_written_again(rng, tmp_path):
 
 
 def test_save_external_without_large_tensors_writes_no_data_file(rng, tmp_path):
-    from bnfold.load import save_onnx
+    from bnfold.onnx.io import save_onnx
 
     model, *_ = conv_bn(rng)  # every tensor under 1 KiB
     path = tmp_path / "m.onnx"
@@ -617,7 +628,7 @@ def test_save_external_without_large_tensors_writes_no_data_file(rng, tmp_path):
 
 def test_save_external_too_large_even_without_initializers(rng, tmp_path, monkeypatch):
     """A skeleton (model without the initializers' raw data) over the limit: a clear error, no files."""
-    from bnfold import load
+    from bnfold.onnx import io as load
 
     model = _mixed_model(rng)  # its Constant node holds 12 KB inline
     monkeypatch.setattr(load, "_PROTO_LIMIT", 4096)
@@ -628,7 +639,7 @@ def test_save_external_too_large_even_without_initializers(rng, tmp_path, monkey
 
 
 def test_save_external_failure_keeps_the_old_pair(rng, tmp_path, monkeypatch):
-    from bnfold.load import save_onnx
+    from bnfold.onnx.io import save_onnx
 
     model_a, *_ = conv_bn(rng, big=True)
     model_b, *_ = conv_bn(rng, big=True)
@@ -643,7 +654,7 @@ def test_save_external_failure_keeps_the_old_pair(rng, tmp_path, monkeypatch):
 
 def test_save_external_keeps_tensors_already_external(rng, tmp_path):
     """A tensor still pointing at a file (never loaded) is copied as it is, not read."""
-    from bnfold.load import save_onnx
+    from bnfold.onnx.io import save_onnx
 
     model, *_ = conv_bn(rng, big=True)
     w = next(t for t in model.graph.initializer if t.name == "w")
@@ -663,7 +674,7 @@ def test_save_external_keeps_tensors_already_external(rng, tmp_path):
 @pytest.fixture
 def spy(monkeypatch):
     """Records the paths fold saves models to and the reference verification runs against."""
-    import bnfold.pipeline as pipeline
+    import bnfold.api as pipeline
 
     seen = {"saved": [], "reference": []}
     real_save, real_run = pipeline.save_onnx, pipeline._run_verification
@@ -729,7 +740,7 @@ def test_frozen_copy_is_written_where_the_input_cannot_serve(rng, tmp_path, spy,
     src = tmp_path / "m.onnx"
     _save_external(model, src)
     if case == "changed":  # the input is rewritten after it was read: it is no longer what was folded
-        import bnfold.pipeline as pipeline
+        import bnfold.api as pipeline
 
         real_plan = pipeline.make_plan
 
@@ -783,15 +794,15 @@ def test_model_before_folding_is_the_input_file(rng, tmp_path, monkeypatch):
     that prepare_for_save sets, all checked separately)."""
     import shutil
 
-    import bnfold.pipeline as pipeline
+    import bnfold.api as pipeline
 
     seen = []
     real_apply = pipeline.apply_plan
 
-    def apply(index, *a, **kw):
+    def apply(work, *a, **kw):
         if kw.get("commit"):
-            seen.append(index.graph.SerializeToString())
-        return real_apply(index, *a, **kw)
+            seen.append(work.model.graph.SerializeToString())
+        return real_apply(work, *a, **kw)
 
     monkeypatch.setattr(pipeline, "apply_plan", apply)
     sample = tmp_path / "unfoldable.onnx"
@@ -808,7 +819,7 @@ def test_model_before_folding_is_the_input_file(rng, tmp_path, monkeypatch):
 def test_model_too_large_for_one_protobuf_is_written_with_its_data(rng, tmp_path, monkeypatch):
     """An input without external data that cannot be written as one protobuf (over 2 GiB, simulated)
     is written with external data: the data file moves into place with the model."""
-    from bnfold import load
+    from bnfold.onnx import io as load
 
     def too_large(model, fh, size_hint=None):
         raise ValueError("model is larger than protobuf's 2 GiB limit")

@@ -5,18 +5,30 @@ where it was kept, the model valid (full checker) and computing the same functio
 """
 from __future__ import annotations
 
+import npref
 import numpy as np
 import pytest
-from onnx import helper, numpy_helper
-
-import npref
-from bnfold.pipeline import fold, inspect
-from bnfold.records import Action, Reason
 from conftest import (
-    EPS, FLOAT16, INT64, all_nodes, assert_same_outputs, bn, bn_params, check_full, count_op, init, make_model, ort_run,
-    rand, record, vi,
+    EPS,
+    FLOAT16,
+    INT64,
+    all_nodes,
+    assert_same_outputs,
+    bn,
+    bn_params,
+    check_full,
+    count_op,
+    init,
+    make_model,
+    ort_run,
+    rand,
+    record,
+    vi,
 )
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.api import fold, inspect
+from bnfold.records import Action, Reason
 
 
 def outcome(model, feeds, bn_name="bn", *, verify=True, rtol=1e-5, atol=1e-5):

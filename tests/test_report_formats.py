@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
 import pytest
+from test_report import make_failing_result, make_metrics, make_passing_result, make_site
 
 from bnfold.records import ProviderRun, VerifyResult
 from bnfold.report.html import FAIL_COLOR, PASS_COLOR, render_html, write_html
@@ -23,7 +24,6 @@ from bnfold.report.markdown import (
     write_markdown,
 )
 from bnfold.report.summary import worst_sites
-from test_report import make_failing_result, make_metrics, make_passing_result, make_site
 
 # make_failing_result: cpu (logits ok, probs<&> fails), cuda (same, with a noise floor), rocm
 # skipped; 5 fold sites of which 3 fail (layer1.bn<1>, layer2.bn = inf, layer3.bn = nan).

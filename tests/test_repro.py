@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
-
 from conftest import bn, bn_params, init, make_model, vi
+from onnx import helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[1]
 C = 4
@@ -78,8 +77,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def used_inputs(model: Path, seed: int = 0) -> dict[str, np.ndarray]:
     """The first batch ``bnfold verify`` feeds by default (seed 0, uniform in [0, 1), batch 1)."""
-    from bnfold.verify.inputs import random_feeds
-    from bnfold.verify.session import input_specs
+    from bnfold.onnx.runtime import input_specs
+    from bnfold.verify.feeds import random_feeds
 
     feeds, _ = random_feeds(input_specs(onnx.load(model)), seed=seed, val_range=(0.0, 1.0), iterations=1,
                             batch_size=1)
@@ -286,7 +285,7 @@ def test_passing_fold_writes_none(pair: dict[str, Path], tmp_path: Path) -> None
 
 
 def test_the_library_writes_no_bundle_unless_told(pair: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
-    from bnfold.pipeline import check_equivalence
+    from bnfold.api import check_equivalence
     from bnfold.verify.engine import VerifyConfig
 
     monkeypatch.chdir(tmp_path)

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold import serialize
-from bnfold.load import prepare_for_save, save_onnx
+from bnfold.onnx import serialize
+from bnfold.onnx.io import prepare_for_save, save_onnx
 
 
 def _model(big_every: int = 2, n: int = 6, big: int = 300_000) -> onnx.ModelProto:

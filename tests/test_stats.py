@@ -8,10 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnfold.calibrate.stats import batch_moments, finalize, merge, update
 from bnfold.errors import BadInputError
+from bnfold.formulas.stats import batch_moments, finalize, merge, update
 from bnfold.records import BnStats
-
 
 # ---------------------------------------------------------------- brute force, from the formulas
 

@@ -22,7 +22,6 @@ from bnfold.errors import BadInputError  # noqa: E402
 from bnfold.torch import calibrate  # noqa: E402
 from bnfold.torch.calibrate import run_calibration  # noqa: E402
 
-
 # ----------------------------------------------------------------------------- reference
 
 
@@ -545,7 +544,7 @@ def test_importing_bnfold_does_not_import_torch():
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as hst  # noqa: E402
 
-from bnfold.calibrate.stats import batch_moments, finalize, update  # noqa: E402
+from bnfold.formulas.stats import batch_moments, finalize, update  # noqa: E402
 from bnfold.records import BnStats  # noqa: E402
 
 
@@ -554,7 +553,7 @@ from bnfold.records import BnStats  # noqa: E402
        spatial=hst.lists(hst.integers(1, 3), min_size=0, max_size=2), offset=hst.sampled_from([0.0, 1e4]),
        seed=hst.integers(0, 2**16))
 def test_device_accumulation_equals_the_numpy_reference(sizes, c, spatial, offset, seed):
-    """The torch hooks' sums (on device, Chan's merge in torch) equal bnfold.calibrate.stats."""
+    """The torch hooks' sums (on device, Chan's merge in torch) equal bnfold.formulas.stats."""
     if sum(n * int(np.prod(spatial)) for n in sizes) == len(sizes):
         sizes = sizes + [2]  # at least one batch with m_b > 1, else there is no estimate at all
     bn = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[len(spatial)](c)

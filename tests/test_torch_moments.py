@@ -18,8 +18,16 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as hst  # noqa: E402
 
 from bnfold.torch import kernels  # noqa: E402
-from bnfold.torch.moments import (ROW, Scratch, cancel_limit, channels_last_view, cpu_batch_moments,  # noqa: E402
-                                  row_length, row_sums, strided_moments)
+from bnfold.torch.moments import (  # noqa: E402
+    ROW,
+    Scratch,
+    cancel_limit,
+    channels_last_view,
+    cpu_batch_moments,
+    row_length,
+    row_sums,
+    strided_moments,
+)
 
 
 @pytest.fixture(params=["numba", "torch"], autouse=True)

@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.errors import BadInputError, ProviderUnavailable, UnsupportedModelError
+from bnfold.onnx.runtime import input_specs, make_session, ort_max_ir_version
 from bnfold.verify.compare import DEFAULT_TOLERANCES, compare_outputs, tolerance_for, verify_models
-from bnfold.verify.session import input_specs, make_session, ort_max_ir_version
 
 OPSET = 17
 EPS = 1e-5

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadInputError, one_line
+from bnfold.errors import BadInputError, one_line
 
 __all__ = ["CalibrationData", "InputSpec", "from_arrays", "open_data"]
 

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .index import GraphIndex
+from bnfold.graph.attrs import get_attr
+from bnfold.graph.index import GraphIndex
 
 _MAX_DEPTH = 12
 _MAX_ELEMENTS = 1 << 28
@@ -106,13 +107,6 @@ def array_to_tensor(array: np.ndarray, name: str, into: onnx.TensorProto | None 
     return into
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     for a in node.attribute:
         if a.name == "value":
@@ -131,7 +125,7 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 def _axes(node: onnx.NodeProto, args: list[np.ndarray]) -> list[int] | None:
     if len(args) > 1:
         return [int(v) for v in args[1].reshape(-1)]
-    ax = _attr(node, "axes")
+    ax = get_attr(node, "axes")
     return None if ax is None else [int(v) for v in ax]
 
 
@@ -154,13 +148,13 @@ def _squeeze(node, args):
 
 def _reshape(node, args):
     x, shape = args[0], [int(v) for v in args[1].reshape(-1)]
-    if not _attr(node, "allowzero", 0):
+    if not get_attr(node, "allowzero", 0):
         shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
     return x.reshape(shape)
 
 
 def _cast(node, args):
-    to = _attr(node, "to")
+    to = get_attr(node, "to")
     return args[0].astype(helper.tensor_dtype_to_np_dtype(to))
 
 
@@ -168,7 +162,7 @@ def _constant_of_shape(node, args):
     shape = [int(v) for v in args[0].reshape(-1)] if args else []
     if int(np.prod(shape, dtype=np.int64)) > _MAX_ELEMENTS:
         return None
-    val = _attr(node, "value")
+    val = get_attr(node, "value")
     fill = numpy_helper.to_array(val).reshape(-1)[0] if val is not None else np.float32(0)
     return np.full(shape, fill, dtype=np.asarray(fill).dtype)
 
@@ -195,9 +189,9 @@ _OPS: dict[str, Callable[[onnx.NodeProto, list[np.ndarray]], np.ndarray | None]]
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
     "Flatten": lambda n, a: a[0].reshape(
-        int(np.prod(a[0].shape[: _attr(n, "axis", 1) % max(a[0].ndim, 1)] or [1])), -1
+        int(np.prod(a[0].shape[: get_attr(n, "axis", 1) % max(a[0].ndim, 1)] or [1])), -1
     ),
-    "Transpose": lambda n, a: np.transpose(a[0], _attr(n, "perm")),
+    "Transpose": lambda n, a: np.transpose(a[0], get_attr(n, "perm")),
     "ConstantOfShape": _constant_of_shape,
 }
 

@@ -24,9 +24,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..records import ProviderRun, SiteResult, VerifyResult
-from .json_report import collect_environment, inputs_to_dict, settings_to_dict, write_text_atomic
-from .summary import (
+from bnfold.records import ProviderRun, SiteResult, VerifyResult
+from bnfold.report.json_report import collect_environment, inputs_to_dict, settings_to_dict, write_text_atomic
+from bnfold.report.summary import (
     channels_text,
     fmt,
     fmt_cosine,
@@ -248,7 +248,7 @@ def outputs_svg(runs: Sequence[ProviderRun]) -> str:
 
 def histogram_svg(provider: str, o: Any) -> str:
     """Histogram of |candidate - reference| over the elements of one output, by decade."""
-    from ..verify.metrics import HIST_ZERO
+    from bnfold.verify.metrics import HIST_ZERO
 
     bins = dict(o.error_histogram)
     keys = sorted(k for k in bins if k != HIST_ZERO)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..records import BnRecord, FrozenStats, ProviderRun, Report, SiteResult, VerifyResult
+from bnfold.records import BnRecord, FrozenStats, ProviderRun, Report, SiteResult, VerifyResult
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -122,7 +122,7 @@ def _version(dist: str) -> str | None:
 
 def _tool_version() -> str:
     try:
-        from .. import __version__
+        from bnfold import __version__
 
         return __version__
     except ImportError:  # pragma: no cover

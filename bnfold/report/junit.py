@@ -17,14 +17,13 @@ count and settings go into ``<properties>``. The file is written atomically.
 from __future__ import annotations
 
 import json
-
 import os
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from ..records import VerifyResult
-from .json_report import write_text_atomic
-from .summary import channels_text, fmt, fmt_cosine, noise_floors, output_figures, tolerance_text
+from bnfold.records import VerifyResult
+from bnfold.report.json_report import write_text_atomic
+from bnfold.report.summary import channels_text, fmt, fmt_cosine, noise_floors, output_figures, tolerance_text
 
 __all__ = ["junit_to_string", "write_junit"]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..records import ProviderRun, VerifyResult
-from .json_report import inputs_to_dict, settings_to_dict, write_text_atomic
-from .summary import (
+from bnfold.records import ProviderRun, VerifyResult
+from bnfold.report.json_report import inputs_to_dict, settings_to_dict, write_text_atomic
+from bnfold.report.summary import (
     channels_text,
     fmt,
     fmt_cosine,

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from ..records import Action, ProviderRun, Report, VerifyResult
+from bnfold.records import Action, ProviderRun, Report, VerifyResult
 
 __all__ = ["summary_text", "verify_summary_text", "plan_table", "ellipsize"]
 

@@ -12,7 +12,7 @@ use :func:`bnfold.fold` on the file.
 """
 from __future__ import annotations
 
-from .calibrate import calibrate
-from .fold import TorchFoldResult, fold
+from bnfold.torch.calibrate import calibrate
+from bnfold.torch.fold import TorchFoldResult, fold
 
 __all__ = ["TorchFoldResult", "calibrate", "fold"]

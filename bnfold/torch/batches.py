@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import BadInputError
+from bnfold.errors import BadInputError
 
 __all__ = ["Batch", "as_batch", "check_arity", "count_batches", "iter_batches"]
 

@@ -14,7 +14,7 @@ PreciseBN keeps the biased pooled variance. Here:
   touched (no momentum, no ``num_batches_tracked`` update), and nothing is copied to the host
   per batch; the sums come back once, at the end. The replaced forward also counts the BN's
   calls, to check that it is called once per forward;
-* at the end the sums become :class:`bnfold.records.BnStats` and :func:`bnfold.calibrate.stats.finalize`
+* at the end the sums become :class:`bnfold.records.BnStats` and :func:`bnfold.formulas.stats.finalize`
   turns them into :class:`bnfold.records.FrozenStats`, exactly as on the ONNX path.
 
 The returned module is in eval mode with the chosen estimator's statistics in ``running_mean`` /
@@ -34,11 +34,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
-from ..calibrate.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning, merge, update
-from ..errors import BadInputError, BnfoldError, UnsupportedModelError, one_line
-from ..records import BnStats, FrozenStats, Mode
-from .batches import Batch, check_arity, count_batches, iter_batches, tensors
-from .moments import Scratch, cpu_batch_moments
+from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, one_line
+from bnfold.formulas.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning, merge, update
+from bnfold.records import BnStats, FrozenStats, Mode
+from bnfold.torch.batches import Batch, check_arity, count_batches, iter_batches, tensors
+from bnfold.torch.moments import Scratch, cpu_batch_moments
 
 __all__ = [
     "GAP_WARNING",
@@ -118,7 +118,7 @@ class _DeviceStats:
 
     ``sum_m``/``sum_m1``/``batches`` are Python ints known from shapes: no device synchronisation.
     Moments computed on the host (the CPU path, numpy) go to ``host``, a :class:`BnStats` updated
-    by the ONNX path's own :func:`bnfold.calibrate.stats.update`; the two parts are merged at the end.
+    by the ONNX path's own :func:`bnfold.formulas.stats.update`; the two parts are merged at the end.
     """
 
     def __init__(self, name: str, scratch: Scratch | None = None) -> None:

@@ -12,7 +12,7 @@ an exit code. The routes:
 * **onnx** (OUTPUT ``.onnx``): the module is calibrated and frozen in PyTorch
   (:func:`bnfold.torch.calibrate`), exported to ONNX, the export compared with PyTorch eager on
   onnxruntime (``extra["export_check"]``), and the export folded and verified by
-  :func:`bnfold.pipeline.fold` exactly like an ONNX input. This is also the route for modules fx
+  :func:`bnfold.api.fold` exactly like an ONNX input. This is also the route for modules fx
   cannot trace (with a warning) and for TorchScript archives (exported as they are, training-mode
   BNs included, and calibrated by the ONNX pipeline).
 """
@@ -30,15 +30,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.sources import CalibrationData, InputSpec, open_data
-from ..errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError, one_line
-from ..records import Action, BnRecord, FoldDecision, Mode, Report
-from . import export as ex
-from .batches import Batch
-from .calibrate import bn_mode, copy_module, find_batchnorms, float_dtype, is_standard_bn, module_device, run_calibration
-from .fold import fold as torch_fold
-from .fold import trace
-from .load import FACTORY, KIND_LABELS, LoadedTorchModel, load_factory, load_model_file, sha256_of
+from bnfold.data.sources import CalibrationData, InputSpec, open_data
+from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError, one_line
+from bnfold.records import Action, BnRecord, FoldDecision, Mode, Report
+from bnfold.torch import export as ex
+from bnfold.torch.batches import Batch
+from bnfold.torch.calibrate import (
+    bn_mode,
+    copy_module,
+    find_batchnorms,
+    float_dtype,
+    is_standard_bn,
+    module_device,
+    run_calibration,
+)
+from bnfold.torch.fold import fold as torch_fold
+from bnfold.torch.fold import trace
+from bnfold.torch.load import FACTORY, KIND_LABELS, LoadedTorchModel, load_factory, load_model_file, sha256_of
 
 __all__ = ["OUTPUT_FORMATS", "TorchFoldOutcome", "TorchFoldRequest", "output_format", "resolve_device", "run"]
 
@@ -106,7 +114,7 @@ def _one_line(exc: BaseException, limit: int = 240) -> str:
 
 def _data_members(path: Path) -> list[tuple[str | None, np.dtype]]:
     """(array name or None for a .npy, dtype) of the first data file under ``path``."""
-    from ..data import sources
+    from bnfold.data import sources
 
     if path.is_dir():
         files = sorted(n for n in os.listdir(path) if not n.startswith(".")
@@ -251,7 +259,7 @@ def _check_message(check: Mapping[str, Any]) -> str:
 
 
 def _rows(report: Report) -> list[Any]:
-    from ..pipeline import BnInspection
+    from bnfold.api import BnInspection
 
     return [BnInspection(b.name, b.mode_before, b.target if b.action is Action.FOLDED else None, None, b.channels,
                          FoldDecision(bn=b.name, action=b.action, target=b.target, direction=b.direction,
@@ -527,7 +535,7 @@ def _scripted_training_bns(module: torch.jit.ScriptModule) -> list[str]:
 def _run_onnx(req: TorchFoldRequest, loaded: LoadedTorchModel, cal: CalibrationData | None,
               example: dict[str, torch.Tensor] | None, device: str, route: str,
               notes: list[str]) -> TorchFoldOutcome:
-    from .. import pipeline
+    from bnfold import api as pipeline
 
     example = _need_example(example, "the ONNX export")
     reused = False

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError, one_line
+from bnfold.errors import UnsupportedModelError, one_line
 
 __all__ = [
     "ExportInfo", "compare_arrays", "export_onnx", "flat_outputs", "load_saved", "run_eager", "run_onnx",
@@ -264,7 +264,7 @@ def compare_arrays(reference: Mapping[str, np.ndarray], candidate: Mapping[str, 
                    atol: Tolerance = (None, {}), rtol: Tolerance = (None, {})) -> dict[str, Any]:
     """max abs / max rel error and the verdict per output and overall: ``--atol``/``--rtol``
     (per output, else global) where given, else the output dtype's default tolerance."""
-    from ..verify.compare import compare_outputs
+    from bnfold.verify.compare import compare_outputs
 
     outputs = [{"name": m.name, "dtype": m.dtype, "max_abs": float(m.max_abs), "max_rel": float(m.max_rel),
                 "atol": float(m.atol), "rtol": float(m.rtol), "passed": bool(m.passed)}

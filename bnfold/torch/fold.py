@@ -15,7 +15,7 @@ stays, frozen, with the :class:`bnfold.records.Reason`. Where the weights also s
 calls), this call gets a private folded copy and the others keep the original, as a shared
 ONNX initializer does (``SHARED_WEIGHT_CLONED``).
 
-The arithmetic is :mod:`bnfold.folding.arith` in float64 on host copies, cast back to the
+The arithmetic is :mod:`bnfold.formulas.arith` in float64 on host copies, cast back to the
 producer's dtype with the same overflow/underflow refusal (``DTYPE_OVERFLOW``). ConvTranspose with
 ``groups > 1`` scales each group's slice of the weight (``torch.nn.utils.fusion`` gets this wrong).
 
@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import BadInputError, UnsupportedModelError
-from ..folding import arith
-from ..records import Action, BnRecord, FrozenStats, Mode, Reason, Report
-from .batches import Batch, as_batch
-from .calibrate import (
+from bnfold.errors import BadInputError
+from bnfold.formulas import arith
+from bnfold.records import Action, BnRecord, FrozenStats, Mode, Reason, Report
+from bnfold.torch.batches import Batch, as_batch
+from bnfold.torch.calibrate import (
     _calibration_targets,
     _check_estimator,
     bn_mode,
@@ -49,7 +49,7 @@ from .calibrate import (
     module_device,
     run_calibration,
 )
-from .trace import hooked_modules, trace
+from bnfold.torch.trace import hooked_modules, trace
 
 __all__ = ["TorchFoldResult", "fold", "trace"]  # trace: re-exported from .trace
 

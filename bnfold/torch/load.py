@@ -36,7 +36,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import BadInputError, UnsupportedModelError
+from bnfold.errors import BadInputError, UnsupportedModelError
 
 __all__ = [
     "EXPORTED_PROGRAM", "FACTORY", "PICKLE", "TORCHSCRIPT", "LoadedTorchModel", "detect_kind",

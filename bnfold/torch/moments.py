@@ -49,7 +49,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from . import kernels
+from bnfold.torch import kernels
 
 __all__ = ["CANCEL", "CANCEL_FLOAT64_SUMS", "ROW", "TARGET", "Scratch", "cancel_limit", "channels_last_view",
            "column_sums", "cpu_batch_moments", "float64_sums_limit", "row_length", "row_sums", "strided_moments"]

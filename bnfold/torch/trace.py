@@ -26,9 +26,9 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..errors import BadInputError, UnsupportedModelError, one_line
-from .batches import Batch
-from .calibrate import is_standard_bn
+from bnfold.errors import BadInputError, UnsupportedModelError, one_line
+from bnfold.torch.batches import Batch
+from bnfold.torch.calibrate import is_standard_bn
 
 __all__ = ["hooked_modules", "trace"]
 

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from ..records import VerifyResult
+from bnfold.records import VerifyResult
 
 __all__ = [
     "DEFAULT_TOLERANCES",
@@ -73,7 +73,7 @@ def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str,
     ``atol``/``rtol``: one value for every output, or a :func:`parse_tolerances` result
     ``(global, {output: value})``; None: the output dtype's default.
     """
-    from .metrics import compute_metrics, tolerances_for
+    from bnfold.verify.metrics import compute_metrics, tolerances_for
 
     atol_spec = atol if isinstance(atol, tuple) else (atol, {})
     rtol_spec = rtol if isinstance(rtol, tuple) else (rtol, {})
@@ -92,7 +92,7 @@ def verify_models(reference_path: str | os.PathLike, candidate_path: str | os.Pa
                   batches: Iterable[Mapping[str, np.ndarray]], *, provider: str = "cpu",
                   atol: float | None = None, rtol: float | None = None, localize: bool = True) -> VerifyResult:
     """Reference vs candidate on one provider with global tolerances (see ``engine.verify``)."""
-    from .engine import VerifyConfig, verify
+    from bnfold.verify.engine import VerifyConfig, verify
 
     config = VerifyConfig(providers=(provider,), atol=(atol, {}), rtol=(rtol, {}), localize=localize)
     return verify(reference_path, candidate_path, list(batches), config)

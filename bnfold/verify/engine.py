@@ -23,12 +23,12 @@ import numpy as np
 import onnx
 from google.protobuf.message import EncodeError
 
-from ..errors import BadInputError, ProviderUnavailable
-from ..records import ProviderRun, SiteResult, VerifyResult
-from .metrics import check_tolerance_names, compute_metrics_batched, tolerances_for
-from .repro import write_bundle
-from .session import CUDA_SETTINGS, make_session, make_session_from_model
-from .sites import find_sites, with_outputs, worst_channels
+from bnfold.errors import BadInputError, ProviderUnavailable
+from bnfold.onnx.runtime import CUDA_SETTINGS, make_session, make_session_from_model
+from bnfold.records import ProviderRun, SiteResult, VerifyResult
+from bnfold.verify.metrics import check_tolerance_names, compute_metrics_batched, tolerances_for
+from bnfold.verify.repro import write_bundle
+from bnfold.verify.sites import find_sites, with_outputs, worst_channels
 
 log = logging.getLogger(__name__)
 

@@ -92,7 +92,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadInputError
+from bnfold.errors import BadInputError
 
 try:  # pragma: no cover - depends on the environment
     import ml_dtypes as _ml_dtypes
@@ -697,7 +697,7 @@ def tolerances_for(
     The specs are :func:`parse_tolerances` results (``None`` means nothing given). atol and rtol are
     resolved independently. Non-float dtypes always get ``(0.0, 0.0)``: they are compared exactly.
     """
-    from .compare import tolerance_for
+    from bnfold.verify.compare import tolerance_for
 
     dtype_name = _normalize_dtype(dtype)
     if not _is_float_name(dtype_name):

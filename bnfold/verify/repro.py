@@ -37,9 +37,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-    import onnx
 
-    from .engine import VerifyConfig
+    from bnfold.verify.engine import VerifyConfig
 
 __all__ = ["BUNDLE_FILE", "DEFAULT_DIR", "default_location", "is_bundle", "replaceable", "write_bundle",
            "repro_command"]
@@ -196,7 +195,7 @@ def _external_locations(path: str) -> list[str]:
     """The external-data files ``path``'s tensors point at (relative to its folder)."""
     import onnx
 
-    from ..load import external_locations
+    from bnfold.onnx.io import external_locations
 
     return list(external_locations(onnx.load(path, load_external_data=False)))
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data.sources import InputSpec, open_data
-from ..errors import BadInputError
+from bnfold.data.sources import InputSpec, open_data
+from bnfold.errors import BadInputError
 
 
 def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, float], iterations: int,

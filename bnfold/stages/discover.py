@@ -11,11 +11,10 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 import onnx
-from onnx import helper
 
-from .graph.constants import Constants
-from .graph.index import GraphIndex
-from .records import BnInfo, Mode
+from bnfold.graph.constants import Constants
+from bnfold.graph.index import GraphIndex
+from bnfold.records import BnInfo, Mode
 
 _TRACE_LIMIT = 16
 
@@ -57,13 +56,6 @@ def name_nodes(graph: onnx.GraphProto) -> bool:
         renamed = renamed or new != name
         node.name = new
     return renamed
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 _STD = ("", "ai.onnx")

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BadInputError
-from ..records import BnStats, FrozenStats
+from bnfold.errors import BadInputError
+from bnfold.records import BnStats, FrozenStats
 
 __all__ = ["ESTIMATORS", "batch_moments", "finalize", "merge", "update"]
 

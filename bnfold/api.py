@@ -15,23 +15,29 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import numpy as np
 import onnx
 
-from .calibrate.runner import calibrate
-from .calibrate.stats import finalize, gap_warning
-from .data.sources import CalibrationData, InputSpec, from_arrays, open_data
-from .discover import BnSite, default_opset, find_bns, name_nodes, training_bn_names
-from .errors import BadInputError, UnsupportedModelError
-from .folding.apply import apply_plan
-from .freeze import freeze
-from .gcpause import without_gc
-from .graph.constants import Constants
-from .graph.index import GraphIndex
-from .load import (LoadedModel, file_stamp, ir_version_for_save, load_onnx, prepare_for_save, save_onnx,
-                   stamp_bytes)
-from .plan import make_plan
-from .records import BnRecord, FoldDecision, FrozenStats, Mode, Report, VerifyResult
+from bnfold.data.sources import CalibrationData, InputSpec, from_arrays, open_data
+from bnfold.errors import BadInputError, UnsupportedModelError
+from bnfold.formulas.stats import finalize, gap_warning
+from bnfold.gcpause import without_gc
+from bnfold.onnx.io import (
+    LoadedModel,
+    file_stamp,
+    ir_version_for_save,
+    load_onnx,
+    prepare_for_save,
+    save_onnx,
+    stamp_bytes,
+)
+from bnfold.records import BnRecord, FoldDecision, FrozenStats, Mode, Report, VerifyResult
+from bnfold.stages.calibrate import calibrate
+from bnfold.stages.discover import BnSite, training_bn_names
+from bnfold.stages.fold import apply_plan
+from bnfold.stages.freeze import freeze
+from bnfold.stages.plan import make_plan
+from bnfold.stages.work import Work
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .verify.engine import VerifyConfig
+    from bnfold.verify.engine import VerifyConfig
 
 ESTIMATORS = ("unbiased", "pooled")
 
@@ -62,27 +68,6 @@ class BnInspection:
 
 
 # ---- stages wired together ----------------------------------------------------------------
-class _Work:
-    """The model being processed with its index; rebuilt after each committed stage."""
-
-    def __init__(self, loaded: LoadedModel) -> None:
-        self.loaded = loaded
-        self.model = loaded.model
-        # whether node names now differ from the input's (which then cannot serve as the reference)
-        self.renamed = name_nodes(self.model.graph)
-        self.opset = default_opset(self.model)
-        self.reindex()
-
-    def reindex(self) -> None:
-        self.index = GraphIndex(self.model.graph, self.opset)
-        self.consts = Constants(self.index)
-        self.sites = find_bns(self.model, self.index, self.consts)
-
-    def commit(self) -> None:
-        self.index.commit()
-        self.reindex()
-
-
 def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     if isinstance(model, onnx.ModelProto):  # never mutate the caller's model
         copy = onnx.ModelProto()
@@ -92,7 +77,7 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
 
 
 def _input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    from .verify.session import input_specs
+    from bnfold.onnx.runtime import input_specs
 
     return input_specs(model)
 
@@ -149,7 +134,7 @@ class _FullBatches:
         return self._data.take(min(k, self.num_samples))
 
 
-def _check_modes(work: _Work, have_data: bool) -> None:
+def _check_modes(work: Work, have_data: bool) -> None:
     for site in work.sites:
         info = site.info
         if info.mode is Mode.INFERENCE:
@@ -166,9 +151,9 @@ def _check_modes(work: _Work, have_data: bool) -> None:
             )
 
 
-def _calibrate_and_freeze(work: _Work, data: CalibrationData, estimator: str, progress) -> tuple[
+def _calibrate_and_freeze(work: Work, data: CalibrationData, estimator: str, progress) -> tuple[
         dict[str, FrozenStats], list[str]]:
-    raw = calibrate(work.model, work.index, work.consts, work.sites, data, progress)
+    raw = calibrate(work, data, progress)
     frozen = {name: finalize(st, estimator, name) for name, st in raw.items()}
     gap = gap_warning(frozen)
     warnings = [gap] if gap else []
@@ -176,8 +161,7 @@ def _calibrate_and_freeze(work: _Work, data: CalibrationData, estimator: str, pr
         if site.pos is None and site.info.mode is Mode.INFERENCE:
             warnings.append(f"BN '{site.info.name}' in {site.info.graph_path} keeps its stored statistics "
                             "(subgraphs are not calibrated)")
-    freeze(work.index, work.sites, frozen)
-    work.commit()
+    freeze(work, frozen)
     return frozen, warnings
 
 
@@ -255,7 +239,7 @@ def fold(
     if verify_samples < 1:
         raise BadInputError("verify_samples must be at least 1")
     loaded = _load(model)
-    work = _Work(loaded)
+    work = Work(loaded)
     modes = {s.info.name: s.info.mode for s in work.sites}
     _check_modes(work, data is not None)
     cal = _open_data(data, work.model, batch_size) if data is not None else None
@@ -273,9 +257,10 @@ def fold(
         warnings=warnings, dry_run=dry_run,
         extra={"calibration_samples": cal.num_samples} if cal is not None else {})
 
-    plan, routes = make_plan(work.index, work.consts, work.sites)
+    plan, routes = make_plan(work)
+    planned = work.sites  # the BNs the plan decides on (a committed fold re-indexes the work)
     if dry_run:
-        final = apply_plan(work.index, work.consts, plan, routes, commit=False)
+        final = apply_plan(work, plan, routes, commit=False)
         report.bns = _records(work.sites, modes, final, frozen)
         report.input_sha256 = loaded.sha256
         return FoldResult(None, report)
@@ -300,9 +285,8 @@ def fold(
         if verify and reference is None:
             reference = stage / "frozen.onnx"
             save_onnx(work.model, reference, external_data=loaded.external_data, size_hint=size)
-        final = apply_plan(work.index, work.consts, plan, routes, commit=True)
-        work.index.commit()
-        report.bns = _records(work.sites, modes, final, frozen)
+        final = apply_plan(work, plan, routes, commit=True)
+        report.bns = _records(planned, modes, final, frozen)
         report.input_sha256 = loaded.sha256
         prepare_for_save(work.model)
         if stage is not None:
@@ -330,7 +314,7 @@ def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str] | None) -> b
     return b is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def _input_as_reference(work: _Work) -> Path | None:
+def _input_as_reference(work: Work) -> Path | None:
     """The input file, where it is the frozen model as ``fold`` would write it, else None.
 
     Called before anything is frozen or folded (the caller checks that nothing was calibrated),
@@ -368,7 +352,7 @@ def _input_as_reference(work: _Work) -> Path | None:
 def _run_verification(reference: Path, candidate: Path, batches, config, atol, rtol, inputs) -> VerifyResult:
     from dataclasses import replace
 
-    from .verify.engine import VerifyConfig, verify
+    from bnfold.verify.engine import VerifyConfig, verify
 
     config = config or VerifyConfig()
     if atol is not None:
@@ -385,7 +369,7 @@ def _move_into_place(staged: Path, output: Path, external: bool) -> None:
 
     A model read without external data has one too where it was too large for one protobuf.
     """
-    from .load import data_files, remove_stale_data
+    from bnfold.onnx.io import data_files, remove_stale_data
 
     assert staged.name == output.name  # the model names its data file after itself
     keep = ""
@@ -402,7 +386,7 @@ def _move_into_place(staged: Path, output: Path, external: bool) -> None:
         remove_stale_data(output, keep=keep)
 
 
-def _placeholder_stats(work: _Work, site: BnSite) -> FrozenStats:
+def _placeholder_stats(work: Work, site: BnSite) -> FrozenStats:
     scale = work.consts.value(work.index.nodes[site.pos].input[1])
     c = int(scale.shape[0]) if scale is not None and scale.ndim == 1 else 1
     zero, one = np.zeros(c), np.ones(c)
@@ -416,17 +400,16 @@ def inspect(model: str | os.PathLike[str] | onnx.ModelProto) -> list[BnInspectio
     Training-mode BNs are planned as if frozen: the decision does not depend on the statistics,
     except DTYPE_OVERFLOW, which ``fold --dry-run`` with data checks exactly.
     """
-    work = _Work(_load(model))
+    work = Work(_load(model))
     modes = {s.info.name: s.info.mode for s in work.sites}
     pending = [s for s in work.sites if s.pos is not None and s.info.mode is not Mode.INFERENCE]
     if pending:  # plan as fold would: after freezing (placeholder statistics; decomposition removed)
         placeholder = {s.info.name: _placeholder_stats(work, s) for s in pending}
-        freeze(work.index, work.sites, placeholder)
-        work.commit()
-    plan, routes = make_plan(work.index, work.consts, work.sites)
+        freeze(work, placeholder)
+    plan, routes = make_plan(work)
     # the arithmetic check needs statistics: only BNs that already have them are checked here
     checked = {bn: r for bn, r in routes.items() if modes[bn] is Mode.INFERENCE}
-    by_bn = apply_plan(work.index, work.consts, plan, checked, commit=False).by_bn()
+    by_bn = apply_plan(work, plan, checked, commit=False).by_bn()
     return [BnInspection(s.info.name, modes[s.info.name], s.info.producer, s.info.producer_op, s.info.channels,
                          by_bn[s.info.name], s.info.graph_path) for s in work.sites]
 
@@ -449,8 +432,8 @@ def check_equivalence(
     """
     from dataclasses import replace
 
-    from .verify.engine import VerifyConfig, verify
-    from .verify.inputs import data_feeds, random_feeds
+    from bnfold.verify.engine import VerifyConfig, verify
+    from bnfold.verify.feeds import data_feeds, random_feeds
 
     for path in (reference, candidate):
         if not Path(path).is_file():

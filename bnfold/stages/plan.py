@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from .discover import BnSite
-from .graph.constants import Constants
-from .graph.index import GraphIndex
-from .records import Action, FoldDecision, FoldPlan, Mode, Reason
+from bnfold.graph.attrs import get_attr
+from bnfold.graph.constants import Constants
+from bnfold.graph.index import GraphIndex
+from bnfold.records import Action, FoldDecision, FoldPlan, Mode, Reason
+from bnfold.stages.discover import BnSite
+from bnfold.stages.work import Work
 
 PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 LOOK_THROUGH = {"Add", "Reshape", "Squeeze", "Unsqueeze", "Identity"}
@@ -46,13 +47,6 @@ class _Refuse(Exception):
     def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(detail)
         self.reason, self.detail = reason, detail
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 class Planner:
@@ -195,12 +189,12 @@ class Planner:
             if len(ins) > 2 and ins[2] and ins[2] not in self.index.initializers:
                 self._require_const(ins[2], "bias", node)
             self._require_float(ins[1], node)
-            group = int(_attr(node, "group", 1)) if op == "ConvTranspose" else 1
+            group = int(get_attr(node, "group", 1)) if op == "ConvTranspose" else 1
             return (w[0] if op == "Conv" else w[1] * group), len(w)
         if op == "Gemm":
             b = self._require_const(node.input[1], "B", node)
             self._require_float(node.input[1], node)
-            n = b[0] if _attr(node, "transB", 0) else b[1]
+            n = b[0] if get_attr(node, "transB", 0) else b[1]
             if len(node.input) > 2 and node.input[2]:
                 c = self._require_const(node.input[2], "C", node)
                 if not (len(c) <= 2 and int(np.prod(c)) in (1, n) and (len(c) < 2 or c[0] == 1)):
@@ -238,7 +232,7 @@ class Planner:
             return rank
         if op in ("Squeeze", "Unsqueeze"):
             axes = node.input[1] if len(node.input) > 1 and node.input[1] else None
-            ax = [int(a) for a in self.consts.value(axes).reshape(-1)] if axes else _attr(node, "axes")
+            ax = [int(a) for a in self.consts.value(axes).reshape(-1)] if axes else get_attr(node, "axes")
             if ax is None:
                 raise _Refuse(Reason.UNKNOWN_RANK, f"{op} '{node.name}' has no axes")
             new_rank = rank + len(ax) if op == "Unsqueeze" else rank - len(ax)
@@ -248,7 +242,7 @@ class Planner:
             return new_rank
         # Reshape
         shape = [int(s) for s in self.consts.value(node.input[1]).reshape(-1)]
-        allowzero = bool(_attr(node, "allowzero", 0))
+        allowzero = bool(get_attr(node, "allowzero", 0))
         ok = len(shape) >= 2 and shape[1] == c
         if ok and shape[0] == 0 and not allowzero:
             pass  # batch axis copied
@@ -275,8 +269,8 @@ class Planner:
         conv = idx.nodes[pos]
         if list(conv.input).count(y) != 1 or conv.input[0] != y:
             raise _Refuse(Reason.UNSUPPORTED_PRODUCER, f"BN output feeds Conv '{conv.name}' as a parameter")
-        pads = _attr(conv, "pads")
-        auto_pad = _attr(conv, "auto_pad", b"NOTSET")
+        pads = get_attr(conv, "pads")
+        auto_pad = get_attr(conv, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
         if (pads and any(int(p) for p in pads)) or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             raise _Refuse(Reason.PADDED_FORWARD_FOLD,
@@ -285,7 +279,7 @@ class Planner:
         if len(conv.input) > 2 and conv.input[2]:
             self._require_const(conv.input[2], "bias", conv)
         self._require_float(conv.input[1], conv)
-        group = int(_attr(conv, "group", 1))
+        group = int(get_attr(conv, "group", 1))
         if channels is not None and w[1] * group != channels:
             raise _Refuse(Reason.CHANNEL_MISMATCH, f"Conv '{conv.name}' takes {w[1] * group} channels, BN has {channels}")
         return Route(bn_pos, "forward", pos, out_rank=len(w))
@@ -295,11 +289,12 @@ class Planner:
 _NO_CANDIDATE = object()
 
 
-def make_plan(index: GraphIndex, consts: Constants, sites: list[BnSite]) -> tuple[FoldPlan, dict[str, Route]]:
-    planner = Planner(index, consts)
+def make_plan(work: Work) -> tuple[FoldPlan, dict[str, Route]]:
+    """One decision for every BN of ``work`` (and the route of each fold); the graph is not changed."""
+    planner = Planner(work.index, work.consts)
     decisions: list[FoldDecision] = []
     routes: dict[str, Route] = {}
-    for site in sites:
+    for site in work.sites:
         decision, route = planner.decide(site)
         decisions.append(decision)
         if route is not None:

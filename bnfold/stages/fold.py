@@ -14,13 +14,23 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..graph.constants import Constants, array_to_tensor, raw_values, tensor_to_array
-from ..graph.index import GraphIndex
-from ..plan import Route
-from ..records import Action, FoldDecision, FoldPlan, Reason
-from . import arith
-from .batched import (BATCH_ELEMENTS, BnParams, ConvFold, bounds, fold_conv_flat, fold_conv_one, scale_shift_flat,
-                      scale_shift_many)
+from bnfold.formulas import arith
+from bnfold.formulas.batched import (
+    BATCH_ELEMENTS,
+    BnParams,
+    ConvFold,
+    bounds,
+    fold_conv_flat,
+    fold_conv_one,
+    scale_shift_flat,
+    scale_shift_many,
+)
+from bnfold.graph.attrs import get_attr, set_attr
+from bnfold.graph.constants import Constants, array_to_tensor, raw_values, tensor_to_array
+from bnfold.graph.index import GraphIndex
+from bnfold.records import Action, FoldDecision, FoldPlan, Reason
+from bnfold.stages.plan import Route
+from bnfold.stages.work import Work
 
 
 def _chunks(members: list, limit: int):
@@ -36,20 +46,6 @@ def _chunks(members: list, limit: int):
         total += size
     if run:
         yield run
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    keep = [a for a in node.attribute if a.name != name]
-    del node.attribute[:]
-    node.attribute.extend(keep)
-    node.attribute.append(helper.make_attribute(name, value))
 
 
 def _bias_original(b: np.ndarray | None, folded: np.ndarray) -> np.ndarray:
@@ -247,7 +243,7 @@ class _Applier:
             return
         self.write_param(route.target_pos, 2, b_out, "bias_folded")
         if op == "Gemm":
-            _set_attr(p, "beta", 1.0)
+            set_attr(p, "beta", 1.0)
         self._rewire_chain(route, bias=None)
 
     def _backward_values(self, p: onnx.NodeProto, st: tuple[np.ndarray, np.ndarray]):
@@ -257,10 +253,10 @@ class _Applier:
         bias_name = p.input[2] if len(p.input) > 2 and p.input[2] else None
         b = self.value(bias_name)
         if op == "ConvTranspose":
-            w2, b2 = arith.fold_conv_transpose(w, b, s, t, int(_attr(p, "group", 1)))
+            w2, b2 = arith.fold_conv_transpose(w, b, s, t, int(get_attr(p, "group", 1)))
         elif op == "Gemm":
-            w2, b2 = arith.fold_gemm(w, b, s, t, trans_b=bool(_attr(p, "transB", 0)),
-                                     alpha=float(_attr(p, "alpha", 1.0)), beta=float(_attr(p, "beta", 1.0)),
+            w2, b2 = arith.fold_gemm(w, b, s, t, trans_b=bool(get_attr(p, "transB", 0)),
+                                     alpha=float(get_attr(p, "alpha", 1.0)), beta=float(get_attr(p, "beta", 1.0)),
                                      n=s.shape[0])
         else:  # MatMul
             w2, b2 = arith.fold_matmul(w, None, s, t)
@@ -307,7 +303,7 @@ class _Applier:
         w = self.value(conv.input[1])
         bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
         b = self.value(bias_name)
-        w2, b2 = arith.fold_forward_conv(w, b, s, t, int(_attr(conv, "group", 1)))
+        w2, b2 = arith.fold_forward_conv(w, b, s, t, int(get_attr(conv, "group", 1)))
         w_out = arith.cast_back(w2, w.dtype, original=w)
         b_out = arith.cast_back(b2, b.dtype if b is not None else w.dtype, original=_bias_original(b, b2))
         if not self.commit:
@@ -319,14 +315,13 @@ class _Applier:
         idx.set_input(route.target_pos, 0, x)
 
 
-def apply_plan(
-    index: GraphIndex, consts: Constants, plan: FoldPlan, routes: dict[str, Route], *, commit: bool = True
-) -> FoldPlan:
-    """Carry out the plan's folds (or, with ``commit=False``, only check their arithmetic).
+def apply_plan(work: Work, plan: FoldPlan, routes: dict[str, Route], *, commit: bool = True) -> FoldPlan:
+    """Carry out the plan's folds and commit them (or, with ``commit=False``, only check their
+    arithmetic and leave the graph as it was).
 
     Returns the final plan: folds whose values do not fit the dtype become FROZEN_KEPT.
     """
-    applier = _Applier(index, consts, commit)
+    applier = _Applier(work.index, work.consts, commit)
     todo = [(d, routes[d.bn]) for d in plan.decisions if d.action is Action.FOLDED and d.bn in routes]
     values = dict(zip((d.bn for d, _ in todo), applier.precompute([r for _, r in todo])))
     final: list[FoldDecision] = []
@@ -342,4 +337,6 @@ def apply_plan(
                                       detail=f"folding into '{d.target}' would {exc.kind} the weight dtype"))
             continue
         final.append(d)
+    if commit:
+        work.commit()
     return FoldPlan(tuple(final))

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import arith
+from bnfold.formulas import arith
 
 # weights up to this many elements are batched; one batch holds at most about this many
 BATCH_ELEMENTS = 1 << 18

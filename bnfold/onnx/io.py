@@ -13,8 +13,8 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
-from .errors import BadInputError, UnsupportedModelError
-from .serialize import _copy_except, write_model
+from bnfold.errors import BadInputError, UnsupportedModelError
+from bnfold.onnx.serialize import _copy_except, write_model
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
 _PROTO_LIMIT = 2**31 - 2**24
@@ -186,7 +186,7 @@ def _ir_version_for_runtime(model: onnx.ModelProto) -> int:
     ir = model.ir_version or onnx.IR_VERSION
     if ir <= 10:  # accepted by every onnxruntime we support; no need to import it
         return ir
-    from .verify.session import ort_max_ir_version
+    from bnfold.onnx.runtime import ort_max_ir_version
 
     return min(ir, ort_max_ir_version())
 
@@ -201,7 +201,7 @@ def ir_version_for_save(model: onnx.ModelProto) -> int:
 def prepare_for_save(model: onnx.ModelProto) -> None:
     model.ir_version = ir_version_for_save(model)
     model.producer_name = "bnfold"
-    from . import __version__
+    from bnfold import __version__
 
     model.producer_version = __version__
 

@@ -11,9 +11,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .discover import BnSite
-from .graph.index import GraphIndex
-from .records import FrozenStats
+from bnfold.graph.attrs import drop_attr
+from bnfold.graph.index import GraphIndex
+from bnfold.records import FrozenStats
+from bnfold.stages.discover import BnSite
+from bnfold.stages.work import Work
 
 
 def stats_dtype(index: GraphIndex, node: onnx.NodeProto) -> np.dtype:
@@ -26,15 +28,13 @@ def stats_dtype(index: GraphIndex, node: onnx.NodeProto) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(et)) if et else np.dtype(np.float32)
 
 
-def _drop_attr(node: onnx.NodeProto, name: str) -> None:
-    keep = [a for a in node.attribute if a.name != name]
-    if len(keep) != len(node.attribute):
-        del node.attribute[:]
-        node.attribute.extend(keep)
+def freeze(work: Work, stats: dict[str, FrozenStats]) -> None:
+    """Write ``stats`` into the BNs of the main graph named in it, and commit."""
+    _write(work.index, work.sites, stats)
+    work.commit()
 
 
-def freeze(index: GraphIndex, sites: list[BnSite], stats: dict[str, FrozenStats]) -> None:
-    """Write ``stats`` into the BNs of the main graph named in it (changes recorded on ``index``)."""
+def _write(index: GraphIndex, sites: list[BnSite], stats: dict[str, FrozenStats]) -> None:
     for site in sites:
         if site.pos is None or site.info.name not in stats:
             continue
@@ -50,9 +50,9 @@ def freeze(index: GraphIndex, sites: list[BnSite], stats: dict[str, FrozenStats]
         old = [node.input[3], node.input[4]]
         index.set_input(pos, 3, names[0])
         index.set_input(pos, 4, names[1])
-        _drop_attr(node, "training_mode")
+        drop_attr(node, "training_mode")
         if index.opset < 7:
-            _drop_attr(node, "is_test")
+            drop_attr(node, "is_test")
             node.attribute.append(helper.make_attribute("is_test", 1))
         for k, out in enumerate(index.drop_outputs(pos, 1)):
             if not out:

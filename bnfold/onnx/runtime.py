@@ -15,13 +15,13 @@ import os
 import re
 from typing import TYPE_CHECKING
 
-from ..errors import BadInputError, ProviderUnavailable, UnsupportedModelError
+from bnfold.errors import BadInputError, ProviderUnavailable, UnsupportedModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
     import onnxruntime
 
-    from ..data.sources import InputSpec
+    from bnfold.data.sources import InputSpec
 
 __all__ = ["make_session", "make_session_from_model", "ort_max_ir_version", "input_specs", "PROVIDERS", "CUDA_SETTINGS"]
 
@@ -212,7 +212,7 @@ def input_specs(model: "onnx.ModelProto") -> "list[InputSpec]":
     """
     from onnx import helper
 
-    from ..data.sources import InputSpec
+    from bnfold.data.sources import InputSpec
 
     graph = model.graph
     initializers = {init.name for init in graph.initializer}

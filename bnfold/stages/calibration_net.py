@@ -19,13 +19,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..discover import BnSite
-from ..errors import UnsupportedModelError
-from ..freeze import stats_dtype
-from ..graph.constants import _RAW_DTYPES, Constants
-from ..graph.index import GraphIndex
-from ..serialize import _copy_except
-
+from bnfold.errors import UnsupportedModelError
+from bnfold.graph.attrs import set_attr
+from bnfold.graph.constants import _RAW_DTYPES, Constants
+from bnfold.graph.index import GraphIndex
+from bnfold.onnx.serialize import _copy_except
+from bnfold.stages.discover import BnSite
+from bnfold.stages.freeze import stats_dtype
 
 # raw initializers of at least this many bytes reach onnxruntime from memory, not through the
 # serialised calibration model (see ``build_calibration_model``)
@@ -61,18 +61,11 @@ class StatOutputs:
     shape: str  # int64 shape of the BN input
 
 
-def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    keep = [a for a in node.attribute if a.name != name]
-    del node.attribute[:]
-    node.attribute.extend(keep)
-    node.attribute.append(helper.make_attribute(name, value))
-
-
 def _prune(graph: onnx.GraphProto, wanted: set[str]) -> None:
     """Keep only the nodes that some wanted output depends on (one backward sweep)."""
     needed = set(wanted)
     keep: list[onnx.NodeProto] = []
-    from ..graph.index import _subgraph_free_names, has_subgraph
+    from bnfold.graph.index import _subgraph_free_names, has_subgraph
 
     for node in reversed(list(graph.node)):
         if any(o in needed for o in node.output if o):
@@ -147,8 +140,8 @@ def build_calibration_model(
                 numpy_helper.from_array(np.ones(c, dt), one),
             ])
             node.input[3], node.input[4] = zero, one
-            _set_attr(node, "training_mode", 1)
-            _set_attr(node, "momentum", 0.0)
+            set_attr(node, "training_mode", 1)
+            set_attr(node, "momentum", 0.0)
             y = node.output[0]
             del node.output[:]
             node.output.extend([y, mean_out, var_out])

@@ -13,14 +13,13 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..data.sources import CalibrationData
-from ..discover import BnSite
-from ..errors import BadInputError, UnsupportedModelError
-from ..graph.constants import Constants, tensor_to_array
-from ..graph.index import GraphIndex
-from ..records import BnStats
-from .graph import build_calibration_model
-from .stats import update
+from bnfold.data.sources import CalibrationData
+from bnfold.errors import BadInputError, UnsupportedModelError
+from bnfold.formulas.stats import update
+from bnfold.graph.constants import tensor_to_array
+from bnfold.records import BnStats
+from bnfold.stages.calibration_net import build_calibration_model
+from bnfold.stages.work import Work
 
 Progress = Callable[[int, int], None]
 
@@ -30,7 +29,7 @@ def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]):
     (see ``build_calibration_model``) is handed over from memory."""
     import onnxruntime as ort
 
-    from ..load import _PROTO_LIMIT, prepare_for_save
+    from bnfold.onnx.io import _PROTO_LIMIT, prepare_for_save
 
     prepare_for_save(model)
     opts = ort.SessionOptions()
@@ -63,15 +62,9 @@ def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]):
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def calibrate(
-    model: onnx.ModelProto,
-    index: GraphIndex,
-    consts: Constants,
-    sites: list[BnSite],
-    data: CalibrationData,
-    progress: Progress | None = None,
-) -> dict[str, BnStats]:
+def calibrate(work: Work, data: CalibrationData, progress: Progress | None = None) -> dict[str, BnStats]:
     """Per-BN float64 sums over every calibration batch (main-graph BNs only)."""
+    model, index, consts, sites = work.model, work.index, work.consts, work.sites
     main = [s for s in sites if s.pos is not None]
     if not main:
         return {}
