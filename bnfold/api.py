@@ -1,63 +1,45 @@
-"""The public API: load → calibrate → freeze → plan → fold → verify → report.
+"""The public API: ``fold``, ``inspect`` and ``verify``, and the types they return.
 
-``fold`` runs the whole pipeline; ``inspect`` stops after planning. Each stage lives in its own
-module; this one only wires them together and fills the report.
+``fold`` runs load -> calibrate -> freeze -> plan -> fold -> verify and returns the report;
+``inspect`` stops after planning; ``verify`` runs only the verify stage on two model files. The
+stages live in ``bnfold/stages`` (each takes the ``Work`` and returns its result), file staging
+in ``bnfold/onnx/staging.py``; this module only calls them in order and builds the records.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import Any, TypeAlias
 
 import numpy as np
 import onnx
 
 from bnfold.data.sources import CalibrationData, InputSpec, from_arrays, open_data
 from bnfold.errors import BadInputError, UnsupportedModelError
-from bnfold.formulas.stats import finalize, gap_warning
-from bnfold.gcpause import without_gc
-from bnfold.onnx.io import (
-    LoadedModel,
-    file_stamp,
-    ir_version_for_save,
-    load_onnx,
-    prepare_for_save,
-    save_onnx,
-    stamp_bytes,
-)
-from bnfold.records import BnRecord, FoldDecision, FrozenStats, Mode, Report, VerifyResult
+from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
+from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save
+from bnfold.onnx.runtime import input_specs
+from bnfold.onnx.staging import Staging, input_is_reference
+from bnfold.records import BnRecord, FoldDecision, FoldPlan, FrozenStats, Mode, Report, VerifyResult
 from bnfold.stages.calibrate import calibrate
 from bnfold.stages.discover import BnSite, training_bn_names
 from bnfold.stages.fold import apply_plan
 from bnfold.stages.freeze import freeze
 from bnfold.stages.plan import make_plan
 from bnfold.stages.work import Work
+from bnfold.verify.engine import VerifyConfig
+from bnfold.verify.engine import verify as run_verify
+from bnfold.verify.feeds import data_feeds, random_feeds
 
-if TYPE_CHECKING:  # pragma: no cover
-    from bnfold.verify.engine import VerifyConfig
-
-ESTIMATORS = ("unbiased", "pooled")
-
-DataArg = "str | os.PathLike[str] | Mapping[str, np.ndarray] | CalibrationData | None"
-
-
-@dataclass
-class FoldResult:
-    model: onnx.ModelProto | None  # None on a dry run
-    report: Report
-
-    @property
-    def ok(self) -> bool:
-        """False iff verification ran and failed."""
-        v = self.report.verification
-        return v is None or v.passed
+DataArg: TypeAlias = "str | os.PathLike[str] | Mapping[str, np.ndarray] | CalibrationData | None"
 
 
 @dataclass(frozen=True)
 class BnInspection:
+    """One BN as planned: its mode before bnfold, its producer, and the decision taken for it."""
+
     name: str
     mode: Mode
     producer: str | None
@@ -65,6 +47,22 @@ class BnInspection:
     channels: int | None
     decision: FoldDecision
     graph_path: str = ""
+
+
+@dataclass
+class FoldResult:
+    """What ``fold`` returns: the folded model (None on a dry run), the report, and the plan rows
+    (``inspect``'s rows with the decisions this run took, e.g. DTYPE_OVERFLOW checked on data)."""
+
+    model: onnx.ModelProto | None
+    report: Report
+    rows: list[BnInspection] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """False iff verification ran and failed."""
+        v = self.report.verification
+        return v is None or v.passed
 
 
 # ---- stages wired together ----------------------------------------------------------------
@@ -76,20 +74,14 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     return load_onnx(model)
 
 
-def _input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    from bnfold.onnx.runtime import input_specs
-
-    return input_specs(model)
-
-
 def _fixed_batch(specs: list[InputSpec]) -> int | None:
     """The batch size every input fixes on axis 0, if any does."""
     fixed = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
     return fixed.pop() if len(fixed) == 1 else None
 
 
-def _open_data(data, model: onnx.ModelProto, batch_size: int | None) -> CalibrationData:
-    specs = _input_specs(model)
+def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None) -> CalibrationData | _FullBatches:
+    specs = input_specs(model)
     fixed = _fixed_batch(specs)
     if fixed is not None:
         if batch_size is None:
@@ -151,8 +143,10 @@ def _check_modes(work: Work, have_data: bool) -> None:
             )
 
 
-def _calibrate_and_freeze(work: Work, data: CalibrationData, estimator: str, progress) -> tuple[
-        dict[str, FrozenStats], list[str]]:
+def _calibrate_and_freeze(work: Work, data: CalibrationData | _FullBatches, estimator: str,
+                          progress: Callable[[int, int], None] | None) -> tuple[dict[str, FrozenStats], list[str]]:
+    """The calibrate and freeze stages: population statistics written into every BN (and the
+    warnings to report)."""
     raw = calibrate(work, data, progress)
     frozen = {name: finalize(st, estimator, name) for name, st in raw.items()}
     gap = gap_warning(frozen)
@@ -162,12 +156,15 @@ def _calibrate_and_freeze(work: Work, data: CalibrationData, estimator: str, pro
             warnings.append(f"BN '{site.info.name}' in {site.info.graph_path} keeps its stored statistics "
                             "(subgraphs are not calibrated)")
     freeze(work, frozen)
+    if isinstance(data, _FullBatches):
+        warnings.append(f"the last {data.dropped} calibration sample(s) were not used: the model's "
+                        f"fixed batch size {data.batch_size} does not divide {data.num_samples + data.dropped}")
     return frozen, warnings
 
 
 def _verify_batches(data: CalibrationData | None, model: onnx.ModelProto, k: int) -> list[dict[str, np.ndarray]] | str:
     """Batch-size-1 feeds for verification, or a string saying why there are none."""
-    specs = _input_specs(model)
+    specs = input_specs(model)
     bs = _fixed_batch(specs) or 1
     if data is not None:
         taken = data.take(k * bs)
@@ -205,21 +202,18 @@ def _records(work_sites: list[BnSite], modes: dict[str, Mode], plan, frozen) -> 
     return out
 
 
-@without_gc
 def fold(
     model: str | os.PathLike[str] | onnx.ModelProto,
     *,
     output: str | os.PathLike[str] | None = None,
-    data=None,
+    data: DataArg = None,
     batch_size: int | None = None,
     estimator: str = "unbiased",
     verify: bool = True,
     dry_run: bool = False,
     verify_samples: int = 4,
-    atol: float | None = None,
-    rtol: float | None = None,
     progress: Callable[[int, int], None] | None = None,
-    verify_config: "VerifyConfig | None" = None,
+    verify_config: VerifyConfig | None = None,
     frozen_output: str | os.PathLike[str] | None = None,
 ) -> FoldResult:
     """Freeze (with ``data``), fold and verify one ONNX model.
@@ -231,8 +225,8 @@ def fold(
     when verification passed (or was switched off); on a dry run nothing is written.
     ``frozen_output``: also write the frozen, unfolded model (the verification reference), e.g.
     for a later ``bnfold verify FROZEN FOLDED`` in CI.
-    ``verify_config`` (``bnfold.verify.engine.VerifyConfig``) sets providers, tolerances, the
-    error statistic and the repro directory; ``atol``/``rtol`` override its global tolerances.
+    ``verify_config`` (``VerifyConfig``) sets providers, tolerances, the error statistic and the
+    repro directory.
     """
     if estimator not in ESTIMATORS:
         raise BadInputError(f"unknown estimator '{estimator}'; use one of: {', '.join(ESTIMATORS)}")
@@ -243,157 +237,75 @@ def fold(
     modes = {s.info.name: s.info.mode for s in work.sites}
     _check_modes(work, data is not None)
     cal = _open_data(data, work.model, batch_size) if data is not None else None
-    frozen: dict[str, FrozenStats] = {}
-    warnings: list[str] = []
-    if cal is not None:
-        frozen, warnings = _calibrate_and_freeze(work, cal, estimator, progress)
-        if isinstance(cal, _FullBatches):
-            warnings.append(f"the last {cal.dropped} calibration sample(s) were not used: the model's "
-                            f"fixed batch size {cal.batch_size} does not divide {cal.num_samples + cal.dropped}")
-    report = Report(
-        input_path=str(loaded.path) if loaded.path else None, output_path=None,
-        input_sha256=None, output_sha256=None, estimator=estimator,  # input hash: set below (still computing)
-        batch_size=cal.batch_size if cal is not None else None, calibrated=cal is not None, bns=[],
-        warnings=warnings, dry_run=dry_run,
-        extra={"calibration_samples": cal.num_samples} if cal is not None else {})
+    frozen, warnings = _calibrate_and_freeze(work, cal, estimator, progress) if cal is not None else ({}, [])
 
     plan, routes = make_plan(work)
     planned = work.sites  # the BNs the plan decides on (a committed fold re-indexes the work)
     if dry_run:
         final = apply_plan(work, plan, routes, commit=False)
-        report.bns = _records(work.sites, modes, final, frozen)
-        report.input_sha256 = loaded.sha256
-        return FoldResult(None, report)
+        return FoldResult(None, _report(loaded, cal, estimator, warnings, _records(planned, modes, final, frozen),
+                                        dry_run=True), _rows(planned, modes, final))
 
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-    if frozen_output:
-        Path(frozen_output).parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=Path(output).parent if output else None)) \
-        if (verify or output) else None
-    try:
+    verification: VerifyResult | None = None
+    output_path = output_sha256 = None
+    with Staging(loaded, output, frozen_output, verify=verify) as staging:
         # nothing frozen: the input file itself is the reference, unless something differs
-        reference = _input_as_reference(work) if verify and cal is None else None
+        use_input = verify and cal is None and input_is_reference(loaded, work.model, work.renamed)
         prepare_for_save(work.model)  # an IR the installed onnxruntime accepts, for both models
-        size = stamp_bytes(loaded.stamp)  # the input's size: about the output's
-        if frozen_output:
-            save_onnx(work.model, frozen_output, external_data=loaded.external_data, size_hint=size)
-        if reference is not None and file_stamp(reference, loaded.locations) != loaded.stamp:
-            reference = None  # the input changed since it was read
-        if verify and reference is None and frozen_output and not _same_file(frozen_output, output):
-            reference = Path(frozen_output)  # just written: the frozen model, no second copy
-        if verify and reference is None:
-            reference = stage / "frozen.onnx"
-            save_onnx(work.model, reference, external_data=loaded.external_data, size_hint=size)
+        reference = staging.write_reference(work.model, use_input)
         final = apply_plan(work, plan, routes, commit=True)
-        report.bns = _records(planned, modes, final, frozen)
-        report.input_sha256 = loaded.sha256
         prepare_for_save(work.model)
-        if stage is not None:
-            staged = stage / (Path(output).name if output else "folded.onnx")
-            digest = save_onnx(work.model, staged, external_data=loaded.external_data, size_hint=size)
-            if verify:
-                batches = _verify_batches(cal, work.model, verify_samples)
-                if isinstance(batches, str):
-                    report.warnings.append(f"verification skipped: {batches}")
+        if staging.folder is not None:
+            staged, digest = staging.write_candidate(work.model)
+            if reference is not None:
+                feeds = _verify_batches(cal, work.model, verify_samples)
+                if isinstance(feeds, str):
+                    warnings.append(f"verification skipped: {feeds}")
                 else:
-                    report.verification = _run_verification(
-                        reference, staged, batches, verify_config, atol, rtol,
+                    verification = _run_verification(
+                        reference, staged, feeds, verify_config,
                         {"source": "data" if cal is not None else "random", "seed": None if cal else 0,
-                         "samples": verify_samples, "batch_size": _fixed_batch(_input_specs(work.model)) or 1})
-            if output and (report.verification is None or report.verification.passed):
-                _move_into_place(staged, Path(output), loaded.external_data)
-                report.output_path, report.output_sha256 = str(output), digest
-        return FoldResult(work.model, report)
-    finally:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
+                         "samples": verify_samples, "batch_size": _fixed_batch(input_specs(work.model)) or 1})
+            if output and (verification is None or verification.passed):
+                output_path, output_sha256 = str(staging.publish(staged)), digest
+    report = _report(loaded, cal, estimator, warnings, _records(planned, modes, final, frozen), dry_run=False,
+                     verification=verification, output_path=output_path, output_sha256=output_sha256)
+    return FoldResult(work.model, report, _rows(planned, modes, final))
 
 
-def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str] | None) -> bool:
-    return b is not None and Path(a).resolve() == Path(b).resolve()
+def _report(loaded: LoadedModel, cal: CalibrationData | _FullBatches | None, estimator: str, warnings: list[str],
+            bns: list[BnRecord], *, dry_run: bool, verification: VerifyResult | None = None,
+            output_path: str | None = None, output_sha256: str | None = None) -> Report:
+    return Report(
+        input_path=str(loaded.path) if loaded.path else None, output_path=output_path,
+        input_sha256=loaded.sha256, output_sha256=output_sha256, estimator=estimator,
+        batch_size=cal.batch_size if cal is not None else None, calibrated=cal is not None, bns=bns,
+        warnings=warnings, verification=verification, dry_run=dry_run,
+        extra={"calibration_samples": cal.num_samples} if cal is not None else {})
 
 
-def _input_as_reference(work: Work) -> Path | None:
-    """The input file, where it is the frozen model as ``fold`` would write it, else None.
-
-    Called before anything is frozen or folded (the caller checks that nothing was calibrated),
-    while the model in memory is still the input as read. Writing that model again (all its
-    weights, gigabytes for some models) would give the same graph and the same tensors with
-    only the producer fields changed, so the input file is used as the verification reference
-    when: it was read from a file; its IR version is the one ``prepare_for_save`` writes (else
-    onnxruntime may refuse it, or the written model would differ); no node was renamed
-    (``name_nodes``: fold-site results carry the reference's BN node names, which must be the
-    report's); every external-data file lies inside the model's folder as a relative path (as
-    onnxruntime requires); and the caller checks just before using it that the files were not
-    changed since they were read (``file_stamp``). In any doubt the frozen model is written.
-    """
-    loaded = work.loaded
-    path = loaded.path
-    if path is None or not loaded.stamp or work.renamed:
-        return None
-    if ir_version_for_save(work.model) != work.model.ir_version:
-        return None
-    try:
-        folder = path.resolve().parent
-        if path.parent.resolve() != folder:  # a link to a model in another folder
-            return None
-        for location in loaded.locations:
-            rel = Path(location)
-            if rel.is_absolute() or ".." in rel.parts:
-                return None
-            if not (path.parent / rel).resolve().is_relative_to(folder):
-                return None
-    except (OSError, RuntimeError, ValueError):
-        return None
-    return path
+def _rows(sites: list[BnSite], modes: dict[str, Mode], plan: FoldPlan) -> list[BnInspection]:
+    by_bn = plan.by_bn()
+    return [BnInspection(s.info.name, modes.get(s.info.name, s.info.mode), s.info.producer, s.info.producer_op,
+                         s.info.channels, by_bn[s.info.name], s.info.graph_path) for s in sites]
 
 
-def _run_verification(reference: Path, candidate: Path, batches, config, atol, rtol, inputs) -> VerifyResult:
-    from dataclasses import replace
-
-    from bnfold.verify.engine import VerifyConfig, verify
-
+def _run_verification(reference: Path, candidate: Path, feeds: list[dict[str, np.ndarray]],
+                      config: VerifyConfig | None, inputs: dict[str, Any]) -> VerifyResult:
     config = config or VerifyConfig()
-    if atol is not None:
-        config = replace(config, atol=(atol, config.atol[1]))
-    if rtol is not None:
-        config = replace(config, rtol=(rtol, config.rtol[1]))
     # the staged models vanish after fold: a repro bundle gets copies of them
     config = replace(config, inputs=dict(inputs, **config.inputs), repro_copy_models=True)
-    return verify(reference, candidate, batches, config)
-
-
-def _move_into_place(staged: Path, output: Path, external: bool) -> None:
-    """Data file first (under its fresh name), then the model; stale data files last.
-
-    A model read without external data has one too where it was too large for one protobuf.
-    """
-    from bnfold.onnx.io import data_files, remove_stale_data
-
-    assert staged.name == output.name  # the model names its data file after itself
-    keep = ""
-    for data in data_files(staged):
-        os.replace(data, output.parent / data.name)
-        keep = data.name
-    try:
-        os.replace(staged, output)
-    except OSError:
-        if keep:  # leave the directory as it was: the old model and its data
-            (output.parent / keep).unlink(missing_ok=True)
-        raise
-    if external or keep:
-        remove_stale_data(output, keep=keep)
+    return run_verify(reference, candidate, feeds, config)
 
 
 def _placeholder_stats(work: Work, site: BnSite) -> FrozenStats:
+    assert site.pos is not None
     scale = work.consts.value(work.index.nodes[site.pos].input[1])
     c = int(scale.shape[0]) if scale is not None and scale.ndim == 1 else 1
     zero, one = np.zeros(c), np.ones(c)
     return FrozenStats(zero, one, one, one, 0.0, 0, 0)
 
 
-@without_gc
 def inspect(model: str | os.PathLike[str] | onnx.ModelProto) -> list[BnInspection]:
     """Every BN with its producer, mode and the decision ``fold`` would take (stored statistics).
 
@@ -409,12 +321,10 @@ def inspect(model: str | os.PathLike[str] | onnx.ModelProto) -> list[BnInspectio
     plan, routes = make_plan(work)
     # the arithmetic check needs statistics: only BNs that already have them are checked here
     checked = {bn: r for bn, r in routes.items() if modes[bn] is Mode.INFERENCE}
-    by_bn = apply_plan(work, plan, checked, commit=False).by_bn()
-    return [BnInspection(s.info.name, modes[s.info.name], s.info.producer, s.info.producer_op, s.info.channels,
-                         by_bn[s.info.name], s.info.graph_path) for s in work.sites]
+    return _rows(work.sites, modes, apply_plan(work, plan, checked, commit=False))
 
 
-def check_equivalence(
+def verify(
     reference: str | os.PathLike[str],
     candidate: str | os.PathLike[str],
     *,
@@ -423,23 +333,18 @@ def check_equivalence(
     seed: int = 0,
     val_range: tuple[float, float] = (0.0, 1.0),
     iterations: int | None = None,
-    config: "VerifyConfig | None" = None,
+    config: VerifyConfig | None = None,
 ) -> VerifyResult:
     """``bnfold verify`` as a function: does ``candidate`` compute ``reference``'s function?
 
     Inputs come from ``data`` (its first ``iterations`` batches, all when None) or are drawn
     uniformly from ``val_range`` with ``seed`` (``iterations`` batches, default 1).
     """
-    from dataclasses import replace
-
-    from bnfold.verify.engine import VerifyConfig, verify
-    from bnfold.verify.feeds import data_feeds, random_feeds
-
     for path in (reference, candidate):
         if not Path(path).is_file():
             raise BadInputError(f"model file not found: {path}")
     ref_model = onnx.load(os.fspath(reference), load_external_data=False)
-    specs = _input_specs(ref_model)
+    specs = input_specs(ref_model)
     training = training_bn_names(ref_model)
     del ref_model
     if data is not None:
@@ -448,7 +353,7 @@ def check_equivalence(
         feeds, info = random_feeds(specs, seed=seed, val_range=val_range, iterations=iterations or 1,
                                    batch_size=batch_size)
     config = config or VerifyConfig()
-    result = verify(reference, candidate, feeds, replace(config, inputs=dict(info, **config.inputs)))
+    result = run_verify(reference, candidate, feeds, replace(config, inputs=dict(info, **config.inputs)))
     if training and not result.passed:
         # its outputs depend on the rest of the batch: no folded (frozen) model reproduces them
         names = ", ".join(f"'{n}'" for n in training[:3]) + (" ..." if len(training) > 3 else "")

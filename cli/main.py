@@ -550,7 +550,7 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     _check_paths([(reference, "REFERENCE"), (candidate, "CANDIDATE"), (data.path, "the --data file")],
                  _report_outputs(report))
     config = _engine_config(compare, report.path)
-    result = _api().check_equivalence(
+    result = _api().verify(
         reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,
         val_range=inputs.val_range, iterations=inputs.iterations, config=config)
     _write_verification_reports(result, report, write_json=True,

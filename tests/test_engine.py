@@ -15,7 +15,8 @@ import pytest
 from conftest import FLOAT16, bn, bn_params, init, make_model, rand, vi
 from onnx import numpy_helper
 
-from bnfold.api import check_equivalence, fold
+import bnfold.api as api
+from bnfold.api import fold
 from bnfold.errors import BadInputError, ProviderUnavailable
 from bnfold.verify.engine import VerifyConfig, verify
 
@@ -163,9 +164,9 @@ def test_cuda_provider_runs_with_noise_floor(pair, rng):  # pragma: no cover - G
 
 def test_check_equivalence_random_inputs_are_seeded(pair):
     ref, cand = pair
-    a = check_equivalence(ref, cand, seed=7, val_range=(-2.0, 2.0), iterations=2)
-    b = check_equivalence(ref, cand, seed=7, val_range=(-2.0, 2.0), iterations=2)
-    c = check_equivalence(ref, cand, seed=8, val_range=(-2.0, 2.0), iterations=2)
+    a = api.verify(ref, cand, seed=7, val_range=(-2.0, 2.0), iterations=2)
+    b = api.verify(ref, cand, seed=7, val_range=(-2.0, 2.0), iterations=2)
+    c = api.verify(ref, cand, seed=8, val_range=(-2.0, 2.0), iterations=2)
     assert a.passed and a.samples == 2
     assert a.inputs["sha256"] == b.inputs["sha256"] != c.inputs["sha256"]
     assert a.inputs["seed"] == 7 and a.inputs["val_range"] == [-2.0, 2.0]
@@ -174,10 +175,10 @@ def test_check_equivalence_random_inputs_are_seeded(pair):
 def test_check_equivalence_with_data(pair, rng, tmp_path):
     ref, cand = pair
     np.savez(tmp_path / "d.npz", x=rand(rng, 5, 4, 6, 6))
-    res = check_equivalence(ref, cand, data=tmp_path / "d.npz", batch_size=2)
+    res = api.verify(ref, cand, data=tmp_path / "d.npz", batch_size=2)
     assert res.passed and res.samples == 5 and res.inputs["source"] == "data"
     with pytest.raises(BadInputError, match="LO must not exceed HI"):
-        check_equivalence(ref, cand, val_range=(1.0, 0.0))
+        api.verify(ref, cand, val_range=(1.0, 0.0))
 
 
 def test_different_interfaces_are_bad_input(pair, rng, tmp_path):

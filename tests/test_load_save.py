@@ -30,6 +30,7 @@ from bnfold.api import fold, inspect
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.onnx.runtime import ort_max_ir_version
 from bnfold.records import Action, Mode
+from bnfold.verify.engine import VerifyConfig
 
 
 def _fail_replace_onto(monkeypatch, target) -> None:
@@ -202,12 +203,15 @@ def test_success_leaves_input_alone_and_no_temp_files(rng, tmp_path):
     assert os.listdir(out.parent) == ["f.onnx"]
 
 
+EXACT = VerifyConfig(atol=(0.0, {}), rtol=(0.0, {}))  # folding reorders float ops: not bit-exact
+
+
 def test_verification_failure_writes_nothing(rng, tmp_path):
     model, *_ = conv_bn(rng)
     src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
     onnx.save(model, src)
     h = sha256(src)
-    res = fold(src, output=out, atol=0.0, rtol=0.0)  # folding reorders float ops: not bit-exact
+    res = fold(src, output=out, verify_config=EXACT)  # folding reorders float ops: not bit-exact
     assert res.report.verification is not None and not res.report.verification.passed
     assert not res.ok
     assert not out.exists()
@@ -220,7 +224,7 @@ def test_verification_failure_with_output_equal_to_input_keeps_input(rng, tmp_pa
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
     h = sha256(src)
-    res = fold(src, output=src, atol=0.0, rtol=0.0)
+    res = fold(src, output=src, verify_config=EXACT)
     assert not res.ok
     assert sha256(src) == h
     assert os.listdir(tmp_path) == ["m.onnx"]
@@ -675,9 +679,10 @@ def test_save_external_keeps_tensors_already_external(rng, tmp_path):
 def spy(monkeypatch):
     """Records the paths fold saves models to and the reference verification runs against."""
     import bnfold.api as pipeline
+    import bnfold.onnx.staging as staging
 
     seen = {"saved": [], "reference": []}
-    real_save, real_run = pipeline.save_onnx, pipeline._run_verification
+    real_save, real_run = staging.save_onnx, pipeline._run_verification
 
     def save(model, path, **kw):
         seen["saved"].append(os.path.basename(path))
@@ -687,7 +692,7 @@ def spy(monkeypatch):
         seen["reference"].append(os.fspath(reference))
         return real_run(reference, candidate, *a, **kw)
 
-    monkeypatch.setattr(pipeline, "save_onnx", save)
+    monkeypatch.setattr(staging, "save_onnx", save)
     monkeypatch.setattr(pipeline, "_run_verification", run)
     return seen
 

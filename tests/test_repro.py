@@ -285,14 +285,14 @@ def test_passing_fold_writes_none(pair: dict[str, Path], tmp_path: Path) -> None
 
 
 def test_the_library_writes_no_bundle_unless_told(pair: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
-    from bnfold.api import check_equivalence
+    from bnfold.api import verify
     from bnfold.verify.engine import VerifyConfig
 
     monkeypatch.chdir(tmp_path)
-    res = check_equivalence(pair["ref"], pair["bad"])
+    res = verify(pair["ref"], pair["bad"])
     assert not res.passed and res.repro_dir is None
     assert list(tmp_path.iterdir()) == []
-    res = check_equivalence(pair["ref"], pair["bad"], config=VerifyConfig(repro_dir=str(tmp_path / "b")))
+    res = verify(pair["ref"], pair["bad"], config=VerifyConfig(repro_dir=str(tmp_path / "b")))
     assert res.repro_dir == str(tmp_path / "b") and (tmp_path / "b" / "repro.json").is_file()
 
 
