@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -192,3 +193,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         reason = _slow_reason(item.nodeid)
         if reason is not None:
             item.add_marker(pytest.mark.slow(reason=reason))
+
+
+# ---- memory -----------------------------------------------------------------------------------
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line with the peak resident memory of this pytest process and of its largest finished
+    child process (``bnfold`` runs in subprocesses), the figures the suite's 3 GB budget is about."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return
+    per_mib = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss: bytes on macOS, kB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mib
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / per_mib
+    terminalreporter.write_line(f"peak RSS: pytest {own:.0f} MiB, largest child process {child:.0f} MiB")
