@@ -8,7 +8,8 @@ without paying an interpreter start and the onnx/onnxruntime imports per command
 What a fresh process would see is recreated for the call: the working directory (``cwd``), the
 environment (``env`` entries set, ``$GITHUB_STEP_SUMMARY`` removed unless ``env`` sets it, and
 ``$COLUMNS`` 80 where unset, the width a pipe gives click's help), Python's default warning
-filters (pytest turns DeprecationWarnings on) and non-terminal streams.
+filters (pytest turns DeprecationWarnings on) and non-terminal streams. The ``bnfold`` logger, which
+``main`` sets up for terminal lines, is put back as it was afterwards, so later tests see it unchanged.
 
 ``run_process`` runs ``python -m bnfold.cli.main`` in a child process; it is kept for the tests
 that prove process behaviour (the exit status of a real process, what goes to which stream).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -61,6 +63,18 @@ def _working_directory(cwd: Path | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _logger_restored(name: str) -> Iterator[None]:
+    log = logging.getLogger(name)
+    handlers, level, propagate = list(log.handlers), log.level, log.propagate
+    try:
+        yield
+    finally:
+        log.handlers[:] = handlers
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+@contextlib.contextmanager
 def _default_warning_filters() -> Iterator[None]:
     """Python's filters in a fresh interpreter (DeprecationWarning and friends ignored); setting
     them also resets the "shown once" registries, as a new process would start with none."""
@@ -78,7 +92,7 @@ def run_cli(*args: object, cwd: Path | None = None,
     full_env = child_env(env)
     full_env.setdefault("COLUMNS", "80")
     out, err = io.StringIO(), io.StringIO()
-    with _environment(full_env), _working_directory(cwd), _default_warning_filters(), \
+    with _environment(full_env), _working_directory(cwd), _default_warning_filters(), _logger_restored("bnfold"), \
             contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(argv)
     return subprocess.CompletedProcess(["bnfold", *argv], rc, out.getvalue(), err.getvalue())
