@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -165,3 +166,44 @@ def list_dir(path) -> set[str]:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+# ---- the slow tier ----------------------------------------------------------------------------
+# ``pytest -m "not slow"`` is the fast tier. Files this suite's owners mark themselves carry
+# ``pytestmark = pytest.mark.slow`` (test_e2e_large_model.py); the tests below live in files owned
+# elsewhere and are marked here by node id (a file, or file::test without parameters), with the
+# time measured here (2 cores, ``--durations=0``). Fast tier: under 2 minutes; whole suite: the
+# README's ``python -m pytest -q``.
+SLOW: dict[str, str] = {
+    "tests/test_torch_cli.py": "a Python process per test importing torch (22 of 24 tests took 2-17 s; 130 s in all)",
+    "tests/test_fold_graph.py::test_light_resnet50_from_onnx_wheel": "folds and verifies a ResNet-50 (~9 s)",
+    "tests/test_torch_fold.py::test_efficientnet_b0_depthwise_same_padding": "builds and folds EfficientNet-B0 (~6 s)",
+}
+
+
+def _slow_reason(nodeid: str) -> str | None:
+    path, _, rest = nodeid.partition("::")
+    test = rest.split("[", 1)[0]
+    return SLOW.get(path) or SLOW.get(f"{path}::{test}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        reason = _slow_reason(item.nodeid)
+        if reason is not None:
+            item.add_marker(pytest.mark.slow(reason=reason))
+
+
+# ---- memory -----------------------------------------------------------------------------------
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line with the peak resident memory of this pytest process and of its largest finished
+    child process (``bnfold`` runs in subprocesses), the figures the suite's 3 GB budget is about."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return
+    per_mib = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss: bytes on macOS, kB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mib
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / per_mib
+    terminalreporter.write_line(f"peak RSS: pytest {own:.0f} MiB, largest child process {child:.0f} MiB")

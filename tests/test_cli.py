@@ -1,9 +1,13 @@
 """End-to-end tests of the ``bnfold`` command line.
 
-Most tests run the CLI in a subprocess (``python -m bnfold.cli.main``) on small models built
-here with onnx.helper; a few run ``cli.main.main`` in-process with a stand-in library to reach
-paths a correct library never takes (an internal error, a failed verification). Tests on the
-shipped sample models skip while ``sample_models/`` lacks them.
+Most tests run the CLI in this process (``cli_run.run_cli``: ``bnfold.cli.main.main(argv)`` with
+stdout and stderr captured apart) on small models built here with onnx.helper; a few run
+``cli.main.main`` with a stand-in library to reach paths a correct library never takes (an internal
+error, a failed verification). The tests that prove process behaviour run ``python -m
+bnfold.cli.main`` in a child process (``run_process``): the version on stdout with exit 0, exit 3
+and exit 1 with one error line on stderr, a traceback under ``--debug``, ``--help`` importing no
+heavy module in a fresh interpreter, the installed console script. Tests on the shipped sample
+models skip while ``sample_models/`` lacks them.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
+from cli_run import run_cli, run_process
 from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,16 +36,6 @@ FOLD_FLAGS = [
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run_cli(*args: object, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "bnfold.cli.main", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-    )
 
 
 def snapshot(path: Path) -> tuple[bytes, int]:
@@ -195,7 +190,7 @@ def test_help_lists_every_option() -> None:
 def test_version() -> None:
     import bnfold
 
-    proc = run_cli("--version")
+    proc = run_process("--version")
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"bnfold {bnfold.__version__}"
 
@@ -291,7 +286,7 @@ def test_no_output_may_overwrite_an_input_or_another_output(args: list[str], hin
 def test_missing_model_file(tmp_path: Path) -> None:
     out = tmp_path / "folded.onnx"
     for cmd in (["fold", tmp_path / "nope.onnx", "-o", out], ["inspect", tmp_path / "nope.onnx"]):
-        line = assert_one_line_error(run_cli(*cmd))
+        line = assert_one_line_error(run_process(*cmd))
         assert "not found" in line and "nope.onnx" in line
     assert not out.exists()
 
@@ -341,7 +336,7 @@ def test_debug_shows_traceback(tmp_path: Path, where: str) -> None:
     bad.write_bytes(b"not onnx at all")
     out = tmp_path / "folded.onnx"
     argv = ["--debug", "fold", bad, "-o", out] if where == "group" else ["fold", bad, "-o", out, "--debug"]
-    proc = run_cli(*argv)
+    proc = run_process(*argv)
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" in proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1].startswith("bnfold: error: ")
@@ -457,7 +452,7 @@ def test_verification_failure_exit_1(tmp_path: Path) -> None:
     model = conv_bn_model(tmp_path / "wide.onnx", channels=64, seed=5)
     out = tmp_path / "folded.onnx"
     report = tmp_path / "report.json"
-    proc = run_cli("fold", model, "-o", out, "--report", report, "--atol", 0, "--rtol", 0, "--verify-samples", 4)
+    proc = run_process("fold", model, "-o", out, "--report", report, "--atol", 0, "--rtol", 0, "--verify-samples", 4)
     if proc.returncode == 0:
         pytest.skip("folded and frozen outputs agree bit for bit; cannot provoke a verification failure")
     line = assert_one_line_error(proc, code=1)

@@ -1,16 +1,18 @@
-"""End-to-end tests of ``bnfold verify`` (and ``bnfold fold --frozen-output``) through subprocesses.
+"""End-to-end tests of ``bnfold verify`` (and ``bnfold fold --frozen-output``) on the command line.
 
 The reference is an inference-mode Conv -> BN -> Relu chain (3 blocks, IR 10, opset 17) built with
 onnx.helper; ``bnfold fold --frozen-output`` writes the folded candidate and the frozen reference.
 A second candidate has one weight of the middle Conv perturbed, so the first divergent fold site is
-the middle BN. Every command runs as ``python -m bnfold.cli.main`` in a subprocess.
+the middle BN. Commands run in this process (``cli_run.run_cli``: ``bnfold.cli.main.main(argv)``
+with stdout and stderr captured apart, ``$GITHUB_STEP_SUMMARY`` removed unless a test sets it);
+the exit statuses 2 (usage) and 4 (missing provider) are also proven on a real process
+(``python -m bnfold.cli.main``, ``run_process``).
 """
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cli_run import run_cli, run_process
 from conftest import bn, bn_params, init, make_model, ort_run, vi
 from onnx import helper, numpy_helper
 
@@ -28,17 +31,6 @@ C = 4  # channels
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run_cli(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """bnfold in a subprocess. $GITHUB_STEP_SUMMARY is removed unless ``env`` sets it, so a test run
-    inside GitHub Actions never writes into the real job summary."""
-    base = {k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"}
-    base.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "bnfold.cli.main", *map(str, args)],
-        capture_output=True, text=True, timeout=120, env=base,
-    )
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -204,7 +196,7 @@ def test_failing_repro_bundle(failing, models: dict[str, Path]) -> None:
 @pytest.mark.skipif(HAS_CUDA, reason="onnxruntime has the CUDA execution provider here")
 def test_missing_provider_exits_4(models: dict[str, Path], tmp_path: Path) -> None:
     report = tmp_path / "report.json"
-    proc = run_cli("verify", models["frozen"], models["folded"], "--providers", "cpu,cuda", "--report", report)
+    proc = run_process("verify", models["frozen"], models["folded"], "--providers", "cpu,cuda", "--report", report)
     line = assert_one_line_error(proc, 4)
     assert "CUDA" in line
     assert not report.exists()
@@ -248,7 +240,7 @@ def test_bad_usage_exits_2(models: dict[str, Path], extra: list[str]) -> None:
 
 
 def test_missing_candidate_argument_exits_2(models: dict[str, Path]) -> None:
-    proc = run_cli("verify", models["frozen"])
+    proc = run_process("verify", models["frozen"])
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "CANDIDATE" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -1,31 +1,34 @@
-"""bnfold.report: the JSON report (both kinds: schema, numbers, atomic write), the summaries and the
-plan table. The VerifyResult builders here are shared with test_report_formats.py."""
+"""bnfold.report.json_report: the JSON report (both kinds: schema, numbers, environment, atomic write).
+The records are built by hand in report_builders.py."""
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
 import numpy as np
 import pytest
+from report_builders import (
+    CAND,
+    REF,
+    SHA_IN,
+    SHA_OUT,
+    make_failing_result,
+    make_metrics,
+    make_passing_result,
+    make_report,
+)
 
 import bnfold
 from bnfold.records import (
     Action,
-    BnRecord,
-    FoldDecision,
-    FrozenStats,
     Mode,
     ProviderRun,
     Reason,
-    Report,
     SiteResult,
     VerifyResult,
 )
@@ -41,12 +44,9 @@ from bnfold.report.json_report import (
     write_json,
     write_verify_json,
 )
-from bnfold.report.summary import ellipsize, plan_table, summary_text, verify_summary_text
-from bnfold.verify.metrics import ERROR_STATS, OutputMetrics, compute_metrics
+from bnfold.verify.metrics import ERROR_STATS, OutputMetrics
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "docs" / "report-schema.json"
-SHA_IN = "a" * 64
-SHA_OUT = "0123456789abcdef" * 4
 
 
 @pytest.fixture(scope="module")
@@ -58,148 +58,6 @@ def schema():
 
 def _validate(doc, schema):
     jsonschema.Draft202012Validator(schema).validate(doc)
-
-
-# ---- VerifyResult builders (also used by test_report_formats.py) --------------------------------
-def make_metrics(name: str = "logits", error: float = 1e-6, *, shape=(4, 10), atol: float = 1e-4,
-                 rtol: float = 1e-4, seed: int = 0, dtype=np.float32, **kw) -> OutputMetrics:
-    """Real metrics: a random reference and the same plus ``error`` (an all-positive shift)."""
-    rng = np.random.default_rng(seed)
-    ref = rng.normal(size=shape).astype(dtype)
-    cand = (ref.astype(np.float64) + error).astype(dtype)
-    return compute_metrics(name, ref, cand, atol=atol, rtol=rtol, **kw)
-
-
-def make_site(bn: str, position: int, max_abs: float, *, passed: bool | None = None,
-              atol: float = 1e-4, channels=()) -> SiteResult:
-    if passed is None:
-        passed = bool(max_abs <= atol)
-    return SiteResult(bn=bn, tensor=f"{bn}_out", target=f"{bn}_conv", direction="backward",
-                      position=position, max_abs=max_abs, max_rel=max_abs * 10, atol=atol,
-                      rtol=1e-4, passed=passed, worst_channels=tuple(channels))
-
-
-SETTINGS = {
-    "graph_optimization_level": "disabled",
-    "tf32": False,
-    "deterministic": True,
-    "cudnn_conv_algo_search": "DEFAULT",
-    "error_stat": "max",
-    "quantile": None,
-    "tolerances": {"atol": None, "rtol": None, "per_output": {}},
-}
-INPUTS = {
-    "source": "random",
-    "seed": 0,
-    "val_range": (-1.0, 1.0),
-    "iterations": 2,
-    "data": None,
-    "batch_size": 4,
-    "sha256": {"input": "c" * 64},
-}
-
-
-def make_passing_result() -> VerifyResult:
-    logits = make_metrics("logits", 2.5e-6)
-    features = make_metrics("features", 1e-6, shape=(4, 3, 2, 2), seed=1)
-    run = ProviderRun("cpu", "ran", ("CPUExecutionProvider",), True, (logits, features))
-    sites = (make_site("layer1.0.bn1", 2, 3e-7), make_site("layer1.0.bn2", 5, 0.0))
-    return VerifyResult(passed=True, samples=8, runs=(run,), sites=sites, settings=dict(SETTINGS),
-                        inputs=dict(INPUTS), note="batch size 1")
-
-
-def make_failing_result() -> VerifyResult:
-    """cpu ran and fails on one output, cuda ran with a noise floor, rocm skipped; a fold site
-    with '<' in its name diverges, one later site is inf and one nan."""
-    ok = make_metrics("logits", 2e-6)
-    bad = make_metrics("probs<&>", 0.25, shape=(4, 6), seed=2)
-    cpu = ProviderRun("cpu", "ran", ("CPUExecutionProvider",), False, (ok, bad))
-    cuda = ProviderRun("cuda", "ran", ("CUDAExecutionProvider", "CPUExecutionProvider"), False,
-                       (make_metrics("logits", 3e-6), make_metrics("probs<&>", 0.5, shape=(4, 6))),
-                       noise_floor=(("logits", 1.5e-6), ("probs<&>", float("inf"))),
-                       note="TF32 off")
-    rocm = ProviderRun("rocm", "skipped", (), False, note="ROCMExecutionProvider not available")
-    sites = (
-        make_site("stem.bn", 1, 1e-7),
-        make_site("layer1.bn<1>", 4, 0.125, channels=((7, 0.125), (2, 0.01))),
-        make_site("layer2.bn", 9, float("inf")),
-        make_site("layer3.bn", 12, float("nan"), passed=False),
-        make_site("head.bn", 15, 0.0),
-    )
-    return VerifyResult(
-        passed=False, samples=4, runs=(cpu, cuda, rocm), sites=sites,
-        first_divergent_site="layer1.bn<1>", settings=dict(SETTINGS, tf32=True),
-        inputs=dict(INPUTS), environment={"gpu": "NVIDIA H100 80GB HBM3", "driver": "550.54"},
-        repro_dir="/tmp/bnfold-repro", note="2 of 3 providers ran",
-    )
-
-
-REF = {"path": "model.onnx", "sha256": SHA_IN}
-CAND = {"path": "model.folded.onnx", "sha256": SHA_OUT}
-
-
-def make_stats(gap: float, samples: int = 96) -> FrozenStats:
-    return FrozenStats(
-        mean=np.array([-0.5, 0.25, 1.5]),
-        var=np.array([0.5, 2.0, 4.0]),
-        var_unbiased=np.array([0.5, 2.0, 4.0]),
-        var_pooled=np.array([0.75, 2.5, 4.5]),
-        gap=gap,
-        samples=samples,
-        batches=np.int64(3),  # numpy ints must come out as JSON ints
-    )
-
-
-def make_report(**overrides) -> Report:
-    bns = [
-        BnRecord(
-            name="layer1.0.bn1",
-            mode_before=Mode.TRAINING,
-            action=Action.FOLDED,
-            target="layer1.0.conv1",
-            direction="backward",
-            channels=3,
-            stats=make_stats(0.125),
-        ),
-        BnRecord(
-            name="layer1.0.bn2",
-            mode_before=Mode.DECOMPOSED,
-            action=Action.FOLDED,
-            target="layer1.0.conv2",
-            direction="backward",
-            reason=Reason.SHARED_WEIGHT_CLONED,
-            detail="weight shared with layer2.0.conv2; folded into a copy",
-            channels=3,
-            stats=make_stats(0.5),
-        ),
-        BnRecord(
-            name="head.bn",
-            mode_before=Mode.INFERENCE,
-            action=Action.FROZEN_KEPT,
-            reason=Reason.PRODUCER_FANOUT,
-            detail="head.conv output also feeds aux.conv",
-            channels=np.int64(3),
-            stats=None,
-        ),
-    ]
-    verification = make_passing_result()
-    fields = dict(
-        input_path="in/model.onnx",
-        output_path=Path("out/model.folded.onnx"),
-        input_sha256=SHA_IN,
-        output_sha256=SHA_OUT,
-        estimator="unbiased",
-        batch_size=32,
-        calibrated=True,
-        bns=bns,
-        verification=verification,
-        warnings=["opset 9 model: upgraded to 15"],
-        dry_run=False,
-        extra={"timing_s": {"fold": np.float64(0.25)}, "shape": (1, 3), "mode": Mode.TRAINING,
-               "arr": np.arange(3)},
-    )
-    fields.update(overrides)
-    return Report(**fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,116 +394,3 @@ def test_write_json_failure_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_verify_json(make_passing_result(), path, reference=REF, candidate=CAND)
     assert os.listdir(tmp_path) == []
-
-
-# ---------------------------------------------------------------------------------------------
-# summaries and plan table
-# ---------------------------------------------------------------------------------------------
-
-
-def test_summary_text():
-    report = make_report()
-    text = summary_text(report)
-    lines = text.splitlines()
-    assert lines[0] == "BN found 3: folded 2, frozen and kept 1 (PRODUCER_FANOUT: 1)"
-    assert "SHARED_WEIGHT_CLONED: 1" in text
-    assert "unbiased" in text and "0.5 at layer1.0.bn2" in text  # largest gap and its layer
-    v = report.verification
-    assert f"max abs {v.max_abs:.3g}" in text and f"max rel {v.max_rel:.3g}" in text
-    assert "PASSED" in text and "cpu: ran on CPUExecutionProvider -> passed" in text
-    assert "Fold sites: all 2 within tolerance" in text
-    assert "opset 9 model: upgraded to 15" in text
-    assert "\x1b" not in text and text.isascii()
-    assert len(lines) <= 12
-
-
-def test_summary_text_failed_and_uncalibrated():
-    failed = VerifyResult(
-        passed=False, samples=2,
-        runs=(ProviderRun("cpu", "ran", ("CPUExecutionProvider",), False,
-                          (make_metrics("y", 0.3),)),),
-    )
-    text = summary_text(make_report(verification=failed, calibrated=False, dry_run=True))
-    assert "FAILED" in text and "y [float32]: max abs 0.3" in text and "-> FAIL" in text
-    assert "not calibrated" in text and "Dry run" in text
-    assert "Verification: not run" in summary_text(make_report(verification=None))
-
-
-def test_verify_summary_text():
-    result = make_failing_result()
-    text = verify_summary_text(result)
-    lines = text.splitlines()
-    assert lines[0].startswith("Verification (cpu, cuda, rocm, 4 samples): max abs 0.5")
-    assert lines[0].endswith("-> FAILED")
-    assert "  cpu: ran on CPUExecutionProvider -> FAILED" in lines
-    assert any(line.startswith("  cuda: ran on CUDAExecutionProvider, CPUExecutionProvider -> FAILED")
-               and "TF32 off" in line for line in lines)
-    assert "  rocm: skipped (ROCMExecutionProvider not available)" in lines
-    (logits_cuda,) = [l for l in lines if "logits" in l and "noise floor" in l]
-    assert re.search(r"max abs 3(\.\d+)?e-06 \(noise floor 1\.5e-06\)", logits_cuda)
-    assert "-> ok" in logits_cuda
-    assert "cosine 1-" in logits_cuda and "top-1 100%" in logits_cuda
-    probs = [l for l in lines if "probs<&>" in l]
-    assert len(probs) == 2 and all("-> FAIL" in l and "mismatches 24/24 (100%)" in l for l in probs)
-    assert "noise floor inf" in probs[1]
-    (first,) = [l for l in lines if "First divergent fold site" in l]
-    assert "layer1.bn<1>" in first and "max abs 0.125" in first
-    assert "worst channels 7 (0.125), 2 (0.01)" in first
-    assert "  Fold sites: 3 of 5 out of tolerance" in lines
-    assert "/tmp/bnfold-repro" in text and "2 of 3 providers ran" in text
-    assert "\x1b" not in text
-
-
-def test_verify_summary_first_divergent_defaults_to_earliest_failing():
-    result = dataclasses.replace(make_failing_result(), first_divergent_site=None)
-    (first,) = [l for l in verify_summary_text(result).splitlines() if "First divergent" in l]
-    assert "layer1.bn<1>" in first and "position 4" in first
-    passing = verify_summary_text(make_passing_result())
-    assert "PASSED" in passing and "First divergent" not in passing
-    assert math.isfinite(make_passing_result().max_abs)
-
-
-
-@dataclass
-class Row:
-    name: str
-    mode: Mode
-    producer: str | None
-    producer_op: str | None
-    decision: FoldDecision
-
-
-def test_plan_table_alignment():
-    long = "model.backbone.stage4.block17.residual_branch.second_conv.batch_norm"
-    rows = [
-        Row("bn1", Mode.TRAINING, "conv1", "Conv",
-            FoldDecision("bn1", Action.FOLDED, target="conv1", direction="backward")),
-        Row(long, Mode.DECOMPOSED, "model.backbone.stage4.block17.residual_branch.second_conv", "Conv",
-            FoldDecision(long, Action.FROZEN_KEPT, reason=Reason.PRODUCER_FANOUT)),
-        Row("bn_in", Mode.INFERENCE, None, None,
-            FoldDecision("bn_in", Action.FOLDED, target="conv9", direction="forward")),
-    ]
-    table = plan_table(rows)
-    lines = table.splitlines()
-    assert len(lines) == 2 + len(rows)
-    header = lines[0]
-    assert header.split() == ["BN", "mode", "producer", "action", "target", "reason"]
-    starts = [header.index(h) for h in ("mode", "producer", "action", "target", "reason")]
-    for line in lines[2:]:
-        # every column starts where its header does: the character before is a blank
-        for s in starts:
-            assert line[s - 1] == " " and line[s] != " ", (line, s)
-    assert all(line == line.rstrip() for line in lines)
-    assert long not in table
-    assert "model.backbone" in table and "..." in table and "batch_norm" in table
-    assert "PRODUCER_FANOUT" in lines[3] and "training-decomposed" in lines[3]
-    assert "frozen-kept" in lines[3] and "folded" in lines[2]
-    assert "conv1 (Conv)" in lines[2]
-    assert table.isascii()
-
-
-def test_plan_table_empty_and_ellipsize():
-    assert "no BatchNormalization" in plan_table([])
-    assert ellipsize("abcdefghij", 10) == "abcdefghij"
-    cut = ellipsize("abcdefghijklmnop", 9)
-    assert len(cut) == 9 and cut.startswith("abc") and cut.endswith("nop") and "..." in cut

@@ -3,8 +3,9 @@
 
 The CLI writes one on every failure unless ``--no-repro``: into ``--repro-dir``, else beside the
 JSON report (``X.json`` -> ``X.repro/``), else ``./bnfold-repro``. Passing runs write nothing. The
-library writes one only where ``VerifyConfig.repro_dir`` says. Every command runs as
-``python -m bnfold.cli.main`` in a subprocess with a temporary folder as its working directory.
+library writes one only where ``VerifyConfig.repro_dir`` says. Every command runs in this process
+(``cli_run.run_cli``: ``bnfold.cli.main.main(argv)`` with stdout and stderr captured apart) with a
+temporary folder as its working directory.
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from cli_run import run_cli
 from conftest import bn, bn_params, init, make_model, vi
 from onnx import helper, numpy_helper
 
@@ -28,12 +29,6 @@ C = 4
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run_cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"}
-    return subprocess.run([sys.executable, "-m", "bnfold.cli.main", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=cwd)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -324,8 +319,7 @@ def test_locations_and_bundle_detection(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["fold", "verify", "inspect"])
 def test_every_help_flag_is_in_the_readme(command: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "bnfold.cli.main", command, "--help"], capture_output=True,
-                          text=True, timeout=60)
+    proc = run_cli(command, "--help")
     assert proc.returncode == 0, proc.stderr
     flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", proc.stdout))
     if command != "inspect":

@@ -31,7 +31,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-pytestmark = pytest.mark.large
+pytestmark = [pytest.mark.large, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 C, H, W = 4, 8, 8  # channels, height, width of the conv path
