@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 import gc
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, ParamSpec, TypeVar
 
-F = TypeVar("F", bound=Callable)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @contextmanager
@@ -27,12 +28,12 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-def without_gc(func: F) -> F:
+def without_gc(func: Callable[P, R]) -> Callable[P, R]:
     """Decorator: run ``func`` with the cyclic collector paused."""
 
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         with paused_gc():
             return func(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper

@@ -5,7 +5,9 @@ Every pass reads it instead of scanning the graph; the mutators below keep it cu
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable, MutableSequence
 from itertools import chain
+from typing import Any
 
 import onnx
 
@@ -44,7 +46,7 @@ def has_subgraph(node: onnx.NodeProto) -> bool:
     )
 
 
-def _delete_positions(field, positions) -> None:
+def _delete_positions(field: MutableSequence[Any], positions: Iterable[int]) -> None:
     """Delete the given positions of a repeated protobuf field, in runs, from the back."""
     runs: list[list[int]] = []
     for i in sorted(set(positions)):

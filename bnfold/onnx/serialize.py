@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 # initializers at least this large are streamed; a model without any is serialised whole
 STREAM_MIN_BYTES = 1 << 20
@@ -48,7 +49,7 @@ def _key(field: int) -> bytes:
     return _varint((field << 3) | _LEN)
 
 
-def _copy_except(src, dst, skip: str) -> None:
+def _copy_except(src: Message, dst: Message, skip: str) -> None:
     """Copy every set field of ``src`` into ``dst`` except ``skip`` (no copy of ``skip``'s data)."""
     for fd in src.DESCRIPTOR.fields:
         name = fd.name
@@ -80,7 +81,7 @@ class _Writer:
 
     def __init__(self, fh: BinaryIO) -> None:
         self.fh, self.sha = fh, hashlib.sha256()
-        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.q: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -128,9 +129,9 @@ def write_model(model: onnx.ModelProto, fh: BinaryIO, size_hint: int | None = No
         small = onnx.GraphProto()  # the small initializers, in order, framed by protobuf
         for k, t in enumerate(inits):
             if k in big:
-                head = onnx.TensorProto()
-                _copy_except(t, head, "raw_data")
-                heads[k] = head.SerializeToString()
+                head_msg = onnx.TensorProto()
+                _copy_except(t, head_msg, "raw_data")
+                heads[k] = head_msg.SerializeToString()
         rest_bytes = rest_graph.SerializeToString()
         del rest_graph
         graph_len = len(rest_bytes)

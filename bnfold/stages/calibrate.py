@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx
@@ -21,10 +21,13 @@ from bnfold.records import BnStats
 from bnfold.stages.calibration_net import build_calibration_model
 from bnfold.stages.work import Work
 
+if TYPE_CHECKING:  # pragma: no cover
+    import onnxruntime
+
 Progress = Callable[[int, int], None]
 
 
-def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]):
+def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnxruntime.InferenceSession:
     """An onnxruntime CPU session of the calibration network; the ``held`` initializers' data
     (see ``build_calibration_model``) is handed over from memory."""
     import onnxruntime as ort
@@ -35,7 +38,7 @@ def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     tmpdir = None
-    values: list = []
+    values: list[onnxruntime.OrtValue] = []
     try:
         if model.ByteSize() < _PROTO_LIMIT:  # a skeleton: the large weights are not in it
             source: bytes | str = model.SerializeToString()

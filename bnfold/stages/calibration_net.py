@@ -14,6 +14,7 @@ nodes that no statistic depends on are pruned, so the run stops after the last B
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -174,13 +175,18 @@ def build_calibration_model(
     return cal, outputs, {name: t for name, t in held.items() if name in kept}
 
 
-def _decomposed(node, orig, consts, c, dt, mean_out, var_out, fresh, g) -> list[onnx.NodeProto]:
+def _decomposed(
+    node: onnx.NodeProto, orig: onnx.NodeProto, consts: Constants, c: int, dt: np.dtype, mean_out: str,
+    var_out: str, fresh: Callable[[str], str], g: onnx.GraphProto,
+) -> list[onnx.NodeProto]:
     """Two-pass batch normalisation with statistics outputs, for opsets without training_mode."""
     eps = 1e-5
     for a in orig.attribute:
         if a.name == "epsilon":
             eps = a.f
-    gamma = consts.value(orig.input[1]).astype(dt).reshape(1, c, 1)
+    gamma_v = consts.value(orig.input[1])
+    assert gamma_v is not None  # the caller checked that the scale is a constant
+    gamma = gamma_v.astype(dt).reshape(1, c, 1)
     beta_v = consts.value(orig.input[2])
     beta = (beta_v if beta_v is not None else np.zeros(c)).astype(dt).reshape(1, c, 1)
     x, y = orig.input[0], orig.output[0]

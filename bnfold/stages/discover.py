@@ -65,7 +65,8 @@ def is_bn(node: onnx.NodeProto) -> bool:
     return node.op_type == "BatchNormalization" and node.domain in _STD
 
 
-def attr_training(node: onnx.NodeProto, opset: int, attrs: dict | None = None) -> bool:
+def attr_training(node: onnx.NodeProto, opset: int,
+                  attrs: dict[str, onnx.AttributeProto] | None = None) -> bool:
     """Training mode as the node's attributes and outputs declare it."""
     attrs = attrs if attrs is not None else {a.name: a for a in node.attribute}
     if opset >= 14:
@@ -85,7 +86,7 @@ def training_bn_names(model: onnx.ModelProto) -> list[str]:
 
 def _depends_on(index: GraphIndex, name: str, target: str) -> bool:
     """Whether ``name`` is computed from ``target`` within a few producer steps."""
-    stack, seen = [name], set()
+    stack, seen = [name], set[str]()
     while stack and len(seen) < _TRACE_LIMIT * 4:
         cur = stack.pop()
         if cur == target:
@@ -100,8 +101,8 @@ def _depends_on(index: GraphIndex, name: str, target: str) -> bool:
 
 
 def _bn_info(node: onnx.NodeProto, mode: Mode, index: GraphIndex | None, consts: Constants | None,
-             graph_path: str, attrs: dict | None = None, ins: list[str] | None = None,
-             output: str | None = None) -> BnInfo:
+             graph_path: str, attrs: dict[str, onnx.AttributeProto] | None = None,
+             ins: list[str] | None = None, output: str | None = None) -> BnInfo:
     ins = ins if ins is not None else list(node.input)
     attrs = attrs if attrs is not None else {a.name: a for a in node.attribute}
     producer = producer_op = None

@@ -105,7 +105,7 @@ def count_batches(data: Any) -> int | None:
     if _single(data):
         return 1
     try:
-        return len(data)  # type: ignore[arg-type]
+        return len(data)
     except TypeError:
         return None
 

@@ -81,8 +81,8 @@ def bn_mode(m: _BatchNorm) -> Mode:
 def module_device(module: nn.Module) -> torch.device:
     for t in module.parameters():
         return t.device
-    for t in module.buffers():
-        return t.device
+    for b in module.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -104,13 +104,27 @@ def copy_module(module: nn.Module) -> nn.Module:
     for t in list(module.parameters()) + list(module.buffers()):
         if is_lazy(t):
             if isinstance(t, UninitializedParameter):
-                memo[id(t)] = UninitializedParameter(requires_grad=t.requires_grad, device=t.device, dtype=t.dtype)
-            else:
-                memo[id(t)] = UninitializedBuffer(requires_grad=False, device=t.device, dtype=t.dtype)
+                # torch's parameter.pyi omits the device/dtype that UninitializedParameter.__new__ takes
+                memo[id(t)] = UninitializedParameter(  # type: ignore[call-arg]
+                    requires_grad=t.requires_grad, device=t.device, dtype=t.dtype)
+            else:  # the same for UninitializedBuffer
+                memo[id(t)] = UninitializedBuffer(  # type: ignore[call-arg]
+                    requires_grad=False, device=t.device, dtype=t.dtype)
     return copy.deepcopy(module, memo)
 
 
 # ----------------------------------------------------------------------------- accumulation
+
+
+@dataclass
+class _DeviceSums:
+    """Algorithm 2's sums of batch means and variances and the pooled mean and M2 of one BN,
+    as float64 device tensors."""
+
+    sum_mu: torch.Tensor
+    sum_var: torch.Tensor
+    pooled_mean: torch.Tensor
+    pooled_m2: torch.Tensor
 
 
 class _DeviceStats:
@@ -128,10 +142,7 @@ class _DeviceStats:
         self.batches = 0
         self.sum_m = 0
         self.sum_m1 = 0
-        self.sum_mu: torch.Tensor | None = None
-        self.sum_var: torch.Tensor | None = None
-        self.pooled_mean: torch.Tensor | None = None
-        self.pooled_m2: torch.Tensor | None = None
+        self.sums: _DeviceSums | None = None
         self.host: BnStats | None = None
 
     def add(self, x: torch.Tensor) -> None:
@@ -165,17 +176,15 @@ class _DeviceStats:
         self.batches += 1
         self.sum_m = n
         self.sum_m1 += m - 1
-        if self.sum_mu is None:
-            self.sum_mu = mu * m
-            self.sum_var = var * m
-            self.pooled_mean = mu.clone()
-            self.pooled_m2 = var * m
+        s = self.sums
+        if s is None:
+            self.sums = _DeviceSums(sum_mu=mu * m, sum_var=var * m, pooled_mean=mu.clone(), pooled_m2=var * m)
         else:
-            self.sum_mu.add_(mu, alpha=m)
-            self.sum_var.add_(var, alpha=m)
-            delta = mu - self.pooled_mean
-            self.pooled_mean.add_(delta, alpha=m / n)
-            self.pooled_m2.add_(var, alpha=m).add_(delta.square_(), alpha=n_a * m / n)
+            s.sum_mu.add_(mu, alpha=m)
+            s.sum_var.add_(var, alpha=m)
+            delta = mu - s.pooled_mean
+            s.pooled_mean.add_(delta, alpha=m / n)
+            s.pooled_m2.add_(var, alpha=m).add_(delta.square_(), alpha=n_a * m / n)
 
     def add_host_moments(self, mu: np.ndarray, var: np.ndarray, m: int) -> None:
         """Add one batch's float64 numpy moments (the CPU path) over m values."""
@@ -185,11 +194,12 @@ class _DeviceStats:
 
     def to_bnstats(self) -> BnStats:
         """One host copy of the sums, as the ONNX path's :class:`BnStats`."""
-        if self.channels is None or (self.sum_mu is None and self.host is None):
+        s = self.sums
+        if self.channels is None:
             return BnStats(channels=0)
-        if self.sum_mu is None:
-            return self.host
-        host = torch.stack([self.sum_mu, self.sum_var, self.pooled_mean, self.pooled_m2]).cpu().numpy()
+        if s is None:
+            return self.host if self.host is not None else BnStats(channels=0)
+        host = torch.stack([s.sum_mu, s.sum_var, s.pooled_mean, s.pooled_m2]).cpu().numpy()
         dev = BnStats(
             channels=self.channels, batches=self.batches, sum_m=self.sum_m, sum_m1=self.sum_m1,
             sum_mu=host[0].copy(), sum_var=host[1].copy(), pooled_mean=host[2].copy(), pooled_m2=host[3].copy(),
@@ -220,11 +230,11 @@ def _batch_stat_forward(self: _BatchNorm, x: torch.Tensor, acc: _DeviceStats) ->
     if acc._check(x) is None:
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and acc.scratch is not None:
-        mean, var, _ = cpu_batch_moments(x, acc.scratch)
+        host_mean, host_var, _ = cpu_batch_moments(x, acc.scratch)
         np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
-        y = F.batch_norm(x, torch.from_numpy(mean.astype(np_dtype)), torch.from_numpy(var.astype(np_dtype)),
+        y = F.batch_norm(x, torch.from_numpy(host_mean.astype(np_dtype)), torch.from_numpy(host_var.astype(np_dtype)),
                          self.weight, self.bias, False, 0.0, self.eps)
-        acc.add_host_moments(mean, var, m)
+        acc.add_host_moments(host_mean, host_var, m)
         return y
     # float16/bfloat16: the kernel's mixed mode (float32 statistics and affine parameters, as
     # autocast runs it) keeps a batch variance past float16's 65504 and bfloat16's 8 bits
@@ -423,15 +433,15 @@ def run_calibration(
                 if progress:
                     progress(done, total)
     except BaseException:
-        for m, flag in training.items():
-            m.training = flag
+        for mod, flag in training.items():
+            mod.training = flag
         raise
     finally:
         for m in patched:
             m.__dict__.pop("forward", None)
     if run.batches == 0:
-        for m, flag in training.items():
-            m.training = flag
+        for mod, flag in training.items():
+            mod.training = flag
         raise BadInputError("the calibration data is empty: give at least one batch")
 
     # one host copy per BN, then the same finalize as the ONNX path

@@ -216,9 +216,10 @@ def _kernel_layout(x: torch.Tensor) -> tuple[torch.Tensor, Sums, float] | None:
         adds = kernels.row_adds(length) + x.shape[0] + spatial // length  # + numpy's sums of the rows
         return x, rows, float64_sums_limit(x.dtype, adds)
     else:
-        view = channels_last_view(x)
-        if view is None:
+        cl_view = channels_last_view(x)
+        if cl_view is None:
             return None
+        view = cl_view
 
     def columns(t: torch.Tensor, owned: bool) -> tuple[np.ndarray, np.ndarray]:
         s, q = kernels.column_moments(t.numpy())
