@@ -2,7 +2,7 @@
 an independent float64 BN (scale, shift) with numpy's own formula."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx

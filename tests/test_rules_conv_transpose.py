@@ -61,7 +61,7 @@ def test_fold_cast_casts_to_the_weight_dtype(rng):
     w = rand(rng, 4, 3, 2, 2)
     _, s, t = scale_shift(rng, 6)
     w_out, b_out = CONV_TRANSPOSE.fold_cast(w, None, s, t, FoldAttrs(group=2))
-    w2, b2 = CONV_TRANSPOSE.fold(w, None, s, t, FoldAttrs(group=2))
+    w2, _ = CONV_TRANSPOSE.fold(w, None, s, t, FoldAttrs(group=2))
     assert w_out.dtype == b_out.dtype == np.float32
     np.testing.assert_array_equal(w_out, w2.astype(np.float32))
     np.testing.assert_array_equal(b_out, t.astype(np.float32))

@@ -10,8 +10,9 @@ or computes exactly as before.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, TypeAlias, Union
+from typing import TypeAlias
 
 import numpy as np
 
@@ -87,7 +88,7 @@ class ConvFold:
 
 
 # a folded (weight, bias), or the error saying which value the dtype cannot hold
-Folded: TypeAlias = Union[tuple[np.ndarray, np.ndarray], arith.FoldValueError]
+Folded: TypeAlias = tuple[np.ndarray, np.ndarray] | arith.FoldValueError
 
 
 def _bias_original(b: np.ndarray | None, c: int) -> np.ndarray:

@@ -10,14 +10,27 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from itertools import pairwise
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from bnfold.formulas import arith, batched
-from bnfold.formulas.batched import BnParams, ConvFold, Folded, bounds, scale_shift_flat, scale_shift_many
-from bnfold.graph.constants import Constants, array_to_tensor, raw_values, tensor_to_array
+from bnfold.formulas.batched import (
+    BnParams,
+    ConvFold,
+    Folded,
+    bounds,
+    scale_shift_flat,
+    scale_shift_many,
+)
+from bnfold.graph.constants import (
+    Constants,
+    array_to_tensor,
+    raw_values,
+    tensor_to_array,
+)
 from bnfold.graph.index import GraphIndex
 from bnfold.records import Action, FoldDecision, FoldPlan, Reason
 from bnfold.rules import CONV, FORWARD, RULES
@@ -166,7 +179,7 @@ class _Applier:
                     idx.remove_dead_producers(const)
                 else:
                     kept.append((pos, slot))
-            for (prev, _), (pos, slot) in zip(kept, kept[1:]):
+            for (prev, _), (pos, slot) in pairwise(kept):
                 idx.set_input(pos, slot, idx.outs[prev][0])
         last = kept[-1][0]
         self.remove_bn(route.bn_pos)

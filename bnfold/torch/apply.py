@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from bnfold.records import Action
 from bnfold.torch.calibrate import copy_module

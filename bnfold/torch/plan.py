@@ -12,15 +12,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.errors import BadInputError
 from bnfold.formulas import arith
 from bnfold.records import Action, FoldDecision, FoldPlan, Reason
 from bnfold.rules import Refuse
-from bnfold.torch.producers import Producer, find_producer, refuse_run_time_parts, tensor_uses
+from bnfold.torch.producers import (
+    Producer,
+    find_producer,
+    refuse_run_time_parts,
+    tensor_uses,
+)
 
 
 @dataclass

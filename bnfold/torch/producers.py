@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from bnfold.records import Reason
 from bnfold.rules import CONV, CONV_TRANSPOSE, GEMM, BackwardRule, FoldAttrs, Refuse
