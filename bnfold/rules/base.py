@@ -13,10 +13,9 @@ from bnfold.records import Reason
 
 
 class Refuse(Exception):
-    """A fold that cannot be done, and why: ``reason`` (a :class:`Reason`, or a front end's own
-    sentinel) and ``detail``, one human sentence."""
+    """A fold that cannot be done, and why: ``reason`` and ``detail``, one human sentence."""
 
-    def __init__(self, reason: Reason | object, detail: str) -> None:
+    def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(detail)
         self.reason, self.detail = reason, detail
 

@@ -48,6 +48,12 @@ class _Applier:
     def value(self, name: str | None) -> np.ndarray | None:
         return self.consts.value(name) if name else None
 
+    def weight(self, name: str) -> np.ndarray:
+        """The value of a weight the planner found constant."""
+        w = self.value(name)
+        assert w is not None, f"weight '{name}' is not a constant"
+        return w
+
     def bn_params(self, bn: onnx.NodeProto, eps: float) -> BnParams:
         inits, value = self.index.initializers, self.consts.value
         vals = []
@@ -110,7 +116,7 @@ class _Applier:
             if b_name and b_name not in inits:
                 continue
             picked.append(k)
-            jobs.append(ConvFold(self.value(ins[1]), self.value(b_name), *st[k]))
+            jobs.append(ConvFold(self.weight(ins[1]), self.value(b_name), *st[k]))
         for k, res in zip(picked, batched.fold_conv_many(jobs)):
             folded[k] = res
         return folded
@@ -148,7 +154,7 @@ class _Applier:
         p = idx.nodes[route.target_pos]
         rule = RULES[p.op_type]
         if folded is None:  # not batched in ``precompute``
-            w = self.value(p.input[1])
+            w = self.weight(p.input[1])
             b = self.value(p.input[2] if len(p.input) > 2 and p.input[2] else None)
             folded = rule.fold_cast(w, b, *st, rule.attrs(p))
         if isinstance(folded, arith.FoldValueError):
@@ -198,7 +204,7 @@ class _Applier:
         idx = self.index
         bn = idx.nodes[route.bn_pos]
         conv = idx.nodes[route.target_pos]
-        w = self.value(conv.input[1])
+        w = self.weight(conv.input[1])
         b = self.value(conv.input[2] if len(conv.input) > 2 and conv.input[2] else None)
         w_out, b_out = FORWARD.fold_cast(w, b, *st, FORWARD.attrs(conv))
         if not self.commit:

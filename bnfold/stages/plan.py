@@ -118,10 +118,10 @@ class Planner:
             try:
                 route = self._forward(site.pos, bn, channels)
                 route.eps = info.epsilon
+            except _NoCandidate:
+                return FoldDecision(info.name, Action.FROZEN_KEPT, reason=back.reason,
+                                    detail=back.detail), None
             except Refuse as fwd:
-                if fwd.reason is _NO_CANDIDATE:
-                    return FoldDecision(info.name, Action.FROZEN_KEPT, reason=back.reason,
-                                        detail=back.detail), None
                 if back.reason in (Reason.NO_PRODUCER, Reason.UNSUPPORTED_PRODUCER):
                     return FoldDecision(info.name, Action.FROZEN_KEPT, reason=fwd.reason,
                                         detail=f"{fwd.detail}; backward: {back.detail}"), None
@@ -237,7 +237,7 @@ class Planner:
         readers = idx.consumer_nodes(y)
         convs = [p for p in readers if idx.nodes[p].op_type == "Conv" and idx.nodes[p].domain in ("", "ai.onnx")]
         if not convs:
-            raise Refuse(_NO_CANDIDATE, "")
+            raise _NoCandidate
         if len(readers) != 1 or y in idx.graph_outputs:
             raise Refuse(Reason.BN_OUTPUT_FANOUT, f"BN output '{y}' is read by {idx.use_count(y)} consumers")
         pos = convs[0]
@@ -248,8 +248,8 @@ class Planner:
         return Route(bn_pos, "forward", pos, out_rank=match.rank)
 
 
-# sentinel: "no Conv follows the BN", so no forward fold was even a candidate
-_NO_CANDIDATE = object()
+class _NoCandidate(Exception):
+    """No Conv follows the BN, so no forward fold was even a candidate."""
 
 
 def make_plan(work: Work) -> tuple[FoldPlan, dict[str, Route]]:

@@ -236,7 +236,6 @@ def plan_folds(gm: fx.GraphModule, bns: list[tuple[str, _BatchNorm]], ranks: dic
             planned = [planner.site(node, bn, name, site_ranks) for node in nodes]
         except Refuse as ref:
             detail = f"applied at {len(nodes)} places; {ref.detail}" if len(nodes) > 1 else ref.detail
-            assert isinstance(ref.reason, Reason)
             decisions.append(FoldDecision(name, Action.FROZEN_KEPT, reason=ref.reason, detail=detail))
             continue
         planner.commit(planned)
