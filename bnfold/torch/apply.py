@@ -9,7 +9,7 @@ the fold is applied, so a second fold into the same call finds the first one's p
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -17,7 +17,7 @@ from torch import fx, nn
 from bnfold.records import Action
 from bnfold.torch.calibrate import copy_module
 from bnfold.torch.plan import SiteFold, TorchPlan
-from bnfold.torch.producers import BIAS_POS, WEIGHT_POS, arg, resolve_attr
+from bnfold.torch.producers import BIAS_POS, WEIGHT_POS, arg, resolve_attr, target_of
 
 
 def _new_param(value: torch.Tensor, like: torch.Tensor | None) -> nn.Parameter:
@@ -49,13 +49,14 @@ def _owner(gm: fx.GraphModule, target: str) -> tuple[str, nn.Module, str]:
 
 def _apply_module(gm: fx.GraphModule, f: SiteFold, private: bool) -> None:
     node = f.producer.node
-    live = gm.get_submodule(node.target)
-    w_like, b_like = live.weight, live.bias
+    target = target_of(node)
+    live = gm.get_submodule(target)
+    w_like, b_like = cast(torch.Tensor, live.weight), cast("torch.Tensor | None", live.bias)
     mod = live if private and f.copy_attr is None else copy_module(live)
     mod.weight = _new_param(f.weight, w_like)
     mod.bias = _new_param(f.bias, b_like if b_like is not None else w_like)
     if mod is not live:
-        parent_name, parent, attr = _owner(gm, node.target)
+        parent_name, parent, attr = _owner(gm, target)
         if f.copy_attr is not None:  # the module's other calls keep it: this call moves to the copy
             attr = f.copy_attr
             node.target = f"{parent_name}.{attr}" if parent_name else attr
@@ -66,9 +67,9 @@ def _apply_functional(gm: fx.GraphModule, f: SiteFold) -> None:
     node = f.producer.node
     w_node, _ = arg(node, WEIGHT_POS, "weight")
     b_node, _ = arg(node, BIAS_POS, "bias")
-    w_like = resolve_attr(gm, w_node.target)
-    b_like = resolve_attr(gm, b_node.target) if b_node is not None else None
-    owner_name, owner, w_attr = _owner(gm, w_node.target)
+    w_like = resolve_attr(gm, target_of(w_node))
+    b_like = resolve_attr(gm, target_of(b_node)) if b_node is not None else None
+    owner_name, owner, w_attr = _owner(gm, target_of(w_node))
     if f.copy_attr is not None:  # this call alone reads new, folded parameters; the shared ones stay
         for pos, key, value, like in ((WEIGHT_POS, "weight", f.weight, w_like),
                                       (BIAS_POS, "bias", f.bias, b_like if b_like is not None else w_like)):
@@ -80,7 +81,7 @@ def _apply_functional(gm: fx.GraphModule, f: SiteFold) -> None:
         return
     setattr(owner, w_attr, _new_param(f.weight, w_like))
     if b_node is not None:
-        _, b_owner, b_attr = _owner(gm, b_node.target)
+        _, b_owner, b_attr = _owner(gm, target_of(b_node))
         setattr(b_owner, b_attr, _new_param(f.bias, b_like))
         return
     b_attr = "bias"

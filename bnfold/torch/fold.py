@@ -50,6 +50,7 @@ from bnfold.torch.calibrate import (
     run_calibration,
 )
 from bnfold.torch.plan import plan_folds
+from bnfold.torch.producers import channels_of
 from bnfold.torch.trace import hooked_modules, trace
 
 __all__ = ["TorchFoldResult", "fold", "trace"]  # trace: re-exported from .trace
@@ -172,7 +173,7 @@ def fold(
     bn_of = dict(bns)
     records = {d.bn: BnRecord(name=d.bn, mode_before=modes.get(d.bn, Mode.INFERENCE), action=d.action,
                               target=d.target, direction=d.direction, reason=d.reason, detail=d.detail,
-                              channels=int(bn_of[d.bn].running_mean.shape[0]), stats=stats.get(d.bn))
+                              channels=channels_of(bn_of[d.bn]), stats=stats.get(d.bn))
                for d in plan.plan.decisions}
 
     gm.graph.lint()

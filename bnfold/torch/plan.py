@@ -21,8 +21,10 @@ from bnfold.records import Action, FoldDecision, FoldPlan, Reason
 from bnfold.rules import Refuse
 from bnfold.torch.producers import (
     Producer,
+    channels_of,
     find_producer,
     refuse_run_time_parts,
+    target_of,
     tensor_uses,
 )
 
@@ -54,8 +56,8 @@ def _cast_back(v64: np.ndarray, like: torch.Tensor, original: torch.Tensor | Non
     """``arith.cast_back`` for torch dtypes: float16/32/64 through numpy, bfloat16 here."""
     if like.dtype in (torch.float16, torch.float32, torch.float64):
         np_dtype = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}[like.dtype]
-        out = arith.cast_back(v64, np.dtype(np_dtype), None if original is None else _host64(original))
-        return torch.from_numpy(out).to(like.device)
+        cast = arith.cast_back(v64, np.dtype(np_dtype), None if original is None else _host64(original))
+        return torch.from_numpy(cast).to(like.device)
     t64 = torch.from_numpy(v64)
     if not torch.isfinite(t64).all():
         raise arith.FoldValueError("overflow", "folded value(s) are not finite (inf or nan)")
@@ -153,14 +155,14 @@ class _Planner:
             p = prev.producer
             name, label = p.name, p.label
             if prev.copy_attr is not None:  # that call reads a private copy from now on
-                parent_name = (p.node.target.rpartition(".")[0] if p.module is not None
+                parent_name = (target_of(p.node).rpartition(".")[0] if p.module is not None
                                else (p.weight_target or "").rpartition(".")[0])
                 target = f"{parent_name}.{prev.copy_attr}" if parent_name else prev.copy_attr
                 if p.module is not None:
                     name, label = target, f"{type(p.module).__name__} '{target}'"
                 elif not parent_name:
                     name = target
-                    label = f"{p.node.target.__name__} of '{target}'"
+                    label = f"{getattr(p.node.target, '__name__', '')} of '{target}'"
             return dataclasses.replace(p, weight=prev.weight, bias=prev.bias, shared=False, name=name, label=label)
         return find_producer(x, self.gm, self.uses, self.calls)
 
@@ -177,7 +179,7 @@ class _Planner:
         bad = [t.dtype for t in tensors if t is not None and not t.is_floating_point()]
         if bad:
             raise Refuse(Reason.UNSUPPORTED_DTYPE, f"'{p.name}' or the BN holds non-floating values ({bad[0]})")
-        c = int(bn.running_mean.shape[0])
+        c = channels_of(bn)
         if p.out_channels != c:
             raise Refuse(Reason.CHANNEL_MISMATCH, f"'{p.name}' has {p.out_channels} output channels, the BN {c}")
         _check_rank(p, bn, ranks)
@@ -201,7 +203,7 @@ class _Planner:
     def _copy_attr(self, p: Producer) -> str:
         """The attribute of the private copy a shared producer's call will read (reserved now)."""
         if p.module is not None:
-            owner_name, _, base = p.node.target.rpartition(".")
+            owner_name, _, base = target_of(p.node).rpartition(".")
         else:
             assert p.weight_target is not None
             owner_name, _, base = p.weight_target.rpartition(".")

@@ -9,12 +9,14 @@ transB=1 (``y = x @ W.T + b``, W of shape (out, in)).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.records import Reason
 from bnfold.rules import CONV, CONV_TRANSPOSE, GEMM, BackwardRule, FoldAttrs, Refuse
@@ -40,13 +42,27 @@ WEIGHT_POS, BIAS_POS, _GROUPS_POS = 1, 2, 6  # conv: (x, w, b, stride, padding, 
 def _module_kind(m: nn.Module) -> tuple[BackwardRule, int] | None:
     for cls, rule, dims in _MODULE_KINDS:
         if isinstance(m, cls):
-            return (rule, dims) if type(m).forward is cls.forward else None
+            return (rule, dims) if getattr(type(m), "forward", None) is getattr(cls, "forward", None) else None
     return None
+
+
+def target_of(node: fx.Node) -> str:
+    """The target of a call_module or get_attr node (a dotted attribute path)."""
+    return cast(str, node.target)
+
+
+def channels_of(bn: _BatchNorm) -> int:
+    """The channel count of a BN module that tracks statistics."""
+    return int(cast(torch.Tensor, bn.running_mean).shape[0])
+
+
+def _tensor(obj: object) -> torch.Tensor:
+    return cast(torch.Tensor, obj)
 
 
 def describe(node: fx.Node, gm: fx.GraphModule) -> str:
     if node.op == "call_module":
-        return f"{type(gm.get_submodule(node.target)).__name__} '{node.target}'"
+        return f"{type(gm.get_submodule(target_of(node))).__name__} '{node.target}'"
     if node.op in ("call_function", "call_method"):
         return f"{getattr(node.target, '__name__', node.target)} ('{node.name}')"
     return f"{node.op} '{node.name}'"
@@ -103,12 +119,12 @@ def tensor_uses(gm: fx.GraphModule) -> tuple[Counter[int], Counter[str]]:
     calls: Counter[str] = Counter()
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            calls[node.target] += 1
-            sub = gm.get_submodule(node.target)
+            calls[target_of(node)] += 1
+            sub = gm.get_submodule(target_of(node))
             for t in list(sub.parameters()) + list(sub.buffers()):
                 uses[id(t)] += 1
         elif node.op == "get_attr":
-            obj = resolve_attr(gm, node.target)
+            obj = resolve_attr(gm, target_of(node))
             if isinstance(obj, torch.Tensor):
                 uses[id(obj)] += max(1, len(node.users))
     return uses, calls
@@ -132,21 +148,23 @@ def find_producer(node: Any, gm: fx.GraphModule, uses: Counter[int], calls: Coun
     if node.op == "get_attr":
         raise Refuse(Reason.NO_PRODUCER, f"its input is the constant '{node.target}'")
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
+        target = target_of(node)
+        mod = gm.get_submodule(target)
         kind = _module_kind(mod)
         if kind is None:
             raise Refuse(Reason.UNSUPPORTED_PRODUCER, f"its input comes from {describe(node, gm)}, "
                          "not from a Conv, ConvTranspose or Linear")
-        refuse_run_time_parts(mod, f"'{node.target}'", "which would then see the folded output")
-        w, b = mod.weight, mod.bias
+        refuse_run_time_parts(mod, f"'{target}'", "which would then see the folded output")
+        w, b = _tensor(mod.weight), cast("torch.Tensor | None", mod.bias)
         # a module called again elsewhere, or a weight tied to another layer: scaling it in place
         # would change those other calls, so this call gets its own folded copy
-        shared = calls[node.target] > 1 or uses[id(w)] > 1 or (b is not None and uses[id(b)] > 1)
+        shared = calls[target] > 1 or uses[id(w)] > 1 or (b is not None and uses[id(b)] > 1)
         groups = int(getattr(mod, "groups", 1))
-        return Producer(node, kind[0], kind[1], node.target, w, b, groups, module=mod,
-                        label=f"{type(mod).__name__} '{node.target}'", shared=shared)
+        return Producer(node, kind[0], kind[1], target, w, b, groups, module=mod,
+                        label=f"{type(mod).__name__} '{target}'", shared=shared)
     if node.op == "call_function" and node.target in _FUNC_KINDS:
-        rule, dims = _FUNC_KINDS[node.target]
+        fn = cast(Callable[..., Any], node.target)
+        rule, dims = _FUNC_KINDS[fn]
         w_node, _ = arg(node, WEIGHT_POS, "weight")
         b_node, _ = arg(node, BIAS_POS, "bias")
         if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
@@ -155,11 +173,13 @@ def find_producer(node: Any, gm: fx.GraphModule, uses: Counter[int], calls: Coun
         if b_node is not None and not (isinstance(b_node, fx.Node) and b_node.op == "get_attr"):
             raise Refuse(Reason.NOT_CONSTANT, f"the bias of {describe(node, gm)} is computed in forward, "
                          "not a parameter")
-        w = resolve_attr(gm, w_node.target)
-        b = resolve_attr(gm, b_node.target) if b_node is not None else None
+        w_target = target_of(w_node)
+        b_target = target_of(b_node) if b_node is not None else None
+        w = resolve_attr(gm, w_target)
+        b = resolve_attr(gm, b_target) if b_target is not None else None
         if not isinstance(w, torch.Tensor) or (b is not None and not isinstance(b, torch.Tensor)):
             raise Refuse(Reason.NOT_CONSTANT, f"the weight or bias of {describe(node, gm)} is not a tensor")
-        owner = w_node.target.rpartition(".")[0]
+        owner = w_target.rpartition(".")[0]
         shared = uses[id(w)] > 1 or (b is not None and uses[id(b)] > 1)
         groups = 1
         if rule is not GEMM:
@@ -167,8 +187,8 @@ def find_producer(node: Any, gm: fx.GraphModule, uses: Counter[int], calls: Coun
             if not isinstance(g, int):
                 raise Refuse(Reason.NOT_CONSTANT, f"the group count of {describe(node, gm)} is computed in forward")
             groups = g
-        return Producer(node, rule, dims, owner or w_node.target, w, b, groups,
-                        weight_target=w_node.target, bias_target=b_node.target if b_node is not None else None,
-                        label=f"{node.target.__name__} of '{owner or w_node.target}'", shared=shared)
+        return Producer(node, rule, dims, owner or w_target, w, b, groups,
+                        weight_target=w_target, bias_target=b_target,
+                        label=f"{fn.__name__} of '{owner or w_target}'", shared=shared)
     raise Refuse(Reason.UNSUPPORTED_PRODUCER, f"its input comes from {describe(node, gm)}, "
                  "not from a Conv, ConvTranspose or Linear")
