@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import bn, bn_params, init, make_model, node_named, vi
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import helper, numpy_helper
 
+from bnfold.api import fold
 from bnfold.formulas import arith, batched
 from bnfold.formulas.batched import BnParams, ConvFold
 
@@ -118,3 +121,48 @@ def test_fold_conv_flat_rows_and_repeat_paths_equal_one_at_a_time(uniform):
     ref_w = np.concatenate([_one_at_a_time(j)[0].reshape(-1) for j in jobs])
     ref_b = np.concatenate([_one_at_a_time(j)[1] for j in jobs])
     _same((w_out, b_out), (ref_w, ref_b))
+
+
+def _small_conv_model(rng, n):
+    """``n`` Conv -> BN pairs in a row, weights of a few shapes, some without a bias."""
+    nodes, inits, expect = [], [], []
+    x, c = "x", 3
+    for i in range(n):
+        c_out = (2, 3, 4)[i % 3]
+        w = rng.standard_normal((c_out, c, 1 + i % 2, 1 + i % 2)).astype(np.float32)
+        b = rng.standard_normal(c_out).astype(np.float32) if i % 4 else None
+        ins = [x, f"w{i}"] + ([f"b{i}"] if b is not None else [])
+        nodes.append(helper.make_node("Conv", ins, [f"z{i}"], name=f"conv{i}", pads=[i % 2] * 4))
+        inits += [init(f"w{i}", w)] + ([init(f"b{i}", b)] if b is not None else [])
+        p = bn_params(rng, c_out)
+        node, bn_inits = bn(f"bn{i}", f"z{i}", f"y{i}", p)
+        nodes.append(node)
+        inits += bn_inits
+        s, t = arith.bn_scale_shift(p["scale"], p["bias"], p["mean"], p["var"], 1e-5)
+        expect.append((f"conv{i}", ConvFold(w, b, s, t)))
+        x, c = f"y{i}", c_out
+    model = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi(x, 4)], inits)
+    return model, expect
+
+
+@pytest.mark.parametrize("limit", [None, 40])
+def test_the_fold_stage_batches_through_fold_conv_many(monkeypatch, limit):
+    """The ONNX fold stage computes its small Conv folds with ``fold_conv_many`` (the function
+    the tests above hold to one-at-a-time results) and writes exactly what it returns."""
+    if limit is not None:
+        monkeypatch.setattr(batched, "BATCH_ELEMENTS", limit)
+    seen: list[int] = []
+    real = batched.fold_conv_many
+
+    def spy(jobs):
+        seen.append(len(jobs))
+        return real(jobs)
+
+    monkeypatch.setattr(batched, "fold_conv_many", spy)
+    model, expect = _small_conv_model(np.random.default_rng(5), 9)
+    res = fold(model, verify=False)
+    assert seen == [9 if limit is None else sum(j.weight.size <= limit // 4 for _, j in expect)]
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    for conv, job in expect:
+        node = node_named(res.model, conv)
+        _same((inits[node.input[1]], inits[node.input[2]]), _one_at_a_time(job))

@@ -10,8 +10,9 @@ or computes exactly as before.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TypeAlias
 
 import numpy as np
 
@@ -86,14 +87,15 @@ class ConvFold:
     t: np.ndarray
 
 
-Folded = "tuple[np.ndarray, np.ndarray] | arith.FoldValueError"
+# a folded (weight, bias), or the error saying which value the dtype cannot hold
+Folded: TypeAlias = tuple[np.ndarray, np.ndarray] | arith.FoldValueError
 
 
 def _bias_original(b: np.ndarray | None, c: int) -> np.ndarray:
     return np.zeros(c) if b is None else b
 
 
-def fold_conv_one(job: ConvFold) -> "Folded":
+def fold_conv_one(job: ConvFold) -> Folded:
     """``arith.fold_conv`` then ``cast_back`` of weight and bias; a FoldValueError is returned."""
     try:
         return arith.fold_conv_cast(job.weight, job.bias, job.s, job.t)
@@ -106,7 +108,7 @@ def _batchable(job: ConvFold) -> bool:
     if w.ndim < 3 or w.size > BATCH_ELEMENTS // 4 or w.dtype not in arith._LIMITS:
         return False
     c = w.shape[0]
-    if job.s.shape != (c,) or job.t.shape != (c,):
+    if not c or job.s.shape != (c,) or job.t.shape != (c,):
         return False
     return b is None or (b.shape == (c,) and b.dtype in arith._LIMITS)
 
@@ -129,7 +131,7 @@ def fold_conv_flat(w_flat: np.ndarray, per_channel: np.ndarray, s: np.ndarray, t
     return w_out, arith.cast_back(s * b_orig + t, b_dtype, original=b_orig)
 
 
-def _fold_batch(jobs: list[ConvFold]) -> list["Folded"]:
+def _fold_batch(jobs: list[ConvFold]) -> list[Folded]:
     """One concatenated pass over jobs sharing the weight dtype and the bias dtype."""
     ws = [j.weight for j in jobs]
     b_dtype = jobs[0].bias.dtype if jobs[0].bias is not None else ws[0].dtype
@@ -146,24 +148,43 @@ def _fold_batch(jobs: list[ConvFold]) -> list["Folded"]:
             for (a, b), (c, d), w in zip(bounds([w.size for w in ws]), bounds(chans), ws)]
 
 
-def fold_conv_many(jobs: Sequence[ConvFold]) -> list["Folded"]:
-    """``fold_conv_one`` of every job, small ones in concatenated batches."""
-    out: list["Folded" | None] = [None] * len(jobs)
-    groups: dict[tuple, list[int]] = {}
+def chunks(sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Indices of ``sizes`` cut into consecutive runs whose sizes add up to at most ``limit`` (a
+    size above ``limit`` makes a run of its own)."""
+    runs: list[list[int]] = []
+    run: list[int] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if run and total + size > limit:
+            runs.append(run)
+            run, total = [], 0
+        run.append(i)
+        total += size
+    if run:
+        runs.append(run)
+    return runs
+
+
+def fold_conv_many(jobs: Sequence[ConvFold]) -> list[Folded]:
+    """``fold_conv_one`` of every job, small ones in concatenated batches (the ONNX fold stage
+    batches its small Conv folds through this function).
+
+    A batch holds jobs of one weight dtype, one bias dtype (or none) and one weight size per
+    output channel (so that ``fold_conv_flat`` scales rows in place), at most ``BATCH_ELEMENTS``
+    weight values in all.
+    """
+    out: list[Folded | None] = [None] * len(jobs)
+    groups: dict[tuple[object, ...], list[int]] = {}
     for i, job in enumerate(jobs):
         if _batchable(job):
-            key = (job.weight.dtype, None if job.bias is None else job.bias.dtype)
+            w = job.weight
+            key = (w.dtype, None if job.bias is None else job.bias.dtype, w.size // w.shape[0])
             groups.setdefault(key, []).append(i)
         else:
             out[i] = fold_conv_one(job)
     for members in groups.values():
-        start, size = 0, 0
-        for k, i in enumerate(members + [None]):
-            if i is not None and size + jobs[i].weight.size <= BATCH_ELEMENTS:
-                size += jobs[i].weight.size
-                continue
-            chunk = members[start:k]
-            for i2, res in zip(chunk, _fold_batch([jobs[m] for m in chunk]) if chunk else ()):
-                out[i2] = res
-            start, size = k, (jobs[i].weight.size if i is not None else 0)
+        for run in chunks([jobs[i].weight.size for i in members], BATCH_ELEMENTS):
+            chunk = [members[k] for k in run]
+            for i, res in zip(chunk, _fold_batch([jobs[i] for i in chunk])):
+                out[i] = res
     return out  # type: ignore[return-value]

@@ -4,7 +4,10 @@ Backward (into the producer) is tried first: the walk from the BN's input may pa
 nodes that keep channel c on axis 1 (an Add of a per-channel constant, Reshape/Squeeze/Unsqueeze
 that leave axes 0 and 1 alone, Identity) and ends at a Conv, ConvTranspose, Gemm or MatMul with
 constant weights. If that fails, forward into a following unpadded Conv (math.md section 4).
-Each rule that refuses names a Reason; nothing here mutates the graph.
+What is specific to a producer kind (its attributes, weight layout, channel count, refusals) is
+its rule in :mod:`bnfold.rules`; this module walks the graph (the look-through chain, fan-out,
+constant parameters) and asks the rules. Each refusal names a Reason; nothing here mutates the
+graph.
 """
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ from bnfold.graph.attrs import get_attr
 from bnfold.graph.constants import Constants
 from bnfold.graph.index import GraphIndex
 from bnfold.records import Action, FoldDecision, FoldPlan, Mode, Reason
+from bnfold.rules import FORWARD, RULES, Refuse
 from bnfold.stages.discover import BnSite
 from bnfold.stages.work import Work
 
-PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+PRODUCERS = set(RULES)
 LOOK_THROUGH = {"Add", "Reshape", "Squeeze", "Unsqueeze", "Identity"}
 _MAX_CHAIN = 8
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -29,7 +33,7 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 
 @dataclass
 class Route:
-    """How to apply one fold; consumed by ``fold.apply``."""
+    """How to apply one fold; consumed by ``bnfold.stages.fold.apply_plan``."""
 
     bn_pos: int
     direction: str  # "backward" | "forward"
@@ -43,17 +47,22 @@ class Route:
 _PARAM_SLOTS = ((1, "scale"), (2, "bias"), (3, "mean"), (4, "variance"))
 
 
-class _Refuse(Exception):
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
 class Planner:
+    """Decides every BN's fold; it is also the :class:`bnfold.rules.GraphView` the rules ask."""
+
     def __init__(self, index: GraphIndex, consts: Constants) -> None:
         self.index, self.consts = index, consts
 
-    # ---- helpers -------------------------------------------------------------------------
+    # ---- the rules' view of the graph ----------------------------------------------------
+    def is_constant(self, name: str) -> bool:
+        return self.consts.is_constant(name)
+
+    def is_initializer(self, name: str) -> bool:
+        return name in self.index.initializers
+
+    def rank(self, name: str) -> int | None:
+        return self.index.rank(name)
+
     def _shape_of(self, name: str) -> tuple[int, ...] | None:
         t = self.index.initializers.get(name)
         if t is not None:
@@ -61,21 +70,21 @@ class Planner:
         v = self.consts.value(name)
         return None if v is None else tuple(v.shape)
 
-    def _require_const(self, name: str, what: str, node: onnx.NodeProto) -> tuple[int, ...]:
+    def require_const(self, name: str, what: str, node: onnx.NodeProto) -> tuple[int, ...]:
         shape = self._shape_of(name) if name else None
         if shape is None:
-            raise _Refuse(Reason.NOT_CONSTANT, f"{what} of {node.op_type} '{node.name}' is not a constant")
+            raise Refuse(Reason.NOT_CONSTANT, f"{what} of {node.op_type} '{node.name}' is not a constant")
         return shape
 
-    def _require_float(self, name: str, node: onnx.NodeProto) -> None:
+    def require_float(self, name: str, node: onnx.NodeProto) -> None:
         et = self.index.elem_type(name)
         if et is None:
             v = self.consts.value(name)
             if v is not None and v.dtype.kind != "f":
                 et = -1
         if et is not None and et not in _FLOAT_TYPES:
-            raise _Refuse(Reason.UNSUPPORTED_DTYPE,
-                          f"weight of {node.op_type} '{node.name}' is not floating point")
+            raise Refuse(Reason.UNSUPPORTED_DTYPE,
+                         f"weight of {node.op_type} '{node.name}' is not floating point")
 
     # ---- the decision --------------------------------------------------------------------
     def decide(self, site: BnSite) -> tuple[FoldDecision, Route | None]:
@@ -105,14 +114,14 @@ class Planner:
             return FoldDecision(info.name, Action.FOLDED, target=p.name, direction="backward",
                                 reason=self._clone_note(route.target_pos),
                                 detail=f"into {p.op_type} '{p.name}'", through=through), route
-        except _Refuse as back:
+        except Refuse as back:
             try:
                 route = self._forward(site.pos, bn, channels)
                 route.eps = info.epsilon
-            except _Refuse as fwd:
-                if fwd.reason is _NO_CANDIDATE:
-                    return FoldDecision(info.name, Action.FROZEN_KEPT, reason=back.reason,
-                                        detail=back.detail), None
+            except _NoCandidate:
+                return FoldDecision(info.name, Action.FROZEN_KEPT, reason=back.reason,
+                                    detail=back.detail), None
+            except Refuse as fwd:
                 if back.reason in (Reason.NO_PRODUCER, Reason.UNSUPPORTED_PRODUCER):
                     return FoldDecision(info.name, Action.FROZEN_KEPT, reason=fwd.reason,
                                         detail=f"{fwd.detail}; backward: {back.detail}"), None
@@ -137,16 +146,16 @@ class Planner:
         while True:
             if idx.use_count(cur) != 1:
                 where = "a graph output" if cur in idx.graph_outputs else f"{idx.use_count(cur)} readers"
-                raise _Refuse(Reason.PRODUCER_FANOUT,
-                              f"tensor '{cur}' between producer and BN is also read elsewhere ({where})")
+                raise Refuse(Reason.PRODUCER_FANOUT,
+                             f"tensor '{cur}' between producer and BN is also read elsewhere ({where})")
             pos = idx.producer.get(cur)
             if pos is None or pos in idx.removed:
                 kind = "a constant" if self.consts.is_constant(cur) else "a graph input"
-                raise _Refuse(Reason.NO_PRODUCER, f"input '{cur}' is {kind}")
+                raise Refuse(Reason.NO_PRODUCER, f"input '{cur}' is {kind}")
             node = idx.nodes[pos]
             op = node.op_type
             if node.domain not in ("", "ai.onnx"):
-                raise _Refuse(Reason.UNSUPPORTED_PRODUCER, f"input comes from {node.domain}.{op} '{node.name}'")
+                raise Refuse(Reason.UNSUPPORTED_PRODUCER, f"input comes from {node.domain}.{op} '{node.name}'")
             if op in PRODUCERS:
                 break
             if op in LOOK_THROUGH and len(chain) < _MAX_CHAIN:
@@ -154,17 +163,18 @@ class Planner:
                 chain.append((pos, slot))
                 cur = idx.ins[pos][slot]
                 continue
-            raise _Refuse(Reason.UNSUPPORTED_PRODUCER, f"input comes from {node.op_type} '{node.name}'")
-        out_channels, rank = self._producer(node, pos)
+            raise Refuse(Reason.UNSUPPORTED_PRODUCER, f"input comes from {node.op_type} '{node.name}'")
+        match = RULES[op].match(node, list(idx.ins[pos]), self)
+        out_channels, rank = match.out_channels, match.rank
         if channels is not None and out_channels != channels:
-            raise _Refuse(Reason.CHANNEL_MISMATCH,
-                          f"{node.op_type} '{node.name}' has {out_channels} output channels, BN has {channels}")
+            raise Refuse(Reason.CHANNEL_MISMATCH,
+                         f"{node.op_type} '{node.name}' has {out_channels} output channels, BN has {channels}")
         route = Route(bn_pos, "backward", pos, chain)
         for cpos, slot in reversed(chain):  # from the producer toward the BN
             rank = self._through(idx.nodes[cpos], slot, rank, out_channels, route)
         bn_rank = idx.rank(x)
         if bn_rank is not None and bn_rank != rank:
-            raise _Refuse(Reason.CHANNEL_MISMATCH, f"rank {rank} after the look-through nodes, BN input has {bn_rank}")
+            raise Refuse(Reason.CHANNEL_MISMATCH, f"rank {rank} after the look-through nodes, BN input has {bn_rank}")
         route.out_rank = rank
         return route
 
@@ -172,48 +182,13 @@ class Planner:
         if node.op_type == "Add":
             const = [self.consts.is_constant(i) for i in node.input[:2]]
             if const.count(True) != 1:
-                raise _Refuse(Reason.UNSUPPORTED_PRODUCER,
-                              f"input comes from Add '{node.name}' of two computed tensors")
+                raise Refuse(Reason.UNSUPPORTED_PRODUCER,
+                             f"input comes from Add '{node.name}' of two computed tensors")
             return const.index(False)
         for extra in node.input[1:]:
             if extra and not self.consts.is_constant(extra):
-                raise _Refuse(Reason.NOT_CONSTANT, f"{node.op_type} '{node.name}' has a computed shape/axes input")
+                raise Refuse(Reason.NOT_CONSTANT, f"{node.op_type} '{node.name}' has a computed shape/axes input")
         return 0
-
-    def _producer(self, node: onnx.NodeProto, pos: int) -> tuple[int, int]:
-        """(output channels, output rank) of a producer that can take the fold."""
-        op = node.op_type
-        if op in ("Conv", "ConvTranspose"):
-            ins = self.index.ins[pos]
-            w = self._require_const(ins[1], "weight", node)
-            if len(ins) > 2 and ins[2] and ins[2] not in self.index.initializers:
-                self._require_const(ins[2], "bias", node)
-            self._require_float(ins[1], node)
-            group = int(get_attr(node, "group", 1)) if op == "ConvTranspose" else 1
-            return (w[0] if op == "Conv" else w[1] * group), len(w)
-        if op == "Gemm":
-            b = self._require_const(node.input[1], "B", node)
-            self._require_float(node.input[1], node)
-            n = b[0] if get_attr(node, "transB", 0) else b[1]
-            if len(node.input) > 2 and node.input[2]:
-                c = self._require_const(node.input[2], "C", node)
-                if not (len(c) <= 2 and int(np.prod(c)) in (1, n) and (len(c) < 2 or c[0] == 1)):
-                    raise _Refuse(Reason.CHANNEL_MISMATCH, f"Gemm '{node.name}' C of shape {list(c)} is not per column")
-            return n, 2
-        # MatMul
-        if self.consts.is_constant(node.input[0]) and not self.consts.is_constant(node.input[1]):
-            raise _Refuse(Reason.UNSUPPORTED_PRODUCER, f"MatMul '{node.name}' has its constant on the left")
-        w = self._require_const(node.input[1], "weight", node)
-        self._require_float(node.input[1], node)
-        if len(w) != 2:
-            raise _Refuse(Reason.CHANNEL_MISMATCH, f"MatMul '{node.name}' weight has rank {len(w)}, not 2")
-        a_rank = self.index.rank(node.input[0])
-        if a_rank is None:
-            raise _Refuse(Reason.UNKNOWN_RANK, f"rank of MatMul '{node.name}' input is unknown")
-        if a_rank != 2:
-            raise _Refuse(Reason.CHANNEL_MISMATCH,
-                          f"MatMul '{node.name}' output has rank {a_rank}: its columns are not on BN axis 1")
-        return w[1], 2
 
     def _through(self, node: onnx.NodeProto, slot: int, rank: int, c: int, route: Route) -> int:
         """Check that ``node`` keeps channel c on axis 1; return the rank after it."""
@@ -223,22 +198,22 @@ class Planner:
         if op == "Add":
             v = self.consts.value(node.input[1 - slot])
             if v.ndim > rank:
-                raise _Refuse(Reason.CHANNEL_MISMATCH, f"Add '{node.name}' broadcasts to a higher rank")
+                raise Refuse(Reason.CHANNEL_MISMATCH, f"Add '{node.name}' broadcasts to a higher rank")
             full = (1,) * (rank - v.ndim) + tuple(v.shape)
             if any(d != 1 for i, d in enumerate(full) if i != 1) or full[1] not in (1, c):
-                raise _Refuse(Reason.CHANNEL_MISMATCH,
-                              f"Add '{node.name}' constant of shape {list(v.shape)} is not per channel")
+                raise Refuse(Reason.CHANNEL_MISMATCH,
+                             f"Add '{node.name}' constant of shape {list(v.shape)} is not per channel")
             route.add_consts.append(np.broadcast_to(v.reshape(full[1]).astype(np.float64), (c,)).copy())
             return rank
         if op in ("Squeeze", "Unsqueeze"):
             axes = node.input[1] if len(node.input) > 1 and node.input[1] else None
             ax = [int(a) for a in self.consts.value(axes).reshape(-1)] if axes else get_attr(node, "axes")
             if ax is None:
-                raise _Refuse(Reason.UNKNOWN_RANK, f"{op} '{node.name}' has no axes")
+                raise Refuse(Reason.UNKNOWN_RANK, f"{op} '{node.name}' has no axes")
             new_rank = rank + len(ax) if op == "Unsqueeze" else rank - len(ax)
             ref = new_rank if op == "Unsqueeze" else rank
             if any(a % ref < 2 for a in ax) or new_rank < 2:
-                raise _Refuse(Reason.CHANNEL_MISMATCH, f"{op} '{node.name}' touches axis 0 or 1")
+                raise Refuse(Reason.CHANNEL_MISMATCH, f"{op} '{node.name}' touches axis 0 or 1")
             return new_rank
         # Reshape
         shape = [int(s) for s in self.consts.value(node.input[1]).reshape(-1)]
@@ -251,8 +226,8 @@ class Planner:
         else:
             in_shape = self.index.shape(node.input[0])
             if not (ok and in_shape and in_shape[0] is not None and shape[0] == in_shape[0]):
-                raise _Refuse(Reason.CHANNEL_MISMATCH,
-                              f"Reshape '{node.name}' to {shape} may move the channel axis")
+                raise Refuse(Reason.CHANNEL_MISMATCH,
+                             f"Reshape '{node.name}' to {shape} may move the channel axis")
         return len(shape)
 
     # ---- forward -------------------------------------------------------------------------
@@ -262,31 +237,19 @@ class Planner:
         readers = idx.consumer_nodes(y)
         convs = [p for p in readers if idx.nodes[p].op_type == "Conv" and idx.nodes[p].domain in ("", "ai.onnx")]
         if not convs:
-            raise _Refuse(_NO_CANDIDATE, "")
+            raise _NoCandidate
         if len(readers) != 1 or y in idx.graph_outputs:
-            raise _Refuse(Reason.BN_OUTPUT_FANOUT, f"BN output '{y}' is read by {idx.use_count(y)} consumers")
+            raise Refuse(Reason.BN_OUTPUT_FANOUT, f"BN output '{y}' is read by {idx.use_count(y)} consumers")
         pos = convs[0]
         conv = idx.nodes[pos]
         if list(conv.input).count(y) != 1 or conv.input[0] != y:
-            raise _Refuse(Reason.UNSUPPORTED_PRODUCER, f"BN output feeds Conv '{conv.name}' as a parameter")
-        pads = get_attr(conv, "pads")
-        auto_pad = get_attr(conv, "auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if (pads and any(int(p) for p in pads)) or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            raise _Refuse(Reason.PADDED_FORWARD_FOLD,
-                          f"following Conv '{conv.name}' pads its input (zeros, not the BN shift)")
-        w = self._require_const(conv.input[1], "weight", conv)
-        if len(conv.input) > 2 and conv.input[2]:
-            self._require_const(conv.input[2], "bias", conv)
-        self._require_float(conv.input[1], conv)
-        group = int(get_attr(conv, "group", 1))
-        if channels is not None and w[1] * group != channels:
-            raise _Refuse(Reason.CHANNEL_MISMATCH, f"Conv '{conv.name}' takes {w[1] * group} channels, BN has {channels}")
-        return Route(bn_pos, "forward", pos, out_rank=len(w))
+            raise Refuse(Reason.UNSUPPORTED_PRODUCER, f"BN output feeds Conv '{conv.name}' as a parameter")
+        match = FORWARD.match(conv, self, channels)
+        return Route(bn_pos, "forward", pos, out_rank=match.rank)
 
 
-# sentinel: "no Conv follows the BN", so no forward fold was even a candidate
-_NO_CANDIDATE = object()
+class _NoCandidate(Exception):
+    """No Conv follows the BN, so no forward fold was even a candidate."""
 
 
 def make_plan(work: Work) -> tuple[FoldPlan, dict[str, Route]]:

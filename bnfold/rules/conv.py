@@ -1,0 +1,34 @@
+"""Backward fold into a Conv: weight ``(C_out, C_in/groups, k...)``, any rank and group count."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from bnfold.formulas import arith
+from bnfold.rules.base import BackwardRule, FoldAttrs, GraphView, Match
+
+
+class ConvRule(BackwardRule):
+    op_type = "Conv"
+
+    def match(self, node: onnx.NodeProto, ins: list[str], graph: GraphView) -> Match:
+        w = graph.require_const(ins[1], "weight", node)
+        if len(ins) > 2 and ins[2] and not graph.is_initializer(ins[2]):
+            graph.require_const(ins[2], "bias", node)
+        graph.require_float(ins[1], node)
+        return Match(self.out_channels(w, FoldAttrs()), len(w))
+
+    def out_channels(self, weight_shape: tuple[int, ...], attrs: FoldAttrs) -> int:
+        return int(weight_shape[0])  # output channel o is weight[o], whatever the group count
+
+    def fold(self, weight: np.ndarray, bias: np.ndarray | None, s: np.ndarray, t: np.ndarray,
+             attrs: FoldAttrs) -> tuple[np.ndarray, np.ndarray]:
+        return arith.fold_conv(weight, bias, s, t)
+
+    def fold_cast(self, weight: np.ndarray, bias: np.ndarray | None, s: np.ndarray, t: np.ndarray,
+                  attrs: FoldAttrs) -> tuple[np.ndarray, np.ndarray]:
+        # the same values and errors as fold + cast_back, a block of output channels at a time
+        return arith.fold_conv_cast(weight, bias, s, t)
+
+
+CONV = ConvRule()

@@ -1,0 +1,57 @@
+"""Forward fold of a BN into the unpadded Conv that reads its output (math.md section 4).
+
+The planner finds the Conv (the BN output's only reader, as its data input); this rule checks
+what is specific to the Conv and computes the folded tensors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from bnfold.formulas import arith
+from bnfold.graph.attrs import get_attr
+from bnfold.records import Reason
+from bnfold.rules.base import FoldAttrs, GraphView, Match, Refuse, bias_original
+
+
+class ForwardConvRule:
+    op_type = "Conv"
+
+    def match(self, conv: onnx.NodeProto, graph: GraphView, channels: int | None) -> Match:
+        """The Conv's rank if it can take the BN on its ``channels`` input channels."""
+        pads = get_attr(conv, "pads")
+        auto_pad = get_attr(conv, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if (pads and any(int(p) for p in pads)) or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            raise Refuse(Reason.PADDED_FORWARD_FOLD,
+                         f"following Conv '{conv.name}' pads its input (zeros, not the BN shift)")
+        w = graph.require_const(conv.input[1], "weight", conv)
+        if len(conv.input) > 2 and conv.input[2]:
+            graph.require_const(conv.input[2], "bias", conv)
+        graph.require_float(conv.input[1], conv)
+        c_in = self.in_channels(w, self.attrs(conv))
+        if channels is not None and c_in != channels:
+            raise Refuse(Reason.CHANNEL_MISMATCH, f"Conv '{conv.name}' takes {c_in} channels, BN has {channels}")
+        return Match(c_in, len(w))
+
+    def attrs(self, node: onnx.NodeProto) -> FoldAttrs:
+        return FoldAttrs(group=int(get_attr(node, "group", 1)))
+
+    def in_channels(self, weight_shape: tuple[int, ...], attrs: FoldAttrs) -> int:
+        return int(weight_shape[1]) * attrs.group
+
+    def fold(self, weight: np.ndarray, bias: np.ndarray | None, s: np.ndarray, t: np.ndarray,
+             attrs: FoldAttrs) -> tuple[np.ndarray, np.ndarray]:
+        return arith.fold_forward_conv(weight, bias, s, t, attrs.group)
+
+    def fold_cast(self, weight: np.ndarray, bias: np.ndarray | None, s: np.ndarray, t: np.ndarray,
+                  attrs: FoldAttrs) -> tuple[np.ndarray, np.ndarray]:
+        """``fold`` cast back to the weight's and bias's dtypes (``arith.FoldValueError`` if a value
+        does not fit)."""
+        w2, b2 = self.fold(weight, bias, s, t, attrs)
+        w_out = arith.cast_back(w2, weight.dtype, original=weight)
+        return w_out, arith.cast_back(b2, bias.dtype if bias is not None else weight.dtype,
+                                      original=bias_original(bias, b2))
+
+
+FORWARD = ForwardConvRule()
