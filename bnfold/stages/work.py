@@ -1,9 +1,9 @@
 """The work that flows through the ONNX stages: the model being processed and its index.
 
 Every stage takes a ``Work`` and returns its own result (statistics, a plan, the final plan);
-a stage that edits the graph commits its edits with ``Work.commit()``, which also rebuilds the
-index, constants and BN sites, so the next stage always starts from a consistent view and no
-caller re-indexes by hand.
+a stage that edits the graph commits its edits with ``Work.commit()``. The index, constants and
+BN sites are then rebuilt when a later stage first asks for them, so every stage starts from a
+consistent view, no caller re-indexes by hand, and the last edit costs no index it never reads.
 """
 from __future__ import annotations
 
@@ -18,24 +18,37 @@ from bnfold.stages.discover import BnSite, default_opset, find_bns, name_nodes
 class Work:
     """The model being processed (``loaded.model``, edited in place) with its index."""
 
-    index: GraphIndex
-    consts: Constants
-    sites: list[BnSite]
-
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.model: onnx.ModelProto = loaded.model
         # whether node names now differ from the input's (which then cannot serve as the reference)
         self.renamed = name_nodes(self.model.graph)
         self.opset = default_opset(self.model)
-        self._reindex()
+        self._view: tuple[GraphIndex, Constants, list[BnSite]] | None = None
 
-    def _reindex(self) -> None:
-        self.index = GraphIndex(self.model.graph, self.opset)
-        self.consts = Constants(self.index)
-        self.sites = find_bns(self.model, self.index, self.consts)
+    def _current(self) -> tuple[GraphIndex, Constants, list[BnSite]]:
+        if self._view is None:
+            index = GraphIndex(self.model.graph, self.opset)
+            consts = Constants(index)
+            self._view = (index, consts, find_bns(self.model, index, consts))
+        return self._view
+
+    @property
+    def index(self) -> GraphIndex:
+        """Producers, readers and initializers of the graph; edits are recorded here until ``commit``."""
+        return self._current()[0]
+
+    @property
+    def consts(self) -> Constants:
+        """The constant evaluator over ``index``."""
+        return self._current()[1]
+
+    @property
+    def sites(self) -> list[BnSite]:
+        """Every BN of the model (main graph, subgraphs and functions) with its mode."""
+        return self._current()[2]
 
     def commit(self) -> None:
-        """Write the edits recorded on the index into the graph, then index the result."""
+        """Write the edits recorded on the index into the graph; the next read indexes the result."""
         self.index.commit()
-        self._reindex()
+        self._view = None
