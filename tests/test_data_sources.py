@@ -8,7 +8,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from bnfold.data.sources import CalibrationData, InputSpec, _is_mapped, from_arrays, open_data
+from bnfold.data.sources import CalibrationData, _is_mapped, from_arrays, open_data
+from bnfold.records import InputSpec
 from bnfold.errors import BadInputError
 
 X_SPEC = InputSpec("x", np.float32, (None, 3, 4, 4))

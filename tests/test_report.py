@@ -42,7 +42,8 @@ from bnfold.report.json_report import (
     write_verify_json,
 )
 from bnfold.report.summary import ellipsize, plan_table, summary_text, verify_summary_text
-from bnfold.verify.metrics import ERROR_STATS, OutputMetrics, compute_metrics
+from bnfold.records import OutputMetrics
+from bnfold.verify.metrics import ERROR_STATS, compute_metrics
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "docs" / "report-schema.json"
 SHA_IN = "a" * 64

@@ -24,8 +24,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from bnfold.records import ProviderRun, SiteResult, VerifyResult
-from bnfold.report.json_report import collect_environment, inputs_to_dict, settings_to_dict, write_text_atomic
+from bnfold.environment import collect_environment
+from bnfold.records import HIST_ZERO, OutputMetrics, ProviderRun, SiteResult, VerifyResult
+from bnfold.report.json_report import inputs_to_dict, settings_to_dict, write_text_atomic
 from bnfold.report.summary import (
     channels_text,
     fmt,
@@ -246,10 +247,8 @@ def outputs_svg(runs: Sequence[ProviderRun]) -> str:
     return "".join(parts)
 
 
-def histogram_svg(provider: str, o: Any) -> str:
+def histogram_svg(provider: str, o: OutputMetrics) -> str:
     """Histogram of |candidate - reference| over the elements of one output, by decade."""
-    from bnfold.verify.metrics import HIST_ZERO
-
     bins = dict(o.error_histogram)
     keys = sorted(k for k in bins if k != HIST_ZERO)
     cols = ([HIST_ZERO] if HIST_ZERO in bins else []) + (list(range(keys[0], keys[-1] + 1)) if keys else [])

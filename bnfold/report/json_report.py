@@ -16,23 +16,19 @@ read only when onnxruntime has already been imported (it has, whenever a verific
 """
 from __future__ import annotations
 
-import dataclasses
-import enum
-import functools
 import json
-import math
 import os
-import platform
-import sys
 import tempfile
 from collections.abc import Mapping
-from importlib import metadata
-from pathlib import PurePath
 from typing import Any
 
 import numpy as np
 
-from bnfold.records import BnRecord, FrozenStats, ProviderRun, Report, SiteResult, VerifyResult
+from bnfold.environment import collect_environment, report_versions
+from bnfold.json_values import json_number as _number
+from bnfold.json_values import json_safe as _json_safe
+from bnfold.records import BnRecord, FrozenStats, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
+from bnfold.version import __version__
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -66,138 +62,6 @@ SETTINGS_KEYS = (
 )
 #: keys always present in ``verification.inputs`` (null when the record does not give them)
 INPUTS_KEYS = ("source", "seed", "val_range", "iterations", "data", "batch_size", "sha256")
-#: libraries whose versions ``environment.versions`` lists (null when not installed)
-VERSION_KEYS = ("bnfold", "onnx", "onnxruntime", "numpy", "torch")
-
-
-def _number(value: Any) -> float | str:
-    """A JSON-safe float: non-finite values become ``"inf"``, ``"-inf"`` or ``"nan"``."""
-    x = float(value)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
-
-
-def _number_or_none(value: Any) -> float | str | None:
-    return None if value is None else _number(value)
-
-
-def _json_safe(value: Any) -> Any:
-    """Recursively convert enums, numpy values, paths, dataclasses and tuples to JSON types."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, enum.Enum):
-        return _json_safe(value.value)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, np.bool_):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, (float, np.floating)):
-        return _number(value)
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    if isinstance(value, PurePath):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _json_safe(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(_json_safe(k)): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
-        return [_json_safe(v) for v in items]
-    return str(value)
-
-
-# ---- versions and environment -------------------------------------------------------------------
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _tool_version() -> str:
-    try:
-        from bnfold import __version__
-
-        return __version__
-    except ImportError:  # pragma: no cover
-        return _version("bnfold") or "unknown"
-
-
-def _ort_version() -> str | None:
-    # the GPU wheel has another distribution name
-    return _version("onnxruntime") or _version("onnxruntime-gpu")
-
-
-def _versions() -> dict[str, str | None]:
-    return {
-        "onnx": _version("onnx"),
-        "onnxruntime": _ort_version(),
-        "numpy": _version("numpy"),
-        "python": platform.python_version(),
-    }
-
-
-@functools.lru_cache(maxsize=1)
-def _library_versions() -> tuple[tuple[str, str | None], ...]:
-    return (
-        ("bnfold", _tool_version()),
-        ("onnx", _version("onnx")),
-        ("onnxruntime", _ort_version()),
-        ("numpy", _version("numpy")),
-        ("torch", _version("torch")),  # metadata only: torch is never imported here
-        ("python", platform.python_version()),
-    )
-
-
-def _providers_available() -> list[str] | None:
-    ort = sys.modules.get("onnxruntime")
-    if ort is None:
-        return None
-    try:
-        return [str(p) for p in ort.get_available_providers()]
-    except Exception:  # pragma: no cover - a broken install
-        return None
-
-
-def _gpu_name() -> str | None:
-    torch = sys.modules.get("torch")  # only when the caller already imported it
-    if torch is None:
-        return None
-    try:
-        if torch.cuda.is_available():
-            return str(torch.cuda.get_device_name(0))
-    except Exception:  # pragma: no cover - a broken CUDA setup
-        pass
-    return None
-
-
-def collect_environment(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What the verification ran on: library versions, platform, onnxruntime providers, GPU.
-
-    Cheap: versions come from package metadata; the providers are read only when onnxruntime is
-    already imported, the GPU name only when torch is. ``overrides`` (``VerifyResult.environment``)
-    win key by key; a ``"versions"`` mapping in it is merged into the collected one.
-    """
-    env: dict[str, Any] = {
-        "versions": dict(_library_versions()),
-        "platform": platform.platform(),
-        "providers_available": _providers_available(),
-        "gpu": _gpu_name(),
-    }
-    for key, value in (overrides or {}).items():
-        if key == "versions" and isinstance(value, Mapping):
-            env["versions"] = {**env["versions"], **dict(value)}
-        else:
-            env[key] = value
-    return _json_safe(env)
-
-
 # ---- fold records -------------------------------------------------------------------------------
 def _min_max(array: np.ndarray) -> tuple[float | str | None, float | str | None]:
     arr = np.asarray(array, dtype=np.float64)
@@ -284,7 +148,7 @@ def inputs_to_dict(result: VerifyResult) -> dict[str, Any]:
     return _json_safe(out)
 
 
-def _metrics_to_dict(metrics: Any) -> dict[str, Any]:
+def _metrics_to_dict(metrics: OutputMetrics) -> dict[str, Any]:
     # OutputMetrics.to_dict() is JSON-safe for Python floats; a second pass covers numpy scalars
     return _json_safe(metrics.to_dict())
 
@@ -342,7 +206,7 @@ def verification_to_dict(result: VerifyResult | None) -> dict[str, Any] | None:
 
 
 def _tool() -> dict[str, str]:
-    return {"name": TOOL_NAME, "version": _tool_version()}
+    return {"name": TOOL_NAME, "version": __version__}
 
 
 def report_to_dict(report: Report) -> dict[str, Any]:
@@ -351,7 +215,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "kind": "fold",
         "tool": _tool(),
-        "versions": _versions(),
+        "versions": report_versions(),
         "input": {"path": _json_safe(report.input_path), "sha256": report.input_sha256},
         "output": {"path": _json_safe(report.output_path), "sha256": report.output_sha256},
         "estimator": report.estimator,

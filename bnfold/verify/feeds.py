@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.data.sources import InputSpec, open_data
+from bnfold.data.sources import open_data
 from bnfold.errors import BadInputError
+from bnfold.records import InputSpec
 
 
 def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, float], iterations: int,
