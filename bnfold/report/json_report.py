@@ -62,6 +62,8 @@ SETTINGS_KEYS = (
 )
 #: keys always present in ``verification.inputs`` (null when the record does not give them)
 INPUTS_KEYS = ("source", "seed", "val_range", "iterations", "data", "batch_size", "sha256")
+
+
 # ---- fold records -------------------------------------------------------------------------------
 def _min_max(array: np.ndarray) -> tuple[float | str | None, float | str | None]:
     arr = np.asarray(array, dtype=np.float64)
