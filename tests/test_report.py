@@ -17,23 +17,23 @@ import numpy as np
 import pytest
 
 import bnfold
+from bnfold.environment import collect_environment
 from bnfold.records import (
     Action,
     BnRecord,
     FoldDecision,
     FrozenStats,
     Mode,
+    OutputMetrics,
     ProviderRun,
     Reason,
     Report,
     SiteResult,
     VerifyResult,
 )
+from bnfold.report.facts import INPUTS_KEYS, SETTINGS_KEYS
 from bnfold.report.json_report import (
-    INPUTS_KEYS,
     SCHEMA_VERSION,
-    SETTINGS_KEYS,
-    collect_environment,
     report_to_dict,
     to_json,
     verify_report_to_dict,
@@ -42,7 +42,6 @@ from bnfold.report.json_report import (
     write_verify_json,
 )
 from bnfold.report.summary import ellipsize, plan_table, summary_text, verify_summary_text
-from bnfold.records import OutputMetrics
 from bnfold.verify.metrics import ERROR_STATS, compute_metrics
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "docs" / "report-schema.json"
@@ -402,7 +401,8 @@ def test_environment_versions_without_importing_torch():
     # in a fresh interpreter: rendering a report imports none of torch, onnx, onnxruntime
     code = (
         "import sys\n"
-        "from bnfold.report.json_report import collect_environment, verify_report_to_dict\n"
+        "from bnfold.environment import collect_environment\n"
+        "from bnfold.report.json_report import verify_report_to_dict\n"
         "from bnfold.report import junit, markdown, html, summary\n"
         "env = collect_environment()\n"
         "assert env['providers_available'] is None and env['gpu'] is None, env\n"

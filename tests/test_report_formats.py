@@ -15,6 +15,7 @@ import pytest
 from test_report import make_failing_result, make_metrics, make_passing_result, make_site
 
 from bnfold.records import ProviderRun, VerifyResult
+from bnfold.report.facts import worst_sites
 from bnfold.report.html import FAIL_COLOR, PASS_COLOR, render_html, write_html
 from bnfold.report.junit import junit_to_string, write_junit
 from bnfold.report.markdown import (
@@ -23,7 +24,6 @@ from bnfold.report.markdown import (
     markdown_summary,
     write_markdown,
 )
-from bnfold.report.summary import worst_sites
 
 # make_failing_result: cpu (logits ok, probs<&> fails), cuda (same, with a noise floor), rocm
 # skipped; 5 fold sites of which 3 fail (layer1.bn<1>, layer2.bn = inf, layer3.bn = nan).

@@ -24,19 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.environment import collect_environment, report_versions
+from bnfold.environment import report_versions
 from bnfold.json_values import json_number as _number
 from bnfold.json_values import json_safe as _json_safe
 from bnfold.records import BnRecord, FrozenStats, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
+from bnfold.report.facts import verify_facts
 from bnfold.version import __version__
 
 __all__ = [
     "SCHEMA_VERSION",
-    "SETTINGS_KEYS",
-    "INPUTS_KEYS",
-    "collect_environment",
-    "settings_to_dict",
-    "inputs_to_dict",
     "report_to_dict",
     "to_json",
     "write_json",
@@ -49,20 +45,6 @@ __all__ = [
 
 SCHEMA_VERSION = "2.0"
 TOOL_NAME = "bnfold"
-
-#: keys always present in ``verification.settings`` (null when the record does not give them)
-SETTINGS_KEYS = (
-    "graph_optimization_level",
-    "tf32",
-    "deterministic",
-    "cudnn_conv_algo_search",
-    "error_stat",
-    "quantile",
-    "tolerances",
-)
-#: keys always present in ``verification.inputs`` (null when the record does not give them)
-INPUTS_KEYS = ("source", "seed", "val_range", "iterations", "data", "batch_size", "sha256")
-
 
 # ---- fold records -------------------------------------------------------------------------------
 def _min_max(array: np.ndarray) -> tuple[float | str | None, float | str | None]:
@@ -107,49 +89,6 @@ def _bn_to_dict(bn: BnRecord) -> dict[str, Any]:
 
 
 # ---- verification records -----------------------------------------------------------------------
-# other spellings verifiers use for the documented keys: (documented key, alias)
-_SETTINGS_ALIASES = (("deterministic", "deterministic_compute"),)
-_INPUTS_ALIASES = (("data", "path"),)
-
-
-def settings_to_dict(result: VerifyResult) -> dict[str, Any]:
-    """``result.settings`` in the documented layout (see ``docs/report-schema.md``)."""
-    given = dict(result.settings)
-    for key, alias in _SETTINGS_ALIASES:
-        if key not in given and alias in given:
-            given[key] = given.pop(alias)
-    cuda = given.get("cuda")
-    if "cudnn_conv_algo_search" not in given and isinstance(cuda, Mapping):
-        given["cudnn_conv_algo_search"] = cuda.get("cudnn_conv_algo_search")
-    if "tolerances" not in given and ("atol" in given or "rtol" in given):
-        given["tolerances"] = {"atol": given.pop("atol", None), "rtol": given.pop("rtol", None)}
-    first = result.outputs[0] if result.outputs else None
-    # what the metrics themselves say, when the record's settings do not
-    derived: dict[str, Any] = {}
-    if first is not None:
-        derived["error_stat"] = first.error_stat
-        derived["quantile"] = first.quantile
-        derived["tolerances"] = {
-            "per_output": {o.name: {"atol": o.atol, "rtol": o.rtol} for o in result.outputs}
-        }
-    out = {key: given.pop(key, derived.get(key)) for key in SETTINGS_KEYS}
-    out.update(given)
-    return _json_safe(out)
-
-
-def inputs_to_dict(result: VerifyResult) -> dict[str, Any]:
-    """``result.inputs`` in the documented layout (see ``docs/report-schema.md``)."""
-    given = dict(result.inputs)
-    for key, alias in _INPUTS_ALIASES:
-        if key not in given and alias in given:
-            given[key] = given.pop(alias)
-    out = {key: given.pop(key, None) for key in INPUTS_KEYS}
-    if out["sha256"] is None:
-        out["sha256"] = {}
-    out.update(given)
-    return _json_safe(out)
-
-
 def _metrics_to_dict(metrics: OutputMetrics) -> dict[str, Any]:
     # OutputMetrics.to_dict() is JSON-safe for Python floats; a second pass covers numpy scalars
     return _json_safe(metrics.to_dict())
@@ -189,6 +128,7 @@ def verification_to_dict(result: VerifyResult | None) -> dict[str, Any] | None:
     """The ``verification`` object of both report kinds (``None`` stays ``None``)."""
     if result is None:
         return None
+    facts = verify_facts(result)
     return {
         "verdict": "pass" if result.passed else "fail",
         "passed": bool(result.passed),
@@ -197,9 +137,9 @@ def verification_to_dict(result: VerifyResult | None) -> dict[str, Any] | None:
         "note": result.note,
         "max_abs": _number(result.max_abs),
         "max_rel": _number(result.max_rel),
-        "settings": settings_to_dict(result),
-        "inputs": inputs_to_dict(result),
-        "environment": collect_environment(result.environment),
+        "settings": facts.settings,
+        "inputs": facts.inputs,
+        "environment": facts.environment(),
         "runs": [_run_to_dict(r) for r in result.runs],
         "sites": [_site_to_dict(s) for s in result.sites],
         "first_divergent_site": result.first_divergent_site,
