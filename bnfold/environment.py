@@ -125,4 +125,5 @@ def collect_environment(overrides: Mapping[str, Any] | None = None) -> dict[str,
             env["versions"] = {**env["versions"], **dict(value)}
         else:
             env[key] = value
-    return json_safe(env)
+    safe: dict[str, Any] = json_safe(env)
+    return safe

@@ -78,10 +78,10 @@ class BnStats:
     batches: int = 0
     sum_m: int = 0
     sum_m1: int = 0
-    sum_mu: np.ndarray = field(default=None)  # type: ignore[assignment]
-    sum_var: np.ndarray = field(default=None)  # type: ignore[assignment]
-    pooled_mean: np.ndarray = field(default=None)  # type: ignore[assignment]
-    pooled_m2: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sum_mu: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    sum_var: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    pooled_mean: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    pooled_m2: np.ndarray = field(default=None)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         for attr in ("sum_mu", "sum_var", "pooled_mean", "pooled_m2"):

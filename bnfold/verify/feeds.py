@@ -33,12 +33,14 @@ def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, f
     for _ in range(iterations):
         feed: dict[str, np.ndarray] = {}
         for spec in specs:
-            if spec.shape is None or any(d is None for d in spec.shape[1:]):
+            dims = _static_dims(spec)
+            if dims is None:
                 raise BadInputError(
                     f"input '{spec.name}' has dynamic dimensions {_fmt(spec.shape)}; "
                     "random inputs need static shapes: pass --data instead")
-            n = spec.shape[0] if spec.shape and spec.shape[0] is not None else batch_size
-            shape = (n,) + tuple(spec.shape[1:])
+            first = spec.shape[0] if spec.shape else None
+            n = first if first is not None else batch_size
+            shape = (n,) + dims
             if spec.dtype.kind == "f":
                 feed[spec.name] = rng.uniform(lo, hi, size=shape).astype(spec.dtype)
             elif spec.dtype.kind in "iu":
@@ -52,6 +54,15 @@ def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, f
     info = {"source": "random", "seed": seed, "val_range": [lo, hi], "iterations": iterations,
             "batch_size": batch_size}
     return feeds, info
+
+
+def _static_dims(spec: InputSpec) -> tuple[int, ...] | None:
+    """The dims after the batch axis, or None when the rank or one of them is unknown."""
+    if spec.shape is None:
+        return None
+    rest = spec.shape[1:]
+    dims = tuple(d for d in rest if d is not None)
+    return dims if len(dims) == len(rest) else None
 
 
 def _fmt(shape: tuple[int | None, ...] | None) -> str:
@@ -102,9 +113,10 @@ def fold_feeds(data: CalibrationData | None, model: onnx.ModelProto, count: int
     for _ in range(count):
         feed: dict[str, np.ndarray] = {}
         for spec in specs:
-            if spec.shape is None or any(d is None for d in spec.shape[1:]):
+            dims = _static_dims(spec)
+            if dims is None:
                 return f"input '{spec.name}' has dynamic dimensions; pass --data to verify"
-            shape = (bs,) + tuple(spec.shape[1:])
+            shape = (bs,) + dims
             if spec.dtype.kind == "f":
                 feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             elif spec.dtype.kind in "iu":
