@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 import numpy as np
-
 import onnx
 
 from bnfold.data.sources import CalibrationData, open_data

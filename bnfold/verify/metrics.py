@@ -79,8 +79,11 @@ import numpy as np
 
 from bnfold.errors import BadInputError
 from bnfold.records import HIST_HI, HIST_LO, HIST_ZERO, OutputMetrics
-from bnfold.verify.tolerances import is_float_dtype, normalize_dtype
-from bnfold.verify.tolerances import parse_tolerances  # noqa: F401  (compat: cli/main.py imports it from here)
+from bnfold.verify.tolerances import (
+    is_float_dtype,
+    normalize_dtype,
+    parse_tolerances,  # noqa: F401  (compat: cli/main.py imports it from here)
+)
 
 try:  # pragma: no cover - depends on the environment
     import ml_dtypes as _ml_dtypes
