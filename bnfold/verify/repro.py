@@ -50,6 +50,7 @@ from bnfold.verify.repro_location import (
     replaceable,
     swap_into_place,
 )
+from bnfold.verify.tolerances import format_tolerances
 
 __all__ = ["BUNDLE_FILE", "DEFAULT_DIR", "default_location", "is_bundle", "replaceable", "write_bundle",
            "repro_command"]
@@ -57,13 +58,6 @@ __all__ = ["BUNDLE_FILE", "DEFAULT_DIR", "default_location", "is_bundle", "repla
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- what
-
-
-def _tolerance_spec(tol: tuple[float | None, Mapping[str, float]]) -> str | None:
-    value, per_output = tol
-    parts = [] if value is None else [repr(float(value))]
-    parts += [f"{name}:{float(v)!r}" for name, v in per_output.items()]
-    return ",".join(parts) or None
 
 
 def _recreated_by_options(inputs: Mapping[str, Any]) -> bool:
@@ -105,7 +99,7 @@ def repro_command(reference: str, candidate: str, config: VerifyConfig, *, data:
             args += ["--iterations", str(inp["iterations"])]
     args += ["--providers", ",".join(config.providers)]
     for flag, tol in (("--atol", config.atol), ("--rtol", config.rtol)):
-        spec = _tolerance_spec(tol)
+        spec = format_tolerances(tol)
         if spec is not None:
             args.append(f"{flag}={spec}")
     if config.error_stat != "max":

@@ -23,7 +23,8 @@ Default tolerances (:data:`DEFAULT_TOLERANCES`, ``dtype name -> (atol, rtol)``):
 
 Precedence (:func:`resolve_tolerances`): a per-output value (``--atol logits:1e-3``) beats a global
 value (``--atol 1e-4``), which beats the dtype default (:func:`dtype_tolerance`). atol and rtol are
-resolved independently. :func:`parse_tolerances` reads the CLI spelling into a :data:`ToleranceSpec`;
+resolved independently. :func:`parse_tolerances` reads the CLI spelling into a :data:`ToleranceSpec` (:func:`format_tolerances`
+writes it back);
 :func:`check_tolerance_names` refuses a per-output value for an output the model lacks.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "ToleranceSpec",
     "check_tolerance_names",
     "dtype_tolerance",
+    "format_tolerances",
     "is_float_dtype",
     "normalize_dtype",
     "parse_tolerances",
@@ -138,6 +140,15 @@ def parse_tolerances(spec: str | None, default: float | None) -> tuple[float | N
                 raise _tolerance_error(token, spec, "global value given twice")
             global_value = value
     return (default if global_value is None else global_value), per_output
+
+
+def format_tolerances(spec: ToleranceSpec) -> str | None:
+    """The CLI spelling of a :data:`ToleranceSpec` (what :func:`parse_tolerances` reads back to the
+    same values), or None when it gives no value."""
+    value, per_output = spec
+    parts = [] if value is None else [repr(float(value))]
+    parts += [f"{name}:{float(v)!r}" for name, v in per_output.items()]
+    return ",".join(parts) or None
 
 
 def resolve_tolerances(
