@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, VerificationFailed
 from bnfold.records import Action, Mode, Reason
-
-__version__ = "0.1.0"
+from bnfold.version import __version__
 
 __all__ = [
     "Action",

@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import onnx
 
-from bnfold.data.sources import CalibrationData, InputSpec, from_arrays, open_data
+from bnfold.data.sources import CalibrationData, from_arrays, open_data
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
 from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save
@@ -29,9 +29,9 @@ from bnfold.stages.fold import apply_plan
 from bnfold.stages.freeze import freeze
 from bnfold.stages.plan import make_plan
 from bnfold.stages.work import Work
-from bnfold.verify.engine import VerifyConfig
+from bnfold.verify.config import VerifyConfig
 from bnfold.verify.engine import verify as run_verify
-from bnfold.verify.feeds import data_feeds, random_feeds
+from bnfold.verify.feeds import data_feeds, fixed_batch, fold_feeds, random_feeds
 
 DataArg: TypeAlias = "str | os.PathLike[str] | Mapping[str, np.ndarray] | CalibrationData | None"
 
@@ -74,15 +74,9 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     return load_onnx(model)
 
 
-def _fixed_batch(specs: list[InputSpec]) -> int | None:
-    """The batch size every input fixes on axis 0, if any does."""
-    fixed = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
-    return fixed.pop() if len(fixed) == 1 else None
-
-
 def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None) -> CalibrationData | _FullBatches:
     specs = input_specs(model)
-    fixed = _fixed_batch(specs)
+    fixed = fixed_batch(specs)
     if fixed is not None:
         if batch_size is None:
             batch_size = fixed
@@ -162,34 +156,6 @@ def _calibrate_and_freeze(work: Work, data: CalibrationData | _FullBatches, esti
     return frozen, warnings
 
 
-def _verify_batches(data: CalibrationData | None, model: onnx.ModelProto, k: int) -> list[dict[str, np.ndarray]] | str:
-    """Batch-size-1 feeds for verification, or a string saying why there are none."""
-    specs = input_specs(model)
-    bs = _fixed_batch(specs) or 1
-    if data is not None:
-        taken = data.take(k * bs)
-        n = next(iter(taken.values())).shape[0]
-        if n < bs:
-            return f"fewer calibration samples ({n}) than the model's fixed batch size {bs}"
-        return [{name: arr[i:i + bs] for name, arr in taken.items()} for i in range(0, n - bs + 1, bs)]
-    rng = np.random.default_rng(0)
-    feeds: list[dict[str, np.ndarray]] = []
-    for _ in range(k):
-        feed = {}
-        for spec in specs:
-            if spec.shape is None or any(d is None for d in spec.shape[1:]):
-                return f"input '{spec.name}' has dynamic dimensions; pass --data to verify"
-            shape = (bs,) + tuple(spec.shape[1:])
-            if spec.dtype.kind == "f":
-                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-            elif spec.dtype.kind in "iu":
-                return f"input '{spec.name}' is an integer input; pass --data to verify"
-            else:
-                return f"input '{spec.name}' has dtype {spec.dtype}; pass --data to verify"
-        feeds.append(feed)
-    return feeds
-
-
 def _records(work_sites: list[BnSite], modes: dict[str, Mode], plan, frozen) -> list[BnRecord]:
     by_bn = plan.by_bn()
     out = []
@@ -258,14 +224,14 @@ def fold(
         if staging.folder is not None:
             staged, digest = staging.write_candidate(work.model)
             if reference is not None:
-                feeds = _verify_batches(cal, work.model, verify_samples)
+                feeds = fold_feeds(cal, work.model, verify_samples)
                 if isinstance(feeds, str):
                     warnings.append(f"verification skipped: {feeds}")
                 else:
                     verification = _run_verification(
                         reference, staged, feeds, verify_config,
                         {"source": "data" if cal is not None else "random", "seed": None if cal else 0,
-                         "samples": verify_samples, "batch_size": _fixed_batch(input_specs(work.model)) or 1})
+                         "samples": verify_samples, "batch_size": fixed_batch(input_specs(work.model)) or 1})
             if output and (verification is None or verification.passed):
                 output_path, output_sha256 = str(staging.publish(staged)), digest
     report = _report(loaded, cal, estimator, warnings, _records(planned, modes, final, frozen), dry_run=False,

@@ -12,6 +12,14 @@ def one_line(exc: BaseException, limit: int | None = None) -> str:
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (stripped of surrounding whitespace before the split;
+    the class name if it is empty). For the messages of onnxruntime, whose later lines repeat
+    context."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class BnfoldError(Exception):
     """Base class of every error bnfold raises on purpose."""
 

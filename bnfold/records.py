@@ -5,13 +5,12 @@ Every stage reads and writes these; none reaches into another stage's internals.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from bnfold.verify.metrics import OutputMetrics
+from bnfold.json_values import json_safe
 
 
 class Mode(str, enum.Enum):
@@ -79,10 +78,10 @@ class BnStats:
     batches: int = 0
     sum_m: int = 0
     sum_m1: int = 0
-    sum_mu: np.ndarray = field(default=None)  # type: ignore[assignment]
-    sum_var: np.ndarray = field(default=None)  # type: ignore[assignment]
-    pooled_mean: np.ndarray = field(default=None)  # type: ignore[assignment]
-    pooled_m2: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sum_mu: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    sum_var: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    pooled_mean: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    pooled_m2: np.ndarray = field(default=None)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         for attr in ("sum_mu", "sum_var", "pooled_mean", "pooled_m2"):
@@ -125,6 +124,78 @@ class FoldPlan:
 
 
 @dataclass(frozen=True)
+class InputSpec:
+    """One model input: its name, element type and shape.
+
+    ``shape`` entries are ints for static dims and ``None`` for dynamic ones; a symbolic name (a
+    ``str``) or a negative int is normalised to ``None``. Dim 0 is the batch axis and is never
+    checked against the data. ``shape=None`` means the rank is unknown (no rank/dim checks).
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        if self.shape is not None:
+            dims = tuple(
+                int(d) if isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 else None
+                for d in self.shape
+            )
+            object.__setattr__(self, "shape", dims)
+
+
+#: ``OutputMetrics.error_histogram`` bins: decades 10**HIST_LO .. 10**HIST_HI (clipped), exact zeros
+#: under HIST_ZERO
+HIST_LO, HIST_HI, HIST_ZERO = -12, 6, -99
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    """Every metric of one output, computed by ``bnfold.verify.metrics`` (whose docstring defines
+    each field exactly)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    atol: float
+    rtol: float
+    error_stat: str
+    quantile: float | None
+    passed: bool
+    elements: int
+    max_abs: float
+    p99_abs: float
+    mean_abs: float
+    median_abs: float
+    max_rel: float
+    mismatches: int
+    mismatch_pct: float
+    worst_index: tuple[int, ...] | None
+    worst_ref: float | None
+    worst_cand: float | None
+    min_atol: float
+    min_rtol: float
+    cosine: float | None
+    snr_db: float | None
+    max_ulp: int | None
+    nan_ref: int
+    nan_cand: int
+    inf_ref: int
+    inf_cand: int
+    top1: float | None
+    top5: float | None
+    # |a-b| over the finite pairs by decade: (lower exponent k, count) for 10**k <= d < 10**(k+1),
+    # k clipped to [HIST_LO, HIST_HI]; exact zeros under k = HIST_ZERO. Only non-empty bins.
+    error_histogram: tuple[tuple[int, int], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: non-finite floats as ``"inf"``, ``"-inf"``, ``"nan"``; tuples as lists."""
+        return {f.name: json_safe(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True)
 class ProviderRun:
     """Reference vs candidate on one execution provider."""
 
@@ -132,7 +203,7 @@ class ProviderRun:
     status: str  # "ran" | "skipped" (provider not available and --allow-missing-providers)
     used: tuple[str, ...]  # execution providers the candidate session really used
     passed: bool
-    outputs: tuple["OutputMetrics", ...] = ()
+    outputs: tuple[OutputMetrics, ...] = ()
     # (output, max |reference on this provider - reference on the first provider|): provider noise
     noise_floor: tuple[tuple[str, float], ...] = ()
     note: str = ""
@@ -182,7 +253,7 @@ class VerifyResult:
         return ran[0].provider if ran else (self.runs[0].provider if self.runs else "")
 
     @property
-    def outputs(self) -> tuple["OutputMetrics", ...]:
+    def outputs(self) -> tuple[OutputMetrics, ...]:
         ran = self.ran
         return ran[0].outputs if ran else ()
 

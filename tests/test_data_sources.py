@@ -8,8 +8,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from bnfold.data.sources import CalibrationData, InputSpec, _is_mapped, from_arrays, open_data
+from bnfold.data.sources import CalibrationData, _is_mapped, from_arrays, open_data
 from bnfold.errors import BadInputError
+from bnfold.records import InputSpec
 
 X_SPEC = InputSpec("x", np.float32, (None, 3, 4, 4))
 M_SPEC = InputSpec("m", np.float32, ("batch", 5))

@@ -635,7 +635,7 @@ def test_save_external_too_large_even_without_initializers(rng, tmp_path, monkey
     from bnfold.onnx import io as load
 
     model = _mixed_model(rng)  # its Constant node holds 12 KB inline
-    monkeypatch.setattr(load, "_PROTO_LIMIT", 4096)
+    monkeypatch.setattr(load, "PROTO_LIMIT", 4096)
     path = tmp_path / "m.onnx"
     with pytest.raises(UnsupportedModelError, match="2 GiB.*external data"):
         load.save_onnx(model, path, external_data=True)

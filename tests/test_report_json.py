@@ -24,19 +24,19 @@ from report_builders import (
 )
 
 import bnfold
+from bnfold.environment import collect_environment
 from bnfold.records import (
     Action,
     Mode,
+    OutputMetrics,
     ProviderRun,
     Reason,
     SiteResult,
     VerifyResult,
 )
+from bnfold.report.facts import INPUTS_KEYS, SETTINGS_KEYS
 from bnfold.report.json_report import (
-    INPUTS_KEYS,
     SCHEMA_VERSION,
-    SETTINGS_KEYS,
-    collect_environment,
     report_to_dict,
     to_json,
     verify_report_to_dict,
@@ -44,7 +44,7 @@ from bnfold.report.json_report import (
     write_json,
     write_verify_json,
 )
-from bnfold.verify.metrics import ERROR_STATS, OutputMetrics
+from bnfold.verify.metrics import ERROR_STATS
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "docs" / "report-schema.json"
 
@@ -259,7 +259,8 @@ def test_environment_versions_without_importing_torch():
     # in a fresh interpreter: rendering a report imports none of torch, onnx, onnxruntime
     code = (
         "import sys\n"
-        "from bnfold.report.json_report import collect_environment, verify_report_to_dict\n"
+        "from bnfold.environment import collect_environment\n"
+        "from bnfold.report.json_report import verify_report_to_dict\n"
         "from bnfold.report import junit, markdown, html, summary\n"
         "env = collect_environment()\n"
         "assert env['providers_available'] is None and env['gpu'] is None, env\n"

@@ -13,13 +13,13 @@ from report_builders import (
 )
 
 from bnfold.records import ProviderRun, VerifyResult
+from bnfold.report.facts import worst_sites
 from bnfold.report.markdown import (
     WORST_SITES,
     append_github_step_summary,
     markdown_summary,
     write_markdown,
 )
-from bnfold.report.summary import worst_sites
 
 # make_failing_result: cpu (logits ok, probs<&> fails), cuda (same, with a noise floor), rocm
 # skipped; 5 fold sites of which 3 fail (layer1.bn<1>, layer2.bn = inf, layer3.bn = nan).

@@ -485,7 +485,7 @@ def test_calibration_weights_reach_onnxruntime_from_memory_or_through_a_file(rng
     assert list(held) == ["w"] and held["w"].raw_data == w.tobytes()
     assert next(t for t in cal.graph.initializer if t.name == "b").raw_data == b.tobytes()  # small: inline
     if route == "file":
-        monkeypatch.setattr(load, "_PROTO_LIMIT", 64)
+        monkeypatch.setattr(load, "PROTO_LIMIT", 64)
     x = data(rng, c_in=16)
     res = fold(model, data={"x": x}, batch_size=BATCH)
     assert model.SerializeToString() == before

@@ -10,7 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.errors import BadInputError, ProviderUnavailable, UnsupportedModelError
 from bnfold.onnx.runtime import input_specs, make_session, ort_max_ir_version
-from bnfold.verify.compare import DEFAULT_TOLERANCES, compare_outputs, tolerance_for, verify_models
+from bnfold.verify.compare import compare_outputs, verify_models
+from bnfold.verify.tolerances import DEFAULT_TOLERANCES
+from bnfold.verify.tolerances import dtype_tolerance as tolerance_for
 
 OPSET = 17
 EPS = 1e-5

@@ -18,7 +18,8 @@ from onnx import numpy_helper
 import bnfold.api as api
 from bnfold.api import fold
 from bnfold.errors import BadInputError, ProviderUnavailable
-from bnfold.verify.engine import VerifyConfig, verify
+from bnfold.verify.config import VerifyConfig
+from bnfold.verify.engine import verify
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 

@@ -11,15 +11,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bnfold.errors import BadInputError
-from bnfold.verify.metrics import (
-    ERROR_STATS,
-    OutputMetrics,
-    check_tolerance_names,
-    compute_metrics,
-    compute_metrics_batched,
-    parse_tolerances,
-    tolerances_for,
-)
+from bnfold.records import OutputMetrics
+from bnfold.verify.metrics import ERROR_STATS, compute_metrics, compute_metrics_batched
+from bnfold.verify.tolerances import check_tolerance_names, parse_tolerances
+from bnfold.verify.tolerances import resolve_tolerances as tolerances_for
 
 F32_TINY_SUB = np.float32(2.0**-149)  # smallest positive float32 subnormal
 F16_TINY_SUB = np.float16(2.0**-24)  # smallest positive float16 subnormal

@@ -281,7 +281,7 @@ def test_passing_fold_writes_none(pair: dict[str, Path], tmp_path: Path) -> None
 
 def test_the_library_writes_no_bundle_unless_told(pair: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     from bnfold.api import verify
-    from bnfold.verify.engine import VerifyConfig
+    from bnfold.verify.config import VerifyConfig
 
     monkeypatch.chdir(tmp_path)
     res = verify(pair["ref"], pair["bad"])
@@ -292,7 +292,7 @@ def test_the_library_writes_no_bundle_unless_told(pair: dict[str, Path], tmp_pat
 
 
 def test_locations_and_bundle_detection(tmp_path: Path) -> None:
-    from bnfold.verify.repro import default_location, is_bundle, replaceable
+    from bnfold.verify.repro_location import default_location, is_bundle, replaceable
 
     assert default_location(None) == Path("bnfold-repro")
     assert default_location(Path("out/verify.json")) == Path("out/verify.repro")

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.errors import BadInputError, one_line
+from bnfold.records import InputSpec
 
 __all__ = ["CalibrationData", "InputSpec", "from_arrays", "open_data"]
 
@@ -46,29 +47,6 @@ __all__ = ["CalibrationData", "InputSpec", "from_arrays", "open_data"]
 # --------------------------------------------------------------------------------------------
 # model inputs
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One model input: its name, element type and shape.
-
-    ``shape`` entries are ints for static dims and ``None`` for dynamic ones; a symbolic name (a
-    ``str``) or a negative int is normalised to ``None``. Dim 0 is the batch axis and is never
-    checked against the data. ``shape=None`` means the rank is unknown (no rank/dim checks).
-    """
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | None, ...] | None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", np.dtype(self.dtype))
-        if self.shape is not None:
-            dims = tuple(
-                int(d) if isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 else None
-                for d in self.shape
-            )
-            object.__setattr__(self, "shape", dims)
 
 
 def _fmt_shape(shape: Sequence[int | None]) -> str:
@@ -145,7 +123,7 @@ def _scan_npy(path: str, label: str, key: str) -> _Member:
         raise BadInputError(f"cannot read calibration data {label}: {exc.strerror or exc}; check the path and its permissions") from exc
     except Exception as exc:
         raise BadInputError(
-            f"calibration data {label} is not a valid .npy file ({_one_line(exc)}); write it again with numpy.save"
+            f"calibration data {label} is not a valid .npy file ({one_line(exc)}); write it again with numpy.save"
         ) from exc
     _check_dtype_storable(label, key, dtype)
     size = os.path.getsize(path)
@@ -189,18 +167,14 @@ def _scan_npz(path: str, label: str) -> list[_Member]:
     except OSError as exc:
         if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise BadInputError(f"cannot read calibration data {label}: {exc.strerror or exc}; check the path and its permissions") from exc
-        raise BadInputError(f"calibration data {label} is not a valid .npz file ({_one_line(exc)}); write it again with numpy.savez") from exc
+        raise BadInputError(f"calibration data {label} is not a valid .npz file ({one_line(exc)}); write it again with numpy.savez") from exc
     except Exception as exc:
         raise BadInputError(
-            f"calibration data {label} is not a valid .npz file ({_one_line(exc)}); write it again with numpy.savez"
+            f"calibration data {label} is not a valid .npz file ({one_line(exc)}); write it again with numpy.savez"
         ) from exc
     if not members:
         raise BadInputError(f"calibration data {label} holds no arrays; save one array per model input with numpy.savez")
     return members
-
-
-def _one_line(exc: BaseException) -> str:
-    return one_line(exc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,14 +366,14 @@ class CalibrationData:
                         f.path, dtype=m.dtype, mode="r", offset=m.offset, shape=m.shape, order="F" if m.fortran else "C"
                     )
                 except (OSError, ValueError) as exc:
-                    raise BadInputError(f"cannot map calibration data {f.label}: {_one_line(exc)}; check the file") from exc
+                    raise BadInputError(f"cannot map calibration data {f.label}: {one_line(exc)}; check the file") from exc
             else:
                 try:
                     with zipfile.ZipFile(f.path) as zf, zf.open(m.zip_name) as fp:
                         arr = np.lib.format.read_array(fp, allow_pickle=False)
                 except Exception as exc:
                     raise BadInputError(
-                        f"calibration data {f.label} member '{m.zip_name}' cannot be read ({_one_line(exc)}); "
+                        f"calibration data {f.label} member '{m.zip_name}' cannot be read ({one_line(exc)}); "
                         f"the file is corrupted, write it again"
                     ) from exc
                 if arr.shape != m.shape or arr.dtype != m.dtype:

@@ -216,9 +216,6 @@ class Constants:
             return True
         return self.value(name) is not None
 
-    def is_initializer(self, name: str) -> bool:
-        return name in self.index.initializers
-
     def _eval(self, name: str, depth: int) -> np.ndarray | None:
         if name in self.index.initializers:  # not cached: weights are large and read once
             return tensor_to_array(self.index.initializers[name])
@@ -257,6 +254,3 @@ class Constants:
         except (ValueError, TypeError, IndexError):
             return None
         return None if out is None else np.asarray(out)
-
-    def forget(self, name: str) -> None:
-        self._cache.pop(name, None)

@@ -12,7 +12,7 @@ from typing import Any
 import onnx
 
 
-def _subgraph_free_names(node: onnx.NodeProto) -> set[str]:
+def subgraph_free_names(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing scope."""
     free: set[str] = set()
     for attr in node.attribute:
@@ -28,7 +28,7 @@ def _subgraph_free_names(node: onnx.NodeProto) -> set[str]:
                 defined.update(o for o in n.output if o)
             for n in g.node:
                 free.update(i for i in n.input if i and i not in defined)
-                free.update(x for x in _subgraph_free_names(n) if x not in defined)
+                free.update(x for x in subgraph_free_names(n) if x not in defined)
             free.update(o.name for o in g.output if o.name not in defined)
     return free
 
@@ -89,7 +89,7 @@ class GraphIndex:
                     self.bn_positions.append(i)
                 continue
             if has_subgraph(nodes[i]):
-                free = _subgraph_free_names(nodes[i])
+                free = subgraph_free_names(nodes[i])
                 self._subgraph_reads[i] = free
                 self._readers.update(free)
         self.producer.pop("", None)

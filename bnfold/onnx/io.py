@@ -4,6 +4,7 @@ The file is read once: the same bytes are hashed (for the report) and parsed.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import threading
@@ -14,10 +15,12 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
 from bnfold.errors import BadInputError, UnsupportedModelError
+from bnfold.onnx import runtime  # late-bound: tests replace runtime.ort_max_ir_version
 from bnfold.onnx.serialize import _copy_except, write_model
+from bnfold.version import __version__
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
-_PROTO_LIMIT = 2**31 - 2**24
+PROTO_LIMIT = 2**31 - 2**24
 
 
 class _Hasher:
@@ -166,8 +169,6 @@ def data_files(path: Path) -> list[Path]:
 
 
 def glob_escape(name: str) -> str:
-    import glob
-
     return glob.escape(name)
 
 
@@ -186,9 +187,7 @@ def _ir_version_for_runtime(model: onnx.ModelProto) -> int:
     ir = model.ir_version or onnx.IR_VERSION
     if ir <= 10:  # accepted by every onnxruntime we support; no need to import it
         return ir
-    from bnfold.onnx.runtime import ort_max_ir_version
-
-    return min(ir, ort_max_ir_version())
+    return min(ir, runtime.ort_max_ir_version())
 
 
 def ir_version_for_save(model: onnx.ModelProto) -> int:
@@ -201,8 +200,6 @@ def ir_version_for_save(model: onnx.ModelProto) -> int:
 def prepare_for_save(model: onnx.ModelProto) -> None:
     model.ir_version = ir_version_for_save(model)
     model.producer_name = "bnfold"
-    from bnfold import __version__
-
     model.producer_version = __version__
 
 
@@ -322,7 +319,7 @@ def _save_external(model: onnx.ModelProto, path: Path) -> str:
             size = skeleton.ByteSize()
         except (ValueError, EncodeError):
             size = None
-        if size is None or size > _PROTO_LIMIT:
+        if size is None or size > PROTO_LIMIT:
             raise UnsupportedModelError(
                 f"cannot write '{path}': the model is over protobuf's 2 GiB limit even with its initializers in "
                 "external data (large Constant nodes, subgraph tensors or tensors without raw_data stay in the "

@@ -15,13 +15,12 @@ import os
 import re
 from typing import TYPE_CHECKING
 
-from bnfold.errors import BadInputError, ProviderUnavailable, UnsupportedModelError
+from bnfold.errors import BadInputError, ProviderUnavailable, UnsupportedModelError, first_line
+from bnfold.records import InputSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
     import onnxruntime
-
-    from bnfold.data.sources import InputSpec
 
 __all__ = ["make_session", "make_session_from_model", "ort_max_ir_version", "input_specs", "PROVIDERS", "CUDA_SETTINGS"]
 
@@ -60,10 +59,9 @@ def _provider_name(provider: str) -> str:
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def _ort_message(exc: BaseException) -> str:
     """onnxruntime's first message line, without the C++ source location and signature."""
-    text = str(exc).strip()
-    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    line = first_line(exc).strip()
     cleaned = _CPP_SIGNATURE.sub("", _SRC_LOCATION.sub("", _ORT_PREFIX.sub("", line))).strip()
     return cleaned or line
 
@@ -118,7 +116,7 @@ def make_session(
     try:
         session = ort.InferenceSession(path, sess_options=_session_options(optimize), providers=providers)
     except Exception as exc:  # onnxruntime raises its own pybind exception types
-        message = _first_line(exc)
+        message = _ort_message(exc)
         hint = ""
         if "IR version" in message:
             hint = f"; save the model with ir_version <= {ort_max_ir_version()}"
@@ -203,7 +201,7 @@ def ort_max_ir_version() -> int:
     )
 
 
-def input_specs(model: "onnx.ModelProto") -> "list[InputSpec]":
+def input_specs(model: "onnx.ModelProto") -> list[InputSpec]:
     """The inputs a user feeds: ``graph.input`` minus initializers (old-IR models list both).
 
     Dtypes are numpy dtypes (``ml_dtypes`` ones for bfloat16/float8), dims are ``dim_value`` or
@@ -211,8 +209,6 @@ def input_specs(model: "onnx.ModelProto") -> "list[InputSpec]":
     input raises :class:`UnsupportedModelError`.
     """
     from onnx import helper
-
-    from bnfold.data.sources import InputSpec
 
     graph = model.graph
     initializers = {init.name for init in graph.initializer}

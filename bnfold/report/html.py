@@ -24,15 +24,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from bnfold.records import ProviderRun, SiteResult, VerifyResult
-from bnfold.report.json_report import collect_environment, inputs_to_dict, settings_to_dict, write_text_atomic
+from bnfold.records import HIST_ZERO, OutputMetrics, ProviderRun, SiteResult, VerifyResult
+from bnfold.report.facts import VerifyFacts, verify_facts
+from bnfold.report.json_report import write_text_atomic
 from bnfold.report.summary import (
     channels_text,
     fmt,
     fmt_cosine,
     fmt_fraction,
     fmt_pct,
-    noise_floors,
     run_label,
     samples_text,
     tolerance_text,
@@ -246,10 +246,8 @@ def outputs_svg(runs: Sequence[ProviderRun]) -> str:
     return "".join(parts)
 
 
-def histogram_svg(provider: str, o: Any) -> str:
+def histogram_svg(provider: str, o: OutputMetrics) -> str:
     """Histogram of |candidate - reference| over the elements of one output, by decade."""
-    from bnfold.verify.metrics import HIST_ZERO
-
     bins = dict(o.error_histogram)
     keys = sorted(k for k in bins if k != HIST_ZERO)
     cols = ([HIST_ZERO] if HIST_ZERO in bins else []) + (list(range(keys[0], keys[-1] + 1)) if keys else [])
@@ -293,7 +291,7 @@ def _verdict_cell(passed: bool) -> str:
     return '<td class="ok">pass</td>' if passed else '<td class="bad">FAIL</td>'
 
 
-def _run_section(run: ProviderRun) -> str:
+def _run_section(run: ProviderRun, noise: dict[str, float]) -> str:
     if run.status != "ran":
         note = f": {_e(run.note)}" if run.note else ""
         return (f'<h3>{_e(run.provider)} <span class="skip">{_e(run.status)}</span></h3>'
@@ -304,7 +302,6 @@ def _run_section(run: ProviderRun) -> str:
     if not run.outputs:
         out.append('<p class="muted">no outputs compared</p>')
         return "".join(out)
-    noise = noise_floors(run)
     head = ["output", "dtype", "shape", "max abs"] + (["noise floor"] if noise else []) + [
         "p99 abs", "mean abs", "max rel", "mismatches", "cosine", "SNR dB", "max ULP", "top-1",
         "min atol", "tolerance", "verdict"]
@@ -326,12 +323,13 @@ def _run_section(run: ProviderRun) -> str:
     return "".join(out)
 
 
-def _sites_table(result: VerifyResult) -> str:
+def _sites_table(facts: VerifyFacts) -> str:
+    result = facts.result
     head = ["position", "BN", "tensor", "direction", "target", "max abs", "max rel", "atol",
             "rtol", "worst channels", "verdict"]
     out = ['<table class="sites"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head)
            + "</tr></thead><tbody>"]
-    for s in sorted(result.sites, key=lambda s: s.position):
+    for s in facts.sites_by_position:
         first = " (first divergent)" if s.bn == result.first_divergent_site else ""
         cells = [
             f'<td class="num">{s.position}</td>', f"<td><code>{_e(s.bn)}</code>{first}</td>",
@@ -348,9 +346,10 @@ def _sites_table(result: VerifyResult) -> str:
 # ---- the page -----------------------------------------------------------------------------------
 def render_html(result: VerifyResult, title: str = "bnfold verification") -> str:
     """The whole page as one string (self-contained: no scripts, no external resources)."""
-    word = "PASSED" if result.passed else "FAILED"
-    providers = ", ".join(r.provider for r in result.runs) or "no provider"
-    failing_sites = sum(1 for s in result.sites if not s.passed)
+    facts = verify_facts(result)
+    word = facts.verdict
+    providers = ", ".join(facts.providers) or "no provider"
+    failing_sites = len(facts.failing_sites)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -377,11 +376,11 @@ def render_html(result: VerifyResult, title: str = "bnfold verification") -> str
     parts.append("</ul></section>")
 
     parts.append('<section id="settings"><h2>Settings</h2>')
-    parts.append(_kv_table(settings_to_dict(result)))
+    parts.append(_kv_table(facts.settings))
     parts.append("<h3>Inputs</h3>")
-    parts.append(_kv_table(inputs_to_dict(result)))
+    parts.append(_kv_table(facts.inputs))
     parts.append("</section>")
-    env = collect_environment(result.environment)
+    env = facts.environment()
     versions = env.pop("versions", {}) or {}
     parts.append('<section id="environment"><h2>Environment</h2>')
     parts.append(_kv_table({**env, **{f"version {k}": v for k, v in versions.items()}}))
@@ -390,7 +389,7 @@ def render_html(result: VerifyResult, title: str = "bnfold verification") -> str
     parts.append('<section id="providers"><h2>Providers</h2>')
     if not result.runs:
         parts.append('<p class="muted">no provider ran</p>')
-    parts.extend(_run_section(r) for r in result.runs)
+    parts.extend(_run_section(r, noise) for r, noise in zip(result.runs, facts.noise))
     parts.append("</section>")
 
     parts.append('<section id="sites-plot"><h2>Error along the network</h2>')
@@ -430,7 +429,7 @@ def render_html(result: VerifyResult, title: str = "bnfold verification") -> str
     parts.append("</section>")
 
     parts.append('<section id="sites"><h2>Fold sites</h2>')
-    parts.append(_sites_table(result) if result.sites
+    parts.append(_sites_table(facts) if result.sites
                  else '<p class="muted">No fold sites were compared.</p>')
     parts.append("</section></main></body></html>")
     return "\n".join(parts) + "\n"

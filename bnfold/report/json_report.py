@@ -16,31 +16,23 @@ read only when onnxruntime has already been imported (it has, whenever a verific
 """
 from __future__ import annotations
 
-import dataclasses
-import enum
-import functools
 import json
-import math
 import os
-import platform
-import sys
 import tempfile
 from collections.abc import Mapping
-from importlib import metadata
-from pathlib import PurePath
 from typing import Any
 
 import numpy as np
 
-from bnfold.records import BnRecord, FrozenStats, ProviderRun, Report, SiteResult, VerifyResult
+from bnfold.environment import report_versions
+from bnfold.json_values import json_number as _number
+from bnfold.json_values import json_safe as _json_safe
+from bnfold.records import BnRecord, FrozenStats, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
+from bnfold.report.facts import verify_facts
+from bnfold.version import __version__
 
 __all__ = [
     "SCHEMA_VERSION",
-    "SETTINGS_KEYS",
-    "INPUTS_KEYS",
-    "collect_environment",
-    "settings_to_dict",
-    "inputs_to_dict",
     "report_to_dict",
     "to_json",
     "write_json",
@@ -53,150 +45,6 @@ __all__ = [
 
 SCHEMA_VERSION = "2.0"
 TOOL_NAME = "bnfold"
-
-#: keys always present in ``verification.settings`` (null when the record does not give them)
-SETTINGS_KEYS = (
-    "graph_optimization_level",
-    "tf32",
-    "deterministic",
-    "cudnn_conv_algo_search",
-    "error_stat",
-    "quantile",
-    "tolerances",
-)
-#: keys always present in ``verification.inputs`` (null when the record does not give them)
-INPUTS_KEYS = ("source", "seed", "val_range", "iterations", "data", "batch_size", "sha256")
-#: libraries whose versions ``environment.versions`` lists (null when not installed)
-VERSION_KEYS = ("bnfold", "onnx", "onnxruntime", "numpy", "torch")
-
-
-def _number(value: Any) -> float | str:
-    """A JSON-safe float: non-finite values become ``"inf"``, ``"-inf"`` or ``"nan"``."""
-    x = float(value)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
-
-
-def _number_or_none(value: Any) -> float | str | None:
-    return None if value is None else _number(value)
-
-
-def _json_safe(value: Any) -> Any:
-    """Recursively convert enums, numpy values, paths, dataclasses and tuples to JSON types."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, enum.Enum):
-        return _json_safe(value.value)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, np.bool_):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, (float, np.floating)):
-        return _number(value)
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    if isinstance(value, PurePath):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _json_safe(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(_json_safe(k)): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
-        return [_json_safe(v) for v in items]
-    return str(value)
-
-
-# ---- versions and environment -------------------------------------------------------------------
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _tool_version() -> str:
-    try:
-        from bnfold import __version__
-
-        return __version__
-    except ImportError:  # pragma: no cover
-        return _version("bnfold") or "unknown"
-
-
-def _ort_version() -> str | None:
-    # the GPU wheel has another distribution name
-    return _version("onnxruntime") or _version("onnxruntime-gpu")
-
-
-def _versions() -> dict[str, str | None]:
-    return {
-        "onnx": _version("onnx"),
-        "onnxruntime": _ort_version(),
-        "numpy": _version("numpy"),
-        "python": platform.python_version(),
-    }
-
-
-@functools.lru_cache(maxsize=1)
-def _library_versions() -> tuple[tuple[str, str | None], ...]:
-    return (
-        ("bnfold", _tool_version()),
-        ("onnx", _version("onnx")),
-        ("onnxruntime", _ort_version()),
-        ("numpy", _version("numpy")),
-        ("torch", _version("torch")),  # metadata only: torch is never imported here
-        ("python", platform.python_version()),
-    )
-
-
-def _providers_available() -> list[str] | None:
-    ort = sys.modules.get("onnxruntime")
-    if ort is None:
-        return None
-    try:
-        return [str(p) for p in ort.get_available_providers()]
-    except Exception:  # pragma: no cover - a broken install
-        return None
-
-
-def _gpu_name() -> str | None:
-    torch = sys.modules.get("torch")  # only when the caller already imported it
-    if torch is None:
-        return None
-    try:
-        if torch.cuda.is_available():
-            return str(torch.cuda.get_device_name(0))
-    except Exception:  # pragma: no cover - a broken CUDA setup
-        pass
-    return None
-
-
-def collect_environment(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What the verification ran on: library versions, platform, onnxruntime providers, GPU.
-
-    Cheap: versions come from package metadata; the providers are read only when onnxruntime is
-    already imported, the GPU name only when torch is. ``overrides`` (``VerifyResult.environment``)
-    win key by key; a ``"versions"`` mapping in it is merged into the collected one.
-    """
-    env: dict[str, Any] = {
-        "versions": dict(_library_versions()),
-        "platform": platform.platform(),
-        "providers_available": _providers_available(),
-        "gpu": _gpu_name(),
-    }
-    for key, value in (overrides or {}).items():
-        if key == "versions" and isinstance(value, Mapping):
-            env["versions"] = {**env["versions"], **dict(value)}
-        else:
-            env[key] = value
-    return _json_safe(env)
-
 
 # ---- fold records -------------------------------------------------------------------------------
 def _min_max(array: np.ndarray) -> tuple[float | str | None, float | str | None]:
@@ -241,50 +89,7 @@ def _bn_to_dict(bn: BnRecord) -> dict[str, Any]:
 
 
 # ---- verification records -----------------------------------------------------------------------
-# other spellings verifiers use for the documented keys: (documented key, alias)
-_SETTINGS_ALIASES = (("deterministic", "deterministic_compute"),)
-_INPUTS_ALIASES = (("data", "path"),)
-
-
-def settings_to_dict(result: VerifyResult) -> dict[str, Any]:
-    """``result.settings`` in the documented layout (see ``docs/report-schema.md``)."""
-    given = dict(result.settings)
-    for key, alias in _SETTINGS_ALIASES:
-        if key not in given and alias in given:
-            given[key] = given.pop(alias)
-    cuda = given.get("cuda")
-    if "cudnn_conv_algo_search" not in given and isinstance(cuda, Mapping):
-        given["cudnn_conv_algo_search"] = cuda.get("cudnn_conv_algo_search")
-    if "tolerances" not in given and ("atol" in given or "rtol" in given):
-        given["tolerances"] = {"atol": given.pop("atol", None), "rtol": given.pop("rtol", None)}
-    first = result.outputs[0] if result.outputs else None
-    # what the metrics themselves say, when the record's settings do not
-    derived: dict[str, Any] = {}
-    if first is not None:
-        derived["error_stat"] = first.error_stat
-        derived["quantile"] = first.quantile
-        derived["tolerances"] = {
-            "per_output": {o.name: {"atol": o.atol, "rtol": o.rtol} for o in result.outputs}
-        }
-    out = {key: given.pop(key, derived.get(key)) for key in SETTINGS_KEYS}
-    out.update(given)
-    return _json_safe(out)
-
-
-def inputs_to_dict(result: VerifyResult) -> dict[str, Any]:
-    """``result.inputs`` in the documented layout (see ``docs/report-schema.md``)."""
-    given = dict(result.inputs)
-    for key, alias in _INPUTS_ALIASES:
-        if key not in given and alias in given:
-            given[key] = given.pop(alias)
-    out = {key: given.pop(key, None) for key in INPUTS_KEYS}
-    if out["sha256"] is None:
-        out["sha256"] = {}
-    out.update(given)
-    return _json_safe(out)
-
-
-def _metrics_to_dict(metrics: Any) -> dict[str, Any]:
+def _metrics_to_dict(metrics: OutputMetrics) -> dict[str, Any]:
     # OutputMetrics.to_dict() is JSON-safe for Python floats; a second pass covers numpy scalars
     return _json_safe(metrics.to_dict())
 
@@ -323,6 +128,7 @@ def verification_to_dict(result: VerifyResult | None) -> dict[str, Any] | None:
     """The ``verification`` object of both report kinds (``None`` stays ``None``)."""
     if result is None:
         return None
+    facts = verify_facts(result)
     return {
         "verdict": "pass" if result.passed else "fail",
         "passed": bool(result.passed),
@@ -331,9 +137,9 @@ def verification_to_dict(result: VerifyResult | None) -> dict[str, Any] | None:
         "note": result.note,
         "max_abs": _number(result.max_abs),
         "max_rel": _number(result.max_rel),
-        "settings": settings_to_dict(result),
-        "inputs": inputs_to_dict(result),
-        "environment": collect_environment(result.environment),
+        "settings": facts.settings,
+        "inputs": facts.inputs,
+        "environment": facts.environment(),
         "runs": [_run_to_dict(r) for r in result.runs],
         "sites": [_site_to_dict(s) for s in result.sites],
         "first_divergent_site": result.first_divergent_site,
@@ -342,7 +148,7 @@ def verification_to_dict(result: VerifyResult | None) -> dict[str, Any] | None:
 
 
 def _tool() -> dict[str, str]:
-    return {"name": TOOL_NAME, "version": _tool_version()}
+    return {"name": TOOL_NAME, "version": __version__}
 
 
 def report_to_dict(report: Report) -> dict[str, Any]:
@@ -351,7 +157,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "kind": "fold",
         "tool": _tool(),
-        "versions": _versions(),
+        "versions": report_versions(),
         "input": {"path": _json_safe(report.input_path), "sha256": report.input_sha256},
         "output": {"path": _json_safe(report.output_path), "sha256": report.output_sha256},
         "estimator": report.estimator,

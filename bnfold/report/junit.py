@@ -21,16 +21,17 @@ import os
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from bnfold.records import VerifyResult
+from bnfold.records import OutputMetrics, VerifyResult
+from bnfold.report.facts import verify_facts
 from bnfold.report.json_report import write_text_atomic
-from bnfold.report.summary import channels_text, fmt, fmt_cosine, noise_floors, output_figures, tolerance_text
+from bnfold.report.summary import channels_text, fmt, fmt_cosine, output_figures, tolerance_text
 
 __all__ = ["junit_to_string", "write_junit"]
 
 SITES_CLASSNAME = "bnfold.verify.sites"
 
 
-def _metrics_text(o: Any, noise: float | None) -> str:
+def _metrics_text(o: OutputMetrics, noise: float | None) -> str:
     lines = [f"output {o.name} [{o.dtype}] shape {list(o.shape)}: {tolerance_text(o)}"]
     for key in (
         "max_abs", "p99_abs", "mean_abs", "median_abs", "max_rel", "mismatches", "mismatch_pct",
@@ -66,6 +67,7 @@ def _case(suite: ET.Element, classname: str, name: str) -> ET.Element:
 
 
 def _build(result: VerifyResult, suite_name: str) -> ET.Element:
+    facts = verify_facts(result)
     root = ET.Element("testsuites", name=_clean(suite_name))
     suite = ET.SubElement(root, "testsuite", name=_clean(suite_name))
     props = ET.SubElement(suite, "properties")
@@ -74,7 +76,7 @@ def _build(result: VerifyResult, suite_name: str) -> ET.Element:
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         ET.SubElement(props, "property", name=name, value=_clean("" if value is None else text))
 
-    prop("verdict", "pass" if result.passed else "fail")
+    prop("verdict", "pass" if facts.passed else "fail")
     prop("samples", result.samples)
     prop("rule", result.rule)
     prop("first_divergent_site", result.first_divergent_site)
@@ -83,10 +85,9 @@ def _build(result: VerifyResult, suite_name: str) -> ET.Element:
         prop(f"settings.{key}", value)
 
     tests = failures = skipped = 0
-    known = [o.name for r in result.ran for o in r.outputs]
-    known = list(dict.fromkeys(known))  # in order, without repeats
+    known = list(facts.output_names)
 
-    for run in result.runs:
+    for run, noise in zip(result.runs, facts.noise):
         classname = f"bnfold.verify.{run.provider}"
         if run.status != "ran":
             message = f"provider {run.provider} {run.status}" + (f": {run.note}" if run.note else "")
@@ -96,7 +97,6 @@ def _build(result: VerifyResult, suite_name: str) -> ET.Element:
                 tests += 1
                 skipped += 1
             continue
-        noise = noise_floors(run)
         output_failed = False
         for o in run.outputs:
             case = _case(suite, classname, o.name)
@@ -115,9 +115,7 @@ def _build(result: VerifyResult, suite_name: str) -> ET.Element:
             message = f"provider {run.provider} failed (used: {used})" + (f": {run.note}" if run.note else "")
             ET.SubElement(case, "failure", message=_clean(message), type="ProviderFailed")
 
-    for site in result.sites:
-        if site.passed:
-            continue
+    for site in facts.failing_sites:
         case = _case(suite, SITES_CLASSNAME, site.bn)
         tests += 1
         failures += 1

@@ -11,17 +11,16 @@ import os
 from typing import Any
 
 from bnfold.records import ProviderRun, VerifyResult
-from bnfold.report.json_report import inputs_to_dict, settings_to_dict, write_text_atomic
+from bnfold.report.facts import VerifyFacts, verify_facts, worst_sites
+from bnfold.report.json_report import write_text_atomic
 from bnfold.report.summary import (
     channels_text,
     fmt,
     fmt_cosine,
     fmt_fraction,
     fmt_pct,
-    noise_floors,
     run_label,
     samples_text,
-    worst_sites,
 )
 
 __all__ = ["markdown_summary", "write_markdown", "append_github_step_summary", "WORST_SITES"]
@@ -62,8 +61,7 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
     return [_row(header), _row(align)] + [_row(r) for r in rows]
 
 
-def _run_table(run: ProviderRun) -> list[str]:
-    noise = noise_floors(run)
+def _run_table(run: ProviderRun, noise: dict[str, float]) -> list[str]:
     header = ["output", "max abs", "p99 abs", "max rel", "mismatches", "cosine", "SNR dB",
               "max ULP", "top-1", "atol/rtol", "verdict"]
     if noise:
@@ -94,7 +92,8 @@ def _run_table(run: ProviderRun) -> list[str]:
     return _table(header, rows, right)
 
 
-def _sites_table(result: VerifyResult) -> list[str]:
+def _sites_table(facts: VerifyFacts) -> list[str]:
+    result = facts.result
     sites = worst_sites(result.sites, WORST_SITES)
     header = ["position", "BN", "direction", "target", "max abs", "max rel", "atol/rtol",
               "worst channels", "verdict"]
@@ -112,13 +111,13 @@ def _sites_table(result: VerifyResult) -> list[str]:
     return _table(header, rows, {0, 4, 5})
 
 
-def _settings_line(result: VerifyResult) -> str:
+def _settings_line(facts: VerifyFacts) -> str:
     items: list[str] = []
-    for key, value in settings_to_dict(result).items():
+    for key, value in facts.settings.items():
         if value is None or isinstance(value, (dict, list)):
             continue
         items.append(f"{md_escape(key)} {md_escape(value)}")
-    inputs = inputs_to_dict(result)
+    inputs = facts.inputs
     for key in ("source", "data", "seed", "batch_size", "iterations"):
         if inputs.get(key) is not None:
             items.append(f"{md_escape('inputs.' + key)} {md_escape(inputs[key])}")
@@ -127,10 +126,11 @@ def _settings_line(result: VerifyResult) -> str:
 
 def markdown_summary(result: VerifyResult, title: str = "bnfold verification") -> str:
     """The verification as GitHub-flavoured Markdown (ends with a newline)."""
+    facts = verify_facts(result)
     lines = [f"## {md_escape(title)}", ""]
     mark = PASS_MARK if result.passed else FAIL_MARK
-    word = "PASSED" if result.passed else "FAILED"
-    providers = ", ".join(md_escape(r.provider) for r in result.runs) or "no provider"
+    word = facts.verdict
+    providers = ", ".join(md_escape(p) for p in facts.providers) or "no provider"
     lines.append(
         f"{mark} **{word}** on {providers}: {samples_text(result.samples)}, max abs "
         f"{fmt(result.max_abs)}, max rel {fmt(result.max_rel)}"
@@ -140,7 +140,7 @@ def markdown_summary(result: VerifyResult, title: str = "bnfold verification") -
     if result.note:
         lines.append("")
         lines.append(md_escape(result.note))
-    for run in result.runs:
+    for run, noise in zip(result.runs, facts.noise):
         lines.append("")
         if run.status != "ran":
             note = f": {md_escape(run.note)}" if run.note else ""
@@ -152,9 +152,9 @@ def markdown_summary(result: VerifyResult, title: str = "bnfold verification") -
         lines.append(md_escape(run_label(run)) + (f" ({md_escape(run.note)})" if run.note else ""))
         if run.outputs:
             lines.append("")
-            lines.extend(_run_table(run))
+            lines.extend(_run_table(run, noise))
     if result.sites:
-        failing = sum(1 for s in result.sites if not s.passed)
+        failing = len(facts.failing_sites)
         shown = min(WORST_SITES, len(result.sites))
         lines.append("")
         lines.append(
@@ -162,12 +162,12 @@ def markdown_summary(result: VerifyResult, title: str = "bnfold verification") -
             f"(worst {shown} shown)"
         )
         lines.append("")
-        lines.extend(_sites_table(result))
+        lines.extend(_sites_table(facts))
     elif result.first_divergent_site:
         lines.append("")
         lines.append(f"First divergent fold site: {md_escape(result.first_divergent_site)}")
     lines.append("")
-    lines.append(_settings_line(result))
+    lines.append(_settings_line(facts))
     if result.repro_dir:
         lines.append("")
         lines.append(f"Reproduction files: {md_escape(result.repro_dir)}")

@@ -1,6 +1,6 @@
 """Plain-text renderings for the terminal: ``summary_text`` (after ``fold``), ``verify_summary_text``
-(after ``verify``) and ``plan_table`` (``bnfold inspect``). The number formatting and site ordering
-here are shared by the other renderers (JUnit, Markdown, HTML).
+(after ``verify``) and ``plan_table`` (``bnfold inspect``). The number formatting here is shared by
+the other renderers (JUnit, Markdown, HTML); the facts they show come from ``report.facts``.
 
 ASCII only, no colours: the output goes to logs and CI consoles, and a Windows console with a
 legacy code page cannot encode a Unicode ellipsis.
@@ -13,7 +13,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from bnfold.records import Action, ProviderRun, Report, VerifyResult
+from bnfold.records import Action, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
+from bnfold.report.facts import verify_facts
 
 __all__ = ["summary_text", "verify_summary_text", "plan_table", "ellipsize"]
 
@@ -53,8 +54,6 @@ def fmt(x: Any) -> str:
     return f"{v:.3g}"
 
 
-_fmt = fmt  # the old private name
-
 
 def fmt_cosine(x: float | None) -> str:
     """Cosine similarity: close to 1 is what matters, so 6 significant digits."""
@@ -82,45 +81,12 @@ def samples_text(n: int) -> str:
     return f"{n} sample" if n == 1 else f"{n} samples"
 
 
-def magnitude(x: Any) -> float:
-    """An error magnitude for sorting: NaN counts as worse than anything (inf)."""
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return math.inf
-    return math.inf if math.isnan(v) else v
-
-
-def worst_sites(sites: Iterable[Any], n: int | None = None) -> list[Any]:
-    """Fold sites worst first: failing before passing, then by max abs error (NaN as inf), then by
-    position along the network."""
-    ordered = sorted(sites, key=lambda s: (bool(s.passed), -magnitude(s.max_abs), s.position))
-    return ordered if n is None else ordered[:n]
-
-
-def find_site(result: VerifyResult, name: str | None) -> Any | None:
-    """The site named ``name`` (BN name, else compared tensor), or None."""
-    if not name:
-        return None
-    for s in result.sites:
-        if s.bn == name:
-            return s
-    for s in result.sites:
-        if s.tensor == name:
-            return s
-    return None
-
-
-def noise_floors(run: ProviderRun) -> dict[str, float]:
-    return {name: value for name, value in run.noise_floor}
-
-
-def channels_text(site: Any) -> str:
+def channels_text(site: SiteResult) -> str:
     """``"3 (0.25), 7 (0.1)"``: the worst channels with their max abs error."""
     return ", ".join(f"{c} ({fmt(v)})" for c, v in site.worst_channels)
 
 
-def output_figures(o: Any, noise: float | None = None) -> str:
+def output_figures(o: OutputMetrics, noise: float | None = None) -> str:
     """One output's figures on one line (used by the summary and the JUnit failure message)."""
     parts = [f"max abs {fmt(o.max_abs)}"]
     if noise is not None:
@@ -141,7 +107,7 @@ def output_figures(o: Any, noise: float | None = None) -> str:
     return ", ".join(parts)
 
 
-def tolerance_text(o: Any) -> str:
+def tolerance_text(o: OutputMetrics) -> str:
     stat = o.error_stat
     if stat == "quantile" and o.quantile is not None:
         stat = f"q{fmt(o.quantile)}"
@@ -159,24 +125,20 @@ def run_label(run: ProviderRun) -> str:
     return f"ran on {used}"
 
 
-def _providers_text(result: VerifyResult) -> str:
-    return ", ".join(r.provider for r in result.runs) or "no provider"
-
-
 def _verification_lines(v: VerifyResult, max_outputs: int = 10) -> list[str]:
-    verdict = "PASSED" if v.passed else "FAILED"
+    facts = verify_facts(v)
+    providers = ", ".join(facts.providers) or "no provider"
     lines = [
-        f"Verification ({_providers_text(v)}, {samples_text(v.samples)}): max abs {fmt(v.max_abs)}, "
-        f"max rel {fmt(v.max_rel)} -> {verdict}"
+        f"Verification ({providers}, {samples_text(v.samples)}): max abs {fmt(v.max_abs)}, "
+        f"max rel {fmt(v.max_rel)} -> {facts.verdict}"
     ]
-    for run in v.runs:
+    for run, noise in zip(v.runs, facts.noise):
         head = f"  {run.provider}: {run_label(run)}"
         if run.status == "ran":
             head += " -> " + ("passed" if run.passed else "FAILED")
         if run.note:
             head += f" ({run.note})"
         lines.append(head)
-        noise = noise_floors(run)
         for o in run.outputs[:max_outputs]:
             mark = "ok" if o.passed else "FAIL"
             lines.append(
@@ -186,10 +148,7 @@ def _verification_lines(v: VerifyResult, max_outputs: int = 10) -> list[str]:
         if len(run.outputs) > max_outputs:
             lines.append(f"    ... and {len(run.outputs) - max_outputs} more output(s)")
     if v.sites:
-        failing = [s for s in v.sites if not s.passed]
-        first = find_site(v, v.first_divergent_site)
-        if first is None and failing:
-            first = min(failing, key=lambda s: s.position)
+        first = facts.first_site
         if first is not None:
             line = (
                 f"  First divergent fold site: {first.bn} ({first.direction} into {first.target}, "
@@ -199,7 +158,7 @@ def _verification_lines(v: VerifyResult, max_outputs: int = 10) -> list[str]:
             if first.worst_channels:
                 line += f"; worst channels {channels_text(first)}"
             lines.append(line)
-            lines.append(f"  Fold sites: {len(failing)} of {len(v.sites)} out of tolerance")
+            lines.append(f"  Fold sites: {len(facts.failing_sites)} of {len(v.sites)} out of tolerance")
         else:
             lines.append(f"  Fold sites: all {len(v.sites)} within tolerance")
     elif v.first_divergent_site:

@@ -17,6 +17,8 @@ from bnfold.data.sources import CalibrationData
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.formulas.stats import update
 from bnfold.graph.constants import tensor_to_array
+from bnfold.onnx import io as onnx_io
+from bnfold.onnx.io import prepare_for_save
 from bnfold.records import BnStats
 from bnfold.stages.calibration_net import build_calibration_model
 from bnfold.stages.work import Work
@@ -32,15 +34,13 @@ def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnxr
     (see ``build_calibration_model``) is handed over from memory."""
     import onnxruntime as ort
 
-    from bnfold.onnx.io import _PROTO_LIMIT, prepare_for_save
-
     prepare_for_save(model)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     tmpdir = None
     values: list[onnxruntime.OrtValue] = []
     try:
-        if model.ByteSize() < _PROTO_LIMIT:  # a skeleton: the large weights are not in it
+        if model.ByteSize() < onnx_io.PROTO_LIMIT:  # a skeleton: the large weights are not in it
             source: bytes | str = model.SerializeToString()
             # the values must outlive the session's creation: onnxruntime copies them only then
             values = [ort.OrtValue.ortvalue_from_numpy(tensor_to_array(t)) for t in held.values()]

@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 from bnfold.errors import UnsupportedModelError
 from bnfold.graph.attrs import set_attr
 from bnfold.graph.constants import _RAW_DTYPES, Constants
-from bnfold.graph.index import GraphIndex
+from bnfold.graph.index import GraphIndex, has_subgraph, subgraph_free_names
 from bnfold.onnx.serialize import _copy_except
 from bnfold.stages.discover import BnSite
 from bnfold.stages.freeze import stats_dtype
@@ -66,14 +66,12 @@ def _prune(graph: onnx.GraphProto, wanted: set[str]) -> None:
     """Keep only the nodes that some wanted output depends on (one backward sweep)."""
     needed = set(wanted)
     keep: list[onnx.NodeProto] = []
-    from bnfold.graph.index import _subgraph_free_names, has_subgraph
-
     for node in reversed(list(graph.node)):
         if any(o in needed for o in node.output if o):
             keep.append(node)
             needed.update(i for i in node.input if i)
             if has_subgraph(node):
-                needed.update(_subgraph_free_names(node))
+                needed.update(subgraph_free_names(node))
     keep.reverse()
     del graph.node[:]
     graph.node.extend(keep)

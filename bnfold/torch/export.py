@@ -37,10 +37,6 @@ __all__ = [
 OPSET = 17
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    return one_line(exc, limit)
-
-
 @dataclass
 class ExportInfo:
     input_names: list[str]
@@ -193,14 +189,14 @@ def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: st
         attempt(dynamic)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds
         if not dynamic:
-            raise UnsupportedModelError(f"torch.onnx.export failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+            raise UnsupportedModelError(f"torch.onnx.export failed: {type(exc).__name__}: {one_line(exc, 300)}") from exc
         try:
             attempt(False)
         except Exception as exc2:  # noqa: BLE001
             raise UnsupportedModelError(f"torch.onnx.export failed: {type(exc2).__name__}: "
-                                        f"{_one_line(exc2)}") from exc2
+                                        f"{one_line(exc2, 300)}") from exc2
         notes.append(f"the ONNX export has a static batch size of {batch}: exporting with a dynamic batch axis "
-                     f"failed ({type(exc).__name__}: {_one_line(exc, 160)})")
+                     f"failed ({type(exc).__name__}: {one_line(exc, 160)})")
         dynamic = False
     return ExportInfo(names, out_names, dynamic, notes)
 
@@ -231,7 +227,7 @@ def run_onnx(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> tuple[
     try:
         sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
-        raise UnsupportedModelError(f"onnxruntime cannot load the ONNX export: {_one_line(exc)}") from exc
+        raise UnsupportedModelError(f"onnxruntime cannot load the ONNX export: {one_line(exc, 300)}") from exc
     feed = {}
     for i in sess.get_inputs():
         if i.name not in feeds:
@@ -243,7 +239,7 @@ def run_onnx(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> tuple[
         values = sess.run(None, feed)
     except Exception as exc:  # noqa: BLE001
         raise UnsupportedModelError(f"onnxruntime cannot run the ONNX export on the data samples: "
-                                    f"{_one_line(exc)}") from exc
+                                    f"{one_line(exc, 300)}") from exc
     return [o.name for o in sess.get_outputs()], [np.asarray(v) for v in values]
 
 
@@ -311,14 +307,14 @@ def save_exported_program(module: nn.Module, args: tuple[torch.Tensor, ...], kwa
         ep = export(dynamic_batch)
     except Exception as exc:  # noqa: BLE001
         if not dynamic_batch:
-            raise UnsupportedModelError(f"torch.export.export failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+            raise UnsupportedModelError(f"torch.export.export failed: {type(exc).__name__}: {one_line(exc, 300)}") from exc
         try:
             ep = export(False)
         except Exception as exc2:  # noqa: BLE001
             raise UnsupportedModelError(f"torch.export.export failed: {type(exc2).__name__}: "
-                                        f"{_one_line(exc2)}") from exc2
+                                        f"{one_line(exc2, 300)}") from exc2
         notes.append(f"the ExportedProgram has a static batch size: a dynamic batch axis failed "
-                     f"({type(exc).__name__}: {_one_line(exc, 160)})")
+                     f"({type(exc).__name__}: {one_line(exc, 160)})")
     else:
         static = _static_batch_inputs(ep) if dynamic_batch else []
         if static:
@@ -371,7 +367,7 @@ def save_torchscript(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: 
             else:
                 traced = torch.jit.trace(module, tuple(args), check_trace=False, strict=False)
     except Exception as exc:  # noqa: BLE001
-        raise UnsupportedModelError(f"torch.jit.trace failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise UnsupportedModelError(f"torch.jit.trace failed: {type(exc).__name__}: {one_line(exc, 300)}") from exc
     torch.jit.save(traced, os.fspath(path))
     return notes
 

@@ -36,7 +36,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.errors import BadInputError, UnsupportedModelError
+from bnfold.errors import BadInputError, UnsupportedModelError, one_line
 
 __all__ = [
     "EXPORTED_PROGRAM", "FACTORY", "PICKLE", "TORCHSCRIPT", "LoadedTorchModel", "detect_kind",
@@ -95,11 +95,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _one_line(exc: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # ----------------------------------------------------------------------------- detection
 
 
@@ -121,7 +116,7 @@ def detect_kind(path: Path) -> str:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
         except (zipfile.BadZipFile, OSError) as exc:
-            raise BadInputError(f"{not_torch}: {_one_line(exc)}") from exc
+            raise BadInputError(f"{not_torch}: {one_line(exc, 240)}") from exc
         rel = {n.split("/", 1)[1] if "/" in n else n for n in names}
         if ("archive_format" in rel or "serialized_exported_program.json" in rel
                 or any(r.startswith("models/") and r.endswith(".json") for r in rel)):
@@ -148,7 +143,7 @@ def forward_inputs(module: nn.Module) -> tuple[list[ForwardInput], bool]:
         try:
             args = module.forward.schema.arguments[1:]
         except Exception as exc:  # noqa: BLE001 - a ScriptModule without a usable forward
-            raise UnsupportedModelError(f"cannot read the TorchScript forward signature: {_one_line(exc)}") from exc
+            raise UnsupportedModelError(f"cannot read the TorchScript forward signature: {one_line(exc, 240)}") from exc
         out = []
         for a in args:
             has_default = a.has_default_value()
@@ -159,7 +154,7 @@ def forward_inputs(module: nn.Module) -> tuple[list[ForwardInput], bool]:
         sig = inspect.signature(module.forward)
     except (TypeError, ValueError) as exc:
         raise UnsupportedModelError(f"cannot read the signature of {type(module).__name__}.forward: "
-                                    f"{_one_line(exc)}") from exc
+                                    f"{one_line(exc, 240)}") from exc
     out = []
     var_kw = False
     for p in sig.parameters.values():
@@ -447,7 +442,7 @@ def _load_exported_program(path: Path) -> LoadedTorchModel:
     try:
         ep = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds
-        raise BadInputError(f"cannot load ExportedProgram '{path}': {_one_line(exc)}") from exc
+        raise BadInputError(f"cannot load ExportedProgram '{path}': {one_line(exc, 240)}") from exc
     module, names, static, warnings = exported_program_module(ep)
     example = None
     try:
@@ -472,7 +467,7 @@ def _load_torchscript(path: Path) -> LoadedTorchModel:
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
-        raise BadInputError(f"cannot load TorchScript archive '{path}': {_one_line(exc)}") from exc
+        raise BadInputError(f"cannot load TorchScript archive '{path}': {one_line(exc, 240)}") from exc
     inputs, var_kw = forward_inputs(module)
     return LoadedTorchModel(module=module, kind=TORCHSCRIPT, label=str(path), path=path, sha256=sha256_of(path),
                             inputs=inputs, var_keyword=var_kw)
@@ -498,7 +493,7 @@ def _load_pickle(path: Path, unsafe_pickle: bool, warn: Callable[[str], None] | 
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         if not _is_weights_only_refusal(exc):
-            raise BadInputError(f"'{path}' is not a PyTorch model file torch.load can read: {_one_line(exc)}") from exc
+            raise BadInputError(f"'{path}' is not a PyTorch model file torch.load can read: {one_line(exc, 240)}") from exc
         if not unsafe_pickle:
             raise BadInputError(
                 f"'{path}' is a whole pickled module: loading it runs arbitrary code from the file, so bnfold "
@@ -512,10 +507,10 @@ def _load_pickle(path: Path, unsafe_pickle: bool, warn: Callable[[str], None] | 
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except (AttributeError, ImportError) as exc2:
             raise BadInputError(
-                f"cannot unpickle '{path}': {type(exc2).__name__}: {_one_line(exc2)}; the module's class must be "
+                f"cannot unpickle '{path}': {type(exc2).__name__}: {one_line(exc2, 240)}; the module's class must be "
                 "importable: run bnfold from the folder that holds its module or add it to PYTHONPATH") from exc2
         except Exception as exc2:  # noqa: BLE001 - a broken file, ...
-            raise BadInputError(f"cannot unpickle '{path}': {type(exc2).__name__}: {_one_line(exc2)}") from exc2
+            raise BadInputError(f"cannot unpickle '{path}': {type(exc2).__name__}: {one_line(exc2, 240)}") from exc2
     else:
         if _is_state_dict(obj) or (isinstance(obj, dict) and _unwrap_state_dict(obj) is not None):
             raise BadInputError(
@@ -584,11 +579,11 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
         mod = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise BadInputError(
-            f"cannot import factory module '{module_name}' ({_one_line(exc)}); run bnfold from the folder that "
+            f"cannot import factory module '{module_name}' ({one_line(exc, 240)}); run bnfold from the folder that "
             "holds it or add that folder to PYTHONPATH") from exc
     except Exception as exc:  # noqa: BLE001 - the module itself fails to import
         raise BadInputError(f"importing factory module '{module_name}' failed: {type(exc).__name__}: "
-                            f"{_one_line(exc)}") from exc
+                            f"{one_line(exc, 240)}") from exc
     obj: Any = mod
     for part in attr.split("."):
         try:
@@ -600,7 +595,7 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
     try:
         model = obj()
     except Exception as exc:  # noqa: BLE001
-        raise BadInputError(f"calling factory '{spec}' failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise BadInputError(f"calling factory '{spec}' failed: {type(exc).__name__}: {one_line(exc, 240)}") from exc
     if not isinstance(model, nn.Module):
         raise BadInputError(f"factory '{spec}' returned a {type(model).__name__}, not a torch.nn.Module")
     sha = None
@@ -617,7 +612,7 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
                     f"weights '{weights}' are not a plain state_dict (the file needs full unpickling); save "
                     "model.state_dict() with torch.save") from None
             raise BadInputError(f"'{weights}' is not a PyTorch checkpoint torch.load can read: "
-                                f"{_one_line(exc)}") from exc
+                                f"{one_line(exc, 240)}") from exc
         state = _unwrap_state_dict(obj)
         if state is None:
             raise BadInputError(f"weights '{weights}' hold a {type(obj).__name__}, not a state_dict "
@@ -641,7 +636,7 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
         try:
             model.load_state_dict(state, strict=True)
         except Exception as exc:  # noqa: BLE001
-            raise BadInputError(f"loading weights '{weights}' failed: {_one_line(exc)}") from exc
+            raise BadInputError(f"loading weights '{weights}' failed: {one_line(exc, 240)}") from exc
         sha = sha256_of(weights)
     inputs, var_kw = forward_inputs(model)
     label = str(weights) if weights is not None else f"factory {spec}"

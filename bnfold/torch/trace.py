@@ -87,10 +87,6 @@ def _concrete_none(module: nn.Module, example: Batch | None) -> dict[str, Any]:
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    return one_line(exc, limit)
-
-
 def trace(module: nn.Module, example: Batch | None = None, *, allow_unchecked_hooks: bool = False) -> fx.GraphModule:
     """``module`` as an ``fx.GraphModule``; :class:`UnsupportedModelError` where symbolic tracing
     fails, or where the traced module computes something else than ``module`` on ``example``
@@ -113,7 +109,7 @@ def trace(module: nn.Module, example: Batch | None = None, *, allow_unchecked_ho
         graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... on dynamic code
         raise UnsupportedModelError(
-            f"torch.fx tracing failed for {name} ({type(exc).__name__}: {_one_line(exc)}); {_ONNX_ADVICE}"
+            f"torch.fx tracing failed for {name} ({type(exc).__name__}: {one_line(exc, 200)}); {_ONNX_ADVICE}"
         ) from exc
     gm = fx.GraphModule(tracer.root, graph, name)
     if example is not None:
@@ -128,13 +124,13 @@ def _check_faithful(module: nn.Module, gm: fx.GraphModule, example: Batch, name:
             ref = module(*example.args, **example.kwargs)
         except Exception as exc:
             raise BadInputError(f"the model's forward failed on the data ({type(exc).__name__}: "
-                                f"{_one_line(exc)}); check that the data matches the model's inputs") from exc
+                                f"{one_line(exc, 200)}); check that the data matches the model's inputs") from exc
         try:
             got = gm(*example.args, **example.kwargs)
         except Exception as exc:
             raise UnsupportedModelError(
                 f"torch.fx traced {name} into a module that fails on the data ({type(exc).__name__}: "
-                f"{_one_line(exc, 160)}): forward branches on its inputs in a way symbolic tracing fixes once "
+                f"{one_line(exc, 160)}): forward branches on its inputs in a way symbolic tracing fixes once "
                 f"(isinstance, `is None`, shapes); {_ONNX_ADVICE}") from exc
     problem = _difference(ref, got)
     if problem is not None:

@@ -9,13 +9,9 @@ layer where the two models part. On failure, with ``repro_dir`` set, a repro bun
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as md
 import logging
 import os
-import shutil
-import subprocess
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,35 +19,20 @@ import numpy as np
 import onnx
 from google.protobuf.message import EncodeError
 
-from bnfold.errors import BadInputError, ProviderUnavailable
+from bnfold.environment import runtime_environment
+from bnfold.errors import BadInputError, ProviderUnavailable, first_line
 from bnfold.onnx.runtime import CUDA_SETTINGS, make_session, make_session_from_model
 from bnfold.records import ProviderRun, SiteResult, VerifyResult
-from bnfold.verify.metrics import check_tolerance_names, compute_metrics_batched, tolerances_for
+from bnfold.verify.config import VerifyConfig
+from bnfold.verify.metrics import compute_metrics_batched
 from bnfold.verify.repro import write_bundle
 from bnfold.verify.sites import find_sites, with_outputs, worst_channels
+from bnfold.verify.tolerances import check_tolerance_names, resolve_tolerances
 
 log = logging.getLogger(__name__)
 
 Feeds = Sequence[Mapping[str, np.ndarray]]
 _SITE_FEEDS = 2  # fold-site localisation runs on the first few feeds: bounded memory
-
-
-@dataclass(frozen=True)
-class VerifyConfig:
-    providers: tuple[str, ...] = ("cpu",)
-    atol: tuple[float | None, dict[str, float]] = (None, {})
-    rtol: tuple[float | None, dict[str, float]] = (None, {})
-    error_stat: str = "max"
-    quantile: float = 0.99
-    allow_missing_providers: bool = False
-    tf32: bool = False
-    localize: bool = True
-    # Where a failing run writes its repro bundle (``repro.write_bundle``). None (the default):
-    # none. The library never picks a folder by itself; the CLI passes --repro-dir or its default
-    # (``repro.default_location``: beside --report, else ./bnfold-repro) unless --no-repro.
-    repro_dir: str | None = None
-    repro_copy_models: bool = False  # copy (hard-link) both models into the bundle: their paths are temporary
-    inputs: dict[str, Any] = field(default_factory=dict)  # how the feeds were made (for the report)
 
 
 def _dtype_name(ort_type: str) -> str:
@@ -67,32 +48,8 @@ def _hash_feeds(feeds: Feeds) -> dict[str, str]:
     return {k: h.hexdigest() for k, h in out.items()}
 
 
-def _environment() -> dict[str, Any]:
-    import onnxruntime as ort
-
-    versions = {}
-    for pkg in ("bnfold", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "torch"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    gpu = None
-    if shutil.which("nvidia-smi"):
-        try:
-            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            gpu = None
-    return {"versions": versions, "providers_available": ort.get_available_providers(), "gpu": gpu}
-
-
 class _CandidateFailed(Exception):
     pass
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _run_all(sess, names: list[str], feeds: Feeds, *, reference: bool = True) -> list[list[np.ndarray]]:
@@ -108,9 +65,9 @@ def _run_all(sess, names: list[str], feeds: Feeds, *, reference: bool = True) ->
             values = sess.run(names, {n: feed[n] for n in inputs})
         except Exception as exc:  # onnxruntime's own exception types
             if not reference:
-                raise _CandidateFailed(_first_line(exc)) from exc
+                raise _CandidateFailed(first_line(exc)) from exc
             raise BadInputError(f"onnxruntime cannot run the reference model on verification batch {k}: "
-                                f"{_first_line(exc)}; check the inputs' shapes and dtypes") from None
+                                f"{first_line(exc)}; check the inputs' shapes and dtypes") from None
         for slot, value in enumerate(values):
             per[slot].append(value)
     return per
@@ -141,7 +98,7 @@ def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, c
                            note=f"candidate failed to run: {exc}"), dict(zip(names, ref_out))
     metrics = []
     for name, r, c in zip(names, ref_out, cand_out):
-        atol, rtol = tolerances_for(name, dtypes[name], config.atol, config.rtol)
+        atol, rtol = resolve_tolerances(name, dtypes[name], config.atol, config.rtol)
         metrics.append(compute_metrics_batched(name, r, c, dtype=dtypes[name], atol=atol, rtol=rtol,
                                                error_stat=config.error_stat, quantile=config.quantile))
     passed = all(m.passed for m in metrics)
@@ -189,7 +146,7 @@ def _localize(reference: str, candidate: str, feeds: Feeds, config: VerifyConfig
     try:
         return _localize_sites(reference, candidate, feeds, workdir)
     except Exception as exc:  # noqa: BLE001 - localisation must never hide the verdict
-        log.debug("fold-site localisation skipped: %s", _first_line(exc))
+        log.debug("fold-site localisation skipped: %s", first_line(exc))
         return ()
 
 
@@ -207,7 +164,7 @@ def _localize_sites(reference: str, candidate: str, feeds: Feeds, workdir: Path)
     results = []
     for site, r, c in zip(sites, ref_v, cand_v):
         dtype = str(r[0].dtype)
-        atol, rtol = tolerances_for(site.tensor, dtype, (None, {}), (None, {}))
+        atol, rtol = resolve_tolerances(site.tensor, dtype, (None, {}), (None, {}))
         m = compute_metrics_batched(site.tensor, r, c, dtype=dtype, atol=atol, rtol=rtol)
         ra, ca = np.concatenate(r), np.concatenate(c)
         results.append(SiteResult(site.bn, site.tensor, site.target, site.direction, site.position,
@@ -260,4 +217,4 @@ def verify(reference: str | os.PathLike[str], candidate: str | os.PathLike[str],
     inputs = dict(config.inputs, sha256=_hash_feeds(feeds))
     note = "" if ran else "no requested execution provider could run"
     return VerifyResult(passed, samples, tuple(runs), sites, first, settings=settings, inputs=inputs,
-                        environment=_environment(), repro_dir=repro, note=note)
+                        environment=runtime_environment(), repro_dir=repro, note=note)

@@ -1,13 +1,24 @@
-"""Inputs for verification: calibration data, or seeded random values in a range."""
+"""Inputs for verification, the one place that makes them.
+
+- ``bnfold verify``: :func:`data_feeds` (the first batches of a data file) or :func:`random_feeds`
+  (seeded uniform values in ``--val-range``);
+- ``fold``: :func:`fold_feeds` (the first calibration samples, else standard-normal values from
+  seed 0), in the model's fixed batch size or batches of one.
+"""
 from __future__ import annotations
 
 import os
 from typing import Any
 
 import numpy as np
+import onnx
 
-from bnfold.data.sources import InputSpec, open_data
+from bnfold.data.sources import CalibrationData, open_data
 from bnfold.errors import BadInputError
+from bnfold.onnx.runtime import input_specs
+from bnfold.records import InputSpec
+
+__all__ = ["data_feeds", "fixed_batch", "fold_feeds", "random_feeds"]
 
 
 def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, float], iterations: int,
@@ -17,16 +28,18 @@ def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, f
     if not lo <= hi:
         raise BadInputError(f"--val-range {lo},{hi}: LO must not exceed HI; give LO,HI with LO <= HI")
     rng = np.random.default_rng(seed)
-    feeds = []
+    feeds: list[dict[str, np.ndarray]] = []
     for _ in range(iterations):
-        feed = {}
+        feed: dict[str, np.ndarray] = {}
         for spec in specs:
-            if spec.shape is None or any(d is None for d in spec.shape[1:]):
+            dims = _static_dims(spec)
+            if dims is None:
                 raise BadInputError(
                     f"input '{spec.name}' has dynamic dimensions {_fmt(spec.shape)}; "
                     "random inputs need static shapes: pass --data instead")
-            n = spec.shape[0] if spec.shape and spec.shape[0] is not None else batch_size
-            shape = (n,) + tuple(spec.shape[1:])
+            first = spec.shape[0] if spec.shape else None
+            n = first if first is not None else batch_size
+            shape = (n,) + dims
             if spec.dtype.kind == "f":
                 feed[spec.name] = rng.uniform(lo, hi, size=shape).astype(spec.dtype)
             elif spec.dtype.kind in "iu":
@@ -42,7 +55,16 @@ def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, f
     return feeds, info
 
 
-def _fmt(shape) -> str:
+def _static_dims(spec: InputSpec) -> tuple[int, ...] | None:
+    """The dims after the batch axis, or None when the rank or one of them is unknown."""
+    if spec.shape is None:
+        return None
+    rest = spec.shape[1:]
+    dims = tuple(d for d in rest if d is not None)
+    return dims if len(dims) == len(rest) else None
+
+
+def _fmt(shape: tuple[int | None, ...] | None) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in (shape or ())) + ")"
 
 
@@ -53,10 +75,52 @@ def data_feeds(path: str | os.PathLike[str], specs: list[InputSpec], *, batch_si
     if fixed and batch_size not in fixed:
         batch_size = fixed.pop()
     data = open_data(path, specs, batch_size)
-    feeds = []
+    feeds: list[dict[str, np.ndarray]] = []
     for k, batch in enumerate(data):
         if iterations is not None and k >= iterations:
             break
         feeds.append(batch)
     info = {"source": "data", "path": os.fspath(path), "batch_size": batch_size, "iterations": len(feeds)}
     return feeds, info
+
+
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The batch size every input fixes on axis 0, if any does."""
+    fixed = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
+    return fixed.pop() if len(fixed) == 1 else None
+
+
+def fold_feeds(data: CalibrationData | None, model: onnx.ModelProto, count: int
+               ) -> list[dict[str, np.ndarray]] | str:
+    """``fold``'s verification feeds, or a string saying why there are none.
+
+    Batches of the model's fixed batch size (1 when it fixes none): the first ``count`` batches'
+    worth of calibration samples when ``data`` is given (whole batches only), else ``count``
+    batches of standard-normal values (``numpy.random.default_rng(0)``), which need static
+    non-batch dims and float inputs.
+    """
+    specs = input_specs(model)
+    bs = fixed_batch(specs) or 1
+    if data is not None:
+        taken = data.take(count * bs)
+        n = next(iter(taken.values())).shape[0]
+        if n < bs:
+            return f"fewer calibration samples ({n}) than the model's fixed batch size {bs}"
+        return [{name: arr[i:i + bs] for name, arr in taken.items()} for i in range(0, n - bs + 1, bs)]
+    rng = np.random.default_rng(0)
+    feeds: list[dict[str, np.ndarray]] = []
+    for _ in range(count):
+        feed: dict[str, np.ndarray] = {}
+        for spec in specs:
+            dims = _static_dims(spec)
+            if dims is None:
+                return f"input '{spec.name}' has dynamic dimensions; pass --data to verify"
+            shape = (bs,) + dims
+            if spec.dtype.kind == "f":
+                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            elif spec.dtype.kind in "iu":
+                return f"input '{spec.name}' is an integer input; pass --data to verify"
+            else:
+                return f"input '{spec.name}' has dtype {spec.dtype}; pass --data to verify"
+        feeds.append(feed)
+    return feeds

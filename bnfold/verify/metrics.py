@@ -4,25 +4,11 @@ Pure numpy: nothing here imports onnxruntime or onnx. ``ml_dtypes`` is used when
 (bfloat16 arrays arrive as ``ml_dtypes.bfloat16``); without it bfloat16 is handled as raw ``uint16``
 bit patterns.
 
-Default tolerances
-------------------
-When neither a per-output nor a global value is given, ``(atol, rtol)`` comes from
-:data:`bnfold.verify.compare.DEFAULT_TOLERANCES` by the output's dtype:
-
-- ``float32``: ``(1e-4, 1e-4)``. Folding ``BN(conv(x, W) + b)`` into ``conv(x, W*k) + b'`` reorders
-  one multiply-add per layer: a few ulps (~1e-7 relative) per folded layer, about 1e-6..1e-5 on
-  activations of order 1 after ~50 layers. 1e-4 keeps an order of magnitude of headroom while still
-  catching real folding mistakes (a scale on the wrong axis, a missing epsilon, a dropped bias shift
-  one channel by the size of the BN shift, typically 1e-2..1).
-- ``float16``: ``(1e-2, 1e-2)``. 11-bit mantissa (ulp ~1e-3 at 1.0); the folded weight is rounded
-  once to fp16 where the unfolded path rounds the conv output and the BN output separately.
-- ``bfloat16``: ``(5e-2, 5e-2)``. 8-bit mantissa (ulp ~8e-3 at 1.0); same reasoning as fp16. Other
-  narrow floats (float8 variants...) use these too.
-- ``float64``: ``(1e-9, 1e-9)``. The reordering costs ~1e-16 per layer.
-- integer, bool and string outputs: exact equality; tolerances are ignored and recorded as 0.
-
-Precedence (:func:`tolerances_for`): a per-output value (``--atol logits:1e-3``) beats a global value
-(``--atol 1e-4``), which beats the dtype default. atol and rtol are resolved independently.
+Tolerances
+----------
+When neither a per-output nor a global value is given, ``(atol, rtol)`` is the output dtype's
+default; the defaults, their reasoning and the precedence rule live in :mod:`bnfold.verify.tolerances`.
+Integer, bool and string outputs are compared exactly; tolerances are ignored and recorded as 0.
 
 Metric definitions
 ------------------
@@ -86,13 +72,18 @@ Verdict (``passed``), by ``error_stat``:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from bnfold.errors import BadInputError
+from bnfold.records import HIST_HI, HIST_LO, HIST_ZERO, OutputMetrics
+from bnfold.verify.tolerances import (
+    is_float_dtype,
+    normalize_dtype,
+    parse_tolerances,  # noqa: F401  (compat: cli/main.py imports it from here)
+)
 
 try:  # pragma: no cover - depends on the environment
     import ml_dtypes as _ml_dtypes
@@ -104,14 +95,10 @@ __all__ = [
     "OutputMetrics",
     "compute_metrics",
     "compute_metrics_batched",
-    "parse_tolerances",
-    "tolerances_for",
-    "check_tolerance_names",
+    "error_histogram",
 ]
 
 ERROR_STATS = ("max", "mean", "median", "quantile")
-
-_ALIASES = {"float": "float32", "single": "float32", "double": "float64", "half": "float16"}
 
 # smallest positive normal value per float dtype
 _TINY = {
@@ -130,52 +117,6 @@ _ULP_TYPES = {
 _INF = float("inf")
 
 
-@dataclass(frozen=True)
-class OutputMetrics:
-    """Every metric of one output; see the module docstring for the exact definitions."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    atol: float
-    rtol: float
-    error_stat: str
-    quantile: float | None
-    passed: bool
-    elements: int
-    max_abs: float
-    p99_abs: float
-    mean_abs: float
-    median_abs: float
-    max_rel: float
-    mismatches: int
-    mismatch_pct: float
-    worst_index: tuple[int, ...] | None
-    worst_ref: float | None
-    worst_cand: float | None
-    min_atol: float
-    min_rtol: float
-    cosine: float | None
-    snr_db: float | None
-    max_ulp: int | None
-    nan_ref: int
-    nan_cand: int
-    inf_ref: int
-    inf_cand: int
-    top1: float | None
-    top5: float | None
-    # |a-b| over the finite pairs by decade: (lower exponent k, count) for 10**k <= d < 10**(k+1),
-    # k clipped to [HIST_LO, HIST_HI]; exact zeros under k = HIST_ZERO. Only non-empty bins.
-    error_histogram: tuple[tuple[int, int], ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict: non-finite floats as ``"inf"``, ``"-inf"``, ``"nan"``; tuples as lists."""
-        return {f.name: _json_safe(getattr(self, f.name)) for f in fields(self)}
-
-
-HIST_LO, HIST_HI, HIST_ZERO = -12, 6, -99
-
-
 def error_histogram(d: np.ndarray) -> tuple[tuple[int, int], ...]:
     """Counts of ``d`` (finite, >= 0) per decade; zeros under ``HIST_ZERO``."""
     if d.size == 0:
@@ -190,27 +131,7 @@ def error_histogram(d: np.ndarray) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(bins.items()))
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, (tuple, list)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 # ---- dtype helpers ------------------------------------------------------------------------------
-def _normalize_dtype(name: str) -> str:
-    return _ALIASES.get(name, name)
-
-
-def _is_float_name(name: str) -> bool:
-    return name.startswith(("float", "bfloat"))
-
-
 def _tiny(dtype_name: str) -> float:
     if dtype_name in _TINY:
         return _TINY[dtype_name]
@@ -376,7 +297,7 @@ def _count(mask: np.ndarray) -> int:
 def _shape_mismatch(name, dtype_name, ref, cand, atol, rtol, error_stat, q) -> OutputMetrics:
     def counts(arr):
         try:
-            values = _to_float64(arr, dtype_name) if _is_float_name(dtype_name) else None
+            values = _to_float64(arr, dtype_name) if is_float_dtype(dtype_name) else None
         except BadInputError:
             values = None
         if values is None:
@@ -570,12 +491,12 @@ def compute_metrics(
             raise BadInputError(f"quantile must be in [0, 1], got {quantile!r}")
     ref = np.asarray(ref)
     cand = np.asarray(cand)
-    dtype_name = _normalize_dtype(dtype or ref.dtype.name)
-    if not _is_float_name(dtype_name):
+    dtype_name = normalize_dtype(dtype or ref.dtype.name)
+    if not is_float_dtype(dtype_name):
         atol, rtol, error_stat, q = 0.0, 0.0, "max", None
     if ref.shape != cand.shape:
         return _shape_mismatch(name, dtype_name, ref, cand, atol, rtol, error_stat, q)
-    if not _is_float_name(dtype_name):
+    if not is_float_dtype(dtype_name):
         return _exact(name, dtype_name, ref, cand)
     return _floating(name, dtype_name, ref, cand, atol, rtol, error_stat, q)
 
@@ -599,7 +520,7 @@ def compute_metrics_batched(
         )
     if not refs:
         raise BadInputError(f"output {name!r}: no batches to compare")
-    dtype_name = _normalize_dtype(kw.get("dtype") or np.asarray(refs[0]).dtype.name)
+    dtype_name = normalize_dtype(kw.get("dtype") or np.asarray(refs[0]).dtype.name)
     kw = dict(kw, dtype=dtype_name)
 
     def prepared(arr):
@@ -623,113 +544,8 @@ def compute_metrics_batched(
         rtol = _check_tol(kw["rtol"], "rtol")
         error_stat = kw.get("error_stat", "max")
         q = float(kw.get("quantile", 0.99)) if error_stat == "quantile" else None
-        if not _is_float_name(dtype_name):
+        if not is_float_dtype(dtype_name):
             atol, rtol, error_stat, q = 0.0, 0.0, "max", None
         cand = np.concatenate([c.ravel() for c in cs])
         return _shape_mismatch(name, dtype_name, ref, cand, atol, rtol, error_stat, q)
     return compute_metrics(name, ref, joined(cs), **kw)
-
-
-def _tolerance_error(token: str, spec: str, reason: str) -> BadInputError:
-    return BadInputError(
-        f"bad tolerance {token!r} in {spec!r}: {reason}; accepted forms: 'X' (all outputs), "
-        "'NAME:X' (one output; NAME may contain ':', the last one separates), "
-        "comma-separated (e.g. '1e-4,logits:1e-3')"
-    )
-
-
-def _parse_value(text: str, token: str, spec: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise _tolerance_error(token, spec, f"{text.strip()!r} is not a number") from None
-    if math.isnan(value):
-        raise _tolerance_error(token, spec, "NaN is not a tolerance")
-    if value < 0:
-        raise _tolerance_error(token, spec, "tolerances must be >= 0")
-    return value
-
-
-def parse_tolerances(spec: str | None, default: float | None) -> tuple[float | None, dict[str, float]]:
-    """Parse a CLI tolerance: ``'1e-4'`` (global), ``'logits:1e-3,probs:1e-2'`` (per output), or mixed.
-
-    Returns ``(global value or default, {output name: value})``. ``spec=None`` gives
-    ``(default, {})``. Output names may contain ``':'`` (the last ``':'`` separates the value) but
-    not ``','``. Raises :class:`BadInputError` (one line, naming the bad token and the accepted forms)
-    on an empty token, a non-number, NaN, a negative value, a global value given twice or an output
-    named twice. ``inf`` is accepted (it disables that check).
-    """
-    if spec is None:
-        return default, {}
-    global_value: float | None = None
-    per_output: dict[str, float] = {}
-    for raw in spec.split(","):
-        token = raw.strip()
-        if not token:
-            raise _tolerance_error(raw, spec, "empty entry")
-        if ":" in token:
-            out, _, text = token.rpartition(":")
-            out = out.strip()
-            if not out:
-                raise _tolerance_error(token, spec, "missing output name before ':'")
-            if not text.strip():
-                raise _tolerance_error(token, spec, f"missing value after {out!r}:")
-            value = _parse_value(text, token, spec)
-            if out in per_output:
-                raise _tolerance_error(token, spec, f"output {out!r} given twice")
-            per_output[out] = value
-        else:
-            value = _parse_value(token, token, spec)
-            if global_value is not None:
-                raise _tolerance_error(token, spec, "global value given twice")
-            global_value = value
-    return (default if global_value is None else global_value), per_output
-
-
-def tolerances_for(
-    output: str,
-    dtype: str,
-    atol_spec: tuple[float | None, Mapping[str, float]] | None,
-    rtol_spec: tuple[float | None, Mapping[str, float]] | None,
-) -> tuple[float, float]:
-    """``(atol, rtol)`` for one output: per-output override > global > dtype default.
-
-    The specs are :func:`parse_tolerances` results (``None`` means nothing given). atol and rtol are
-    resolved independently. Non-float dtypes always get ``(0.0, 0.0)``: they are compared exactly.
-    """
-    from bnfold.verify.compare import tolerance_for
-
-    dtype_name = _normalize_dtype(dtype)
-    if not _is_float_name(dtype_name):
-        return 0.0, 0.0
-    d_atol, d_rtol = tolerance_for(dtype_name)
-
-    def pick(spec, fallback: float) -> float:
-        if spec is None:
-            return float(fallback)
-        global_value, per_output = spec
-        if output in per_output:
-            return float(per_output[output])
-        if global_value is not None:
-            return float(global_value)
-        return float(fallback)
-
-    return pick(atol_spec, d_atol), pick(rtol_spec, d_rtol)
-
-
-def check_tolerance_names(
-    outputs: Sequence[str],
-    atol_spec: tuple[float | None, Mapping[str, float]] | None,
-    rtol_spec: tuple[float | None, Mapping[str, float]] | None,
-) -> None:
-    """Raise :class:`BadInputError` when a per-output tolerance names an output the model lacks."""
-    known = set(outputs)
-    for option, spec in (("--atol", atol_spec), ("--rtol", rtol_spec)):
-        if spec is None:
-            continue
-        unknown = [n for n in spec[1] if n not in known]
-        if unknown:
-            raise BadInputError(
-                f"{option} names output(s) {', '.join(repr(n) for n in unknown)} that the model "
-                f"does not have; its outputs are {', '.join(repr(n) for n in outputs) or '(none)'}"
-            )

@@ -21,8 +21,8 @@ alone and the bundle goes to the first free ``<name>-1``, ``<name>-2``, ... with
 bundle is a diagnosis: when it cannot be written, a warning says why and the verdict stands
 (``VerifyResult.repro_dir`` is then None).
 
-Nothing heavy is imported at module level: the CLI uses :func:`default_location` and
-:func:`replaceable` before it imports the library.
+Where the bundle goes is decided by :mod:`bnfold.verify.repro_location` (standard library only:
+the CLI decides the folder before it imports onnx).
 """
 from __future__ import annotations
 
@@ -33,98 +33,31 @@ import shlex
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
+import numpy as np
+import onnx
+from onnx import numpy_helper
 
-    from bnfold.verify.engine import VerifyConfig
+from bnfold.onnx.io import external_locations
+from bnfold.verify.config import VerifyConfig
+from bnfold.verify.repro_location import (
+    BUNDLE_FILE,
+    DEFAULT_DIR,
+    choose,
+    default_location,
+    is_bundle,
+    replaceable,
+    swap_into_place,
+)
+from bnfold.verify.tolerances import format_tolerances
 
 __all__ = ["BUNDLE_FILE", "DEFAULT_DIR", "default_location", "is_bundle", "replaceable", "write_bundle",
            "repro_command"]
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FILE = "repro.json"
-DEFAULT_DIR = "bnfold-repro"
-_MAX_TRIES = 100  # <name>, <name>-1, ..., <name>-99
-
-
-# --------------------------------------------------------------------------- where
-
-
-def default_location(report_path: str | os.PathLike[str] | None) -> Path:
-    """The CLI's bundle folder when ``--repro-dir`` is not given: ``<REPORT without suffix>.repro``
-    beside the JSON report (``out/verify.json`` -> ``out/verify.repro``), else ``bnfold-repro`` in
-    the current folder."""
-    if report_path is not None:
-        return Path(report_path).with_suffix(".repro")
-    return Path(DEFAULT_DIR)
-
-
-def is_bundle(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a folder holding a bundle bnfold wrote (its ``repro.json``, a JSON object
-    with a ``command``). A symbolic link never is."""
-    p = Path(path)
-    if p.is_symlink() or not p.is_dir():
-        return False
-    try:
-        doc = json.loads((p / BUNDLE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and "command" in doc
-
-
-def replaceable(path: str | os.PathLike[str]) -> bool:
-    """Whether a bundle may be written at ``path``: nothing is there, an empty folder, or a bundle."""
-    p = Path(path)
-    if p.is_symlink():
-        return False
-    if not p.exists():
-        return True
-    if not p.is_dir():
-        return False
-    try:
-        empty = next(p.iterdir(), None) is None
-    except OSError:
-        return False
-    return empty or is_bundle(p)
-
-
-def _choose(requested: Path) -> Path:
-    for k in range(_MAX_TRIES):
-        candidate = requested if k == 0 else requested.with_name(f"{requested.name}-{k}")
-        if replaceable(candidate):
-            return candidate
-    raise FileExistsError(f"{requested} and {requested.name}-1 .. -{_MAX_TRIES - 1} beside it all exist and are "
-                          "not bnfold repro bundles")
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished bundle ``tmp`` to ``target``, replacing an empty folder or old bundle."""
-    if target.exists() or target.is_symlink():
-        if not replaceable(target):  # appeared since we chose it
-            raise FileExistsError(f"{target} exists and is not a bnfold repro bundle")
-        old = target.with_name(f".{target.name}.old-{os.urandom(4).hex()}")
-        os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
-
-
 # --------------------------------------------------------------------------- what
-
-
-def _tolerance_spec(tol: tuple[float | None, Mapping[str, float]]) -> str | None:
-    value, per_output = tol
-    parts = [] if value is None else [repr(float(value))]
-    parts += [f"{name}:{float(v)!r}" for name, v in per_output.items()]
-    return ",".join(parts) or None
 
 
 def _recreated_by_options(inputs: Mapping[str, Any]) -> bool:
@@ -135,7 +68,7 @@ def _recreated_by_options(inputs: Mapping[str, Any]) -> bool:
     return inputs.get("source") == "random" and inputs.get("val_range") is not None
 
 
-def repro_command(reference: str, candidate: str, config: "VerifyConfig", *, data: str | None = None,
+def repro_command(reference: str, candidate: str, config: VerifyConfig, *, data: str | None = None,
                   batch_size: int | None = None) -> str:
     """The ``bnfold verify`` command line that reruns the comparison (a shell-quoted string).
 
@@ -166,7 +99,7 @@ def repro_command(reference: str, candidate: str, config: "VerifyConfig", *, dat
             args += ["--iterations", str(inp["iterations"])]
     args += ["--providers", ",".join(config.providers)]
     for flag, tol in (("--atol", config.atol), ("--rtol", config.rtol)):
-        spec = _tolerance_spec(tol)
+        spec = format_tolerances(tol)
         if spec is not None:
             args.append(f"{flag}={spec}")
     if config.error_stat != "max":
@@ -181,8 +114,6 @@ def repro_command(reference: str, candidate: str, config: "VerifyConfig", *, dat
 
 
 def _model_inputs(path: str) -> list[str]:
-    import onnx
-
     try:
         graph = onnx.load(path, load_external_data=False).graph
     except Exception:  # the order is a nicety; the names come from the feed anyway
@@ -193,10 +124,6 @@ def _model_inputs(path: str) -> list[str]:
 
 def _external_locations(path: str) -> list[str]:
     """The external-data files ``path``'s tensors point at (relative to its folder)."""
-    import onnx
-
-    from bnfold.onnx.io import external_locations
-
     return list(external_locations(onnx.load(path, load_external_data=False)))
 
 
@@ -221,11 +148,8 @@ def _copy_model(path: str, folder: Path, name: str) -> Path:
     return target
 
 
-def _fill(tmp: Path, final: Path, reference: str, candidate: str, feeds: Sequence[Mapping[str, "np.ndarray"]],
-          config: "VerifyConfig", reference_outputs: Mapping[str, "np.ndarray"] | None) -> None:
-    import numpy as np
-    from onnx import numpy_helper
-
+def _fill(tmp: Path, final: Path, reference: str, candidate: str, feeds: Sequence[Mapping[str, np.ndarray]],
+          config: VerifyConfig, reference_outputs: Mapping[str, np.ndarray] | None) -> None:
     data = tmp / "test_data_set_0"
     data.mkdir()
     first = feeds[0]
@@ -276,19 +200,19 @@ def _fill(tmp: Path, final: Path, reference: str, candidate: str, feeds: Sequenc
 
 
 def write_bundle(directory: str | os.PathLike[str], reference: str, candidate: str,
-                 feeds: Sequence[Mapping[str, "np.ndarray"]], config: "VerifyConfig",
-                 reference_outputs: Mapping[str, "np.ndarray"] | None = None) -> str | None:
+                 feeds: Sequence[Mapping[str, np.ndarray]], config: VerifyConfig,
+                 reference_outputs: Mapping[str, np.ndarray] | None = None) -> str | None:
     """Write the bundle for a failed comparison at ``directory`` (or the first free ``<name>-N``
     beside it, see the module docstring); return the folder written, or None (with a warning)
     when it could not be written. Never raises: the bundle must not hide the verdict."""
     requested = Path(directory)
     try:
-        target = _choose(requested)
+        target = choose(requested)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             _fill(tmp, target, reference, candidate, feeds, config, reference_outputs)
-            _swap_into_place(tmp, target)
+            swap_into_place(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
