@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from bnfold.cli.options import ReportConfig
+
 from bnfold.errors import BadInputError
 
 __all__ = ["check_paths", "file_record", "make_parents", "remove_empty", "report_outputs", "require_data",

@@ -1,9 +1,10 @@
 """bnfold's command-line application (installed as the ``bnfold`` console script).
 
 The commands parse options into the config records of ``cli/options.py`` and call the library's
-public API (``bnfold.api.fold`` / ``inspect``) and its renderers (``bnfold.report``); they
-hold no logic of their own. The library is imported lazily inside the commands, so
-``bnfold --help`` never imports onnx, onnxruntime or torch.
+public API (``bnfold.api.fold`` / ``inspect``; a PyTorch model goes through ``cli/torch_fold.py``
+to ``bnfold.torch.convert``) and its renderers (``bnfold.report``); they hold no logic of their
+own. Both fold routes end in the same closing steps (:func:`_close_fold`). The library is
+imported lazily inside the commands, so ``bnfold --help`` never imports onnx, onnxruntime or torch.
 
 Exit codes are decided in ONE place, :func:`exit_code_for` below:
 
@@ -25,11 +26,22 @@ import os
 import sys
 import traceback
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
+from bnfold.cli import torch_fold
+from bnfold.cli.files import (
+    check_paths,
+    file_record,
+    make_parents,
+    remove_empty,
+    report_outputs,
+    require_data,
+    require_model_file,
+)
 from bnfold.cli.options import (
     ESTIMATORS,
     RUN_FLAGS,
@@ -47,8 +59,6 @@ from bnfold.cli.options import (
     report_options,
     torch_options,
 )
-from bnfold.cli import torch_fold
-from bnfold.cli.files import check_paths, file_record, make_parents, remove_empty, report_outputs, require_data, require_model_file
 from bnfold.cli.outcome import FoldOutcome
 from bnfold.cli.progress import calibration_progress
 
@@ -514,7 +524,7 @@ def _setup_logging() -> None:
     log.propagate = False
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     if RUN_FLAGS.debug:
         _err(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
     else:

@@ -16,10 +16,10 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import click
-
 from bnfold.cli.files import check_paths, report_outputs, require_data, require_model_file
 from bnfold.cli.options import DataConfig, FoldCheck, ReportConfig, TorchOptions
 from bnfold.cli.outcome import FoldOutcome
+
 from bnfold.errors import BnfoldError
 from bnfold.output_formats import FORMAT_LABELS, torch_output_format
 
@@ -116,6 +116,7 @@ def run(model: Path | None, output: Path | None, frozen_output: Path | None, dat
     """Load the model (file, or factory and weights) and convert it; errors and warnings in flag words."""
     frontend = _frontend()
     try:
+        device = frontend.resolve_device(topts.device)  # before the model is read: exit 4 comes first
         if topts.model_factory is not None:
             loaded = frontend.load_factory(topts.model_factory, topts.weights)
         else:
@@ -123,7 +124,7 @@ def run(model: Path | None, output: Path | None, frozen_output: Path | None, dat
             loaded = frontend.load_model_file(model, unsafe_pickle=topts.unsafe_pickle, warn=warn)
         result: ConvertResult = frontend.convert(
             loaded, data.path, output, frozen_output=frozen_output, batch_size=data.batch_size,
-            estimator=estimator, device=topts.device, allow_reused_bn=topts.allow_reused_bn, verify=check.enabled,
+            estimator=estimator, device=device, allow_reused_bn=topts.allow_reused_bn, verify=check.enabled,
             verify_samples=check.samples, config=config, dry_run=dry_run, progress=progress,
             warn=lambda msg: warn(flag_words(msg)))
     except BnfoldError as exc:

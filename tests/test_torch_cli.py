@@ -719,6 +719,17 @@ def test_usage_and_device_errors(work: dict) -> None:
     assert not out.parent.exists()
 
 
+
+def test_missing_cuda_is_found_before_the_model_is_read(work: dict) -> None:
+    """--device cuda without CUDA is exit 4 even where reading MODEL would fail (exit 3)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is not an error here")
+    (work["root"] / "garbage2.pt").write_bytes(b"definitely not a torch file" * 4)
+    line = one_line_error(run_cli(work, "fold", "garbage2.pt", "--data", "calib.npy", "-o",
+                                  work["root"] / "cuda2" / "m.onnx", "--device", "cuda"), 4)
+    assert line.startswith("bnfold: error: --device cuda was requested") and "use --device cpu" in line, line
+
+
 # --------------------------------------------------------------------------- real processes
 
 

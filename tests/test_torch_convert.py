@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+from bnfold.cli.torch_fold import flag_words
+from torch import nn
 
-import bnfold.torch as bt  # noqa: E402
-from bnfold.cli.torch_fold import flag_words  # noqa: E402
-from bnfold.errors import BadInputError, ProviderUnavailable  # noqa: E402
+import bnfold.torch as bt
+from bnfold.errors import BadInputError, ProviderUnavailable
 
 BATCH = 8
 

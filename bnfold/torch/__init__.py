@@ -17,7 +17,7 @@ Models that ``torch.fx`` cannot trace raise ``UnsupportedModelError`` in :func:`
 from __future__ import annotations
 
 from bnfold.torch.calibrate import calibrate
-from bnfold.torch.convert import ConvertResult, OutputCheck, TensorCheck, convert
+from bnfold.torch.convert import ConvertResult, OutputCheck, TensorCheck, convert, resolve_device
 from bnfold.torch.fold import TorchFoldResult, fold
 from bnfold.torch.load import LoadedTorchModel, load_factory, load_model_file
 
@@ -32,4 +32,5 @@ __all__ = [
     "fold",
     "load_factory",
     "load_model_file",
+    "resolve_device",
 ]

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -162,6 +162,11 @@ class _Request:
     def tolerances(self) -> dict[str, Any]:
         """The config's atol/rtol for the torch and export checks (the dtype defaults where not given)."""
         return {} if self.config is None else {"atol": self.config.atol, "rtol": self.config.rtol}
+
+
+def _progress(req: _Request) -> Callable[[int, int | None], None] | None:
+    """The progress callback as the PyTorch calibration types it (it passes a known total)."""
+    return cast("Callable[[int, int | None], None] | None", req.progress)
 
 
 def _as_loaded(module: nn.Module | LoadedTorchModel) -> LoadedTorchModel:
@@ -360,7 +365,7 @@ def _placeholder_frozen(module: nn.Module) -> tuple[nn.Module, dict[str, Mode]]:
         modes[name] = bn_mode(m)
         if is_standard_bn(m) and (m.running_mean is None or m.running_var is None or not m.track_running_stats):
             w = m.weight if m.affine and m.weight is not None else None
-            kw = {"dtype": w.dtype, "device": w.device} if w is not None else {}
+            kw: dict[str, Any] = {"dtype": w.dtype, "device": w.device} if w is not None else {}
             m.register_buffer("running_mean", torch.zeros(m.num_features, **kw))
             m.register_buffer("running_var", torch.ones(m.num_features, **kw))
             m.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -382,7 +387,7 @@ def _run_torch(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | N
     try:
         result = torch_fold(work, data=cal, device=device, estimator=req.estimator,
                             allow_reused_bn=req.allow_reused_bn, inplace=True,
-                            example_inputs=example if cal is None else None, progress=req.progress)
+                            example_inputs=example if cal is None else None, progress=_progress(req))
     except BnfoldError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -460,13 +465,13 @@ def _check_and_save(req: _Request, loaded: LoadedTorchModel, result: TorchFoldRe
                 ref = ex.eager_named(folded, example)
                 args, kwargs, _ = split(loaded, example)  # called like the original: positionally
                 with torch.no_grad():
-                    got = dict(zip(ref, ex.flat_outputs(reloaded(*args, **kwargs))))
+                    written = ex.flat_outputs(reloaded(*args, **kwargs))
             except BnfoldError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the written file does not load or run
+            except Exception as exc:
                 raise UnsupportedModelError(f"the {FORMAT_LABELS[fmt]} written for the folded module does not "
                                             f"load or run: {type(exc).__name__}: {one_line(exc, 240)}") from exc
-            got_arrays = {k: ex._to_numpy(v) for k, v in got.items()}
+            got_arrays = ex.tensors_to_arrays(list(ref), written)
             check = ex.compare_arrays(ref, got_arrays, sample_count(example), **req.tolerances())
             report.extra["export_check"] = check
             export_check = TensorCheck.from_dict(check)
@@ -506,7 +511,7 @@ def _frozen_module(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData
     if cal is not None:
         try:
             run_ = run_calibration(loaded.module, cal, device=device, estimator=req.estimator,
-                                   allow_reused_bn=req.allow_reused_bn, progress=req.progress)
+                                   allow_reused_bn=req.allow_reused_bn, progress=_progress(req))
         except BnfoldError:
             raise
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -553,8 +558,8 @@ def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | No
                                           target=r.decision.target, direction=r.decision.direction,
                                           reason=r.decision.reason, detail=r.decision.detail, channels=r.channels)
                                  for r in inspected],
-                            warnings=list(notes) + ["the export check failed, so nothing was folded: the BN "
-                                                    "list is fold's plan for the exported model"],
+                            warnings=[*notes, ("the export check failed, so nothing was folded: the BN "
+                                               "list is fold's plan for the exported model")],
                             dry_run=req.dry_run)
         else:
             if reused:

@@ -51,7 +51,7 @@ def input_specs(loaded: LoadedTorchModel, data: Path) -> list[InputSpec]:
     if members and members[0][0] is None:  # .npy: one array
         required = [i.name for i in loaded.inputs if i.required]
         if len(required) > 1:  # let open_data say that a .npy cannot feed them
-            return [InputSpec(n, np.float32, None) for n in required]
+            return [InputSpec(n, np.dtype(np.float32), None) for n in required]
         name = required[0] if required else (loaded.inputs[0].name if loaded.inputs else "input")
         return [InputSpec(name, _spec_dtype(members[0][1]), None)]
     keys = {k: d for k, d in members if k is not None}
