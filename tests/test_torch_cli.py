@@ -644,6 +644,7 @@ def test_export_divergence_is_exit_1(work: dict) -> None:
     line = one_line_error(proc, 1)
     assert "export diverged" in line, line
     assert not out.exists()
+    assert "producer" not in proc.stdout, "a plan table is printed on --dry-run only"
     report = validate_report(rep)
     assert report["extra"]["export_check"]["passed"] is False and report["output"]["path"] is None
 

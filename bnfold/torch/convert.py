@@ -551,7 +551,7 @@ def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | No
         rows: tuple[BnInspection, ...] | None
         if check is not None and not check["passed"]:
             inspected = onnx_inspect(onnx_path)
-            rows = tuple(inspected)
+            rows = tuple(inspected) if req.dry_run else None
             report = Report(input_path=None, output_path=None, input_sha256=None, output_sha256=None,
                             estimator=req.estimator, batch_size=req.batch_size, calibrated=False,
                             bns=[BnRecord(name=r.name, mode_before=r.mode, action=r.decision.action,
