@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -426,9 +426,7 @@ def _run_torch(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | N
         out = _check_and_save(req, loaded, result, frozen, example, fmt, report)
         if frozen_stage is not None and frozen_tmp is not None and req.frozen_output is not None:
             os.replace(frozen_tmp, req.frozen_output)
-            out = ConvertResult(report=out.report, route=out.route, output=out.output,
-                                frozen_output=req.frozen_output, torch_check=out.torch_check,
-                                export_check=out.export_check, failed=out.failed)
+            out = replace(out, frozen_output=req.frozen_output)
         return out
     finally:
         if frozen_stage is not None:
