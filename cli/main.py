@@ -1,9 +1,10 @@
 """bnfold's command-line application (installed as the ``bnfold`` console script).
 
 The commands parse options into the config records of ``cli/options.py`` and call the library's
-public API (``bnfold.api.fold`` / ``inspect``) and its renderers (``bnfold.report``); they
-hold no logic of their own. The library is imported lazily inside the commands, so
-``bnfold --help`` never imports onnx, onnxruntime or torch.
+public API (``bnfold.api.fold`` / ``inspect``; a PyTorch model goes through ``cli/torch_fold.py``
+to ``bnfold.torch.convert``) and its renderers (``bnfold.report``); they hold no logic of their
+own. Both fold routes end in the same closing steps (:func:`_close_fold`). The library is
+imported lazily inside the commands, so ``bnfold --help`` never imports onnx, onnxruntime or torch.
 
 Exit codes are decided in ONE place, :func:`exit_code_for` below:
 
@@ -25,11 +26,22 @@ import os
 import sys
 import traceback
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
+from bnfold.cli import torch_fold
+from bnfold.cli.files import (
+    check_paths,
+    file_record,
+    make_parents,
+    remove_empty,
+    report_outputs,
+    require_data,
+    require_model_file,
+)
 from bnfold.cli.options import (
     ESTIMATORS,
     RUN_FLAGS,
@@ -47,13 +59,13 @@ from bnfold.cli.options import (
     report_options,
     torch_options,
 )
+from bnfold.cli.outcome import FoldOutcome
 from bnfold.cli.progress import calibration_progress
 
 from bnfold import __version__
-from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, VerificationFailed
+from bnfold.errors import BnfoldError, ProviderUnavailable, VerificationFailed
 
 EXIT_OK = 0
-EXIT_VERIFICATION_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_INTERRUPTED = 130
@@ -93,67 +105,6 @@ def _json_report() -> Any:
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _require_model_file(path: Path) -> None:
-    if not path.exists():
-        raise BadInputError(f"model file not found: {path}")
-    if path.is_dir():
-        raise BadInputError(f"model path is a directory, expected an ONNX file: {path}")
-
-
-def _require_data(path: Path) -> None:
-    if not path.exists():
-        raise BadInputError(f"calibration data not found: {path} (give a .npz, a .npy or a directory of .npy files)")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
-def _check_paths(inputs: Sequence[tuple[Path | None, str]], outputs: Sequence[tuple[Path | None, str]]) -> None:
-    """Exit 2 where an output would overwrite an input (MODEL, --weights, --data, a verified model)
-    or another output: bnfold never overwrites its inputs, and each file it writes needs its own path."""
-    given_in = [(p, what) for p, what in inputs if p is not None]
-    given_out = [(p, hint) for p, hint in outputs if p is not None]
-    for i, (path, hint) in enumerate(given_out):
-        for src, what in given_in:
-            if _same_file(src, path):
-                raise click.BadParameter(f"is {what}; bnfold never overwrites its input.", param_hint=hint)
-        for other, other_hint in given_out[:i]:
-            if _same_file(other, path):
-                raise click.BadParameter(f"is the same file as {other_hint}; give each output its own path.",
-                                         param_hint=hint)
-
-
-def _report_outputs(report: ReportConfig) -> list[tuple[Path | None, str]]:
-    return [(report.path, "'--report'"), (report.junit_xml, "'--junit-xml'"),
-            (report.summary_md, "'--summary-md'"), (report.html, "'--html'")]
-
-
-def _make_parents(path: Path) -> list[Path]:
-    """``mkdir -p`` the parent of ``path``; return the directories it created, deepest first."""
-    created: list[Path] = []
-    parent = path.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    for d in reversed(created):
-        d.mkdir()
-    return created
-
-
-def _remove_empty(dirs: list[Path]) -> None:
-    for d in dirs:  # deepest first
-        try:
-            d.rmdir()
-        except OSError:
-            break
 
 
 def _value(x: Any) -> Any:
@@ -259,29 +210,19 @@ def _write_verification_reports(result: Any, report: ReportConfig, *, write_json
     from bnfold.report import html, junit, markdown
 
     if write_json and report.path is not None:
-        _make_parents(report.path)
+        make_parents(report.path)
         _json_report().write_verify_json(result, report.path, **(models or {}))
     if report.junit_xml is not None:
-        _make_parents(report.junit_xml)
+        make_parents(report.junit_xml)
         junit.write_junit(result, report.junit_xml)
     text = markdown.markdown_summary(result)
     if report.summary_md is not None:
-        _make_parents(report.summary_md)
+        make_parents(report.summary_md)
         markdown.write_markdown(result, report.summary_md)
     markdown.append_github_step_summary(text)
     if report.html is not None:
-        _make_parents(report.html)
+        make_parents(report.html)
         html.write_html(result, report.html)
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": str(path), "sha256": digest.hexdigest()}
 
 
 # --------------------------------------------------------------------------- commands
@@ -364,8 +305,20 @@ def fold_command(
     OUTPUT's suffix picks the format: .onnx (export, then the ONNX fold and verification),
     .pt2 (torch.export), .pt/.ts/.torchscript (torch.jit.trace).
     """
-    if torch_opts.model_factory is not None or (model is not None and str(model) != "-" and _is_torch_model(model)):
-        return _fold_torch(model, output, frozen_output, data, estimator, report, check, compare, dry_run, torch_opts)
+    if torch_opts.model_factory is not None or (model is not None and str(model) != "-"
+                                                and torch_fold.is_torch_model(model)):
+        model = torch_fold.validate(model, output, frozen_output, data, report, dry_run, torch_opts)
+        config = _engine_config(compare, report.path)
+        created = [] if dry_run or output is None else make_parents(output)
+        try:
+            with calibration_progress() as progress:
+                outcome = torch_fold.run(model, output, frozen_output, data, estimator, check, config, dry_run,
+                                         torch_opts, progress, warn=lambda msg: _err(f"bnfold: warning: {_one_line(msg)}"))
+        finally:
+            if output is not None and not output.exists():
+                remove_empty(created)
+        return _close_fold(outcome, output, report)
+
     if torch_opts.weights is not None:
         raise click.UsageError("--weights needs --model-factory (the state_dict is loaded into the factory's model).")
     if model is None or str(model) == "-":
@@ -377,15 +330,15 @@ def fold_command(
         raise click.UsageError("Missing option '-o' / '--output' (required unless --dry-run).")
     if data.batch_size is not None and data.path is None:
         raise click.UsageError("--batch-size needs --data.")
-    _require_model_file(model)
+    require_model_file(model)
     if data.path is not None:
-        _require_data(data.path)
-    _check_paths([(model, "the input MODEL"), (data.path, "the --data file")],
-                 [(output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'"), *_report_outputs(report)])
+        require_data(data.path)
+    check_paths([(model, "the input MODEL"), (data.path, "the --data file")],
+                [(output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'"), *report_outputs(report)])
 
     api = _api()
     config = _engine_config(compare, report.path)
-    created = [] if dry_run or output is None else _make_parents(output)
+    created = [] if dry_run or output is None else make_parents(output)
     try:
         with calibration_progress() as progress:
             result = api.fold(
@@ -403,115 +356,22 @@ def fold_command(
             )
     finally:
         if output is not None and not output.exists():
-            _remove_empty(created)
-
-    rep = result.report
-    if report.path is not None:
-        _make_parents(report.path)
-        _json_report().write_json(rep, report.path)
-    if rep.verification is not None:
-        _write_verification_reports(rep.verification, report, write_json=False)
-
-    summary = _summary()
-    if dry_run:
-        click.echo(summary.plan_table(_dry_run_rows(api.inspect(model), rep)))
-        click.echo()
-    click.echo(summary.summary_text(rep))
-    if report.path is not None:
-        click.echo(f"Wrote report {report.path}")
-    if not result.ok:
-        raise VerificationFailed(_verification_message(rep, output, report.path))
-    return EXIT_OK  # the summary's last lines name the written model ("Wrote OUTPUT")
+            remove_empty(created)
+    return _close_fold(FoldOutcome(report=result.report, ok=result.ok,
+                                   plan_rows=api.inspect(model) if dry_run else None), output, report)
 
 
-# --------------------------------------------------------------------------- PyTorch models
-
-#: MODEL suffixes read as PyTorch files even when their content does not say so (the PyTorch
-#: loader then names what is wrong); other files are PyTorch files when they are zip archives or
-#: pickles (an ONNX file is a protobuf: neither)
-_TORCH_MODEL_SUFFIXES = {".pt", ".pth", ".pt2", ".ts", ".torchscript", ".ptl", ".ckpt"}
-#: OUTPUT suffix -> format, for PyTorch models (as bnfold.torch.cli.OUTPUT_FORMATS; no torch import here)
-_TORCH_OUTPUTS = {".onnx": "onnx", ".pt2": "pt2", ".pt": "torchscript", ".ts": "torchscript",
-                  ".torchscript": "torchscript"}
-
-
-def _is_torch_model(path: Path) -> bool:
-    """Whether fold reads ``path`` as a PyTorch model (``.onnx`` never is)."""
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        return False
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError:
-        return suffix in _TORCH_MODEL_SUFFIXES
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return True
-    return suffix in _TORCH_MODEL_SUFFIXES
-
-
-def _fold_torch(model: Path | None, output: Path | None, frozen_output: Path | None, data: DataConfig,
-                estimator: str, report: ReportConfig, check: FoldCheck, compare: CompareOptions, dry_run: bool,
-                topts: TorchOptions) -> int:
-    """``fold`` for a PyTorch model; the work is in ``bnfold.torch.cli``."""
-    if topts.model_factory is not None:
-        if model is not None and str(model) != "-":
-            raise click.UsageError("MODEL must be omitted (or '-') with --model-factory: the factory builds the "
-                                   "model and --weights gives its state_dict.")
-        model = None
-    elif topts.weights is not None:
-        raise click.UsageError("--weights needs --model-factory (the state_dict is loaded into the factory's model).")
-    if output is None and not dry_run:
-        raise click.UsageError("Missing option '-o' / '--output' (required unless --dry-run).")
-    if data.batch_size is not None and data.path is None:
-        raise click.UsageError("--batch-size needs --data.")
-    fmt = None
-    if output is not None:
-        fmt = _TORCH_OUTPUTS.get(output.suffix.lower())
-        if fmt is None:
-            raise click.BadParameter(
-                f"{output.suffix or 'no suffix'}: for a PyTorch model OUTPUT ends in .onnx, .pt2, .pt, .ts or "
-                ".torchscript (the suffix picks the format)", param_hint="'-o' / '--output'")
-    if frozen_output is not None:
-        ffmt = _TORCH_OUTPUTS.get(frozen_output.suffix.lower())
-        if ffmt is None or (fmt is not None and ffmt != fmt):
-            raise click.BadParameter("for a PyTorch model it must be written in OUTPUT's format (same kind of "
-                                     "suffix as -o).", param_hint="'--frozen-output'")
-    if model is not None:
-        _require_model_file(model)
-    _check_paths([(model, "the input MODEL"), (topts.weights, "the --weights file"), (data.path, "the --data file")],
-                 [(output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'"), *_report_outputs(report)])
-    if data.path is not None:
-        _require_data(data.path)
-    config = _engine_config(compare, report.path)
-
-    from bnfold.torch import cli as torch_cli  # imports torch
-
-    request = torch_cli.TorchFoldRequest(
-        model=model, factory=topts.model_factory, weights=topts.weights, unsafe_pickle=topts.unsafe_pickle,
-        output=None if dry_run else output, frozen_output=None if dry_run else frozen_output, data=data.path,
-        batch_size=data.batch_size, estimator=estimator, device=topts.device,
-        allow_reused_bn=topts.allow_reused_bn, verify=check.enabled, verify_samples=check.samples, dry_run=dry_run,
-        verify_config=config, warn=lambda msg: _err(f"bnfold: warning: {_one_line(msg)}"))
-    if dry_run and output is not None:
-        request.output = output  # picks the route (.onnx: through the export); nothing is written
-    created = [] if dry_run or output is None else _make_parents(output)
-    try:
-        with calibration_progress() as progress:
-            request.progress = progress
-            outcome = torch_cli.run(request)
-    finally:
-        if output is not None and not output.exists():
-            _remove_empty(created)
-
+def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig) -> int:
+    """The closing steps of ``fold`` (both routes): the reports, the plan table (dry run), the
+    route's lines, the summary; exit 1 (VerificationFailed) when a check failed."""
     rep = outcome.report
     if report.path is not None:
-        _make_parents(report.path)
+        make_parents(report.path)
         _json_report().write_json(rep, report.path)
     if rep.verification is not None:
         _write_verification_reports(rep.verification, report, write_json=False)
     summary = _summary()
-    if dry_run and outcome.plan_rows is not None:
+    if outcome.plan_rows is not None:
         click.echo(summary.plan_table(_dry_run_rows(outcome.plan_rows, rep)))
         click.echo()
     for line in outcome.lines:
@@ -524,7 +384,7 @@ def _fold_torch(model: Path | None, output: Path | None, frozen_output: Path | N
             where = f"; details in {report.path}" if report.path is not None else ""
             raise VerificationFailed(outcome.failure + where)
         raise VerificationFailed(_verification_message(rep, output, report.path))
-    return EXIT_OK
+    return EXIT_OK  # the summary's last lines name the written model ("Wrote OUTPUT")
 
 
 @cli.command("verify", context_settings=_CONTEXT, epilog=_EPILOG,
@@ -544,17 +404,17 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     share after a BN) are compared too, to name the first layer where they part. Exit 0 when
     equivalent, 1 on a mismatch, 4 when a requested provider cannot run."""
     for path in (reference, candidate):
-        _require_model_file(path)
+        require_model_file(path)
     if data.path is not None:
-        _require_data(data.path)
-    _check_paths([(reference, "REFERENCE"), (candidate, "CANDIDATE"), (data.path, "the --data file")],
-                 _report_outputs(report))
+        require_data(data.path)
+    check_paths([(reference, "REFERENCE"), (candidate, "CANDIDATE"), (data.path, "the --data file")],
+                 report_outputs(report))
     config = _engine_config(compare, report.path)
     result = _api().verify(
         reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,
         val_range=inputs.val_range, iterations=inputs.iterations, config=config)
     _write_verification_reports(result, report, write_json=True,
-                                models={"reference": _file_record(reference), "candidate": _file_record(candidate)})
+                                models={"reference": file_record(reference), "candidate": file_record(candidate)})
     click.echo(_summary().verify_summary_text(result))
     for path in (report.path, report.junit_xml, report.summary_md, report.html):
         if path is not None:
@@ -585,7 +445,7 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
 def inspect_command(model: Path, as_json: bool) -> int:
     """List every BatchNorm of MODEL: its producer, its mode (training / inference), and what
     'bnfold fold' would do with it, with the reason code. Reads the model only."""
-    _require_model_file(model)
+    require_model_file(model)
     rows = _api().inspect(model)
     if as_json:
         click.echo(json.dumps([inspection_to_dict(r) for r in rows], indent=2))
@@ -664,7 +524,7 @@ def _setup_logging() -> None:
     log.propagate = False
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     if RUN_FLAGS.debug:
         _err(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
     else:

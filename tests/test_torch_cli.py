@@ -1,18 +1,24 @@
 """``bnfold fold`` on PyTorch models: ExportedProgram, TorchScript, factory + state_dict, pickles.
 
-Every test runs the CLI in a subprocess (``python -m bnfold.cli.main``) on real torch models saved
-under a temporary folder, with the model classes in a module written there and put on
-PYTHONPATH (as a user's own code would be). The reference for "matches" is the frozen model
+The tests run the CLI in this process (``bnfold.cli.main.main(argv)``, the console script's entry
+point, with the working directory, environment, warning filters and streams a fresh process
+would have) on real torch models saved under a temporary folder, with the model classes in a
+module written there (importable, as a user's own code on PYTHONPATH would be). A few run
+``python -m bnfold.cli.main`` in a child process to prove what only a process shows: its exit
+status and which stream each line goes to. The reference for "matches" is the frozen model
 computed here with :func:`bnfold.torch.calibrate` on the same data and batch size.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -234,12 +240,50 @@ def work(tmp_path_factory: pytest.TempPathFactory):
     return {"root": root, "tm": tm, "net": net, "two": two, "x": x, "y": y}
 
 
-def run_cli(work: dict, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+def process_env(work: dict) -> dict[str, str]:
+    """A child's environment: the models' folder on PYTHONPATH, no $GITHUB_STEP_SUMMARY."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(work["root"]), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("GITHUB_STEP_SUMMARY", None)
+    return env
+
+
+def run_process(work: dict, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m bnfold.cli.main ARGS`` in a child process (for what only a process shows)."""
     return subprocess.run([sys.executable, "-m", "bnfold.cli.main", *map(str, args)], capture_output=True,
-                          text=True, cwd=work["root"], env=env, timeout=timeout)
+                          text=True, cwd=work["root"], env=process_env(work), timeout=timeout)
+
+
+@contextlib.contextmanager
+def fresh_process_state(work: dict) -> Iterator[None]:
+    """What a child would see: the models' folder as working directory and on sys.path, no
+    $GITHUB_STEP_SUMMARY, Python's default warning filters (pytest turns DeprecationWarnings on)."""
+    cwd, saved_env = os.getcwd(), dict(os.environ)
+    os.chdir(work["root"])
+    os.environ.pop("GITHUB_STEP_SUMMARY", None)
+    sys.path.insert(0, str(work["root"]))
+    try:
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)
+            yield
+    finally:
+        sys.path.remove(str(work["root"]))
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(cwd)
+
+
+def run_cli(work: dict, *args: object) -> subprocess.CompletedProcess:
+    """``bnfold ARGS`` in this process: exit code, stdout and stderr as a CompletedProcess."""
+    from bnfold.cli.main import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with fresh_process_state(work), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return subprocess.CompletedProcess(["bnfold", *argv], rc, out.getvalue(), err.getvalue())
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -600,6 +644,7 @@ def test_export_divergence_is_exit_1(work: dict) -> None:
     line = one_line_error(proc, 1)
     assert "export diverged" in line, line
     assert not out.exists()
+    assert "producer" not in proc.stdout, "a plan table is printed on --dry-run only"
     report = validate_report(rep)
     assert report["extra"]["export_check"]["passed"] is False and report["output"]["path"] is None
 
@@ -634,7 +679,7 @@ def test_help_warns_about_unsafe_pickle(work: dict) -> None:
 
 
 def test_bad_inputs(work: dict) -> None:
-    """Each case: exit 3 with one line, nothing written. Run side by side to save time."""
+    """Each case: exit 3 with one line, nothing written."""
     root = work["root"]
     (root / "garbage.pt").write_bytes(b"definitely not a torch file" * 4)
     out = root / "bad" / "m.onnx"
@@ -651,16 +696,9 @@ def test_bad_inputs(work: dict) -> None:
         "data key": (["fold", "--model-factory", "tmodels:build_two", "--weights", "two_sd.pt",
                       "--data", "calib.npy", "-o", out], ".npy"),
     }
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(root), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    procs = {name: subprocess.Popen([sys.executable, "-m", "bnfold.cli.main", *map(str, argv)], cwd=root, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (argv, _) in cases.items()}
-    for name, p in procs.items():
-        stdout, stderr = p.communicate(timeout=120)
-        proc = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
-        line = one_line_error(proc, 3)
-        assert cases[name][1] in line, (name, line)
+    for name, (argv, expected) in cases.items():
+        line = one_line_error(run_cli(work, *argv), 3)
+        assert expected in line, (name, line)
         if name == "weights keys":
             assert "bn_y.weight" in line and "bn_y.running_var" in line, line
     assert not out.exists() and not out.parent.exists()
@@ -680,3 +718,55 @@ def test_usage_and_device_errors(work: dict) -> None:
     line = one_line_error(run_cli(work, "fold", "net.pt2", "--data", "calib.npy", "-o", out, "--device", "cuda"), 4)
     assert "cuda" in line.lower()
     assert not out.parent.exists()
+
+
+
+def test_missing_cuda_is_found_before_the_model_is_read(work: dict) -> None:
+    """--device cuda without CUDA is exit 4 even where reading MODEL would fail (exit 3)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is not an error here")
+    (work["root"] / "garbage2.pt").write_bytes(b"definitely not a torch file" * 4)
+    line = one_line_error(run_cli(work, "fold", "garbage2.pt", "--data", "calib.npy", "-o",
+                                  work["root"] / "cuda2" / "m.onnx", "--device", "cuda"), 4)
+    assert line.startswith("bnfold: error: --device cuda was requested") and "use --device cpu" in line, line
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def test_real_process_exit_status_and_streams(work: dict) -> None:
+    """What only a process shows: its exit status, results on stdout, errors (one line) on stderr.
+    Exit 0, 1 (a check failed), 2 (usage), 3 (bad input) and 4 (cuda missing), side by side."""
+    root = work["root"]
+    out = root / "proc"
+    cases: dict[int, list[object]] = {
+        0: ["fold", "net.pt2", "--data", "calib.npy", "--batch-size", BATCH, "-o", out / "ok.onnx", "--device", "cpu"],
+        1: ["fold", "--model-factory", "tmodels:build_bad_export", "--data", "calib.npy", "-o", out / "bad.onnx"],
+        2: ["fold", "net.pt2", "--data", "calib.npy", "-o", out / "m.bin"],
+        3: ["fold", "nope.pt2", "--data", "calib.npy", "-o", out / "missing.onnx"],
+    }
+    if not torch.cuda.is_available():
+        cases[4] = ["fold", "net.pt2", "--data", "calib.npy", "-o", out / "cuda.onnx", "--device", "cuda"]
+    procs = {code: subprocess.Popen([sys.executable, "-m", "bnfold.cli.main", *map(str, argv)], cwd=root,
+                                    env=process_env(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for code, argv in cases.items()}
+    done = {}
+    for code, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        done[code] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+
+    ok = done[0]
+    assert ok.returncode == 0, ok.stderr
+    assert "Export check" in ok.stdout and f"Wrote {out / 'ok.onnx'}" in ok.stdout
+    assert error_lines(ok.stderr) == [], ok.stderr
+    assert (out / "ok.onnx").exists()
+
+    line = one_line_error(done[1], 1)
+    assert "export diverged" in line and "Export check" in done[1].stdout and "export diverged" not in done[1].stdout
+
+    usage = done[2]
+    assert usage.returncode == 2 and "Error:" in usage.stderr and usage.stdout == "", usage
+    for code in (3, 4):
+        if code in done:
+            assert one_line_error(done[code], code) and done[code].stdout == "", done[code]
+    assert not (out / "bad.onnx").exists() and not (out / "missing.onnx").exists()

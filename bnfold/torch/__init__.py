@@ -7,12 +7,30 @@
     result = bnfold.torch.fold(model, loader)                    # calibrate, then fold
     result.module, result.report.folded, result.report.bns
 
-Models that ``torch.fx`` cannot trace raise ``UnsupportedModelError``: export them to ONNX and
-use :func:`bnfold.fold` on the file.
+    # module -> calibrated, exported, folded, verified file (what `bnfold fold` does):
+    done = bnfold.torch.convert(model, "calib.npz", "folded.onnx")
+    done.passed, done.export_check, done.verification, done.output
+
+Models that ``torch.fx`` cannot trace raise ``UnsupportedModelError`` in :func:`fold`;
+:func:`convert` folds them through an ONNX export instead.
 """
 from __future__ import annotations
 
 from bnfold.torch.calibrate import calibrate
+from bnfold.torch.convert import ConvertResult, OutputCheck, TensorCheck, convert, resolve_device
 from bnfold.torch.fold import TorchFoldResult, fold
+from bnfold.torch.load import LoadedTorchModel, load_factory, load_model_file
 
-__all__ = ["TorchFoldResult", "calibrate", "fold"]
+__all__ = [
+    "ConvertResult",
+    "LoadedTorchModel",
+    "OutputCheck",
+    "TensorCheck",
+    "TorchFoldResult",
+    "calibrate",
+    "convert",
+    "fold",
+    "load_factory",
+    "load_model_file",
+    "resolve_device",
+]

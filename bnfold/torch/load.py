@@ -81,6 +81,7 @@ class LoadedTorchModel:
     example_inputs: dict[str, torch.Tensor] | None = None  # ExportedProgram: its stored example
     static_batch: int | None = None  # ExportedProgram exported with a static batch dimension
     warnings: list[str] = field(default_factory=list)
+    factory: str | None = None  # FACTORY: the 'pkg.mod:callable' spec that built it
 
     @property
     def scripted(self) -> bool:
@@ -641,4 +642,4 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
     inputs, var_kw = forward_inputs(model)
     label = str(weights) if weights is not None else f"factory {spec}"
     return LoadedTorchModel(module=model, kind=FACTORY, label=label, path=weights, sha256=sha, inputs=inputs,
-                            var_keyword=var_kw)
+                            var_keyword=var_kw, factory=spec)

@@ -1,0 +1,594 @@
+"""Module -> calibrated, exported, folded, verified file: :func:`convert`.
+
+:func:`convert` takes an ``nn.Module`` (or a model read by :func:`bnfold.torch.load_model_file` /
+:func:`bnfold.torch.load_factory`, which also carries the file it came from) and a calibration data
+file, and returns a :class:`ConvertResult`. The output's suffix picks the route:
+
+* **torch** (the module can be fx-traced, output ``.pt2`` / ``.pt`` / ``.ts`` / ``.torchscript``):
+  :func:`bnfold.torch.fold` calibrates and folds in PyTorch; the folded module is compared with
+  the frozen one in eager mode (``torch_check``), written with ``torch.export`` or
+  ``torch.jit.trace``, read back and compared with the folded module (``export_check``).
+* **onnx** (output ``.onnx``): the module is calibrated and frozen in PyTorch
+  (:func:`bnfold.torch.calibrate`), exported to ONNX, the export compared with PyTorch eager on
+  onnxruntime (``export_check``), and the export folded and verified by :func:`bnfold.fold`
+  exactly like an ONNX input (``verification``). This is also the route for modules fx cannot
+  trace (with a warning) and for TorchScript modules (exported as they are, training-mode BNs
+  included, and calibrated by the ONNX pipeline).
+
+A check that fails is a verdict, not an error: the result says which (``failed``) and the output
+is not written. Errors (bad input, a model bnfold cannot process) raise :class:`bnfold.BnfoldError`
+subclasses whose messages name this function's parameters.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from bnfold.api import BnInspection
+from bnfold.api import fold as onnx_fold
+from bnfold.api import inspect as onnx_inspect
+from bnfold.data.sources import CalibrationData, open_data
+from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError, one_line
+from bnfold.output_formats import FORMAT_LABELS, torch_output_format
+from bnfold.records import Action, BnRecord, FoldDecision, Mode, Report, VerifyResult
+from bnfold.torch import export as ex
+from bnfold.torch.batches import Batch
+from bnfold.torch.calibrate import (
+    bn_mode,
+    copy_module,
+    find_batchnorms,
+    float_dtype,
+    is_standard_bn,
+    module_device,
+    run_calibration,
+)
+from bnfold.torch.fold import TorchFoldResult, trace
+from bnfold.torch.fold import fold as torch_fold
+from bnfold.torch.inputs import input_specs, ordered, sample_count, split, tensors, to_device
+from bnfold.torch.load import FACTORY, TORCHSCRIPT, LoadedTorchModel, forward_inputs, sha256_of
+from bnfold.verify.engine import VerifyConfig
+
+__all__ = ["MODULE", "ConvertResult", "OutputCheck", "TensorCheck", "convert", "resolve_device"]
+
+#: ``report.extra["source"]["kind"]`` of a model given as an in-memory ``nn.Module``
+MODULE = "module"
+
+Example = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One output of a torch or export check."""
+
+    name: str
+    dtype: str
+    max_abs: float
+    max_rel: float
+    atol: float
+    rtol: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    """Two runs of the same inputs compared output by output (|a - b| <= atol + rtol*|ref|)."""
+
+    max_abs: float
+    max_rel: float
+    passed: bool
+    samples: int
+    outputs: tuple[OutputCheck, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorCheck:
+        """From the dict ``report.extra`` holds (``bnfold.torch.export.compare_arrays``)."""
+        return cls(max_abs=float(d["max_abs"]), max_rel=float(d["max_rel"]), passed=bool(d["passed"]),
+                   samples=int(d["samples"]), outputs=tuple(OutputCheck(**o) for o in d.get("outputs", [])))
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What :func:`convert` did.
+
+    ``route``: 'torch', 'onnx', 'onnx-fallback' (fx cannot trace the module) or 'onnx-torchscript'.
+    ``torch_check``: folded vs frozen module in eager PyTorch (torch route). ``export_check``: the
+    written file vs the folded module (torch route), or the ONNX export vs PyTorch eager (ONNX
+    routes). ``verification``: the ONNX fold's verification (ONNX routes). Each is None where it
+    did not run. ``failed``: 'torch_check', 'export_check' or 'verification' when that check
+    failed (the output is then not written), else None. ``plan``: a dry run's rows.
+    """
+
+    report: Report
+    route: str
+    output: Path | None  # written
+    frozen_output: Path | None  # written
+    torch_check: TensorCheck | None = None
+    export_check: TensorCheck | None = None
+    failed: str | None = None
+    plan: tuple[BnInspection, ...] | None = None
+
+    @property
+    def verification(self) -> VerifyResult | None:
+        return self.report.verification
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(self.report.warnings)
+
+    @property
+    def passed(self) -> bool:
+        """False iff a check ran and failed."""
+        return self.failed is None
+
+
+def resolve_device(requested: str | None) -> str:
+    """The calibration device: ``requested``, else cuda when torch sees a GPU, else cpu."""
+    available = torch.cuda.is_available()
+    if requested is None:
+        return "cuda" if available else "cpu"
+    if requested == "cuda" and not available:
+        why = "torch was built without CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+        raise ProviderUnavailable(f"device='cuda' was requested but CUDA is not available ({why}, torch "
+                                  f"{torch.__version__}); use device='cpu'")
+    return requested
+
+
+# ----------------------------------------------------------------------------- the request
+
+
+@dataclass(frozen=True)
+class _Request:
+    output: Path | None
+    frozen_output: Path | None
+    data: Path | None
+    batch_size: int | None
+    estimator: str
+    allow_reused_bn: bool
+    verify: bool
+    verify_samples: int
+    dry_run: bool
+    config: VerifyConfig | None
+    progress: Callable[[int, int], None] | None
+    warn: Callable[[str], None] | None
+
+    def tolerances(self) -> dict[str, Any]:
+        """The config's atol/rtol for the torch and export checks (the dtype defaults where not given)."""
+        return {} if self.config is None else {"atol": self.config.atol, "rtol": self.config.rtol}
+
+
+def _progress(req: _Request) -> Callable[[int, int | None], None] | None:
+    """The progress callback as the PyTorch calibration types it (it passes a known total)."""
+    return cast("Callable[[int, int | None], None] | None", req.progress)
+
+
+def _as_loaded(module: nn.Module | LoadedTorchModel) -> LoadedTorchModel:
+    if isinstance(module, LoadedTorchModel):
+        return module
+    if not isinstance(module, nn.Module):
+        raise BadInputError(f"module must be a torch.nn.Module, not {type(module).__name__}")
+    inputs, var_kw = forward_inputs(module)
+    kind = TORCHSCRIPT if isinstance(module, torch.jit.ScriptModule) else MODULE
+    return LoadedTorchModel(module=module, kind=kind, label=f"module {type(module).__name__}", path=None,
+                            sha256=None, inputs=inputs, var_keyword=var_kw)
+
+
+def convert(
+    module: nn.Module | LoadedTorchModel,
+    data: str | os.PathLike[str] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    frozen_output: str | os.PathLike[str] | None = None,
+    batch_size: int | None = None,
+    estimator: str = "unbiased",
+    device: str | None = None,
+    allow_reused_bn: bool = False,
+    verify: bool = True,
+    verify_samples: int = 4,
+    config: VerifyConfig | None = None,
+    dry_run: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Calibrate, fold, check and write a PyTorch model.
+
+    ``module``: an ``nn.Module`` (its BNs may be in training mode; it is not changed) or a model
+    from :func:`bnfold.torch.load_model_file` / :func:`bnfold.torch.load_factory`. ``data``: the
+    calibration data, a ``.npz`` keyed by forward's parameter names, a ``.npy`` for one input, or a
+    folder of them; its first samples are also the example inputs of the export and the checks.
+    ``output``: the folded model; its suffix picks the format (see
+    :data:`bnfold.output_formats.TORCH_OUTPUT_FORMATS`). Required unless ``dry_run``, where it
+    only picks the route and nothing is written. ``frozen_output``: also write the frozen,
+    unfolded model in the same format. ``device``: where to calibrate (default: cuda when torch
+    sees a GPU). ``config``: the tolerances (``atol``/``rtol``) of the checks and the ONNX
+    verification's settings. ``warn`` is called with a warning as it happens (they are also in
+    ``report.warnings``); ``progress(done, total)`` once per calibration batch.
+    """
+    dev = resolve_device(device)
+    out_path = Path(output) if output is not None else None
+    fmt = torch_output_format(out_path) if out_path is not None else None
+    if out_path is not None and fmt is None:
+        raise BadInputError(f"output {out_path}: the suffix must be .onnx, .pt2, .pt, .ts or .torchscript "
+                            "(it picks the format)")
+    if out_path is None and not dry_run:
+        raise BadInputError("output is needed unless dry_run=True")
+    req = _Request(output=out_path, frozen_output=None if dry_run or frozen_output is None else Path(frozen_output),
+                   data=Path(data) if data is not None else None, batch_size=batch_size, estimator=estimator,
+                   allow_reused_bn=allow_reused_bn, verify=verify, verify_samples=verify_samples, dry_run=dry_run,
+                   config=config, progress=progress, warn=warn)
+    loaded = _as_loaded(module)
+    notes: list[str] = list(loaded.warnings)
+
+    cal: CalibrationData | None = None
+    example: Example | None = None
+    dtype = float_dtype(loaded.module)
+    if req.data is not None:
+        specs = input_specs(loaded, req.data)
+        cal = open_data(req.data, specs, req.batch_size)
+        k = max(2, req.verify_samples)
+        example = ordered(loaded, tensors(cal.take(k), dtype))
+    elif loaded.example_inputs is not None:
+        example = ordered(loaded, {n: t.to(dtype) if t.is_floating_point() else t
+                                   for n, t in loaded.example_inputs.items()})
+
+    if loaded.scripted:
+        route, reason = "onnx-torchscript", None
+    else:
+        err = _traceable(loaded.module, loaded, example)
+        route, reason = ("torch", None) if err is None else ("onnx-fallback", _trace_reason(err))
+    name = type(loaded.module).__name__ if not loaded.scripted else getattr(loaded.module, "original_name", "module")
+    if route != "torch" and fmt not in ("onnx", None):
+        if route == "onnx-torchscript":
+            raise UnsupportedModelError(
+                f"a TorchScript module cannot be fx-traced, so bnfold cannot fold it in PyTorch and write "
+                f"{FORMAT_LABELS[fmt]}; use an .onnx output (bnfold then folds it through an ONNX export)")
+        raise UnsupportedModelError(
+            f"torch.fx cannot trace {name} ({reason}), so bnfold cannot fold it in PyTorch and write "
+            f"{FORMAT_LABELS[fmt]}; use an .onnx output (bnfold then folds it through an ONNX export)")
+    if fmt in ("pt2", "torchscript") and example is not None:
+        by_kwargs = sorted(set(example) - {i.name for i in loaded.inputs})
+        if by_kwargs:
+            raise UnsupportedModelError(
+                f"forward takes {', '.join(repr(k) for k in by_kwargs)} through **kwargs, which "
+                f"{FORMAT_LABELS[fmt]} cannot carry as a named input; use an .onnx output, or give forward "
+                "a parameter of that name")
+    torch_route = route == "torch" and (fmt in ("pt2", "torchscript") or (fmt is None and req.dry_run))
+    if example is None and not (torch_route and req.dry_run):
+        _need_example(example, "the export and the checks")
+    if torch_route:
+        return _run_torch(req, loaded, cal, example, dev, fmt, notes)
+    if route == "onnx-torchscript":
+        notes.append("TorchScript modules cannot be fx-traced: bnfold folded it through an ONNX export (torch.onnx.export "
+                     "of the TorchScript module in eval mode; its BNs calibrated on data and folded by the ONNX "
+                     "pipeline)")
+    elif route == "onnx-fallback":
+        msg = (f"torch.fx cannot trace {name} ({reason}); bnfold folded it through an ONNX export of the "
+               "calibrated, frozen module instead")
+        notes.append(msg)
+        if req.warn is not None:
+            req.warn(msg)
+    return _run_onnx(req, loaded, cal, example, dev, "onnx" if route == "torch" else route, notes)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _traceable(module: nn.Module, loaded: LoadedTorchModel, example: Example | None) -> UnsupportedModelError | None:
+    """None when fx can trace the module (as the eval-mode module the fold traces) into a module
+    that computes the same on the example, else the error."""
+    flags = {m: m.training for m in module.modules()}
+    batch = None
+    if example is not None:
+        args, kwargs, _ = split(loaded, example)
+        dev = module_device(module)
+        batch = Batch(args=tuple(a.to(dev) for a in args), kwargs={k: v.to(dev) for k, v in kwargs.items()})
+    try:
+        module.eval()
+        trace(module, batch)
+    except UnsupportedModelError as exc:
+        return exc
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    return None
+
+
+def _trace_reason(exc: UnsupportedModelError) -> str:
+    cause = exc.__cause__
+    return f"{type(cause).__name__}: {one_line(cause, 160)}" if cause is not None else one_line(exc, 160)
+
+
+def _forward_failed(exc: Exception, what: str) -> BadInputError:
+    return BadInputError(f"the model's forward failed on {what} ({type(exc).__name__}: {one_line(exc, 200)}); "
+                         "check that the data matches the model's inputs")
+
+
+def _need_example(example: Example | None, what: str) -> Example:
+    if example is None:
+        raise BadInputError(f"data is needed for a PyTorch model: bnfold takes the example inputs for {what} "
+                            "from it (an .npz keyed by forward's parameter names, or a .npy for one input)")
+    return example
+
+
+def _rows(report: Report) -> tuple[BnInspection, ...]:
+    return tuple(BnInspection(b.name, b.mode_before, b.target if b.action is Action.FOLDED else None, None, b.channels,
+                              FoldDecision(bn=b.name, action=b.action, target=b.target, direction=b.direction,
+                                           reason=b.reason, detail=b.detail)) for b in report.bns)
+
+
+def _source_extra(loaded: LoadedTorchModel, device: str, route: str) -> dict[str, Any]:
+    src: dict[str, Any] = {"kind": loaded.kind, "path": str(loaded.path) if loaded.path else None}
+    if loaded.kind == FACTORY:
+        src["factory"] = loaded.factory
+    return {"frontend": "torch", "torch_version": torch.__version__, "source": src, "device": device,
+            "route": route}
+
+
+def _fill_input(report: Report, loaded: LoadedTorchModel) -> None:
+    report.input_path = loaded.label
+    report.input_sha256 = loaded.sha256
+
+
+def _staged(output: Path) -> tuple[Path, Path]:
+    """A private folder beside ``output`` to write it in, then renamed into place."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=output.parent))
+    except OSError as exc:
+        raise BadInputError(f"cannot write {output}: {output.parent} is not a folder bnfold can write in "
+                            f"({exc.strerror or type(exc).__name__}); give the output a path in a writable folder") from exc
+    return stage, stage / output.name
+
+
+def _save(fmt: str, module: nn.Module, loaded: LoadedTorchModel, example: Example, path: Path) -> list[str]:
+    args, kwargs, names = split(loaded, example)
+    if fmt == "pt2":
+        return ex.save_exported_program(module, args, kwargs, names, path, dynamic_batch=True)
+    if fmt == "torchscript":
+        return ex.save_torchscript(module, args, kwargs, names, path)
+    info = ex.export_onnx(module, example, path, dynamic_batch=True, positional=names)
+    return info.warnings
+
+
+def _placeholder_frozen(module: nn.Module) -> tuple[nn.Module, dict[str, Mode]]:
+    """A copy with every BN in inference mode (placeholder statistics where it had none), for a plan."""
+    work = copy_module(module)
+    modes = {}
+    for name, m in find_batchnorms(work):
+        modes[name] = bn_mode(m)
+        if is_standard_bn(m) and (m.running_mean is None or m.running_var is None or not m.track_running_stats):
+            w = m.weight if m.affine and m.weight is not None else None
+            kw: dict[str, Any] = {"dtype": w.dtype, "device": w.device} if w is not None else {}
+            m.register_buffer("running_mean", torch.zeros(m.num_features, **kw))
+            m.register_buffer("running_var", torch.ones(m.num_features, **kw))
+            m.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+            m.track_running_stats = True
+    work.eval()
+    return work, modes
+
+
+# ----------------------------------------------------------------------------- the torch route
+
+
+def _run_torch(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | None, example: Example | None,
+               device: str, fmt: str | None, notes: list[str]) -> ConvertResult:
+    placeholder_modes: dict[str, Mode] | None = None
+    if cal is None and req.dry_run:
+        work, placeholder_modes = _placeholder_frozen(loaded.module)
+    else:
+        work = copy_module(loaded.module)
+    try:
+        result = torch_fold(work, data=cal, device=device, estimator=req.estimator,
+                            allow_reused_bn=req.allow_reused_bn, inplace=True,
+                            example_inputs=example if cal is None else None, progress=_progress(req))
+    except BnfoldError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise _forward_failed(exc, "the calibration data") from exc
+    frozen = work  # calibrated in place: the frozen, unfolded model
+    report = result.report
+    _fill_input(report, loaded)
+    report.dry_run = req.dry_run
+    report.warnings = notes + report.warnings
+    report.extra.update(_source_extra(loaded, device, "torch"))
+    if placeholder_modes is not None:
+        report.calibrated = False
+        for b in report.bns:
+            b.mode_before = placeholder_modes.get(b.name, b.mode_before)
+            b.stats = None
+    if req.dry_run:
+        return ConvertResult(report=report, route="torch", output=None, frozen_output=None, plan=_rows(report))
+    assert fmt is not None and req.output is not None
+    example = ordered(loaded, _need_example(example, f"{FORMAT_LABELS[fmt]} export and the checks"))
+
+    # the frozen model is staged too and moved into place only when the run ends with a verdict
+    # (passed, or a check that failed), never after an error
+    frozen_stage: Path | None = None
+    frozen_tmp: Path | None = None
+    if req.frozen_output is not None:
+        frozen_cpu = copy_module(frozen).to("cpu").eval()
+        frozen_stage, frozen_tmp = _staged(req.frozen_output)
+        try:
+            notes_f = _save(fmt, frozen_cpu, loaded, example, frozen_tmp)
+        except BaseException:
+            shutil.rmtree(frozen_stage, ignore_errors=True)
+            raise
+        report.warnings.extend(n for n in notes_f if n not in report.warnings)
+        del frozen_cpu
+    try:
+        out = _check_and_save(req, loaded, result, frozen, example, fmt, report)
+        if frozen_stage is not None and frozen_tmp is not None and req.frozen_output is not None:
+            os.replace(frozen_tmp, req.frozen_output)
+            out = replace(out, frozen_output=req.frozen_output)
+        return out
+    finally:
+        if frozen_stage is not None:
+            shutil.rmtree(frozen_stage, ignore_errors=True)
+
+
+def _check_and_save(req: _Request, loaded: LoadedTorchModel, result: TorchFoldResult, frozen: nn.Module,
+                    example: Example, fmt: str, report: Report) -> ConvertResult:
+    """The torch check (folded vs frozen, eager), then the written file and the export check."""
+    assert req.output is not None
+    dev = module_device(frozen)
+    torch_check: TensorCheck | None = None
+    if req.verify:
+        try:
+            ref = ex.eager_named(frozen, to_device(example, dev))
+            got = ex.eager_named(result.module, to_device(example, dev))
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise _forward_failed(exc, "the data samples") from exc
+        check = ex.compare_arrays(ref, got, sample_count(example), **req.tolerances())
+        report.extra["torch_check"] = check
+        torch_check = TensorCheck.from_dict(check)
+        if not torch_check.passed:
+            return ConvertResult(report=report, route="torch", output=None, frozen_output=None,
+                                 torch_check=torch_check, failed="torch_check")
+
+    folded = result.module.to("cpu").eval()
+    stage, tmp = _staged(req.output)
+    export_check: TensorCheck | None = None
+    try:
+        report.warnings.extend(_save(fmt, folded, loaded, example, tmp))
+        if req.verify:
+            try:
+                reloaded = ex.load_saved(tmp, fmt)
+                ref = ex.eager_named(folded, example)
+                args, kwargs, _ = split(loaded, example)  # called like the original: positionally
+                with torch.no_grad():
+                    written = ex.flat_outputs(reloaded(*args, **kwargs))
+            except BnfoldError:
+                raise
+            except Exception as exc:
+                raise UnsupportedModelError(f"the {FORMAT_LABELS[fmt]} written for the folded module does not "
+                                            f"load or run: {type(exc).__name__}: {one_line(exc, 240)}") from exc
+            got_arrays = ex.tensors_to_arrays(list(ref), written)
+            check = ex.compare_arrays(ref, got_arrays, sample_count(example), **req.tolerances())
+            report.extra["export_check"] = check
+            export_check = TensorCheck.from_dict(check)
+            if not export_check.passed:
+                return ConvertResult(report=report, route="torch", output=None, frozen_output=None,
+                                     torch_check=torch_check, export_check=export_check, failed="export_check")
+        os.replace(tmp, req.output)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    report.output_path = str(req.output)
+    report.output_sha256 = sha256_of(req.output)
+    return ConvertResult(report=report, route="torch", output=req.output, frozen_output=None,
+                         torch_check=torch_check, export_check=export_check)
+
+
+# ----------------------------------------------------------------------------- the ONNX routes
+
+
+def _scripted_training_bns(module: nn.Module) -> list[str]:
+    """Names of the BatchNorm submodules of a TorchScript module that are in training mode."""
+    return [name or "(root)" for name, sub in module.named_modules()
+            if "BatchNorm" in str(getattr(sub, "original_name", "")) and sub.training]
+
+
+def _frozen_module(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | None, device: str,
+                   notes: list[str]) -> tuple[nn.Module, bool, bool]:
+    """The module to export (inference BNs, on the cpu), whether a BN is reused, whether it was
+    calibrated in PyTorch."""
+    if loaded.scripted:
+        module = loaded.module
+        live = _scripted_training_bns(module)
+        if live and cal is None:
+            raise BadInputError(f"BN '{live[0]}' of the TorchScript module is in training mode (batch statistics); "
+                                "pass calibration data (the data argument)")
+        module.eval()  # exported as inference BNs; with data the ONNX pipeline recalibrates every BN
+        return module, False, False
+    if cal is not None:
+        try:
+            run_ = run_calibration(loaded.module, cal, device=device, estimator=req.estimator,
+                                   allow_reused_bn=req.allow_reused_bn, progress=_progress(req))
+        except BnfoldError:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise _forward_failed(exc, "the calibration data") from exc
+        # the ONNX pipeline calibrates the export again (same data, same estimator) and reports the gap
+        notes.extend(w for w in run_.warnings if not w.startswith("unbiased (Algorithm 2) and pooled"))
+        return run_.module.to("cpu").eval(), bool(run_.reused), True
+    live = [n for n, m in find_batchnorms(loaded.module) if bn_mode(m) is Mode.TRAINING]
+    if live:
+        raise BadInputError(f"BN '{live[0]}' normalises with batch statistics (training mode or "
+                            "track_running_stats=False); pass calibration data (the data argument)")
+    return copy_module(loaded.module).eval().to("cpu").eval(), False, False
+
+
+def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | None, example: Example | None,
+              device: str, route: str, notes: list[str]) -> ConvertResult:
+    example = _need_example(example, "the ONNX export")
+    module, reused, calibrated_in_torch = _frozen_module(req, loaded, cal, device, notes)
+    example = ordered(loaded, example)
+
+    tmpdir = Path(tempfile.mkdtemp(prefix="bnfold-torch-"))
+    try:
+        onnx_path = tmpdir / "frozen.onnx"
+        info = ex.export_onnx(module, example, onnx_path, dynamic_batch=True, positional=split(loaded, example)[2])
+        notes.extend(info.warnings)
+        check: dict[str, Any] | None = None
+        if req.verify:
+            try:
+                ref = ex.run_eager_any(module, example)
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                raise _forward_failed(exc, "the data samples") from exc
+            out_names, values = ex.run_onnx(onnx_path, {k: v.numpy() for k, v in example.items()})
+            reference = ex.tensors_to_arrays(info.output_names, ref)
+            check = ex.compare_arrays(reference, dict(zip(out_names, values)), sample_count(example),
+                                      **req.tolerances())
+        frozen_written: Path | None = None
+        rows: tuple[BnInspection, ...] | None
+        if check is not None and not check["passed"]:
+            inspected = onnx_inspect(onnx_path)
+            rows = tuple(inspected) if req.dry_run else None
+            report = Report(input_path=None, output_path=None, input_sha256=None, output_sha256=None,
+                            estimator=req.estimator, batch_size=req.batch_size, calibrated=False,
+                            bns=[BnRecord(name=r.name, mode_before=r.mode, action=r.decision.action,
+                                          target=r.decision.target, direction=r.decision.direction,
+                                          reason=r.decision.reason, detail=r.decision.detail, channels=r.channels)
+                                 for r in inspected],
+                            warnings=[*notes, ("the export check failed, so nothing was folded: the BN "
+                                               "list is fold's plan for the exported model")],
+                            dry_run=req.dry_run)
+        else:
+            if reused:
+                notes.append("a BN is applied at several places (allow_reused_bn=True): the ONNX pipeline keeps the "
+                             "pooled statistics from PyTorch instead of recalibrating, and verifies on random inputs")
+            use_data = req.data if (req.data is not None and not reused) else None
+            result = onnx_fold(
+                onnx_path, output=req.output, data=use_data, batch_size=req.batch_size if use_data else None,
+                estimator=req.estimator, verify=req.verify, dry_run=req.dry_run,
+                verify_samples=req.verify_samples, progress=req.progress, verify_config=req.config,
+                frozen_output=req.frozen_output)
+            report = result.report
+            report.warnings = notes + report.warnings
+            rows = tuple(onnx_inspect(onnx_path)) if req.dry_run else None
+            frozen_written = req.frozen_output
+        _fill_input(report, loaded)
+        report.extra.update(_source_extra(loaded, device, route))
+        report.extra["onnx_export"] = {"opset": ex.OPSET, "dynamic_batch": info.dynamic_batch,
+                                       "inputs": info.input_names, "outputs": info.output_names,
+                                       "calibrated_in_torch": calibrated_in_torch}
+        export_check: TensorCheck | None = None
+        if check is not None:
+            report.extra["export_check"] = check
+            export_check = TensorCheck.from_dict(check)
+            if not export_check.passed:
+                return ConvertResult(report=report, route=route, output=None, frozen_output=None,
+                                     export_check=export_check, failed="export_check", plan=rows)
+        v = report.verification
+        failed = None if v is None or v.passed else "verification"
+        written = Path(report.output_path) if report.output_path else None
+        return ConvertResult(report=report, route=route, output=written, frozen_output=frozen_written,
+                             export_check=export_check, failed=failed, plan=rows)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

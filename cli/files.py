@@ -1,0 +1,92 @@
+"""The files a command reads and writes: existence checks, "never overwrite an input", and the
+parent folders made for an output (removed again when the output was not written).
+
+Nothing in this module imports onnx, onnxruntime or torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from bnfold.cli.options import ReportConfig
+
+from bnfold.errors import BadInputError
+
+__all__ = ["check_paths", "file_record", "make_parents", "remove_empty", "report_outputs", "require_data",
+           "require_model_file"]
+
+
+def require_model_file(path: Path) -> None:
+    if not path.exists():
+        raise BadInputError(f"model file not found: {path}")
+    if path.is_dir():
+        raise BadInputError(f"model path is a directory, expected an ONNX file: {path}")
+
+
+def require_data(path: Path) -> None:
+    if not path.exists():
+        raise BadInputError(f"calibration data not found: {path} (give a .npz, a .npy or a directory of .npy files)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def check_paths(inputs: Sequence[tuple[Path | None, str]], outputs: Sequence[tuple[Path | None, str]]) -> None:
+    """Exit 2 where an output would overwrite an input (MODEL, --weights, --data, a verified model)
+    or another output: bnfold never overwrites its inputs, and each file it writes needs its own path."""
+    given_in = [(p, what) for p, what in inputs if p is not None]
+    given_out = [(p, hint) for p, hint in outputs if p is not None]
+    for i, (path, hint) in enumerate(given_out):
+        for src, what in given_in:
+            if _same_file(src, path):
+                raise click.BadParameter(f"is {what}; bnfold never overwrites its input.", param_hint=hint)
+        for other, other_hint in given_out[:i]:
+            if _same_file(other, path):
+                raise click.BadParameter(f"is the same file as {other_hint}; give each output its own path.",
+                                         param_hint=hint)
+
+
+def report_outputs(report: ReportConfig) -> list[tuple[Path | None, str]]:
+    """The report files as (path, option) pairs for :func:`check_paths`."""
+    return [(report.path, "'--report'"), (report.junit_xml, "'--junit-xml'"),
+            (report.summary_md, "'--summary-md'"), (report.html, "'--html'")]
+
+
+def make_parents(path: Path) -> list[Path]:
+    """``mkdir -p`` the parent of ``path``; return the directories it created, deepest first."""
+    created: list[Path] = []
+    parent = path.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    for d in reversed(created):
+        d.mkdir()
+    return created
+
+
+def remove_empty(dirs: list[Path]) -> None:
+    """Remove the folders :func:`make_parents` made (deepest first), as far as they are empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """``{"path", "sha256"}`` of a model file, for the verify report."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path), "sha256": digest.hexdigest()}
