@@ -27,7 +27,7 @@ mode, src, dst = sys.argv[1:4]
 import onnx
 if mode == "fold":
     from bnfold.api import fold
-    import bnfold.stages.calibrate, bnfold.verify.compare  # noqa: F401  (imports outside the timing)
+    import bnfold.stages.calibrate, bnfold.verification.compare  # noqa: F401  (imports outside the timing)
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 if mode == "baseline":

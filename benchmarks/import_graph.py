@@ -6,8 +6,8 @@
 
 Every ``import`` / ``from ... import`` in ``bnfold/`` and ``cli/`` (installed as ``bnfold.cli``) is
 an edge, at module level and inside functions alike; imports under ``if TYPE_CHECKING:`` are not
-(they never run). An edge goes to the most specific bnfold module named (``from bnfold.verify
-import engine`` -> ``bnfold.verify.engine``). The implicit import of parent packages is not an
+(they never run). An edge goes to the most specific bnfold module named (``from bnfold.verification
+import engine`` -> ``bnfold.verification.engine``). The implicit import of parent packages is not an
 edge: a package's ``__init__`` runs before its submodules, so it cannot close a loop at run time.
 
 ``tests/test_layout.py`` asserts on the same functions.

@@ -1,42 +1,85 @@
 """bnfold: freeze, fold and verify BatchNorm in CNNs.
 
-Public API::
+The public API (other module paths are internal)::
 
     import bnfold
     result = bnfold.fold("model.onnx", output="folded.onnx", data="calib.npz", batch_size=32)
-    result.report.folded, result.report.verification
+    result.ok, result.report.folded, result.report.verification
     for row in bnfold.inspect("model.onnx"):
         print(row.name, row.mode, row.decision.action, row.decision.reason)
+    check = bnfold.verify("frozen.onnx", "folded.onnx", config=bnfold.VerifyConfig(providers=("cpu",)))
+    bnfold.report.write_json(result.report, "report.json")
+
+PyTorch modules: ``bnfold.torch`` (needs the ``torch`` extra).
 """
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, VerificationFailed
-from bnfold.records import Action, Mode, Reason
+from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError, VerificationFailed
+from bnfold.records import (
+    Action,
+    BnRecord,
+    FoldDecision,
+    FrozenStats,
+    Mode,
+    OutputMetrics,
+    ProviderRun,
+    Reason,
+    Report,
+    SiteResult,
+    VerifyResult,
+)
 from bnfold.version import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bnfold import report
+    from bnfold.api import BnInspection, FoldResult, fold, inspect, verify
+    from bnfold.verification.config import VerifyConfig
+
+# The one place bnfold imports lazily: these names pull in onnx (and the pipeline), which
+# ``import bnfold`` (and the CLI's --help) must not. Each is imported on first use.
+_LAZY = {
+    "fold": "bnfold.api",
+    "inspect": "bnfold.api",
+    "verify": "bnfold.api",
+    "FoldResult": "bnfold.api",
+    "BnInspection": "bnfold.api",
+    "VerifyConfig": "bnfold.verification.config",
+}
 
 __all__ = [
     "Action",
     "BadInputError",
+    "BnInspection",
+    "BnRecord",
     "BnfoldError",
+    "FoldDecision",
+    "FoldResult",
+    "FrozenStats",
     "Mode",
+    "OutputMetrics",
+    "ProviderRun",
+    "ProviderUnavailable",
     "Reason",
+    "Report",
+    "SiteResult",
     "UnsupportedModelError",
     "VerificationFailed",
+    "VerifyConfig",
+    "VerifyResult",
+    "__version__",
     "fold",
     "inspect",
-    "__version__",
+    "report",
+    "verify",
 ]
-
-if TYPE_CHECKING:  # pragma: no cover
-    from bnfold.api import BnInspection, FoldResult, fold, inspect
 
 
 def __getattr__(name: str) -> Any:
-    # The pipeline pulls in onnx; keep ``import bnfold`` cheap for the CLI's --help.
-    if name in ("fold", "inspect", "FoldResult", "BnInspection"):
-        from bnfold import api as pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "report":
+        return importlib.import_module("bnfold.report")
+    raise AttributeError(f"module 'bnfold' has no attribute '{name}'")

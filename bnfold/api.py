@@ -8,7 +8,7 @@ in ``bnfold/onnx/staging.py``; this module only calls them in order and builds t
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import onnx
 
-from bnfold.data.sources import CalibrationData, from_arrays, open_data
+from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
 from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save
@@ -29,11 +29,12 @@ from bnfold.stages.fold import apply_plan
 from bnfold.stages.freeze import freeze
 from bnfold.stages.plan import make_plan
 from bnfold.stages.work import Work
-from bnfold.verify.config import VerifyConfig
-from bnfold.verify.engine import verify as run_verify
-from bnfold.verify.feeds import data_feeds, fixed_batch, fold_feeds, random_feeds
+from bnfold.verification.config import VerifyConfig
+from bnfold.verification.engine import verify as run_verify
+from bnfold.verification.feeds import data_feeds, fixed_batch, fold_feeds, random_feeds
 
-DataArg: TypeAlias = "str | os.PathLike[str] | Mapping[str, np.ndarray] | CalibrationData | None"
+#: calibration data: a .npz/.npy path or folder, {input name: array} (leading axis = samples), or opened data
+DataArg: TypeAlias = "str | os.PathLike[str] | Mapping[str, np.ndarray] | CalibrationData"
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class _FullBatches:
         self.dropped = data.num_samples - self.num_samples
         self.num_batches = self.num_samples // self.batch_size
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for k, batch in enumerate(self._data):
             if k < self.num_batches:
                 yield batch
@@ -137,7 +138,7 @@ def _check_modes(work: Work, have_data: bool) -> None:
             )
 
 
-def _calibrate_and_freeze(work: Work, data: CalibrationData | _FullBatches, estimator: str,
+def _calibrate_and_freeze(work: Work, data: Batches, estimator: str,
                           progress: Callable[[int, int], None] | None) -> tuple[dict[str, FrozenStats], list[str]]:
     """The calibrate and freeze stages: population statistics written into every BN (and the
     warnings to report)."""
@@ -156,7 +157,8 @@ def _calibrate_and_freeze(work: Work, data: CalibrationData | _FullBatches, esti
     return frozen, warnings
 
 
-def _records(work_sites: list[BnSite], modes: dict[str, Mode], plan, frozen) -> list[BnRecord]:
+def _records(work_sites: list[BnSite], modes: dict[str, Mode], plan: FoldPlan, frozen: dict[str, FrozenStats]
+             ) -> list[BnRecord]:
     by_bn = plan.by_bn()
     out = []
     for site in work_sites:
@@ -172,7 +174,7 @@ def fold(
     model: str | os.PathLike[str] | onnx.ModelProto,
     *,
     output: str | os.PathLike[str] | None = None,
-    data: DataArg = None,
+    data: DataArg | None = None,
     batch_size: int | None = None,
     estimator: str = "unbiased",
     verify: bool = True,

@@ -153,7 +153,7 @@ HIST_LO, HIST_HI, HIST_ZERO = -12, 6, -99
 
 @dataclass(frozen=True)
 class OutputMetrics:
-    """Every metric of one output, computed by ``bnfold.verify.metrics`` (whose docstring defines
+    """Every metric of one output, computed by ``bnfold.verification.metrics`` (whose docstring defines
     each field exactly)."""
 
     name: str

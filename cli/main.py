@@ -42,6 +42,7 @@ from bnfold.cli.files import (
     require_data,
     require_model_file,
 )
+from bnfold.cli.gcpause import paused_gc
 from bnfold.cli.options import (
     ESTIMATORS,
     RUN_FLAGS,
@@ -62,8 +63,12 @@ from bnfold.cli.options import (
 from bnfold.cli.outcome import FoldOutcome
 from bnfold.cli.progress import calibration_progress
 
+import bnfold
+import bnfold.report
 from bnfold import __version__
 from bnfold.errors import BnfoldError, ProviderUnavailable, VerificationFailed
+from bnfold.verification.repro_location import default_location, replaceable
+from bnfold.verification.tolerances import parse_tolerances
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -83,25 +88,21 @@ Exit codes:
 
 
 # --------------------------------------------------------------------------- library access
-# Lazy imports: the pipeline pulls in onnx and onnxruntime; --help and usage errors must not.
+# Only public names. ``bnfold`` resolves fold/inspect/verify/VerifyConfig on first use (the one
+# declared lazy import, in bnfold/__init__.py): the pipeline pulls in onnx and onnxruntime, which
+# --help and usage errors must not. The accessors are the seams the CLI tests replace.
 
 
 def _api() -> Any:
-    from bnfold import api as pipeline
-
-    return pipeline
+    return bnfold
 
 
 def _summary() -> Any:
-    from bnfold.report import summary
-
-    return summary
+    return bnfold.report
 
 
 def _json_report() -> Any:
-    from bnfold.report import json_report
-
-    return json_report
+    return bnfold.report
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -168,10 +169,8 @@ def _repro_dir(compare: CompareOptions, report_path: Path | None) -> Path | None
     An explicit ``--repro-dir`` that is a non-empty folder other than an earlier bundle is refused
     here, before any work (exit 2): bnfold replaces only its own bundles and never deletes a
     user's files. A default place that is taken falls back to ``<name>-1``, ... when the bundle is
-    written (``bnfold.verify.repro``).
+    written (``bnfold.verification.repro``).
     """
-    from bnfold.verify.repro import default_location, replaceable  # no onnx / onnxruntime import
-
     if compare.no_repro:
         if compare.repro_dir is not None:
             raise click.UsageError("--repro-dir and --no-repro exclude each other.")
@@ -189,8 +188,6 @@ def _engine_config(compare: CompareOptions, report_path: Path | None = None) -> 
     """The library's VerifyConfig from the CLI options (tolerance strings parsed here, the repro
     folder decided here: the library writes a bundle only where it is told to)."""
     repro = _repro_dir(compare, report_path)
-    from bnfold.verify.engine import VerifyConfig
-    from bnfold.verify.metrics import parse_tolerances
 
     tols = {}
     for name in ("atol", "rtol"):
@@ -198,7 +195,7 @@ def _engine_config(compare: CompareOptions, report_path: Path | None = None) -> 
             tols[name] = parse_tolerances(getattr(compare, name), None)
         except BnfoldError as exc:
             raise click.BadParameter(str(exc), param_hint=f"'--{name}'") from None
-    return VerifyConfig(
+    return bnfold.VerifyConfig(
         providers=compare.providers, atol=tols["atol"], rtol=tols["rtol"], error_stat=compare.error_stat,
         quantile=compare.quantile, allow_missing_providers=compare.allow_missing_providers, tf32=compare.tf32,
         repro_dir=str(repro) if repro is not None else None)
@@ -207,22 +204,20 @@ def _engine_config(compare: CompareOptions, report_path: Path | None = None) -> 
 def _write_verification_reports(result: Any, report: ReportConfig, *, write_json: bool,
                                 models: dict[str, Any] | None = None) -> None:
     """JUnit XML, Markdown (+ $GITHUB_STEP_SUMMARY), HTML and, for ``verify``, the JSON report."""
-    from bnfold.report import html, junit, markdown
-
     if write_json and report.path is not None:
         make_parents(report.path)
         _json_report().write_verify_json(result, report.path, **(models or {}))
     if report.junit_xml is not None:
         make_parents(report.junit_xml)
-        junit.write_junit(result, report.junit_xml)
-    text = markdown.markdown_summary(result)
+        bnfold.report.write_junit(result, report.junit_xml)
+    text = bnfold.report.markdown_summary(result)
     if report.summary_md is not None:
         make_parents(report.summary_md)
-        markdown.write_markdown(result, report.summary_md)
-    markdown.append_github_step_summary(text)
+        bnfold.report.write_markdown(result, report.summary_md)
+    bnfold.report.append_github_step_summary(text)
     if report.html is not None:
         make_parents(report.html)
-        html.write_html(result, report.html)
+        bnfold.report.write_html(result, report.html)
 
 
 # --------------------------------------------------------------------------- commands
@@ -358,7 +353,7 @@ def fold_command(
         if output is not None and not output.exists():
             remove_empty(created)
     return _close_fold(FoldOutcome(report=result.report, ok=result.ok,
-                                   plan_rows=api.inspect(model) if dry_run else None), output, report)
+                                   plan_rows=result.rows if dry_run else None), output, report)
 
 
 def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig) -> int:
@@ -535,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run bnfold with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     RUN_FLAGS.debug = False
     _setup_logging()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), paused_gc():
         warnings.showwarning = _show_warning
         try:
             rv = cli.main(args=list(argv) if argv is not None else None, prog_name="bnfold", standalone_mode=False)

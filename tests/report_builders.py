@@ -18,7 +18,7 @@ from bnfold.records import (
     SiteResult,
     VerifyResult,
 )
-from bnfold.verify.metrics import OutputMetrics, compute_metrics
+from bnfold.verification.metrics import OutputMetrics, compute_metrics
 
 SHA_IN = "a" * 64
 SHA_OUT = "0123456789abcdef" * 4

@@ -523,7 +523,7 @@ def _fake_report(verified: bool | None):
     import numpy as np
 
     from bnfold.records import Action, BnRecord, Mode, ProviderRun, Report, VerifyResult
-    from bnfold.verify.metrics import compute_metrics
+    from bnfold.verification.metrics import compute_metrics
 
     verification = None
     if verified is not None:
@@ -592,7 +592,7 @@ def test_options_reach_the_library(monkeypatch, capsys, tmp_path: Path, cli_main
     data = tmp_path / "d.npz"
     data.write_bytes(b"x")
     calls: dict = {}
-    _install_fake(monkeypatch, cli_main, lambda m, **k: SimpleNamespace(model=None, report=_fake_report(True), ok=True), calls)
+    _install_fake(monkeypatch, cli_main, lambda m, **k: SimpleNamespace(model=None, report=_fake_report(True), ok=True, rows=[]), calls)
     out = tmp_path / "o.onnx"
     rc = cli_main.main([
         "fold", str(model), "-o", str(out), "--data", str(data), "--batch-size", "7", "--estimator", "pooled",

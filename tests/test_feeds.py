@@ -1,4 +1,4 @@
-"""verify/feeds.py: the verification inputs of ``fold`` (fold_feeds) and of ``bnfold verify``."""
+"""verification/feeds.py: the verification inputs of ``fold`` (fold_feeds) and of ``bnfold verify``."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,7 +11,7 @@ from onnx import helper
 
 from bnfold.data.sources import from_arrays
 from bnfold.onnx.runtime import input_specs
-from bnfold.verify.feeds import fixed_batch, fold_feeds, random_feeds
+from bnfold.verification.feeds import fixed_batch, fold_feeds, random_feeds
 
 
 def _identity(shape: list[Any], elem: int | None = None) -> onnx.ModelProto:

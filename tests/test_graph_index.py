@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold.gcpause import paused_gc
+from bnfold.cli.gcpause import paused_gc
 from bnfold.graph.index import GraphIndex
 
 

@@ -30,7 +30,7 @@ from bnfold.api import fold, inspect
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.onnx.runtime import ort_max_ir_version
 from bnfold.records import Action, Mode
-from bnfold.verify.engine import VerifyConfig
+from bnfold.verification.engine import VerifyConfig
 
 
 def _fail_replace_onto(monkeypatch, target) -> None:
@@ -769,7 +769,7 @@ def test_unnamed_nodes_fold_sites_match_the_report(rng, tmp_path):
     """name_nodes renames unnamed nodes in memory only. The fold-site localisation matches tensor
     names, so it would find the sites against the input file too; but the sites would then carry the
     input's (empty) BN names, so the frozen copy is the reference and names agree with the report."""
-    from bnfold.verify.engine import verify
+    from bnfold.verification.engine import verify
 
     nodes, inits, cur, c = [], [], "x", 3
     for i in range(3):

@@ -44,7 +44,7 @@ from bnfold.report.json_report import (
     write_json,
     write_verify_json,
 )
-from bnfold.verify.metrics import ERROR_STATS
+from bnfold.verification.metrics import ERROR_STATS
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "docs" / "report-schema.json"
 

@@ -1,9 +1,9 @@
-"""verify/tolerances.py: the CLI spelling written back (format_tolerances) and the dtype defaults."""
+"""verification/tolerances.py: the CLI spelling written back (format_tolerances) and the dtype defaults."""
 from __future__ import annotations
 
 import pytest
 
-from bnfold.verify.tolerances import (
+from bnfold.verification.tolerances import (
     DEFAULT_TOLERANCES,
     ToleranceSpec,
     dtype_tolerance,

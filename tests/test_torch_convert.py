@@ -141,7 +141,7 @@ def test_convert_to_pt2_checks_in_torch(data: tuple[Path, np.ndarray], tmp_path:
 
 def test_failed_check_is_a_verdict_and_writes_nothing(data: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     """Zero tolerance is below the fold's float32 round-off: the torch check fails, nothing is written."""
-    from bnfold.verify.engine import VerifyConfig
+    from bnfold.verification.engine import VerifyConfig
 
     path, _ = data
     out = tmp_path / "net.pt2"

@@ -1,4 +1,4 @@
-"""bnfold.verify: sessions, tolerances, comparison and end-to-end verification of tiny models."""
+"""bnfold.verification: sessions, tolerances, comparison and end-to-end verification of tiny models."""
 from __future__ import annotations
 
 import os
@@ -10,9 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.errors import BadInputError, ProviderUnavailable, UnsupportedModelError
 from bnfold.onnx.runtime import input_specs, make_session, ort_max_ir_version
-from bnfold.verify.compare import compare_outputs, verify_models
-from bnfold.verify.tolerances import DEFAULT_TOLERANCES
-from bnfold.verify.tolerances import dtype_tolerance as tolerance_for
+from bnfold.verification.compare import compare_outputs, verify_models
+from bnfold.verification.tolerances import DEFAULT_TOLERANCES
+from bnfold.verification.tolerances import dtype_tolerance as tolerance_for
 
 OPSET = 17
 EPS = 1e-5

@@ -18,8 +18,8 @@ from onnx import numpy_helper
 import bnfold.api as api
 from bnfold.api import fold
 from bnfold.errors import BadInputError, ProviderUnavailable
-from bnfold.verify.config import VerifyConfig
-from bnfold.verify.engine import verify
+from bnfold.verification.config import VerifyConfig
+from bnfold.verification.engine import verify
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -216,7 +216,7 @@ def test_sites_of_external_data_models_without_loading_weights(pair, rng, tmp_pa
     _save_external(tmp_path / "bad_inline.onnx", ext_bad)
     assert (tmp_path / "b" / "bad.onnx.data").is_file()
 
-    import bnfold.verify.engine as engine
+    import bnfold.verification.engine as engine
 
     def no_full_load(*args, **kwargs):  # the weights must not be loaded into Python
         if kwargs.get("load_external_data", True):
@@ -234,7 +234,7 @@ def test_sites_of_external_data_models_without_loading_weights(pair, rng, tmp_pa
 
 def test_sites_fall_back_to_a_file_copy(pair, rng, tmp_path, monkeypatch):
     """Where onnxruntime cannot take the external-data folder, the copy is written with weights."""
-    import bnfold.verify.engine as engine
+    import bnfold.verification.engine as engine
 
     ref, cand = pair
     ext_ref = tmp_path / "ext" / "ref.onnx"
@@ -251,7 +251,7 @@ def test_sites_fall_back_to_a_file_copy(pair, rng, tmp_path, monkeypatch):
 
 
 def test_a_failing_localisation_never_hides_the_verdict(pair, rng, tmp_path, monkeypatch):
-    import bnfold.verify.engine as engine
+    import bnfold.verification.engine as engine
 
     ref, cand = pair
 

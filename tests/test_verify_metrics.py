@@ -1,4 +1,4 @@
-"""bnfold.verify.metrics: every expected number is written by hand or with plain numpy here."""
+"""bnfold.verification.metrics: every expected number is written by hand or with plain numpy here."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,9 @@ from hypothesis.extra import numpy as hnp
 
 from bnfold.errors import BadInputError
 from bnfold.records import OutputMetrics
-from bnfold.verify.metrics import ERROR_STATS, compute_metrics, compute_metrics_batched
-from bnfold.verify.tolerances import check_tolerance_names, parse_tolerances
-from bnfold.verify.tolerances import resolve_tolerances as tolerances_for
+from bnfold.verification.metrics import ERROR_STATS, compute_metrics, compute_metrics_batched
+from bnfold.verification.tolerances import check_tolerance_names, parse_tolerances
+from bnfold.verification.tolerances import resolve_tolerances as tolerances_for
 
 F32_TINY_SUB = np.float32(2.0**-149)  # smallest positive float32 subnormal
 F16_TINY_SUB = np.float16(2.0**-24)  # smallest positive float16 subnormal
@@ -430,7 +430,7 @@ def test_min_rtol_is_smallest_passing(pair, atol, rtol):
 
 
 def test_error_histogram_counts_per_decade():
-    from bnfold.verify.metrics import HIST_ZERO
+    from bnfold.verification.metrics import HIST_ZERO
 
     ref = np.zeros(7, np.float64)
     # errors: two exact, one in [1e-7, 1e-6), two in [1e-3, 1e-2), one huge (clipped to 1e6), one NaN pair

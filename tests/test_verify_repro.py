@@ -1,4 +1,4 @@
-"""The repro bundle a failed verification writes (``bnfold/verify/repro.py``, CLI ``--repro-dir`` /
+"""The repro bundle a failed verification writes (``bnfold/verification/repro.py``, CLI ``--repro-dir`` /
 ``--no-repro``).
 
 The CLI writes one on every failure unless ``--no-repro``: into ``--repro-dir``, else beside the
@@ -73,7 +73,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def used_inputs(model: Path, seed: int = 0) -> dict[str, np.ndarray]:
     """The first batch ``bnfold verify`` feeds by default (seed 0, uniform in [0, 1), batch 1)."""
     from bnfold.onnx.runtime import input_specs
-    from bnfold.verify.feeds import random_feeds
+    from bnfold.verification.feeds import random_feeds
 
     feeds, _ = random_feeds(input_specs(onnx.load(model)), seed=seed, val_range=(0.0, 1.0), iterations=1,
                             batch_size=1)
@@ -281,7 +281,7 @@ def test_passing_fold_writes_none(pair: dict[str, Path], tmp_path: Path) -> None
 
 def test_the_library_writes_no_bundle_unless_told(pair: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     from bnfold.api import verify
-    from bnfold.verify.config import VerifyConfig
+    from bnfold.verification.config import VerifyConfig
 
     monkeypatch.chdir(tmp_path)
     res = verify(pair["ref"], pair["bad"])
@@ -292,7 +292,7 @@ def test_the_library_writes_no_bundle_unless_told(pair: dict[str, Path], tmp_pat
 
 
 def test_locations_and_bundle_detection(tmp_path: Path) -> None:
-    from bnfold.verify.repro_location import default_location, is_bundle, replaceable
+    from bnfold.verification.repro_location import default_location, is_bundle, replaceable
 
     assert default_location(None) == Path("bnfold-repro")
     assert default_location(Path("out/verify.json")) == Path("out/verify.repro")

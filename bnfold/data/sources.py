@@ -34,7 +34,7 @@ import struct
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -538,3 +538,18 @@ def _is_mapped(arr: Any) -> bool:
         arr = getattr(arr, "base", None)
         seen += 1
     return False
+
+
+class Batches(Protocol):
+    """What the stages read from calibration data: ``CalibrationData``, or a view of it (such as
+    its whole batches only, for a model with a fixed batch size)."""
+
+    batch_size: int
+    num_samples: int
+
+    @property
+    def num_batches(self) -> int: ...
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+
+    def take(self, k: int) -> dict[str, np.ndarray]: ...

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import onnx
 
-from bnfold.data.sources import CalibrationData
+from bnfold.data.sources import Batches
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.formulas.stats import update
 from bnfold.graph.constants import tensor_to_array
@@ -65,7 +65,7 @@ def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnxr
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def calibrate(work: Work, data: CalibrationData, progress: Progress | None = None) -> dict[str, BnStats]:
+def calibrate(work: Work, data: Batches, progress: Progress | None = None) -> dict[str, BnStats]:
     """Per-BN float64 sums over every calibration batch (main-graph BNs only)."""
     model, index, consts, sites = work.model, work.index, work.consts, work.sites
     main = [s for s in sites if s.pos is not None]

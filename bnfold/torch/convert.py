@@ -54,7 +54,7 @@ from bnfold.torch.fold import TorchFoldResult, trace
 from bnfold.torch.fold import fold as torch_fold
 from bnfold.torch.inputs import input_specs, ordered, sample_count, split, tensors, to_device
 from bnfold.torch.load import FACTORY, TORCHSCRIPT, LoadedTorchModel, forward_inputs, sha256_of
-from bnfold.verify.engine import VerifyConfig
+from bnfold.verification.engine import VerifyConfig
 
 __all__ = ["MODULE", "ConvertResult", "OutputCheck", "TensorCheck", "convert", "resolve_device"]
 

@@ -8,7 +8,7 @@
   ``torch.export.save``.
 * :func:`save_torchscript`: ``torch.jit.trace`` + ``torch.jit.save``.
 * :func:`compare_arrays`: the figures ``report.extra["export_check"]`` / ``["torch_check"]``
-  hold, with the default tolerance of the output dtype (:func:`bnfold.verify.compare.tolerance_for`).
+  hold, with the default tolerance of the output dtype (:func:`bnfold.verification.compare.tolerance_for`).
 
 The caller stages files and moves them into place once they are checked.
 """
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from bnfold.errors import UnsupportedModelError, one_line
+from bnfold.verification.compare import compare_outputs
 
 __all__ = [
     "ExportInfo", "compare_arrays", "export_onnx", "flat_outputs", "load_saved", "run_eager", "run_onnx",
@@ -260,7 +261,6 @@ def compare_arrays(reference: Mapping[str, np.ndarray], candidate: Mapping[str, 
                    atol: Tolerance = (None, {}), rtol: Tolerance = (None, {})) -> dict[str, Any]:
     """max abs / max rel error and the verdict per output and overall: ``--atol``/``--rtol``
     (per output, else global) where given, else the output dtype's default tolerance."""
-    from bnfold.verify.compare import compare_outputs
 
     outputs = [{"name": m.name, "dtype": m.dtype, "max_abs": float(m.max_abs), "max_rel": float(m.max_rel),
                 "atol": float(m.atol), "rtol": float(m.rtol), "passed": bool(m.passed)}

@@ -13,7 +13,7 @@ __all__ = ["VerifyConfig"]
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    """Providers, tolerances (:func:`bnfold.verify.tolerances.parse_tolerances` results), the
+    """Providers, tolerances (:func:`bnfold.verification.tolerances.parse_tolerances` results), the
     error statistic, and where a failing run leaves its repro bundle."""
 
     providers: tuple[str, ...] = ("cpu",)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bnfold.data.sources import CalibrationData, open_data
+from bnfold.data.sources import Batches, open_data
 from bnfold.errors import BadInputError
 from bnfold.onnx.runtime import input_specs
 from bnfold.records import InputSpec
@@ -90,7 +90,7 @@ def fixed_batch(specs: list[InputSpec]) -> int | None:
     return fixed.pop() if len(fixed) == 1 else None
 
 
-def fold_feeds(data: CalibrationData | None, model: onnx.ModelProto, count: int
+def fold_feeds(data: Batches | None, model: onnx.ModelProto, count: int
                ) -> list[dict[str, np.ndarray]] | str:
     """``fold``'s verification feeds, or a string saying why there are none.
 

@@ -7,7 +7,7 @@ bit patterns.
 Tolerances
 ----------
 When neither a per-output nor a global value is given, ``(atol, rtol)`` is the output dtype's
-default; the defaults, their reasoning and the precedence rule live in :mod:`bnfold.verify.tolerances`.
+default; the defaults, their reasoning and the precedence rule live in :mod:`bnfold.verification.tolerances`.
 Integer, bool and string outputs are compared exactly; tolerances are ignored and recorded as 0.
 
 Metric definitions
@@ -79,7 +79,7 @@ import numpy as np
 
 from bnfold.errors import BadInputError
 from bnfold.records import HIST_HI, HIST_LO, HIST_ZERO, OutputMetrics
-from bnfold.verify.tolerances import (
+from bnfold.verification.tolerances import (
     is_float_dtype,
     normalize_dtype,
     parse_tolerances,  # noqa: F401  (compat: cli/main.py imports it from here)

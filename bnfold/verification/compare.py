@@ -1,7 +1,7 @@
 """The short API to compare two models or two sets of outputs (the full engine is ``engine.verify``).
 
-The rule and the default tolerances are in :mod:`bnfold.verify.tolerances`; the metrics in
-:mod:`bnfold.verify.metrics`.
+The rule and the default tolerances are in :mod:`bnfold.verification.tolerances`; the metrics in
+:mod:`bnfold.verification.metrics`.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from bnfold.records import OutputMetrics, VerifyResult
-from bnfold.verify.config import VerifyConfig
-from bnfold.verify.engine import verify
-from bnfold.verify.metrics import compute_metrics
-from bnfold.verify.tolerances import resolve_tolerances
+from bnfold.verification.config import VerifyConfig
+from bnfold.verification.engine import verify
+from bnfold.verification.metrics import compute_metrics
+from bnfold.verification.tolerances import resolve_tolerances
 
 __all__ = [
     "compare_outputs",

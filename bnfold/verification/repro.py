@@ -21,7 +21,7 @@ alone and the bundle goes to the first free ``<name>-1``, ``<name>-2``, ... with
 bundle is a diagnosis: when it cannot be written, a warning says why and the verdict stands
 (``VerifyResult.repro_dir`` is then None).
 
-Where the bundle goes is decided by :mod:`bnfold.verify.repro_location` (standard library only:
+Where the bundle goes is decided by :mod:`bnfold.verification.repro_location` (standard library only:
 the CLI decides the folder before it imports onnx).
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.onnx.io import external_locations
-from bnfold.verify.config import VerifyConfig
-from bnfold.verify.repro_location import (
+from bnfold.verification.config import VerifyConfig
+from bnfold.verification.repro_location import (
     BUNDLE_FILE,
     DEFAULT_DIR,
     choose,
@@ -50,7 +50,7 @@ from bnfold.verify.repro_location import (
     replaceable,
     swap_into_place,
 )
-from bnfold.verify.tolerances import format_tolerances
+from bnfold.verification.tolerances import format_tolerances
 
 __all__ = ["BUNDLE_FILE", "DEFAULT_DIR", "default_location", "is_bundle", "replaceable", "write_bundle",
            "repro_command"]

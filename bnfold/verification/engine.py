@@ -23,11 +23,11 @@ from bnfold.environment import runtime_environment
 from bnfold.errors import BadInputError, ProviderUnavailable, first_line
 from bnfold.onnx.runtime import CUDA_SETTINGS, make_session, make_session_from_model
 from bnfold.records import ProviderRun, SiteResult, VerifyResult
-from bnfold.verify.config import VerifyConfig
-from bnfold.verify.metrics import compute_metrics_batched
-from bnfold.verify.repro import write_bundle
-from bnfold.verify.sites import find_sites, with_outputs, worst_channels
-from bnfold.verify.tolerances import check_tolerance_names, resolve_tolerances
+from bnfold.verification.config import VerifyConfig
+from bnfold.verification.metrics import compute_metrics_batched
+from bnfold.verification.repro import write_bundle
+from bnfold.verification.sites import find_sites, with_outputs, worst_channels
+from bnfold.verification.tolerances import check_tolerance_names, resolve_tolerances
 
 log = logging.getLogger(__name__)
 

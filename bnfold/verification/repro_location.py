@@ -1,4 +1,4 @@
-"""Where a repro bundle goes (see :mod:`bnfold.verify.repro` for what it holds).
+"""Where a repro bundle goes (see :mod:`bnfold.verification.repro` for what it holds).
 
 Standard library only, so the CLI can decide the folder (:func:`default_location`,
 :func:`replaceable`) before it imports onnx or onnxruntime. :func:`choose` picks the folder a bundle
