@@ -308,7 +308,8 @@ def fold_command(
         try:
             with calibration_progress() as progress:
                 outcome = torch_fold.run(model, output, frozen_output, data, estimator, check, config, dry_run,
-                                         torch_opts, progress, warn=lambda msg: _err(f"bnfold: warning: {_one_line(msg)}"))
+                                         torch_opts, progress,
+                                         warn=lambda msg: _err(f"bnfold: warning: {_one_line(msg)}"))
         finally:
             if output is not None and not output.exists():
                 remove_empty(created)
@@ -427,7 +428,8 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     return EXIT_OK
 
 
-@cli.command("inspect", context_settings=_CONTEXT, epilog=_EPILOG, short_help="List every BN with its mode and the fold decision.")
+@cli.command("inspect", context_settings=_CONTEXT, epilog=_EPILOG,
+             short_help="List every BN with its mode and the fold decision.")
 @click.argument("model", type=click.Path(path_type=Path), metavar="MODEL")
 @click.option(
     "--json",

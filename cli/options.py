@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -237,7 +238,8 @@ fold_check_options.__doc__ = "--no-verify, --verify-samples K  ->  check: FoldCh
 
 random_input_options = _group(
     [
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs (without --data)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the random inputs (without --data)."),
         click.option("--val-range", default=None, callback=_val_range, metavar="LO,HI",
                      help="Range of the random inputs (without --data). Default: 0,1."),
         click.option("--iterations", type=click.IntRange(min=1), default=None, metavar="K",
@@ -328,4 +330,5 @@ torch_options = _group(
         "torch_opts", TorchOptions(model_factory, weights, unsafe_pickle, device, allow_reused_bn)),
     ("model_factory", "weights", "unsafe_pickle", "device", "allow_reused_bn"),
 )
-torch_options.__doc__ = "--model-factory, --weights, --unsafe-pickle, --device, --allow-reused-bn  ->  torch_opts: TorchOptions"
+torch_options.__doc__ = ("--model-factory, --weights, --unsafe-pickle, --device, --allow-reused-bn  ->  "
+                         "torch_opts: TorchOptions")

@@ -23,8 +23,8 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 from bnfold.cli.main import main
 

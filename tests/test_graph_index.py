@@ -6,10 +6,10 @@ import gc
 import numpy as np
 import onnx
 import pytest
+from bnfold.cli.gcpause import paused_gc
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold.cli.gcpause import paused_gc
 from bnfold.graph.index import GraphIndex
 
 

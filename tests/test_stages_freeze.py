@@ -470,9 +470,9 @@ def test_calibration_weights_reach_onnxruntime_from_memory_or_through_a_file(rng
     too large for one protobuf even so goes through a file (``'file'``, the limit lowered). Both
     give the brute-force Algorithm 2 statistics."""
     from bnfold.api import _load
-    from bnfold.stages.work import Work
     from bnfold.onnx import io as load
     from bnfold.stages.calibration_net import IN_MEMORY_LOCATION, IN_MEMORY_MIN_BYTES, build_calibration_model
+    from bnfold.stages.work import Work
 
     model, w, b, p = conv_train_bn_model(rng, c_in=16, c_out=32)
     assert w.nbytes >= IN_MEMORY_MIN_BYTES > b.nbytes

@@ -1,15 +1,15 @@
 """Tensor-level fold arithmetic: arrays in, new float64 arrays out.
 
-This module implements the formulas of the design note ``math.md`` ("the mathematics bnfold
+This module implements the formulas of the design note ``docs/math.md`` ("the mathematics bnfold
 implements"), sections 1, 3 and 4, and nothing else; it knows no graphs. Every function is pure:
 it never modifies its inputs, computes in float64 and returns new float64 arrays. ``cast_back``
 converts a result to the producer's dtype and refuses values that the dtype cannot represent.
 
-BatchNorm at inference (math.md section 1), per channel c::
+BatchNorm at inference (docs/math.md section 1), per channel c::
 
     y = s_c * x + t_c,   s_c = gamma_c / sqrt(var_c + eps),   t_c = beta_c - s_c * mu_c
 
-Backward fold into the producer z = W * x + b (math.md section 3)::
+Backward fold into the producer z = W * x + b (docs/math.md section 3)::
 
     y = W' * x + b',   b' = s * b + t,   W' = W with output channel c scaled by s_c
 
@@ -26,14 +26,14 @@ where the output-channel axis of W depends on the producer:
 * MatMul ``x @ W`` with constant ``(K, N)`` W (and an optional following constant bias):
   axis 1.
 
-Forward fold of BN into the following unpadded Conv (math.md section 4)::
+Forward fold of BN into the following unpadded Conv (docs/math.md section 4)::
 
     Conv_W(s*x + t) = Conv_{W * s along the input-channel axis}(x) + sum_{c_in, k} W * t
 
 where input channel j of the weight of output channel o (group ``o // (C_out/groups)``) is
 input channel ``group*(C_in/groups) + j`` of x. The caller checks that the Conv pads nothing.
 
-Representability (math.md section 3): ``cast_back`` raises ``FoldValueError`` when a folded
+Representability (docs/math.md section 3): ``cast_back`` raises ``FoldValueError`` when a folded
 value overflows the target dtype or becomes zero/subnormal where the original was normal.
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ def _along(v: np.ndarray, axis: int, ndim: int) -> np.ndarray:
 
 
 def bn_scale_shift(gamma: Any, beta: Any, mean: Any, var: Any, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel ``(s, t)`` of an inference BN (math.md section 1), float64, shape (C,).
+    """Per-channel ``(s, t)`` of an inference BN (docs/math.md section 1), float64, shape (C,).
 
     ``s = gamma / sqrt(var + eps)``, ``t = beta - s * mean``. ``gamma``/``beta`` may be None
     (a BN without affine parameters: gamma = 1, beta = 0). Raises ValueError on mismatched
@@ -243,7 +243,7 @@ def fold_matmul(weight: Any, bias: Any, s: Any, t: Any) -> tuple[np.ndarray, np.
 
 
 def fold_forward_conv(weight: Any, bias: Any, s: Any, t: Any, groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fold a BN on the Conv's *input* channels into that (unpadded) Conv (math.md section 4).
+    """Fold a BN on the Conv's *input* channels into that (unpadded) Conv (docs/math.md section 4).
 
     ``weight`` is ``(C_out, C_in/groups, k...)``; ``s``, ``t`` have length ``C_in``. Input
     channel j of output channel o (in group ``gi = o // (C_out/groups)``) is ``gi*(C_in/groups)+j``.

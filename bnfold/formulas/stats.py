@@ -1,4 +1,4 @@
-"""Population statistics for a BatchNorm from calibration batches (math.md section 2).
+"""Population statistics for a BatchNorm from calibration batches (docs/math.md section 2).
 
 Pure numpy, float64 throughout. Two estimators come out of the same pass:
 
@@ -29,7 +29,7 @@ ESTIMATORS = ("unbiased", "pooled")
 GAP_WARNING = 0.10  # warn where the unbiased and pooled variances differ by more than 10 %
 
 
-def gap_warning(frozen: "dict[str, FrozenStats]") -> str | None:
+def gap_warning(frozen: dict[str, FrozenStats]) -> str | None:
     """The warning naming the BNs (the ten widest) whose estimators differ by more than GAP_WARNING."""
     wide = sorted((s.gap, n) for n, s in frozen.items() if s.gap > GAP_WARNING)
     if not wide:

@@ -66,7 +66,7 @@ def _ort_message(exc: BaseException) -> str:
     return cleaned or line
 
 
-def _session_options(optimize: bool) -> "onnxruntime.SessionOptions":
+def _session_options(optimize: bool) -> onnxruntime.SessionOptions:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -85,7 +85,7 @@ def make_session(
     provider: str = "cpu",
     optimize: bool = False,
     tf32: bool = False,
-) -> "onnxruntime.InferenceSession":
+) -> onnxruntime.InferenceSession:
     """Build an onnxruntime session from ``model_path``.
 
     ``optimize=False`` (the default) sets ``ORT_DISABLE_ALL``. ``provider`` is ``'cpu'`` or
@@ -145,7 +145,7 @@ def _ort_version() -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def make_session_from_model(model: "onnx.ModelProto", base_dir: str | os.PathLike) -> "onnxruntime.InferenceSession":
+def make_session_from_model(model: onnx.ModelProto, base_dir: str | os.PathLike) -> onnxruntime.InferenceSession:
     """A CPU session (``ORT_DISABLE_ALL``) for an in-memory ``model`` whose external-data locations
     are relative to ``base_dir`` (the folder of the file it was read from, with
     ``load_external_data=False``).
@@ -168,7 +168,7 @@ def make_session_from_model(model: "onnx.ModelProto", base_dir: str | os.PathLik
     return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ort_max_ir_version() -> int:
     """Highest ONNX IR version the installed onnxruntime accepts (13 for onnxruntime 1.31).
 
@@ -201,7 +201,7 @@ def ort_max_ir_version() -> int:
     )
 
 
-def input_specs(model: "onnx.ModelProto") -> list[InputSpec]:
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     """The inputs a user feeds: ``graph.input`` minus initializers (old-IR models list both).
 
     Dtypes are numpy dtypes (``ml_dtypes`` ones for bfloat16/float8), dims are ``dim_value`` or

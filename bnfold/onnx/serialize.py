@@ -135,7 +135,7 @@ def write_model(model: onnx.ModelProto, fh: BinaryIO, size_hint: int | None = No
         rest_bytes = rest_graph.SerializeToString()
         del rest_graph
         graph_len = len(rest_bytes)
-        for k, n in enumerate(sizes):
+        for n in sizes:
             graph_len += len(_key(_GRAPH_INITIALIZER)) + len(_varint(n)) + n
         if graph_len >= 2**31:
             raise ValueError("model is larger than protobuf's 2 GiB limit")

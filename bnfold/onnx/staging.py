@@ -40,7 +40,7 @@ class Staging:
         self.size_hint = stamp_bytes(loaded.stamp)  # the input's size: about the output's
         self.folder: Path | None = None
 
-    def __enter__(self) -> "Staging":
+    def __enter__(self) -> Staging:
         if self.output is not None:
             self.output.parent.mkdir(parents=True, exist_ok=True)
         if self.frozen_output is not None:

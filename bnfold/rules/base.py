@@ -61,7 +61,7 @@ def bias_original(b: np.ndarray | None, folded: np.ndarray) -> np.ndarray:
     """The bias before folding, shaped like the folded one (zeros where there was none).
 
     A folded bias that underflows where the old one was zero or absent is harmless; only a
-    normal old value turning subnormal counts (math.md section 3).
+    normal old value turning subnormal counts (docs/math.md section 3).
     """
     if b is not None and b.size == folded.size:
         return b.reshape(folded.shape)
@@ -69,7 +69,7 @@ def bias_original(b: np.ndarray | None, folded: np.ndarray) -> np.ndarray:
 
 
 class BackwardRule:
-    """Folding a BN into the producer of its input (math.md section 3), for one op type.
+    """Folding a BN into the producer of its input (docs/math.md section 3), for one op type.
 
     ``match`` checks an ONNX node (raising :class:`Refuse`); ``out_channels`` reads the channel
     count off the weight shape; ``fold`` gives the folded float64 (weight, bias); ``fold_cast``

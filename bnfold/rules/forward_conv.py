@@ -1,4 +1,4 @@
-"""Forward fold of a BN into the unpadded Conv that reads its output (math.md section 4).
+"""Forward fold of a BN into the unpadded Conv that reads its output (docs/math.md section 4).
 
 The planner finds the Conv (the BN output's only reader, as its data input); this rule checks
 what is specific to the Conv and computes the folded tensors.

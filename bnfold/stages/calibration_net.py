@@ -13,8 +13,8 @@ nodes that no statistic depends on are pruned, so the run stops after the last B
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import onnx

@@ -3,7 +3,7 @@
 Backward (into the producer) is tried first: the walk from the BN's input may pass through
 nodes that keep channel c on axis 1 (an Add of a per-channel constant, Reshape/Squeeze/Unsqueeze
 that leave axes 0 and 1 alone, Identity) and ends at a Conv, ConvTranspose, Gemm or MatMul with
-constant weights. If that fails, forward into a following unpadded Conv (math.md section 4).
+constant weights. If that fails, forward into a following unpadded Conv (docs/math.md section 4).
 What is specific to a producer kind (its attributes, weight layout, channel count, refusals) is
 its rule in :mod:`bnfold.rules`; this module walks the graph (the look-through chain, fan-out,
 constant parameters) and asks the rules. Each refusal names a Reason; nothing here mutates the

@@ -1,4 +1,4 @@
-"""Population statistics for the BatchNorm modules of a PyTorch module (math.md section 2).
+"""Population statistics for the BatchNorm modules of a PyTorch module (docs/math.md section 2).
 
 The *training network* of the BN paper: every BN module normalises each mini-batch with that
 batch's statistics, upstream BNs included, while everything else (Dropout, stochastic depth, any

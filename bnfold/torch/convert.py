@@ -265,7 +265,8 @@ def convert(
     if torch_route:
         return _run_torch(req, loaded, cal, example, dev, fmt, notes)
     if route == "onnx-torchscript":
-        notes.append("TorchScript modules cannot be fx-traced: bnfold folded it through an ONNX export (torch.onnx.export "
+        notes.append("TorchScript modules cannot be fx-traced: bnfold folded it through an ONNX export "
+                     "(torch.onnx.export "
                      "of the TorchScript module in eval mode; its BNs calibrated on data and folded by the ONNX "
                      "pipeline)")
     elif route == "onnx-fallback":
@@ -343,7 +344,8 @@ def _staged(output: Path) -> tuple[Path, Path]:
         stage = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=output.parent))
     except OSError as exc:
         raise BadInputError(f"cannot write {output}: {output.parent} is not a folder bnfold can write in "
-                            f"({exc.strerror or type(exc).__name__}); give the output a path in a writable folder") from exc
+                            f"({exc.strerror or type(exc).__name__}); give the output a path in a writable "
+                            "folder") from exc
     return stage, stage / output.name
 
 

@@ -190,7 +190,8 @@ def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: st
         attempt(dynamic)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds
         if not dynamic:
-            raise UnsupportedModelError(f"torch.onnx.export failed: {type(exc).__name__}: {one_line(exc, 300)}") from exc
+            raise UnsupportedModelError(
+                f"torch.onnx.export failed: {type(exc).__name__}: {one_line(exc, 300)}") from exc
         try:
             attempt(False)
         except Exception as exc2:  # noqa: BLE001
@@ -307,7 +308,8 @@ def save_exported_program(module: nn.Module, args: tuple[torch.Tensor, ...], kwa
         ep = export(dynamic_batch)
     except Exception as exc:  # noqa: BLE001
         if not dynamic_batch:
-            raise UnsupportedModelError(f"torch.export.export failed: {type(exc).__name__}: {one_line(exc, 300)}") from exc
+            raise UnsupportedModelError(
+                f"torch.export.export failed: {type(exc).__name__}: {one_line(exc, 300)}") from exc
         try:
             ep = export(False)
         except Exception as exc2:  # noqa: BLE001

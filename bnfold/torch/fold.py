@@ -1,4 +1,4 @@
-"""Fold BatchNorm modules of a PyTorch module into their producers (math.md sections 1 and 3).
+"""Fold BatchNorm modules of a PyTorch module into their producers (docs/math.md sections 1 and 3).
 
 The data flow comes from ``torch.fx`` symbolic tracing of the frozen (eval-mode) module: a BN node
 folds backward into the node that produces its input when that node is

@@ -1,7 +1,7 @@
 """Per-channel mean and biased variance of one CPU batch, for the training network's BN.
 
 Calibration runs every BN module on a batch and needs that batch's per-channel moments before it
-can normalise (math.md section 2: float64, never a float32 ``E[x^2] - E[x]^2`` that loses the
+can normalise (docs/math.md section 2: float64, never a float32 ``E[x^2] - E[x]^2`` that loses the
 digits of a large offset). On the CPU the cost of the moments is what calibration adds to a plain
 forward, so the common case reads the activation as few times as it can and writes nothing.
 

@@ -23,8 +23,8 @@ Default tolerances (:data:`DEFAULT_TOLERANCES`, ``dtype name -> (atol, rtol)``):
 
 Precedence (:func:`resolve_tolerances`): a per-output value (``--atol logits:1e-3``) beats a global
 value (``--atol 1e-4``), which beats the dtype default (:func:`dtype_tolerance`). atol and rtol are
-resolved independently. :func:`parse_tolerances` reads the CLI spelling into a :data:`ToleranceSpec` (:func:`format_tolerances`
-writes it back);
+resolved independently. :func:`parse_tolerances` reads the CLI spelling into a
+:data:`ToleranceSpec` (:func:`format_tolerances` writes it back);
 :func:`check_tolerance_names` refuses a per-output value for an output the model lacks.
 """
 from __future__ import annotations
