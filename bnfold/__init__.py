@@ -18,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError, VerificationFailed
+from bnfold.formulas.stats import ESTIMATORS
 from bnfold.records import (
     Action,
     BnRecord,
@@ -55,6 +56,7 @@ __all__ = [
     "BnInspection",
     "BnRecord",
     "BnfoldError",
+    "ESTIMATORS",
     "FoldDecision",
     "FoldResult",
     "FrozenStats",

@@ -44,7 +44,6 @@ from bnfold.cli.files import (
 )
 from bnfold.cli.gcpause import paused_gc
 from bnfold.cli.options import (
-    ESTIMATORS,
     RUN_FLAGS,
     CompareOptions,
     DataConfig,
@@ -256,7 +255,7 @@ def cli() -> None:
 @data_options
 @click.option(
     "--estimator",
-    type=click.Choice(ESTIMATORS),
+    type=click.Choice(bnfold.ESTIMATORS),
     default="unbiased",
     show_default=True,
     help=(

@@ -21,9 +21,6 @@ import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ESTIMATORS = ("unbiased", "pooled")
-
-
 # --------------------------------------------------------------------------- config records
 
 
