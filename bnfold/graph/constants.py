@@ -6,7 +6,8 @@ once evaluated. Evaluation is memoised and bounded in depth and size.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx

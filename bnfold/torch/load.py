@@ -206,8 +206,10 @@ def _transposed_weight(node: Any) -> fx.Node | None:
     """The matrix ``w`` where ``node`` is ``aten.permute(w, [1, 0])`` or ``aten.t(w)`` of a module tensor."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.kwargs:
         return None
-    if node.target is _A.permute.default and len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
-            and list(node.args[1]) == [1, 0]:
+    if node.target is _A.permute.default and len(node.args) == 2:
+        perm = node.args[1]
+        if not isinstance(perm, (list, tuple)) or list(perm) != [1, 0]:
+            return None
         w = node.args[0]
     elif node.target is _A.t.default and len(node.args) == 1:
         w = node.args[0]
