@@ -361,6 +361,7 @@ class CalibrationData:
             elif m.kind in (_NPY, _STORED) and _nbytes(m.shape, m.dtype) == 0:
                 out[name] = np.empty(m.shape, dtype=m.dtype)
             elif m.kind in (_NPY, _STORED):
+                assert f.path is not None  # only from_arrays' file has no path, and its members are _MEMORY
                 try:
                     out[name] = np.memmap(
                         f.path, dtype=m.dtype, mode="r", offset=m.offset, shape=m.shape, order="F" if m.fortran else "C"
@@ -368,6 +369,7 @@ class CalibrationData:
                 except (OSError, ValueError) as exc:
                     raise BadInputError(f"cannot map calibration data {f.label}: {one_line(exc)}; check the file") from exc
             else:
+                assert f.path is not None  # only from_arrays' file has no path, and its members are _MEMORY
                 try:
                     with zipfile.ZipFile(f.path) as zf, zf.open(m.zip_name) as fp:
                         arr = np.lib.format.read_array(fp, allow_pickle=False)

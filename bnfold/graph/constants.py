@@ -6,7 +6,8 @@ once evaluated. Evaluation is memoised and bounded in depth and size.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -19,7 +20,7 @@ _MAX_DEPTH = 12
 _MAX_ELEMENTS = 1 << 28
 
 # element types whose raw_data is plain little-endian numpy memory
-_RAW_DTYPES = {
+_RAW_DTYPES: dict[int, np.dtype[Any]] = {
     onnx.TensorProto.FLOAT: np.dtype("<f4"),
     onnx.TensorProto.DOUBLE: np.dtype("<f8"),
     onnx.TensorProto.FLOAT16: np.dtype("<f2"),
@@ -27,10 +28,10 @@ _RAW_DTYPES = {
     onnx.TensorProto.INT32: np.dtype("<i4"),
 }
 
-_RAW_SIZES = {code: dt.itemsize for code, dt in _RAW_DTYPES.items()}
+_RAW_SIZES: dict[int, int] = {code: dt.itemsize for code, dt in _RAW_DTYPES.items()}
 
 # little-endian numpy dtypes written as raw_data by ``array_to_tensor``'s fast path
-_RAW_BY_NUMPY = {np.dtype("<f4"): onnx.TensorProto.FLOAT, np.dtype("<f8"): onnx.TensorProto.DOUBLE,
+_RAW_BY_NUMPY: dict[np.dtype[Any], int] = {np.dtype("<f4"): onnx.TensorProto.FLOAT, np.dtype("<f8"): onnx.TensorProto.DOUBLE,
                  np.dtype("<f2"): onnx.TensorProto.FLOAT16}
 
 
@@ -55,8 +56,9 @@ def raw_values(initializers: dict[str, onnx.TensorProto], names: list[str],
     # one comprehension per attribute: for thousands of tiny tensors the interpreter's per-step
     # cost, not protobuf, is what counts
     get = initializers.get
-    tensors = [get(name) for name in names]
-    if not tensors or any(t is None for t in tensors):
+    found = [get(name) for name in names]
+    tensors = [t for t in found if t is not None]
+    if not tensors or len(tensors) != len(found):
         return None
     codes = {t.data_type for t in tensors}
     dt = _RAW_DTYPES.get(codes.pop()) if len(codes) == 1 else None
@@ -129,7 +131,7 @@ def _axes(node: onnx.NodeProto, args: list[np.ndarray]) -> list[int] | None:
     return None if ax is None else [int(v) for v in ax]
 
 
-def _unsqueeze(node, args):
+def _unsqueeze(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | None:
     x, axes = args[0], _axes(node, args)
     if axes is None:
         return None
@@ -139,26 +141,26 @@ def _unsqueeze(node, args):
     return x
 
 
-def _squeeze(node, args):
+def _squeeze(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
     x, axes = args[0], _axes(node, args)
     if axes is None:
         return np.squeeze(x)
     return np.squeeze(x, axis=tuple(a % x.ndim for a in axes))
 
 
-def _reshape(node, args):
+def _reshape(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
     x, shape = args[0], [int(v) for v in args[1].reshape(-1)]
     if not get_attr(node, "allowzero", 0):
         shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
     return x.reshape(shape)
 
 
-def _cast(node, args):
+def _cast(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
     to = get_attr(node, "to")
     return args[0].astype(helper.tensor_dtype_to_np_dtype(to))
 
 
-def _constant_of_shape(node, args):
+def _constant_of_shape(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | None:
     shape = [int(v) for v in args[0].reshape(-1)] if args else []
     if int(np.prod(shape, dtype=np.int64)) > _MAX_ELEMENTS:
         return None
@@ -167,8 +169,11 @@ def _constant_of_shape(node, args):
     return np.full(shape, fill, dtype=np.asarray(fill).dtype)
 
 
-def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]):
-    def run(node, args):
+_Op = Callable[[onnx.NodeProto, list[np.ndarray]], np.ndarray | None]
+
+
+def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> _Op:
+    def run(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
         a, b = args
         out = fn(a, b)
         return out.astype(np.result_type(a.dtype, b.dtype), copy=False)
@@ -176,7 +181,7 @@ def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]):
     return run
 
 
-_OPS: dict[str, Callable[[onnx.NodeProto, list[np.ndarray]], np.ndarray | None]] = {
+_OPS: dict[str, _Op] = {
     "Identity": lambda n, a: a[0],
     "Cast": _cast,
     "Mul": _binary(np.multiply),
@@ -241,7 +246,7 @@ class Constants:
         op = _OPS.get(node.op_type)
         if op is None or len(node.output) != 1:
             return None
-        args = []
+        args: list[np.ndarray] = []
         for inp in node.input:
             if not inp:
                 continue

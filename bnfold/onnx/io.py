@@ -8,6 +8,7 @@ import glob
 import hashlib
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
 _ATTR_TENSOR_OPS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan", "SequenceMap"})
 
 
-def _all_tensors(graph: onnx.GraphProto):
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of ``graph``: initializers, tensor attributes, and those of subgraphs."""
     yield from graph.initializer
     yield from (s.values for s in graph.sparse_initializer)

@@ -21,7 +21,7 @@ import html
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bnfold.records import HIST_ZERO, OutputMetrics, ProviderRun, SiteResult, VerifyResult
@@ -97,7 +97,7 @@ def _decades(logs: Sequence[float]) -> tuple[int, int]:
     return lo, hi
 
 
-def _y_axis(parts: list[str], lo: int, hi: int, y_of, left: float, right: float,
+def _y_axis(parts: list[str], lo: int, hi: int, y_of: Callable[[float], float], left: float, right: float,
             labels: dict[int, str] | None = None) -> None:
     labels = labels or {}
     step = max(1, math.ceil((hi - lo) / 10))

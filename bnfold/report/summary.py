@@ -204,17 +204,17 @@ def summary_text(report: Report) -> str:
         lines.append(f"Notes on folded BNs: {_counts_text(notes)}")
 
     # statistics
-    with_stats = [b for b in report.bns if b.stats is not None]
+    with_stats = [(b, b.stats) for b in report.bns if b.stats is not None]
     if report.calibrated and with_stats:
-        worst = max(with_stats, key=lambda b: (b.stats.gap if math.isfinite(b.stats.gap) else math.inf))
-        batches = max(b.stats.batches for b in with_stats)
+        worst, worst_stats = max(with_stats, key=lambda bs: (bs[1].gap if math.isfinite(bs[1].gap) else math.inf))
+        batches = max(s.batches for _, s in with_stats)
         n = report.extra.get("calibration_samples")
         on = f"{n} samples in {batches} batches" if n is not None else f"{batches} batches"
         bs = f", batch size {report.batch_size}" if report.batch_size is not None else ""
         lines.append(
             f"Statistics: estimator {report.estimator}{bs}; {len(with_stats)} BN calibrated on "
             f"{on}; largest estimator gap "
-            f"{fmt(worst.stats.gap)} at {worst.name}"
+            f"{fmt(worst_stats.gap)} at {worst.name}"
         )
     elif report.calibrated:
         lines.append(f"Statistics: estimator {report.estimator}; calibrated, no BN needed new statistics")

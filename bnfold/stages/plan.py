@@ -190,13 +190,19 @@ class Planner:
                 raise Refuse(Reason.NOT_CONSTANT, f"{node.op_type} '{node.name}' has a computed shape/axes input")
         return 0
 
+    def _checked_value(self, name: str) -> np.ndarray:
+        """The value of an input that :meth:`_data_slot` has checked to be constant."""
+        v = self.consts.value(name)
+        assert v is not None, f"'{name}' was checked constant"
+        return v
+
     def _through(self, node: onnx.NodeProto, slot: int, rank: int, c: int, route: Route) -> int:
         """Check that ``node`` keeps channel c on axis 1; return the rank after it."""
         op = node.op_type
         if op == "Identity":
             return rank
         if op == "Add":
-            v = self.consts.value(node.input[1 - slot])
+            v = self._checked_value(node.input[1 - slot])
             if v.ndim > rank:
                 raise Refuse(Reason.CHANNEL_MISMATCH, f"Add '{node.name}' broadcasts to a higher rank")
             full = (1,) * (rank - v.ndim) + tuple(v.shape)
@@ -207,7 +213,7 @@ class Planner:
             return rank
         if op in ("Squeeze", "Unsqueeze"):
             axes = node.input[1] if len(node.input) > 1 and node.input[1] else None
-            ax = [int(a) for a in self.consts.value(axes).reshape(-1)] if axes else get_attr(node, "axes")
+            ax = [int(a) for a in self._checked_value(axes).reshape(-1)] if axes else get_attr(node, "axes")
             if ax is None:
                 raise Refuse(Reason.UNKNOWN_RANK, f"{op} '{node.name}' has no axes")
             new_rank = rank + len(ax) if op == "Unsqueeze" else rank - len(ax)
@@ -216,7 +222,7 @@ class Planner:
                 raise Refuse(Reason.CHANNEL_MISMATCH, f"{op} '{node.name}' touches axis 0 or 1")
             return new_rank
         # Reshape
-        shape = [int(s) for s in self.consts.value(node.input[1]).reshape(-1)]
+        shape = [int(s) for s in self._checked_value(node.input[1]).reshape(-1)]
         allowzero = bool(get_attr(node, "allowzero", 0))
         ok = len(shape) >= 2 and shape[1] == c
         if ok and shape[0] == 0 and not allowzero:

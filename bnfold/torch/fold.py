@@ -72,7 +72,7 @@ def _probe_ranks(work: nn.Module, batch: Batch, bns: list[tuple[str, _BatchNorm]
     ranks: dict[str, set[int]] = {}
     handles = []
     for name, m in bns:
-        def hook(mod, args, _name=name):
+        def hook(mod: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
             if args and isinstance(args[0], torch.Tensor):
                 ranks.setdefault(_name, set()).add(args[0].dim())
         handles.append(m.register_forward_pre_hook(hook))

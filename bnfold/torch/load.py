@@ -142,7 +142,8 @@ def forward_inputs(module: nn.Module) -> tuple[list[ForwardInput], bool]:
     """
     if isinstance(module, torch.jit.ScriptModule):
         try:
-            args = module.forward.schema.arguments[1:]
+            forward: Any = module.forward  # a torch.jit ScriptMethod; torch types it as a plain Callable
+            args = forward.schema.arguments[1:]
         except Exception as exc:  # noqa: BLE001 - a ScriptModule without a usable forward
             raise UnsupportedModelError(f"cannot read the TorchScript forward signature: {one_line(exc, 240)}") from exc
         out = []
@@ -206,7 +207,10 @@ def _transposed_weight(node: Any) -> fx.Node | None:
     """The matrix ``w`` where ``node`` is ``aten.permute(w, [1, 0])`` or ``aten.t(w)`` of a module tensor."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.kwargs:
         return None
-    if node.target is _A.permute.default and len(node.args) == 2 and list(node.args[1]) == [1, 0]:
+    if node.target is _A.permute.default and len(node.args) == 2:
+        perm = node.args[1]
+        if not isinstance(perm, (list, tuple)) or list(perm) != [1, 0]:
+            return None
         w = node.args[0]
     elif node.target is _A.t.default and len(node.args) == 1:
         w = node.args[0]
@@ -227,7 +231,7 @@ def _functional_linear(g: fx.Graph, node: fx.Node) -> None:
     else:
         return
     w = _transposed_weight(wt)
-    if w is None or (bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
+    if w is None or not isinstance(wt, fx.Node) or (bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
         return
     node.target, node.args, node.kwargs = F.linear, (x, w, bias), {}
     if not wt.users:
@@ -254,16 +258,19 @@ def _attr_value(gm: fx.GraphModule, node: Any) -> tuple[Any, str | None]:
         return None, None
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return False, None
+    target = node.target
+    assert isinstance(target, str)  # fx: a get_attr node's target is the attribute's qualified name
     obj: Any = gm
-    for part in node.target.split("."):
+    for part in target.split("."):
         obj = getattr(obj, part)
-    return obj, node.target
+    return obj, target
 
 
 def _bn_class(node: fx.Node) -> type:
     val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
     rank = len(val.shape) if val is not None and hasattr(val, "shape") else None
-    return {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank, _AnyRankBatchNorm)
+    by_rank: dict[int | None, type] = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+    return by_rank.get(rank, _AnyRankBatchNorm)
 
 
 def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:

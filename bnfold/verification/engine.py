@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -28,6 +28,9 @@ from bnfold.verification.metrics import compute_metrics_batched
 from bnfold.verification.repro import write_bundle
 from bnfold.verification.sites import find_sites, with_outputs, worst_channels
 from bnfold.verification.tolerances import check_tolerance_names, resolve_tolerances
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class _CandidateFailed(Exception):
     pass
 
 
-def _run_all(sess, names: list[str], feeds: Feeds, *, reference: bool = True) -> list[list[np.ndarray]]:
+def _run_all(sess: onnxruntime.InferenceSession, names: list[str], feeds: Feeds, *, reference: bool = True) -> list[list[np.ndarray]]:
     """Outputs per name (a list over feeds). A reference that cannot run is bad input."""
     inputs = [i.name for i in sess.get_inputs()]
     per: list[list[np.ndarray]] = [[] for _ in names]
@@ -116,7 +119,8 @@ def _noise_floor(base: dict[str, list[np.ndarray]], other: dict[str, list[np.nda
     return tuple(floor)
 
 
-def _site_session(model: onnx.ModelProto, names: list[str], path: str, workdir: Path, label: str):
+def _site_session(model: onnx.ModelProto, names: list[str], path: str, workdir: Path,
+                  label: str) -> onnxruntime.InferenceSession:
     """A CPU session of ``model`` (read without its external data) with ``names`` as outputs too.
 
     The copy is built in memory, without the weights: onnxruntime reads those from the folder of

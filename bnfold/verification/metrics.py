@@ -71,8 +71,10 @@ Verdict (``passed``), by ``error_stat``:
 """
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -85,10 +87,15 @@ from bnfold.verification.tolerances import (
     parse_tolerances,  # noqa: F401  (compat: cli/main.py imports it from here)
 )
 
-try:  # pragma: no cover - depends on the environment
-    import ml_dtypes as _ml_dtypes
-except ImportError:  # pragma: no cover
-    _ml_dtypes = None
+
+def _import_ml_dtypes() -> ModuleType | None:
+    try:  # pragma: no cover - depends on the environment
+        return importlib.import_module("ml_dtypes")
+    except ImportError:  # pragma: no cover
+        return None
+
+
+_ml_dtypes = _import_ml_dtypes()
 
 __all__ = [
     "ERROR_STATS",
@@ -108,7 +115,7 @@ _TINY = {
     "float64": 2.0**-1022,
 }
 
-_ULP_TYPES = {
+_ULP_TYPES: dict[str, tuple[type[np.floating[Any]], type[np.signedinteger[Any]]]] = {
     "float16": (np.float16, np.int16),
     "float32": (np.float32, np.int32),
     "float64": (np.float64, np.int64),
@@ -207,7 +214,7 @@ def _within(d: np.ndarray, m: np.ndarray, atol: float, rtol: float) -> np.ndarra
         return d <= atol + scaled
 
 
-def _raise_until(value: float, ok) -> float:
+def _raise_until(value: float, ok: Callable[[float], bool]) -> float:
     """``value`` raised by as little as needed (a few ulps in practice) for ``ok`` to hold."""
     if ok(value):
         return value
@@ -279,7 +286,8 @@ def _check_tol(value: float, what: str) -> float:
     return value
 
 
-def _worst(diff: np.ndarray, a: np.ndarray | None, b: np.ndarray | None):
+def _worst(diff: np.ndarray, a: np.ndarray | None,
+           b: np.ndarray | None) -> tuple[tuple[int, ...] | None, float | None, float | None]:
     if diff.size == 0:
         return None, None, None
     k = int(np.argmax(diff.ravel()))
@@ -294,8 +302,9 @@ def _count(mask: np.ndarray) -> int:
 
 
 # ---- the three result builders ------------------------------------------------------------------
-def _shape_mismatch(name, dtype_name, ref, cand, atol, rtol, error_stat, q) -> OutputMetrics:
-    def counts(arr):
+def _shape_mismatch(name: str, dtype_name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float,
+                    error_stat: str, q: float | None) -> OutputMetrics:
+    def counts(arr: np.ndarray) -> tuple[int, int]:
         try:
             values = _to_float64(arr, dtype_name) if is_float_dtype(dtype_name) else None
         except BadInputError:
@@ -317,7 +326,7 @@ def _shape_mismatch(name, dtype_name, ref, cand, atol, rtol, error_stat, q) -> O
     )
 
 
-def _exact(name, dtype_name, ref: np.ndarray, cand: np.ndarray) -> OutputMetrics:
+def _exact(name: str, dtype_name: str, ref: np.ndarray, cand: np.ndarray) -> OutputMetrics:
     n = int(ref.size)
     shape = tuple(int(s) for s in ref.shape)
     same_dtype = ref.dtype == cand.dtype
@@ -369,7 +378,8 @@ def _exact(name, dtype_name, ref: np.ndarray, cand: np.ndarray) -> OutputMetrics
     )
 
 
-def _floating(name, dtype_name, ref, cand, atol, rtol, error_stat, q) -> OutputMetrics:
+def _floating(name: str, dtype_name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float,
+              error_stat: str, q: float | None) -> OutputMetrics:
     a = _to_float64(ref, dtype_name)
     b = _to_float64(cand, dtype_name)
     n = int(a.size)
@@ -428,6 +438,7 @@ def _floating(name, dtype_name, ref, cand, atol, rtol, error_stat, q) -> OutputM
         elif error_stat == "median":
             stat = float(np.median(excess))
         else:
+            assert q is not None  # compute_metrics sets q whenever error_stat is 'quantile'
             stat = _quantile(excess, q)
         passed = stat <= atol
 
@@ -437,6 +448,7 @@ def _floating(name, dtype_name, ref, cand, atol, rtol, error_stat, q) -> OutputM
     max_ulp = None
     if keys_a is not None:
         keys_b = _ulp_keys(cand, b, dtype_name)
+        assert keys_b is not None  # same dtype_name as keys_a: _ulp_keys returns None for neither
         ulp = _abs_diff_u64(keys_a[keys_ok], keys_b[keys_ok])
         max_ulp = int(ulp.max(initial=0))
 
@@ -523,14 +535,14 @@ def compute_metrics_batched(
     dtype_name = normalize_dtype(kw.get("dtype") or np.asarray(refs[0]).dtype.name)
     kw = dict(kw, dtype=dtype_name)
 
-    def prepared(arr):
+    def prepared(arr: np.ndarray) -> np.ndarray:
         arr = np.asarray(arr)
         return _bf16_bits(arr) if dtype_name == "bfloat16" else arr
 
     rs = [prepared(r) for r in refs]
     cs = [prepared(c) for c in cands]
 
-    def joined(arrays):
+    def joined(arrays: list[np.ndarray]) -> np.ndarray:
         if all(x.ndim == 0 for x in arrays):
             return np.stack(arrays)
         if all(x.ndim >= 1 for x in arrays) and len({x.shape[1:] for x in arrays}) == 1:

@@ -176,7 +176,8 @@ def _fill(tmp: Path, final: Path, reference: str, candidate: str, feeds: Sequenc
         except (KeyError, ValueError):  # batches of different shapes: test_data_set_0 only
             arrays = None
         if arrays is not None:
-            np.savez(tmp / "inputs.npz", **arrays)  # uncompressed: bnfold memory-maps it
+            # numpy's stub lets a **kwds key land on its allow_pickle: bool parameter
+            np.savez(tmp / "inputs.npz", **arrays)  # type: ignore[arg-type]  # uncompressed: memory-mapped
             npz = os.path.abspath(final / "inputs.npz")
             lead = np.asarray(first[order[0]]) if order else None
             batch = int(lead.shape[0]) if lead is not None and lead.ndim else None
