@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from bnfold.cli.options import ReportConfig
 
 from bnfold.errors import BadInputError
+
+from .options import ReportConfig
 
 __all__ = ["check_paths", "file_record", "make_parents", "remove_empty", "report_outputs", "require_data",
            "require_model_file"]

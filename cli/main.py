@@ -1,10 +1,11 @@
 """bnfold's command-line application (installed as the ``bnfold`` console script).
 
 The commands parse options into the config records of ``cli/options.py`` and call the library's
-public API (``bnfold.api.fold`` / ``inspect``; a PyTorch model goes through ``cli/torch_fold.py``
-to ``bnfold.torch.convert``) and its renderers (``bnfold.report``); they hold no logic of their
-own. Both fold routes end in the same closing steps (:func:`_close_fold`). The library is
-imported lazily inside the commands, so ``bnfold --help`` never imports onnx, onnxruntime or torch.
+public API (``bnfold.fold`` / ``verify`` / ``inspect``; a PyTorch model goes through
+``cli/torch_fold.py`` to ``bnfold.torch.convert``) and its renderers (``bnfold.report``); they hold
+no logic of their own. Both fold routes end in the same closing steps (:func:`_close_fold`).
+``bnfold``'s public names load the pipeline on first use, so ``bnfold --help`` never imports
+onnx, onnxruntime or torch.
 
 Exit codes are decided in ONE place, :func:`exit_code_for` below:
 
@@ -29,11 +30,19 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
-from bnfold.cli import torch_fold
-from bnfold.cli.files import (
+
+import bnfold
+import bnfold.report
+from bnfold import __version__
+from bnfold.errors import BnfoldError, ProviderUnavailable, VerificationFailed
+from bnfold.verification.repro_location import default_location, replaceable
+from bnfold.verification.tolerances import parse_tolerances
+
+from . import torch_fold
+from .files import (
     check_paths,
     file_record,
     make_parents,
@@ -42,8 +51,8 @@ from bnfold.cli.files import (
     require_data,
     require_model_file,
 )
-from bnfold.cli.gcpause import paused_gc
-from bnfold.cli.options import (
+from .gcpause import paused_gc
+from .options import (
     RUN_FLAGS,
     CompareOptions,
     DataConfig,
@@ -59,15 +68,8 @@ from bnfold.cli.options import (
     report_options,
     torch_options,
 )
-from bnfold.cli.outcome import FoldOutcome
-from bnfold.cli.progress import calibration_progress
-
-import bnfold
-import bnfold.report
-from bnfold import __version__
-from bnfold.errors import BnfoldError, ProviderUnavailable, VerificationFailed
-from bnfold.verification.repro_location import default_location, replaceable
-from bnfold.verification.tolerances import parse_tolerances
+from .outcome import FoldOutcome
+from .progress import calibration_progress
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -411,9 +413,9 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     _write_verification_reports(result, report, write_json=True,
                                 models={"reference": file_record(reference), "candidate": file_record(candidate)})
     click.echo(_summary().verify_summary_text(result))
-    for path in (report.path, report.junit_xml, report.summary_md, report.html):
-        if path is not None:
-            click.echo(f"Wrote {path}")
+    for written in (report.path, report.junit_xml, report.summary_md, report.html):
+        if written is not None:
+            click.echo(f"Wrote {written}")
     if not result.ran:
         raise ProviderUnavailable(
             "no requested execution provider could run, so nothing was compared: "
@@ -520,7 +522,8 @@ def _setup_logging() -> None:
     log.propagate = False
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
     if RUN_FLAGS.debug:
         _err(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
     else:

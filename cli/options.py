@@ -108,7 +108,8 @@ def debug_option(f: F) -> F:
 # --------------------------------------------------------------------------- groups
 
 
-def _group(options: list[Callable[[F], F]], build: Callable[..., tuple[str, Any]], names: tuple[str, ...]):
+def _group(options: list[Callable[[F], F]], build: Callable[..., tuple[str, Any]], names: tuple[str, ...]
+           ) -> Callable[[F], F]:
     """Make a decorator that adds ``options`` and replaces their values by one config object.
 
     ``build(**values)`` returns ``(keyword, config)``; ``names`` are the option destinations

@@ -10,7 +10,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import TextIO
+from typing import Any, TextIO
 
 ProgressFn = Callable[[int, int], None]
 
@@ -62,7 +62,7 @@ class ProgressBar:
             self._last_len = 0
 
 
-def make_progress(stream: TextIO | None = None, **kwargs) -> ProgressBar | None:
+def make_progress(stream: TextIO | None = None, **kwargs: Any) -> ProgressBar | None:
     """A ``ProgressBar`` on ``stream`` (default stderr) when it is a terminal, else ``None``."""
     stream = sys.stderr if stream is None else stream
     try:

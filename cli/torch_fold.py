@@ -16,12 +16,13 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import click
-from bnfold.cli.files import check_paths, report_outputs, require_data, require_model_file
-from bnfold.cli.options import DataConfig, FoldCheck, ReportConfig, TorchOptions
-from bnfold.cli.outcome import FoldOutcome
 
 from bnfold.errors import BnfoldError
 from bnfold.output_formats import FORMAT_LABELS, torch_output_format
+
+from .files import check_paths, report_outputs, require_data, require_model_file
+from .options import DataConfig, FoldCheck, ReportConfig, TorchOptions
+from .outcome import FoldOutcome
 
 if TYPE_CHECKING:  # pragma: no cover
     from bnfold.torch import ConvertResult, TensorCheck

@@ -120,7 +120,8 @@ def _scan_npy(path: str, label: str, key: str) -> _Member:
             shape, fortran, dtype = _read_npy_header(fp)
             offset = fp.tell()
     except OSError as exc:
-        raise BadInputError(f"cannot read calibration data {label}: {exc.strerror or exc}; check the path and its permissions") from exc
+        raise BadInputError(f"cannot read calibration data {label}: {exc.strerror or exc}; "
+                            "check the path and its permissions") from exc
     except Exception as exc:
         raise BadInputError(
             f"calibration data {label} is not a valid .npy file ({one_line(exc)}); write it again with numpy.save"
@@ -158,7 +159,8 @@ def _scan_npz(path: str, label: str) -> list[_Member]:
                     name_len, extra_len = struct.unpack("<HH", local[26:30])
                     data_start = info.header_offset + 30 + name_len + extra_len
                     members.append(
-                        _Member(key, dtype, shape, fortran, _STORED, offset=data_start + header_len, zip_name=info.filename)
+                        _Member(key, dtype, shape, fortran, _STORED, offset=data_start + header_len,
+                                zip_name=info.filename)
                     )
                 else:
                     members.append(_Member(key, dtype, shape, fortran, _PACKED, zip_name=info.filename))
@@ -166,14 +168,17 @@ def _scan_npz(path: str, label: str) -> list[_Member]:
         raise
     except OSError as exc:
         if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
-            raise BadInputError(f"cannot read calibration data {label}: {exc.strerror or exc}; check the path and its permissions") from exc
-        raise BadInputError(f"calibration data {label} is not a valid .npz file ({one_line(exc)}); write it again with numpy.savez") from exc
+            raise BadInputError(f"cannot read calibration data {label}: {exc.strerror or exc}; "
+                                "check the path and its permissions") from exc
+        raise BadInputError(f"calibration data {label} is not a valid .npz file ({one_line(exc)}); "
+                            "write it again with numpy.savez") from exc
     except Exception as exc:
         raise BadInputError(
             f"calibration data {label} is not a valid .npz file ({one_line(exc)}); write it again with numpy.savez"
         ) from exc
     if not members:
-        raise BadInputError(f"calibration data {label} holds no arrays; save one array per model input with numpy.savez")
+        raise BadInputError(f"calibration data {label} holds no arrays; "
+                            "save one array per model input with numpy.savez")
     return members
 
 
@@ -207,7 +212,8 @@ def _validate_file(label: str, members: list[_Member], inputs: Sequence[InputSpe
     model = [s.name for s in inputs]
     for spec in inputs:
         if spec.name not in by_key:
-            hint = f"e.g. numpy.savez(path, {spec.name}=array)" if spec.name.isidentifier() else "e.g. numpy.savez(path, **{name: array})"
+            hint = (f"e.g. numpy.savez(path, {spec.name}=array)" if spec.name.isidentifier()
+                    else "e.g. numpy.savez(path, **{name: array})")
             raise BadInputError(
                 f"calibration data {label} has no array for model input '{spec.name}' (found: {_names(found)}); "
                 f"name each array after a model input, {hint}"
@@ -367,7 +373,8 @@ class CalibrationData:
                         f.path, dtype=m.dtype, mode="r", offset=m.offset, shape=m.shape, order="F" if m.fortran else "C"
                     )
                 except (OSError, ValueError) as exc:
-                    raise BadInputError(f"cannot map calibration data {f.label}: {one_line(exc)}; check the file") from exc
+                    raise BadInputError(
+                        f"cannot map calibration data {f.label}: {one_line(exc)}; check the file") from exc
             else:
                 assert f.path is not None  # only from_arrays' file has no path, and its members are _MEMORY
                 try:
@@ -380,7 +387,8 @@ class CalibrationData:
                     ) from exc
                 if arr.shape != m.shape or arr.dtype != m.dtype:
                     raise BadInputError(
-                        f"calibration data {f.label} member '{m.zip_name}' does not match its header; write the file again"
+                        f"calibration data {f.label} member '{m.zip_name}' does not match its header; "
+                        "write the file again"
                     )
                 out[name] = arr
         return out
@@ -484,7 +492,8 @@ def open_data(path: str | os.PathLike, inputs: Sequence[InputSpec], batch_size: 
         try:
             names = sorted(os.listdir(p))
         except OSError as exc:
-            raise BadInputError(f"cannot read calibration data directory {label}: {exc.strerror or exc}; check its permissions") from exc
+            raise BadInputError(f"cannot read calibration data directory {label}: {exc.strerror or exc}; "
+                                "check its permissions") from exc
         data_files = [
             n
             for n in names
@@ -503,7 +512,8 @@ def open_data(path: str | os.PathLike, inputs: Sequence[InputSpec], batch_size: 
             raise BadInputError(f"cannot read calibration data {label}: permission denied; check its permissions")
         files = [_scan_file(p, label, specs)]
     else:
-        raise BadInputError(f"calibration data {label} is not a file or a directory; give a .npz, .npy or a directory of them")
+        raise BadInputError(f"calibration data {label} is not a file or a directory; "
+                            "give a .npz, .npy or a directory of them")
     return CalibrationData(files, specs, batch_size, label)
 
 

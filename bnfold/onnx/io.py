@@ -47,7 +47,7 @@ class _Hasher:
 class LoadedModel:
     model: onnx.ModelProto
     path: Path | None
-    digest: "str | _Hasher | None"  # sha256 of the file, or the thread computing it
+    digest: str | _Hasher | None  # sha256 of the file, or the thread computing it
     external_data: bool  # some tensors lived in external files
     locations: tuple[str, ...] = ()  # the external-data files named in the model file, as written there
     stamp: tuple = ()  # file_stamp() of the model file and its data files just after reading them

@@ -174,7 +174,9 @@ def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: st
             for n, t in zip(out_names, outputs):
                 if t.dim() >= 1 and batch is not None and int(t.shape[0]) == batch:
                     axes[n] = {0: "batch"}
-        target, args, kwargs = module, (), dict(example)
+        target: nn.Module = module
+        args: tuple[torch.Tensor, ...] = ()
+        kwargs = dict(example)
         if positional is not None and positional == names and not _more_parameters(module, names):
             target, args, kwargs = module, tuple(example.values()), {}
         elif positional is not None and not isinstance(module, torch.jit.ScriptModule):
@@ -263,12 +265,12 @@ def compare_arrays(reference: Mapping[str, np.ndarray], candidate: Mapping[str, 
     """max abs / max rel error and the verdict per output and overall: ``--atol``/``--rtol``
     (per output, else global) where given, else the output dtype's default tolerance."""
 
+    metrics = compare_outputs(dict(reference), dict(candidate), atol=atol, rtol=rtol)
     outputs = [{"name": m.name, "dtype": m.dtype, "max_abs": float(m.max_abs), "max_rel": float(m.max_rel),
-                "atol": float(m.atol), "rtol": float(m.rtol), "passed": bool(m.passed)}
-               for m in compare_outputs(dict(reference), dict(candidate), atol=atol, rtol=rtol)]
+                "atol": float(m.atol), "rtol": float(m.rtol), "passed": bool(m.passed)} for m in metrics]
     return {
-        "max_abs": max((o["max_abs"] for o in outputs), default=0.0),
-        "max_rel": max((o["max_rel"] for o in outputs), default=0.0),
+        "max_abs": max((float(m.max_abs) for m in metrics), default=0.0),
+        "max_rel": max((float(m.max_rel) for m in metrics), default=0.0),
         "passed": all(o["passed"] for o in outputs),
         "samples": int(samples),
         "outputs": outputs,

@@ -27,9 +27,10 @@ import os
 import pickle
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -231,7 +232,8 @@ def _functional_linear(g: fx.Graph, node: fx.Node) -> None:
     else:
         return
     w = _transposed_weight(wt)
-    if w is None or not isinstance(wt, fx.Node) or (bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
+    bias_ok = bias is None or (isinstance(bias, fx.Node) and bias.op == "get_attr")
+    if w is None or not isinstance(wt, fx.Node) or not bias_ok:
         return
     node.target, node.args, node.kwargs = F.linear, (x, w, bias), {}
     if not wt.users:
@@ -501,7 +503,8 @@ def _load_pickle(path: Path, unsafe_pickle: bool, warn: Callable[[str], None] | 
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         if not _is_weights_only_refusal(exc):
-            raise BadInputError(f"'{path}' is not a PyTorch model file torch.load can read: {one_line(exc, 240)}") from exc
+            raise BadInputError(
+                f"'{path}' is not a PyTorch model file torch.load can read: {one_line(exc, 240)}") from exc
         if not unsafe_pickle:
             raise BadInputError(
                 f"'{path}' is a whole pickled module: loading it runs arbitrary code from the file, so bnfold "

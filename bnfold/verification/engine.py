@@ -12,8 +12,9 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -55,7 +56,8 @@ class _CandidateFailed(Exception):
     pass
 
 
-def _run_all(sess: onnxruntime.InferenceSession, names: list[str], feeds: Feeds, *, reference: bool = True) -> list[list[np.ndarray]]:
+def _run_all(sess: onnxruntime.InferenceSession, names: list[str], feeds: Feeds, *,
+             reference: bool = True) -> list[list[np.ndarray]]:
     """Outputs per name (a list over feeds). A reference that cannot run is bad input."""
     inputs = [i.name for i in sess.get_inputs()]
     per: list[list[np.ndarray]] = [[] for _ in names]
@@ -108,7 +110,8 @@ def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, c
     return ProviderRun(provider, "ran", tuple(cand.get_providers()), passed, tuple(metrics)), dict(zip(names, ref_out))
 
 
-def _noise_floor(base: dict[str, list[np.ndarray]], other: dict[str, list[np.ndarray]]) -> tuple[tuple[str, float], ...]:
+def _noise_floor(base: dict[str, list[np.ndarray]], other: dict[str, list[np.ndarray]]
+                 ) -> tuple[tuple[str, float], ...]:
     floor = []
     for name, refs in base.items():
         worst = 0.0
@@ -144,7 +147,8 @@ def _site_session(model: onnx.ModelProto, names: list[str], path: str, workdir: 
     return make_session(str(out), "cpu")
 
 
-def _localize(reference: str, candidate: str, feeds: Feeds, config: VerifyConfig, workdir: Path) -> tuple[SiteResult, ...]:
+def _localize(reference: str, candidate: str, feeds: Feeds, config: VerifyConfig, workdir: Path
+              ) -> tuple[SiteResult, ...]:
     """Fold sites compared on the CPU. A diagnosis: any failure here means no sites, never a
     different verdict or an error."""
     try:
