@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable
 from typing import BinaryIO
 
+import onnx
 from onnx import TensorProto
 from onnx import external_data_helper as _edh
 
@@ -101,7 +102,7 @@ def _open_checked(tensor: TensorProto, base: str, location: str) -> int:
     path = os.path.join(base, location)
     try:
         fd = _edh._open_external_data_fd(base, location, tensor.name, True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise BadInputError(f"external data of tensor '{tensor.name}' could not be read ({exc}); "
                             "keep the data files next to the model") from exc
     if _fd_stamp(fd) != _STAMPS[(base, location)]:
