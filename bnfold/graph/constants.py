@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 from bnfold.graph.attrs import get_attr
 from bnfold.graph.index import GraphIndex
+from bnfold.onnx import deferred
 
 _MAX_DEPTH = 12
 _MAX_ELEMENTS = 1 << 28
@@ -36,8 +37,13 @@ _RAW_BY_NUMPY: dict[np.dtype[Any], int] = {np.dtype("<f4"): onnx.TensorProto.FLO
 
 
 def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
-    """``numpy_helper.to_array`` with a fast path for raw little-endian data (read-only view)."""
+    """``numpy_helper.to_array`` with a fast path for raw little-endian data (read-only view).
+    A tensor left in its data file at load (``onnx.deferred``) is read from it now."""
     dt = _RAW_DTYPES.get(t.data_type)
+    if deferred.is_deferred(t):
+        if dt is None:
+            return numpy_helper.to_array(deferred.loaded_copy(t))
+        return np.frombuffer(deferred.tensor_bytes(t), dtype=dt).reshape(tuple(t.dims))
     if dt is not None and t.data_location != onnx.TensorProto.EXTERNAL:
         raw = t.raw_data  # each access copies the bytes: read it once
         if raw:

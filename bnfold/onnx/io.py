@@ -16,7 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
 from bnfold.errors import BadInputError, UnsupportedModelError
-from bnfold.onnx import runtime  # late-bound: tests replace runtime.ort_max_ir_version
+from bnfold.onnx import deferred, runtime  # runtime late-bound: tests replace runtime.ort_max_ir_version
 from bnfold.onnx.serialize import _copy_except, write_model
 from bnfold.version import __version__
 
@@ -155,12 +155,34 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     external = bool(locations) and _uses_external_data(model)
     if external:
         try:
-            onnx.load_external_data_for_model(model, str(path.parent))
+            _load_external_data(model, str(path.parent))
         except (OSError, ValueError) as exc:
             raise BadInputError(
                 f"external data of '{path}' could not be read ({exc}); keep the data files next to the model"
             ) from exc
     return LoadedModel(model, path, hasher, external, locations, file_stamp(path, locations))
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: str) -> None:
+    """``onnx.load_external_data_for_model``, in the same order and with the same errors, except
+    that large main-graph initializers are checked but left in their file (``deferred.defer``)."""
+    if not deferred.supported():
+        onnx.load_external_data_for_model(model, base_dir)
+        return
+    left: list[onnx.TensorProto] = []
+    try:
+        for t in model.graph.initializer:  # onnx's loader starts with these, in this order
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            if deferred.defer(t, base_dir):
+                t.data_location = onnx.TensorProto.DEFAULT  # hidden from the loader below
+                left.append(t)
+            else:
+                onnx.external_data_helper.load_external_data_for_tensor(t, base_dir)
+        onnx.load_external_data_for_model(model, base_dir)  # subgraphs and attributes
+    finally:
+        for t in left:
+            t.data_location = onnx.TensorProto.EXTERNAL
 
 
 def data_files(path: Path) -> list[Path]:
@@ -229,7 +251,7 @@ def save_onnx(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not external_data:
+    if not external_data and not deferred.has_deferred(model.graph.initializer):
         fd, tmp_name = _create_new(path.parent, path.name)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -294,8 +316,10 @@ def _save_external(model: onnx.ModelProto, path: Path) -> str:
         fh = None
         try:
             for t in model.graph.initializer:
-                raw = t.raw_data if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") else b""
-                if len(raw) < EXTERNAL_MIN_BYTES:
+                lazy = deferred.is_deferred(t)  # copied from its file in chunks, never held whole
+                raw = t.raw_data if not lazy and t.data_location != onnx.TensorProto.EXTERNAL \
+                    and t.HasField("raw_data") else b""
+                if not lazy and len(raw) < EXTERNAL_MIN_BYTES:
                     del raw
                     graph.initializer.add().CopyFrom(t)
                     continue
@@ -306,13 +330,17 @@ def _save_external(model: onnx.ModelProto, path: Path) -> str:
                 if pad:
                     fh.write(_ZEROS[:pad])
                     offset += pad
-                fh.write(raw)
+                if lazy:
+                    length = deferred.copy_to(t, fh)
+                else:
+                    fh.write(raw)
+                    length = len(raw)
+                del raw
                 head = graph.initializer.add()
                 _copy_except(t, head, "raw_data")
                 del head.external_data[:]
-                _set_external(head, location, offset, len(raw))
-                offset += len(raw)
-                del raw
+                _set_external(head, location, offset, length)
+                offset += length
         finally:
             if fh is not None:
                 fh.close()

@@ -18,6 +18,7 @@ from bnfold.data.sources import Batches
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.formulas.stats import update
 from bnfold.graph.constants import tensor_to_array
+from bnfold.onnx import deferred
 from bnfold.onnx import io as onnx_io
 from bnfold.onnx.io import prepare_for_save
 from bnfold.records import BnStats
@@ -40,6 +41,8 @@ def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnxr
     opts.log_severity_level = 3
     tmpdir = None
     values: list[onnxruntime.OrtValue] = []
+    kept = {t.name for t in model.graph.initializer}  # pruning may have dropped some: those are not read
+    held = {name: t for name, t in held.items() if name in kept}
     try:
         if model.ByteSize() < onnx_io.PROTO_LIMIT:  # a skeleton: the large weights are not in it
             source: bytes | str = model.SerializeToString()
@@ -50,7 +53,8 @@ def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnxr
         else:  # too large for one protobuf even so: through a file with external data
             for t in model.graph.initializer:
                 if t.name in held:
-                    t.CopyFrom(held[t.name])
+                    src = held[t.name]
+                    t.CopyFrom(deferred.loaded_copy(src) if deferred.is_deferred(src) else src)
             tmpdir = tempfile.mkdtemp(prefix="bnfold-cal-")
             path = os.path.join(tmpdir, "calibration.onnx")
             onnx.save_model(model, path, save_as_external_data=True, location="calibration.data")

@@ -24,6 +24,7 @@ from bnfold.errors import UnsupportedModelError
 from bnfold.graph.attrs import set_attr
 from bnfold.graph.constants import _RAW_DTYPES, Constants
 from bnfold.graph.index import GraphIndex, has_subgraph, subgraph_free_names
+from bnfold.onnx import deferred
 from bnfold.onnx.serialize import _copy_except
 from bnfold.stages.discover import BnSite
 from bnfold.stages.freeze import stats_dtype
@@ -41,10 +42,12 @@ def _copy_heads(model: onnx.ModelProto, cal: onnx.ModelProto) -> dict[str, onnx.
     _copy_except(model.graph, cal.graph, "initializer")
     held: dict[str, onnx.TensorProto] = {}
     for t in model.graph.initializer:
-        if (t.data_type in _RAW_DTYPES and t.data_location != onnx.TensorProto.EXTERNAL
-                and t.HasField("raw_data") and t.ByteSize() >= IN_MEMORY_MIN_BYTES and t.name not in held):
+        if t.name not in held and (deferred.is_deferred(t) or (  # a deferred one: read only if the net keeps it
+                t.data_type in _RAW_DTYPES and t.data_location != onnx.TensorProto.EXTERNAL
+                and t.HasField("raw_data") and t.ByteSize() >= IN_MEMORY_MIN_BYTES)):
             head = cal.graph.initializer.add()
             _copy_except(t, head, "raw_data")
+            del head.external_data[:]  # a deferred tensor's own entries
             head.data_location = onnx.TensorProto.EXTERNAL
             entry = head.external_data.add()
             entry.key, entry.value = "location", IN_MEMORY_LOCATION
