@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -19,6 +19,7 @@ import onnx
 from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
+from bnfold.onnx.deferred import materialize
 from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save
 from bnfold.onnx.runtime import input_specs
 from bnfold.onnx.staging import Staging, input_is_reference
@@ -50,14 +51,28 @@ class BnInspection:
     graph_path: str = ""
 
 
-@dataclass
 class FoldResult:
     """What ``fold`` returns: the folded model (None on a dry run), the report, and the plan rows
-    (``inspect``'s rows with the decisions this run took, e.g. DTYPE_OVERFLOW checked on data)."""
+    (``inspect``'s rows with the decisions this run took, e.g. DTYPE_OVERFLOW checked on data).
 
-    model: onnx.ModelProto | None
-    report: Report
-    rows: list[BnInspection] = field(default_factory=list)
+    External tensors of 64 MiB or more that bnfold never needed stay in their file while it runs
+    (``bnfold/onnx/deferred.py``); ``model`` reads them in on first access, so the model a caller
+    gets holds all its data, as ``onnx.load`` would give it.
+    """
+
+    def __init__(self, model: onnx.ModelProto | None, report: Report, rows: list[BnInspection] | None = None) -> None:
+        self._model = model
+        self._complete = model is None
+        self.report = report
+        self.rows: list[BnInspection] = rows if rows is not None else []
+
+    @property
+    def model(self) -> onnx.ModelProto | None:
+        if not self._complete:
+            assert self._model is not None
+            materialize(self._model)
+            self._complete = True
+        return self._model
 
     @property
     def ok(self) -> bool:
@@ -65,8 +80,10 @@ class FoldResult:
         v = self.report.verification
         return v is None or v.passed
 
+    def __repr__(self) -> str:
+        return f"FoldResult(report={self.report!r}, rows={len(self.rows)} BN)"
 
-# ---- stages wired together ----------------------------------------------------------------
+
 def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     if isinstance(model, onnx.ModelProto):  # never mutate the caller's model
         copy = onnx.ModelProto()

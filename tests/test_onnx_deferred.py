@@ -131,7 +131,7 @@ def test_fold_output_is_byte_identical_with_a_deferred_table(rng, tmp_path, monk
     lazy = bnfold.fold(src, output=tmp_path / "lazy" / "m.onnx", data=data, batch_size=1 if training else None)
     assert eager.ok and lazy.ok
     assert reads == (["table"] if training else [])  # read once for calibration; copied, never read, otherwise
-    assert lazy.model is not None and deferred.is_deferred(_table(lazy.model))
+    assert lazy._model is not None and deferred.is_deferred(_table(lazy._model))  # while bnfold ran
     assert _canonical(tmp_path / "lazy" / "m.onnx") == _canonical(tmp_path / "eager" / "m.onnx")
 
 
@@ -236,3 +236,24 @@ def test_data_shared_with_a_subgraph_tensor_still_loads(rng, tmp_path, small_thr
     assert all(not deferred.is_deferred(t) for t in others)
     assert FLOAT == _table(loaded.model).data_type
     np.testing.assert_array_equal(tensor_to_array(_table(loaded.model)), table)
+
+
+
+def test_fold_result_model_holds_every_tensor_inline(tmp_path: Path, small_threshold: None) -> None:
+    """A deferred table stays in its file while bnfold runs, but the model ``fold`` hands back holds
+    its data (as onnx.load would): it serialises and runs on its own, away from the data file."""
+    import onnxruntime as ort
+
+    model, table = _model(np.random.default_rng(3))
+    src = _write(model, tmp_path / "in")
+    res = bnfold.fold(src, verify=False)
+    assert res._model is not None and any(deferred.is_deferred(t) for t in res._model.graph.initializer)
+    out = res.model
+    assert out is not None and not any(deferred.is_deferred(t) for t in out.graph.initializer)
+    t = _table(out)
+    assert t.data_location == onnx.TensorProto.DEFAULT and not t.external_data and t.raw_data == table.tobytes()
+    (tmp_path / "in" / "weights.bin").unlink()  # the returned model no longer needs the source file
+    x = rand(np.random.default_rng(4), 1, 3, 8, 8)
+    sess = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"x": x})
+    assert y.shape == (1, C, 8, 8) and np.isfinite(y).all()

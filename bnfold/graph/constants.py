@@ -32,8 +32,10 @@ _RAW_DTYPES: dict[int, np.dtype[Any]] = {
 _RAW_SIZES: dict[int, int] = {code: dt.itemsize for code, dt in _RAW_DTYPES.items()}
 
 # little-endian numpy dtypes written as raw_data by ``array_to_tensor``'s fast path
-_RAW_BY_NUMPY: dict[np.dtype[Any], int] = {np.dtype("<f4"): onnx.TensorProto.FLOAT, np.dtype("<f8"): onnx.TensorProto.DOUBLE,
-                 np.dtype("<f2"): onnx.TensorProto.FLOAT16}
+_RAW_BY_NUMPY: dict[np.dtype[Any], int] = {
+    np.dtype("<f4"): onnx.TensorProto.FLOAT, np.dtype("<f8"): onnx.TensorProto.DOUBLE,
+    np.dtype("<f2"): onnx.TensorProto.FLOAT16,
+}
 
 
 def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import BinaryIO
 
 import onnx
-from onnx import TensorProto
+from onnx import ModelProto, TensorProto
 from onnx import external_data_helper as _edh
 
 from bnfold.errors import BadInputError
@@ -166,3 +166,11 @@ def copy_to(tensor: TensorProto, fh: BinaryIO) -> int:
     finally:
         os.close(fd)
     return length
+
+
+def materialize(model: ModelProto) -> None:
+    """Read every deferred tensor of ``model``'s main graph into ``raw_data``, leaving the model as
+    onnx's own loader would (for a caller who uses the in-memory model beyond bnfold)."""
+    for i, tensor in enumerate(model.graph.initializer):
+        if is_deferred(tensor):
+            model.graph.initializer[i].CopyFrom(loaded_copy(tensor))

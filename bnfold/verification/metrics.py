@@ -81,11 +81,7 @@ import numpy as np
 
 from bnfold.errors import BadInputError
 from bnfold.records import HIST_HI, HIST_LO, HIST_ZERO, OutputMetrics
-from bnfold.verification.tolerances import (
-    is_float_dtype,
-    normalize_dtype,
-    parse_tolerances,  # noqa: F401  (compat: cli/main.py imports it from here)
-)
+from bnfold.verification.tolerances import is_float_dtype, normalize_dtype
 
 
 def _import_ml_dtypes() -> ModuleType | None:
