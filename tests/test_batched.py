@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from conftest import bn, bn_params, init, make_model, node_named, vi
 from hypothesis import given, settings
@@ -101,6 +102,18 @@ def test_wrong_shapes_raise_as_arith_does():
         batched.fold_conv_many([ConvFold(w, None, np.ones(2), np.zeros(2))])
 
 
+def test_a_bias_of_the_wrong_length_raises_as_arith_does():
+    # batched with a fold of the same group, the short bias must not shift its neighbour's values
+    w = np.ones((3, 1, 1, 1), np.float32)
+    ok = ConvFold(w, np.ones(3, np.float32), np.ones(3), np.zeros(3))
+    bad = ConvFold(w, np.ones(2, np.float32), np.ones(3), np.zeros(3))
+    with pytest.raises(ValueError) as batched_error:
+        batched.fold_conv_many([ok, bad])
+    with pytest.raises(ValueError) as arith_error:
+        arith.fold_conv_cast(bad.weight, bad.bias, bad.s, bad.t)
+    assert str(batched_error.value) == str(arith_error.value)
+
+
 @pytest.mark.parametrize("uniform", [True, False])
 def test_fold_conv_flat_rows_and_repeat_paths_equal_one_at_a_time(uniform):
     # equal sizes per output channel take the row path, mixed sizes the repeat path: both bit for
@@ -146,19 +159,20 @@ def _small_conv_model(rng, n):
 
 
 @pytest.mark.parametrize("limit", [None, 40])
-def test_the_fold_stage_batches_through_fold_conv_many(monkeypatch, limit):
-    """The ONNX fold stage computes its small Conv folds with ``fold_conv_many`` (the function
-    the tests above hold to one-at-a-time results) and writes exactly what it returns."""
+def test_the_fold_stage_batches_through_fold_convs(monkeypatch, limit):
+    """The ONNX fold stage computes its small Conv folds with ``fold_convs`` (the function
+    ``fold_conv_many``, which the tests above hold to one-at-a-time results, runs on) and writes
+    exactly what they are one at a time."""
     if limit is not None:
         monkeypatch.setattr(batched, "BATCH_ELEMENTS", limit)
     seen: list[int] = []
-    real = batched.fold_conv_many
+    real = batched.fold_convs
 
-    def spy(jobs):
-        seen.append(len(jobs))
-        return real(jobs)
+    def spy(specs, values):
+        seen.append(len(specs))
+        return real(specs, values)
 
-    monkeypatch.setattr(batched, "fold_conv_many", spy)
+    monkeypatch.setattr(batched, "fold_convs", spy)
     model, expect = _small_conv_model(np.random.default_rng(5), 9)
     res = fold(model, verify=False)
     assert seen == [9 if limit is None else sum(j.weight.size <= limit // 4 for _, j in expect)]
@@ -166,3 +180,54 @@ def test_the_fold_stage_batches_through_fold_conv_many(monkeypatch, limit):
     for conv, job in expect:
         node = node_named(res.model, conv)
         _same((inits[node.input[1]], inits[node.input[2]]), _one_at_a_time(job))
+
+
+_ELEM = {np.float32: onnx.TensorProto.FLOAT, np.float16: onnx.TensorProto.FLOAT16,
+         np.float64: onnx.TensorProto.DOUBLE}
+
+
+def test_the_fold_stage_reads_and_writes_mixed_batches_bit_for_bit(monkeypatch):
+    """Side by side Conv -> BN branches of three dtypes, with and without a bias, one weight held
+    as float_data rather than raw bytes: the stage reads each batch's weights and biases from the
+    initializers in one piece, writes each Conv its own share, and every folded tensor is bit for
+    bit the one-at-a-time fold."""
+    rng = np.random.default_rng(11)
+    seen: list[int] = []
+    real = batched.fold_convs
+
+    def spy(specs, values):
+        seen.append(len(specs))
+        return real(specs, values)
+
+    monkeypatch.setattr(batched, "fold_convs", spy)
+    nodes, inits, inputs, outputs, expect = [], [], [], [], []
+    dtypes = [np.float32, np.float16, np.float64]
+    for i in range(12):
+        dt = dtypes[i % 3]
+        c_out, c_in, k = 2 + i % 4, 1 + i % 3, 1 + i % 2
+        w = rng.standard_normal((c_out, c_in, k, k)).astype(dt)
+        b = rng.standard_normal(c_out).astype(dt) if i % 5 else None
+        if i == 7:  # not raw data: read as an array, folded on its own
+            inits.append(helper.make_tensor(f"w{i}", _ELEM[dt], w.shape, w.reshape(-1).tolist()))
+        else:
+            inits.append(init(f"w{i}", w))
+        if b is not None:
+            inits.append(init(f"b{i}", b))
+        conv_in = [f"x{i}", f"w{i}"] + ([f"b{i}"] if b is not None else [])
+        nodes.append(helper.make_node("Conv", conv_in, [f"z{i}"], name=f"conv{i}"))
+        p = bn_params(rng, c_out, dtype=dt)
+        node, bn_inits = bn(f"bn{i}", f"z{i}", f"y{i}", p)
+        nodes.append(node)
+        inits += bn_inits
+        eps = float(np.float32(1e-5))  # the epsilon attribute is a float32
+        s, t = arith.bn_scale_shift(p["scale"], p["bias"], p["mean"], p["var"], eps)
+        expect.append((f"conv{i}", f"w{i}", ConvFold(w, b, s, t)))
+        inputs.append(vi(f"x{i}", [1, c_in, 5, 5], _ELEM[dt]))
+        outputs.append(vi(f"y{i}", 4, _ELEM[dt]))
+    res = fold(make_model(nodes, inputs, outputs, inits), verify=False)
+    assert res.report.folded == 12 and seen == [12]
+    out = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    for conv, w_name, job in expect:
+        node = node_named(res.model, conv)
+        assert node.input[1] == w_name  # the sole reader: folded in place
+        _same((out[node.input[1]], out[node.input[2]]), _one_at_a_time(job))

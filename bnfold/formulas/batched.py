@@ -10,9 +10,11 @@ or computes exactly as before.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from itertools import accumulate
+from typing import NamedTuple, Protocol, TypeAlias
 
 import numpy as np
 
@@ -103,14 +105,42 @@ def fold_conv_one(job: ConvFold) -> Folded:
         return exc
 
 
-def _batchable(job: ConvFold) -> bool:
-    w, b = job.weight, job.bias
-    if w.ndim < 3 or w.size > BATCH_ELEMENTS // 4 or w.dtype not in arith._LIMITS:
+class ConvSpec(NamedTuple):
+    """What batching needs to know of one backward Conv fold before reading its values: the
+    weight's shape and dtype, whether there is a bias and its dtype, and the BN's (s, t).
+    A dtype of None is one batching does not handle (the fold is done one at a time)."""
+
+    shape: tuple[int, ...]
+    w_dtype: np.dtype | None
+    has_bias: bool
+    b_dtype: np.dtype | None
+    s: np.ndarray  # float64 (C_out,)
+    t: np.ndarray
+
+
+class ConvValues(Protocol):
+    """Where ``fold_convs`` reads the weights and biases of the folds it was given."""
+
+    def concatenated(self, members: list[int]) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The members' weights flattened and concatenated (in ``members`` order), and their
+        biases likewise (None where they have none); None if they cannot be read in one piece or
+        a bias is not of shape ``(C_out,)`` (the folds are then done one at a time)."""
+        ...
+
+    def job(self, i: int) -> ConvFold:
+        """Fold ``i`` as arrays, for folding it on its own."""
+        ...
+
+
+def _batchable(spec: ConvSpec, size: int) -> bool:
+    """Whether the fold of ``spec`` (a weight of ``size`` values) can go into a batch."""
+    shape = spec.shape
+    if len(shape) < 3 or size > BATCH_ELEMENTS // 4 or spec.w_dtype not in arith._LIMITS:
         return False
-    c = w.shape[0]
-    if not c or job.s.shape != (c,) or job.t.shape != (c,):
+    c = shape[0]
+    if not c or spec.s.shape != (c,) or spec.t.shape != (c,):
         return False
-    return b is None or (b.shape == (c,) and b.dtype in arith._LIMITS)
+    return not spec.has_bias or spec.b_dtype in arith._LIMITS
 
 
 def fold_conv_flat(w_flat: np.ndarray, per_channel: np.ndarray, s: np.ndarray, t: np.ndarray,
@@ -131,21 +161,90 @@ def fold_conv_flat(w_flat: np.ndarray, per_channel: np.ndarray, s: np.ndarray, t
     return w_out, arith.cast_back(s * b_orig + t, b_dtype, original=b_orig)
 
 
-def _fold_batch(jobs: list[ConvFold]) -> list[Folded]:
-    """One concatenated pass over jobs sharing the weight dtype and the bias dtype."""
-    ws = [j.weight for j in jobs]
-    b_dtype = jobs[0].bias.dtype if jobs[0].bias is not None else ws[0].dtype
-    chans = [w.shape[0] for w in ws]
+class RawValue:
+    """A value as the raw little-endian bytes of an array of ``dtype`` and ``shape`` (a folded
+    tensor of a batch: the writer stores the bytes without a numpy round trip)."""
+
+    __slots__ = ("data", "dtype", "shape")
+
+    def __init__(self, data: bytes, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.data, self.shape, self.dtype = data, shape, dtype
+
+    def array(self) -> np.ndarray:
+        return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape)
+
+
+class FlatFolded:
+    """One batch's folded weights and biases, flat (cast back to the weight's and the bias's
+    dtypes), and where each fold's share of them lies."""
+
+    __slots__ = ("_raw", "b_starts", "bias", "shapes", "w_starts", "weights")
+
+    def __init__(self, weights: np.ndarray, bias: np.ndarray, shapes: list[tuple[int, ...]], sizes: list[int],
+                 chans: list[int]) -> None:
+        self.weights, self.bias, self.shapes = weights, bias, shapes
+        # fold k's share is [starts[k], starts[k + 1]) (plain ints: nothing for the garbage collector)
+        self.w_starts, self.b_starts = list(accumulate(sizes, initial=0)), list(accumulate(chans, initial=0))
+        self._raw: tuple[bytes, bytes] | None = None
+
+    def arrays(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Fold ``k``'s (weight, bias)."""
+        a, b, c, d = self.w_starts[k], self.w_starts[k + 1], self.b_starts[k], self.b_starts[k + 1]
+        return self.weights[a:b].reshape(self.shapes[k]), self.bias[c:d]
+
+    def raw(self, k: int) -> tuple[RawValue, RawValue]:
+        """Fold ``k``'s (weight, bias) as raw bytes (the batch's bytes are made once)."""
+        if self._raw is None:
+            self._raw = self.weights.tobytes(), self.bias.tobytes()
+        w_raw, b_raw = self._raw
+        a, b, c, d = self.w_starts[k], self.w_starts[k + 1], self.b_starts[k], self.b_starts[k + 1]
+        wi, bi = self.weights.itemsize, self.bias.itemsize
+        shape = self.shapes[k]
+        return (RawValue(w_raw[a * wi:b * wi], shape, self.weights.dtype),
+                RawValue(b_raw[c * bi:d * bi], (shape[0],), self.bias.dtype))
+
+
+class BatchShare:
+    """One fold's share of a batch: ``batch.arrays(k)`` or ``batch.raw(k)`` (one small object per
+    fold until it is written: thousands of folds make little work for the garbage collector)."""
+
+    __slots__ = ("batch", "k")
+
+    def __init__(self, batch: FlatFolded, k: int) -> None:
+        self.batch, self.k = batch, k
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.batch.arrays(self.k)
+
+    def raw(self) -> tuple[RawValue, RawValue]:
+        return self.batch.raw(self.k)
+
+
+# one Conv's result from ``fold_convs``: its share of a batch, or folded on its own
+BatchFolded: TypeAlias = BatchShare | Folded
+
+
+def _fold_batch(specs: Sequence[ConvSpec], members: list[int], sizes: list[int],
+                values: ConvValues) -> list[BatchFolded]:
+    """One concatenated pass over folds (weights of ``sizes`` values) sharing the weight dtype, the
+    bias dtype (or none) and the weight size per output channel."""
+    one = [specs[i] for i in members]
+    flat = values.concatenated(members)
+    if flat is None:  # not readable in one piece: one at a time
+        return [fold_conv_one(values.job(i)) for i in members]
+    w_flat, b_flat = flat
+    shapes = [spec.shape for spec in one]
+    chans = [shape[0] for shape in shapes]
+    b_dtype = b_flat.dtype if b_flat is not None else w_flat.dtype
+    b_orig = b_flat.astype(np.float64) if b_flat is not None else np.zeros(sum(chans))
     try:
         w_out, b_out = fold_conv_flat(
-            np.concatenate([w.reshape(-1) for w in ws]),
-            np.repeat([w.size // w.shape[0] for w in ws], chans),
-            np.concatenate([j.s for j in jobs]), np.concatenate([j.t for j in jobs]),
-            np.concatenate([_bias_original(j.bias, c) for j, c in zip(jobs, chans)], dtype=np.float64), b_dtype)
+            w_flat, np.repeat([n // c for n, c in zip(sizes, chans)], chans),
+            np.concatenate([spec.s for spec in one]), np.concatenate([spec.t for spec in one]), b_orig, b_dtype)
     except arith.FoldValueError:  # find out which fold it is, one at a time
-        return [fold_conv_one(j) for j in jobs]
-    return [(w_out[a:b].reshape(w.shape), b_out[c:d])
-            for (a, b), (c, d), w in zip(bounds([w.size for w in ws]), bounds(chans), ws)]
+        return [fold_conv_one(values.job(i)) for i in members]
+    batch = FlatFolded(w_out, b_out, shapes, sizes, chans)
+    return [BatchShare(batch, k) for k in range(len(members))]
 
 
 def chunks(sizes: Sequence[int], limit: int) -> list[list[int]]:
@@ -165,26 +264,60 @@ def chunks(sizes: Sequence[int], limit: int) -> list[list[int]]:
     return runs
 
 
-def fold_conv_many(jobs: Sequence[ConvFold]) -> list[Folded]:
-    """``fold_conv_one`` of every job, small ones in concatenated batches (the ONNX fold stage
-    batches its small Conv folds through this function).
+def fold_convs(specs: Sequence[ConvSpec], values: ConvValues) -> list[BatchFolded]:
+    """``fold_conv_one`` of every fold, small ones in concatenated batches read through ``values``
+    (the ONNX fold stage batches its small Conv folds through this function, reading raw
+    initializer data; ``fold_conv_many`` through it over arrays).
 
-    A batch holds jobs of one weight dtype, one bias dtype (or none) and one weight size per
+    A batch holds folds of one weight dtype, one bias dtype (or none) and one weight size per
     output channel (so that ``fold_conv_flat`` scales rows in place), at most ``BATCH_ELEMENTS``
     weight values in all.
     """
-    out: list[Folded | None] = [None] * len(jobs)
-    groups: dict[tuple[object, ...], list[int]] = {}
-    for i, job in enumerate(jobs):
-        if _batchable(job):
-            w = job.weight
-            key = (w.dtype, None if job.bias is None else job.bias.dtype, w.size // w.shape[0])
-            groups.setdefault(key, []).append(i)
+    out: list[BatchFolded | None] = [None] * len(specs)
+    groups: dict[tuple[object, ...], tuple[list[int], list[int]]] = {}  # key -> (folds, weight sizes)
+    for i, spec in enumerate(specs):
+        size = math.prod(spec.shape)
+        if _batchable(spec, size):
+            members, sizes = groups.setdefault((spec.w_dtype, spec.b_dtype, size // spec.shape[0]), ([], []))
+            members.append(i)
+            sizes.append(size)
         else:
-            out[i] = fold_conv_one(job)
-    for members in groups.values():
-        for run in chunks([jobs[i].weight.size for i in members], BATCH_ELEMENTS):
+            out[i] = fold_conv_one(values.job(i))
+    for members, sizes in groups.values():
+        for run in chunks(sizes, BATCH_ELEMENTS):
             chunk = [members[k] for k in run]
-            for i, res in zip(chunk, _fold_batch([jobs[i] for i in chunk])):
+            for i, res in zip(chunk, _fold_batch(specs, chunk, [sizes[k] for k in run], values)):
                 out[i] = res
     return out  # type: ignore[return-value]
+
+
+class _Arrays:
+    """``ConvValues`` over ``ConvFold`` jobs: their arrays, concatenated."""
+
+    def __init__(self, jobs: Sequence[ConvFold]) -> None:
+        self.jobs = jobs
+
+    def concatenated(self, members: list[int]) -> tuple[np.ndarray, np.ndarray | None] | None:
+        jobs = [self.jobs[i] for i in members]
+        w = np.concatenate([j.weight.reshape(-1) for j in jobs])
+        if any(j.bias is not None and j.bias.shape != (j.weight.shape[0],) for j in jobs):
+            return None
+        biases = [j.bias for j in jobs if j.bias is not None]
+        return w, (np.concatenate(biases) if biases else None)
+
+    def job(self, i: int) -> ConvFold:
+        return self.jobs[i]
+
+
+def spec_of(job: ConvFold) -> ConvSpec:
+    """The ``ConvSpec`` of a fold given as arrays."""
+    b = job.bias
+    return ConvSpec(job.weight.shape, job.weight.dtype, b is not None, None if b is None else b.dtype,
+                    job.s, job.t)
+
+
+def fold_conv_many(jobs: Sequence[ConvFold]) -> list[Folded]:
+    """``fold_conv_one`` of every job, small ones in concatenated batches (``fold_convs`` over the
+    jobs' arrays)."""
+    return [r.arrays() if isinstance(r, BatchShare) else r
+            for r in fold_convs([spec_of(j) for j in jobs], _Arrays(jobs))]

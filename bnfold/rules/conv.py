@@ -1,10 +1,13 @@
 """Backward fold into a Conv: weight ``(C_out, C_in/groups, k...)``, any rank and group count."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 
-from bnfold.formulas import arith
+from bnfold.formulas import arith, batched
+from bnfold.formulas.batched import BatchFolded, ConvSpec, ConvValues
 from bnfold.rules.base import BackwardRule, FoldAttrs, GraphView, Match
 
 
@@ -29,6 +32,12 @@ class ConvRule(BackwardRule):
                   attrs: FoldAttrs) -> tuple[np.ndarray, np.ndarray]:
         # the same values and errors as fold + cast_back, a block of output channels at a time
         return arith.fold_conv_cast(weight, bias, s, t)
+
+    def fold_cast_many(self, specs: Sequence[ConvSpec], values: ConvValues) -> list[BatchFolded]:
+        """``fold_cast`` of many Convs at once: small ones from their weights and biases read flat
+        and concatenated (``batched.fold_convs``: bit for bit the one-at-a-time values), the others
+        one at a time. A FoldValueError is returned in its fold's place."""
+        return batched.fold_convs(specs, values)
 
 
 CONV = ConvRule()

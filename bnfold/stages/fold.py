@@ -1,6 +1,7 @@
 """Stage 5: apply the plan. The folded tensors come from each producer kind's rule
 (:mod:`bnfold.rules`, over the pure float64 formulas of ``arith``); this module only rewires nodes
-and writes tensors. Small Conv folds are computed together by ``batched.fold_conv_many``.
+and writes tensors. Small Conv folds are computed together by the Conv rule's ``fold_cast_many``
+(``batched.fold_convs``) from their initializers' raw data, and written back as raw bytes.
 
 A weight is replaced in place only when this node is its sole reader; otherwise the folded node
 gets its own copy (the original stays for the other readers). A folded value that does not fit
@@ -18,9 +19,12 @@ from onnx import helper
 
 from bnfold.formulas import arith, batched
 from bnfold.formulas.batched import (
+    BatchFolded,
+    BatchShare,
     BnParams,
     ConvFold,
-    Folded,
+    ConvSpec,
+    RawValue,
     bounds,
     scale_shift_flat,
     scale_shift_many,
@@ -39,6 +43,35 @@ from bnfold.stages.work import Work
 
 # a (scale, shift) pair per fold, float64 (C,)
 ScaleShift = tuple[np.ndarray, np.ndarray]
+
+# the initializer dtypes whose folds ``batched.fold_convs`` may batch
+_FLOATS: dict[int, np.dtype] = {onnx.TensorProto.FLOAT: np.dtype(np.float32),
+                                onnx.TensorProto.DOUBLE: np.dtype(np.float64),
+                                onnx.TensorProto.FLOAT16: np.dtype(np.float16)}
+
+
+class _InitConvs:
+    """``batched.ConvValues`` over the small Convs' initializers: weights and biases read as one
+    concatenated raw-data array each (``raw_values``), or one fold's values as arrays."""
+
+    def __init__(self, applier: _Applier, specs: list[ConvSpec], weights: list[str], biases: list[str]) -> None:
+        self.applier, self.specs, self.weights, self.biases = applier, specs, weights, biases
+
+    def concatenated(self, members: list[int]) -> tuple[np.ndarray, np.ndarray | None] | None:
+        inits = self.applier.index.initializers
+        ws = raw_values(inits, [self.weights[i] for i in members])
+        if ws is None or ws[1] != [math.prod(self.specs[i].shape) for i in members]:
+            return None
+        if not self.biases[members[0]]:  # a batch's folds all have a bias, or none has
+            return ws[0], None
+        bs = raw_values(inits, [self.biases[i] for i in members], rank=1)
+        if bs is None or bs[1] != [self.specs[i].shape[0] for i in members]:
+            return None
+        return ws[0], bs[0]
+
+    def job(self, i: int) -> ConvFold:
+        spec = self.specs[i]
+        return ConvFold(self.applier.weight(self.weights[i]), self.applier.value(self.biases[i]), spec.s, spec.t)
 
 
 class _Applier:
@@ -62,7 +95,7 @@ class _Applier:
             vals.append(tensor_to_array(t) if t is not None else value(name))
         return BnParams(*vals, eps)
 
-    def precompute(self, routes: list[Route]) -> list[tuple[ScaleShift, Folded | None]]:
+    def precompute(self, routes: list[Route]) -> list[tuple[ScaleShift, BatchFolded | None]]:
         """Per route: the BN's (s, t) with the looked-through biases, and for a backward fold into
         a small Conv its folded (weight, bias) or FoldValueError; all computed in batches."""
         st = self._scale_shift(routes)
@@ -89,40 +122,47 @@ class _Applier:
         # parameters that are not plain raw initializers, or a bad variance (arith names it)
         return scale_shift_many([self.bn_params(nodes[r.bn_pos], r.eps) for r in routes])
 
-    def _small_convs(self, routes: list[Route], st: list[ScaleShift]) -> list[Folded | None]:
+    def _small_convs(self, routes: list[Route], st: list[ScaleShift]) -> list[BatchFolded | None]:
         """Folded (weight, bias) of backward folds into Convs with small initializer weights, all
-        computed by ``batched.fold_conv_many``; None for every other route (``backward`` folds
-        those itself, so that only one large folded weight is alive at a time)."""
-        nodes, inits = self.index.nodes, self.index.initializers
-        folded: list[Folded | None] = [None] * len(routes)
+        computed by the Conv rule's ``fold_cast_many``; None for every other route (``backward``
+        folds those itself, so that only one large folded weight is alive at a time)."""
+        nodes, inits, all_ins = self.index.nodes, self.index.initializers, self.index.ins
+        folded: list[BatchFolded | None] = [None] * len(routes)
         picked: list[int] = []
-        jobs: list[ConvFold] = []
+        specs: list[ConvSpec] = []
+        weights: list[str] = []
+        biases: list[str] = []  # "" for none
+        limit = batched.BATCH_ELEMENTS // 4
         # a Conv that takes two folds (a BN before it forward, one after it backward) must see the
         # first fold's weights when the second is computed: those are folded in ``backward``
         targets = Counter(r.target_pos for r in routes)
         for k, r in enumerate(routes):
-            p = nodes[r.target_pos]
-            if r.direction != "backward" or targets[r.target_pos] > 1 or RULES.get(p.op_type) is not CONV:
+            pos = r.target_pos
+            if r.direction != "backward" or targets[pos] > 1 or RULES.get(nodes[pos].op_type) is not CONV:
                 continue
-            ins = self.index.ins[r.target_pos]
+            ins = all_ins[pos]
             w = inits.get(ins[1])
             if w is None:
                 continue
             shape = tuple(w.dims)
-            size = math.prod(shape)
-            if len(shape) < 3 or not shape[0] or size > batched.BATCH_ELEMENTS // 4 or st[k][0].shape != (shape[0],):
+            s, t = st[k]
+            if len(shape) < 3 or not shape[0] or math.prod(shape) > limit or s.shape != (shape[0],):
                 continue
             b_name = ins[2] if len(ins) > 2 else ""
-            if b_name and b_name not in inits:
+            b = inits.get(b_name) if b_name else None
+            if b_name and b is None:
                 continue
             picked.append(k)
-            jobs.append(ConvFold(self.weight(ins[1]), self.value(b_name), *st[k]))
-        for k, res in zip(picked, batched.fold_conv_many(jobs)):
+            specs.append(ConvSpec(shape, _FLOATS.get(w.data_type), b is not None,
+                                  None if b is None else _FLOATS.get(b.data_type), s, t))
+            weights.append(ins[1])
+            biases.append(b_name)
+        for k, res in zip(picked, CONV.fold_cast_many(specs, _InitConvs(self, specs, weights, biases))):
             folded[k] = res
         return folded
 
     # ---- writing parameters --------------------------------------------------------------
-    def write_param(self, pos: int, slot: int, array: np.ndarray, label: str) -> None:
+    def write_param(self, pos: int, slot: int, array: np.ndarray | RawValue, label: str) -> None:
         """Give input ``slot`` of node ``pos`` the value ``array``: in place where this node is the
         initializer's only reader, else as a new initializer."""
         idx = self.index
@@ -130,8 +170,17 @@ class _Applier:
         old = ins[slot] if slot < len(ins) else ""
         init = idx.initializers.get(old) if old else None
         if init is not None and idx.use_count(old) == 1:  # only this node reads it (no graph output)
+            if isinstance(array, RawValue):
+                # folded from this initializer's raw data (dtype and shape as read by ``raw_values``):
+                # only the bytes change, as ``array_to_tensor`` would do unless it has a segment
+                if not init.HasField("segment"):
+                    init.raw_data = array.data
+                    return
+                array = array.array()
             array_to_tensor(array, old, into=init)
             return
+        if isinstance(array, RawValue):
+            array = array.array()
         name = idx.fresh_name(f"{idx.nodes[pos].name}.{label}")
         idx.add_initializer(array_to_tensor(array, name))
         idx.set_input(pos, slot, name)
@@ -149,7 +198,7 @@ class _Applier:
                 idx.remove_dead_producers(name)
 
     # ---- backward ------------------------------------------------------------------------
-    def backward(self, route: Route, st: ScaleShift, folded: Folded | None) -> None:
+    def backward(self, route: Route, st: ScaleShift, folded: BatchFolded | None) -> None:
         idx = self.index
         p = idx.nodes[route.target_pos]
         rule = RULES[p.op_type]
@@ -159,11 +208,13 @@ class _Applier:
             folded = rule.fold_cast(w, b, *st, rule.attrs(p))
         if isinstance(folded, arith.FoldValueError):
             raise folded
-        w_out, b_out = folded
         if not self.commit:
             return
+        # a batched Conv fold is written as the raw bytes of its share of the batch
+        w_out, b_out = folded.raw() if isinstance(folded, BatchShare) else folded
         self.write_param(route.target_pos, 1, w_out, "weight_folded")
-        if rule.bias_slot is None:  # the bias becomes an Add after the producer
+        if rule.bias_slot is None:  # the bias becomes an Add after the producer (never batched)
+            assert isinstance(b_out, np.ndarray)
             self._rewire_chain(route, bias=b_out)
             return
         self.write_param(route.target_pos, rule.bias_slot, b_out, "bias_folded")
@@ -200,7 +251,7 @@ class _Applier:
         idx.insert_node(route.bn_pos, add)
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, route: Route, st: ScaleShift, folded: Folded | None = None) -> None:
+    def forward(self, route: Route, st: ScaleShift, folded: BatchFolded | None = None) -> None:
         idx = self.index
         bn = idx.nodes[route.bn_pos]
         conv = idx.nodes[route.target_pos]
