@@ -89,11 +89,14 @@ class _Applier:
 
     def bn_params(self, bn: onnx.NodeProto, eps: float) -> BnParams:
         inits, value = self.index.initializers, self.consts.value
-        vals = []
+        vals: list[np.ndarray] = []
         for name in list(bn.input)[1:5]:
             t = inits.get(name)
-            vals.append(tensor_to_array(t) if t is not None else value(name))
-        return BnParams(*vals, eps)
+            v = tensor_to_array(t) if t is not None else value(name)
+            assert v is not None, f"BN parameter '{name}' is not a constant"  # the planner checked it
+            vals.append(v)
+        gamma, beta, mean, var = vals
+        return BnParams(gamma, beta, mean, var, eps)
 
     def precompute(self, routes: list[Route]) -> list[tuple[ScaleShift, BatchFolded | None]]:
         """Per route: the BN's (s, t) with the looked-through biases, and for a backward fold into
@@ -111,8 +114,9 @@ class _Applier:
     def _scale_shift(self, routes: list[Route]) -> list[ScaleShift]:
         nodes, inits = self.index.nodes, self.index.initializers
         params = [self.index.ins[r.bn_pos][1:5] for r in routes]
-        cols = [raw_values(inits, [p[j] for p in params], rank=1) for j in range(4)] if params else [None]
-        if all(c is not None for c in cols) and cols[0][1] == cols[1][1] == cols[2][1] == cols[3][1]:
+        read = [raw_values(inits, [p[j] for p in params], rank=1) for j in range(4)] if params else []
+        cols = [c for c in read if c is not None]
+        if len(cols) == 4 and cols[0][1] == cols[1][1] == cols[2][1] == cols[3][1]:
             lengths = cols[0][1]
             eps = np.repeat(np.array([r.eps for r in routes], dtype=np.float64), lengths)
             st = scale_shift_flat(cols[0][0], cols[1][0], cols[2][0], cols[3][0], eps)
