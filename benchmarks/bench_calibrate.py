@@ -15,8 +15,9 @@ import time
 
 import onnxruntime as ort
 
-from bnfold.api import _load, _open_data, _Work
+from bnfold.api import _load, _open_data
 from bnfold.stages import calibrate as runner
+from bnfold.stages.work import Work
 
 
 def _plain(path: str, data) -> tuple[float, float]:
@@ -29,10 +30,10 @@ def _plain(path: str, data) -> tuple[float, float]:
 
 
 def _bnfold(path: str, data) -> tuple[float, float]:
-    work = _Work(_load(path))
+    work = Work(_load(path))
     marks: list[float] = []
     t0 = time.perf_counter()
-    runner.calibrate(work.model, work.index, work.consts, work.sites, data,
+    runner.calibrate(work, data,
                      progress=lambda done, total: marks.append(time.perf_counter()) if done == 0 else None)
     end = time.perf_counter()
     return end - t0, end - marks[0]
@@ -45,7 +46,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    work = _Work(_load(a.model))
+    work = Work(_load(a.model))
     data = _open_data(a.data, work.model, a.batch_size)
     for _ in range(1):  # warm-up: page cache, thread pools
         _plain(a.model, data)
