@@ -86,3 +86,16 @@ def test_onnx_runtime_does_not_import_the_data_layer(edges: list[Any]) -> None:
     g = ig.graph(edges)
     assert not any(t.startswith("bnfold.data") for t in g["bnfold.onnx.runtime"])
     assert not any(t.startswith(("bnfold.verification", "bnfold.report")) for t in g["bnfold.records"])
+
+
+def test_every_package_is_installed() -> None:
+    """pyproject.toml lists the packages a (non-editable) install ships: every folder of bnfold/ with
+    an __init__.py, and cli/ as bnfold.cli. An editable install would hide one that is missing."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "bnfold").rglob("__init__.py")}
+    assert found | {"bnfold.cli"} == listed
+    assert config["package-dir"] == {"bnfold.cli": "cli"}
