@@ -2,14 +2,17 @@
 exactly as before the wording moved (byte for byte), and rewrites nothing but the exact phrases."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from bnfold.cli import main as cli_main
 from bnfold.cli.wording import _PATTERNS, _PHRASES, flag_words, worded_report, worded_result
-from conftest import make_model, vi
+from cli_run import run_cli
+from conftest import bn, bn_params, init, make_model, vi
 from onnx import helper
 
 from bnfold.data.sources import open_data
@@ -130,3 +133,42 @@ def test_exit_code_for_prints_library_errors_in_flag_words(capsys: pytest.Captur
     assert capsys.readouterr().err == "bnfold: error: no CUDA; use --providers cpu (or --allow-missing-providers)\n"
     rc = cli_main.exit_code_for(BadInputError("input 'data': pass the data argument instead"))
     assert rc == 3 and capsys.readouterr().err == "bnfold: error: input 'data': pass --data instead\n"
+
+
+def _conv_bn(path: Path, shape: list[Any]) -> Path:
+    """Conv -> inference BN with input ``x`` of ``shape`` (4 channels out)."""
+    rng = np.random.default_rng(0)
+    node, inits = bn("bn", "c", "y", bn_params(rng, 4))
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])
+    w = init("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32))
+    out = [s if i != 1 else 4 for i, s in enumerate(shape)]
+    model = make_model([conv, node], [vi("x", shape)], [vi("y", out)], [w, *inits])
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_fold_report_warning_is_in_flag_words_everywhere(tmp_path: Path) -> None:
+    model = _conv_bn(tmp_path / "m.onnx", ["n", 3, "h", "w"])
+    report = tmp_path / "r.json"
+    proc = run_cli("fold", model, "-o", tmp_path / "out.onnx", "--report", report)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    warning = "verification skipped: input 'x' has dynamic dimensions; pass --data to verify"
+    assert json.loads(report.read_text(encoding="utf-8"))["warnings"] == [warning]
+    assert warning in proc.stdout
+    assert "data argument" not in proc.stdout + proc.stderr + report.read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
+                    reason="onnxruntime has the CUDA execution provider here")
+def test_verify_skipped_provider_note_is_in_flag_words_in_every_report(tmp_path: Path) -> None:
+    model = _conv_bn(tmp_path / "m.onnx", [1, 3, 5, 5])
+    files = {"json": tmp_path / "r.json", "md": tmp_path / "s.md", "xml": tmp_path / "j.xml", "html": tmp_path / "r.html"}
+    proc = run_cli("verify", model, model, "--providers", "cpu,cuda", "--allow-missing-providers",
+                   "--report", files["json"], "--summary-md", files["md"], "--junit-xml", files["xml"],
+                   "--html", files["html"])
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    note = json.loads(files["json"].read_text(encoding="utf-8"))["verification"]["runs"][1]["note"]
+    assert note.endswith("or use --providers cpu (or --allow-missing-providers)"), note
+    for kind, path in files.items():
+        text = path.read_text(encoding="utf-8")
+        assert "--providers cpu" in text and "providers=(" not in text and "=True" not in text, kind
