@@ -101,7 +101,7 @@ def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None) ->
         elif batch_size != fixed:
             name = next(s.name for s in specs if s.shape and s.shape[0] is not None)
             raise BadInputError(
-                f"model input '{name}' has a fixed batch size of {fixed}; use --batch-size {fixed} "
+                f"model input '{name}' has a fixed batch size of {fixed}; use batch_size={fixed} "
                 "or export the model with a dynamic batch axis"
             )
     if isinstance(data, CalibrationData):
@@ -151,7 +151,7 @@ def _check_modes(work: Work, have_data: bool) -> None:
         if not have_data:
             raise BadInputError(
                 f"BN '{info.name}' is in {info.mode.value} mode (batch statistics); pass calibration "
-                "data with --data so bnfold can compute its population statistics"
+                "data (the data argument) so bnfold can compute its population statistics"
             )
 
 
@@ -344,6 +344,6 @@ def verify(
         names = ", ".join(f"'{n}'" for n in training[:3]) + (" ..." if len(training) > 3 else "")
         note = (f"REFERENCE has {len(training)} BN in training mode ({names}): it normalises with each batch's "
                 "statistics, which a folded model does not; verify against the frozen model "
-                "(bnfold fold --frozen-output FROZEN.onnx)")
+                "(fold(..., frozen_output='FROZEN.onnx'))")
         result = replace(result, note=f"{result.note}; {note}" if result.note else note)
     return result

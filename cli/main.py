@@ -70,6 +70,7 @@ from .options import (
 )
 from .outcome import FoldOutcome
 from .progress import calibration_progress
+from .wording import flag_words, worded_report, worded_result
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -195,7 +196,7 @@ def _engine_config(compare: CompareOptions, report_path: Path | None = None) -> 
         try:
             tols[name] = parse_tolerances(getattr(compare, name), None)
         except BnfoldError as exc:
-            raise click.BadParameter(str(exc), param_hint=f"'--{name}'") from None
+            raise click.BadParameter(flag_words(str(exc)), param_hint=f"'--{name}'") from None
     return bnfold.VerifyConfig(
         providers=compare.providers, atol=tols["atol"], rtol=tols["rtol"], error_stat=compare.error_stat,
         quantile=compare.quantile, allow_missing_providers=compare.allow_missing_providers, tf32=compare.tf32,
@@ -310,7 +311,7 @@ def fold_command(
             with calibration_progress() as progress:
                 outcome = torch_fold.run(model, output, frozen_output, data, estimator, check, config, dry_run,
                                          torch_opts, progress,
-                                         warn=lambda msg: _err(f"bnfold: warning: {_one_line(msg)}"))
+                                         warn=_warning)
         finally:
             if output is not None and not output.exists():
                 remove_empty(created)
@@ -360,8 +361,9 @@ def fold_command(
 
 def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig) -> int:
     """The closing steps of ``fold`` (both routes): the reports, the plan table (dry run), the
-    route's lines, the summary; exit 1 (VerificationFailed) when a check failed."""
-    rep = outcome.report
+    route's lines, the summary; exit 1 (VerificationFailed) when a check failed. The report's
+    warnings and verification notes are shown and written in flag words."""
+    rep = worded_report(outcome.report)
     if report.path is not None:
         make_parents(report.path)
         _json_report().write_json(rep, report.path)
@@ -410,6 +412,7 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     result = _api().verify(
         reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,
         val_range=inputs.val_range, iterations=inputs.iterations, config=config)
+    result = worded_result(result)
     _write_verification_reports(result, report, write_json=True,
                                 models={"reference": file_record(reference), "candidate": file_record(candidate)})
     click.echo(_summary().verify_summary_text(result))
@@ -463,6 +466,11 @@ def _err(text: str) -> None:
     click.echo(text, err=True)
 
 
+def _warning(message: str) -> None:
+    """A library warning as a ``bnfold: warning: ...`` line, in flag words."""
+    _err(f"bnfold: warning: {_one_line(flag_words(message))}")
+
+
 def exit_code_for(exc: BaseException) -> int:
     """THE mapping from an exception that ended a run to bnfold's exit code (and its message)."""
     debug = RUN_FLAGS.debug
@@ -489,7 +497,7 @@ def exit_code_for(exc: BaseException) -> int:
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, BnfoldError):
-        _err(f"bnfold: error: {_one_line(str(exc)) or type(exc).__name__}")
+        _err(f"bnfold: error: {_one_line(flag_words(str(exc))) or type(exc).__name__}")
         return int(exc.exit_code)
     if isinstance(exc, OSError):  # a file the user named cannot be read or written
         what = exc.strerror or _one_line(str(exc))
@@ -509,7 +517,7 @@ class _EchoHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            _err(f"bnfold: {record.levelname.lower()}: {_one_line(record.getMessage())}")
+            _err(f"bnfold: {record.levelname.lower()}: {_one_line(flag_words(record.getMessage()))}")
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
 
@@ -527,7 +535,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     if RUN_FLAGS.debug:
         _err(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
     else:
-        _err(f"bnfold: warning: {_one_line(str(message))}")
+        _warning(str(message))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 wording out.
 
 The library's messages name its parameters (``data``, ``device='cuda'``, ``allow_reused_bn=True``);
-:func:`flag_words` puts them in flag words (``--data``, ``--device cuda``, ``--allow-reused-bn``)
-in errors, warnings and the report. The check lines and the exit-1 messages are written here.
+``cli/main.py`` shows its errors, warnings and report in flag words (``cli/wording.py``), as for
+an ONNX model. The check lines and the exit-1 messages are written here.
 
 Importing this module does not import torch: :func:`_frontend` does, when a PyTorch model is
 folded (``bnfold --help`` and usage errors never pay for it).
@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from bnfold.errors import BnfoldError
 from bnfold.output_formats import FORMAT_LABELS, torch_output_format
 
 from .files import check_paths, report_outputs, require_data, require_model_file
@@ -27,31 +26,12 @@ from .outcome import FoldOutcome
 if TYPE_CHECKING:  # pragma: no cover
     from bnfold.torch import ConvertResult, TensorCheck
 
-__all__ = ["flag_words", "is_torch_model", "run", "validate"]
+__all__ = ["is_torch_model", "run", "validate"]
 
 #: MODEL suffixes read as PyTorch files even when their content does not say so (the PyTorch
 #: loader then names what is wrong); other files are PyTorch files when they are zip archives or
 #: pickles (an ONNX file is a protobuf: neither)
 _TORCH_MODEL_SUFFIXES = {".pt", ".pth", ".pt2", ".ts", ".torchscript", ".ptl", ".ckpt"}
-
-#: the library's words -> the CLI's (exact phrases of bnfold.torch.convert and bnfold.torch.calibrate)
-_FLAG_WORDS = (
-    ("device='cuda' was requested", "--device cuda was requested"),
-    ("use device='cpu'", "use --device cpu"),
-    ("use an .onnx output", "use an .onnx OUTPUT"),
-    ("data is needed for a PyTorch model", "--data is needed for a PyTorch model"),
-    ("pass calibration data (the data argument)", "pass calibration data with --data"),
-    ("its BNs calibrated on data and folded", "its BNs calibrated on --data and folded"),
-    ("allow_reused_bn=True", "--allow-reused-bn"),
-)
-
-
-def flag_words(text: str) -> str:
-    """``text`` with the library's parameter names in the CLI's flag names."""
-    for library, cli in _FLAG_WORDS:
-        text = text.replace(library, cli)
-    return text
-
 
 def _frontend() -> ModuleType:
     """``bnfold.torch`` (imports torch): the one place the CLI imports it."""
@@ -114,27 +94,20 @@ def validate(model: Path | None, output: Path | None, frozen_output: Path | None
 def run(model: Path | None, output: Path | None, frozen_output: Path | None, data: DataConfig, estimator: str,
         check: FoldCheck, config: Any, dry_run: bool, topts: TorchOptions,
         progress: Callable[[int, int], None] | None, warn: Callable[[str], None]) -> FoldOutcome:
-    """Load the model (file, or factory and weights) and convert it; errors and warnings in flag words."""
+    """Load the model (file, or factory and weights) and convert it. Its errors and ``warn``'s
+    messages are in the library's words: the caller shows them in flag words (``cli/wording.py``)."""
     frontend = _frontend()
-    try:
-        device = frontend.resolve_device(topts.device)  # before the model is read: exit 4 comes first
-        if topts.model_factory is not None:
-            loaded = frontend.load_factory(topts.model_factory, topts.weights)
-        else:
-            assert model is not None
-            loaded = frontend.load_model_file(model, unsafe_pickle=topts.unsafe_pickle, warn=warn)
-        result: ConvertResult = frontend.convert(
-            loaded, data.path, output, frozen_output=frozen_output, batch_size=data.batch_size,
-            estimator=estimator, device=device, allow_reused_bn=topts.allow_reused_bn, verify=check.enabled,
-            verify_samples=check.samples, config=config, dry_run=dry_run, progress=progress,
-            warn=lambda msg: warn(flag_words(msg)))
-    except BnfoldError as exc:
-        worded = flag_words(str(exc))
-        if worded == str(exc):
-            raise
-        raise type(exc)(worded) from exc
+    device = frontend.resolve_device(topts.device)  # before the model is read: exit 4 comes first
+    if topts.model_factory is not None:
+        loaded = frontend.load_factory(topts.model_factory, topts.weights)
+    else:
+        assert model is not None
+        loaded = frontend.load_model_file(model, unsafe_pickle=topts.unsafe_pickle, warn=warn)
+    result: ConvertResult = frontend.convert(
+        loaded, data.path, output, frozen_output=frozen_output, batch_size=data.batch_size,
+        estimator=estimator, device=device, allow_reused_bn=topts.allow_reused_bn, verify=check.enabled,
+        verify_samples=check.samples, config=config, dry_run=dry_run, progress=progress, warn=warn)
     report = result.report
-    report.warnings = [flag_words(w) for w in report.warnings]
     lines = []
     if result.route == "torch":
         if result.torch_check is not None:

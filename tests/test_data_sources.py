@@ -355,7 +355,7 @@ def test_nan_in_second_file_names_that_file(tmp_path):
 @pytest.mark.parametrize("bs", [0, -3, 2.5, True])
 def test_bad_batch_size(tmp_path, bs):
     np.save(tmp_path / "x.npy", _x(2))
-    _bad(lambda: open_data(tmp_path / "x.npy", [X_SPEC], bs), "batch size", "--batch-size")
+    _bad(lambda: open_data(tmp_path / "x.npy", [X_SPEC], bs), "batch size", "batch_size=N")
     _bad(lambda: from_arrays({"x": _x(2)}, [X_SPEC], bs), "batch size")
 
 

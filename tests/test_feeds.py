@@ -48,8 +48,8 @@ def test_fold_feeds_take_whole_batches_of_calibration_samples() -> None:
 
 
 @pytest.mark.parametrize(("shape", "elem", "why"), [
-    (["n", "c"], None, "input 'x' has dynamic dimensions; pass --data to verify"),
-    (["n", 3], INT64, "input 'x' is an integer input; pass --data to verify"),
+    (["n", "c"], None, "input 'x' has dynamic dimensions; pass the data argument to verify"),
+    (["n", 3], INT64, "input 'x' is an integer input; pass the data argument to verify"),
 ])
 def test_fold_feeds_say_why_there_are_none(shape: list[Any], elem: int | None, why: str) -> None:
     assert fold_feeds(None, _identity(shape, elem), 2) == why

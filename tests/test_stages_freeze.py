@@ -102,7 +102,7 @@ def test_training_bn_without_data_is_a_clear_error(rng):
     with pytest.raises(BadInputError) as err:
         fold(model)
     msg = str(err.value)
-    assert "'bn'" in msg and "--data" in msg
+    assert "'bn'" in msg and "(the data argument)" in msg
 
 
 def test_inspect_plans_a_training_bn_as_frozen(rng):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from bnfold.cli.torch_fold import flag_words
+from bnfold.cli.wording import flag_words
 from torch import nn
 
 import bnfold.torch as bt

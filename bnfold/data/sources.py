@@ -264,9 +264,9 @@ def _check_batch_size(batch_size: int | None) -> None:
     if batch_size is None:
         return
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise BadInputError(f"batch size must be a whole number, got {batch_size!r}; use --batch-size N with N >= 1")
+        raise BadInputError(f"batch size must be a whole number, got {batch_size!r}; use batch_size=N with N >= 1")
     if batch_size < 1:
-        raise BadInputError(f"batch size must be at least 1, got {batch_size}; use --batch-size N with N >= 1")
+        raise BadInputError(f"batch size must be at least 1, got {batch_size}; use batch_size=N with N >= 1")
 
 
 def _check_inputs(inputs: Sequence[InputSpec]) -> list[InputSpec]:

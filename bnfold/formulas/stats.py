@@ -163,7 +163,7 @@ def finalize(stats: BnStats, estimator: str, bn_name: str) -> FrozenStats:
     if stats.sum_m1 == 0:
         raise BadInputError(
             f"BN '{bn_name}' has no unbiased variance estimate with one value per channel per batch "
-            f"({stats.batches} batch(es) of m=1); use --batch-size of at least 2"
+            f"({stats.batches} batch(es) of m=1); use a batch_size of at least 2"
         )
     sum_m = float(stats.sum_m)
     mean = np.asarray(stats.sum_mu, dtype=np.float64) / sum_m

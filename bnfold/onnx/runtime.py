@@ -106,7 +106,7 @@ def make_session(
             raise ProviderUnavailable(
                 "CUDA execution provider requested but not available: onnxruntime "
                 f"{ort.__version__} offers {', '.join(available)}; install onnxruntime-gpu "
-                "(and uninstall onnxruntime) or use --providers cpu (or --allow-missing-providers)"
+                "(and uninstall onnxruntime) or use providers=('cpu',) (or allow_missing_providers=True)"
             )
         options = dict(_CUDA_OPTIONS, use_tf32="1" if tf32 else "0")
         providers: list = [(ep, options), "CPUExecutionProvider"]
@@ -128,7 +128,7 @@ def make_session(
         raise ProviderUnavailable(
             f"CUDA execution provider requested but not available: the session fell back to "
             f"{', '.join(session.get_providers())}; install onnxruntime-gpu with a CUDA/cuDNN "
-            "matching this machine, or use --providers cpu (or --allow-missing-providers)"
+            "matching this machine, or use providers=('cpu',) (or allow_missing_providers=True)"
         )
     return session
 

@@ -508,10 +508,10 @@ def _load_pickle(path: Path, unsafe_pickle: bool, warn: Callable[[str], None] | 
         if not unsafe_pickle:
             raise BadInputError(
                 f"'{path}' is a whole pickled module: loading it runs arbitrary code from the file, so bnfold "
-                "refuses it; pass --unsafe-pickle only if you trust the file, or save model.state_dict() and use "
-                "--model-factory MODULE:CALLABLE --weights FILE") from None
+                "refuses it; pass unsafe_pickle=True only if you trust the file, or save model.state_dict() and use "
+                "load_factory('MODULE:CALLABLE', weights=FILE)") from None
         if warn is not None:
-            warn(f"--unsafe-pickle: unpickling '{path}' runs arbitrary code from the file; use it only on files "
+            warn(f"unsafe_pickle=True: unpickling '{path}' runs arbitrary code from the file; use it only on files "
                  "you trust")
         _cwd_on_path()
         try:
@@ -526,7 +526,7 @@ def _load_pickle(path: Path, unsafe_pickle: bool, warn: Callable[[str], None] | 
         if _is_state_dict(obj) or (isinstance(obj, dict) and _unwrap_state_dict(obj) is not None):
             raise BadInputError(
                 f"'{path}' holds a state_dict (weights only), not a model: build the model with "
-                f"--model-factory MODULE:CALLABLE and pass this file as --weights {path}")
+                f"load_factory('MODULE:CALLABLE', weights=FILE) and pass this file as FILE: {path}")
     if not isinstance(obj, nn.Module):
         raise BadInputError(f"'{path}' holds a {type(obj).__name__}, not a torch.nn.Module")
     if isinstance(obj, torch.jit.ScriptModule):
@@ -541,7 +541,7 @@ def _load_pickle(path: Path, unsafe_pickle: bool, warn: Callable[[str], None] | 
 
 def load_model_file(path: Path, *, unsafe_pickle: bool = False,
                     warn: Callable[[str], None] | None = None) -> LoadedTorchModel:
-    """Load MODEL (see the module docstring). ``warn`` receives the --unsafe-pickle warning."""
+    """Load MODEL (see the module docstring). ``warn`` receives the unsafe_pickle=True warning."""
     kind = detect_kind(path)
     if kind == EXPORTED_PROGRAM:
         return _load_exported_program(path)

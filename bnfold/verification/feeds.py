@@ -26,7 +26,7 @@ def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, f
     """``iterations`` batches of uniform values in ``[lo, hi)`` (integers: ``[lo, hi]``)."""
     lo, hi = val_range
     if not lo <= hi:
-        raise BadInputError(f"--val-range {lo},{hi}: LO must not exceed HI; give LO,HI with LO <= HI")
+        raise BadInputError(f"val_range=({lo}, {hi}): LO must not exceed HI; give (LO, HI) with LO <= HI")
     rng = np.random.default_rng(seed)
     feeds: list[dict[str, np.ndarray]] = []
     for _ in range(iterations):
@@ -36,7 +36,7 @@ def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, f
             if dims is None:
                 raise BadInputError(
                     f"input '{spec.name}' has dynamic dimensions {_fmt(spec.shape)}; "
-                    "random inputs need static shapes: pass --data instead")
+                    "random inputs need static shapes: pass the data argument instead")
             first = spec.shape[0] if spec.shape else None
             n = first if first is not None else batch_size
             shape = (n,) + dims
@@ -48,7 +48,7 @@ def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, f
             elif spec.dtype.kind == "b":
                 feed[spec.name] = rng.random(size=shape) < 0.5
             else:
-                raise BadInputError(f"input '{spec.name}' has dtype {spec.dtype}: pass --data instead")
+                raise BadInputError(f"input '{spec.name}' has dtype {spec.dtype}: pass the data argument instead")
         feeds.append(feed)
     info = {"source": "random", "seed": seed, "val_range": [lo, hi], "iterations": iterations,
             "batch_size": batch_size}
@@ -114,13 +114,13 @@ def fold_feeds(data: Batches | None, model: onnx.ModelProto, count: int
         for spec in specs:
             dims = _static_dims(spec)
             if dims is None:
-                return f"input '{spec.name}' has dynamic dimensions; pass --data to verify"
+                return f"input '{spec.name}' has dynamic dimensions; pass the data argument to verify"
             shape = (bs,) + dims
             if spec.dtype.kind == "f":
                 feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             elif spec.dtype.kind in "iu":
-                return f"input '{spec.name}' is an integer input; pass --data to verify"
+                return f"input '{spec.name}' is an integer input; pass the data argument to verify"
             else:
-                return f"input '{spec.name}' has dtype {spec.dtype}; pass --data to verify"
+                return f"input '{spec.name}' has dtype {spec.dtype}; pass the data argument to verify"
         feeds.append(feed)
     return feeds

@@ -187,7 +187,7 @@ def check_tolerance_names(
 ) -> None:
     """Raise :class:`BadInputError` when a per-output tolerance names an output the model lacks."""
     known = set(outputs)
-    for option, spec in (("--atol", atol_spec), ("--rtol", rtol_spec)):
+    for option, spec in (("atol", atol_spec), ("rtol", rtol_spec)):
         if spec is None:
             continue
         unknown = [n for n in spec[1] if n not in known]
