@@ -176,7 +176,7 @@ def rng() -> np.random.Generator:
 # README's ``python -m pytest -q``.
 SLOW: dict[str, str] = {
     "tests/test_torch_cli.py": "a Python process per test importing torch (22 of 24 tests took 2-17 s; 130 s in all)",
-    "tests/test_fold_graph.py::test_light_resnet50_from_onnx_wheel": "folds and verifies a ResNet-50 (~9 s)",
+    "tests/test_stages_fold.py::test_light_resnet50_from_onnx_wheel": "folds and verifies a ResNet-50 (~9 s)",
     "tests/test_torch_fold.py::test_efficientnet_b0_depthwise_same_padding": "builds and folds EfficientNet-B0 (~6 s)",
 }
 
