@@ -190,9 +190,9 @@ def test_fold_large_model(large) -> None:
         assert "folded 1" in proc.stdout and "PASSED" in proc.stdout, proc.stdout
         assert "Fold sites: all 1 within tolerance" in proc.stdout, proc.stdout
         assert wall < 300
-        # the weights are held once, plus one tensor's bytes while writing (4.3 GiB measured); a
-        # writer that reads them back after writing holds them twice more (8.5 GiB measured)
-        assert peak is None or peak * 2**20 < 2.6 * TABLE_BYTES, f"peak RSS {peak} MiB"
+        # the table is never needed, so it stays in its file and is copied in 16 MiB pieces (about
+        # 100 MiB measured; reading it in cost 4.3 GiB, a writer reading it back 8.5 GiB)
+        assert peak is None or peak * 2**20 < TABLE_BYTES / 4, f"peak RSS {peak} MiB"
 
         folded = onnx.load(str(out), load_external_data=False)
         assert [n.op_type for n in folded.graph.node].count("BatchNormalization") == 0
