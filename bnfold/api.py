@@ -18,6 +18,7 @@ import onnx
 
 from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
 from bnfold.errors import BadInputError, UnsupportedModelError
+from bnfold.files import check_output_paths
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
 from bnfold.onnx.deferred import materialize
 from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save
@@ -217,6 +218,8 @@ def fold(
         raise BadInputError(f"unknown estimator '{estimator}'; use one of: {', '.join(ESTIMATORS)}")
     if verify_samples < 1:
         raise BadInputError("verify_samples must be at least 1")
+    if not dry_run:
+        check_output_paths(output=output, frozen_output=frozen_output)
     loaded = _load(model)
     work = Work(loaded)
     modes = {s.info.name: s.info.mode for s in work.sites}

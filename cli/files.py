@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from bnfold.errors import BadInputError
+from bnfold.files import not_a_regular_file
 
 from .options import ReportConfig
 
@@ -43,11 +44,17 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_paths(inputs: Sequence[tuple[Path | None, str]], outputs: Sequence[tuple[Path | None, str]]) -> None:
-    """Exit 2 where an output would overwrite an input (MODEL, --weights, --data, a verified model)
-    or another output: bnfold never overwrites its inputs, and each file it writes needs its own path."""
+    """Exit 2 where an output names something other than a regular file or a new path (a device, a
+    FIFO, a directory: bnfold's atomic rename would replace it), or would overwrite an input (MODEL,
+    --weights, --data, a verified model) or another output: bnfold never overwrites its inputs, and
+    each file it writes needs its own path."""
     given_in = [(p, what) for p, what in inputs if p is not None]
     given_out = [(p, hint) for p, hint in outputs if p is not None]
     for i, (path, hint) in enumerate(given_out):
+        kind = not_a_regular_file(path)
+        if kind is not None:
+            raise click.BadParameter(f"{path} is {kind}, not a regular file; bnfold writes only regular files: "
+                                     "give the path of a file, or a new path.", param_hint=hint)
         for src, what in given_in:
             if _same_file(src, path):
                 raise click.BadParameter(f"is {what}; bnfold never overwrites its input.", param_hint=hint)

@@ -37,6 +37,7 @@ from bnfold.api import fold as onnx_fold
 from bnfold.api import inspect as onnx_inspect
 from bnfold.data.sources import CalibrationData, open_data
 from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError, one_line
+from bnfold.files import check_output_paths
 from bnfold.output_formats import FORMAT_LABELS, torch_output_format
 from bnfold.records import Action, BnRecord, FoldDecision, Mode, Report, VerifyResult
 from bnfold.torch import export as ex
@@ -219,6 +220,8 @@ def convert(
                             "(it picks the format)")
     if out_path is None and not dry_run:
         raise BadInputError("output is needed unless dry_run=True")
+    if not dry_run:
+        check_output_paths(output=output, frozen_output=frozen_output)
     req = _Request(output=out_path, frozen_output=None if dry_run or frozen_output is None else Path(frozen_output),
                    data=Path(data) if data is not None else None, batch_size=batch_size, estimator=estimator,
                    allow_reused_bn=allow_reused_bn, verify=verify, verify_samples=verify_samples, dry_run=dry_run,
