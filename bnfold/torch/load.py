@@ -592,6 +592,9 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
         raise BadInputError(
             f"cannot import factory module '{module_name}' ({one_line(exc, 240)}); run bnfold from the folder that "
             "holds it or add that folder to PYTHONPATH") from exc
+    except SystemExit as exc:  # sys.exit() at import: bnfold's exit code is its own, not the module's
+        raise BadInputError(f"importing factory module '{module_name}' called sys.exit({exc.code!r}); a factory "
+                            "module must not exit: guard its script code with if __name__ == '__main__'") from None
     except Exception as exc:  # noqa: BLE001 - the module itself fails to import
         raise BadInputError(f"importing factory module '{module_name}' failed: {type(exc).__name__}: "
                             f"{one_line(exc, 240)}") from exc
@@ -605,6 +608,9 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
         raise BadInputError(f"factory '{spec}' is a {type(obj).__name__}, not a callable")
     try:
         model = obj()
+    except SystemExit as exc:  # bnfold's exit code is its own, not the factory's
+        raise BadInputError(f"calling factory '{spec}' called sys.exit({exc.code!r}); a factory must return the "
+                            "torch.nn.Module, not exit") from None
     except Exception as exc:  # noqa: BLE001
         raise BadInputError(f"calling factory '{spec}' failed: {type(exc).__name__}: {one_line(exc, 240)}") from exc
     if not isinstance(model, nn.Module):
