@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bnfold.errors import BadInputError
 from bnfold.graph.attrs import get_attr
 from bnfold.graph.index import GraphIndex
 from bnfold.onnx import deferred
@@ -46,13 +47,24 @@ def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
         if dt is None:
             return numpy_helper.to_array(deferred.loaded_copy(t))
         return np.frombuffer(deferred.tensor_bytes(t), dtype=dt).reshape(tuple(t.dims))
-    if dt is not None and t.data_location != onnx.TensorProto.EXTERNAL:
+    _require_loaded(t)
+    if dt is not None:
         raw = t.raw_data  # each access copies the bytes: read it once
         if raw:
             a = np.frombuffer(raw, dtype=dt)
             dims = t.dims
             return a if len(dims) == 1 and dims[0] == a.size else a.reshape(tuple(dims))
     return numpy_helper.to_array(t)
+
+
+def _require_loaded(t: onnx.TensorProto) -> None:
+    """Refuse a tensor still in external data. ``load_onnx`` reads every external tensor of a model
+    file against the model's folder (or defers it, above); one still external came in memory
+    without its folder, and numpy_helper would read it from the current folder, nobody's data."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        where = next((f"location '{e.value}'" for e in t.external_data if e.key == "location"), "no location")
+        raise BadInputError(f"tensor '{t.name}' is stored in external data ({where}) that was not loaded; pass the "
+                            "model's path, or load it with onnx.load(path) so that its external data is read")
 
 
 def raw_values(initializers: dict[str, onnx.TensorProto], names: list[str],
@@ -120,6 +132,7 @@ def array_to_tensor(array: np.ndarray, name: str, into: onnx.TensorProto | None 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     for a in node.attribute:
         if a.name == "value":
+            _require_loaded(a.t)
             return numpy_helper.to_array(a.t)
         if a.name == "value_float":
             return np.array(a.f, dtype=np.float32)

@@ -152,11 +152,11 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
         raise BadInputError(f"'{path}' is not an ONNX model (no graph found); pass an .onnx file")
     locations = external_locations(model) if _may_be_external(data, model.graph) else ()
     del data
-    external = bool(locations) and _uses_external_data(model)
-    if external:
+    external = bool(locations) and _uses_external_data(model)  # initializers: the output keeps them external
+    if locations:  # every external tensor (Constant nodes and subgraphs too), against the model's folder
         try:
             _load_external_data(model, str(path.parent))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise BadInputError(
                 f"external data of '{path}' could not be read ({exc}); keep the data files next to the model"
             ) from exc
