@@ -83,6 +83,16 @@ class BackwardRule:
     def match(self, node: onnx.NodeProto, ins: list[str], graph: GraphView) -> Match:
         raise NotImplementedError
 
+    @staticmethod
+    def conv_weight(node: onnx.NodeProto, ins: list[str], graph: GraphView) -> tuple[int, ...]:
+        """The checks a Conv-like node (X, W[, B]) shares: a constant float weight (its shape is
+        returned) and, where the bias is not an initializer, a constant bias."""
+        w = graph.require_const(ins[1], "weight", node)
+        if len(ins) > 2 and ins[2] and not graph.is_initializer(ins[2]):
+            graph.require_const(ins[2], "bias", node)
+        graph.require_float(ins[1], node)
+        return w
+
     def attrs(self, node: onnx.NodeProto) -> FoldAttrs:
         """The attributes of ``node`` the formula reads."""
         return FoldAttrs()

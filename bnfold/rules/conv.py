@@ -15,10 +15,7 @@ class ConvRule(BackwardRule):
     op_type = "Conv"
 
     def match(self, node: onnx.NodeProto, ins: list[str], graph: GraphView) -> Match:
-        w = graph.require_const(ins[1], "weight", node)
-        if len(ins) > 2 and ins[2] and not graph.is_initializer(ins[2]):
-            graph.require_const(ins[2], "bias", node)
-        graph.require_float(ins[1], node)
+        w = self.conv_weight(node, ins, graph)
         return Match(self.out_channels(w, FoldAttrs()), len(w))
 
     def out_channels(self, weight_shape: tuple[int, ...], attrs: FoldAttrs) -> int:

@@ -14,10 +14,7 @@ class ConvTransposeRule(BackwardRule):
     op_type = "ConvTranspose"
 
     def match(self, node: onnx.NodeProto, ins: list[str], graph: GraphView) -> Match:
-        w = graph.require_const(ins[1], "weight", node)
-        if len(ins) > 2 and ins[2] and not graph.is_initializer(ins[2]):
-            graph.require_const(ins[2], "bias", node)
-        graph.require_float(ins[1], node)
+        w = self.conv_weight(node, ins, graph)
         return Match(self.out_channels(w, self.attrs(node)), len(w))
 
     def attrs(self, node: onnx.NodeProto) -> FoldAttrs:
