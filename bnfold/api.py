@@ -7,6 +7,7 @@ in ``bnfold/onnx/staging.py``; this module only calls them in order and builds t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -24,6 +25,7 @@ from bnfold.onnx.deferred import materialize
 from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save
 from bnfold.onnx.runtime import input_specs
 from bnfold.onnx.staging import Staging, input_is_reference
+from bnfold.outputs import Outputs
 from bnfold.records import BnRecord, FoldDecision, FoldPlan, FrozenStats, Mode, Report, VerifyResult
 from bnfold.stages.calibrate import calibrate
 from bnfold.stages.discover import BnSite, training_bn_names
@@ -201,6 +203,7 @@ def fold(
     progress: Callable[[int, int], None] | None = None,
     verify_config: VerifyConfig | None = None,
     frozen_output: str | os.PathLike[str] | None = None,
+    outputs: Outputs | None = None,
 ) -> FoldResult:
     """Freeze (with ``data``), fold and verify one ONNX model.
 
@@ -210,7 +213,10 @@ def fold(
     statistics and a training-mode BN is an error. ``output`` is written atomically, and only
     when verification passed (or was switched off); on a dry run nothing is written.
     ``frozen_output``: also write the frozen, unfolded model (the verification reference), e.g.
-    for a later ``bnfold verify FROZEN FOLDED`` in CI.
+    for a later ``bnfold verify FROZEN FOLDED`` in CI; written whenever the run ends with a
+    verdict (also when verification failed), never when it ends in an error.
+    ``outputs``: an :class:`bnfold.outputs.Outputs` the models are staged in and left for the
+    caller to commit together with its own files (e.g. reports); by default ``fold`` commits them.
     ``verify_config`` (``VerifyConfig``) sets providers, tolerances, the error statistic and the
     repro directory.
     """
@@ -236,26 +242,30 @@ def fold(
 
     verification: VerifyResult | None = None
     output_path = output_sha256 = None
-    with Staging(loaded, output, frozen_output, verify=verify) as staging:
+    with contextlib.ExitStack() as stack:
+        tx = outputs if outputs is not None else stack.enter_context(Outputs())
+        staging = Staging(loaded, output, frozen_output, verify=verify, outputs=tx)
         # nothing frozen: the input file itself is the reference, unless something differs
         use_input = verify and cal is None and input_is_reference(loaded, work.model, work.renamed)
         prepare_for_save(work.model)  # an IR the installed onnxruntime accepts, for both models
         reference = staging.write_reference(work.model, use_input)
         final = apply_plan(work, plan, routes, commit=True)
         prepare_for_save(work.model)
-        if staging.folder is not None:
-            staged, digest = staging.write_candidate(work.model)
+        if output is not None or reference is not None:
+            staged = staging.write_candidate(work.model)
             if reference is not None:
                 feeds = fold_feeds(cal, work.model, verify_samples)
                 if isinstance(feeds, str):
                     warnings.append(f"verification skipped: {feeds}")
                 else:
                     verification = _run_verification(
-                        reference, staged, feeds, verify_config,
+                        reference, staged.path, feeds, verify_config,
                         {"source": "data" if cal is not None else "random", "seed": None if cal else 0,
                          "samples": verify_samples, "batch_size": fixed_batch(input_specs(work.model)) or 1})
             if output and (verification is None or verification.passed):
-                output_path, output_sha256 = str(staging.publish(staged)), digest
+                output_path, output_sha256 = str(staging.publish(staged)), staged.sha256
+        if outputs is None:
+            tx.commit()
     report = _report(loaded, cal, estimator, warnings, _records(planned, modes, final, frozen), dry_run=False,
                      verification=verification, output_path=output_path, output_sha256=output_sha256)
     return FoldResult(work.model, report, _rows(planned, modes, final))

@@ -3,6 +3,7 @@ initializer hygiene, old-IR models, node naming, models without BN."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import npref
 import numpy as np
@@ -619,14 +620,20 @@ def test_model_read_with_external_data_written_again(rng, tmp_path):
 
 
 def test_save_external_without_large_tensors_writes_no_data_file(rng, tmp_path):
-    from bnfold.onnx.io import save_onnx
+    """An earlier write's data file (bnfold's name and header) goes; files bnfold cannot prove it
+    wrote stay: another name, or bnfold's name without its header (issue 14: only ours deleted)."""
+    from bnfold.onnx.io import DATA_MAGIC, save_onnx
 
     model, *_ = conv_bn(rng)  # every tensor under 1 KiB
     path = tmp_path / "m.onnx"
     save_onnx(model, path, external_data=True)
-    (tmp_path / "m.onnx.0badf00d.data").write_bytes(b"stale")  # as if from an earlier write
+    (tmp_path / "m.onnx.0badf00d.data").write_bytes(DATA_MAGIC + b"stale")  # as if from an earlier write
+    foreign = {"m.onnx.data": b"x", "m.onnx.1badf00d.data": b"not ours", "m.onnx.backup.data": DATA_MAGIC,
+               "m.onnx.2badf00d.data.txt": DATA_MAGIC}
+    for name, content in foreign.items():
+        (tmp_path / name).write_bytes(content)
     save_onnx(model, path, external_data=True)
-    assert os.listdir(tmp_path) == ["m.onnx"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.onnx", *foreign])
     assert onnx.load(path) == model
 
 
@@ -651,7 +658,7 @@ def test_save_external_failure_keeps_the_old_pair(rng, tmp_path, monkeypatch):
     save_onnx(model_a, path, external_data=True)
     before = {n: sha256(tmp_path / n) for n in os.listdir(tmp_path)}
     _fail_replace_onto(monkeypatch, path)
-    with pytest.raises(UnsupportedModelError, match="No space"):
+    with pytest.raises(BadInputError, match="No space"):  # a path bnfold cannot write: exit 3
         save_onnx(model_b, path, external_data=True)
     assert {n: sha256(tmp_path / n) for n in os.listdir(tmp_path)} == before
 
@@ -682,17 +689,22 @@ def spy(monkeypatch):
     import bnfold.onnx.staging as staging
 
     seen = {"saved": [], "reference": []}
-    real_save, real_run = staging.save_onnx, pipeline._run_verification
+    real_stage, real_write, real_run = staging.stage_model, staging.write_onnx, pipeline._run_verification
 
-    def save(model, path, **kw):
+    def stage(outputs, model, target, **kw):  # an output, staged for its target
+        seen["saved"].append(os.path.basename(target))
+        return real_stage(outputs, model, target, **kw)
+
+    def write(model, path, **kw):  # a scratch copy (frozen.onnx, folded.onnx)
         seen["saved"].append(os.path.basename(path))
-        return real_save(model, path, **kw)
+        return real_write(model, path, **kw)
 
     def run(reference, candidate, *a, **kw):
         seen["reference"].append(os.fspath(reference))
         return real_run(reference, candidate, *a, **kw)
 
-    monkeypatch.setattr(staging, "save_onnx", save)
+    monkeypatch.setattr(staging, "stage_model", stage)
+    monkeypatch.setattr(staging, "write_onnx", write)
     monkeypatch.setattr(pipeline, "_run_verification", run)
     return seen
 
@@ -842,8 +854,9 @@ def test_model_too_large_for_one_protobuf_is_written_with_its_data(rng, tmp_path
 
 
 def test_frozen_output_is_the_reference_when_calibrating(rng, tmp_path, spy):
-    """With data and frozen_output, the frozen model is written once and verification runs
-    against that file (no second, staged copy); an output at the same path keeps the copy."""
+    """With data and frozen_output, the frozen model is written once (staged beside FROZEN) and
+    verification runs against that staged file (no second copy); an output at the same path gets
+    the folded model, the frozen one still written once."""
     model, *_ = conv_bn(rng, big=True, training=True)
     src = tmp_path / "m.onnx"
     _save_external(model, src)
@@ -851,7 +864,9 @@ def test_frozen_output_is_the_reference_when_calibrating(rng, tmp_path, spy):
     frozen, out = tmp_path / "fr" / "frozen.onnx", tmp_path / "out" / "f.onnx"
     res = fold(src, output=out, frozen_output=frozen, data=data)
     assert res.report.verification.passed
-    assert spy["saved"] == ["frozen.onnx", "f.onnx"] and spy["reference"] == [str(frozen)]
+    assert spy["saved"] == ["frozen.onnx", "f.onnx"]
+    [reference] = spy["reference"]
+    assert Path(reference).parent.parent == frozen.parent and Path(reference).parent.name.startswith(".bnfold-")
     # the frozen output really is the frozen (calibrated, unfolded) model
     assert count_op(onnx.load(frozen), "BatchNormalization") == 1
     y_ref = ort_run(frozen, {"x": data["x"][:2]})[0]
@@ -860,5 +875,7 @@ def test_frozen_output_is_the_reference_when_calibrating(rng, tmp_path, spy):
     spy["reference"].clear()
     same = tmp_path / "same" / "m.onnx"
     fold(src, output=same, frozen_output=same, data=data)
-    assert spy["saved"] == ["m.onnx", "frozen.onnx", "m.onnx"]
-    assert os.path.basename(spy["reference"][0]) == "frozen.onnx"
+    assert spy["saved"] == ["m.onnx", "m.onnx"]
+    assert Path(spy["reference"][0]).parent.parent == same.parent
+    assert count_op(onnx.load(same), "BatchNormalization") == 0  # the folded model, registered last
+    assert leftovers(same.parent) == []

@@ -4,13 +4,14 @@ The file is read once: the same bytes are hashed (for the report) and parsed.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
@@ -18,6 +19,7 @@ from google.protobuf.message import DecodeError, EncodeError
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.onnx import deferred, runtime  # runtime late-bound: tests replace runtime.ort_max_ir_version
 from bnfold.onnx.serialize import _copy_except, write_model
+from bnfold.outputs import Outputs
 from bnfold.version import __version__
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
@@ -185,24 +187,53 @@ def _load_external_data(model: onnx.ModelProto, base_dir: str) -> None:
             t.data_location = onnx.TensorProto.EXTERNAL
 
 
-def data_files(path: Path) -> list[Path]:
-    """External-data files bnfold wrote for the model at ``path`` (``<name>.data``, ``<name>.<hex>.data``)."""
-    return [p for p in path.parent.glob(f"{glob_escape(path.name)}.*data")
-            if p.name == path.name + ".data" or (p.name.startswith(path.name + ".") and p.name.endswith(".data"))]
+# The first bytes of every data file bnfold writes (its tensors start at DATA_ALIGN): what makes a data
+# file provably bnfold's, so that the cleanup after a write never deletes a file someone else wrote.
+DATA_MAGIC = b"BNFOLD external data: tensors of an ONNX model written by bnfold\n"
+# The longest file name most file systems take (ext4, xfs, btrfs, tmpfs, APFS: 255 bytes).
+NAME_MAX = 255
 
 
-def glob_escape(name: str) -> str:
-    return glob.escape(name)
+def data_prefix(name: str) -> str:
+    """The start of the data-file names of a model written as ``name``: the name itself, or, when
+    ``<name>.<8 hex>.data`` would be too long a file name, its first bytes and a hash of it."""
+    if len(os.fsencode(name)) + 14 <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
+    cut = name.encode("utf-8", "surrogateescape")[: NAME_MAX - 14 - 9].decode("utf-8", "ignore")
+    return f"{cut}~{digest}"
 
 
-def remove_stale_data(path: Path, keep: str) -> None:
-    """Delete data files of earlier writes of ``path`` once the new model is in place."""
-    for p in data_files(path):
-        if p.name != keep:
-            try:
-                p.unlink()
-            except OSError:
-                pass
+def _is_ours(path: Path) -> bool:
+    try:
+        if not path.is_file() or path.is_symlink():
+            return False
+        with open(path, "rb") as fh:
+            return fh.read(len(DATA_MAGIC)) == DATA_MAGIC
+    except OSError:
+        return False
+
+
+def stale_data_files(path: Path, keep: str = "") -> list[Path]:
+    """The data files of earlier bnfold writes of the model at ``path``: named
+    ``<data_prefix(name)>.<8 hex>.data``, regular files, starting with :data:`DATA_MAGIC`; ``keep``
+    (the current one) excluded. Nothing else in the folder is ever listed."""
+    pattern = re.compile(re.escape(data_prefix(path.name)) + r"\.[0-9a-f]{8}\.data\Z")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return [path.parent / n for n in names if pattern.match(n) and n != keep and _is_ours(path.parent / n)]
+
+
+def remove_stale_data(path: Path, keep: str = "") -> None:
+    """Delete the data files of earlier writes of ``path`` (see :func:`stale_data_files`) once the
+    new model is in place."""
+    for p in stale_data_files(path, keep):
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 def _ir_version_for_runtime(model: onnx.ModelProto) -> int:
@@ -228,7 +259,9 @@ def prepare_for_save(model: onnx.ModelProto) -> None:
 
 def _create_new(folder: Path, prefix: str) -> tuple[int, str]:
     """A new temporary file in ``folder`` with the permission bits of any new file (0o666 minus the
-    umask; ``mkstemp`` would give 0o600, which the rename would carry over to the model)."""
+    umask; ``mkstemp`` would give 0o600, which the rename would carry over to the model). Its name
+    starts with ``prefix``, cut to keep the name within :data:`NAME_MAX`."""
+    prefix = prefix.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
     for _ in range(100):
         name = os.path.join(folder, f".{prefix}.{os.urandom(4).hex()}.bnfold-tmp")
         try:
@@ -238,37 +271,82 @@ def _create_new(folder: Path, prefix: str) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary file name in '{folder}'")
 
 
-def save_onnx(
-    model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False,
-    size_hint: int | None = None,
-) -> str:
-    """Write ``model`` to ``path`` atomically; return the sha256 of the written model file.
+@dataclass(frozen=True)
+class Written:
+    """A model :func:`write_onnx` wrote: its path, the sha256 of the model file, and its data file."""
 
-    With ``external_data`` (or when the model is too large for one protobuf), tensors go to
-    ``<name>.<hex>.data`` beside the model (see ``_save_external``). Parent directories are
-    created. ``model`` is not modified. Nothing is left behind on failure. ``size_hint``: about
-    the model's size in bytes, if known (``write_model``).
+    path: Path
+    sha256: str
+    data: Path | None = None
+
+
+def write_onnx(
+    model: onnx.ModelProto, path: Path, *, name: str | None = None, external_data: bool = False,
+    size_hint: int | None = None,
+) -> Written:
+    """Write ``model`` to ``path`` (a temporary file, then a rename); nothing else is touched.
+
+    With ``external_data`` (or when the model is too large for one protobuf), tensors go to a
+    fresh ``<data_prefix(name)>.<hex>.data`` beside ``path`` (see ``_save_external``); ``name`` is
+    the file name the model will finally have (default: ``path``'s), since the model refers to its
+    data file by name. ``model`` is not modified. Nothing is left behind on failure.
+    ``size_hint``: about the model's size in bytes, if known (``write_model``). Callers publish
+    through :class:`bnfold.outputs.Outputs`
+    (``save_onnx``, ``bnfold.onnx.staging``).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    name = name or path.name
     if not external_data and not deferred.has_deferred(model.graph.initializer):
-        fd, tmp_name = _create_new(path.parent, path.name)
+        fd, tmp_name = _create_new(path.parent, "model")
         try:
             with os.fdopen(fd, "wb") as fh:
                 digest = write_model(model, fh, size_hint)  # large tensors streamed
             os.replace(tmp_name, path)
-            return digest
+            return Written(path, digest)
         except (ValueError, EncodeError):  # over protobuf's 2 GiB limit: tensors go to an external file
             pass
-        except OSError as exc:
-            raise UnsupportedModelError(f"cannot write '{path}': {exc.strerror or exc}") from exc
         finally:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
+    return _save_external(model, path, name)
+
+
+def save_onnx(
+    model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False,
+    size_hint: int | None = None,
+) -> str:
+    """Write ``model`` to ``path`` atomically (staged, then moved into place with its data file, see
+    :class:`bnfold.outputs.Outputs`); return the sha256 of the written model file. Data files of
+    earlier bnfold writes of ``path`` are deleted once the new model is in place. Parent
+    directories are created."""
+    path = Path(path)
+    with Outputs() as outputs:
+        staged = outputs.path_for(path)
+        written = _write_or_fail(model, staged, path, external_data=external_data, size_hint=size_hint)
+        publish_model(outputs, path, written)
+        outputs.commit()
+    return written.sha256
+
+
+def _write_or_fail(model: onnx.ModelProto, staged: Path, target: Path, **kw: Any) -> Written:
     try:
-        return _save_external(model, path)
+        return write_onnx(model, staged, name=target.name, **kw)
     except OSError as exc:
-        raise UnsupportedModelError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+        raise UnsupportedModelError(f"cannot write '{target}': {exc.strerror or exc}") from exc
+    except UnsupportedModelError as exc:  # the size limit: name the user's path, not the staged one
+        raise UnsupportedModelError(str(exc).replace(str(staged), str(target))) from exc
+
+
+def stage_model(outputs: Outputs, model: onnx.ModelProto, target: Path, **kw: Any) -> Written:
+    """Write ``model`` for ``target`` into ``outputs``' staging folder (not yet registered)."""
+    return _write_or_fail(model, outputs.path_for(target), target, **kw)
+
+
+def publish_model(outputs: Outputs, target: Path, written: Written) -> None:
+    """Register a staged model (and its data file) to become ``target`` on ``outputs.commit()``;
+    stale data files of earlier writes of ``target`` go once it is in place."""
+    keep = written.data.name if written.data is not None else ""
+    outputs.add(target, written.path, companions=[written.data] if written.data is not None else [],
+                cleanup=lambda p: remove_stale_data(p, keep=keep))
 
 
 # Large tensors go to the data file; this is onnx's default threshold too.
@@ -285,8 +363,9 @@ def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: 
         entry.key, entry.value = key, value
 
 
-def _save_external(model: onnx.ModelProto, path: Path) -> str:
-    """Write ``model`` with its large tensors in a fresh ``<name>.<8 hex>.data`` beside ``path``.
+def _save_external(model: onnx.ModelProto, path: Path, name: str) -> Written:
+    """Write ``model`` with its large tensors in a fresh ``<data_prefix(name)>.<8 hex>.data`` beside
+    ``path``.
 
     ``model`` is never modified (``onnx.save_model(save_as_external_data=True)`` rewrites the
     model to point at the file, and reading the weights back costs a full copy that protobuf's
@@ -296,15 +375,16 @@ def _save_external(model: onnx.ModelProto, path: Path) -> str:
     at a ``DATA_ALIGN``-aligned offset and added to the skeleton as a copy without ``raw_data``
     that points there. Only the main graph's initializers move: tensors inside subgraphs (If/Loop
     bodies), Constant nodes, sparse initializers and tensors stored in typed fields (float_data,
-    ...) stay inline in the model file. The extra memory is one tensor and the skeleton.
+    ...) stay inline in the model file. The extra memory is one tensor and the skeleton. The data
+    file starts with :data:`DATA_MAGIC` (its first tensor at offset ``DATA_ALIGN``), which marks it
+    as bnfold's for a later cleanup.
 
-    The data file is written first (temporary name, then rename), then the model; data files of
-    earlier writes of ``path`` are removed last, so the old model never points at new data and the
-    new model is never in place without its data. Returns the sha256 of the model file.
+    The data file is written first (temporary name, then rename), then the model. Returns what
+    was written.
     """
     folder = path.parent
     # a fresh data-file name per write: the old model never points at new data
-    location = f"{path.name}.{os.urandom(4).hex()}.data"
+    location = f"{data_prefix(name)}.{os.urandom(4).hex()}.data"
     skeleton = onnx.ModelProto()
     _copy_except(model, skeleton, "graph")
     graph = skeleton.graph
@@ -324,8 +404,10 @@ def _save_external(model: onnx.ModelProto, path: Path) -> str:
                     graph.initializer.add().CopyFrom(t)
                     continue
                 if fh is None:
-                    fd, data_tmp = _create_new(folder, location)
+                    fd, data_tmp = _create_new(folder, "data")
                     fh = os.fdopen(fd, "wb")
+                    fh.write(DATA_MAGIC)
+                    offset = len(DATA_MAGIC)
                 pad = -offset % DATA_ALIGN
                 if pad:
                     fh.write(_ZEROS[:pad])
@@ -361,10 +443,11 @@ def _save_external(model: onnx.ModelProto, path: Path) -> str:
                 "external data") from exc
         del skeleton, graph
         digest = hashlib.sha256(data).hexdigest()
-        fd, model_tmp = _create_new(folder, path.name)
+        fd, model_tmp = _create_new(folder, "model")
         with os.fdopen(fd, "wb") as mf:
             mf.write(data)
         del data
+        data_path = folder / location if data_tmp else None
         if data_tmp:
             os.replace(data_tmp, folder / location)
             data_tmp = ""
@@ -372,11 +455,10 @@ def _save_external(model: onnx.ModelProto, path: Path) -> str:
         os.replace(model_tmp, path)
         model_tmp = ""
         placed = False
-        remove_stale_data(path, keep=location)
-        return digest
+        return Written(path, digest, data_path)
     finally:
-        for name in (data_tmp, model_tmp):
-            if name and os.path.exists(name):
-                os.unlink(name)
+        for tmp in (data_tmp, model_tmp):
+            if tmp and os.path.exists(tmp):
+                os.unlink(tmp)
         if placed:  # the model did not move into place: leave the folder as it was
             (folder / location).unlink(missing_ok=True)

@@ -1,114 +1,84 @@
-"""Where ``fold`` writes its models: a staging folder beside OUTPUT, moved into place on a verdict.
+"""Where ``fold`` writes its models: staged in :class:`bnfold.outputs.Outputs`, moved into place together.
 
-``fold`` writes the frozen reference and the folded candidate into a private folder next to the
-output (so the final rename stays on one file system), verifies them there, and only a model
-that passed (or was not verified) is moved to OUTPUT. The folder and everything in it are
-removed when the staging ends, also on error; nothing outside it is touched but OUTPUT, its own
-data files, and ``--frozen-output``.
+``fold`` writes the frozen reference and the folded candidate into the private staging folder
+beside the output (so the final rename stays on one file system), verifies them there, and
+registers only a model that passed (or was not verified) for OUTPUT; ``--frozen-output`` is
+registered as soon as it is written. Nothing reaches OUTPUT or FROZEN before the caller's
+``Outputs.commit()``, which moves them with their data files (and the caller's reports) at once;
+a run that ends in an error leaves none of them.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from types import TracebackType
 
 import onnx
 
 from bnfold.onnx.io import (
     LoadedModel,
-    data_files,
+    Written,
     file_stamp,
     ir_version_for_save,
-    remove_stale_data,
-    save_onnx,
+    publish_model,
+    stage_model,
     stamp_bytes,
+    write_onnx,
 )
+from bnfold.outputs import Outputs
 
 
 class Staging:
-    """The staging folder of one ``fold`` run (a context manager; ``folder`` is None when the run
-    writes nothing that needs staging: no output and no verification)."""
+    """The models of one ``fold`` run, written into ``outputs``."""
 
     def __init__(self, loaded: LoadedModel, output: str | os.PathLike[str] | None,
-                 frozen_output: str | os.PathLike[str] | None, *, verify: bool) -> None:
+                 frozen_output: str | os.PathLike[str] | None, *, verify: bool, outputs: Outputs) -> None:
         self.loaded = loaded
         self.output = Path(output) if output else None
         self.frozen_output = Path(frozen_output) if frozen_output else None
         self.verify = verify
+        self.outputs = outputs
         self.size_hint = stamp_bytes(loaded.stamp)  # the input's size: about the output's
-        self.folder: Path | None = None
 
-    def __enter__(self) -> Staging:
-        if self.output is not None:
-            self.output.parent.mkdir(parents=True, exist_ok=True)
-        if self.frozen_output is not None:
-            self.frozen_output.parent.mkdir(parents=True, exist_ok=True)
-        if self.verify or self.output is not None:
-            parent = self.output.parent if self.output is not None else None
-            self.folder = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=parent))
-        return self
+    def _stage(self, model: onnx.ModelProto, target: Path) -> Written:
+        return stage_model(self.outputs, model, target, external_data=self.loaded.external_data,
+                           size_hint=self.size_hint)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-    def _save(self, model: onnx.ModelProto, path: Path) -> str:
-        return save_onnx(model, path, external_data=self.loaded.external_data, size_hint=self.size_hint)
+    def _scratch(self, model: onnx.ModelProto, name: str) -> Path:
+        folder = self.outputs.scratch(self.output)
+        return write_onnx(model, folder / name, external_data=self.loaded.external_data,
+                          size_hint=self.size_hint).path
 
     def write_reference(self, model: onnx.ModelProto, input_is_reference: bool) -> Path | None:
-        """Write ``--frozen-output`` and return the verification reference (None without
+        """Stage ``--frozen-output`` and return the verification reference (None without
         verification): the input file itself where ``input_is_reference`` and it is unchanged since
-        it was read, else the frozen output just written, else a frozen copy in the folder.
+        it was read, else the staged frozen output, else a frozen copy in the staging folder.
         ``model`` (the frozen, unfolded model) must already be prepared for saving."""
         reference = self.loaded.path if input_is_reference else None
+        frozen: Written | None = None
         if self.frozen_output is not None:
-            self._save(model, self.frozen_output)
+            frozen = self._stage(model, self.frozen_output)
+            publish_model(self.outputs, self.frozen_output, frozen)
         if reference is not None and file_stamp(reference, self.loaded.locations) != self.loaded.stamp:
             reference = None  # the input changed since it was read
         if not self.verify:
             return None
-        if reference is None and self.frozen_output is not None and not _same_file(self.frozen_output, self.output):
-            reference = self.frozen_output  # just written: the frozen model, no second copy
+        if reference is None and frozen is not None:
+            reference = frozen.path  # just written: the frozen model, no second copy
         if reference is None:
-            assert self.folder is not None
-            reference = self.folder / "frozen.onnx"
-            self._save(model, reference)
+            reference = self._scratch(model, "frozen.onnx")
         return reference
 
-    def write_candidate(self, model: onnx.ModelProto) -> tuple[Path, str]:
-        """Write the folded model into the folder; its path and sha256."""
-        assert self.folder is not None
-        staged = self.folder / (self.output.name if self.output is not None else "folded.onnx")
-        return staged, self._save(model, staged)
+    def write_candidate(self, model: onnx.ModelProto) -> Written:
+        """Write the folded model into the staging folder (not yet registered for OUTPUT)."""
+        if self.output is None:
+            return Written(self._scratch(model, "folded.onnx"), "")
+        return self._stage(model, self.output)
 
-    def publish(self, staged: Path) -> Path:
-        """Move the staged model (and its data file) to OUTPUT; stale data files of OUTPUT go last.
-
-        Data file first (under its fresh name), then the model. A model read without external data
-        has one too where it was too large for one protobuf.
-        """
-        output = self.output
-        assert output is not None and staged.name == output.name  # the model names its data file after itself
-        keep = ""
-        for data in data_files(staged):
-            os.replace(data, output.parent / data.name)
-            keep = data.name
-        try:
-            os.replace(staged, output)
-        except OSError:
-            if keep:  # leave the directory as it was: the old model and its data
-                (output.parent / keep).unlink(missing_ok=True)
-            raise
-        if self.loaded.external_data or keep:
-            remove_stale_data(output, keep=keep)
-        return output
-
-
-def _same_file(a: Path, b: Path | None) -> bool:
-    return b is not None and a.resolve() == b.resolve()
+    def publish(self, staged: Written) -> Path:
+        """Register the staged model (and its data file) for OUTPUT on the next commit."""
+        assert self.output is not None
+        publish_model(self.outputs, self.output, staged)
+        return self.output
 
 
 def input_is_reference(loaded: LoadedModel, model: onnx.ModelProto, renamed: bool) -> bool:

@@ -1,0 +1,285 @@
+"""The files one run writes, moved into place together (standard library only).
+
+Every output (the folded model, ``--frozen-output``, the reports) is written into a private
+staging folder beside its target (``.bnfold-XXXXXXXX/``, so the final rename stays on one file
+system) and nothing reaches a target path until :meth:`Outputs.commit`, which moves them all at
+once. A run that ends in an error never commits: it leaves none of its outputs, and the old files
+at those paths are untouched.
+
+What bnfold deletes, and why it is provably its own:
+
+* its staging folders. Each one is created while its parent folder is locked, holds an exclusive
+  ``flock`` for as long as its run lives, and contains the marker file :data:`MARKER`. A later run
+  that writes into the same folder removes a staging folder left by a run that was killed
+  (SIGKILL, power loss) only when all of that holds: the name is ``.bnfold-`` plus 8 characters,
+  it is a real folder (not a link) owned by the same user, nobody holds its lock (the kernel
+  drops a lock when its process dies), and the marker is there.
+* files handed to :meth:`Outputs.add` as ``cleanup``, after the new file is in place (for ONNX:
+  data files of earlier writes of the same output; see ``bnfold.onnx.io.stale_data_files``).
+
+Concurrent runs that write into one folder serialise their commits (and the sweep of leftovers)
+on an advisory ``flock`` of the folder itself; no lock file is created. The end state of runs
+racing for one path is always one complete output of one of them.
+
+A target that is a symbolic link is replaced by the new file; the link's target is never written
+(following a link planted in a shared folder would let its owner redirect bnfold's write).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from bnfold.errors import BadInputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; leftovers are never swept there
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["MARKER", "Outputs", "folder_lock", "sweep_leftovers"]
+
+STAGE_PREFIX = ".bnfold-"
+MARKER = ".bnfold-staging"
+# tempfile.mkdtemp's names: the prefix and 8 characters of its alphabet
+_STAGE_NAME = re.compile(r"\.bnfold-[a-z0-9_]{8}\Z")
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+
+
+def _lock(fd: int, *, wait: bool) -> bool:
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder`` (``flock`` on the folder itself)."""
+    fd = os.open(folder, _DIR_FLAGS)
+    try:
+        _lock(fd, wait=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def sweep_leftovers(folder: Path) -> list[Path]:
+    """Remove the staging folders in ``folder`` that runs killed before their end left behind
+    (see the module docstring for what makes one provably abandoned); call with ``folder``
+    locked. Returns what was removed."""
+    if fcntl is None:
+        return []
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        if not _STAGE_NAME.match(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            fd = os.open(entry.path, _DIR_FLAGS | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not _lock(fd, wait=False):
+                continue  # a live run's folder
+            marker = os.path.join(entry.path, MARKER)
+            if os.path.isfile(marker) and not os.path.islink(marker):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:  # killed between creating it and writing the marker: only ever empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(entry.path)
+            if not os.path.lexists(entry.path):
+                removed.append(Path(entry.path))
+        finally:
+            os.close(fd)
+    return removed
+
+
+class _Stage:
+    """One staging folder: created (after a sweep) while its parent is locked, then locked itself."""
+
+    def __init__(self, folder: Path) -> None:
+        self.fd = -1
+        with folder_lock(folder):
+            sweep_leftovers(folder)
+            self.path = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
+            try:
+                self.fd = os.open(self.path, _DIR_FLAGS)
+                _lock(self.fd, wait=True)
+                (self.path / MARKER).write_text(
+                    f"staging folder of a bnfold run (pid {os.getpid()}); bnfold removes it when the run ends, "
+                    "or in a later run once this one is gone\n", encoding="utf-8")
+            except BaseException:
+                self.close()
+                raise
+        self.count = 0
+
+    def new_path(self, target: Path) -> Path:
+        """A fresh short path in the folder (long target names would not fit with a suffix)."""
+        self.count += 1
+        return self.path / f"o{self.count}{target.suffix[:16]}"
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class _Pending:
+    target: Path
+    staged: Path
+    companions: Sequence[Path] = ()  # moved beside the target first, under their own (fresh) names
+    cleanup: Callable[[Path], None] | None = None  # called with the target once it is in place
+    moved: list[Path] = field(default_factory=list)
+    replaced: bool = False  # something was at the target before
+    backup: Path | None = None  # a hard link to it, to restore it on a failure
+
+
+class Outputs:
+    """The outputs of one run (a context manager): :meth:`path_for` gives where to write one,
+    :meth:`add` registers it, :meth:`commit` moves all registered ones into place. Leaving the
+    ``with`` block removes the staging folders and whatever was not committed."""
+
+    def __init__(self) -> None:
+        self._stages: dict[Path, _Stage] = {}
+        self._pending: list[_Pending] = []
+        self._scratch: str | None = None
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pending.clear()
+        for stage in self._stages.values():
+            stage.close()
+        self._stages.clear()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def _stage(self, folder: Path) -> _Stage:
+        key = folder.resolve()
+        stage = self._stages.get(key)
+        if stage is None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                stage = _Stage(folder)
+            except OSError as exc:
+                raise BadInputError(
+                    f"cannot write in {folder}: {exc.strerror or type(exc).__name__}; give the output a path in a "
+                    "folder bnfold can write in") from exc
+            self._stages[key] = stage
+        return stage
+
+    def path_for(self, target: str | os.PathLike[str]) -> Path:
+        """Where to write ``target`` before :meth:`add`: a new path in the staging folder beside it."""
+        return self._stage(Path(target).parent).new_path(Path(target))
+
+    def scratch(self, near: str | os.PathLike[str] | None = None) -> Path:
+        """A folder for files that are never published (e.g. a verification reference): the
+        staging folder beside ``near``, or a private temporary folder."""
+        if near is not None:
+            return self._stage(Path(near).parent).path
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="bnfold-")
+        return Path(self._scratch)
+
+    def add(self, target: str | os.PathLike[str], staged: Path, *, companions: Sequence[Path] = (),
+            cleanup: Callable[[Path], None] | None = None) -> None:
+        """Register ``staged`` (written at a :meth:`path_for` path) to become ``target`` on commit;
+        ``companions`` (in the same staging folder) move beside it first, keeping their names."""
+        target = Path(target)
+        self._pending = [p for p in self._pending if p.target != target]
+        self._pending.append(_Pending(target, staged, tuple(companions), cleanup))
+
+    def write_text(self, target: str | os.PathLike[str], text: str) -> None:
+        """Stage a text file (UTF-8, ``\\n`` line ends) for ``target``."""
+        staged = self.path_for(target)
+        try:
+            with open(staged, "w", encoding="utf-8", newline="\n") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise BadInputError(f"cannot write {target}: {exc.strerror or type(exc).__name__}") from exc
+        self.add(target, staged)
+
+    @property
+    def targets(self) -> list[Path]:
+        return [p.target for p in self._pending]
+
+    def commit(self) -> list[Path]:
+        """Move every registered output into place, all folders locked; on a failure, undo the
+        moves already made (old files restored where they could be kept) and raise. Then run the
+        cleanups. Returns the targets written."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        folders = sorted({p.target.parent.resolve() for p in pending})
+        with contextlib.ExitStack() as locks:
+            for folder in folders:
+                locks.enter_context(folder_lock(folder))
+            done: list[_Pending] = []
+            for p in pending:
+                try:
+                    self._move(p)
+                except OSError as exc:
+                    for q in reversed([*done, p]):
+                        _undo(q)
+                    raise BadInputError(f"cannot write {p.target}: {exc.strerror or type(exc).__name__}; nothing "
+                                        "was written") from exc
+                done.append(p)
+            for p in done:
+                if p.backup is not None:
+                    with contextlib.suppress(OSError):
+                        p.backup.unlink()
+                if p.cleanup is not None:
+                    p.cleanup(p.target)
+        return [p.target for p in pending]
+
+    def _move(self, p: _Pending) -> None:
+        for c in p.companions:
+            dest = p.target.parent / c.name
+            os.replace(c, dest)
+            p.moved.append(dest)
+        p.replaced = p.target.is_symlink() or p.target.exists()
+        if p.replaced:
+            backup = p.staged.with_name(p.staged.name + ".old")
+            try:
+                os.link(p.target, backup, follow_symlinks=False)
+                p.backup = backup
+            except OSError:  # no hard links here: the old file cannot be restored on a later failure
+                p.backup = None
+        os.replace(p.staged, p.target)
+        p.moved.append(p.target)
+
+
+def _undo(p: _Pending) -> None:
+    for path in reversed(p.moved):
+        with contextlib.suppress(OSError):
+            if path != p.target or not p.replaced:
+                path.unlink()
+            elif p.backup is not None:
+                os.replace(p.backup, path)
+            # else: the old file could not be kept; the new one stays rather than nothing
+    p.moved.clear()
