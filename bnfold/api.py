@@ -19,7 +19,7 @@ import onnx
 
 from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
 from bnfold.errors import BadInputError, UnsupportedModelError
-from bnfold.files import check_output_paths
+from bnfold.files import check_not_input, check_output_paths
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
 from bnfold.onnx.deferred import materialize
 from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save
@@ -227,6 +227,8 @@ def fold(
     if not dry_run:
         check_output_paths(output=output, frozen_output=frozen_output)
     loaded = _load(model)
+    if not dry_run:
+        check_not_input(loaded.path, output=output, frozen_output=frozen_output)
     work = Work(loaded)
     modes = {s.info.name: s.info.mode for s in work.sites}
     _check_modes(work, data is not None)

@@ -7,7 +7,7 @@ import stat
 
 from bnfold.errors import BadInputError
 
-__all__ = ["check_output_paths", "not_a_regular_file"]
+__all__ = ["check_not_input", "check_output_paths", "not_a_regular_file"]
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
@@ -30,7 +30,29 @@ def check_output_paths(**paths: str | os.PathLike[str] | None) -> None:
     """Raise ``BadInputError`` for an output (given by parameter name) that exists and is not a
     regular file, before any work: nothing is written or replaced then."""
     for what, path in paths.items():
+        text = os.fsdecode(path) if isinstance(path, (str, bytes)) else None
+        if text is not None and text.endswith(("/", os.sep)):
+            raise BadInputError(f"{what} {text!r} ends with a path separator, so it names a folder; bnfold writes "
+                                f"one file: give a file path such as {text}model.onnx")
         kind = not_a_regular_file(path) if path is not None else None
         if kind is not None:
             raise BadInputError(f"{what} {path} is {kind}, not a regular file; bnfold writes only regular files: "
                                 "give the path of a file, or a new path")
+
+
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_not_input(source: str | os.PathLike[str] | None, **paths: str | os.PathLike[str] | None) -> None:
+    """Raise ``BadInputError`` for an output (given by parameter name) that is the input file
+    ``source``: bnfold never overwrites its input."""
+    if source is None:
+        return
+    for what, path in paths.items():
+        if path is not None and _same_file(source, path):
+            raise BadInputError(f"{what} {path} is the input model; bnfold never overwrites its input: give "
+                                "another path")

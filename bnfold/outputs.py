@@ -99,13 +99,10 @@ def sweep_leftovers(folder: Path) -> list[Path]:
             if not _lock(fd, wait=False):
                 continue  # a live run's folder
             marker = os.path.join(entry.path, MARKER)
-            if os.path.isfile(marker) and not os.path.islink(marker):
+            if os.path.isfile(marker) and not os.path.islink(marker):  # else: not provably ours, kept
                 shutil.rmtree(entry.path, ignore_errors=True)
-            else:  # killed between creating it and writing the marker: only ever empty
-                with contextlib.suppress(OSError):
-                    os.rmdir(entry.path)
-            if not os.path.lexists(entry.path):
-                removed.append(Path(entry.path))
+                if not os.path.lexists(entry.path):
+                    removed.append(Path(entry.path))
         finally:
             os.close(fd)
     return removed
@@ -179,7 +176,8 @@ class Outputs:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
 
-    def _stage(self, folder: Path) -> _Stage:
+    def _stage(self, target: Path) -> _Stage:
+        folder = target.parent
         key = folder.resolve()
         stage = self._stages.get(key)
         if stage is None:
@@ -188,20 +186,20 @@ class Outputs:
                 stage = _Stage(folder)
             except OSError as exc:
                 raise BadInputError(
-                    f"cannot write in {folder}: {exc.strerror or type(exc).__name__}; give the output a path in a "
-                    "folder bnfold can write in") from exc
+                    f"cannot write {target}: {folder} is not a folder bnfold can write in "
+                    f"({exc.strerror or type(exc).__name__}); give the output a path in a writable folder") from exc
             self._stages[key] = stage
         return stage
 
     def path_for(self, target: str | os.PathLike[str]) -> Path:
         """Where to write ``target`` before :meth:`add`: a new path in the staging folder beside it."""
-        return self._stage(Path(target).parent).new_path(Path(target))
+        return self._stage(Path(target)).new_path(Path(target))
 
     def scratch(self, near: str | os.PathLike[str] | None = None) -> Path:
         """A folder for files that are never published (e.g. a verification reference): the
         staging folder beside ``near``, or a private temporary folder."""
         if near is not None:
-            return self._stage(Path(near).parent).path
+            return self._stage(Path(near)).path
         if self._scratch is None:
             self._scratch = tempfile.mkdtemp(prefix="bnfold-")
         return Path(self._scratch)

@@ -38,6 +38,8 @@ import bnfold
 import bnfold.report
 from bnfold import __version__
 from bnfold.errors import BnfoldError, ProviderUnavailable, VerificationFailed
+from bnfold.outputs import Outputs
+from bnfold.report.json_report import to_json, verify_to_json
 from bnfold.verification.repro_location import default_location, replaceable
 from bnfold.verification.tolerances import parse_tolerances
 
@@ -53,6 +55,7 @@ from .files import (
 )
 from .gcpause import paused_gc
 from .options import (
+    OUTPUT_FILE,
     RUN_FLAGS,
     CompareOptions,
     DataConfig,
@@ -100,10 +103,6 @@ def _api() -> Any:
 
 
 def _summary() -> Any:
-    return bnfold.report
-
-
-def _json_report() -> Any:
     return bnfold.report
 
 
@@ -203,23 +202,20 @@ def _engine_config(compare: CompareOptions, report_path: Path | None = None) -> 
         repro_dir=str(repro) if repro is not None else None)
 
 
-def _write_verification_reports(result: Any, report: ReportConfig, *, write_json: bool,
-                                models: dict[str, Any] | None = None) -> None:
-    """JUnit XML, Markdown (+ $GITHUB_STEP_SUMMARY), HTML and, for ``verify``, the JSON report."""
+def _stage_verification_reports(result: Any, report: ReportConfig, outputs: Outputs, *, write_json: bool,
+                                models: dict[str, Any] | None = None) -> str:
+    """Stage JUnit XML, Markdown, HTML and, for ``verify``, the JSON report in ``outputs``; return
+    the Markdown summary (for $GITHUB_STEP_SUMMARY, appended once the files are in place)."""
     if write_json and report.path is not None:
-        make_parents(report.path)
-        _json_report().write_verify_json(result, report.path, **(models or {}))
+        outputs.write_text(report.path, verify_to_json(result, **(models or {})))
     if report.junit_xml is not None:
-        make_parents(report.junit_xml)
-        bnfold.report.write_junit(result, report.junit_xml)
-    text = bnfold.report.markdown_summary(result)
+        outputs.write_text(report.junit_xml, bnfold.report.junit_to_string(result))
+    text: str = bnfold.report.markdown_summary(result)
     if report.summary_md is not None:
-        make_parents(report.summary_md)
-        bnfold.report.write_markdown(result, report.summary_md)
-    bnfold.report.append_github_step_summary(text)
+        outputs.write_text(report.summary_md, text)
     if report.html is not None:
-        make_parents(report.html)
-        bnfold.report.write_html(result, report.html)
+        outputs.write_text(report.html, bnfold.report.render_html(result))
+    return text
 
 
 # --------------------------------------------------------------------------- commands
@@ -243,14 +239,14 @@ def cli() -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OUTPUT_FILE,
     default=None,
     metavar="OUTPUT",
     help="Where to write the folded model (parent folders are created). Required unless --dry-run.",
 )
 @click.option(
     "--frozen-output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OUTPUT_FILE,
     default=None,
     metavar="FROZEN",
     help="Also write the frozen, unfolded model (the verification reference), e.g. for 'bnfold verify FROZEN OUTPUT'.",
@@ -308,14 +304,14 @@ def fold_command(
         config = _engine_config(compare, report.path)
         created = [] if dry_run or output is None else make_parents(output)
         try:
-            with calibration_progress() as progress:
-                outcome = torch_fold.run(model, output, frozen_output, data, estimator, check, config, dry_run,
-                                         torch_opts, progress,
-                                         warn=_warning)
+            with Outputs() as outputs:
+                with calibration_progress() as progress:
+                    outcome = torch_fold.run(model, output, frozen_output, data, estimator, check, config, dry_run,
+                                             torch_opts, progress, warn=_warning, outputs=outputs)
+                return _close_fold(outcome, output, report, outputs)
         finally:
             if output is not None and not output.exists():
                 remove_empty(created)
-        return _close_fold(outcome, output, report)
 
     if torch_opts.weights is not None:
         raise click.UsageError("--weights needs --model-factory (the state_dict is loaded into the factory's model).")
@@ -338,7 +334,7 @@ def fold_command(
     config = _engine_config(compare, report.path)
     created = [] if dry_run or output is None else make_parents(output)
     try:
-        with calibration_progress() as progress:
+        with Outputs() as outputs, calibration_progress() as progress:
             result = api.fold(
                 model,
                 output=output,
@@ -351,24 +347,29 @@ def fold_command(
                 progress=progress,
                 verify_config=config,
                 frozen_output=None if dry_run else frozen_output,
+                outputs=outputs,
             )
+            return _close_fold(FoldOutcome(report=result.report, ok=result.ok,
+                                           plan_rows=result.rows if dry_run else None), output, report, outputs)
     finally:
         if output is not None and not output.exists():
             remove_empty(created)
-    return _close_fold(FoldOutcome(report=result.report, ok=result.ok,
-                                   plan_rows=result.rows if dry_run else None), output, report)
 
 
-def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig) -> int:
-    """The closing steps of ``fold`` (both routes): the reports, the plan table (dry run), the
-    route's lines, the summary; exit 1 (VerificationFailed) when a check failed. The report's
-    warnings and verification notes are shown and written in flag words."""
+def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig, outputs: Outputs) -> int:
+    """The closing steps of ``fold`` (both routes): the reports staged with the models, all moved
+    into place together; then the plan table (dry run), the route's lines, the summary; exit 1
+    (VerificationFailed) when a check failed. The report's warnings and verification notes are
+    shown and written in flag words."""
     rep = worded_report(outcome.report)
     if report.path is not None:
-        make_parents(report.path)
-        _json_report().write_json(rep, report.path)
+        outputs.write_text(report.path, to_json(rep))
+    markdown = None
     if rep.verification is not None:
-        _write_verification_reports(rep.verification, report, write_json=False)
+        markdown = _stage_verification_reports(rep.verification, report, outputs, write_json=False)
+    outputs.commit()
+    if markdown is not None:
+        bnfold.report.append_github_step_summary(markdown)
     summary = _summary()
     if outcome.plan_rows is not None:
         click.echo(summary.plan_table(_dry_run_rows(outcome.plan_rows, rep)))
@@ -413,8 +414,12 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
         reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,
         val_range=inputs.val_range, iterations=inputs.iterations, config=config)
     result = worded_result(result)
-    _write_verification_reports(result, report, write_json=True,
-                                models={"reference": file_record(reference), "candidate": file_record(candidate)})
+    with Outputs() as outputs:
+        markdown = _stage_verification_reports(
+            result, report, outputs, write_json=True,
+            models={"reference": file_record(reference), "candidate": file_record(candidate)})
+        outputs.commit()
+    bnfold.report.append_github_step_summary(markdown)
     click.echo(_summary().verify_summary_text(result))
     for written in (report.path, report.junit_xml, report.summary_md, report.html):
         if written is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,23 @@ from typing import Any, TypeVar
 import click
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+class OutputFile(click.Path):
+    """A file bnfold writes: ``click.Path(dir_okay=False)``, and a path that ends with a separator
+    (``-o newdir/``, which pathlib would quietly turn into a file named ``newdir``) is a usage error."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        text = os.fsdecode(value) if isinstance(value, (str, bytes)) else None
+        if text is not None and text.endswith(("/", os.sep)):
+            self.fail(f"{text!r} ends with a path separator, so it names a folder; bnfold writes one file: give a "
+                      f"file path such as {text}model.onnx", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUTPUT_FILE = OutputFile()
 
 # --------------------------------------------------------------------------- config records
 
@@ -251,14 +269,14 @@ random_input_options.__doc__ = "--seed N, --val-range LO,HI, --iterations K  -> 
 
 report_options = _group(
     [
-        click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        click.option("--report", "report_path", type=OUTPUT_FILE, default=None,
                      metavar="REPORT.json",
                      help="Write the JSON report here (also when verification fails, and on --dry-run)."),
-        click.option("--junit-xml", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="OUT.xml",
+        click.option("--junit-xml", type=OUTPUT_FILE, default=None, metavar="OUT.xml",
                      help="Write the verification as JUnit XML (one test case per provider x output)."),
-        click.option("--summary-md", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="OUT.md",
+        click.option("--summary-md", type=OUTPUT_FILE, default=None, metavar="OUT.md",
                      help="Write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY when that is set)."),
-        click.option("--html", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="OUT.html",
+        click.option("--html", type=OUTPUT_FILE, default=None, metavar="OUT.html",
                      help="Write a self-contained HTML page with error plots per fold site and output."),
     ],
     lambda report_path, junit_xml, summary_md, html: ("report", ReportConfig(report_path, junit_xml, summary_md, html)),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from bnfold.output_formats import FORMAT_LABELS, torch_output_format
+from bnfold.outputs import Outputs
 
 from .files import check_paths, report_outputs, require_data, require_model_file
 from .options import DataConfig, FoldCheck, ReportConfig, TorchOptions
@@ -93,7 +94,7 @@ def validate(model: Path | None, output: Path | None, frozen_output: Path | None
 
 def run(model: Path | None, output: Path | None, frozen_output: Path | None, data: DataConfig, estimator: str,
         check: FoldCheck, config: Any, dry_run: bool, topts: TorchOptions,
-        progress: Callable[[int, int], None] | None, warn: Callable[[str], None]) -> FoldOutcome:
+        progress: Callable[[int, int], None] | None, warn: Callable[[str], None], outputs: Outputs) -> FoldOutcome:
     """Load the model (file, or factory and weights) and convert it. Its errors and ``warn``'s
     messages are in the library's words: the caller shows them in flag words (``cli/wording.py``)."""
     frontend = _frontend()
@@ -106,7 +107,8 @@ def run(model: Path | None, output: Path | None, frozen_output: Path | None, dat
     result: ConvertResult = frontend.convert(
         loaded, data.path, output, frozen_output=frozen_output, batch_size=data.batch_size,
         estimator=estimator, device=device, allow_reused_bn=topts.allow_reused_bn, verify=check.enabled,
-        verify_samples=check.samples, config=config, dry_run=dry_run, progress=progress, warn=warn)
+        verify_samples=check.samples, config=config, dry_run=dry_run, progress=progress, warn=warn,
+        outputs=outputs)
     report = result.report
     lines = []
     if result.route == "torch":

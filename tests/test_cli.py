@@ -547,8 +547,7 @@ def _install_fake(monkeypatch, cli_main, fold_impl, calls: dict) -> None:
     monkeypatch.setattr(cli_main, "_api", lambda: SimpleNamespace(fold=fold, inspect=lambda m, **k: []))
     monkeypatch.setattr(cli_main, "_summary", lambda: SimpleNamespace(
         summary_text=lambda r: f"{r.folded} folded, {r.kept} kept", plan_table=lambda rows: "PLAN"))
-    monkeypatch.setattr(cli_main, "_json_report", lambda: SimpleNamespace(
-        write_json=lambda r, p: Path(p).write_text(json.dumps({"folded": r.folded}))))
+    monkeypatch.setattr(cli_main, "to_json", lambda r: json.dumps({"folded": r.folded}))
 
 
 def test_internal_error_is_one_line(monkeypatch, capsys, tmp_path: Path, cli_main) -> None:

@@ -220,13 +220,16 @@ def test_verification_failure_writes_nothing(rng, tmp_path):
     assert os.listdir(tmp_path) == ["m.onnx"]
 
 
-def test_verification_failure_with_output_equal_to_input_keeps_input(rng, tmp_path):
+def test_output_equal_to_input_is_refused(rng, tmp_path):
+    """The library never overwrites its input (before issue 14 only a failed verification kept it:
+    a passing fold replaced the input model)."""
     model, *_ = conv_bn(rng)
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
     h = sha256(src)
-    res = fold(src, output=src, verify_config=EXACT)
-    assert not res.ok
+    for config in (EXACT, None):
+        with pytest.raises(BadInputError, match="is the input model; bnfold never overwrites its input"):
+            fold(src, output=src, verify_config=config)
     assert sha256(src) == h
     assert os.listdir(tmp_path) == ["m.onnx"]
 

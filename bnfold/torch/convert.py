@@ -21,6 +21,7 @@ subclasses whose messages name this function's parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ from bnfold.data.sources import CalibrationData, open_data
 from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError, one_line
 from bnfold.files import check_output_paths
 from bnfold.output_formats import FORMAT_LABELS, torch_output_format
+from bnfold.outputs import Outputs
 from bnfold.records import Action, BnRecord, FoldDecision, Mode, Report, VerifyResult
 from bnfold.torch import export as ex
 from bnfold.torch.batches import Batch
@@ -159,6 +161,7 @@ class _Request:
     config: VerifyConfig | None
     progress: Callable[[int, int], None] | None
     warn: Callable[[str], None] | None
+    outputs: Outputs
 
     def tolerances(self) -> dict[str, Any]:
         """The config's atol/rtol for the torch and export checks (the dtype defaults where not given)."""
@@ -197,6 +200,7 @@ def convert(
     dry_run: bool = False,
     progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    outputs: Outputs | None = None,
 ) -> ConvertResult:
     """Calibrate, fold, check and write a PyTorch model.
 
@@ -210,8 +214,27 @@ def convert(
     unfolded model in the same format. ``device``: where to calibrate (default: cuda when torch
     sees a GPU). ``config``: the tolerances (``atol``/``rtol``) of the checks and the ONNX
     verification's settings. ``warn`` is called with a warning as it happens (they are also in
-    ``report.warnings``); ``progress(done, total)`` once per calibration batch.
+    ``report.warnings``); ``progress(done, total)`` once per calibration batch. ``outputs``: an
+    :class:`bnfold.outputs.Outputs` the files are staged in, left for the caller to commit with its
+    own (reports); by default ``convert`` commits them. The frozen output is written when the run
+    ends with a verdict (also a failed check), the model only when every check passed; nothing on
+    an error.
     """
+    with contextlib.ExitStack() as stack:
+        tx = outputs if outputs is not None else stack.enter_context(Outputs())
+        result = _convert(module, data, output, frozen_output, batch_size, estimator, device, allow_reused_bn,
+                          verify, verify_samples, config, dry_run, progress, warn, tx)
+        if outputs is None:
+            tx.commit()
+    return result
+
+
+def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] | None,
+             output: str | os.PathLike[str] | None, frozen_output: str | os.PathLike[str] | None,
+             batch_size: int | None, estimator: str, device: str | None, allow_reused_bn: bool, verify: bool,
+             verify_samples: int, config: VerifyConfig | None, dry_run: bool,
+             progress: Callable[[int, int], None] | None, warn: Callable[[str], None] | None,
+             outputs: Outputs) -> ConvertResult:
     dev = resolve_device(device)
     out_path = Path(output) if output is not None else None
     fmt = torch_output_format(out_path) if out_path is not None else None
@@ -225,7 +248,7 @@ def convert(
     req = _Request(output=out_path, frozen_output=None if dry_run or frozen_output is None else Path(frozen_output),
                    data=Path(data) if data is not None else None, batch_size=batch_size, estimator=estimator,
                    allow_reused_bn=allow_reused_bn, verify=verify, verify_samples=verify_samples, dry_run=dry_run,
-                   config=config, progress=progress, warn=warn)
+                   config=config, progress=progress, warn=warn, outputs=outputs)
     loaded = _as_loaded(module)
     notes: list[str] = list(loaded.warnings)
 
@@ -340,19 +363,16 @@ def _fill_input(report: Report, loaded: LoadedTorchModel) -> None:
     report.input_sha256 = loaded.sha256
 
 
-def _staged(output: Path) -> tuple[Path, Path]:
-    """A private folder beside ``output`` to write it in, then renamed into place."""
+def _save(fmt: str, module: nn.Module, loaded: LoadedTorchModel, example: Example, path: Path,
+          target: Path) -> list[str]:
+    """Write ``module`` in format ``fmt`` to ``path`` (staged for ``target``, which errors name)."""
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=output.parent))
+        return _write(fmt, module, loaded, example, path)
     except OSError as exc:
-        raise BadInputError(f"cannot write {output}: {output.parent} is not a folder bnfold can write in "
-                            f"({exc.strerror or type(exc).__name__}); give the output a path in a writable "
-                            "folder") from exc
-    return stage, stage / output.name
+        raise BadInputError(f"cannot write {target}: {exc.strerror or type(exc).__name__}") from exc
 
 
-def _save(fmt: str, module: nn.Module, loaded: LoadedTorchModel, example: Example, path: Path) -> list[str]:
+def _write(fmt: str, module: nn.Module, loaded: LoadedTorchModel, example: Example, path: Path) -> list[str]:
     args, kwargs, names = split(loaded, example)
     if fmt == "pt2":
         return ex.save_exported_program(module, args, kwargs, names, path, dynamic_batch=True)
@@ -413,29 +433,19 @@ def _run_torch(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | N
     assert fmt is not None and req.output is not None
     example = ordered(loaded, _need_example(example, f"{FORMAT_LABELS[fmt]} export and the checks"))
 
-    # the frozen model is staged too and moved into place only when the run ends with a verdict
-    # (passed, or a check that failed), never after an error
-    frozen_stage: Path | None = None
-    frozen_tmp: Path | None = None
+    # the frozen model is staged too and registered at once: it is moved into place when the run
+    # ends with a verdict (passed, or a check that failed), never after an error (no commit then)
     if req.frozen_output is not None:
         frozen_cpu = copy_module(frozen).to("cpu").eval()
-        frozen_stage, frozen_tmp = _staged(req.frozen_output)
-        try:
-            notes_f = _save(fmt, frozen_cpu, loaded, example, frozen_tmp)
-        except BaseException:
-            shutil.rmtree(frozen_stage, ignore_errors=True)
-            raise
+        frozen_tmp = req.outputs.path_for(req.frozen_output)
+        notes_f = _save(fmt, frozen_cpu, loaded, example, frozen_tmp, req.frozen_output)
+        req.outputs.add(req.frozen_output, frozen_tmp)
         report.warnings.extend(n for n in notes_f if n not in report.warnings)
         del frozen_cpu
-    try:
-        out = _check_and_save(req, loaded, result, frozen, example, fmt, report)
-        if frozen_stage is not None and frozen_tmp is not None and req.frozen_output is not None:
-            os.replace(frozen_tmp, req.frozen_output)
-            out = replace(out, frozen_output=req.frozen_output)
-        return out
-    finally:
-        if frozen_stage is not None:
-            shutil.rmtree(frozen_stage, ignore_errors=True)
+    out = _check_and_save(req, loaded, result, frozen, example, fmt, report)
+    if req.frozen_output is not None:
+        out = replace(out, frozen_output=req.frozen_output)
+    return out
 
 
 def _check_and_save(req: _Request, loaded: LoadedTorchModel, result: TorchFoldResult, frozen: nn.Module,
@@ -458,34 +468,31 @@ def _check_and_save(req: _Request, loaded: LoadedTorchModel, result: TorchFoldRe
                                  torch_check=torch_check, failed="torch_check")
 
     folded = result.module.to("cpu").eval()
-    stage, tmp = _staged(req.output)
+    tmp = req.outputs.path_for(req.output)
     export_check: TensorCheck | None = None
-    try:
-        report.warnings.extend(_save(fmt, folded, loaded, example, tmp))
-        if req.verify:
-            try:
-                reloaded = ex.load_saved(tmp, fmt)
-                ref = ex.eager_named(folded, example)
-                args, kwargs, _ = split(loaded, example)  # called like the original: positionally
-                with torch.no_grad():
-                    written = ex.flat_outputs(reloaded(*args, **kwargs))
-            except BnfoldError:
-                raise
-            except Exception as exc:
-                raise UnsupportedModelError(f"the {FORMAT_LABELS[fmt]} written for the folded module does not "
-                                            f"load or run: {type(exc).__name__}: {one_line(exc, 240)}") from exc
-            got_arrays = ex.tensors_to_arrays(list(ref), written)
-            check = ex.compare_arrays(ref, got_arrays, sample_count(example), **req.tolerances())
-            report.extra["export_check"] = check
-            export_check = TensorCheck.from_dict(check)
-            if not export_check.passed:
-                return ConvertResult(report=report, route="torch", output=None, frozen_output=None,
-                                     torch_check=torch_check, export_check=export_check, failed="export_check")
-        os.replace(tmp, req.output)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    report.warnings.extend(_save(fmt, folded, loaded, example, tmp, req.output))
+    if req.verify:
+        try:
+            reloaded = ex.load_saved(tmp, fmt)
+            ref = ex.eager_named(folded, example)
+            args, kwargs, _ = split(loaded, example)  # called like the original: positionally
+            with torch.no_grad():
+                written = ex.flat_outputs(reloaded(*args, **kwargs))
+        except BnfoldError:
+            raise
+        except Exception as exc:
+            raise UnsupportedModelError(f"the {FORMAT_LABELS[fmt]} written for the folded module does not "
+                                        f"load or run: {type(exc).__name__}: {one_line(exc, 240)}") from exc
+        got_arrays = ex.tensors_to_arrays(list(ref), written)
+        check = ex.compare_arrays(ref, got_arrays, sample_count(example), **req.tolerances())
+        report.extra["export_check"] = check
+        export_check = TensorCheck.from_dict(check)
+        if not export_check.passed:
+            return ConvertResult(report=report, route="torch", output=None, frozen_output=None,
+                                 torch_check=torch_check, export_check=export_check, failed="export_check")
+    req.outputs.add(req.output, tmp)
     report.output_path = str(req.output)
-    report.output_sha256 = sha256_of(req.output)
+    report.output_sha256 = sha256_of(tmp)
     return ConvertResult(report=report, route="torch", output=req.output, frozen_output=None,
                          torch_check=torch_check, export_check=export_check)
 
@@ -573,7 +580,7 @@ def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | No
                 onnx_path, output=req.output, data=use_data, batch_size=req.batch_size if use_data else None,
                 estimator=req.estimator, verify=req.verify, dry_run=req.dry_run,
                 verify_samples=req.verify_samples, progress=req.progress, verify_config=req.config,
-                frozen_output=req.frozen_output)
+                frozen_output=req.frozen_output, outputs=req.outputs)
             report = result.report
             report.warnings = notes + report.warnings
             rows = tuple(onnx_inspect(onnx_path)) if req.dry_run else None
