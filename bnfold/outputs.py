@@ -158,7 +158,7 @@ class Outputs:
     def __init__(self) -> None:
         self._stages: dict[Path, _Stage] = {}
         self._pending: list[_Pending] = []
-        self._scratch: str | None = None
+        self._scratch: list[Path] = []
 
     def __enter__(self) -> Outputs:
         return self
@@ -172,9 +172,9 @@ class Outputs:
         for stage in self._stages.values():
             stage.close()
         self._stages.clear()
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
+        for folder in self._scratch:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._scratch.clear()
 
     def _stage(self, target: Path) -> _Stage:
         folder = target.parent
@@ -196,13 +196,18 @@ class Outputs:
         return self._stage(Path(target)).new_path(Path(target))
 
     def scratch(self, near: str | os.PathLike[str] | None = None) -> Path:
-        """A folder for files that are never published (e.g. a verification reference): the
-        staging folder beside ``near``, or a private temporary folder."""
+        """A new, empty folder for files that are never published (e.g. a verification reference),
+        removed with the staging: inside the staging folder beside ``near`` (so a killed run's
+        copy is swept like the rest), or a private temporary folder."""
         if near is not None:
-            return self._stage(Path(near)).path
-        if self._scratch is None:
-            self._scratch = tempfile.mkdtemp(prefix="bnfold-")
-        return Path(self._scratch)
+            stage = self._stage(Path(near))
+            stage.count += 1
+            folder = stage.path / f"s{stage.count}"
+            folder.mkdir()
+            return folder
+        folder = Path(tempfile.mkdtemp(prefix="bnfold-"))
+        self._scratch.append(folder)
+        return folder
 
     def add(self, target: str | os.PathLike[str], staged: Path, *, companions: Sequence[Path] = (),
             cleanup: Callable[[Path], None] | None = None) -> None:

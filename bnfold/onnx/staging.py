@@ -38,13 +38,14 @@ class Staging:
         self.verify = verify
         self.outputs = outputs
         self.size_hint = stamp_bytes(loaded.stamp)  # the input's size: about the output's
+        self._scratch_folder: Path | None = None
 
     def _stage(self, model: onnx.ModelProto, target: Path) -> Written:
         return stage_model(self.outputs, model, target, external_data=self.loaded.external_data,
                            size_hint=self.size_hint)
 
     def _scratch(self, model: onnx.ModelProto, name: str) -> Path:
-        folder = self.outputs.scratch(self.output)
+        folder = self._scratch_folder = self._scratch_folder or self.outputs.scratch(self.output)
         return write_onnx(model, folder / name, external_data=self.loaded.external_data,
                           size_hint=self.size_hint).path
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -542,7 +541,8 @@ def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | No
     module, reused, calibrated_in_torch = _frozen_module(req, loaded, cal, device, notes)
     example = ordered(loaded, example)
 
-    tmpdir = Path(tempfile.mkdtemp(prefix="bnfold-torch-"))
+    # beside the output (swept by a later run if this one is killed), else a private temporary folder
+    tmpdir = req.outputs.scratch(None if req.dry_run else req.output)
     try:
         onnx_path = tmpdir / "frozen.onnx"
         info = ex.export_onnx(module, example, onnx_path, dynamic_batch=True, positional=split(loaded, example)[2])
