@@ -288,7 +288,7 @@ def _run_verification(reference: Path, candidate: Path, feeds: list[dict[str, np
 
 def _placeholder_stats(work: Work, site: BnSite) -> FrozenStats:
     assert site.pos is not None
-    scale = work.consts.value(work.index.nodes[site.pos].input[1])
+    scale = work.consts.default(work.index.nodes[site.pos].input[1])
     c = int(scale.shape[0]) if scale is not None and scale.ndim == 1 else 1
     zero, one = np.zeros(c), np.ones(c)
     return FrozenStats(zero, one, one, one, 0.0, 0, 0)
