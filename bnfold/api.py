@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
+from bnfold.data.supplied import supplied_specs
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.files import check_output_paths
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
@@ -94,7 +95,7 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
 
 
 def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None) -> CalibrationData | _FullBatches:
-    specs = input_specs(model)
+    specs = supplied_specs(data, input_specs(model))  # inputs that are not samples may be left out
     fixed = fixed_batch(specs)
     if fixed is not None:
         if batch_size is None:

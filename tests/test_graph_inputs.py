@@ -66,6 +66,89 @@ def _feeds(rng: np.random.Generator, xshape: list) -> dict[str, np.ndarray]:
     return {"x": rand(rng, n, *xshape[1:]), "s": rand(rng, 4, 1, 1)}
 
 
+# ---- (a) a second input of static non-batch shape ---------------------------------------------
+@pytest.mark.parametrize("xshape,op", [([1, 3, 5, 5], "Add"), ([2, 3, 5, 5], "Mul"), (["N", 3, 5, 5], "Add")])
+def test_static_second_input_fold_verifies_like_verify(rng, tmp_path, xshape, op):
+    """Before: fold's verification fed ``s`` a batch axis (or ``x`` the wrong one) and exited 3
+    ("Got invalid dimensions for input: s") while ``bnfold verify`` passed the same pair."""
+    model = _save(conv_bn_mix(rng, xshape, op), tmp_path / "m.onnx")
+    out, frozen = tmp_path / "out.onnx", tmp_path / "frozen.onnx"
+    proc = run_cli("fold", model, "-o", out, "--frozen-output", frozen)
+    assert proc.returncode == 0, proc.stderr
+    assert "PASSED" in proc.stdout
+    assert run_cli("verify", frozen, out).returncode == 0
+    feeds = _feeds(rng, xshape)
+    _assert_close(ort_run(out, feeds)[0], ort_run(model, feeds)[0])
+    assert onnx.load(str(out)).graph.node[0].op_type == "Conv" and len(onnx.load(str(out)).graph.node) == 2
+
+
+def test_static_second_input_with_data_for_x_only(rng, tmp_path):
+    """Calibration data that supplies only ``x``: the statistics do not depend on ``s`` (it is
+    read after the BN), so the BN is calibrated and folded; ``--batch-size 2`` is not overridden by
+    ``s``'s first dim (4, which is not a batch). Before: exit 3, "no array for model input 's'"
+    (and "model input 's' has a fixed batch size of 4" with --batch-size 2)."""
+    model = _save(conv_bn_mix(rng, ["N", 3, 5, 5], training=True), tmp_path / "m.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rand(rng, 6, 3, 5, 5))
+    out, frozen = tmp_path / "out.onnx", tmp_path / "frozen.onnx"
+    proc = run_cli("fold", model, "--data", data, "--batch-size", "2", "-o", out, "--frozen-output", frozen)
+    assert proc.returncode == 0, proc.stderr
+    assert "PASSED" in proc.stdout and "folded 1" in proc.stdout
+    assert run_cli("verify", frozen, out).returncode == 0
+    feeds = _feeds(rng, ["N", 3, 5, 5])
+    _assert_close(ort_run(out, feeds)[0], ort_run(frozen, feeds)[0])
+
+
+def test_static_second_input_with_data_for_both(rng):
+    """Data that supplies ``s`` too (one value per sample, as every data array) still works."""
+    model = conv_bn_mix(rng, ["N", 3, 5, 5], training=True)
+    res = fold(model, data={"x": rand(rng, 8, 3, 5, 5), "s": rand(rng, 8, 1, 1)})
+    assert record(res, "bn").action is Action.FOLDED
+    assert res.report.verification is not None and res.report.verification.passed
+
+
+def test_data_without_an_input_the_statistics_need(rng, tmp_path):
+    """``s`` scales the BN's input: statistics without it would be made up, so data lacking it is
+    bad input (exit 3) naming ``s``."""
+    model = _save(conv_bn_mix(rng, ["N", 3, 5, 5], training=True, s_first=True), tmp_path / "m.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rand(rng, 6, 3, 5, 5))
+    proc = run_cli("fold", model, "--data", data, "-o", tmp_path / "out.onnx")
+    assert proc.returncode == 3, proc.stderr
+    assert "'s'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+# ---- (b) BN parameters or weights as graph inputs without a value -----------------------------
+def _bn_params_as_inputs(rng: np.random.Generator, batch: int | str) -> onnx.ModelProto:
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["c", "g", "be", "mu", "v"], ["y"], name="bn", epsilon=EPS)]
+    return make_model(nodes, [vi("x", [batch, 3, 5, 5])] + [vi(n, [4]) for n in ("g", "be", "mu", "v")],
+                      [vi("y", 4)], [init("w", rand(rng, 4, 3, 3, 3))])
+
+
+def _weight_as_input(rng: np.random.Generator, batch: int | str) -> onnx.ModelProto:
+    node, inits = bn("bn", "c", "y", bn_params(rng, 4))
+    return make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4), node],
+                      [vi("x", [batch, 3, 5, 5]), vi("w", [4, 3, 3, 3])], [vi("y", 4)], inits)
+
+
+@pytest.mark.parametrize("build", [_bn_params_as_inputs, _weight_as_input])
+@pytest.mark.parametrize("batch", [2, "N"])
+def test_parameters_as_graph_inputs_kept_and_verified(rng, tmp_path, build, batch):
+    """Before (batch 2): exit 3, "Got invalid dimensions for input: v" (or x): the parameters were
+    fed a batch axis. They are fed at their declared shapes; the BN is kept (NOT_CONSTANT)."""
+    model = _save(build(rng, batch), tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    proc = run_cli("fold", model, "-o", out, "--report", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "PASSED" in proc.stdout and "NOT_CONSTANT: 1" in proc.stdout
+    res = fold(model)
+    assert record(res, "bn").reason is Reason.NOT_CONSTANT
+    folded = onnx.load(str(out))
+    assert [i.name for i in folded.graph.input] == [i.name for i in onnx.load(str(model)).graph.input]
+
+
 # ---- (c) initializers that are also graph inputs ----------------------------------------------
 def _listed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """``model`` with the initializers ``names`` listed among the graph inputs too (IR 10)."""
