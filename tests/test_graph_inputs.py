@@ -82,14 +82,23 @@ def test_static_second_input_fold_verifies_like_verify(rng, tmp_path, xshape, op
     assert onnx.load(str(out)).graph.node[0].op_type == "Conv" and len(onnx.load(str(out)).graph.node) == 2
 
 
-def test_static_second_input_with_data_for_x_only(rng, tmp_path):
+@pytest.mark.parametrize("kind", ["npz", "npy", "folder"])
+def test_static_second_input_with_data_for_x_only(rng, tmp_path, kind):
     """Calibration data that supplies only ``x``: the statistics do not depend on ``s`` (it is
     read after the BN), so the BN is calibrated and folded; ``--batch-size 2`` is not overridden by
-    ``s``'s first dim (4, which is not a batch). Before: exit 3, "no array for model input 's'"
-    (and "model input 's' has a fixed batch size of 4" with --batch-size 2)."""
+    ``s``'s first dim (4, which is not a batch). A ``.npy`` is the one input with a batch axis.
+    Before: exit 3, "model input 's' has a fixed batch size of 4" (without --batch-size: "no array
+    for model input 's'"; a .npy: "holds one array, but the model has 2 inputs")."""
     model = _save(conv_bn_mix(rng, ["N", 3, 5, 5], training=True), tmp_path / "m.onnx")
-    data = tmp_path / "d.npz"
-    np.savez(data, x=rand(rng, 6, 3, 5, 5))
+    x = rand(rng, 6, 3, 5, 5)
+    if kind == "npy":
+        np.save(data := tmp_path / "d.npy", x)
+    elif kind == "npz":
+        np.savez(data := tmp_path / "d.npz", x=x)
+    else:
+        (data := tmp_path / "d").mkdir()
+        np.savez(data / "a.npz", x=x[:3])
+        np.savez(data / "b.npz", x=x[3:])
     out, frozen = tmp_path / "out.onnx", tmp_path / "frozen.onnx"
     proc = run_cli("fold", model, "--data", data, "--batch-size", "2", "-o", out, "--frozen-output", frozen)
     assert proc.returncode == 0, proc.stderr
@@ -191,6 +200,40 @@ def test_overridable_weight_is_not_folded(rng, tmp_path, build, xshape):
     other = rand(rng, *w_in.shape)
     np.testing.assert_array_equal(ort_run(out, {"x": x, "w": other})[0], ort_run(model, {"x": x, "w": other})[0])
     np.testing.assert_array_equal(ort_run(out, {"x": x})[0], ort_run(model, {"x": x})[0])
+
+
+def _conv_bias_bn(rng: np.random.Generator) -> onnx.ModelProto:
+    node, inits = bn("bn", "c", "y", bn_params(rng, 4))
+    return make_model([helper.make_node("Conv", ["x", "w", "cb"], ["c"], name="conv", pads=[1] * 4), node],
+                      [vi("x", ["N", 3, 5, 5])], [vi("y", 4)],
+                      [init("w", rand(rng, 4, 3, 3, 3)), init("cb", rand(rng, 4))] + inits)
+
+
+def _bn_conv_forward(rng: np.random.Generator) -> onnx.ModelProto:
+    """BN on the graph input, then an unpadded Conv: the forward fold's case."""
+    node, inits = bn("bn", "x", "b", bn_params(rng, 3))
+    return make_model([node, helper.make_node("Conv", ["b", "w"], ["y"], name="conv")],
+                      [vi("x", ["N", 3, 5, 5])], [vi("y", 4)], [init("w", rand(rng, 4, 3, 3, 3))] + inits)
+
+
+def _gemm_bn(rng: np.random.Generator) -> onnx.ModelProto:
+    node, inits = bn("bn", "c", "y", bn_params(rng, 4))
+    return make_model([helper.make_node("Gemm", ["x", "w", "cb"], ["c"], name="gemm", transB=1), node],
+                      [vi("x", ["N", 6])], [vi("y", 2)], [init("w", rand(rng, 4, 6)), init("cb", rand(rng, 4))] + inits)
+
+
+@pytest.mark.parametrize("build,listed,xshape", [(_conv_bias_bn, "cb", (2, 3, 5, 5)), (_bn_conv_forward, "w", (2, 3, 5, 5)),
+                                                 (_gemm_bn, "cb", (2, 6)), (_gemm_bn, "w", (2, 6))])
+def test_overridable_bias_or_forward_weight_is_not_folded(rng, tmp_path, build, listed, xshape):
+    """The other places a fold writes: a Conv/Gemm bias, a following Conv's weight (forward)."""
+    model = _listed(build(rng), [listed])
+    out = tmp_path / "out.onnx"
+    res = fold(model, output=out)
+    assert record(res, "bn").reason is Reason.NOT_CONSTANT and res.report.verification.passed
+    default = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == listed)
+    x, other = rand(rng, *xshape), rand(rng, *default.shape)
+    np.testing.assert_array_equal(ort_run(out, {"x": x, listed: other})[0],
+                                  ort_run(model, {"x": x, listed: other})[0])
 
 
 def test_overridable_bn_parameters_stay_inputs(rng, tmp_path):
