@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
+from bnfold.data.supplied import supplied_specs
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.files import check_not_input, check_output_paths
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
@@ -96,7 +97,7 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
 
 
 def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None) -> CalibrationData | _FullBatches:
-    specs = input_specs(model)
+    specs = supplied_specs(data, input_specs(model))  # inputs that are not samples may be left out
     fixed = fixed_batch(specs)
     if fixed is not None:
         if batch_size is None:
@@ -300,7 +301,7 @@ def _run_verification(reference: Path, candidate: Path, feeds: list[dict[str, np
 
 def _placeholder_stats(work: Work, site: BnSite) -> FrozenStats:
     assert site.pos is not None
-    scale = work.consts.value(work.index.nodes[site.pos].input[1])
+    scale = work.consts.default(work.index.nodes[site.pos].input[1])
     c = int(scale.shape[0]) if scale is not None and scale.ndim == 1 else 1
     zero, one = np.zeros(c), np.ones(c)
     return FrozenStats(zero, one, one, one, 0.0, 0, 0)

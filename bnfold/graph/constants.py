@@ -223,26 +223,42 @@ _OPS: dict[str, _Op] = {
 
 
 class Constants:
-    """Resolves the constant value of a tensor name, or None when it is not constant."""
+    """Resolves the constant value of a tensor name, or None when it is not constant.
+
+    An initializer that is also a graph input (``GraphIndex.overridable``, IR >= 4) is a default
+    the caller may replace at run time (onnxruntime feeds it when given): not a constant, and
+    nothing computed from it is either. ``default`` still reads its stored value, for what does not
+    depend on the value fed (a channel count, the defaults calibration runs with).
+    """
 
     def __init__(self, index: GraphIndex) -> None:
         self.index = index
         self._cache: dict[str, np.ndarray | None] = {}
 
     def value(self, name: str) -> np.ndarray | None:
-        if not name:
+        if not name or name in self.index.overridable:
             return None
         init = self.index.initializers.get(name)
         if init is not None:  # not cached: weights are large and read once
             return tensor_to_array(init)
         return self._eval(name, 0)
 
+    def default(self, name: str) -> np.ndarray | None:
+        """The value ``name`` has when the caller feeds nothing: an overridable initializer's
+        stored default, else ``value``."""
+        init = self.index.initializers.get(name) if name in self.index.overridable else None
+        return tensor_to_array(init) if init is not None else self.value(name)
+
     def is_constant(self, name: str) -> bool:
+        if name in self.index.overridable:
+            return False
         if name in self.index.initializers:
             return True
         return self.value(name) is not None
 
     def _eval(self, name: str, depth: int) -> np.ndarray | None:
+        if name in self.index.overridable:
+            return None
         if name in self.index.initializers:  # not cached: weights are large and read once
             return tensor_to_array(self.index.initializers[name])
         if name in self._cache:
@@ -255,9 +271,9 @@ class Constants:
 
     def _compute(self, name: str, depth: int) -> np.ndarray | None:
         idx = self.index
-        if name in idx.initializers:
+        if name in idx.initializers and name not in idx.overridable:
             return tensor_to_array(idx.initializers[name])
-        if name in idx.graph_inputs or depth > _MAX_DEPTH:
+        if name in idx.graph_inputs or name in idx.overridable or depth > _MAX_DEPTH:
             return None
         node = idx.node_of(name)
         if node is None or node.domain not in ("", "ai.onnx"):

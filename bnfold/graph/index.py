@@ -58,6 +58,24 @@ def _delete_positions(field: MutableSequence[Any], positions: Iterable[int]) -> 
         del field[a:b]
 
 
+def unlist_old_ir_constants(model: onnx.ModelProto) -> bool:
+    """Take the initializers of an IR < 4 model out of ``graph.input`` (in place); returns
+    whether any was listed.
+
+    IR < 4 lists every initializer as an input and means constants (onnxruntime refuses a feed for
+    one: "Invalid input name"). bnfold writes IR >= 4, where a listed initializer is an overridable
+    default: unlisted, the constants stay constants (for planning too), and no folded weight is
+    left under an input name a caller could feed. onnxruntime runs an IR 3 model without them.
+    """
+    if not 0 < model.ir_version < 4:
+        return False
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    listed = [i for i, v in enumerate(graph.input) if v.name in inits]
+    _delete_positions(graph.input, listed)
+    return bool(listed)
+
+
 class GraphIndex:
     """Producers and consumers of every tensor name in one graph.
 
@@ -102,6 +120,9 @@ class GraphIndex:
         self.graph_outputs: set[str] = {o.name for o in graph.output}
         graph_input_names = [i.name for i in graph.input]
         self.graph_inputs: set[str] = set(graph_input_names).difference(self.initializers)
+        # initializers listed among the inputs: defaults a caller may replace (IR >= 4; an IR < 4
+        # model's listed constants are unlisted at load, ``unlist_old_ir_constants``)
+        self.overridable: frozenset[str] = frozenset(self.initializers.keys() & set(graph_input_names))
         self.value_info: dict[str, onnx.ValueInfoProto] = {}
         for group in (graph.input, graph.output):
             for vi in group:
@@ -310,8 +331,10 @@ class GraphIndex:
         return pos
 
     def drop_if_unused(self, name: str) -> None:
-        """Remove an initializer nobody reads any more (not a graph input or output)."""
-        if name in self.initializers and self.use_count(name) == 0 and name not in self.graph_outputs:
+        """Remove an initializer nobody reads any more (not a graph input or output: an
+        overridable default stays in the interface, unread)."""
+        if name in self.initializers and self.use_count(name) == 0 and name not in self.graph_outputs \
+                and name not in self.overridable:
             self.dropped_initializers.add(name)
 
     def remove_dead_producers(self, name: str, limit: int = 64) -> None:
@@ -361,10 +384,10 @@ class GraphIndex:
         stale = [k for name in self._orphaned if name not in self.producer and name not in self.graph_inputs
                  for k in self._vi_pos.get(name, ())]
         _delete_positions(g.value_info, stale)
-        if self.dropped_initializers:
-            _delete_positions(g.initializer, [self._init_pos[n] for n in self.dropped_initializers
-                                              if n in self._init_pos])
-            dead_in = [i for i, v in enumerate(g.input) if v.name in self.dropped_initializers]
+        dropped = self.dropped_initializers - self.overridable  # an input's default stays with it
+        if dropped:
+            _delete_positions(g.initializer, [self._init_pos[n] for n in dropped if n in self._init_pos])
+            dead_in = [i for i, v in enumerate(g.input) if v.name in dropped]
             _delete_positions(g.input, dead_in)
         if self.new_initializers:
             g.initializer.extend(self.new_initializers)

@@ -18,6 +18,7 @@ from bnfold.data.sources import Batches
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.formulas.stats import update
 from bnfold.graph.constants import tensor_to_array
+from bnfold.graph.index import has_subgraph, subgraph_free_names
 from bnfold.onnx import deferred
 from bnfold.onnx import io as onnx_io
 from bnfold.onnx.io import prepare_for_save
@@ -70,6 +71,23 @@ def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnxr
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def _unlist_unread_inputs(cal: onnx.ModelProto) -> list[str]:
+    """Drop the graph inputs (without an initializer) that no node of the pruned calibration
+    network reads, and return the ones it reads: only those must come from the data (an input read
+    after the last BN, such as ``s`` in ``BN(x) + s``, need not)."""
+    graph = cal.graph
+    read: set[str] = set()
+    for node in graph.node:
+        read.update(node.input)
+        if has_subgraph(node):
+            read.update(subgraph_free_names(node))
+    inits = {t.name for t in graph.initializer}
+    unread = [i for i, v in enumerate(graph.input) if v.name not in inits and v.name not in read]
+    for i in reversed(unread):
+        del graph.input[i]
+    return [v.name for v in graph.input if v.name not in inits]
+
+
 def calibrate(work: Work, data: Batches, progress: Progress | None = None) -> dict[str, BnStats]:
     """Per-BN float64 sums over every calibration batch (main-graph BNs only)."""
     model, index, consts, sites = work.model, work.index, work.consts, work.sites
@@ -77,6 +95,7 @@ def calibrate(work: Work, data: Batches, progress: Progress | None = None) -> di
     if not main:
         return {}
     cal, outs, held = build_calibration_model(model, index, consts, main)
+    needed = _unlist_unread_inputs(cal)
     sess = _session(cal, held)
     del cal, held
     names = [n for o in outs for n in (o.mean, o.var, o.shape)]
@@ -85,8 +104,13 @@ def calibrate(work: Work, data: Batches, progress: Progress | None = None) -> di
     if progress:
         progress(0, total)
     for done, batch in enumerate(data, start=1):
+        missing = [n for n in needed if n not in batch]
+        if missing:
+            raise BadInputError(
+                f"calibration data has no array for model input '{missing[0]}', which the BN statistics depend "
+                "on; add one (leading axis = samples) named after that input")
         try:
-            values = sess.run(names, batch)
+            values = sess.run(names, {n: batch[n] for n in needed})
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BadInputError(

@@ -125,7 +125,7 @@ def build_calibration_model(
             raise UnsupportedModelError(
                 f"BN '{name}' uses spatial=0 (per-activation statistics); bnfold calibrates per-channel BN only"
             )
-        scale = consts.value(orig.input[1])
+        scale = consts.default(orig.input[1])
         if scale is None or scale.ndim != 1:
             raise UnsupportedModelError(
                 f"BN '{name}' has a non-constant scale, so its channel count is unknown; bnfold cannot calibrate it"
@@ -185,10 +185,10 @@ def _decomposed(
     for a in orig.attribute:
         if a.name == "epsilon":
             eps = a.f
-    gamma_v = consts.value(orig.input[1])
+    gamma_v = consts.default(orig.input[1])
     assert gamma_v is not None  # the caller checked that the scale is a constant
     gamma = gamma_v.astype(dt).reshape(1, c, 1)
-    beta_v = consts.value(orig.input[2])
+    beta_v = consts.default(orig.input[2])
     beta = (beta_v if beta_v is not None else np.zeros(c)).astype(dt).reshape(1, c, 1)
     x, y = orig.input[0], orig.output[0]
     n = {k: fresh(f"__bnfold_{k}_{mean_out}") for k in

@@ -58,13 +58,14 @@ class Planner:
         return self.consts.is_constant(name)
 
     def is_initializer(self, name: str) -> bool:
-        return name in self.index.initializers
+        """A constant initializer (an overridable one, also a graph input, is not constant)."""
+        return name in self.index.initializers and name not in self.index.overridable
 
     def rank(self, name: str) -> int | None:
         return self.index.rank(name)
 
     def _shape_of(self, name: str) -> tuple[int, ...] | None:
-        t = self.index.initializers.get(name)
+        t = self.index.initializers.get(name) if name not in self.index.overridable else None
         if t is not None:
             return tuple(t.dims)
         v = self.consts.value(name)
@@ -73,8 +74,15 @@ class Planner:
     def require_const(self, name: str, what: str, node: onnx.NodeProto) -> tuple[int, ...]:
         shape = self._shape_of(name) if name else None
         if shape is None:
-            raise Refuse(Reason.NOT_CONSTANT, f"{what} of {node.op_type} '{node.name}' is not a constant")
+            named = f" ('{name}')" if name in self.index.overridable else ""
+            raise Refuse(Reason.NOT_CONSTANT,
+                         f"{what} of {node.op_type} '{node.name}'{named} {self._not_constant(name)}")
         return shape
+
+    def _not_constant(self, name: str) -> str:
+        if name in self.index.overridable:
+            return "is a graph input: its initializer is only a default a caller may replace"
+        return "is not a constant"
 
     def require_float(self, name: str, node: onnx.NodeProto) -> None:
         et = self.index.elem_type(name)
@@ -99,12 +107,11 @@ class Planner:
         ins = self.index.ins[site.pos]
         # statistics of a training-mode BN become constants when it is frozen
         slots = _PARAM_SLOTS if info.mode is Mode.INFERENCE else _PARAM_SLOTS[:2]
-        inits = self.index.initializers
-        is_constant = self.consts.is_constant
+        is_constant = self.consts.is_constant  # an overridable initializer is not constant
         for slot, what in slots:
-            if ins[slot] not in inits and not is_constant(ins[slot]):
+            if not is_constant(ins[slot]):
                 return FoldDecision(info.name, Action.FROZEN_KEPT, reason=Reason.NOT_CONSTANT,
-                                    detail=f"BN {what} '{ins[slot]}' is not a constant"), None
+                                    detail=f"BN {what} '{ins[slot]}' {self._not_constant(ins[slot])}"), None
         channels = info.channels  # from the BN's parameters, read by discovery
         try:
             route = self._backward(site.pos, bn, channels)

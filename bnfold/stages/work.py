@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx
 
 from bnfold.graph.constants import Constants
-from bnfold.graph.index import GraphIndex
+from bnfold.graph.index import GraphIndex, unlist_old_ir_constants
 from bnfold.onnx.io import LoadedModel
 from bnfold.stages.discover import BnSite, default_opset, find_bns, name_nodes
 
@@ -23,6 +23,7 @@ class Work:
         self.model: onnx.ModelProto = loaded.model
         # whether node names now differ from the input's (which then cannot serve as the reference)
         self.renamed = name_nodes(self.model.graph)
+        unlist_old_ir_constants(self.model)  # IR < 4: listed initializers are constants, not inputs
         self.opset = default_opset(self.model)
         self._view: tuple[GraphIndex, Constants, list[BnSite]] | None = None
 

@@ -2,8 +2,9 @@
 
 - ``bnfold verify``: :func:`data_feeds` (the first batches of a data file) or :func:`random_feeds`
   (seeded uniform values in ``--val-range``);
-- ``fold``: :func:`fold_feeds` (the first calibration samples, else standard-normal values from
-  seed 0), in the model's fixed batch size or batches of one.
+- ``fold``: :func:`fold_feeds` (the first calibration samples for the inputs the data supplies,
+  standard-normal values from seed 0 for the others), every input at its declared shape: a
+  static first dim is the input's own, only a symbolic one is the batch.
 """
 from __future__ import annotations
 
@@ -94,33 +95,55 @@ def fold_feeds(data: Batches | None, model: onnx.ModelProto, count: int
                ) -> list[dict[str, np.ndarray]] | str:
     """``fold``'s verification feeds, or a string saying why there are none.
 
-    Batches of the model's fixed batch size (1 when it fixes none): the first ``count`` batches'
-    worth of calibration samples when ``data`` is given (whole batches only), else ``count``
-    batches of standard-normal values (``numpy.random.default_rng(0)``), which need static
-    non-batch dims and float inputs.
+    The inputs ``data`` supplies: the first ``count`` batches' worth of calibration samples, in
+    batches of the fixed batch size of those inputs (1 when they fix none; whole batches only).
+    Every other input gets standard-normal values (``numpy.random.default_rng(0)``) at its declared
+    shape, as ``bnfold verify`` feeds them: a static first dim is the input's own (``s[4,1,1]`` is
+    fed as (4, 1, 1), not given a batch axis), a symbolic one is the batch; without data the batch
+    is the fixed batch size of all inputs (1 when they fix none), and ``count`` batches are made.
+    Generated inputs need static non-batch dims and a float dtype.
     """
     specs = input_specs(model)
-    bs = fixed_batch(specs) or 1
-    if data is not None:
-        taken = data.take(count * bs)
-        n = next(iter(taken.values())).shape[0]
-        if n < bs:
-            return f"fewer calibration samples ({n}) than the model's fixed batch size {bs}"
-        return [{name: arr[i:i + bs] for name, arr in taken.items()} for i in range(0, n - bs + 1, bs)]
     rng = np.random.default_rng(0)
-    feeds: list[dict[str, np.ndarray]] = []
-    for _ in range(count):
-        feed: dict[str, np.ndarray] = {}
-        for spec in specs:
-            dims = _static_dims(spec)
-            if dims is None:
-                return f"input '{spec.name}' has dynamic dimensions; pass the data argument to verify"
-            shape = (bs,) + dims
-            if spec.dtype.kind == "f":
-                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-            elif spec.dtype.kind in "iu":
-                return f"input '{spec.name}' is an integer input; pass the data argument to verify"
-            else:
-                return f"input '{spec.name}' has dtype {spec.dtype}; pass the data argument to verify"
-        feeds.append(feed)
+    if data is None:
+        bs = fixed_batch(specs) or 1
+        feeds: list[dict[str, np.ndarray]] = []
+        for _ in range(count):
+            feed = _generated(specs, bs, rng)
+            if isinstance(feed, str):
+                return feed
+            feeds.append(feed)
+        return feeds
+    supplied = data.take(1).keys()  # the inputs the data supplies (one sample read to learn them)
+    bs = fixed_batch([s for s in specs if s.name in supplied]) or 1
+    taken = data.take(count * bs)
+    n = next(iter(taken.values())).shape[0]
+    if n < bs:
+        return f"fewer calibration samples ({n}) than the model's fixed batch size {bs}"
+    free = [s for s in specs if s.name not in taken]
+    feeds = []
+    for i in range(0, n - bs + 1, bs):
+        extra = _generated(free, bs, rng)
+        if isinstance(extra, str):
+            return extra
+        feeds.append({**{name: arr[i:i + bs] for name, arr in taken.items()}, **extra})
     return feeds
+
+
+def _generated(specs: list[InputSpec], bs: int, rng: np.random.Generator) -> dict[str, np.ndarray] | str:
+    """Standard-normal values for ``specs`` at their declared shapes (a symbolic first dim: ``bs``),
+    or why there are none."""
+    feed: dict[str, np.ndarray] = {}
+    for spec in specs:
+        dims = _static_dims(spec)
+        if dims is None:
+            return f"input '{spec.name}' has dynamic dimensions; pass the data argument to verify"
+        first = spec.shape[0] if spec.shape else None  # as ``random_feeds``: rank 0 gets (bs,)
+        shape = (first if first is not None else bs,) + dims
+        if spec.dtype.kind == "f":
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind in "iu":
+            return f"input '{spec.name}' is an integer input; pass the data argument to verify"
+        else:
+            return f"input '{spec.name}' has dtype {spec.dtype}; pass the data argument to verify"
+    return feed
