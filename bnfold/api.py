@@ -21,7 +21,7 @@ from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.files import check_output_paths
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
 from bnfold.onnx.deferred import materialize
-from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save
+from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save, read_model
 from bnfold.onnx.runtime import input_specs
 from bnfold.onnx.staging import Staging, input_is_reference
 from bnfold.records import BnRecord, FoldDecision, FoldPlan, FrozenStats, Mode, Report, VerifyResult
@@ -331,7 +331,8 @@ def verify(
     for path in (reference, candidate):
         if not Path(path).is_file():
             raise BadInputError(f"model file not found: {path}")
-    ref_model = onnx.load(os.fspath(reference), load_external_data=False)
+    read_model(candidate)  # fold's checks and messages for both files (not ONNX, bad tensors, data files)
+    ref_model = read_model(reference)
     specs = input_specs(ref_model)
     training = training_bn_names(ref_model)
     del ref_model
