@@ -28,7 +28,7 @@ from bnfold.records import BnRecord, FoldDecision, FoldPlan, FrozenStats, Mode, 
 from bnfold.stages.calibrate import calibrate
 from bnfold.stages.discover import BnSite, training_bn_names
 from bnfold.stages.fold import apply_plan
-from bnfold.stages.freeze import freeze
+from bnfold.stages.freeze import check_variances, freeze
 from bnfold.stages.plan import make_plan
 from bnfold.stages.work import Work
 from bnfold.verification.config import VerifyConfig
@@ -226,7 +226,7 @@ def fold(
     _check_modes(work, data is not None)
     cal = _open_data(data, work.model, batch_size) if data is not None else None
     frozen, warnings = _calibrate_and_freeze(work, cal, estimator, progress) if cal is not None else ({}, [])
-
+    check_variances(work)
     plan, routes = make_plan(work)
     planned = work.sites  # the BNs the plan decides on (a committed fold re-indexes the work)
     if dry_run:
@@ -306,6 +306,7 @@ def inspect(model: str | os.PathLike[str] | onnx.ModelProto) -> list[BnInspectio
     if pending:  # plan as fold would: after freezing (placeholder statistics; decomposition removed)
         placeholder = {s.info.name: _placeholder_stats(work, s) for s in pending}
         freeze(work, placeholder)
+    check_variances(work)
     plan, routes = make_plan(work)
     # the arithmetic check needs statistics: only BNs that already have them are checked here
     checked = {bn: r for bn, r in routes.items() if modes[bn] is Mode.INFERENCE}

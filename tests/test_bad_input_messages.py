@@ -117,6 +117,38 @@ def test_a_data_file_shorter_than_its_tensor_is_named(tmp_path: Path, command: s
     _nothing_written(tmp_path)
 
 
+# ---- 2. epsilon = 0 over a channel of zero variance ------------------------------------------
+@pytest.mark.parametrize("command", ["fold", "inspect"])
+def test_epsilon_zero_with_a_zero_variance_channel_in_inference_mode(tmp_path: Path, command: str) -> None:
+    # before: "internal error: ValueError: var + eps must be positive and finite; it is not for channel(s) [1]"
+    var = np.array([1.0, 0.0, 2.0, 1.0], np.float32)
+    model = _save(_model(numpy_helper.from_array(W, "w"), eps=0.0, var=var), tmp_path / "m.onnx")
+    res = run_cli(*_commands(model, tmp_path, model)[command])
+    _bad_input(res, "BN 'bn'", "epsilon=0", "channel(s) 1", "positive epsilon")
+    _nothing_written(tmp_path)
+
+
+def test_epsilon_zero_with_a_channel_constant_on_the_calibration_data(tmp_path: Path) -> None:
+    # output channel 2 of the Conv has an all-zero weight: its calibrated variance is exactly 0
+    w = W.copy()
+    w[2] = 0
+    model = _save(_model(numpy_helper.from_array(w, "w"), eps=0.0, training=True), tmp_path / "m.onnx")
+    res = run_cli("fold", model, "--data", _calibration(tmp_path), "-o", tmp_path / "out" / "f.onnx", "--no-repro")
+    _bad_input(res, "BN 'bn'", "channel(s) 2", "positive epsilon")
+    _nothing_written(tmp_path)
+    # the same model with a positive epsilon folds: only the division by zero is refused
+    ok = _save(_model(numpy_helper.from_array(w, "w"), eps=1e-5, training=True), tmp_path / "ok.onnx")
+    assert run_cli("fold", ok, "--data", _calibration(tmp_path), "-o", tmp_path / "ok" / "f.onnx",
+                   "--no-repro").returncode == 0
+
+
+def test_a_negative_stored_variance_is_named_as_corrupt_statistics(tmp_path: Path) -> None:
+    var = np.array([1.0, 1.0, 1.0, -3.0], np.float32)
+    model = _model(numpy_helper.from_array(W, "w"), var=var)
+    with pytest.raises(BadInputError, match=r"BN 'bn' .*channel\(s\) 3 .*statistics are corrupt"):
+        bnfold.fold(model, verify=False)
+
+
 # ---- 3. huge declared dims without the data -------------------------------------------------
 def _huge(name: str = "w") -> onnx.TensorProto:
     t = onnx.TensorProto()
