@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
 from bnfold.errors import BadInputError
+from bnfold.formulas import arith
 
 W = np.arange(12, dtype=np.float32).reshape(4, 3, 1, 1) / 10
 A = np.arange(4, dtype=np.float32)
@@ -216,6 +217,65 @@ def test_verify_names_a_file_that_is_not_onnx_as_fold_and_inspect_do(tmp_path: P
     lines = {command: _bad_input(run_cli(*args), "is not an ONNX model", "pass an .onnx file")
              for command, args in _commands(bad, tmp_path, _good(tmp_path)).items()}
     assert len(set(lines.values())) == 1, lines  # one loader, one message
+
+
+# ---- 5. an invalid grouped ConvTranspose / Conv ----------------------------------------------
+def _conv_transpose_group3(tmp_path: Path) -> Path:
+    """ConvTranspose with group 3 over 32 input channels (invalid: 3 does not divide 32) -> BN."""
+    rng = np.random.default_rng(0)
+    p = bn_params(rng, 12)
+    names = [f"bn.{k}" for k in ("scale", "bias", "mean", "var")]
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 4, 3, 3)).astype(np.float32), "w")]
+    inits += [numpy_helper.from_array(p[k], n) for k, n in zip(("scale", "bias", "mean", "var"), names)]
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["z"], name="ct", group=3),
+             helper.make_node("BatchNormalization", ["z", *names], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return _save(model, tmp_path / "ct.onnx")
+
+
+def _forward_conv_group3(tmp_path: Path) -> Path:
+    """BN -> Conv with group 3 and 32 output channels (invalid): a forward-fold candidate."""
+    rng = np.random.default_rng(0)
+    p = bn_params(rng, 12)
+    names = [f"bn.{k}" for k in ("scale", "bias", "mean", "var")]
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 4, 1, 1)).astype(np.float32), "w")]
+    inits += [numpy_helper.from_array(p[k], n) for k, n in zip(("scale", "bias", "mean", "var"), names)]
+    nodes = [helper.make_node("BatchNormalization", ["x", *names], ["b"], name="bn"),
+             helper.make_node("Conv", ["b", "w"], ["y"], name="conv", group=3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return _save(model, tmp_path / "fwd.onnx")
+
+
+@pytest.mark.parametrize("build, detail", [
+    (_conv_transpose_group3, "ConvTranspose 'ct' has group=3, which does not divide its 32 input channels"),
+    (_forward_conv_group3, "Conv 'conv' has group=3, which does not divide its 32 output channels"),
+], ids=["conv-transpose", "forward-conv"])
+def test_an_invalid_grouped_conv_is_kept_with_a_reason(tmp_path: Path, build, detail: str) -> None:
+    # before: "internal error: ValueError: groups=3 does not divide C_in=32" (C_out=32 forward) from
+    # arith._groups_of, in inspect and fold alike
+    path = build(tmp_path)
+    rows = bnfold.inspect(path)
+    assert [(r.decision.action.value, r.decision.reason.value if r.decision.reason else None) for r in rows] \
+        == [("frozen-kept", "CHANNEL_MISMATCH")]
+    assert rows[0].decision.detail.startswith(detail), rows[0].decision.detail
+    assert run_cli("inspect", path).returncode == 0
+    # the model itself is invalid: fold keeps the BN, and onnxruntime's refusal of the node is bad input
+    res = run_cli("fold", path, "-o", tmp_path / "out" / "f.onnx", "--no-repro")
+    _bad_input(res, "onnxruntime", "group")
+    _nothing_written(tmp_path)
+
+
+def test_groups_divide() -> None:
+    assert arith.groups_divide(4, 32) and arith.groups_divide(1, 7)
+    assert not arith.groups_divide(3, 32)
+    assert not arith.groups_divide(0, 32) and not arith.groups_divide(-2, 32)
+    assert not arith.groups_divide(2.5, 10) and not arith.groups_divide("x", 10)
 
 
 # ---- 6. external data anywhere: sparse initializers, subgraphs, attributes --------------------
