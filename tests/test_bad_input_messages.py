@@ -187,6 +187,16 @@ def test_huge_declared_dims_over_a_small_external_file(tmp_path: Path) -> None:
         _bad_input(res, "tensor 'w'", "'w.bin' holds 48 bytes")
 
 
+@pytest.mark.parametrize("command", ["fold", "verify"])
+def test_random_inputs_for_a_huge_declared_input_are_refused(tmp_path: Path, command: str) -> None:
+    # before: "internal error: MemoryError: Unable to allocate 96.0 PiB for an array with shape ..."
+    model = _save(_model(numpy_helper.from_array(W, "w"), x_shape=(1 << 20, 3, 1 << 20, 1 << 12)),
+                  tmp_path / "m.onnx")
+    args = ["fold", model, "-o", tmp_path / "out" / "f.onnx"] if command == "fold" else ["verify", model, model]
+    res = run_cli(*args, "--no-repro")
+    _bad_input(res, "input 'x' declares shape (1048576, 3, 1048576, 4096)", "GiB of memory", "pass --data")
+    _nothing_written(tmp_path)
+
 
 def test_a_short_typed_field_is_named_too() -> None:
     t = numpy_helper.from_array(W, "w")
