@@ -16,7 +16,7 @@ from subprocess import CompletedProcess
 import numpy as np
 import onnx
 import pytest
-from cli_run import run_cli
+from cli_run import run_cli, run_process
 from conftest import bn_params
 from onnx import TensorProto, helper, numpy_helper
 
@@ -371,3 +371,42 @@ def test_external_data_anywhere_is_read_from_the_model_folder(tmp_path: Path, ca
     folded = onnx.load(str(out), load_external_data=False)
     locations = {e.value for t in folded.graph.initializer for e in t.external_data if e.key == "location"}
     assert "a.bin" not in locations  # the written model never points at a file bnfold did not write
+
+
+# ---- 9. onnxruntime's own log line ----------------------------------------------------------
+def _fails_when_run(tmp_path: Path) -> Path:
+    """y = BN(Conv(x)) + ConstantOfShape([2**40, 4, 4, 4]): loads, and fails in onnxruntime when run."""
+    shape = numpy_helper.from_array(np.array([1 << 40, 4, 4, 4], np.int64), "shp")
+    fill = numpy_helper.from_array(np.array([1.0], np.float32))
+    nodes = [helper.make_node("ConstantOfShape", ["shp"], ["big"], name="cos", value=fill),
+             helper.make_node("Add", ["y", "big"], ["y2"], name="add")]
+    return _save(_model(numpy_helper.from_array(W, "w"), extra_nodes=nodes, extra_inits=[shape], output="y2"),
+                 tmp_path / "m.onnx")
+
+
+def _calibration_fails(tmp_path: Path) -> Path:
+    """A training BN behind a Reshape to a fixed batch of 2: calibration batches of 8 fail in onnxruntime."""
+    shape = numpy_helper.from_array(np.array([2, 4, 4, 4], np.int64), "shp")
+    model = _model(numpy_helper.from_array(W, "w"), training=True, extra_inits=[shape])
+    model.graph.node.insert(1, helper.make_node("Reshape", ["z0", "shp"], ["z"], name="rs"))
+    model.graph.node[0].output[0] = "z0"
+    return _save(model, tmp_path / "cal_fails.onnx")
+
+
+@pytest.mark.parametrize("case", ["verify", "fold", "calibration"])
+def test_onnxruntime_errors_leave_only_bnfolds_line(tmp_path: Path, case: str) -> None:
+    # before: "\x1b[1;31m2026-... [E:onnxruntime:, sequential_executor.cc:677 ExecuteKernel] Non-zero status
+    # code returned while running ConstantOfShape node ...\x1b[m" on stderr before bnfold's own line
+    if case == "calibration":
+        args: list[object] = ["fold", _calibration_fails(tmp_path), "--data", _calibration(tmp_path), "-o",
+                              tmp_path / "out" / "f.onnx", "--no-repro"]
+        node = "Reshape"
+    else:
+        model = _fails_when_run(tmp_path)
+        args = ["verify", model, model] if case == "verify" else ["fold", model, "-o", tmp_path / "out" / "f.onnx"]
+        args.append("--no-repro")
+        node = "ConstantOfShape"
+    res = run_process(*args, cwd=tmp_path)
+    assert "\x1b[" not in res.stderr and "[E:onnxruntime" not in res.stderr, res.stderr
+    _bad_input(res, "onnxruntime", node)  # bnfold's line still carries onnxruntime's error text
+    _nothing_written(tmp_path)
