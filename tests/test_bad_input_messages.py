@@ -229,6 +229,19 @@ def test_verify_names_a_file_that_is_not_onnx_as_fold_and_inspect_do(tmp_path: P
     assert len(set(lines.values())) == 1, lines  # one loader, one message
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+@pytest.mark.parametrize("command", ["fold", "inspect", "verify-reference", "verify-candidate"])
+def test_an_unreadable_model_is_exit_3(tmp_path: Path, command: str) -> None:
+    # the README's exit codes: "missing or unreadable model file" is 3 (not run here: these sessions run as root)
+    model = _good(tmp_path / "unreadable")
+    model.chmod(0)
+    try:
+        _bad_input(run_cli(*_commands(model, tmp_path, _good(tmp_path))[command]), "Permission denied")
+    finally:
+        model.chmod(0o644)
+    _nothing_written(tmp_path)
+
+
 # ---- 5. an invalid grouped ConvTranspose / Conv ----------------------------------------------
 def _conv_transpose_group3(tmp_path: Path) -> Path:
     """ConvTranspose with group 3 over 32 input channels (invalid: 3 does not divide 32) -> BN."""
