@@ -23,7 +23,7 @@ from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.files import check_not_input, check_output_paths
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
 from bnfold.onnx.deferred import materialize
-from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save
+from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save, read_model
 from bnfold.onnx.runtime import input_specs
 from bnfold.onnx.staging import Staging, input_is_reference
 from bnfold.outputs import Outputs
@@ -31,7 +31,7 @@ from bnfold.records import BnRecord, FoldDecision, FoldPlan, FrozenStats, Mode, 
 from bnfold.stages.calibrate import calibrate
 from bnfold.stages.discover import BnSite, training_bn_names
 from bnfold.stages.fold import apply_plan
-from bnfold.stages.freeze import freeze
+from bnfold.stages.freeze import check_variances, freeze
 from bnfold.stages.plan import make_plan
 from bnfold.stages.work import Work
 from bnfold.verification.config import VerifyConfig
@@ -235,7 +235,7 @@ def fold(
     _check_modes(work, data is not None)
     cal = _open_data(data, work.model, batch_size) if data is not None else None
     frozen, warnings = _calibrate_and_freeze(work, cal, estimator, progress) if cal is not None else ({}, [])
-
+    check_variances(work)
     plan, routes = make_plan(work)
     planned = work.sites  # the BNs the plan decides on (a committed fold re-indexes the work)
     if dry_run:
@@ -319,6 +319,7 @@ def inspect(model: str | os.PathLike[str] | onnx.ModelProto) -> list[BnInspectio
     if pending:  # plan as fold would: after freezing (placeholder statistics; decomposition removed)
         placeholder = {s.info.name: _placeholder_stats(work, s) for s in pending}
         freeze(work, placeholder)
+    check_variances(work)
     plan, routes = make_plan(work)
     # the arithmetic check needs statistics: only BNs that already have them are checked here
     checked = {bn: r for bn, r in routes.items() if modes[bn] is Mode.INFERENCE}
@@ -344,7 +345,8 @@ def verify(
     for path in (reference, candidate):
         if not Path(path).is_file():
             raise BadInputError(f"model file not found: {path}")
-    ref_model = onnx.load(os.fspath(reference), load_external_data=False)
+    read_model(candidate)  # fold's checks and messages for both files (not ONNX, bad tensors, data files)
+    ref_model = read_model(reference)
     specs = input_specs(ref_model)
     training = training_bn_names(ref_model)
     del ref_model

@@ -540,7 +540,7 @@ def test_low_precision_inputs_are_computed_in_float64(rng):
 def test_public_names():
     assert set(arith.__all__) == {
         "FoldValueError", "bn_scale_shift", "cast_back", "fold_conv", "fold_conv_cast", "fold_conv_transpose",
-        "fold_forward_conv", "fold_gemm", "fold_matmul",
+        "fold_forward_conv", "fold_gemm", "fold_matmul", "groups_divide",
     }
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "fold_forward_conv",
     "fold_gemm",
     "fold_matmul",
+    "groups_divide",
 ]
 
 
@@ -89,6 +90,17 @@ def _scale_shift(s: Any, t: Any, c: int, what: str) -> tuple[np.ndarray, np.ndar
 
 def _bias_or_zeros(bias: Any, c: int, name: str = "bias") -> np.ndarray:
     return np.zeros(c, dtype=np.float64) if bias is None else _vec(bias, name, c)
+
+
+def groups_divide(groups: Any, channels: int) -> bool:
+    """Whether ``groups`` is a positive integer that divides ``channels``: the condition ONNX puts on
+    a grouped Conv/ConvTranspose (C_in for ConvTranspose, C_out for a Conv's weight). The rules
+    check it when planning, so that an invalid node is kept with a reason, never folded."""
+    try:
+        g = int(groups)
+    except (TypeError, ValueError):
+        return False
+    return g == groups and g >= 1 and channels % g == 0
 
 
 def _groups_of(groups: Any, total: int, what: str) -> int:

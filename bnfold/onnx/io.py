@@ -17,7 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
 from bnfold.errors import BadInputError, UnsupportedModelError
-from bnfold.onnx import deferred, runtime  # runtime late-bound: tests replace runtime.ort_max_ir_version
+from bnfold.onnx import deferred, runtime, tensor_sizes  # runtime late-bound: tests replace runtime.ort_max_ir_version
 from bnfold.onnx.serialize import _copy_except, write_model
 from bnfold.outputs import Outputs
 from bnfold.version import __version__
@@ -129,21 +129,19 @@ def file_stamp(path: Path, locations: tuple[str, ...] = ()) -> tuple:
     return tuple(out)
 
 
-def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
-    """Read a model. Raises BadInputError for a missing, unreadable or non-ONNX file."""
-    if isinstance(source, onnx.ModelProto):
-        return LoadedModel(source, None, None, _uses_external_data(source))
-    path = Path(source)
+def _read_file(path: Path) -> bytes:
     if not path.exists():
         raise BadInputError(f"model file '{path}' not found; check the path")
     if not path.is_file():
         raise BadInputError(f"model path '{path}' is not a file; pass the .onnx file itself")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise BadInputError(f"cannot read model file '{path}': {exc.strerror or exc}") from exc
+
+
+def _parse(data: bytes, path: Path) -> onnx.ModelProto:
     model = onnx.ModelProto()
-    hasher = _Hasher(data)  # on a thread, while protobuf parses and bnfold folds
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
@@ -152,17 +150,59 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
         ) from exc
     if not model.HasField("graph") or (len(model.graph.node) == 0 and not model.opset_import):
         raise BadInputError(f"'{path}' is not an ONNX model (no graph found); pass an .onnx file")
+    return model
+
+
+def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
+    """Read a model. Raises BadInputError for a missing, unreadable or non-ONNX file, for external
+    data that cannot be read from the model's folder, and for a tensor whose data does not match
+    its declared shape (``tensor_sizes``)."""
+    if isinstance(source, onnx.ModelProto):
+        tensor_sizes.check(_all_tensors(source.graph), "the model", {})
+        return LoadedModel(source, None, None, _uses_external_data(source))
+    path = Path(source)
+    data = _read_file(path)
+    hasher = _Hasher(data)  # on a thread, while protobuf parses and bnfold folds
+    model = _parse(data, path)
     locations = external_locations(model) if _may_be_external(data, model.graph) else ()
     del data
     external = bool(locations) and _uses_external_data(model)  # initializers: the output keeps them external
+    sources: dict[str, str] = {}
     if locations:  # every external tensor (Constant nodes and subgraphs too), against the model's folder
+        sources = _external_sources(model)
         try:
             _load_external_data(model, str(path.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise BadInputError(
                 f"external data of '{path}' could not be read ({exc}); keep the data files next to the model"
             ) from exc
+    tensor_sizes.check(_all_tensors(model.graph), path, sources)
     return LoadedModel(model, path, hasher, external, locations, file_stamp(path, locations))
+
+
+def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """The model at ``path`` without its external data (as ``onnx.load(path, load_external_data=False)``),
+    with ``load_onnx``'s checks and messages: a missing, unreadable or non-ONNX file, a tensor whose
+    data does not match its declared shape, and an external-data file that is missing, outside the
+    model's folder (onnx's rules) or shorter than its tensors are ``BadInputError``. No tensor
+    data is read from the external files (for ``verify``, where onnxruntime reads them)."""
+    path = Path(path)
+    model = _parse(_read_file(path), path)
+    tensor_sizes.check(_all_tensors(model.graph), path, {})
+    if deferred.supported():  # else onnx has no resolver to ask: onnxruntime checks them
+        for t in _all_tensors(model.graph):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                tensor_sizes.check_external(t, path)
+    return model
+
+
+def _external_sources(model: onnx.ModelProto) -> dict[str, str]:
+    """Tensor name -> location of the external tensors, for messages once the data is loaded."""
+    out: dict[str, str] = {}
+    for t in _all_tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            out[t.name] = next((e.value for e in t.external_data if e.key == "location"), "")
+    return out
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: str) -> None:
@@ -170,6 +210,7 @@ def _load_external_data(model: onnx.ModelProto, base_dir: str) -> None:
     that large main-graph initializers are checked but left in their file (``deferred.defer``)."""
     if not deferred.supported():
         onnx.load_external_data_for_model(model, base_dir)
+        _load_the_rest(model, base_dir)
         return
     left: list[onnx.TensorProto] = []
     try:
@@ -182,9 +223,19 @@ def _load_external_data(model: onnx.ModelProto, base_dir: str) -> None:
             else:
                 onnx.external_data_helper.load_external_data_for_tensor(t, base_dir)
         onnx.load_external_data_for_model(model, base_dir)  # subgraphs and attributes
+        _load_the_rest(model, base_dir)
     finally:
         for t in left:
             t.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _load_the_rest(model: onnx.ModelProto, base_dir: str) -> None:
+    """External tensors onnx's loader leaves external: the values of sparse initializers and sparse
+    tensor attributes (main graph and subgraphs). Read against the model's folder like the others,
+    else they would be read later against whatever folder the model is written to."""
+    for t in _all_tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            onnx.external_data_helper.load_external_data_for_tensor(t, base_dir)
 
 
 # The first bytes of every data file bnfold writes (its tensors start at DATA_ALIGN): what makes a data

@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import onnx
     import onnxruntime
 
-__all__ = ["make_session", "make_session_from_model", "ort_max_ir_version", "input_specs", "PROVIDERS", "CUDA_SETTINGS"]
+__all__ = ["make_session", "make_session_from_model", "ort_max_ir_version", "input_specs", "quiet_logging",
+           "PROVIDERS", "CUDA_SETTINGS", "QUIET"]
 
 #: short provider names accepted by ``make_session`` -> onnxruntime execution provider
 PROVIDERS = {
@@ -66,9 +67,24 @@ def _ort_message(exc: BaseException) -> str:
     return cleaned or line
 
 
+#: onnxruntime's log level for bnfold's sessions: FATAL only. At ERROR (3) onnxruntime prints its
+#: own colour-coded line (``[E:onnxruntime:...]`` in ANSI escapes) on stderr for a node that fails,
+#: before bnfold's one-line message, which carries the same text from the exception.
+QUIET = 4
+
+
+@functools.cache
+def quiet_logging() -> None:
+    """Silence onnxruntime's default logger (the one used outside sessions), once per process."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(QUIET)
+
+
 def _session_options(optimize: bool) -> onnxruntime.SessionOptions:
     import onnxruntime as ort
 
+    quiet_logging()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -76,7 +92,7 @@ def _session_options(optimize: bool) -> onnxruntime.SessionOptions:
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.use_deterministic_compute = True
-    opts.log_severity_level = 3  # errors only: no provider fallback chatter on stderr
+    opts.log_severity_level = QUIET  # no provider fallback chatter, no colour error line on stderr
     return opts
 
 
@@ -184,8 +200,9 @@ def ort_max_ir_version() -> int:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
+    quiet_logging()
     opts = ort.SessionOptions()
-    opts.log_severity_level = 4
+    opts.log_severity_level = QUIET
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     for ir in range(onnx.IR_VERSION, 2, -1):
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=ir)

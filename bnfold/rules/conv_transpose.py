@@ -7,7 +7,8 @@ import onnx
 
 from bnfold.formulas import arith
 from bnfold.graph.attrs import get_attr
-from bnfold.rules.base import BackwardRule, FoldAttrs, GraphView, Match
+from bnfold.records import Reason
+from bnfold.rules.base import BackwardRule, FoldAttrs, GraphView, Match, Refuse
 
 
 class ConvTransposeRule(BackwardRule):
@@ -15,7 +16,11 @@ class ConvTransposeRule(BackwardRule):
 
     def match(self, node: onnx.NodeProto, ins: list[str], graph: GraphView) -> Match:
         w = self.conv_weight(node, ins, graph)
-        return Match(self.out_channels(w, self.attrs(node)), len(w))
+        attrs = self.attrs(node)
+        if not arith.groups_divide(attrs.group, w[0]):  # an invalid node: onnxruntime refuses it too
+            raise Refuse(Reason.CHANNEL_MISMATCH, f"ConvTranspose '{node.name}' has group={attrs.group}, which does "
+                                                  f"not divide its {w[0]} input channels")
+        return Match(self.out_channels(w, attrs), len(w))
 
     def attrs(self, node: onnx.NodeProto) -> FoldAttrs:
         return FoldAttrs(group=int(get_attr(node, "group", 1)))

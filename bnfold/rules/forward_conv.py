@@ -29,7 +29,11 @@ class ForwardConvRule:
         if len(conv.input) > 2 and conv.input[2]:
             graph.require_const(conv.input[2], "bias", conv)
         graph.require_float(conv.input[1], conv)
-        c_in = self.in_channels(w, self.attrs(conv))
+        attrs = self.attrs(conv)
+        if not arith.groups_divide(attrs.group, w[0]):  # an invalid node: onnxruntime refuses it too
+            raise Refuse(Reason.CHANNEL_MISMATCH, f"Conv '{conv.name}' has group={attrs.group}, which does not "
+                                                  f"divide its {w[0]} output channels")
+        c_in = self.in_channels(w, attrs)
         if channels is not None and c_in != channels:
             raise Refuse(Reason.CHANNEL_MISMATCH, f"Conv '{conv.name}' takes {c_in} channels, BN has {channels}")
         return Match(c_in, len(w))

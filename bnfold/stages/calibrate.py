@@ -39,7 +39,7 @@ def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnxr
 
     prepare_for_save(model)
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # FATAL only: onnxruntime's colour error line stays off stderr
     tmpdir = None
     values: list[onnxruntime.OrtValue] = []
     kept = {t.name for t in model.graph.initializer}  # pruning may have dropped some: those are not read

@@ -11,7 +11,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bnfold.errors import BadInputError
 from bnfold.graph.attrs import drop_attr
+from bnfold.graph.constants import raw_values
 from bnfold.graph.index import GraphIndex
 from bnfold.records import FrozenStats
 from bnfold.stages.discover import BnSite
@@ -63,3 +65,39 @@ def _write(index: GraphIndex, sites: list[BnSite], stats: dict[str, FrozenStats]
                 index.insert_node(pos + 1, ident)
         for name in old:
             index.remove_dead_producers(name)
+
+
+def check_variances(work: Work) -> None:
+    """Refuse a main-graph BN whose ``var + epsilon`` is not a positive finite number in some
+    channel: its inference form divides by zero (``epsilon=0`` over a channel of zero variance) or
+    holds corrupt statistics, and no fold of it exists. Run on the statistics the model will have:
+    after ``freeze`` (calibrated) or as stored (inference BNs). Subgraph BNs are kept as they are."""
+    index = work.index
+    sites = [s for s in work.sites if s.pos is not None]
+    names = [index.nodes[s.pos].input[4] for s in sites if s.pos is not None]
+    flat = raw_values(index.initializers, names, rank=1)
+    if flat is not None:  # one vectorised test for the common case: every variance a raw initializer
+        values, counts = flat
+        eps = np.repeat(np.array([s.info.epsilon for s in sites], dtype=np.float64), counts)
+        denom = values.astype(np.float64) + eps
+        if bool((np.isfinite(denom) & (denom > 0)).all()):
+            return
+    for site, name in zip(sites, names):
+        var = work.consts.value(name)
+        if var is not None:
+            _check_one(site.info.name, np.asarray(var, dtype=np.float64).reshape(-1), site.info.epsilon)
+
+
+def _check_one(bn: str, var: np.ndarray, eps: float) -> None:
+    denom = var + eps
+    bad = np.flatnonzero(~(np.isfinite(denom) & (denom > 0)))
+    if not bad.size:
+        return
+    shown = ", ".join(map(str, bad[:5].tolist())) + (", ..." if bad.size > 5 else "")
+    if eps <= 0 and bool(np.all(var[bad] == 0)):
+        raise BadInputError(
+            f"BN '{bn}' has epsilon={eps:g} and a variance of 0 in channel(s) {shown}, so it divides by zero; "
+            "give the BN a positive epsilon (e.g. 1e-5) when exporting the model")
+    raise BadInputError(
+        f"BN '{bn}' has var + epsilon (epsilon={eps:g}) that is not a positive finite number in channel(s) "
+        f"{shown} (a negative, NaN or infinite variance); the model's BN statistics are corrupt: export it again")

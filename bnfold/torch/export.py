@@ -227,7 +227,7 @@ def run_onnx(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> tuple[
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # FATAL only: onnxruntime's colour error line stays off stderr
     try:
         sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001

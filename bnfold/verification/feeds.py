@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -41,6 +42,7 @@ def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, f
             first = spec.shape[0] if spec.shape else None
             n = first if first is not None else batch_size
             shape = (n,) + dims
+            _require_memory(spec.name, shape)
             if spec.dtype.kind == "f":
                 feed[spec.name] = rng.uniform(lo, hi, size=shape).astype(spec.dtype)
             elif spec.dtype.kind in "iu":
@@ -54,6 +56,25 @@ def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, f
     info = {"source": "random", "seed": seed, "val_range": [lo, hi], "iterations": iterations,
             "batch_size": batch_size}
     return feeds, info
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _require_memory(name: str, shape: tuple[int, ...]) -> None:
+    """Refuse, before numpy tries, random values for an input whose declared shape does not fit in
+    this machine's memory (they are drawn as float64: 8 bytes a value)."""
+    need = 8 * math.prod(shape)
+    have = _physical_memory()
+    if have is not None and need > have:
+        raise BadInputError(
+            f"input '{name}' declares shape {_fmt(shape)}: {need / 2**30:.3g} GiB of random values per batch, more "
+            f"than this machine's {have / 2**30:.3g} GiB of memory (check the model's input shape); pass the data "
+            "argument to verify")
 
 
 def _static_dims(spec: InputSpec) -> tuple[int, ...] | None:
@@ -140,6 +161,7 @@ def _generated(specs: list[InputSpec], bs: int, rng: np.random.Generator) -> dic
             return f"input '{spec.name}' has dynamic dimensions; pass the data argument to verify"
         first = spec.shape[0] if spec.shape else None  # as ``random_feeds``: rank 0 gets (bs,)
         shape = (first if first is not None else bs,) + dims
+        _require_memory(spec.name, shape)
         if spec.dtype.kind == "f":
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iu":
