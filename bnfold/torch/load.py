@@ -3,7 +3,9 @@
 Four sources, told apart by the file's content (never by its suffix alone):
 
 * an **ExportedProgram** (``torch.export.save``, usually ``.pt2``): a zip archive with
-  ``archive_format`` / ``models/*.json``. Loaded with ``torch.export.load``; its ``.module()`` is
+  ``archive_format`` / ``models/*.json``. Loaded with ``torch.export.load`` from the bytes that
+  :mod:`bnfold.torch.archive` checked: every pickle inside must read with ``weights_only=True``
+  (else refused, or loaded as torch does with ``unsafe_pickle=True``); its ``.module()`` is
   rewritten by :func:`exported_program_module` so that the front end sees BatchNorm modules again.
 * a **TorchScript** archive (``torch.jit.save``): a zip archive with ``code/``. Loaded with
   ``torch.jit.load``. TorchScript modules cannot be fx-traced; the CLI folds them through an ONNX
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.errors import BadInputError, UnsupportedModelError, one_line
+from bnfold.torch.archive import check_exported_program, guarded_export_load
 
 __all__ = [
     "EXPORTED_PROGRAM", "FACTORY", "PICKLE", "TORCHSCRIPT", "LoadedTorchModel", "detect_kind",
@@ -448,9 +451,27 @@ def exported_program_module(ep: Any) -> tuple[fx.GraphModule, list[str], int | N
     return module, names, static, warnings
 
 
-def _load_exported_program(path: Path) -> LoadedTorchModel:
+def _read_bytes(path: Path) -> bytes:
     try:
-        ep = torch.export.load(str(path))
+        return path.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"cannot read model file '{path}': {exc.strerror or exc}") from exc
+
+
+def _load_exported_program(path: Path, unsafe_pickle: bool,
+                           warn: Callable[[str], None] | None) -> LoadedTorchModel:
+    """``torch.export.load`` where every pickle inside reads with ``weights_only=True``
+    (:mod:`bnfold.torch.archive`); an archive that needs more only with ``unsafe_pickle``."""
+    data = _read_bytes(path)  # checked and loaded from the same bytes
+    unsafe = check_exported_program(data, path)
+    if unsafe is not None:
+        if not unsafe_pickle:
+            raise BadInputError(unsafe.message(path))
+        if warn is not None:
+            warn(f"unsafe_pickle=True: unpickling '{path}' runs arbitrary code from the file; use it only on files "
+                 f"you trust (member '{unsafe.member}' needs full unpickling)")
+    try:
+        ep = guarded_export_load(data, unsafe=unsafe is not None)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds
         raise BadInputError(f"cannot load ExportedProgram '{path}': {one_line(exc, 240)}") from exc
     module, names, static, warnings = exported_program_module(ep)
@@ -469,7 +490,8 @@ def _load_exported_program(path: Path) -> LoadedTorchModel:
             f"the ExportedProgram was exported with a static batch size of {static}; bnfold runs it at other "
             "batch sizes (export with a dynamic batch dimension if the model fails on them)")
     return LoadedTorchModel(module=module, kind=EXPORTED_PROGRAM, label=str(path), path=path,
-                            sha256=sha256_of(path), inputs=[ForwardInput(n) for n in names], example_inputs=example,
+                            sha256=hashlib.sha256(data).hexdigest(), inputs=[ForwardInput(n) for n in names],
+                            example_inputs=example,
                             static_batch=static, warnings=warnings)
 
 
@@ -544,7 +566,7 @@ def load_model_file(path: Path, *, unsafe_pickle: bool = False,
     """Load MODEL (see the module docstring). ``warn`` receives the unsafe_pickle=True warning."""
     kind = detect_kind(path)
     if kind == EXPORTED_PROGRAM:
-        return _load_exported_program(path)
+        return _load_exported_program(path, unsafe_pickle, warn)
     if kind == TORCHSCRIPT:
         return _load_torchscript(path)
     return _load_pickle(path, unsafe_pickle, warn)
