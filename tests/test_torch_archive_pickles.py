@@ -244,6 +244,38 @@ def test_aot_inductor_code_is_refused(root: Path) -> None:
     assert "member 'data/aotinductor/model/model.so'" in line and "native" in line and HINT in line, line
 
 
+def _graph_calls(root: Path, marker: Path) -> Path:
+    """A node ``wrap_with_set_grad_enabled(True, <as_operator 'torch.os.mkdir'>, marker)``: the
+    deserializer resolves the string to os.mkdir and the higher-order op calls it."""
+    dst = root / "evil_graph.pt2"
+    model = json.loads(zipfile.ZipFile(root / "honest.pt2").read("honest/models/model.json"))
+    model["graph_module"]["graph"]["nodes"].insert(0, {
+        "target": "torch.ops.higher_order.wrap_with_set_grad_enabled",
+        "inputs": [{"name": "", "arg": {"as_bool": True}, "kind": 1},
+                   {"name": "", "arg": {"as_operator": "torch.os.mkdir"}, "kind": 1},
+                   {"name": "", "arg": {"as_string": str(marker)}, "kind": 1}],
+        "outputs": [{"as_none": True}], "metadata": {}, "is_hop_single_tensor_return": None, "name": "evil"})
+    _rewrite(root / "honest.pt2", dst,
+             lambda name, _: json.dumps(model).encode() if name == "models/model.json" else None)
+    return dst
+
+
+def test_a_graph_that_calls_a_python_function_is_refused(root: Path) -> None:
+    marker = root / "MARKER_graph"
+    path = _graph_calls(root, marker)
+    ep = torch.export.load(str(path))  # the reproduction: torch loads it and fx.Interpreter runs os.mkdir
+    inputs = [ep.state_dict[s.target] if s.target in ep.state_dict else ep.constants.get(s.target)
+              for s in ep.graph_signature.input_specs[:-1]] + [torch.randn(2, 3, 8, 8)]
+    torch.fx.Interpreter(ep.graph_module).run(*inputs)
+    assert marker.exists()
+    marker.rmdir()
+    line = _one_error_line(run_cli("fold", path.name, "--dry-run", cwd=root))
+    assert "posix.mkdir" in line and "graph node" in line and HINT in line, line
+    with pytest.raises(BadInputError, match="unsafe_pickle=True"):
+        load_model_file(path)
+    assert not marker.exists()
+
+
 # --------------------------------------------------------------------------- --unsafe-pickle
 
 

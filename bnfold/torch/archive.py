@@ -26,6 +26,12 @@ one of these would need more than ``torch.load(weights_only=True)``.
 (every ``torch.load`` inside, even one passing ``weights_only=False``, stays restricted, so torch's
 fallback can never unpickle code) and torch's export loggers muted (no "Logging error"
 traceback, no warnings on stderr). The variable is set for the duration of the call, process-wide.
+
+Not a pickle, but code all the same: the graph deserializer resolves an ``as_operator`` argument
+as any attribute chain under ``torch`` (``torch.save``, ``torch.os.mkdir``), and
+``wrap_with_set_grad_enabled`` calls its function argument. torch 2.13's fx code generation
+cannot render such an argument (SyntaxError), so ``module()`` never runs it, but
+``torch.fx.Interpreter`` does; :func:`check_graph_callables` refuses such a graph after loading.
 """
 from __future__ import annotations
 
@@ -45,8 +51,8 @@ import torch
 
 from bnfold.errors import BadInputError, one_line
 
-__all__ = ["UnsafeMember", "check_exported_program", "guarded_export_load", "quiet_export_loggers",
-           "unsafe_hint"]
+__all__ = ["UnsafeMember", "check_exported_program", "check_graph_callables", "guarded_export_load",
+           "quiet_export_loggers", "unsafe_hint"]
 
 # the archive layout (torch.export.pt2_archive.constants in torch 2.13; tests compare them)
 MODELS_DIR = "models/"
@@ -208,6 +214,39 @@ def check_exported_program(data: bytes, path: Path) -> UnsafeMember | None:
         if found is not None:
             return found
     return None
+
+
+#: modules whose plain functions an honest graph passes as arguments (torch's own sym ops)
+_HARMLESS_MODULES = ("_operator", "operator", "math")
+
+
+def _foreign_callable(value: Any) -> bool:
+    """A Python callable in a graph argument that is no torch operator: the deserializer resolves
+    an ``as_operator`` string as any attribute chain under ``torch`` (``torch.os.mkdir``,
+    ``torch.save``), and a higher-order op like ``wrap_with_set_grad_enabled`` calls it."""
+    if not callable(value) or isinstance(value, (torch.fx.Node, torch.nn.Module, torch.dtype)):
+        return False
+    if isinstance(value, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)):
+        return False
+    return getattr(value, "__module__", None) not in _HARMLESS_MODULES
+
+
+def check_graph_callables(ep: Any, path: Path) -> None:
+    """BadInputError where a node of the loaded ExportedProgram (or a subgraph) passes a Python
+    callable other than a torch operator as an argument: running the graph would call it."""
+    for module in ep.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            leaves: list[Any] = []
+            torch.fx.node.map_aggregate((node.args, node.kwargs), leaves.append)
+            found = [v for v in leaves if _foreign_callable(v)]
+            if found:
+                name = getattr(found[0], "__qualname__", None) or type(found[0]).__name__
+                raise BadInputError(
+                    f"'{path}': graph node '{node.name}' passes the Python callable "
+                    f"{getattr(found[0], '__module__', '?')}.{name} as an argument; running the model would call it, "
+                    "so bnfold refuses the archive; " + unsafe_hint())
 
 
 class _Drop(logging.Filter):

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from warnings import catch_warnings, simplefilter, warn_explicit
 
 import torch
 import torch.fx as fx
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.errors import BadInputError, UnsupportedModelError, one_line
-from bnfold.torch.archive import check_exported_program, guarded_export_load
+from bnfold.torch.archive import check_exported_program, check_graph_callables, guarded_export_load
 
 __all__ = [
     "EXPORTED_PROGRAM", "FACTORY", "PICKLE", "TORCHSCRIPT", "LoadedTorchModel", "detect_kind",
@@ -470,10 +471,16 @@ def _load_exported_program(path: Path, unsafe_pickle: bool,
         if warn is not None:
             warn(f"unsafe_pickle=True: unpickling '{path}' runs arbitrary code from the file; use it only on files "
                  f"you trust (member '{unsafe.member}' needs full unpickling)")
-    try:
-        ep = guarded_export_load(data, unsafe=unsafe is not None)
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds
-        raise BadInputError(f"cannot load ExportedProgram '{path}': {one_line(exc, 240)}") from exc
+    with catch_warnings(record=True) as caught:  # shown only where the archive is accepted
+        simplefilter("always")
+        try:
+            ep = guarded_export_load(data, unsafe=unsafe is not None)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds
+            raise BadInputError(f"cannot load ExportedProgram '{path}': {one_line(exc, 240)}") from exc
+        if not unsafe_pickle:
+            check_graph_callables(ep, path)
+    for w in caught:
+        warn_explicit(w.message, w.category, w.filename, w.lineno)
     module, names, static, warnings = exported_program_module(ep)
     example = None
     try:
