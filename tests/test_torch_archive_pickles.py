@@ -276,6 +276,30 @@ def test_a_graph_that_calls_a_python_function_is_refused(root: Path) -> None:
     assert not marker.exists()
 
 
+def test_a_graph_that_calls_a_file_op_is_refused(root: Path) -> None:
+    """``aten.from_file(name, shared=True, size=4)`` creates (or maps for writing) a file when the
+    model runs: bnfold ran it during a dry run before this check (the marker appeared)."""
+    marker = root / "MARKER_from_file"
+    model = json.loads(zipfile.ZipFile(root / "honest.pt2").read("honest/models/model.json"))
+    graph = model["graph_module"]["graph"]
+    graph["nodes"].insert(0, {
+        "target": "torch.ops.aten.from_file.default",
+        "inputs": [{"name": "filename", "arg": {"as_string": str(marker)}, "kind": 1},
+                   {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                   {"name": "size", "arg": {"as_int": 4}, "kind": 1}],
+        "outputs": [{"as_tensor": {"name": "ff"}}], "metadata": {}, "is_hop_single_tensor_return": None,
+        "name": "ff"})
+    graph["tensor_values"]["ff"] = {
+        "dtype": 7, "sizes": [{"as_int": 4}], "requires_grad": False, "device": {"type": "cpu", "index": None},
+        "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0}, "layout": 7}
+    path = root / "evil_from_file.pt2"
+    _rewrite(root / "honest.pt2", path,
+             lambda name, _: json.dumps(model).encode() if name == "models/model.json" else None)
+    line = _one_error_line(run_cli("fold", path.name, "--dry-run", cwd=root))
+    assert "aten.from_file" in line and HINT in line, line
+    assert not marker.exists()
+
+
 # --------------------------------------------------------------------------- --unsafe-pickle
 
 
@@ -342,6 +366,41 @@ def test_torchscript_pickles_cannot_carry_python_code(root: Path, member: str) -
     line = _one_error_line(run_cli("fold", evil.name, "--dry-run", cwd=root))
     assert "TorchScript" in line, line
     assert not marker.exists()
+
+
+class _SetState(nn.Module):
+    """TorchScript runs ``__setstate__`` at torch.jit.load: here it creates the file ``p``."""
+
+    def __init__(self, p: str) -> None:
+        super().__init__()
+        self.p = p
+        self.n = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, bool]:
+        return (self.p, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.p = state[0]
+        self.training = state[1]
+        self.n = int(torch.from_file(self.p, True, 4).numel())
+
+
+def test_torchscript_code_that_opens_files_is_refused(root: Path) -> None:
+    marker = root / "MARKER_ts_setstate"
+    path = root / "setstate_ts.pt"
+    torch.jit.save(torch.jit.script(_SetState(str(marker))), path)
+    torch.jit.load(str(path))  # the reproduction: loading alone creates the file
+    assert marker.exists()
+    marker.unlink()
+    line = _one_error_line(run_cli("fold", path.name, "--data", "calib.npy", "-o", root / "ts_out" / "m.onnx",
+                                   cwd=root))
+    assert "TorchScript code 'code/__torch__/" in line and "opens files" in line and HINT in line, line
+    assert not marker.exists() and not (root / "ts_out").exists()
 
 
 # --------------------------------------------------------------------------- device

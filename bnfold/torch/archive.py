@@ -51,8 +51,8 @@ import torch
 
 from bnfold.errors import BadInputError, one_line
 
-__all__ = ["UnsafeMember", "check_exported_program", "check_graph_callables", "guarded_export_load",
-           "quiet_export_loggers", "unsafe_hint"]
+__all__ = ["UnsafeMember", "check_exported_program", "check_graph_callables", "check_torchscript_code",
+           "guarded_export_load", "quiet_export_loggers", "unsafe_hint"]
 
 # the archive layout (torch.export.pt2_archive.constants in torch 2.13; tests compare them)
 MODELS_DIR = "models/"
@@ -231,6 +231,21 @@ def _foreign_callable(value: Any) -> bool:
     return getattr(value, "__module__", None) not in _HARMLESS_MODULES
 
 
+#: torch ops that open files or connections: a model calling one is refused (a heuristic list:
+#: aten ops with a file-name argument, found in torch 2.13's schemas, and the distributed and
+#: debugging namespaces)
+FILE_OPS = ("from_file", "save", "load_tensor")
+FOREIGN_NAMESPACES = ("debugprims", "c10d", "_c10d_functional", "symm_mem")
+
+
+def _file_op(target: Any) -> bool:
+    if not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return False
+    schema_name = str(getattr(target, "_schema", None) and target._schema.name)  # 'aten::from_file'
+    namespace, _, name = schema_name.partition("::")
+    return namespace in FOREIGN_NAMESPACES or name in FILE_OPS
+
+
 def check_graph_callables(ep: Any, path: Path) -> None:
     """BadInputError where a node of the loaded ExportedProgram (or a subgraph) passes a Python
     callable other than a torch operator as an argument: running the graph would call it."""
@@ -241,12 +256,37 @@ def check_graph_callables(ep: Any, path: Path) -> None:
             leaves: list[Any] = []
             torch.fx.node.map_aggregate((node.args, node.kwargs), leaves.append)
             found = [v for v in leaves if _foreign_callable(v)]
+            if _file_op(node.target):
+                raise BadInputError(
+                    f"'{path}': graph node '{node.name}' calls {node.target}, which opens files or connections; "
+                    "running the model would call it, so bnfold refuses the archive; " + unsafe_hint())
             if found:
                 name = getattr(found[0], "__qualname__", None) or type(found[0]).__name__
                 raise BadInputError(
                     f"'{path}': graph node '{node.name}' passes the Python callable "
                     f"{getattr(found[0], '__module__', '?')}.{name} as an argument; running the model would call it, "
                     "so bnfold refuses the archive; " + unsafe_hint())
+
+
+_SCRIPT_FILE_CALL = re.compile(r"\b(?:torch|ops\.\w+)\.(?:" + "|".join(FILE_OPS) + r")\s*\(|\bops\.(?:"
+                               + "|".join(FOREIGN_NAMESPACES) + r")\.")
+
+
+def check_torchscript_code(data: bytes, path: Path) -> str | None:
+    """The first ``code/`` member of a TorchScript archive that calls a file op (TorchScript code
+    runs at load, in a module's ``__setstate__``, and in forward; it cannot import Python, but
+    ``torch.from_file(name, True, n)`` creates files and ``torch.save`` writes them), or None.
+    Read with torch's own zip reader; BadInputError where it cannot read the archive."""
+    try:
+        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
+        names = reader.get_all_records()
+    except Exception as exc:  # noqa: BLE001 - not a zip torch can read
+        raise BadInputError(f"cannot load TorchScript archive '{path}': {one_line(exc, 200)}") from None
+    for name in sorted(n for n in names if n.startswith("code/") and n.endswith(".py")):
+        text = reader.get_record(name).decode("utf-8", "replace")
+        if _SCRIPT_FILE_CALL.search(text):
+            return name
+    return None
 
 
 class _Drop(logging.Filter):

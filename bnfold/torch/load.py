@@ -8,8 +8,9 @@ Four sources, told apart by the file's content (never by its suffix alone):
   (else refused, or loaded as torch does with ``unsafe_pickle=True``); its ``.module()`` is
   rewritten by :func:`exported_program_module` so that the front end sees BatchNorm modules again.
 * a **TorchScript** archive (``torch.jit.save``): a zip archive with ``code/``. Loaded with
-  ``torch.jit.load``. TorchScript modules cannot be fx-traced; the CLI folds them through an ONNX
-  export.
+  ``torch.jit.load`` (its C++ unpickler resolves no Python global), unless its code calls a file
+  op (:func:`bnfold.torch.archive.check_torchscript_code`; that code runs at load and in
+  forward). TorchScript modules cannot be fx-traced; the CLI folds them through an ONNX export.
 * a **whole pickled module** (``torch.save(model)``): a zip archive with ``data.pkl`` (or the
   legacy pickle format) that ``torch.load(weights_only=True)`` refuses. Unpickling it runs code
   from the file, so it is loaded only with ``unsafe_pickle=True``.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import io
 import os
 import pickle
 import sys
@@ -41,7 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.errors import BadInputError, UnsupportedModelError, one_line
-from bnfold.torch.archive import check_exported_program, check_graph_callables, guarded_export_load
+from bnfold.torch.archive import (
+    check_exported_program,
+    check_graph_callables,
+    check_torchscript_code,
+    guarded_export_load,
+    unsafe_hint,
+)
 
 __all__ = [
     "EXPORTED_PROGRAM", "FACTORY", "PICKLE", "TORCHSCRIPT", "LoadedTorchModel", "detect_kind",
@@ -502,14 +510,20 @@ def _load_exported_program(path: Path, unsafe_pickle: bool,
                             static_batch=static, warnings=warnings)
 
 
-def _load_torchscript(path: Path) -> LoadedTorchModel:
+def _load_torchscript(path: Path, unsafe_pickle: bool) -> LoadedTorchModel:
+    data = _read_bytes(path)  # checked and loaded from the same bytes
+    member = check_torchscript_code(data, path)
+    if member is not None and not unsafe_pickle:
+        raise BadInputError(f"'{path}': TorchScript code '{member}' calls an op that opens files (from_file, save, "
+                            "...); it runs when the archive loads or the model runs, so bnfold refuses it; "
+                            + unsafe_hint())
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
         raise BadInputError(f"cannot load TorchScript archive '{path}': {one_line(exc, 240)}") from exc
     inputs, var_kw = forward_inputs(module)
-    return LoadedTorchModel(module=module, kind=TORCHSCRIPT, label=str(path), path=path, sha256=sha256_of(path),
-                            inputs=inputs, var_keyword=var_kw)
+    return LoadedTorchModel(module=module, kind=TORCHSCRIPT, label=str(path), path=path,
+                            sha256=hashlib.sha256(data).hexdigest(), inputs=inputs, var_keyword=var_kw)
 
 
 def _cwd_on_path() -> None:
@@ -575,7 +589,7 @@ def load_model_file(path: Path, *, unsafe_pickle: bool = False,
     if kind == EXPORTED_PROGRAM:
         return _load_exported_program(path, unsafe_pickle, warn)
     if kind == TORCHSCRIPT:
-        return _load_torchscript(path)
+        return _load_torchscript(path, unsafe_pickle)
     return _load_pickle(path, unsafe_pickle, warn)
 
 
