@@ -3,11 +3,14 @@
 Four sources, told apart by the file's content (never by its suffix alone):
 
 * an **ExportedProgram** (``torch.export.save``, usually ``.pt2``): a zip archive with
-  ``archive_format`` / ``models/*.json``. Loaded with ``torch.export.load``; its ``.module()`` is
+  ``archive_format`` / ``models/*.json``. Loaded with ``torch.export.load`` from the bytes that
+  :mod:`bnfold.torch.archive` checked: every pickle inside must read with ``weights_only=True``
+  (else refused, or loaded as torch does with ``unsafe_pickle=True``); its ``.module()`` is
   rewritten by :func:`exported_program_module` so that the front end sees BatchNorm modules again.
 * a **TorchScript** archive (``torch.jit.save``): a zip archive with ``code/``. Loaded with
-  ``torch.jit.load``. TorchScript modules cannot be fx-traced; the CLI folds them through an ONNX
-  export.
+  ``torch.jit.load`` (its C++ unpickler resolves no Python global), unless its code calls a file
+  op (:func:`bnfold.torch.archive.check_torchscript_code`; that code runs at load and in
+  forward). TorchScript modules cannot be fx-traced; the CLI folds them through an ONNX export.
 * a **whole pickled module** (``torch.save(model)``): a zip archive with ``data.pkl`` (or the
   legacy pickle format) that ``torch.load(weights_only=True)`` refuses. Unpickling it runs code
   from the file, so it is loaded only with ``unsafe_pickle=True``.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import io
 import os
 import pickle
 import sys
@@ -31,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from warnings import catch_warnings, simplefilter, warn_explicit
 
 import torch
 import torch.fx as fx
@@ -38,6 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.errors import BadInputError, UnsupportedModelError, one_line
+from bnfold.torch.archive import (
+    check_exported_program,
+    check_graph_callables,
+    check_torchscript_code,
+    guarded_export_load,
+    unsafe_hint,
+)
 
 __all__ = [
     "EXPORTED_PROGRAM", "FACTORY", "PICKLE", "TORCHSCRIPT", "LoadedTorchModel", "detect_kind",
@@ -448,11 +460,35 @@ def exported_program_module(ep: Any) -> tuple[fx.GraphModule, list[str], int | N
     return module, names, static, warnings
 
 
-def _load_exported_program(path: Path) -> LoadedTorchModel:
+def _read_bytes(path: Path) -> bytes:
     try:
-        ep = torch.export.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds
-        raise BadInputError(f"cannot load ExportedProgram '{path}': {one_line(exc, 240)}") from exc
+        return path.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"cannot read model file '{path}': {exc.strerror or exc}") from exc
+
+
+def _load_exported_program(path: Path, unsafe_pickle: bool,
+                           warn: Callable[[str], None] | None) -> LoadedTorchModel:
+    """``torch.export.load`` where every pickle inside reads with ``weights_only=True``
+    (:mod:`bnfold.torch.archive`); an archive that needs more only with ``unsafe_pickle``."""
+    data = _read_bytes(path)  # checked and loaded from the same bytes
+    unsafe = check_exported_program(data, path)
+    if unsafe is not None:
+        if not unsafe_pickle:
+            raise BadInputError(unsafe.message(path))
+        if warn is not None:
+            warn(f"unsafe_pickle=True: unpickling '{path}' runs arbitrary code from the file; use it only on files "
+                 f"you trust (member '{unsafe.member}' needs full unpickling)")
+    with catch_warnings(record=True) as caught:  # shown only where the archive is accepted
+        simplefilter("always")
+        try:
+            ep = guarded_export_load(data, unsafe=unsafe is not None)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds
+            raise BadInputError(f"cannot load ExportedProgram '{path}': {one_line(exc, 240)}") from exc
+        if not unsafe_pickle:
+            check_graph_callables(ep, path)
+    for w in caught:
+        warn_explicit(w.message, w.category, w.filename, w.lineno)
     module, names, static, warnings = exported_program_module(ep)
     example = None
     try:
@@ -469,18 +505,25 @@ def _load_exported_program(path: Path) -> LoadedTorchModel:
             f"the ExportedProgram was exported with a static batch size of {static}; bnfold runs it at other "
             "batch sizes (export with a dynamic batch dimension if the model fails on them)")
     return LoadedTorchModel(module=module, kind=EXPORTED_PROGRAM, label=str(path), path=path,
-                            sha256=sha256_of(path), inputs=[ForwardInput(n) for n in names], example_inputs=example,
+                            sha256=hashlib.sha256(data).hexdigest(), inputs=[ForwardInput(n) for n in names],
+                            example_inputs=example,
                             static_batch=static, warnings=warnings)
 
 
-def _load_torchscript(path: Path) -> LoadedTorchModel:
+def _load_torchscript(path: Path, unsafe_pickle: bool) -> LoadedTorchModel:
+    data = _read_bytes(path)  # checked and loaded from the same bytes
+    member = check_torchscript_code(data, path)
+    if member is not None and not unsafe_pickle:
+        raise BadInputError(f"'{path}': TorchScript code '{member}' calls an op that opens files (from_file, save, "
+                            "...); it runs when the archive loads or the model runs, so bnfold refuses it; "
+                            + unsafe_hint())
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
         raise BadInputError(f"cannot load TorchScript archive '{path}': {one_line(exc, 240)}") from exc
     inputs, var_kw = forward_inputs(module)
-    return LoadedTorchModel(module=module, kind=TORCHSCRIPT, label=str(path), path=path, sha256=sha256_of(path),
-                            inputs=inputs, var_keyword=var_kw)
+    return LoadedTorchModel(module=module, kind=TORCHSCRIPT, label=str(path), path=path,
+                            sha256=hashlib.sha256(data).hexdigest(), inputs=inputs, var_keyword=var_kw)
 
 
 def _cwd_on_path() -> None:
@@ -544,9 +587,9 @@ def load_model_file(path: Path, *, unsafe_pickle: bool = False,
     """Load MODEL (see the module docstring). ``warn`` receives the unsafe_pickle=True warning."""
     kind = detect_kind(path)
     if kind == EXPORTED_PROGRAM:
-        return _load_exported_program(path)
+        return _load_exported_program(path, unsafe_pickle, warn)
     if kind == TORCHSCRIPT:
-        return _load_torchscript(path)
+        return _load_torchscript(path, unsafe_pickle)
     return _load_pickle(path, unsafe_pickle, warn)
 
 
