@@ -37,7 +37,7 @@ import click
 import bnfold
 import bnfold.report
 from bnfold import __version__
-from bnfold.errors import BnfoldError, ProviderUnavailable, VerificationFailed
+from bnfold.errors import BnfoldError, VerificationFailed
 from bnfold.outputs import Outputs
 from bnfold.report.json_report import to_json, verify_to_json
 from bnfold.verification.repro_location import default_location, replaceable
@@ -146,16 +146,25 @@ def _dry_run_rows(rows: list[Any], report: Any) -> list[Any]:
     return out
 
 
+def _nothing_ran(v: Any) -> str:
+    notes = "; ".join(r.note for r in v.runs if r.note)
+    return ("no requested execution provider could run (all skipped under --allow-missing-providers), so nothing "
+            "was compared" + (f": {notes}" if notes else ""))
+
+
 def _verification_message(report: Any, output: Path | None, report_path: Path | None) -> str:
     v = report.verification
     if v is None:
         return "the folded model failed verification"
     failed = [o.name for o in v.outputs if not o.passed]
     where = f" at output(s) {', '.join(failed)}" if failed else ""
-    msg = (
-        f"the folded model failed verification{where} on {v.samples} sample(s): "
-        f"max abs diff {v.max_abs:.3g}, max rel diff {v.max_rel:.3g}"
-    )
+    if not v.ran:
+        msg = f"the folded model was not verified: {_nothing_ran(v)}"
+    else:
+        msg = (
+            f"the folded model failed verification{where} on {v.samples} sample(s): "
+            f"max abs diff {v.max_abs:.3g}, max rel diff {v.max_rel:.3g}"
+        )
     if output is not None:
         msg += f"; {output} was not written"
     if report_path is not None:
@@ -424,10 +433,8 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     for written in (report.path, report.junit_xml, report.summary_md, report.html):
         if written is not None:
             click.echo(f"Wrote {written}")
-    if not result.ran:
-        raise ProviderUnavailable(
-            "no requested execution provider could run, so nothing was compared: "
-            + "; ".join(r.note for r in result.runs if r.note))
+    if not result.ran:  # every provider skipped under --allow-missing-providers: no verdict, exit 1
+        raise VerificationFailed(_nothing_ran(result))
     if not result.passed:
         raise VerificationFailed(
             f"CANDIDATE does not match REFERENCE: max abs diff {result.max_abs:.3g}, max rel diff "

@@ -291,3 +291,24 @@ def test_training_mode_reference_explains_the_mismatch(tmp_path: Path) -> None:
     proc = run_cli("verify", frozen, out, "--data", data, "--batch-size", 4)
     assert proc.returncode == 0, proc.stderr
     assert "training mode" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA can run here")
+def test_every_provider_skipped_is_exit_1_in_verify_and_fold(models: dict[str, Path], tmp_path: Path) -> None:
+    """--allow-missing-providers with no provider that can run: nothing was compared, which is no
+    pass (exit 1, README), said as such; fold and verify agree (before: verify exit 4, fold exit 1
+    with 'max abs diff 0')."""
+    report = tmp_path / "r.json"
+    proc = run_cli("verify", models["frozen"], models["folded"], "--providers", "cuda", "--allow-missing-providers",
+                   "--report", report)
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "no requested execution provider could run (all skipped under --allow-missing-providers)" in line
+    assert json.loads(report.read_text())["verification"]["runs"][0]["status"] == "skipped"
+    out = tmp_path / "f.onnx"
+    proc = run_cli("fold", models["reference"], "-o", out, "--providers", "cuda", "--allow-missing-providers",
+                   "--no-repro")
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "the folded model was not verified: no requested execution provider could run" in line, line
+    assert "max abs diff" not in line and not out.exists()

@@ -416,3 +416,14 @@ def test_fold_on_a_missing_device_is_one_clear_error() -> None:
     assert "\n" not in text and "CUDA is not available" in text and "device='cpu'" in text, text
     with pytest.raises(BadInputError, match="not a torch device"):
         fold(net, device="bogus")
+
+
+def test_calibrate_on_a_missing_device_is_one_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: device='cuda' is not an error here")
+    from bnfold.torch import calibrate
+
+    net = _Net().train()
+    data = torch.randn(8, 3, 6, 6)
+    with pytest.raises(ProviderUnavailable, match="CUDA is not available.*use device='cpu'"):
+        calibrate(net, data, device="cuda")  # before: a bare AssertionError from torch

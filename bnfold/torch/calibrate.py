@@ -38,6 +38,7 @@ from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, one
 from bnfold.formulas.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning, merge, update
 from bnfold.records import BnStats, FrozenStats, Mode
 from bnfold.torch.batches import Batch, check_arity, count_batches, iter_batches, tensors
+from bnfold.torch.device import check_device
 from bnfold.torch.moments import Scratch, cpu_batch_moments
 
 __all__ = [
@@ -506,6 +507,7 @@ def calibrate(
     or a forward that fails on a batch (naming the batch and a floating dtype that differs from
     the module's; torch's error is the ``__cause__``).
     """
+    check_device(device)
     run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
                           inplace=inplace, progress=progress)
     return run.module, run.stats

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfold.errors import BadInputError, ProviderUnavailable, one_line
+from bnfold.errors import BadInputError
 from bnfold.records import BnRecord, FrozenStats, Mode, Report
 from bnfold.torch.apply import apply_folds
 from bnfold.torch.batches import Batch, as_batch
@@ -49,6 +49,7 @@ from bnfold.torch.calibrate import (
     module_device,
     run_calibration,
 )
+from bnfold.torch.device import check_device
 from bnfold.torch.plan import plan_folds
 from bnfold.torch.producers import channels_of
 from bnfold.torch.trace import hooked_modules, trace
@@ -86,26 +87,6 @@ def _probe_ranks(work: nn.Module, batch: Batch, bns: list[tuple[str, _BatchNorm]
         for h in handles:
             h.remove()
     return ranks
-
-
-def check_device(device: str | torch.device | None) -> None:
-    """BadInputError where ``device`` names no torch device; ProviderUnavailable (one line) where
-    this torch cannot put a tensor on it (torch's own error is a bare AssertionError for CUDA)."""
-    if device is None:
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise BadInputError(f"device={device!r} is not a torch device: {one_line(exc, 200)}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        why = "torch was built without CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
-        raise ProviderUnavailable(f"device={str(device)!r} was requested but CUDA is not available ({why}, torch "
-                                  f"{torch.__version__}); use device='cpu'")
-    try:
-        torch.empty(0, device=dev)
-    except Exception as exc:  # noqa: BLE001 - AssertionError, RuntimeError, ...: torch's kinds vary by backend
-        raise ProviderUnavailable(f"device={str(device)!r} cannot be used here: {type(exc).__name__}: "
-                                  f"{one_line(exc, 200)}; use device='cpu'") from None
 
 
 def fold(
