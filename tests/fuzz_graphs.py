@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import pytest
 from conftest import DOUBLE, FLOAT, FLOAT16, init, make_model, vi
 from hypothesis import strategies as st
 from onnx import helper
@@ -20,6 +21,19 @@ ELEM = {"float32": FLOAT, "float16": FLOAT16, "float64": DOUBLE}
 # chain links the planner looks through (bnfold/stages/plan.py LOOK_THROUGH) and two it must stop at
 PASS_LINKS = ("identity", "add", "reshape", "unsqueeze", "unsqueeze_squeeze")
 STOP_LINKS = ("relu", "transpose")
+
+
+def report_line(request: pytest.FixtureRequest, line: str) -> None:
+    """Write ``line`` to the terminal (case and exit counts of a fuzz module), past output capture."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+    else:
+        reporter.write_line(line)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ accounted for (folded into a named node that is in the output, or kept with a re
 shares the weight without a BN must be unaffected, and the folded model must run in onnxruntime
 (where onnxruntime runs the dtype: its CPU provider has no float64 Conv/ConvTranspose) and match.
 
-Bounded for CI: ``BNFOLD_FUZZ_EXAMPLES`` cases (default 80, derandomized, no example database);
+Bounded for CI: ``BNFOLD_FUZZ_EXAMPLES`` cases (default 60, derandomized, no example database);
 set it higher for a long run (``BNFOLD_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz_fold_graphs.py``).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import ort_run
-from fuzz_graphs import Case, build, cases
+from fuzz_graphs import Case, build, cases, report_line
 from hypothesis import HealthCheck, given, settings
 from numpy.typing import NDArray
 from onnx import numpy_helper
@@ -31,7 +31,7 @@ from reference_eval import Stats, evaluate
 import bnfold
 from bnfold.records import Action, Reason
 
-EXAMPLES = int(os.environ.get("BNFOLD_FUZZ_EXAMPLES", "80"))
+EXAMPLES = int(os.environ.get("BNFOLD_FUZZ_EXAMPLES", "60"))
 COUNTS: Counter[str] = Counter()
 
 # Tolerances on max|folded - reference| / max(1, max|reference|), both evaluated in float64 here.
@@ -51,10 +51,7 @@ STATS_REL = {"float64": 1e-9, "float32": 1e-4, "float16": 2e-2}
 @pytest.fixture(scope="module", autouse=True)
 def _report_counts(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    line = "fuzz fold graphs: " + ", ".join(f"{k}={v}" for k, v in sorted(COUNTS.items()))
-    if reporter is not None:
-        reporter.write_line(line)
+    report_line(request, "fuzz fold graphs: " + ", ".join(f"{k}={v}" for k, v in sorted(COUNTS.items())))
 
 
 def _ort_runs(case: Case) -> bool:
