@@ -8,7 +8,7 @@ accounted for (folded into a named node that is in the output, or kept with a re
 shares the weight without a BN must be unaffected, and the folded model must run in onnxruntime
 (where onnxruntime runs the dtype: its CPU provider has no float64 Conv/ConvTranspose) and match.
 
-Bounded for CI: ``BNFOLD_FUZZ_EXAMPLES`` cases (default 60, derandomized, no example database);
+Bounded for CI: ``BNFOLD_FUZZ_EXAMPLES`` cases (default 100, derandomized, no example database);
 set it higher for a long run (``BNFOLD_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz_fold_graphs.py``).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from reference_eval import Stats, evaluate
 import bnfold
 from bnfold.records import Action, Reason
 
-EXAMPLES = int(os.environ.get("BNFOLD_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("BNFOLD_FUZZ_EXAMPLES", "100"))
 COUNTS: Counter[str] = Counter()
 
 # Tolerances on max|folded - reference| / max(1, max|reference|), both evaluated in float64 here.
