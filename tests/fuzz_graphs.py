@@ -104,6 +104,8 @@ def cases(draw: st.DrawFn) -> Case:
     strides = tuple(draw(st.integers(1, 2)) for _ in range(d))
     dilations = tuple(draw(st.integers(1, 2)) for _ in range(d))
     pads = tuple(draw(st.integers(0, kernel[i % d] - 1)) for i in range(2 * d))  # pads below the kernel size
+    if draw(st.booleans()):  # unpadded half the time: the Conv a BN before it can fold forward into
+        pads = (0,) * (2 * d)
     extent = [dilations[i] * (kernel[i] - 1) + 1 for i in range(d)]
     top = 2 if d == 3 else 4
     spatial = tuple(draw(st.integers(extent[i], extent[i] + top)) for i in range(d))
