@@ -30,8 +30,10 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,21 @@ MARKER = ".bnfold-staging"
 # tempfile.mkdtemp's names: the prefix and 8 characters of its alphabet
 _STAGE_NAME = re.compile(r"\.bnfold-[a-z0-9_]{8}\Z")
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (delivered right after) while a staging folder is made and
+    registered, while outputs move into place, and while staging folders are removed: an interrupt
+    then never leaves half of one of these done (main thread only, where Python handles signals)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _lock(fd: int, *, wait: bool) -> bool:
@@ -168,13 +185,14 @@ class Outputs:
         self.close()
 
     def close(self) -> None:
-        self._pending.clear()
-        for stage in self._stages.values():
-            stage.close()
-        self._stages.clear()
-        for folder in self._scratch:
-            shutil.rmtree(folder, ignore_errors=True)
-        self._scratch.clear()
+        with _signals_held():
+            self._pending.clear()
+            for stage in self._stages.values():
+                stage.close()
+            self._stages.clear()
+            for folder in self._scratch:
+                shutil.rmtree(folder, ignore_errors=True)
+            self._scratch.clear()
 
     def _stage(self, target: Path) -> _Stage:
         folder = target.parent
@@ -183,12 +201,12 @@ class Outputs:
         if stage is None:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                stage = _Stage(folder)
+                with _signals_held():
+                    stage = self._stages[key] = _Stage(folder)
             except OSError as exc:
                 raise BadInputError(
                     f"cannot write {target}: {folder} is not a folder bnfold can write in "
                     f"({exc.strerror or type(exc).__name__}); give the output a path in a writable folder") from exc
-            self._stages[key] = stage
         return stage
 
     def path_for(self, target: str | os.PathLike[str]) -> Path:
@@ -205,8 +223,9 @@ class Outputs:
             folder = stage.path / f"s{stage.count}"
             folder.mkdir()
             return folder
-        folder = Path(tempfile.mkdtemp(prefix="bnfold-"))
-        self._scratch.append(folder)
+        with _signals_held():
+            folder = Path(tempfile.mkdtemp(prefix="bnfold-"))
+            self._scratch.append(folder)
         return folder
 
     def add(self, target: str | os.PathLike[str], staged: Path, *, companions: Sequence[Path] = (),
@@ -239,7 +258,7 @@ class Outputs:
         if not pending:
             return []
         folders = sorted({p.target.parent.resolve() for p in pending})
-        with contextlib.ExitStack() as locks:
+        with _signals_held(), contextlib.ExitStack() as locks:
             for folder in folders:
                 locks.enter_context(folder_lock(folder))
             done: list[_Pending] = []

@@ -73,6 +73,7 @@ from .options import (
 )
 from .outcome import FoldOutcome
 from .progress import calibration_progress
+from .signals import EXIT_TERMINATED, Terminated, terminate_as_interrupt
 from .wording import flag_words, worded_report, worded_result
 
 EXIT_OK = 0
@@ -494,6 +495,9 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, click.ClickException):  # e.g. click.FileError: a file we cannot open
         _err(f"bnfold: error: {_one_line(exc.format_message())}")
         return EXIT_BAD_INPUT
+    if isinstance(exc, Terminated):
+        _err("bnfold: terminated")
+        return EXIT_TERMINATED
     if isinstance(exc, (click.Abort, KeyboardInterrupt)):
         _err("bnfold: interrupted")
         return EXIT_INTERRUPTED
@@ -554,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run bnfold with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     RUN_FLAGS.debug = False
     _setup_logging()
-    with warnings.catch_warnings(), paused_gc():
+    with warnings.catch_warnings(), paused_gc(), terminate_as_interrupt():
         warnings.showwarning = _show_warning
         try:
             rv = cli.main(args=list(argv) if argv is not None else None, prog_name="bnfold", standalone_mode=False)

@@ -83,15 +83,8 @@ HOLDERS = ["initializer", "constant", "if_branch"]
 
 # layouts found failing, xfail(strict=True): (holder, layout, command) -> what failed
 _NUL = "internal error: ValueError: embedded null byte (a NUL in the location)"
-_SHORT = "internal error: ValueError: cannot reshape array of size 6 into shape (4,3,1,1) (issue 14 point 8)"
 KNOWN: dict[tuple[str, str, str], str] = {
     **{(h, "nul_byte", c): _NUL for h in HOLDERS for c in ("fold", "inspect")},
-    ("initializer", "length_short", "fold"): _SHORT,
-    ("initializer", "length_short", "inspect"): _SHORT,
-    ("constant", "length_short", "fold"): _SHORT,
-    ("constant", "length_short", "inspect"): _SHORT,
-    ("if_branch", "length_short", "inspect"): "exit 0: inspect does not check an If branch's external tensor "
-                                              "against its length, where fold and verify exit 3",
 }
 
 

@@ -6,10 +6,10 @@ fold writes the output; each later fold to the same ``-o`` is signalled at a poi
 the output's folder: when the staging folder (``.bnfold-*``) appears, while a staged data file
 grows, and once it is complete (verification running). After SIGINT or SIGTERM the old output and
 its data file must be intact (same bytes) and load, the exit code must be the documented one
-(SIGINT: 130, ``bnfold: interrupted``, README "Ctrl-C exits 130"; SIGTERM: bnfold installs no
-handler, so the default action, killed by the signal), and nothing but the old files may remain
-beside the output (SIGTERM leaves its staging folder: a strict xfail below, a finding). SIGKILL cannot be caught: the old output must still be intact; that a later run
-removes the staging folder left behind is the lead's change (xfail, not strict).
+(SIGINT: 130, ``bnfold: interrupted``; SIGTERM: 143, ``bnfold: terminated``, README "Exit codes"),
+and nothing but the old files may remain beside the output. SIGKILL cannot be caught: the old
+output must still be intact, and a later run into the same folder removes the staging folder the
+killed run left (``bnfold/outputs.py``, sweep).
 """
 from __future__ import annotations
 
@@ -144,21 +144,16 @@ def test_a_signal_during_the_write_keeps_the_old_output(first_fold: tuple[Path, 
     model, output = first_fold
     digests = _digests(output.parent)  # the old output and its data file, as an earlier run left them
     proc, err, sent = _signal_at(model, output, point, sig)
-    staged = _remove_staged(output.parent) if sig == signal.SIGTERM else []  # see the SIGTERM test below
     assert sent, f"the run ended (exit {proc.returncode}) before '{point}': {err[-400:]}"
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and err.strip().splitlines()[-1] == "bnfold: interrupted", err[-600:]
-    else:
-        assert proc.returncode == -signal.SIGTERM, err[-600:]
+    else:  # SIGTERM unwinds like Ctrl-C (cli/signals.py): exit 128 + 15, its own line
+        assert proc.returncode == 143 and err.strip().splitlines()[-1] == "bnfold: terminated", err[-600:]
     _assert_old_output_intact(output, digests)
     leftovers = sorted(p.name for p in output.parent.iterdir() if p.name not in digests)
     assert leftovers == [], f"left beside the output: {leftovers}"
-    assert staged == [] or sig == signal.SIGTERM
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "found here: bnfold installs no SIGTERM handler, so SIGTERM (timeout(1), CI job cancels, docker "
-    "stop) ends it at once and its staging folder .bnfold-* (up to the whole model) stays beside the output"))
 def test_sigterm_during_the_write_leaves_no_staging_folder(first_fold: tuple[Path, Path]) -> None:
     model, output = first_fold
     digests = _digests(output.parent)
@@ -181,7 +176,6 @@ def test_sigkill_during_the_write_keeps_the_old_output(first_fold: tuple[Path, P
     _assert_old_output_intact(output, digests)
 
 
-@pytest.mark.xfail(strict=False, reason="leftover cleanup: lead's part")
 def test_a_later_run_removes_the_staging_folder_sigkill_left(first_fold: tuple[Path, Path], tmp_path: Path) -> None:
     model, _ = first_fold
     output = tmp_path / "out" / "folded.onnx"
