@@ -31,13 +31,9 @@ MODELS = {"unfoldable.onnx": (None, "", 0), "resnet_trs.onnx": ("trs_calib.npz",
           "resnet_train.onnx": ("resnet_calib.npz", "images", 4)}
 EXITS: Counter[str] = Counter()
 
-# Mutants found failing, xfail(strict=True) until the bad-input messages being fixed in parallel land:
+# Mutants found failing (none now; issue 14 fixed every one found), xfail(strict=True) while a fix is pending:
 # (command, mutant id) -> what failed
 KNOWN: dict[tuple[str, str], str] = {
-    ("fold", "resnet_train-flip120"): "internal error: UnicodeDecodeError (a non-UTF-8 string) in stages/calibration_net.build_calibration_model",
-    ("fold", "resnet_train-flip144"): "internal error: UnicodeDecodeError (a non-UTF-8 string) in stages/calibration_net.build_calibration_model",
-    ("inspect", "resnet_train-flip036"): "internal error: TypeError: bytes (a non-UTF-8 name) in report/summary.plan_table",
-    ("inspect", "resnet_trs-flip037"): "internal error: IndexError in rules/base.conv_weight (a Conv left with one input)",
 }
 
 

@@ -100,13 +100,18 @@ def _may_be_external(data: bytes, graph: onnx.GraphProto) -> bool:
     return b"location" in data
 
 
-def external_locations(model: onnx.ModelProto) -> tuple[str, ...]:
-    """The external-data files the model's tensors (subgraphs included) point at."""
+def external_locations(model: onnx.ModelProto, path: Path | str = "the model") -> tuple[str, ...]:
+    """The external-data files the model's tensors (subgraphs included) point at. A location with
+    a NUL character is bad input (no file has such a name; C code would read a shorter name)."""
     found: dict[str, None] = {}
     for t in _all_tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             for entry in t.external_data:
                 if entry.key == "location":
+                    if "\x00" in entry.value:
+                        raise BadInputError(
+                            f"'{path}': tensor '{t.name}' has an external-data location with a NUL character "
+                            f"({entry.value!r}); the model file is corrupt: export or copy it again")
                     found[entry.value] = None
     return tuple(found)
 
@@ -140,6 +145,29 @@ def _read_file(path: Path) -> bytes:
         raise BadInputError(f"cannot read model file '{path}': {exc.strerror or exc}") from exc
 
 
+def _check_names(graph: onnx.GraphProto, path: Path) -> None:
+    """Protobuf hands a string field that is not valid UTF-8 back as bytes (a byte flip in a
+    name): bad input here rather than a TypeError or UnicodeDecodeError deep in a stage."""
+    for where, names in (("graph input", (v.name for v in graph.input)),
+                         ("graph output", (v.name for v in graph.output)),
+                         ("initializer", (t.name for t in graph.initializer))):
+        for name in names:
+            if not isinstance(name, str):
+                raise BadInputError(f"'{path}': a {where} name is not valid UTF-8 ({name!r}); the model file is "
+                                    "corrupt: export or copy it again")
+    for k, node in enumerate(graph.node):
+        fields = [node.name, node.op_type, node.domain, *node.input, *node.output,
+                  *(a.name for a in node.attribute)]
+        if not all(isinstance(f, str) for f in fields):
+            raise BadInputError(f"'{path}': node #{k} has a name, input, output or attribute name that is not valid "
+                                "UTF-8; the model file is corrupt: export or copy it again")
+        for a in node.attribute:
+            if a.HasField("g"):
+                _check_names(a.g, path)
+            for g in a.graphs:
+                _check_names(g, path)
+
+
 def _parse(data: bytes, path: Path) -> onnx.ModelProto:
     model = onnx.ModelProto()
     try:
@@ -150,6 +178,7 @@ def _parse(data: bytes, path: Path) -> onnx.ModelProto:
         ) from exc
     if not model.HasField("graph") or (len(model.graph.node) == 0 and not model.opset_import):
         raise BadInputError(f"'{path}' is not an ONNX model (no graph found); pass an .onnx file")
+    _check_names(model.graph, path)
     return model
 
 
@@ -164,7 +193,7 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     data = _read_file(path)
     hasher = _Hasher(data)  # on a thread, while protobuf parses and bnfold folds
     model = _parse(data, path)
-    locations = external_locations(model) if _may_be_external(data, model.graph) else ()
+    locations = external_locations(model, path) if _may_be_external(data, model.graph) else ()
     del data
     external = bool(locations) and _uses_external_data(model)  # initializers: the output keeps them external
     sources: dict[str, str] = {}
@@ -188,6 +217,7 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     data is read from the external files (for ``verify``, where onnxruntime reads them)."""
     path = Path(path)
     model = _parse(_read_file(path), path)
+    external_locations(model, path)  # the NUL check
     tensor_sizes.check(_all_tensors(model.graph), path, {})
     if deferred.supported():  # else onnx has no resolver to ask: onnxruntime checks them
         for t in _all_tensors(model.graph):

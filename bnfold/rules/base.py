@@ -87,7 +87,7 @@ class BackwardRule:
     def conv_weight(node: onnx.NodeProto, ins: list[str], graph: GraphView) -> tuple[int, ...]:
         """The checks a Conv-like node (X, W[, B]) shares: a constant float weight (its shape is
         returned) and, where the bias is not an initializer, a constant bias."""
-        w = graph.require_const(ins[1], "weight", node)
+        w = graph.require_const(ins[1] if len(ins) > 1 else "", "weight", node)  # none: an invalid node, kept
         if len(ins) > 2 and ins[2] and not graph.is_initializer(ins[2]):
             graph.require_const(ins[2], "bias", node)
         graph.require_float(ins[1], node)
