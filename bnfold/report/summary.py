@@ -131,8 +131,8 @@ def _shapes_line(v: VerifyResult) -> str | None:
     shapes = v.inputs.get("shapes")
     if not isinstance(shapes, dict) or all(s.get("source") == "declared" for s in shapes.values()):
         return None
-    return "  Verified at " + ", ".join(
-        f"{name}: {'x'.join(str(d) for d in s.get('shape', ())) or '[]'} ({s.get('source')})" for name, s in shapes.items())
+    return "  Verified at " + ", ".join(f"{name}: {'x'.join(str(d) for d in s.get('shape', ())) or '[]'} "
+                                        f"({s.get('source')})" for name, s in shapes.items())
 
 
 def _verification_lines(v: VerifyResult, max_outputs: int = 10) -> list[str]:

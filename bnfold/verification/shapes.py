@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BadInputError, first_line
-from bnfold.onnx.runtime import make_session
+from bnfold.onnx.runtime import make_session, ort_message
 from bnfold.records import InputSpec
 from bnfold.verification.shape_spec import format_shape, parse_dims, parse_input_shape
 
@@ -200,13 +200,38 @@ class _InferenceCheck:
                 for d in shapes[value.name]:
                     dims.add().dim_value = d
         try:
-            onnx.shape_inference.infer_shapes(self._model, check_type=True, strict_mode=True, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(self._model, check_type=True, strict_mode=True,
+                                                         data_prop=True)
         except Exception as exc:  # onnx raises InferenceError / ValidationError
             return first_line(exc)
-        return None
+        return _reshape_mismatch(inferred) if shapes else None
 
     def consistent(self, shapes: Shapes) -> bool:
         return not self.active or self._infer(shapes) is None
+
+
+def _reshape_mismatch(model: onnx.ModelProto) -> str | None:
+    """A ``Reshape`` to a constant shape without ``-1`` whose input, as inferred, has another number
+    of elements (onnx's inference checks the count only when it has a ``-1`` to solve for)."""
+    graph = model.graph
+    known: dict[str, list[int]] = {}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            known[value.name] = [d.dim_value for d in dims]
+    consts = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in consts:
+            continue
+        data = known.get(node.input[0])
+        target = [int(v) for v in onnx.numpy_helper.to_array(consts[node.input[1]]).reshape(-1)]
+        allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+        if data is None or -1 in target:
+            continue
+        target = [data[i] if v == 0 and not allowzero and i < len(data) else v for i, v in enumerate(target)]
+        if int(np.prod(data, dtype=np.int64)) != int(np.prod(target, dtype=np.int64)):
+            return f"Reshape {node.name or node.output[0]}: {data} has no shape {target}"
+    return None
 
 
 def _candidates(model: onnx.ModelProto, open_: list[InputSpec], batch: int, scan: bool
@@ -275,7 +300,7 @@ def choose_shapes(model: onnx.ModelProto, specs: list[InputSpec], *, given: Mapp
                         f"sizes nor any size up to {SCAN_LIMIT} fits the shapes the graph fixes; {fix}")
 
 
-def reference_runner(path: str, make_feed: Callable[[Shapes], "dict[str, np.ndarray] | str"]) -> Runner:
+def reference_runner(path: str, make_feed: Callable[[Shapes], dict[str, np.ndarray] | str]) -> Runner:
     """A :data:`Runner` that runs the model at ``path`` (a CPU session, made on first use) on
     ``make_feed(shapes)``."""
     session: list[Any] = []
@@ -290,7 +315,7 @@ def reference_runner(path: str, make_feed: Callable[[Shapes], "dict[str, np.ndar
         try:
             sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
         except Exception as exc:  # onnxruntime's own exception types
-            return first_line(exc)
+            return ort_message(exc)
         return None
 
     return run
