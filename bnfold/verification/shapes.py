@@ -9,9 +9,9 @@ A model exported with ``[N, 3, ?, ?]`` inputs runs at many sizes; random inputs 
    a rank-4 input);
 3. **probe** -- every dynamic non-batch dim set to one size of :data:`PROBE_SIZES` in turn;
 4. **inferred** -- where the graph fixes the size (a ``Reshape`` to a constant shape, a ``Gemm`` or
-   ``MatMul`` weight after a ``Flatten``, a ``value_info`` annotation): the sizes ``1..``
-   :data:`SCAN_LIMIT` (multiples of 32, then of 8, then all), kept only when onnx's strict shape
-   inference finds them consistent.
+   ``MatMul`` weight after a ``Flatten``, a ``value_info`` annotation): the sizes :data:`SCAN_MIN`
+   to :data:`SCAN_LIMIT` (multiples of 32, then of 8, then all), kept only when onnx's strict shape
+   inference finds them consistent (and a constant ``Reshape`` target keeps the element count).
 
 Every candidate but a given one must pass onnx's strict shape inference on a weightless copy of the
 model (milliseconds: no data is computed), then onnxruntime must run the reference on it; at most
@@ -34,13 +34,15 @@ from bnfold.onnx.runtime import make_session, ort_message
 from bnfold.records import InputSpec
 from bnfold.verification.shape_spec import format_shape, parse_dims, parse_input_shape
 
-__all__ = ["MAX_RUNS", "PROBE_SIZES", "SCAN_LIMIT", "ShapeChoice", "check_given", "choose_shapes",
+__all__ = ["MAX_RUNS", "PROBE_SIZES", "SCAN_LIMIT", "SCAN_MIN", "ShapeChoice", "check_given", "choose_shapes",
            "reference_runner"]
 
 #: the sizes probed for every dynamic non-batch dim, in order: common image sizes (classifiers
 #: 224..., detectors 320..640, all multiples of 32 so stride-32 backbones line up), then smaller ones
 PROBE_SIZES = (224, 256, 320, 384, 416, 448, 512, 640, 128, 160, 192, 96, 64, 32)
-#: the largest size the shape-inference scan tries
+#: the sizes the shape-inference scan tries: SCAN_MIN..SCAN_LIMIT (a smaller image exercises a 3x3
+#: convolution's border taps only, or none: such a size must be given)
+SCAN_MIN = 8
 SCAN_LIMIT = 1024
 #: at most this many candidate shapes are run in onnxruntime
 MAX_RUNS = 4
@@ -242,7 +244,7 @@ def _candidates(model: onnx.ModelProto, open_: list[InputSpec], batch: int, scan
     for size in PROBE_SIZES:
         yield {s.name: _at_size(s, batch, size) for s in open_}, "probe"
     if scan:
-        order = [*range(32, SCAN_LIMIT + 1, 32), *range(8, SCAN_LIMIT + 1, 8), *range(1, SCAN_LIMIT + 1)]
+        order = [*range(32, SCAN_LIMIT + 1, 32), *range(SCAN_MIN, SCAN_LIMIT + 1, 8), *range(SCAN_MIN, SCAN_LIMIT + 1)]
         for size in dict.fromkeys(order):
             yield {s.name: _at_size(s, batch, size) for s in open_}, "inferred"
 
@@ -297,7 +299,7 @@ def choose_shapes(model: onnx.ModelProto, specs: list[InputSpec], *, given: Mapp
         raise BadInputError(f"no input shape found at which onnxruntime runs the model: tried {'; '.join(tried)}; "
                             f"last error: {last_error}; {fix}")
     raise BadInputError(f"no input shape found for {', '.join(repr(s.name) for s in open_)}: none of the probe "
-                        f"sizes nor any size up to {SCAN_LIMIT} fits the shapes the graph fixes; {fix}")
+                        f"sizes nor any size from {SCAN_MIN} to {SCAN_LIMIT} fits the shapes the graph fixes; {fix}")
 
 
 def reference_runner(path: str, make_feed: Callable[[Shapes], dict[str, np.ndarray] | str]) -> Runner:
