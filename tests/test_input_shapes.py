@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 import bnfold
 from bnfold.errors import BadInputError
 from bnfold.onnx.runtime import input_specs
+from bnfold.verification import shapes as shapes_module
 from bnfold.verification.feeds import fold_feeds, index_bounds
 from bnfold.verification.shape_spec import normalize_input_shapes, parse_input_shape
 from bnfold.verification.shapes import MAX_RUNS, PROBE_SIZES, choose_shapes
@@ -192,6 +193,20 @@ def test_no_shape_works_is_exit_3_with_the_fix_and_nothing_written(tmp_path: Pat
     proc = run_cli("fold", tmp_path / "m.onnx", "-o", tmp_path / "out.onnx", "--no-verify")
     assert proc.returncode == 0 and (tmp_path / "out.onnx").exists()
     assert "Verification: not run" in proc.stdout
+
+
+def test_the_scan_is_capped_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no time left the scan stops at its first size and says so."""
+    monkeypatch.setattr(shapes_module, "SCAN_SECONDS", 0.0)
+    rng = np.random.default_rng(0)
+    node, inits = bn("bn", "c", "b", bn_params(rng, 4))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), node,
+             helper.make_node("Reshape", ["b", "s"], ["y"])]
+    model = make_model(nodes, [vi("x", ["n", 3, "h", "w"])], [vi("y", [1, 7])],
+                       [init("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)), *inits,
+                        init("s", np.array([1, 7], np.int64))], check=False)
+    with pytest.raises(BadInputError, match=r"the scan stopped after 0 s, at 1x3x64x64\)"):
+        choose_shapes(model, input_specs(model), given={}, batch=1, run=None)
 
 
 def test_onnxruntime_tries_are_capped_and_reported() -> None:

@@ -11,7 +11,8 @@ A model exported with ``[N, 3, ?, ?]`` inputs runs at many sizes; random inputs 
 4. **inferred** -- where the graph fixes the size (a ``Reshape`` to a constant shape, a ``Gemm`` or
    ``MatMul`` weight after a ``Flatten``, a ``value_info`` annotation): the sizes :data:`SCAN_MIN`
    to :data:`SCAN_LIMIT` (multiples of 32, then of 8, then all), kept only when onnx's strict shape
-   inference finds them consistent (and a constant ``Reshape`` target keeps the element count).
+   inference finds them consistent (and a constant ``Reshape`` target keeps the element count); the
+   scan stops after :data:`SCAN_SECONDS`.
 
 Every candidate but a given one must pass onnx's strict shape inference on a weightless copy of the
 model (milliseconds: no data is computed), then onnxruntime must run the reference on it; at most
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +36,8 @@ from bnfold.onnx.runtime import make_session, ort_message
 from bnfold.records import InputSpec
 from bnfold.verification.shape_spec import format_shape, parse_dims, parse_input_shape
 
-__all__ = ["MAX_RUNS", "PROBE_SIZES", "SCAN_LIMIT", "SCAN_MIN", "ShapeChoice", "check_given", "choose_shapes",
-           "reference_runner"]
+__all__ = ["MAX_RUNS", "PROBE_SIZES", "SCAN_LIMIT", "SCAN_MIN", "SCAN_SECONDS", "ShapeChoice", "check_given",
+           "choose_shapes", "reference_runner"]
 
 #: the sizes probed for every dynamic non-batch dim, in order: common image sizes (classifiers
 #: 224..., detectors 320..640, all multiples of 32 so stride-32 backbones line up), then smaller ones
@@ -46,6 +48,9 @@ SCAN_MIN = 8
 SCAN_LIMIT = 1024
 #: at most this many candidate shapes are run in onnxruntime
 MAX_RUNS = 4
+#: the scan stops after this many seconds of shape inference (a graph of thousands of nodes takes
+#: a fraction of a second per size): then the error names the last size tried
+SCAN_SECONDS = 20.0
 #: initializers with more elements than this become inputs of the shape-inference copy
 _SMALL = 64
 
@@ -278,11 +283,19 @@ def choose_shapes(model: onnx.ModelProto, specs: list[InputSpec], *, given: Mapp
     tried: list[str] = []
     last_error = ""
     seen: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
+    deadline = None
+    stopped = ""
     for candidate, source in _candidates(model, open_, batch, scan=check.active):
         key = tuple(sorted(candidate.items()))
         if key in seen:
             continue
         seen.add(key)
+        if source == "inferred":
+            deadline = deadline or time.monotonic() + SCAN_SECONDS
+            if time.monotonic() > deadline:
+                at = format_shape(next(iter(candidate.values())))
+                stopped = f" (the scan stopped after {SCAN_SECONDS:g} s, at {at})"
+                break
         full = {**shapes, **candidate}
         if not check.consistent(full):
             continue
@@ -299,7 +312,8 @@ def choose_shapes(model: onnx.ModelProto, specs: list[InputSpec], *, given: Mapp
         raise BadInputError(f"no input shape found at which onnxruntime runs the model: tried {'; '.join(tried)}; "
                             f"last error: {last_error}; {fix}")
     raise BadInputError(f"no input shape found for {', '.join(repr(s.name) for s in open_)}: none of the probe "
-                        f"sizes nor any size from {SCAN_MIN} to {SCAN_LIMIT} fits the shapes the graph fixes; {fix}")
+                        f"sizes nor any size from {SCAN_MIN} to {SCAN_LIMIT} fits the shapes the graph fixes"
+                        f"{stopped}; {fix}")
 
 
 def reference_runner(path: str, make_feed: Callable[[Shapes], dict[str, np.ndarray] | str]) -> Runner:
