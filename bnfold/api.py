@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -36,10 +36,13 @@ from bnfold.stages.plan import make_plan
 from bnfold.stages.work import Work
 from bnfold.verification.config import VerifyConfig
 from bnfold.verification.engine import verify as run_verify
-from bnfold.verification.feeds import data_feeds, fixed_batch, fold_feeds, random_feeds
+from bnfold.verification.feeds import data_feeds, fixed_batch, fold_verification_feeds, random_verification_feeds
+from bnfold.verification.shape_spec import normalize_input_shapes
 
 #: calibration data: a .npz/.npy path or folder, {input name: array} (leading axis = samples), or opened data
 DataArg: TypeAlias = "str | os.PathLike[str] | Mapping[str, np.ndarray] | CalibrationData"
+#: shapes for inputs with dynamic dims: {name: (1, 3, 640, 640) or "1x3x640x640"}, or "NAME:1x3x640x640" strings
+InputShapes: TypeAlias = "Mapping[str, Sequence[int] | str] | Iterable[str]"
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,7 @@ def fold(
     verify_config: VerifyConfig | None = None,
     frozen_output: str | os.PathLike[str] | None = None,
     outputs: Outputs | None = None,
+    input_shapes: InputShapes | None = None,
 ) -> FoldResult:
     """Freeze (with ``data``), fold and verify one ONNX model.
 
@@ -220,7 +224,13 @@ def fold(
     caller to commit together with its own files (e.g. reports); by default ``fold`` commits them.
     ``verify_config`` (``VerifyConfig``) sets providers, tolerances, the error statistic and the
     repro directory.
+    ``input_shapes``: the full shape (batch included) at which verification feeds an input whose
+    non-batch dims are dynamic, e.g. ``{"x": (1, 3, 640, 640)}``; without one, the model's hints or a
+    probe size it runs at (``bnfold.verification.shapes``; the report's ``verification.inputs.shapes``
+    says which). When no shape works, :class:`BadInputError`: a model is written unverified only
+    with ``verify=False``.
     """
+    given_shapes = normalize_input_shapes(input_shapes)
     if estimator not in ESTIMATORS:
         raise BadInputError(f"unknown estimator '{estimator}'; use one of: {', '.join(ESTIMATORS)}")
     if verify_samples < 1:
@@ -257,14 +267,12 @@ def fold(
         if output is not None or reference is not None:
             staged = staging.write_candidate(work.model)
             if reference is not None:
-                feeds = fold_feeds(cal, work.model, verify_samples)
-                if isinstance(feeds, str):
-                    warnings.append(f"verification skipped: {feeds}")
-                else:
-                    verification = _run_verification(
-                        reference, staged.path, feeds, verify_config,
-                        {"source": "data" if cal is not None else "random", "seed": None if cal else 0,
-                         "samples": verify_samples, "batch_size": fixed_batch(input_specs(work.model)) or 1})
+                feeds, shapes = fold_verification_feeds(cal, work.model, verify_samples, reference, given_shapes)
+                verification = _run_verification(
+                    reference, staged.path, feeds, verify_config,
+                    {"source": "data" if cal is not None else "random", "seed": None if cal else 0,
+                     "samples": verify_samples, "batch_size": fixed_batch(input_specs(work.model)) or 1,
+                     "shapes": shapes.record()})
             if output and (verification is None or verification.passed):
                 output_path, output_sha256 = str(staging.publish(staged)), staged.sha256
         if outputs is None:
@@ -336,12 +344,18 @@ def verify(
     val_range: tuple[float, float] = (0.0, 1.0),
     iterations: int | None = None,
     config: VerifyConfig | None = None,
+    input_shapes: InputShapes | None = None,
 ) -> VerifyResult:
     """``bnfold verify`` as a function: does ``candidate`` compute ``reference``'s function?
 
     Inputs come from ``data`` (its first ``iterations`` batches, all when None) or are drawn
-    uniformly from ``val_range`` with ``seed`` (``iterations`` batches, default 1).
+    uniformly from ``val_range`` with ``seed`` (``iterations`` batches, default 1), an input with
+    dynamic non-batch dims at its ``input_shapes`` entry, the model's hints or a probe size (as in
+    :func:`fold`).
     """
+    given_shapes = normalize_input_shapes(input_shapes)
+    if given_shapes and data is not None:
+        raise BadInputError("input_shapes applies to random inputs; with the data argument the data's shapes are fed")
     for path in (reference, candidate):
         if not Path(path).is_file():
             raise BadInputError(f"model file not found: {path}")
@@ -349,12 +363,12 @@ def verify(
     ref_model = read_model(reference)
     specs = input_specs(ref_model)
     training = training_bn_names(ref_model)
-    del ref_model
     if data is not None:
         feeds, info = data_feeds(data, specs, batch_size=batch_size, iterations=iterations)
     else:
-        feeds, info = random_feeds(specs, seed=seed, val_range=val_range, iterations=iterations or 1,
-                                   batch_size=batch_size)
+        feeds, info = random_verification_feeds(reference, ref_model, seed=seed, val_range=val_range,
+                                                iterations=iterations or 1, batch_size=batch_size, given=given_shapes)
+    del ref_model
     config = config or VerifyConfig()
     result = run_verify(reference, candidate, feeds, replace(config, inputs=dict(info, **config.inputs)))
     if training and not result.passed:

@@ -67,6 +67,7 @@ from .options import (
     data_options,
     debug_option,
     fold_check_options,
+    input_shape_option,
     random_input_options,
     report_options,
     torch_options,
@@ -274,6 +275,7 @@ def cli() -> None:
 )
 @report_options
 @fold_check_options
+@input_shape_option
 @compare_options
 @click.option(
     "--dry-run",
@@ -294,6 +296,7 @@ def fold_command(
     compare: CompareOptions,
     dry_run: bool,
     torch_opts: TorchOptions,
+    input_shapes: dict[str, tuple[int, ...]],
 ) -> int:
     """Freeze, fold and verify the BatchNorm layers of MODEL (an .onnx file, or a PyTorch model).
 
@@ -310,6 +313,8 @@ def fold_command(
     """
     if torch_opts.model_factory is not None or (model is not None and str(model) != "-"
                                                 and torch_fold.is_torch_model(model)):
+        if input_shapes:
+            raise click.UsageError("--input-shape: for ONNX models only (a PyTorch model is verified on --data).")
         model = torch_fold.validate(model, output, frozen_output, data, report, dry_run, torch_opts)
         config = _engine_config(compare, report.path)
         created = [] if dry_run or output is None else make_parents(output)
@@ -358,6 +363,7 @@ def fold_command(
                 verify_config=config,
                 frozen_output=None if dry_run else frozen_output,
                 outputs=outputs,
+                input_shapes=input_shapes,
             )
             return _close_fold(FoldOutcome(report=result.report, ok=result.ok,
                                            plan_rows=result.rows if dry_run else None), output, report, outputs)
@@ -403,11 +409,12 @@ def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig,
 @click.argument("candidate", type=click.Path(path_type=Path), metavar="CANDIDATE")
 @data_options
 @random_input_options
+@input_shape_option
 @compare_options
 @report_options
 @debug_option
 def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: RandomInputs,
-                   compare: CompareOptions, report: ReportConfig) -> int:
+                   compare: CompareOptions, report: ReportConfig, input_shapes: dict[str, tuple[int, ...]]) -> int:
     """Run REFERENCE and CANDIDATE (.onnx files) in onnxruntime with graph optimisations off on the
     same inputs (--data, or seeded random values) on each requested provider, and compare every
     output with |candidate - reference| <= atol + rtol*|reference|. Fold sites (tensors both models
@@ -419,10 +426,12 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
         require_data(data.path)
     check_paths([(reference, "REFERENCE"), (candidate, "CANDIDATE"), (data.path, "the --data file")],
                  report_outputs(report))
+    if input_shapes and data.path is not None:
+        raise click.UsageError("--input-shape applies to random inputs; with --data the data's shapes are fed.")
     config = _engine_config(compare, report.path)
     result = _api().verify(
         reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,
-        val_range=inputs.val_range, iterations=inputs.iterations, config=config)
+        val_range=inputs.val_range, iterations=inputs.iterations, config=config, input_shapes=input_shapes)
     result = worded_result(result)
     with Outputs() as outputs:
         markdown = _stage_verification_reports(

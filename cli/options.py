@@ -20,6 +20,9 @@ from typing import Any, TypeVar
 
 import click
 
+from bnfold.errors import BadInputError
+from bnfold.verification.shape_spec import normalize_input_shapes
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 class OutputFile(click.Path):
@@ -251,6 +254,24 @@ fold_check_options = _group(
     ("no_verify", "verify_samples"),
 )
 fold_check_options.__doc__ = "--no-verify, --verify-samples K  ->  check: FoldCheck"
+
+def _input_shapes(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+                  ) -> dict[str, tuple[int, ...]]:
+    try:
+        return normalize_input_shapes(value)
+    except BadInputError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def input_shape_option(f: F) -> F:
+    """``--input-shape NAME:DIMS`` (repeatable)  ->  input_shapes: {name: shape}."""
+    return click.option(
+        "--input-shape", "input_shapes", multiple=True, callback=_input_shapes, metavar="NAME:DIMS",
+        help="Shape to verify an input with dynamic dimensions at, batch included (Polygraphy's NAME:1x3x640x640); "
+             "repeat for several inputs. Default: the model's hints (metadata input_shapes / imgsz), else the "
+             "first probe size it runs at (224, 256, 320, ... or a size its layers fix); see README "
+             "'Input shapes'.")(f)
+
 
 random_input_options = _group(
     [

@@ -42,6 +42,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
      "random inputs need static shapes: pass --data instead"),
     (": pass the data argument instead", ": pass --data instead"),
     ("; pass the data argument to verify", "; pass --data to verify"),
+    ("(or verify=False to write it unverified)", "(or --no-verify to write it unverified)"),
     # bnfold.onnx.runtime
     ("use providers=('cpu',) (or allow_missing_providers=True)", "use --providers cpu (or --allow-missing-providers)"),
     # bnfold.data.sources, bnfold.formulas.stats
@@ -60,6 +61,8 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
      r"--val-range \1,\2: LO must not exceed HI; give LO,HI with LO <= HI"),
     # bnfold.verification.tolerances
     (r"(?<![\w-])([ar]tol) names output\(s\) ", r"--\1 names output(s) "),
+    # bnfold.verification.shapes
+    (r"(?<![\w-])pass input_shapes=\{'([^']*)': '([^']*)'\}", r"pass --input-shape \1:\2"),
 )
 
 

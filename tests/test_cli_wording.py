@@ -105,7 +105,7 @@ def test_the_cli_s_words_are_never_rewritten_again() -> None:
         assert flag_words(cli) == cli
     for library, cli in _PHRASES:
         assert flag_words(flag_words(library)) == cli
-    assert len(_PATTERNS) == 3
+    assert len(_PATTERNS) == 4
 
 
 def test_report_warnings_and_verification_notes_are_worded() -> None:
@@ -147,15 +147,30 @@ def _conv_bn(path: Path, shape: list[Any]) -> Path:
     return path
 
 
-def test_fold_report_warning_is_in_flag_words_everywhere(tmp_path: Path) -> None:
+def test_fold_input_shape_messages_are_in_flag_words_everywhere(tmp_path: Path) -> None:
+    """A model with dynamic H and W is verified at a probe size now (it was written unverified with
+    the warning 'verification skipped: ... pass --data to verify'); where no shape works, the error
+    names --input-shape, never the library's input_shapes."""
     model = _conv_bn(tmp_path / "m.onnx", ["n", 3, "h", "w"])
     report = tmp_path / "r.json"
     proc = run_cli("fold", model, "-o", tmp_path / "out.onnx", "--report", report)
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
-    warning = "verification skipped: input 'x' has dynamic dimensions; pass --data to verify"
-    assert json.loads(report.read_text(encoding="utf-8"))["warnings"] == [warning]
-    assert warning in proc.stdout
+    assert json.loads(report.read_text(encoding="utf-8"))["warnings"] == []
+    assert "Verified at x: 1x3x224x224 (probe)" in proc.stdout
     assert "data argument" not in proc.stdout + proc.stderr + report.read_text(encoding="utf-8")
+
+    rng = np.random.default_rng(0)
+    node, inits = bn("bn", "c", "b", bn_params(rng, 4))
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])
+    w = init("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32))
+    reshape = helper.make_node("Reshape", ["b", "s"], ["y"])  # 7 is no multiple of 4 channels: no size fits
+    never = make_model([conv, node, reshape], [vi("x", ["n", 3, "h", "w"])], [vi("y", [1, 7])],
+                       [w, *inits, init("s", np.array([1, 7], np.int64))], check=False)
+    (tmp_path / "never.onnx").write_bytes(never.SerializeToString())
+    proc = run_cli("fold", tmp_path / "never.onnx", "-o", tmp_path / "never_out.onnx")
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    assert "pass --input-shape x:1x3xHxW" in proc.stderr and "input_shapes" not in proc.stderr
+    assert not (tmp_path / "never_out.onnx").exists()
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
 __all__ = ["make_session", "make_session_from_model", "ort_max_ir_version", "input_specs", "quiet_logging",
-           "PROVIDERS", "CUDA_SETTINGS", "QUIET"]
+           "ort_message", "PROVIDERS", "CUDA_SETTINGS", "QUIET"]
 
 #: short provider names accepted by ``make_session`` -> onnxruntime execution provider
 PROVIDERS = {
@@ -65,6 +65,11 @@ def _ort_message(exc: BaseException) -> str:
     line = first_line(exc).strip()
     cleaned = _CPP_SIGNATURE.sub("", _SRC_LOCATION.sub("", _ORT_PREFIX.sub("", line))).strip()
     return cleaned or line
+
+
+def ort_message(exc: BaseException) -> str:
+    """onnxruntime's reason in one line, without its C++ source locations (for bnfold's messages)."""
+    return _SRC_LOCATION.sub("", _ort_message(exc))
 
 
 #: onnxruntime's log level for bnfold's sessions: FATAL only. At ERROR (3) onnxruntime prints its

@@ -125,6 +125,16 @@ def run_label(run: ProviderRun) -> str:
     return f"ran on {used}"
 
 
+def _shapes_line(v: VerifyResult) -> str | None:
+    """``  Verified at x: 1x3x224x224 (probe)`` when an input's shape was not the model's declared one
+    (``verification.inputs.shapes``, see ``bnfold.verification.shapes``)."""
+    shapes = v.inputs.get("shapes")
+    if not isinstance(shapes, dict) or all(s.get("source") == "declared" for s in shapes.values()):
+        return None
+    return "  Verified at " + ", ".join(f"{name}: {'x'.join(str(d) for d in s.get('shape', ())) or '[]'} "
+                                        f"({s.get('source')})" for name, s in shapes.items())
+
+
 def _verification_lines(v: VerifyResult, max_outputs: int = 10) -> list[str]:
     facts = verify_facts(v)
     providers = ", ".join(facts.providers) or "no provider"
@@ -132,6 +142,9 @@ def _verification_lines(v: VerifyResult, max_outputs: int = 10) -> list[str]:
         f"Verification ({providers}, {samples_text(v.samples)}): max abs {fmt(v.max_abs)}, "
         f"max rel {fmt(v.max_rel)} -> {facts.verdict}"
     ]
+    shapes_line = _shapes_line(v)
+    if shapes_line:
+        lines.append(shapes_line)
     for run, noise in zip(v.runs, facts.noise):
         head = f"  {run.provider}: {run_label(run)}"
         if run.status == "ran":
