@@ -466,7 +466,8 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     "as_json",
     is_flag=True,
     default=False,
-    help="Print a JSON list (name, mode, producer, producer_op, channels, action, target, direction, reason, detail).",
+    help="Print a JSON list (name, mode, producer, producer_op, channels, action, target, direction, reason, detail; "
+         "with --data also drift).",
 )
 @inspect_data_options
 @debug_option
