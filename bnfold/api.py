@@ -27,9 +27,10 @@ from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save, read_model
 from bnfold.onnx.runtime import input_specs
 from bnfold.onnx.staging import Staging, input_is_reference
 from bnfold.outputs import Outputs
-from bnfold.records import BnRecord, FoldDecision, FoldPlan, FrozenStats, Mode, Report, VerifyResult
+from bnfold.records import BnRecord, Drift, FoldDecision, FoldPlan, FrozenStats, Mode, Report, VerifyResult
 from bnfold.stages.calibrate import calibrate
 from bnfold.stages.discover import BnSite, training_bn_names
+from bnfold.stages.drift import drifts
 from bnfold.stages.fold import apply_plan
 from bnfold.stages.freeze import check_variances, freeze
 from bnfold.stages.plan import make_plan
@@ -44,6 +45,11 @@ DataArg: TypeAlias = "str | os.PathLike[str] | Mapping[str, np.ndarray] | Calibr
 #: shapes for inputs with dynamic dims: {name: (1, 3, 640, 640) or "1x3x640x640"}, or "NAME:1x3x640x640" strings
 InputShapes: TypeAlias = "Mapping[str, Sequence[int] | str] | Iterable[str]"
 
+#: ``fold(recalibrate=...)``: which BNs the data re-estimates. "training": only those that
+#: normalise with batch statistics (training_mode=1, the decomposed pattern); "all": every
+#: main-graph BN (BN re-estimation, as torch.optim.swa_utils.update_bn does)
+RECALIBRATE = ("training", "all")
+
 
 @dataclass(frozen=True)
 class BnInspection:
@@ -56,6 +62,7 @@ class BnInspection:
     channels: int | None
     decision: FoldDecision
     graph_path: str = ""
+    drift: Drift | None = None  # with data: stored vs the data's statistics (None without data)
 
 
 class FoldResult:
@@ -162,27 +169,37 @@ def _check_modes(work: Work, have_data: bool) -> None:
             )
 
 
-def _calibrate_and_freeze(work: Work, data: Batches, estimator: str,
-                          progress: Callable[[int, int], None] | None) -> tuple[dict[str, FrozenStats], list[str]]:
-    """The calibrate and freeze stages: population statistics written into every BN (and the
-    warnings to report)."""
-    raw = calibrate(work, data, progress)
+def _selected(work: Work, recalibrate: str) -> set[str]:
+    """The main-graph BNs that ``recalibrate`` re-estimates."""
+    return {s.info.name for s in work.sites
+            if s.pos is not None and (recalibrate == "all" or s.info.mode is not Mode.INFERENCE)}
+
+
+def _calibrate_and_freeze(work: Work, data: Batches, estimator: str, recalibrate: str,
+                          progress: Callable[[int, int], None] | None
+                          ) -> tuple[dict[str, FrozenStats], dict[str, Drift], list[str]]:
+    """The calibrate and freeze stages: population statistics written into the BNs ``recalibrate``
+    selects (with ``'all'``, each one's drift from its stored statistics), and the warnings."""
+    only = _selected(work, recalibrate)
+    raw = calibrate(work, data, progress, only=only) if only else {}
     frozen = {name: finalize(st, estimator, name) for name, st in raw.items()}
+    drift = drifts(work, frozen) if recalibrate == "all" else {}  # before freeze replaces the stored values
     gap = gap_warning(frozen)
     warnings = [gap] if gap else []
     for site in work.sites:
         if site.pos is None and site.info.mode is Mode.INFERENCE:
             warnings.append(f"BN '{site.info.name}' in {site.info.graph_path} keeps its stored statistics "
                             "(subgraphs are not calibrated)")
-    freeze(work, frozen)
+    if frozen:
+        freeze(work, frozen)
     if isinstance(data, _FullBatches):
         warnings.append(f"the last {data.dropped} calibration sample(s) were not used: the model's "
                         f"fixed batch size {data.batch_size} does not divide {data.num_samples + data.dropped}")
-    return frozen, warnings
+    return frozen, {n: d for n, d in drift.items() if n in frozen}, warnings
 
 
-def _records(work_sites: list[BnSite], modes: dict[str, Mode], plan: FoldPlan, frozen: dict[str, FrozenStats]
-             ) -> list[BnRecord]:
+def _records(work_sites: list[BnSite], modes: dict[str, Mode], plan: FoldPlan, frozen: dict[str, FrozenStats],
+             drift: dict[str, Drift] | None = None) -> list[BnRecord]:
     by_bn = plan.by_bn()
     out = []
     for site in work_sites:
@@ -190,7 +207,8 @@ def _records(work_sites: list[BnSite], modes: dict[str, Mode], plan: FoldPlan, f
         out.append(BnRecord(
             name=site.info.name, mode_before=modes.get(site.info.name, site.info.mode), action=d.action,
             target=d.target, direction=d.direction, reason=d.reason, detail=d.detail,
-            channels=site.info.channels, stats=frozen.get(site.info.name)))
+            channels=site.info.channels, stats=frozen.get(site.info.name),
+            drift=(drift or {}).get(site.info.name)))
     return out
 
 
@@ -209,13 +227,19 @@ def fold(
     frozen_output: str | os.PathLike[str] | None = None,
     outputs: Outputs | None = None,
     input_shapes: InputShapes | None = None,
+    recalibrate: str = "training",
 ) -> FoldResult:
     """Freeze (with ``data``), fold and verify one ONNX model.
 
     ``data``: a ``.npz``/``.npy`` path or directory, a mapping of input name to array (leading
-    axis = samples), or a ``CalibrationData``. With data every BN is recalibrated (Algorithm 2,
-    or the pooled variance with ``estimator='pooled'``); without, inference BNs keep their stored
-    statistics and a training-mode BN is an error. ``output`` is written atomically, and only
+    axis = samples), or a ``CalibrationData``. With data the BNs ``recalibrate`` names get
+    population statistics (Algorithm 2, or the pooled variance with ``estimator='pooled'``):
+    ``'training'`` (default) only those that normalise with batch statistics (training_mode=1 or
+    the decomposed pattern), while inference BNs keep their stored statistics (the calibration
+    network normalises them with those, as the deployed model will); ``'all'`` re-estimates every
+    main-graph BN and records each one's ``drift`` from its stored statistics. Without data, inference
+    BNs keep their stored statistics and a training-mode BN is an error; the data is also what
+    verification runs on. ``output`` is written atomically, and only
     when verification passed (or was switched off); on a dry run nothing is written.
     ``frozen_output``: also write the frozen, unfolded model (the verification reference), e.g.
     for a later ``bnfold verify FROZEN FOLDED`` in CI; written whenever the run ends with a
@@ -233,6 +257,7 @@ def fold(
     given_shapes = normalize_input_shapes(input_shapes)
     if estimator not in ESTIMATORS:
         raise BadInputError(f"unknown estimator '{estimator}'; use one of: {', '.join(ESTIMATORS)}")
+    _check_recalibrate(recalibrate, data is not None)
     if verify_samples < 1:
         raise BadInputError("verify_samples must be at least 1")
     if not dry_run:
@@ -244,14 +269,17 @@ def fold(
     modes = {s.info.name: s.info.mode for s in work.sites}
     _check_modes(work, data is not None)
     cal = _open_data(data, work.model, batch_size) if data is not None else None
-    frozen, warnings = _calibrate_and_freeze(work, cal, estimator, progress) if cal is not None else ({}, [])
+    frozen, drift, warnings = (_calibrate_and_freeze(work, cal, estimator, recalibrate, progress) if cal is not None
+                               else ({}, {}, []))
     check_variances(work)
     plan, routes = make_plan(work)
     planned = work.sites  # the BNs the plan decides on (a committed fold re-indexes the work)
     if dry_run:
         final = apply_plan(work, plan, routes, commit=False)
-        return FoldResult(None, _report(loaded, cal, estimator, warnings, _records(planned, modes, final, frozen),
-                                        dry_run=True), _rows(planned, modes, final))
+        records = _records(planned, modes, final, frozen, drift)
+        return FoldResult(None, _report(loaded, cal, estimator, warnings, records, dry_run=True,
+                                        recalibrate=recalibrate),
+                          _rows(planned, modes, final, drift))
 
     verification: VerifyResult | None = None
     output_path = output_sha256 = None
@@ -259,7 +287,7 @@ def fold(
         tx = outputs if outputs is not None else stack.enter_context(Outputs())
         staging = Staging(loaded, output, frozen_output, verify=verify, outputs=tx)
         # nothing frozen: the input file itself is the reference, unless something differs
-        use_input = verify and cal is None and input_is_reference(loaded, work.model, work.renamed)
+        use_input = verify and not frozen and input_is_reference(loaded, work.model, work.renamed)
         prepare_for_save(work.model)  # an IR the installed onnxruntime accepts, for both models
         reference = staging.write_reference(work.model, use_input)
         final = apply_plan(work, plan, routes, commit=True)
@@ -277,26 +305,38 @@ def fold(
                 output_path, output_sha256 = str(staging.publish(staged)), staged.sha256
         if outputs is None:
             tx.commit()
-    report = _report(loaded, cal, estimator, warnings, _records(planned, modes, final, frozen), dry_run=False,
-                     verification=verification, output_path=output_path, output_sha256=output_sha256)
-    return FoldResult(work.model, report, _rows(planned, modes, final))
+    report = _report(loaded, cal, estimator, warnings, _records(planned, modes, final, frozen, drift), dry_run=False,
+                     verification=verification, output_path=output_path, output_sha256=output_sha256,
+                     recalibrate=recalibrate)
+    return FoldResult(work.model, report, _rows(planned, modes, final, drift))
+
+
+def _check_recalibrate(recalibrate: str, have_data: bool) -> None:
+    if recalibrate not in RECALIBRATE:
+        raise BadInputError(f"unknown recalibrate='{recalibrate}'; use one of: {', '.join(RECALIBRATE)}")
+    if recalibrate == "all" and not have_data:
+        raise BadInputError("recalibrate='all' re-estimates every BN on data; pass calibration data (the data "
+                            "argument)")
 
 
 def _report(loaded: LoadedModel, cal: CalibrationData | _FullBatches | None, estimator: str, warnings: list[str],
             bns: list[BnRecord], *, dry_run: bool, verification: VerifyResult | None = None,
-            output_path: str | None = None, output_sha256: str | None = None) -> Report:
+            output_path: str | None = None, output_sha256: str | None = None, recalibrate: str = "training") -> Report:
     return Report(
         input_path=str(loaded.path) if loaded.path else None, output_path=output_path,
         input_sha256=loaded.sha256, output_sha256=output_sha256, estimator=estimator,
         batch_size=cal.batch_size if cal is not None else None, calibrated=cal is not None, bns=bns,
-        warnings=warnings, verification=verification, dry_run=dry_run,
+        warnings=warnings, verification=verification, dry_run=dry_run, recalibrate=recalibrate,
         extra={"calibration_samples": cal.num_samples} if cal is not None else {})
 
 
-def _rows(sites: list[BnSite], modes: dict[str, Mode], plan: FoldPlan) -> list[BnInspection]:
+def _rows(sites: list[BnSite], modes: dict[str, Mode], plan: FoldPlan, drift: dict[str, Drift] | None = None
+          ) -> list[BnInspection]:
     by_bn = plan.by_bn()
+    drift = drift or {}
     return [BnInspection(s.info.name, modes.get(s.info.name, s.info.mode), s.info.producer, s.info.producer_op,
-                         s.info.channels, by_bn[s.info.name], s.info.graph_path) for s in sites]
+                         s.info.channels, by_bn[s.info.name], s.info.graph_path, drift.get(s.info.name))
+            for s in sites]
 
 
 def _run_verification(reference: Path, candidate: Path, feeds: list[dict[str, np.ndarray]],
@@ -315,14 +355,28 @@ def _placeholder_stats(work: Work, site: BnSite) -> FrozenStats:
     return FrozenStats(zero, one, one, one, 0.0, 0, 0)
 
 
-def inspect(model: str | os.PathLike[str] | onnx.ModelProto) -> list[BnInspection]:
+def inspect(model: str | os.PathLike[str] | onnx.ModelProto, *, data: DataArg | None = None,
+            batch_size: int | None = None, progress: Callable[[int, int], None] | None = None
+            ) -> list[BnInspection]:
     """Every BN with its producer, mode and the decision ``fold`` would take (stored statistics).
 
     Training-mode BNs are planned as if frozen: the decision does not depend on the statistics,
     except DTYPE_OVERFLOW, which ``fold --dry-run`` with data checks exactly.
+
+    ``data`` (as ``fold``'s): also compute the data's statistics of every BN (Algorithm 2, the
+    estimates ``fold(recalibrate='all')`` would write; nothing is written) and give each row its
+    ``drift``: how far the stored statistics are from the data's (``bnfold.records.Drift``; a BN
+    that normalises with batch statistics has no stored statistics to compare, and its record
+    says so). Without data ``drift`` is None.
     """
     work = Work(_load(model))
     modes = {s.info.name: s.info.mode for s in work.sites}
+    drift: dict[str, Drift] = {}
+    if data is not None:
+        cal = _open_data(data, work.model, batch_size)
+        only = _selected(work, "all")
+        raw = calibrate(work, cal, progress, only=only) if only else {}
+        drift = drifts(work, {name: finalize(st, "unbiased", name) for name, st in raw.items()})
     pending = [s for s in work.sites if s.pos is not None and s.info.mode is not Mode.INFERENCE]
     if pending:  # plan as fold would: after freezing (placeholder statistics; decomposition removed)
         placeholder = {s.info.name: _placeholder_stats(work, s) for s in pending}
@@ -331,7 +385,7 @@ def inspect(model: str | os.PathLike[str] | onnx.ModelProto) -> list[BnInspectio
     plan, routes = make_plan(work)
     # the arithmetic check needs statistics: only BNs that already have them are checked here
     checked = {bn: r for bn, r in routes.items() if modes[bn] is Mode.INFERENCE}
-    return _rows(work.sites, modes, apply_plan(work, plan, checked, commit=False))
+    return _rows(work.sites, modes, apply_plan(work, plan, checked, commit=False), drift)
 
 
 def verify(

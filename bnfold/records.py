@@ -266,6 +266,21 @@ class VerifyResult:
         return max((o.max_rel for r in self.ran for o in r.outputs), default=0.0)
 
 
+@dataclass(frozen=True)
+class Drift:
+    """How far a BN's stored statistics are from the data's (Algorithm 2 estimates), per channel c:
+    ``mean_shift_sigma_max`` = max_c |mu_stored - mu_data| / sqrt(var_data + eps) and
+    ``log_var_ratio_max`` = max_c |ln((var_stored + eps) / (var_data + eps))|; ``worst_channel`` is
+    the channel with the larger of the two (``bnfold/formulas/drift.py``). A BN without meaningful
+    stored statistics (training mode, decomposed, in a subgraph) has the figures None and ``note``
+    says why."""
+
+    mean_shift_sigma_max: float | None
+    log_var_ratio_max: float | None
+    worst_channel: int | None
+    note: str = ""
+
+
 @dataclass
 class BnRecord:
     """The report's line for one BN."""
@@ -279,6 +294,7 @@ class BnRecord:
     detail: str = ""
     channels: int | None = None
     stats: FrozenStats | None = None  # None when the stored statistics were kept
+    drift: Drift | None = None  # stored vs re-estimated statistics (recalibrate='all'); None otherwise
 
 
 @dataclass
@@ -297,6 +313,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    recalibrate: str = "training"  # which BNs data re-estimates: "training" (batch-statistics BNs) or "all"
 
     @property
     def folded(self) -> int:

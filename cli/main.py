@@ -68,7 +68,9 @@ from .options import (
     debug_option,
     fold_check_options,
     input_shape_option,
+    inspect_data_options,
     random_input_options,
+    recalibrate_option,
     report_options,
     torch_options,
 )
@@ -116,10 +118,11 @@ def _value(x: Any) -> Any:
     return getattr(x, "value", x)
 
 
-def inspection_to_dict(row: Any) -> dict[str, Any]:
-    """One ``BnInspection`` as the JSON object ``bnfold inspect --json`` prints."""
+def inspection_to_dict(row: Any, drift: bool = False) -> dict[str, Any]:
+    """One ``BnInspection`` as the JSON object ``bnfold inspect --json`` prints (with ``drift``,
+    its drift record: ``inspect --data``)."""
     d = row.decision
-    return {
+    out = {
         "name": row.name,
         "mode": _value(row.mode),
         "producer": row.producer,
@@ -131,6 +134,9 @@ def inspection_to_dict(row: Any) -> dict[str, Any]:
         "reason": _value(d.reason) if d.reason is not None else None,
         "detail": d.detail,
     }
+    if drift:
+        out["drift"] = bnfold.report.drift_to_dict(row.drift)
+    return out
 
 
 def _dry_run_rows(rows: list[Any], report: Any) -> list[Any]:
@@ -273,6 +279,7 @@ def cli() -> None:
         "'pooled' = variance of all calibration values. Both are computed and compared."
     ),
 )
+@recalibrate_option
 @report_options
 @fold_check_options
 @input_shape_option
@@ -291,6 +298,7 @@ def fold_command(
     frozen_output: Path | None,
     data: DataConfig,
     estimator: str,
+    recalibrate: str,
     report: ReportConfig,
     check: FoldCheck,
     compare: CompareOptions,
@@ -316,13 +324,16 @@ def fold_command(
         if input_shapes:
             raise click.UsageError("--input-shape: for ONNX models only (a PyTorch model is verified on --data).")
         model = torch_fold.validate(model, output, frozen_output, data, report, dry_run, torch_opts)
+        if recalibrate == "all" and data.path is None:
+            raise click.UsageError("--recalibrate all needs --data.")
         config = _engine_config(compare, report.path)
         created = [] if dry_run or output is None else make_parents(output)
         try:
             with Outputs() as outputs:
                 with calibration_progress() as progress:
                     outcome = torch_fold.run(model, output, frozen_output, data, estimator, check, config, dry_run,
-                                             torch_opts, progress, warn=_warning, outputs=outputs)
+                                             torch_opts, progress, warn=_warning, outputs=outputs,
+                                             recalibrate=recalibrate)
                 return _close_fold(outcome, output, report, outputs)
         finally:
             if output is not None and not output.exists():
@@ -339,6 +350,8 @@ def fold_command(
         raise click.UsageError("Missing option '-o' / '--output' (required unless --dry-run).")
     if data.batch_size is not None and data.path is None:
         raise click.UsageError("--batch-size needs --data.")
+    if recalibrate == "all" and data.path is None:
+        raise click.UsageError("--recalibrate all needs --data.")
     require_model_file(model)
     if data.path is not None:
         require_data(data.path)
@@ -356,6 +369,7 @@ def fold_command(
                 data=data.path,
                 batch_size=data.batch_size,
                 estimator=estimator,
+                recalibrate=recalibrate,
                 verify=check.enabled,
                 dry_run=dry_run,
                 verify_samples=check.samples,
@@ -462,18 +476,33 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     "as_json",
     is_flag=True,
     default=False,
-    help="Print a JSON list (name, mode, producer, producer_op, channels, action, target, direction, reason, detail).",
+    help="Print a JSON list (name, mode, producer, producer_op, channels, action, target, direction, reason, detail; "
+         "with --data also drift).",
 )
+@inspect_data_options
 @debug_option
-def inspect_command(model: Path, as_json: bool) -> int:
+def inspect_command(model: Path, as_json: bool, data: DataConfig) -> int:
     """List every BatchNorm of MODEL: its producer, its mode (training / inference), and what
-    'bnfold fold' would do with it, with the reason code. Reads the model only."""
+    'bnfold fold' would do with it, with the reason code. With --data, also how far each BN's
+    stored statistics are from the data's (drift; README, "Drift of stored statistics").
+    Reads the model (and the data) only."""
+    if data.batch_size is not None and data.path is None:
+        raise click.UsageError("--batch-size needs --data.")
     require_model_file(model)
-    rows = _api().inspect(model)
+    if data.path is not None:
+        require_data(data.path)
+        check_paths([(model, "the input MODEL"), (data.path, "the --data file")], [])
+        with calibration_progress() as progress:
+            rows = _api().inspect(model, data=data.path, batch_size=data.batch_size, progress=progress)
+    else:
+        rows = _api().inspect(model)
     if as_json:
-        click.echo(json.dumps([inspection_to_dict(r) for r in rows], indent=2))
+        click.echo(json.dumps([inspection_to_dict(r, drift=data.path is not None) for r in rows], indent=2))
     else:
         click.echo(_summary().plan_table(rows))
+        if data.path is not None:
+            click.echo()
+            click.echo(_summary().drift_table(rows))
     return EXIT_OK
 
 

@@ -75,7 +75,7 @@ def test_report_validates_and_round_trips(schema):
 
 def test_report_numbers(schema):
     doc = report_to_dict(make_report())
-    assert doc["schema_version"] == SCHEMA_VERSION == "2.0"
+    assert doc["schema_version"] == SCHEMA_VERSION == "2.1"
     assert doc["kind"] == "fold"
     assert doc["tool"] == {"name": "bnfold", "version": bnfold.__version__}
     assert set(doc["versions"]) == {"onnx", "onnxruntime", "numpy", "python"}

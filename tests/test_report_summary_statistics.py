@@ -24,7 +24,8 @@ def test_statistics_line_ranks_a_nan_gap_largest_and_takes_the_most_batches() ->
         kept,  # no statistics: not counted
     ]
     line = _statistics_line(summary_text(make_report(bns=bns, extra={})))
-    assert line == ("Statistics: estimator unbiased, batch size 32; 2 BN calibrated on 7 batches; "
+    assert line == ("Statistics: estimator unbiased, batch size 32; 2 BN calibrated (1 inference BN keep their "
+                    "stored statistics; --recalibrate all re-estimates them) on 7 batches; "
                     "largest estimator gap nan at layer1.0.bn2")
 
 
@@ -33,4 +34,5 @@ def test_statistics_line_with_an_infinite_gap_names_that_bn() -> None:
     bn1, bn2, kept = report.bns
     bns = [dataclasses.replace(bn1, stats=make_stats(float("inf"))), bn2, kept]  # bn2's gap is 0.5
     line = _statistics_line(summary_text(make_report(bns=bns, extra={"calibration_samples": 96})))
-    assert line.endswith("2 BN calibrated on 96 samples in 3 batches; largest estimator gap inf at layer1.0.bn1")
+    assert line.endswith("2 BN calibrated (1 inference BN keep their stored statistics; --recalibrate all "
+                         "re-estimates them) on 96 samples in 3 batches; largest estimator gap inf at layer1.0.bn1")

@@ -401,8 +401,9 @@ def test_inference_bn_in_subgraph_kept_with_data_and_warned(rng):
     assert res.report.verification.passed
 
 
-def test_data_recalibrates_inference_bns_too(rng):
-    """With data every BN gets Algorithm 2 statistics, stored ones are replaced."""
+def test_recalibrate_all_recalibrates_inference_bns_too(rng):
+    """With data and recalibrate='all' every BN gets Algorithm 2 statistics, stored ones are replaced
+    (issue 15: by default, recalibrate='training', inference BNs keep theirs; tests/test_recalibrate.py)."""
     from conftest import bn as inference_bn
 
     w = rand(rng, 4, 3, 3, 3)
@@ -411,7 +412,7 @@ def test_data_recalibrates_inference_bns_too(rng):
     model = make_model([helper.make_node("Conv", ["x", "w"], ["z"], name="conv"), bn_node],
                        [vi("x", ["N", 3, 6, 5])], [vi("y", 4)], [init("w", w)] + inits)
     x = data(rng)
-    res = fold(model, data={"x": x}, batch_size=BATCH)
+    res = fold(model, data={"x": x}, batch_size=BATCH, recalibrate="all")
     rec = record(res, "bn")
     assert rec.mode_before is Mode.INFERENCE and rec.stats is not None
     mean, var = alg2([npref.conv(b, w) for b in batches(x, BATCH)])

@@ -7,13 +7,21 @@
 from __future__ import annotations
 
 from bnfold.report.html import render_html, write_html
-from bnfold.report.json_report import report_to_dict, verify_report_to_dict, write_json, write_verify_json
+from bnfold.report.json_report import (
+    drift_to_dict,
+    report_to_dict,
+    verify_report_to_dict,
+    write_json,
+    write_verify_json,
+)
 from bnfold.report.junit import junit_to_string, write_junit
 from bnfold.report.markdown import append_github_step_summary, markdown_summary, write_markdown
-from bnfold.report.summary import plan_table, summary_text, verify_summary_text
+from bnfold.report.summary import drift_table, plan_table, summary_text, verify_summary_text
 
 __all__ = [
     "append_github_step_summary",
+    "drift_table",
+    "drift_to_dict",
     "junit_to_string",
     "markdown_summary",
     "plan_table",

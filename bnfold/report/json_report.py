@@ -27,12 +27,13 @@ import numpy as np
 from bnfold.environment import report_versions
 from bnfold.json_values import json_number as _number
 from bnfold.json_values import json_safe as _json_safe
-from bnfold.records import BnRecord, FrozenStats, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
+from bnfold.records import BnRecord, Drift, FrozenStats, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
 from bnfold.report.facts import verify_facts
 from bnfold.version import __version__
 
 __all__ = [
     "SCHEMA_VERSION",
+    "drift_to_dict",
     "report_to_dict",
     "to_json",
     "write_json",
@@ -43,7 +44,7 @@ __all__ = [
     "write_text_atomic",
 ]
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 TOOL_NAME = "bnfold"
 
 # ---- fold records -------------------------------------------------------------------------------
@@ -74,6 +75,18 @@ def _stats_to_dict(stats: FrozenStats | None) -> dict[str, Any] | None:
     return out
 
 
+def drift_to_dict(drift: Drift | None) -> dict[str, Any] | None:
+    """A BN's ``drift`` record (docs/report-schema.md, "drift"); also ``bnfold inspect --json``'s."""
+    if drift is None:
+        return None
+    return {
+        "mean_shift_sigma_max": None if drift.mean_shift_sigma_max is None else _number(drift.mean_shift_sigma_max),
+        "log_var_ratio_max": None if drift.log_var_ratio_max is None else _number(drift.log_var_ratio_max),
+        "worst_channel": None if drift.worst_channel is None else int(drift.worst_channel),
+        "note": drift.note,
+    }
+
+
 def _bn_to_dict(bn: BnRecord) -> dict[str, Any]:
     return {
         "name": bn.name,
@@ -85,6 +98,7 @@ def _bn_to_dict(bn: BnRecord) -> dict[str, Any]:
         "detail": bn.detail,
         "channels": None if bn.channels is None else int(bn.channels),
         "stats": _stats_to_dict(bn.stats),
+        "drift": drift_to_dict(bn.drift),
     }
 
 
@@ -163,6 +177,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "estimator": report.estimator,
         "batch_size": None if report.batch_size is None else int(report.batch_size),
         "calibrated": bool(report.calibrated),
+        "recalibrate": report.recalibrate,
         "dry_run": bool(report.dry_run),
         "counts": {
             "bn": len(report.bns),

@@ -13,10 +13,11 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from bnfold.records import Action, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
+from bnfold.formulas.drift import LOG_VAR_RATIO_FLAG, MEAN_SHIFT_FLAG, flagged
+from bnfold.records import Action, BnRecord, Drift, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
 from bnfold.report.facts import verify_facts
 
-__all__ = ["summary_text", "verify_summary_text", "plan_table", "ellipsize"]
+__all__ = ["summary_text", "verify_summary_text", "plan_table", "drift_table", "ellipsize"]
 
 ELLIPSIS = "..."
 
@@ -224,13 +225,23 @@ def summary_text(report: Report) -> str:
         n = report.extra.get("calibration_samples")
         on = f"{n} samples in {batches} batches" if n is not None else f"{batches} batches"
         bs = f", batch size {report.batch_size}" if report.batch_size is not None else ""
+        kept_stored = len(report.bns) - len(with_stats)
+        if report.recalibrate == "all":
+            which = f"all {len(with_stats)} BN re-estimated (--recalibrate all: stored statistics replaced)"
+        else:
+            which = f"{len(with_stats)} BN calibrated"
+            if kept_stored:
+                which += (f" ({kept_stored} inference BN keep their stored statistics; --recalibrate all "
+                          "re-estimates them)")
         lines.append(
-            f"Statistics: estimator {report.estimator}{bs}; {len(with_stats)} BN calibrated on "
+            f"Statistics: estimator {report.estimator}{bs}; {which} on "
             f"{on}; largest estimator gap "
             f"{fmt(worst_stats.gap)} at {worst.name}"
         )
+        lines.extend(_drift_lines(report.bns))
     elif report.calibrated:
-        lines.append(f"Statistics: estimator {report.estimator}; calibrated, no BN needed new statistics")
+        lines.append(f"Statistics: no BN normalises with batch statistics, so all {len(report.bns)} keep their "
+                     "stored statistics (--recalibrate all re-estimates them); the data served verification")
     else:
         lines.append("Statistics: stored running statistics kept (not calibrated)")
 
@@ -249,6 +260,62 @@ def summary_text(report: Report) -> str:
     if report.warnings:
         lines.append(f"Warnings ({len(report.warnings)}):")
         lines.extend(f"  - {w}" for w in report.warnings)
+    return "\n".join(lines)
+
+
+def _drift_lines(bns: list[BnRecord]) -> list[str]:
+    """The drift of the re-estimated BNs' stored statistics (``--recalibrate all``), on two lines."""
+    rated = [(b, b.drift) for b in bns if b.drift is not None and b.drift.mean_shift_sigma_max is not None]
+    if not rated:
+        return []
+    shift_bn, shift = max(rated, key=lambda bd: _key(bd[1].mean_shift_sigma_max))
+    var_bn, var = max(rated, key=lambda bd: _key(bd[1].log_var_ratio_max))
+    over = [b.name for b, d in rated if flagged(d)]
+    line = (f"  Drift of the stored statistics: largest mean shift {fmt(shift.mean_shift_sigma_max)} sigma at "
+            f"{shift_bn.name}, largest |ln var ratio| {fmt(var.log_var_ratio_max)} at {var_bn.name}; "
+            f"{len(over)} of {len(rated)} BN over {fmt(MEAN_SHIFT_FLAG)} sigma / {fmt(LOG_VAR_RATIO_FLAG)}")
+    if over:
+        line += ": " + ", ".join(over[:5]) + (f" and {len(over) - 5} more" if len(over) > 5 else "")
+    return [line]
+
+
+def _key(v: float | None) -> float:
+    if v is None:
+        return -1.0
+    return math.inf if math.isnan(v) else v
+
+
+def drift_cells(d: Drift | None) -> tuple[str, str, str, str]:
+    """(mean shift, |ln var ratio|, worst channel, flag or note) of one drift record."""
+    if d is None:
+        return "-", "-", "-", ""
+    if d.mean_shift_sigma_max is None:
+        return "-", "-", "-", d.note
+    return (fmt(d.mean_shift_sigma_max), fmt(d.log_var_ratio_max), fmt(d.worst_channel),
+            "DRIFT" if flagged(d) else "ok")
+
+
+def drift_table(rows: Iterable[Any]) -> str:
+    """``bnfold inspect --data``'s drift table: per BN the mean shift (in sigma of the data), the
+    |ln var ratio|, the worst channel, and ``DRIFT`` where a figure is over its threshold
+    (``bnfold.formulas.drift``: 0.1 sigma, 0.2) or the note of a BN without stored statistics.
+    ``rows`` have ``name`` and ``drift`` (``bnfold.api.BnInspection``)."""
+    rows = list(rows)
+    body = [[r.name, *drift_cells(r.drift)] for r in rows]
+    headers = ["BN", "mean shift (sigma)", "|ln var ratio|", "worst ch", "drift"]
+    widths = [min(max([len(headers[0])] + [len(c[0]) for c in body]), 48)]
+    widths += [max([len(h)] + [len(c[i]) for c in body]) for i, h in enumerate(headers[1:4], start=1)]
+
+    def render(cells: list[str]) -> str:
+        head = [ellipsize(cells[0], widths[0]).ljust(widths[0])]
+        head += [cells[i].rjust(widths[i]) for i in (1, 2, 3)]
+        return "  ".join(head + [cells[4]]).rstrip()
+
+    flagged_n = sum(1 for r in rows if flagged(r.drift))
+    lines = [render(headers), render(["-" * w for w in widths] + ["-----"])]
+    lines.extend(render(c) for c in body)
+    lines.append(f"{flagged_n} of {len(body)} BN over the drift thresholds (mean shift > {fmt(MEAN_SHIFT_FLAG)} "
+                     f"sigma or |ln var ratio| > {fmt(LOG_VAR_RATIO_FLAG)}; README, \"Drift of stored statistics\")")
     return "\n".join(lines)
 
 

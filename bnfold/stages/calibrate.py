@@ -100,10 +100,16 @@ def _unlist_unread_inputs(cal: onnx.ModelProto) -> list[str]:
     return [v.name for v in graph.input if v.name not in inits]
 
 
-def calibrate(work: Work, data: Batches, progress: Progress | None = None) -> dict[str, BnStats]:
-    """Per-BN float64 sums over every calibration batch (main-graph BNs only)."""
+def calibrate(work: Work, data: Batches, progress: Progress | None = None,
+              only: set[str] | None = None) -> dict[str, BnStats]:
+    """Per-BN float64 sums over every calibration batch (main-graph BNs only).
+
+    ``only``: the names of the BNs to calibrate (default: every main-graph BN). Those normalise
+    with their batch statistics in the calibration network (Algorithm 2); every other BN stays as
+    the model has it, so an inference BN normalises with its stored statistics, as it will in the
+    deployed model."""
     model, index, consts, sites = work.model, work.index, work.consts, work.sites
-    main = [s for s in sites if s.pos is not None]
+    main = [s for s in sites if s.pos is not None and (only is None or s.info.name in only)]
     if not main:
         return {}
     cal, outs, held = build_calibration_model(model, index, consts, main)

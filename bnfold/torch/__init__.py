@@ -4,6 +4,7 @@
 
     import bnfold.torch
     frozen, stats = bnfold.torch.calibrate(model, loader)        # Algorithm 2, model untouched
+    bnfold.torch.drift(model, loader)["layer1.0.bn1"]           # running stats vs the data's
     result = bnfold.torch.fold(model, loader)                    # calibrate, then fold
     result.module, result.report.folded, result.report.bns
 
@@ -16,7 +17,7 @@ Models that ``torch.fx`` cannot trace raise ``UnsupportedModelError`` in :func:`
 """
 from __future__ import annotations
 
-from bnfold.torch.calibrate import calibrate
+from bnfold.torch.calibrate import calibrate, drift
 from bnfold.torch.convert import ConvertResult, OutputCheck, TensorCheck, convert, resolve_device
 from bnfold.torch.fold import TorchFoldResult, fold
 from bnfold.torch.load import LoadedTorchModel, load_factory, load_model_file
@@ -29,6 +30,7 @@ __all__ = [
     "TorchFoldResult",
     "calibrate",
     "convert",
+    "drift",
     "fold",
     "load_factory",
     "load_model_file",

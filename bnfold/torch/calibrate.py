@@ -35,8 +35,10 @@ from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, one_line
+from bnfold.formulas.drift import drift as drift_of
+from bnfold.formulas.drift import no_drift
 from bnfold.formulas.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning, merge, update
-from bnfold.records import BnStats, FrozenStats, Mode
+from bnfold.records import BnStats, Drift, FrozenStats, Mode
 from bnfold.torch.batches import Batch, check_arity, count_batches, iter_batches, tensors
 from bnfold.torch.device import check_device
 from bnfold.torch.moments import Scratch, cpu_batch_moments
@@ -44,7 +46,10 @@ from bnfold.torch.moments import Scratch, cpu_batch_moments
 __all__ = [
     "GAP_WARNING",
     "CalibrationRun",
+    "RECALIBRATE",
+    "TRAINING_NOTE",
     "calibrate",
+    "drift",
     "copy_module",
     "find_batchnorms",
     "bn_mode",
@@ -55,6 +60,12 @@ __all__ = [
 
 
 Progress = Callable[[int, "int | None"], None]
+
+#: which BNs data re-estimates (``recalibrate=``): "training" = those that normalise with batch
+#: statistics as the module stands (``train()`` or ``track_running_stats=False``), "all" = every BN
+RECALIBRATE = ("training", "all")
+TRAINING_NOTE = ("normalises with batch statistics (train() or track_running_stats=False): its running statistics "
+                 "are not used, so there is nothing to compare")
 
 _BN_FORWARDS = (_BatchNorm.forward, SyncBatchNorm.forward)
 
@@ -265,11 +276,26 @@ class CalibrationRun:
     ranks: dict[str, set[int]] = field(default_factory=dict)  # BN input ranks seen in the first forward
     reused: dict[str, int] = field(default_factory=dict)  # BN name -> calls per forward, where > 1
     first_batch: Batch | None = None
+    drift: dict[str, Drift] = field(default_factory=dict)  # with recalibrate='all': stored vs data, per BN
 
 
 def _check_estimator(estimator: str) -> None:
     if estimator not in ESTIMATORS:
         raise BadInputError(f"unknown estimator '{estimator}'; use one of: {', '.join(ESTIMATORS)}")
+
+
+def check_recalibrate(recalibrate: str) -> None:
+    if recalibrate not in RECALIBRATE:
+        raise BadInputError(f"unknown recalibrate='{recalibrate}'; use one of: {', '.join(RECALIBRATE)}")
+
+
+def _stored_drift(m: _BatchNorm, mode: Mode, st: FrozenStats) -> Drift:
+    """Drift of the module's running statistics (before they are replaced) from ``st``; ``mode``:
+    the BN's mode before the calibration run put the module in eval mode."""
+    if mode is Mode.TRAINING or m.running_mean is None or m.running_var is None:
+        return no_drift(TRAINING_NOTE)
+    return drift_of(m.running_mean.detach().cpu().double().numpy(), m.running_var.detach().cpu().double().numpy(),
+                    st.mean, st.var_unbiased, m.eps)
 
 
 def _calibration_targets(work: nn.Module, warnings: list[str]) -> list[tuple[str, _BatchNorm]]:
@@ -348,9 +374,16 @@ def run_calibration(
     allow_reused_bn: bool = False,
     inplace: bool = False,
     progress: Progress | None = None,
+    recalibrate: str = "all",
 ) -> CalibrationRun:
-    """Calibrate every BN of ``module`` on ``data`` and freeze it; see :func:`calibrate`."""
+    """Calibrate the BNs of ``module`` that ``recalibrate`` selects on ``data`` and freeze them; see
+    :func:`calibrate`. ``'training'``: only the BNs that normalise with batch statistics; the others
+    keep their running statistics and normalise with them during the pass (as the deployed model
+    will). ``'all'``: every BN (Algorithm 2's training network), and ``run.drift`` holds each one's
+    drift from its running statistics. With nothing to calibrate, ``run.first_batch`` is still
+    the data's first batch."""
     _check_estimator(estimator)
+    check_recalibrate(recalibrate)
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
     work = module if inplace else copy_module(module)
@@ -359,9 +392,15 @@ def run_calibration(
         work.to(dev)
     warnings: list[str] = []
     targets = _calibration_targets(work, warnings)
+    modes = {name: bn_mode(m) for name, m in targets}  # before the run puts the module in eval mode
+    if recalibrate == "training":
+        targets = [(name, m) for name, m in targets if modes[name] is Mode.TRAINING]
     run = CalibrationRun(module=work, stats={}, warnings=warnings)
     if not targets:
         work.eval()
+        for batch in iter_batches(data, dev, float_dtype(work)):  # the example the fold traces with
+            run.first_batch, run.batch_size = batch, batch.size
+            break
         return run
 
     scratch = Scratch()
@@ -462,6 +501,8 @@ def run_calibration(
         st = finalize(sums[name], estimator, name)
         _check_fits(name, m, st, _stats_dtype(m, in_dtype[name]))
         run.stats[name] = st
+        if recalibrate == "all":
+            run.drift[name] = _stored_drift(m, modes[name], st)
     for name, st in run.stats.items():  # all checked first: a refusal leaves every BN as it was
         _write_stats(modules[name], st, in_dtype[name], dev)
     for name, n in max_calls.items():
@@ -511,4 +552,28 @@ def calibrate(
     run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
                           inplace=inplace, progress=progress)
     return run.module, run.stats
+
+
+def drift(
+    module: nn.Module,
+    data: Any,
+    *,
+    device: str | torch.device | None = None,
+    allow_reused_bn: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Drift]:
+    """How far each BN's running statistics are from ``data``'s (``module`` is not changed).
+
+    The data's statistics are the Algorithm 2 estimates :func:`calibrate` would write (every BN
+    normalising with its batch statistics); per BN qualified name a :class:`bnfold.records.Drift`:
+    ``mean_shift_sigma_max`` = max over channels of |running_mean - mu| / sqrt(var + eps),
+    ``log_var_ratio_max`` = max over channels of |ln((running_var + eps) / (var + eps))|, and the
+    ``worst_channel``. A BN that normalises with batch statistics (``train()``,
+    ``track_running_stats=False``) has no running statistics in use: its figures are None and
+    ``note`` says so. ``data`` as for :func:`calibrate`.
+    """
+    check_device(device)
+    run = run_calibration(module, data, device=device, allow_reused_bn=allow_reused_bn, progress=progress,
+                          recalibrate="all")
+    return dict(run.drift)
 

@@ -29,7 +29,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
+import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from bnfold.api import BnInspection
@@ -44,7 +46,9 @@ from bnfold.records import Action, BnRecord, FoldDecision, Mode, Report, VerifyR
 from bnfold.torch import export as ex
 from bnfold.torch.batches import Batch
 from bnfold.torch.calibrate import (
+    CalibrationRun,
     bn_mode,
+    check_recalibrate,
     copy_module,
     find_batchnorms,
     float_dtype,
@@ -161,6 +165,7 @@ class _Request:
     progress: Callable[[int, int], None] | None
     warn: Callable[[str], None] | None
     outputs: Outputs
+    recalibrate: str = "training"
 
     def tolerances(self) -> dict[str, Any]:
         """The config's atol/rtol for the torch and export checks (the dtype defaults where not given)."""
@@ -200,6 +205,7 @@ def convert(
     progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
     outputs: Outputs | None = None,
+    recalibrate: str = "training",
 ) -> ConvertResult:
     """Calibrate, fold, check and write a PyTorch model.
 
@@ -217,12 +223,15 @@ def convert(
     :class:`bnfold.outputs.Outputs` the files are staged in, left for the caller to commit with its
     own (reports); by default ``convert`` commits them. The frozen output is written when the run
     ends with a verdict (also a failed check), the model only when every check passed; nothing on
-    an error.
+    an error. ``recalibrate``: which BNs ``data`` re-estimates, ``'training'`` (default: those in
+    ``train()`` or with ``track_running_stats=False``; eval-mode BNs keep their running statistics)
+    or ``'all'`` (every BN, each one's drift from its running statistics on its report record);
+    the same on both routes.
     """
     with contextlib.ExitStack() as stack:
         tx = outputs if outputs is not None else stack.enter_context(Outputs())
         result = _convert(module, data, output, frozen_output, batch_size, estimator, device, allow_reused_bn,
-                          verify, verify_samples, config, dry_run, progress, warn, tx)
+                          verify, verify_samples, config, dry_run, progress, warn, tx, recalibrate)
         if outputs is None:
             tx.commit()
     return result
@@ -233,7 +242,11 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
              batch_size: int | None, estimator: str, device: str | None, allow_reused_bn: bool, verify: bool,
              verify_samples: int, config: VerifyConfig | None, dry_run: bool,
              progress: Callable[[int, int], None] | None, warn: Callable[[str], None] | None,
-             outputs: Outputs) -> ConvertResult:
+             outputs: Outputs, recalibrate: str = "training") -> ConvertResult:
+    check_recalibrate(recalibrate)
+    if recalibrate == "all" and data is None:
+        raise BadInputError("recalibrate='all' re-estimates every BN on data; pass calibration data (the data "
+                            "argument)")
     dev = resolve_device(device)
     out_path = Path(output) if output is not None else None
     fmt = torch_output_format(out_path) if out_path is not None else None
@@ -247,7 +260,7 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
     req = _Request(output=out_path, frozen_output=None if dry_run or frozen_output is None else Path(frozen_output),
                    data=Path(data) if data is not None else None, batch_size=batch_size, estimator=estimator,
                    allow_reused_bn=allow_reused_bn, verify=verify, verify_samples=verify_samples, dry_run=dry_run,
-                   config=config, progress=progress, warn=warn, outputs=outputs)
+                   config=config, progress=progress, warn=warn, outputs=outputs, recalibrate=recalibrate)
     loaded = _as_loaded(module)
     notes: list[str] = list(loaded.warnings)
 
@@ -411,7 +424,8 @@ def _run_torch(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | N
     try:
         result = torch_fold(work, data=cal, device=device, estimator=req.estimator,
                             allow_reused_bn=req.allow_reused_bn, inplace=True,
-                            example_inputs=example if cal is None else None, progress=_progress(req))
+                            example_inputs=example if cal is None else None, progress=_progress(req),
+                            recalibrate=req.recalibrate)
     except BnfoldError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -505,40 +519,99 @@ def _scripted_training_bns(module: nn.Module) -> list[str]:
             if "BatchNorm" in str(getattr(sub, "original_name", "")) and sub.training]
 
 
+@dataclass(frozen=True)
+class _Frozen:
+    """The module to export (inference BNs, on the cpu) and how it was frozen."""
+
+    module: nn.Module
+    reused: bool = False  # a BN is applied at several places
+    run: CalibrationRun | None = None  # the PyTorch calibration (None: not calibrated in PyTorch)
+    modes: Mapping[str, Mode] | None = None  # each BN module's mode before calibration
+    onnx_recalibrate: str = "training"  # what the ONNX pipeline re-estimates on the export
+    keep_drift: bool = True  # whether the ONNX pipeline's drift records mean what they say
+
+
+def _scripted_recalibrate(req: _Request, module: nn.Module, live: list[str]) -> str:
+    """What the ONNX pipeline re-estimates for a TorchScript module, which is exported in eval
+    mode (its BN modes do not survive the export)."""
+    if req.recalibrate == "all" or not live or req.data is None:
+        return req.recalibrate if req.data is not None else "training"
+    every = [name or "(root)" for name, sub in module.named_modules()
+             if "BatchNorm" in str(getattr(sub, "original_name", ""))]
+    if len(live) < len(every):
+        raise UnsupportedModelError(
+            f"the TorchScript module has BNs in training mode ('{live[0]}') and in eval mode; its export cannot "
+            "tell them apart, so bnfold cannot recalibrate only the training-mode ones: pass recalibrate='all', or "
+            "load the model as a module (not TorchScript)")
+    return "all"  # every BN is in training mode: 'all' re-estimates exactly those
+
+
 def _frozen_module(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | None, device: str,
-                   notes: list[str]) -> tuple[nn.Module, bool, bool]:
-    """The module to export (inference BNs, on the cpu), whether a BN is reused, whether it was
-    calibrated in PyTorch."""
+                   notes: list[str]) -> _Frozen:
+    """The module to export (inference BNs, on the cpu), calibrated in PyTorch where it can be."""
     if loaded.scripted:
         module = loaded.module
         live = _scripted_training_bns(module)
         if live and cal is None:
             raise BadInputError(f"BN '{live[0]}' of the TorchScript module is in training mode (batch statistics); "
                                 "pass calibration data (the data argument)")
-        module.eval()  # exported as inference BNs; with data the ONNX pipeline recalibrates every BN
-        return module, False, False
+        onnx_recal = _scripted_recalibrate(req, module, live)
+        module.eval()  # exported as inference BNs; the ONNX pipeline recalibrates them on the data
+        return _Frozen(module, onnx_recalibrate=onnx_recal, keep_drift=req.recalibrate == "all")
     if cal is not None:
+        modes = {n: bn_mode(m) for n, m in find_batchnorms(loaded.module)}
         try:
             run_ = run_calibration(loaded.module, cal, device=device, estimator=req.estimator,
-                                   allow_reused_bn=req.allow_reused_bn, progress=_progress(req))
+                                   allow_reused_bn=req.allow_reused_bn, progress=_progress(req),
+                                   recalibrate=req.recalibrate)
         except BnfoldError:
             raise
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             raise _forward_failed(exc, "the calibration data") from exc
-        # the ONNX pipeline calibrates the export again (same data, same estimator) and reports the gap
-        notes.extend(w for w in run_.warnings if not w.startswith("unbiased (Algorithm 2) and pooled"))
-        return run_.module.to("cpu").eval(), bool(run_.reused), True
+        notes.extend(run_.warnings)  # the ONNX pipeline does not calibrate the export again
+        return _Frozen(run_.module.to("cpu").eval(), bool(run_.reused), run_ if run_.stats else None, modes)
     live = [n for n, m in find_batchnorms(loaded.module) if bn_mode(m) is Mode.TRAINING]
     if live:
         raise BadInputError(f"BN '{live[0]}' normalises with batch statistics (training mode or "
                             "track_running_stats=False); pass calibration data (the data argument)")
-    return copy_module(loaded.module).eval().to("cpu").eval(), False, False
+    return _Frozen(copy_module(loaded.module).eval().to("cpu").eval())
+
+
+def _attach_torch_stats(report: Report, onnx_path: Path, frozen: _Frozen) -> None:
+    """Put the PyTorch calibration's statistics, drift and modes on the ONNX fold's BN records.
+
+    The export names BN nodes after its own scopes, so each module is found by its statistics:
+    the node whose stored mean is, byte for byte, the module's calibrated mean in the export's
+    dtype (a calibrated mean is data-dependent, so two modules do not share one). A module with
+    no unique match leaves its record as the ONNX fold made it."""
+    run = frozen.run
+    if run is None:
+        return
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
+    by_mean: dict[bytes, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization" and len(node.input) >= 5 and node.input[3] in inits:
+            arr = numpy_helper.to_array(inits[node.input[3]])
+            by_mean.setdefault(arr.dtype.str.encode() + arr.tobytes(), []).append(node.name)
+    records = {b.name: b for b in report.bns}
+    for name, st in run.stats.items():
+        for dtype in ("<f4", "<f8", "<f2"):
+            hits = by_mean.get(dtype.encode() + st.mean.astype(dtype).tobytes(), [])
+            if len(hits) == 1 and hits[0] in records:
+                rec = records[hits[0]]
+                rec.stats, rec.drift = st, run.drift.get(name)
+                if frozen.modes is not None and name in frozen.modes:
+                    rec.mode_before = frozen.modes[name]
+                break
+    report.calibrated = True
 
 
 def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | None, example: Example | None,
               device: str, route: str, notes: list[str]) -> ConvertResult:
     example = _need_example(example, "the ONNX export")
-    module, reused, calibrated_in_torch = _frozen_module(req, loaded, cal, device, notes)
+    frozen = _frozen_module(req, loaded, cal, device, notes)
+    module, reused, calibrated_in_torch = frozen.module, frozen.reused, frozen.run is not None
     example = ordered(loaded, example)
 
     # beside the output (swept by a later run if this one is killed), else a private temporary folder
@@ -580,8 +653,14 @@ def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | No
                 onnx_path, output=req.output, data=use_data, batch_size=req.batch_size if use_data else None,
                 estimator=req.estimator, verify=req.verify, dry_run=req.dry_run,
                 verify_samples=req.verify_samples, progress=req.progress, verify_config=req.config,
-                frozen_output=req.frozen_output, outputs=req.outputs)
+                frozen_output=req.frozen_output, outputs=req.outputs,
+                recalibrate=frozen.onnx_recalibrate if use_data else "training")
             report = result.report
+            report.recalibrate = req.recalibrate
+            if not frozen.keep_drift:
+                for b in report.bns:
+                    b.drift = None
+            _attach_torch_stats(report, onnx_path, frozen)
             report.warnings = notes + report.warnings
             rows = tuple(onnx_inspect(onnx_path)) if req.dry_run else None
             frozen_written = req.frozen_output

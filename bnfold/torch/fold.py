@@ -37,13 +37,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.errors import BadInputError
-from bnfold.records import BnRecord, FrozenStats, Mode, Report
+from bnfold.records import BnRecord, Drift, FrozenStats, Mode, Report
 from bnfold.torch.apply import apply_folds
 from bnfold.torch.batches import Batch, as_batch
 from bnfold.torch.calibrate import (
     _calibration_targets,
     _check_estimator,
     bn_mode,
+    check_recalibrate,
     copy_module,
     float_dtype,
     module_device,
@@ -99,11 +100,15 @@ def fold(
     inplace: bool = False,
     example_inputs: Any = None,
     progress: Callable[[int, int | None], None] | None = None,
+    recalibrate: str = "training",
 ) -> TorchFoldResult:
     """Freeze (with ``data``) and fold the BatchNorm modules of ``module``.
 
-    With ``data`` every BN is calibrated first (:func:`bnfold.torch.calibrate`, Algorithm 2 or
-    ``estimator='pooled'``). Without, a BN in training mode or with ``track_running_stats=False``
+    With ``data`` the BNs ``recalibrate`` selects are calibrated first (Algorithm 2 or
+    ``estimator='pooled'``): ``'training'`` (default) only those that normalise with batch
+    statistics (``train()`` or ``track_running_stats=False``), eval-mode BNs keep their running
+    statistics; ``'all'`` every BN, as :func:`bnfold.torch.calibrate` does, with each one's drift
+    from its running statistics on its record. Without, a BN in training mode or with ``track_running_stats=False``
     is an error; eval-mode BNs keep their running statistics. ``example_inputs`` (a tensor, a
     tuple of positional inputs or a dict of keyword inputs) lets bnfold see BN input ranks when no
     data is given; a Linear -> BatchNorm1d fold needs them (the BN input must be (N, C)).
@@ -119,6 +124,10 @@ def fold(
     know, :class:`ProviderUnavailable` for a ``device`` this machine lacks (``'cuda'`` without CUDA).
     """
     _check_estimator(estimator)
+    check_recalibrate(recalibrate)
+    if recalibrate == "all" and data is None:
+        raise BadInputError("recalibrate='all' re-estimates every BN on data; pass calibration data (the data "
+                            "argument)")
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
     check_device(device)
@@ -133,14 +142,15 @@ def fold(
 
     warnings: list[str] = []
     stats: dict[str, FrozenStats] = {}
+    drift: dict[str, Drift] = {}
     batch_size = samples = None
     ranks: dict[str, set[int]] | None = None
     if data is not None:
         run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
-                              inplace=inplace, progress=progress)
-        work, stats, ranks = run.module, run.stats, run.ranks
+                              inplace=inplace, progress=progress, recalibrate=recalibrate)
+        work, stats, ranks, drift = run.module, run.stats, run.ranks, run.drift
         warnings.extend(run.warnings)
-        batch_size, samples = run.batch_size, run.samples
+        batch_size, samples = run.batch_size, (run.samples if run.batches else None)
         dev = torch.device(device) if device is not None else module_device(work)
     else:
         targets = _calibration_targets(module, warnings)
@@ -159,6 +169,10 @@ def fold(
         work.eval()
     bns = [(n, m) for n, m in _calibration_targets(work, []) if m.running_mean is not None]
     example = run.first_batch if data is not None else None
+    if data is not None and example is not None and ranks is not None:
+        unseen = [(n, m) for n, m in bns if n not in ranks]  # BNs the calibration pass did not patch
+        if unseen:
+            ranks.update(_probe_ranks(work, example, unseen))
     if data is None and example_inputs is not None:
         example = as_batch(tuple(example_inputs) if isinstance(example_inputs, list) else example_inputs,
                            dev, float_dtype(work))
@@ -176,7 +190,7 @@ def fold(
     bn_of = dict(bns)
     records = {d.bn: BnRecord(name=d.bn, mode_before=modes.get(d.bn, Mode.INFERENCE), action=d.action,
                               target=d.target, direction=d.direction, reason=d.reason, detail=d.detail,
-                              channels=channels_of(bn_of[d.bn]), stats=stats.get(d.bn))
+                              channels=channels_of(bn_of[d.bn]), stats=stats.get(d.bn), drift=drift.get(d.bn))
                for d in plan.plan.decisions}
 
     gm.graph.lint()
@@ -190,5 +204,6 @@ def fold(
         input_path=None, output_path=None, input_sha256=None, output_sha256=None, estimator=estimator,
         batch_size=batch_size, calibrated=data is not None,
         bns=[records[name] for name, _ in bns if name in records], warnings=warnings, extra=extra,
+        recalibrate=recalibrate,
     )
     return TorchFoldResult(module=gm, report=report)
