@@ -131,7 +131,10 @@ def test_html_structure_and_plots(tmp_path):
     assert len(bars) == 4 * 4
     assert all(page.titles.get(i) for i, _ in bars)
     assert any("probs<&>: max |candidate - reference| = 0.5" in page.titles[i] for i, _ in bars)
-    assert "not a histogram" in body and "log scale" in body
+    # issue 15: the caption said "not a histogram" right above the histograms; it now says what the
+    # bars are and points to the histograms
+    assert "not a histogram" not in body and "log scale" in body
+    assert "Error histogram per output" in body
     # tables: one per provider that ran, the settings/inputs/environment and the site table
     tables = page.of("table")
     assert sum(1 for _, e in tables if e[1].get("class") == "outputs") == 2
