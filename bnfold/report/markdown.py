@@ -2,8 +2,8 @@
 ``write_markdown`` and ``append_github_step_summary``.
 
 GitHub-flavoured Markdown: a verdict line (✅ / ❌), the first divergent fold site, one table per
-provider (one row per output), the 10 worst fold sites, and a settings line. Names are escaped so that a ``|`` cannot break a table and
-``<``/``>``/``&`` cannot open HTML (GitHub renders inline HTML in Markdown).
+provider (one row per output), the 10 worst fold sites, and a settings line. Names are escaped so
+that a ``|`` cannot break a table and ``<``/``>``/``&`` cannot open HTML (GitHub renders inline HTML in Markdown).
 """
 from __future__ import annotations
 
