@@ -158,8 +158,11 @@ def _verification_message(report: Any, output: Path | None, report_path: Path | 
         return "the folded model failed verification"
     failed = [o.name for o in v.outputs if not o.passed]
     where = f" at output(s) {', '.join(failed)}" if failed else ""
+    failures = bnfold.report.summary.candidate_failures(v)
     if not v.ran:
         msg = f"the folded model was not verified: {_nothing_ran(v)}"
+    elif failures:
+        msg = f"the folded model failed verification: {'; '.join(failures).replace('the candidate', 'it', 1)}"
     else:
         msg = (
             f"the folded model failed verification{where} on {v.samples} sample(s): "
@@ -317,7 +320,7 @@ def fold_command(
                 with calibration_progress() as progress:
                     outcome = torch_fold.run(model, output, frozen_output, data, estimator, check, config, dry_run,
                                              torch_opts, progress, warn=_warning, outputs=outputs)
-                return _close_fold(outcome, output, report, outputs)
+                return _close_fold(outcome, output, report, outputs, None if dry_run else frozen_output)
         finally:
             if output is not None and not output.exists():
                 remove_empty(created)
@@ -359,13 +362,15 @@ def fold_command(
                 outputs=outputs,
             )
             return _close_fold(FoldOutcome(report=result.report, ok=result.ok,
-                                           plan_rows=result.rows if dry_run else None), output, report, outputs)
+                                           plan_rows=result.rows if dry_run else None), output, report, outputs,
+                               None if dry_run else frozen_output)
     finally:
         if output is not None and not output.exists():
             remove_empty(created)
 
 
-def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig, outputs: Outputs) -> int:
+def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig, outputs: Outputs,
+                frozen_output: Path | None = None) -> int:
     """The closing steps of ``fold`` (both routes): the reports staged with the models, all moved
     into place together; then the plan table (dry run), the route's lines, the summary; exit 1
     (VerificationFailed) when a check failed. The report's warnings and verification notes are
@@ -386,6 +391,8 @@ def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig,
     for line in outcome.lines:
         click.echo(line)
     click.echo(summary.summary_text(rep))
+    if frozen_output is not None and frozen_output.is_file():  # written also when verification failed
+        click.echo(f"Wrote frozen model {frozen_output}")
     if report.path is not None:
         click.echo(f"Wrote report {report.path}")
     if not outcome.ok:
@@ -435,6 +442,9 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
             click.echo(f"Wrote {written}")
     if not result.ran:  # every provider skipped under --allow-missing-providers: no verdict, exit 1
         raise VerificationFailed(_nothing_ran(result))
+    failures = bnfold.report.summary.candidate_failures(result)
+    if failures:  # one line on stderr that says why, not "max abs diff 0"
+        raise VerificationFailed("; ".join(failures))
     if not result.passed:
         raise VerificationFailed(
             f"CANDIDATE does not match REFERENCE: max abs diff {result.max_abs:.3g}, max rel diff "

@@ -16,9 +16,11 @@ from typing import Any
 from bnfold.records import Action, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
 from bnfold.report.facts import verify_facts
 
-__all__ = ["summary_text", "verify_summary_text", "plan_table", "ellipsize"]
+__all__ = ["summary_text", "verify_summary_text", "plan_table", "ellipsize", "candidate_failures"]
 
 ELLIPSIS = "..."
+#: how the note of a provider run begins when the candidate could not run (verification.engine)
+CANDIDATE_FAILED = "candidate failed to run"
 
 
 def ellipsize(text: str, width: int) -> str:
@@ -125,13 +127,25 @@ def run_label(run: ProviderRun) -> str:
     return f"ran on {used}"
 
 
+def candidate_failures(v: VerifyResult) -> list[str]:
+    """``"the candidate failed to run on cpu (verification batch 0): REASON"`` for every provider on
+    which the candidate could not run: a run that ran and compared no outputs, its note saying why."""
+    out = []
+    for run in v.ran:
+        if not run.outputs:
+            _, _, why = (run.note or CANDIDATE_FAILED).partition(CANDIDATE_FAILED)
+            out.append(f"the {CANDIDATE_FAILED} on {run.provider}{why or ' (no reason recorded)'}")
+    return out
+
+
 def _verification_lines(v: VerifyResult, max_outputs: int = 10) -> list[str]:
     facts = verify_facts(v)
     providers = ", ".join(facts.providers) or "no provider"
-    lines = [
-        f"Verification ({providers}, {samples_text(v.samples)}): max abs {fmt(v.max_abs)}, "
-        f"max rel {fmt(v.max_rel)} -> {facts.verdict}"
-    ]
+    if v.ran and len(candidate_failures(v)) == len(v.ran):  # no figures: "max abs 0" would be a lie
+        figures = "the candidate failed to run"
+    else:
+        figures = f"max abs {fmt(v.max_abs)}, max rel {fmt(v.max_rel)}"
+    lines = [f"Verification ({providers}, {samples_text(v.samples)}): {figures} -> {facts.verdict}"]
     for run, noise in zip(v.runs, facts.noise):
         head = f"  {run.provider}: {run_label(run)}"
         if run.status == "ran":

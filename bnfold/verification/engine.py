@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 Feeds = Sequence[Mapping[str, np.ndarray]]
 _SITE_FEEDS = 2  # fold-site localisation runs on the first few feeds: bounded memory
+#: how a provider run's note begins when the candidate could not run (it then compares no outputs)
+CANDIDATE_FAILED = "candidate failed to run"
 
 
 def _dtype_name(ort_type: str) -> str:
@@ -56,6 +58,13 @@ class _CandidateFailed(Exception):
     pass
 
 
+def _whole_reason(exc: BaseException, limit: int = 600) -> str:
+    """onnxruntime's whole message on one line (its later lines say what was expected: "index: 0
+    Got: 1 Expected: 8"), cut at ``limit`` characters."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _run_all(sess: onnxruntime.InferenceSession, names: list[str], feeds: Feeds, *,
              reference: bool = True) -> list[list[np.ndarray]]:
     """Outputs per name (a list over feeds). A reference that cannot run is bad input."""
@@ -70,7 +79,7 @@ def _run_all(sess: onnxruntime.InferenceSession, names: list[str], feeds: Feeds,
             values = sess.run(names, {n: feed[n] for n in inputs})
         except Exception as exc:  # onnxruntime's own exception types
             if not reference:
-                raise _CandidateFailed(first_line(exc)) from exc
+                raise _CandidateFailed(f"(verification batch {k}): {_whole_reason(exc)}") from exc
             raise BadInputError(f"onnxruntime cannot run the reference model on verification batch {k}: "
                                 f"{first_line(exc)}; check the inputs' shapes and dtypes") from None
         for slot, value in enumerate(values):
@@ -100,7 +109,7 @@ def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, c
         cand_out = _run_all(cand, names, feeds, reference=False)
     except _CandidateFailed as exc:  # the candidate crashes where the reference runs: a failure
         return ProviderRun(provider, "ran", tuple(cand.get_providers()), False,
-                           note=f"candidate failed to run: {exc}"), dict(zip(names, ref_out))
+                           note=f"{CANDIDATE_FAILED} {exc}"), dict(zip(names, ref_out))
     metrics = []
     for name, r, c in zip(names, ref_out, cand_out):
         atol, rtol = resolve_tolerances(name, dtypes[name], config.atol, config.rtol)
