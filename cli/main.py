@@ -72,7 +72,7 @@ from .options import (
     torch_options,
 )
 from .outcome import FoldOutcome
-from .progress import calibration_progress
+from .progress import ProgressBar, calibration_progress, verification_progress
 from .wording import flag_words, worded_report, worded_result
 
 EXIT_OK = 0
@@ -317,7 +317,8 @@ def fold_command(
         created = [] if dry_run or output is None else make_parents(output)
         try:
             with Outputs() as outputs:
-                with calibration_progress() as progress:
+                with calibration_progress() as progress, verification_progress() as vbar:
+                    config = replace(config, progress=_after(progress, vbar))
                     outcome = torch_fold.run(model, output, frozen_output, data, estimator, check, config, dry_run,
                                              torch_opts, progress, warn=_warning, outputs=outputs)
                 return _close_fold(outcome, output, report, outputs, None if dry_run else frozen_output)
@@ -346,7 +347,8 @@ def fold_command(
     config = _engine_config(compare, report.path)
     created = [] if dry_run or output is None else make_parents(output)
     try:
-        with Outputs() as outputs, calibration_progress() as progress:
+        with Outputs() as outputs, calibration_progress() as progress, verification_progress() as vbar:
+            config = replace(config, progress=_after(progress, vbar))
             result = api.fold(
                 model,
                 output=output,
@@ -367,6 +369,18 @@ def fold_command(
     finally:
         if output is not None and not output.exists():
             remove_empty(created)
+
+
+def _after(first: ProgressBar | None, second: ProgressBar | None) -> Any:
+    """``second``'s callback that first ends ``first``'s line (fold: calibration, then verification)."""
+    if second is None or first is None:
+        return second
+
+    def progress(done: int, total: int) -> None:
+        first.close()
+        second(done, total)
+
+    return progress
 
 
 def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig, outputs: Outputs,
@@ -426,9 +440,10 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     check_paths([(reference, "REFERENCE"), (candidate, "CANDIDATE"), (data.path, "the --data file")],
                  report_outputs(report))
     config = _engine_config(compare, report.path)
-    result = _api().verify(
-        reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,
-        val_range=inputs.val_range, iterations=inputs.iterations, config=config)
+    with verification_progress() as vbar:  # a bar on a terminal: 8192 samples take seconds
+        result = _api().verify(
+            reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,
+            val_range=inputs.val_range, iterations=inputs.iterations, config=replace(config, progress=vbar))
     result = worded_result(result)
     with Outputs() as outputs:
         markdown = _stage_verification_reports(

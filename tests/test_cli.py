@@ -641,3 +641,19 @@ def test_progress_bar_only_on_a_terminal() -> None:
         bar.min_interval = 0.0
         bar(3, 0)  # unknown total
     assert stream.getvalue() == "\rcalibrating 3 batches\n"
+
+
+def test_verification_progress_bar_only_on_a_terminal() -> None:
+    from bnfold.cli.progress import verification_progress
+
+    with verification_progress(io.StringIO()) as bar:
+        assert bar is None  # logs and pipes stay free of carriage returns
+    stream = _Tty()
+    with verification_progress(stream) as bar:
+        assert bar is not None
+        bar.min_interval = 0.0
+        bar(4096, 16384)
+        bar(16384, 16384)
+    text = stream.getvalue()
+    assert "\rverifying [#####...............] 4096/16384 model runs" in text
+    assert text.endswith("16384/16384 model runs\n") and text.count("\n") == 1

@@ -65,8 +65,24 @@ def _whole_reason(exc: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+class _Ticker:
+    """The progress hook: ``config.progress(done, total)`` after each model run on one batch."""
+
+    def __init__(self, config: VerifyConfig, total: int) -> None:
+        self.fn, self.done, self.total = config.progress, 0, total
+
+    def __call__(self, steps: int = 1) -> None:
+        if self.fn is not None:
+            self.done = min(self.total, self.done + steps)
+            self.fn(self.done, self.total)
+
+    def finish(self) -> None:
+        if self.done < self.total:
+            self(self.total - self.done)
+
+
 def _run_all(sess: onnxruntime.InferenceSession, names: list[str], feeds: Feeds, *,
-             reference: bool = True) -> list[list[np.ndarray]]:
+             reference: bool = True, tick: _Ticker | None = None) -> list[list[np.ndarray]]:
     """Outputs per name (a list over feeds). A reference that cannot run is bad input."""
     inputs = [i.name for i in sess.get_inputs()]
     per: list[list[np.ndarray]] = [[] for _ in names]
@@ -84,11 +100,13 @@ def _run_all(sess: onnxruntime.InferenceSession, names: list[str], feeds: Feeds,
                                 f"{first_line(exc)}; check the inputs' shapes and dtypes") from None
         for slot, value in enumerate(values):
             per[slot].append(value)
+        if tick is not None:
+            tick()
     return per
 
 
-def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, config: VerifyConfig
-                  ) -> tuple[ProviderRun, dict[str, list[np.ndarray]] | None]:
+def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, config: VerifyConfig,
+                  tick: _Ticker | None = None) -> tuple[ProviderRun, dict[str, list[np.ndarray]] | None]:
     try:
         ref = make_session(reference, provider, tf32=config.tf32)
         cand = make_session(candidate, provider, tf32=config.tf32)
@@ -104,9 +122,9 @@ def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, c
             "compare models with the same interface")
     check_tolerance_names(names, config.atol, config.rtol)
     dtypes = {o.name: _dtype_name(o.type) for o in ref.get_outputs()}
-    ref_out = _run_all(ref, names, feeds)
+    ref_out = _run_all(ref, names, feeds, tick=tick)
     try:
-        cand_out = _run_all(cand, names, feeds, reference=False)
+        cand_out = _run_all(cand, names, feeds, reference=False, tick=tick)
     except _CandidateFailed as exc:  # the candidate crashes where the reference runs: a failure
         return ProviderRun(provider, "ran", tuple(cand.get_providers()), False,
                            note=f"{CANDIDATE_FAILED} {exc}"), dict(zip(names, ref_out))
@@ -199,11 +217,13 @@ def verify(reference: str | os.PathLike[str], candidate: str | os.PathLike[str],
         raise BadInputError("no verification inputs: give at least one sample")
     runs: list[ProviderRun] = []
     outputs_by_provider: dict[str, dict[str, list[np.ndarray]]] = {}
+    tick = _Ticker(config, 2 * len(feeds) * len(config.providers))
     for provider in config.providers:
-        run, ref_out = _provider_run(reference, candidate, provider, feeds, config)
+        run, ref_out = _provider_run(reference, candidate, provider, feeds, config, tick)
         if ref_out is not None:
             outputs_by_provider[provider] = ref_out
         runs.append(run)
+    tick.finish()  # a skipped provider or a candidate that stopped early: the bar still ends
     ran = [p for p in config.providers if p in outputs_by_provider]
     if len(ran) > 1:
         base = outputs_by_provider[ran[0]]
