@@ -15,7 +15,8 @@ headless Chromium and measures it). It leads with the diagnosis:
 6. *Settings*, *Inputs* and *Environment* last.
 
 Numbers never wrap (``white-space: nowrap``; ``fmt`` keeps 3 significant digits); long names are
-elided in the middle (``layer4.2.b...ormalization``) with the full name in a ``title`` attribute.
+elided in the middle where they still read apart (``summary.elide_apart``:
+``/stages/stages.0/bn1...Normalization``), with the full name in a ``title`` attribute.
 Every string from the records goes through :func:`html.escape`.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from bnfold.report.html_plots import FAIL_COLOR, PASS_COLOR, histogram_svg, outp
 from bnfold.report.json_report import write_text_atomic
 from bnfold.report.summary import (
     channels_text,
+    elide_apart,
     ellipsize,
     fmt,
     fmt_cosine,
@@ -94,11 +96,12 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _name(text: Any, width: int = NAME_WIDTH) -> str:
-    """``<code>`` with ``text`` elided in the middle to ``width`` characters; the full name in a
-    ``title`` attribute (hover text) when elided."""
+def _name(text: Any, width: int = NAME_WIDTH, apart: dict[str, str] | None = None) -> str:
+    """``<code>`` with ``text`` elided in the middle to ``width`` characters (as ``apart`` elides it,
+    where given: a column's names told apart by ``elide_apart``); the full name in a ``title``
+    attribute (hover text) when elided."""
     full = "" if text is None else str(text)
-    shown = ellipsize(full, width)
+    shown = apart[full] if apart is not None and full in apart else ellipsize(full, width)
     if shown == full:
         return f"<code>{_e(full)}</code>"
     return f'<code title="{_e(full)}">{_e(shown)}</code>'
@@ -191,8 +194,8 @@ def _diagnosis(facts: VerifyFacts) -> list[str]:
 
 
 # ---- tables -------------------------------------------------------------------------------------
-def _output_row(o: OutputMetrics, noise: dict[str, float], with_floor: bool) -> str:
-    cells = [f"<td>{_name(o.name, NAME_WIDTH)}</td>", f"<td>{_e(o.dtype)} {_e(list(o.shape))}</td>",
+def _output_row(o: OutputMetrics, noise: dict[str, float], with_floor: bool, names: dict[str, str]) -> str:
+    cells = [f"<td>{_name(o.name, NAME_WIDTH, names)}</td>", f"<td>{_e(o.dtype)} {_e(list(o.shape))}</td>",
              _num(fmt(o.max_abs))]
     if with_floor:
         cells.append(_num(fmt(_floor(o))))
@@ -218,7 +221,8 @@ def _outputs_table(outputs: list[OutputMetrics], noise: dict[str, float], with_f
     head += [("p99 abs", ""), ("max rel", ""), ("mismatches", "elements out of tolerance"),
              ("cosine", ""), ("SNR dB", ""), ("max ULP", ""), ("top-1", ""),
              ("atol / rtol", "hover a cell for the smallest atol that passes"), ("verdict", "")]
-    rows = "".join(_output_row(o, noise, with_floor) for o in outputs)
+    names = elide_apart([o.name for o in outputs], NAME_WIDTH)
+    rows = "".join(_output_row(o, noise, with_floor, names) for o in outputs)
     return f'<table class="outputs">{_head(head)}<tbody>{rows}</tbody></table>'
 
 
@@ -264,9 +268,12 @@ def _sites_table(facts: VerifyFacts) -> str:
         head.append(("noise floor", "the reference's own float rounding noise at this site"))
     head += [("atol / rtol", ""), ("worst channels", "channel (max abs error)"), ("verdict", "")]
     rows = []
+    bns = elide_apart([s.bn for s in result.sites], SITE_NAME_WIDTH)
+    targets = elide_apart([s.target for s in result.sites], SITE_TARGET_WIDTH)
     for s in facts.sites_by_position:
-        cells = [_num(s.position), f"<td>{_name(s.bn, SITE_NAME_WIDTH)}</td>",
-                 f'<td title="tensor {_e(s.tensor)}">{_e(s.direction)} {_name(s.target, SITE_TARGET_WIDTH)}</td>',
+        cells = [_num(s.position), f"<td>{_name(s.bn, SITE_NAME_WIDTH, bns)}</td>",
+                 f'<td title="tensor {_e(s.tensor)}">{_e(s.direction)} '
+                 f"{_name(s.target, SITE_TARGET_WIDTH, targets)}</td>",
                  _num(fmt(s.max_abs)), _num(fmt(s.max_rel))]
         if with_floor:
             cells.append(_num(fmt(_floor(s))))
