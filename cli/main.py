@@ -69,6 +69,7 @@ from .options import (
     fold_check_options,
     random_input_options,
     report_options,
+    reword,
     torch_options,
 )
 from .outcome import FoldOutcome
@@ -89,6 +90,29 @@ Exit codes:
   2  usage error
   3  bad input, a model bnfold cannot process, or an internal error
   4  a requested execution provider is not available
+"""
+# each command lists the exit codes it can give
+_FOLD_EPILOG = """\b
+Exit codes:
+  0  the model was written (verified, unless --no-verify), or the plan printed (--dry-run)
+  1  verification failed: the report is written, the model is not
+  2  usage error
+  3  bad input, a model bnfold cannot process, or an internal error
+  4  a requested execution provider is not available
+"""
+_VERIFY_EPILOG = """\b
+Exit codes:
+  0  CANDIDATE computes REFERENCE's function (within the tolerances)
+  1  CANDIDATE does not match REFERENCE, or cannot run, or no provider ran
+  2  usage error
+  3  bad input (an unreadable model or --data, a REFERENCE that cannot run) or an internal error
+  4  a requested execution provider is not available
+"""
+_INSPECT_EPILOG = """\b
+Exit codes:
+  0  the BNs were listed
+  2  usage error
+  3  bad input, a model bnfold cannot read, or an internal error
 """
 
 
@@ -245,7 +269,7 @@ def cli() -> None:
     """
 
 
-@cli.command("fold", context_settings=_CONTEXT, epilog=_EPILOG,
+@cli.command("fold", context_settings=_CONTEXT, epilog=_FOLD_EPILOG,
              short_help="Freeze, fold and verify the BNs of an ONNX or PyTorch model.")
 @click.argument("model", type=click.Path(path_type=Path), metavar="MODEL", required=False, default=None)
 @click.option(
@@ -417,7 +441,7 @@ def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig,
     return EXIT_OK  # the summary's last lines name the written model ("Wrote OUTPUT")
 
 
-@cli.command("verify", context_settings=_CONTEXT, epilog=_EPILOG,
+@cli.command("verify", context_settings=_CONTEXT, epilog=_VERIFY_EPILOG,
              short_help="Check that CANDIDATE computes REFERENCE's function.")
 @click.argument("reference", type=click.Path(path_type=Path), metavar="REFERENCE")
 @click.argument("candidate", type=click.Path(path_type=Path), metavar="CANDIDATE")
@@ -469,7 +493,21 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     return EXIT_OK
 
 
-@cli.command("inspect", context_settings=_CONTEXT, epilog=_EPILOG,
+reword(verify_command, {
+    "data_path": "The inputs both models are compared on: a .npz file keyed by input name, a .npy file "
+                 "(single-input models), or a directory of such files (read in sorted name order); leading axis = "
+                 "samples. Default: seeded random inputs (--seed, --val-range).",
+    "batch_size": "Samples per compared batch (default 1).",
+    "repro_dir": "Where a failing verification writes its repro bundle: the paths of REFERENCE and CANDIDATE, the "
+                 "inputs as test_data_set_0/*.pb and repro.json with the 'bnfold verify' command. Default: "
+                 "REPORT.repro beside --report REPORT.json, else ./bnfold-repro. An earlier bundle there is "
+                 "replaced; another existing non-empty folder is an error. Nothing is written when CANDIDATE "
+                 "matches.",
+    "report_path": "Write the JSON report here (also when verification fails).",
+})
+
+
+@cli.command("inspect", context_settings=_CONTEXT, epilog=_INSPECT_EPILOG,
              short_help="List every BN with its mode and the fold decision.")
 @click.argument("model", type=click.Path(path_type=Path), metavar="MODEL")
 @click.option(
