@@ -22,10 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import bnfold  # noqa: E402
 from browser_layout import CHROMIUM, HEIGHT, WIDTH, measure, screenshot  # noqa: E402
-from bnfold.report.html import write_html  # noqa: E402
 from test_report_html_layout import _perturbed  # noqa: E402
+
+import bnfold  # noqa: E402
+from bnfold.report.html import write_html  # noqa: E402
 
 
 def main(out: Path) -> int:
