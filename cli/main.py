@@ -72,10 +72,11 @@ from .options import (
     random_input_options,
     recalibrate_option,
     report_options,
+    reword,
     torch_options,
 )
 from .outcome import FoldOutcome
-from .progress import calibration_progress
+from .progress import ProgressBar, calibration_progress, verification_progress
 from .signals import EXIT_TERMINATED, Terminated, terminate_as_interrupt
 from .wording import flag_words, worded_report, worded_result
 
@@ -93,6 +94,29 @@ Exit codes:
   2  usage error
   3  bad input, a model bnfold cannot process, or an internal error
   4  a requested execution provider is not available
+"""
+# each command lists the exit codes it can give
+_FOLD_EPILOG = """\b
+Exit codes:
+  0  the model was written (verified, unless --no-verify), or the plan printed (--dry-run)
+  1  verification failed: the report is written, the model is not
+  2  usage error
+  3  bad input, a model bnfold cannot process, or an internal error
+  4  a requested execution provider is not available
+"""
+_VERIFY_EPILOG = """\b
+Exit codes:
+  0  CANDIDATE computes REFERENCE's function (within the tolerances)
+  1  CANDIDATE does not match REFERENCE, or cannot run, or no provider ran
+  2  usage error
+  3  bad input (an unreadable model or --data, a REFERENCE that cannot run) or an internal error
+  4  a requested execution provider is not available
+"""
+_INSPECT_EPILOG = """\b
+Exit codes:
+  0  the BNs were listed
+  2  usage error
+  3  bad input, a model bnfold cannot read, or an internal error
 """
 
 
@@ -166,8 +190,11 @@ def _verification_message(report: Any, output: Path | None, report_path: Path | 
         return "the folded model failed verification"
     failed = [o.name for o in v.outputs if not o.passed]
     where = f" at output(s) {', '.join(failed)}" if failed else ""
+    failures = bnfold.report.summary.candidate_failures(v)
     if not v.ran:
         msg = f"the folded model was not verified: {_nothing_ran(v)}"
+    elif failures:
+        msg = f"the folded model failed verification: {'; '.join(failures).replace('the candidate', 'it', 1)}"
     else:
         msg = (
             f"the folded model failed verification{where} on {v.samples} sample(s): "
@@ -250,7 +277,7 @@ def cli() -> None:
     """
 
 
-@cli.command("fold", context_settings=_CONTEXT, epilog=_EPILOG,
+@cli.command("fold", context_settings=_CONTEXT, epilog=_FOLD_EPILOG,
              short_help="Freeze, fold and verify the BNs of an ONNX or PyTorch model.")
 @click.argument("model", type=click.Path(path_type=Path), metavar="MODEL", required=False, default=None)
 @click.option(
@@ -330,11 +357,12 @@ def fold_command(
         created = [] if dry_run or output is None else make_parents(output)
         try:
             with Outputs() as outputs:
-                with calibration_progress() as progress:
+                with calibration_progress() as progress, verification_progress() as vbar:
+                    config = replace(config, progress=_after(progress, vbar))
                     outcome = torch_fold.run(model, output, frozen_output, data, estimator, check, config, dry_run,
                                              torch_opts, progress, warn=_warning, outputs=outputs,
                                              recalibrate=recalibrate)
-                return _close_fold(outcome, output, report, outputs)
+                return _close_fold(outcome, output, report, outputs, None if dry_run else frozen_output)
         finally:
             if output is not None and not output.exists():
                 remove_empty(created)
@@ -362,7 +390,8 @@ def fold_command(
     config = _engine_config(compare, report.path)
     created = [] if dry_run or output is None else make_parents(output)
     try:
-        with Outputs() as outputs, calibration_progress() as progress:
+        with Outputs() as outputs, calibration_progress() as progress, verification_progress() as vbar:
+            config = replace(config, progress=_after(progress, vbar))
             result = api.fold(
                 model,
                 output=output,
@@ -380,13 +409,27 @@ def fold_command(
                 input_shapes=input_shapes,
             )
             return _close_fold(FoldOutcome(report=result.report, ok=result.ok,
-                                           plan_rows=result.rows if dry_run else None), output, report, outputs)
+                                           plan_rows=result.rows if dry_run else None), output, report, outputs,
+                               None if dry_run else frozen_output)
     finally:
         if output is not None and not output.exists():
             remove_empty(created)
 
 
-def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig, outputs: Outputs) -> int:
+def _after(first: ProgressBar | None, second: ProgressBar | None) -> Any:
+    """``second``'s callback that first ends ``first``'s line (fold: calibration, then verification)."""
+    if second is None or first is None:
+        return second
+
+    def progress(done: int, total: int) -> None:
+        first.close()
+        second(done, total)
+
+    return progress
+
+
+def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig, outputs: Outputs,
+                frozen_output: Path | None = None) -> int:
     """The closing steps of ``fold`` (both routes): the reports staged with the models, all moved
     into place together; then the plan table (dry run), the route's lines, the summary; exit 1
     (VerificationFailed) when a check failed. The report's warnings and verification notes are
@@ -407,6 +450,8 @@ def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig,
     for line in outcome.lines:
         click.echo(line)
     click.echo(summary.summary_text(rep))
+    if frozen_output is not None and frozen_output.is_file():  # written also when verification failed
+        click.echo(f"Wrote frozen model {frozen_output}")
     if report.path is not None:
         click.echo(f"Wrote report {report.path}")
     if not outcome.ok:
@@ -417,7 +462,7 @@ def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig,
     return EXIT_OK  # the summary's last lines name the written model ("Wrote OUTPUT")
 
 
-@cli.command("verify", context_settings=_CONTEXT, epilog=_EPILOG,
+@cli.command("verify", context_settings=_CONTEXT, epilog=_VERIFY_EPILOG,
              short_help="Check that CANDIDATE computes REFERENCE's function.")
 @click.argument("reference", type=click.Path(path_type=Path), metavar="REFERENCE")
 @click.argument("candidate", type=click.Path(path_type=Path), metavar="CANDIDATE")
@@ -443,9 +488,11 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     if input_shapes and data.path is not None:
         raise click.UsageError("--input-shape applies to random inputs; with --data the data's shapes are fed.")
     config = _engine_config(compare, report.path)
-    result = _api().verify(
-        reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,
-        val_range=inputs.val_range, iterations=inputs.iterations, config=config, input_shapes=input_shapes)
+    with verification_progress() as vbar:  # a bar on a terminal: 8192 samples take seconds
+        result = _api().verify(
+            reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,
+            val_range=inputs.val_range, iterations=inputs.iterations, config=replace(config, progress=vbar),
+            input_shapes=input_shapes)
     result = worded_result(result)
     with Outputs() as outputs:
         markdown = _stage_verification_reports(
@@ -459,6 +506,9 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
             click.echo(f"Wrote {written}")
     if not result.ran:  # every provider skipped under --allow-missing-providers: no verdict, exit 1
         raise VerificationFailed(_nothing_ran(result))
+    failures = bnfold.report.summary.candidate_failures(result)
+    if failures:  # one line on stderr that says why, not "max abs diff 0"
+        raise VerificationFailed("; ".join(failures))
     if not result.passed:
         raise VerificationFailed(
             f"CANDIDATE does not match REFERENCE: max abs diff {result.max_abs:.3g}, max rel diff "
@@ -468,7 +518,21 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
     return EXIT_OK
 
 
-@cli.command("inspect", context_settings=_CONTEXT, epilog=_EPILOG,
+reword(verify_command, {
+    "data_path": "The inputs both models are compared on: a .npz file keyed by input name, a .npy file "
+                 "(single-input models), or a directory of such files (read in sorted name order); leading axis = "
+                 "samples. Default: seeded random inputs (--seed, --val-range).",
+    "batch_size": "Samples per compared batch (default 1).",
+    "repro_dir": "Where a failing verification writes its repro bundle: the paths of REFERENCE and CANDIDATE, the "
+                 "inputs as test_data_set_0/*.pb and repro.json with the 'bnfold verify' command. Default: "
+                 "REPORT.repro beside --report REPORT.json, else ./bnfold-repro. An earlier bundle there is "
+                 "replaced; another existing non-empty folder is an error. Nothing is written when CANDIDATE "
+                 "matches.",
+    "report_path": "Write the JSON report here (also when verification fails).",
+})
+
+
+@cli.command("inspect", context_settings=_CONTEXT, epilog=_INSPECT_EPILOG,
              short_help="List every BN with its mode and the fold decision.")
 @click.argument("model", type=click.Path(path_type=Path), metavar="MODEL")
 @click.option(

@@ -409,3 +409,18 @@ torch_options = _group(
 )
 torch_options.__doc__ = ("--model-factory, --weights, --unsafe-pickle, --device, --allow-reused-bn  ->  "
                          "torch_opts: TorchOptions")
+
+
+# --------------------------------------------------------------------------- one command's words
+
+
+def reword(command: click.Command, texts: dict[str, str]) -> click.Command:
+    """Give the options of ``command`` named in ``texts`` (by destination, e.g. ``data_path``) this
+    command's help text: a group shared by fold and verify describes its options in fold's words,
+    and verify's help must describe only what verify does."""
+    unknown = set(texts) - {p.name for p in command.params}
+    assert not unknown, f"{command.name} has no option(s) {sorted(unknown)}"
+    for param in command.params:
+        if param.name in texts and isinstance(param, click.Option):
+            param.help = texts[param.name]
+    return command

@@ -1,8 +1,10 @@
-"""The calibration progress bar: ``calibrating [#####.....] 12/40 batches`` on stderr.
+"""Progress bars on stderr: ``calibrating [#####.....] 12/40 batches`` while fold calibrates,
+``verifying [#####.....] 4096/16384 model runs`` while a verification runs both models on each batch.
 
 Drawn only when the stream is a terminal; elsewhere (pipes, CI logs, files) it draws nothing,
 so logs stay free of carriage returns. The library calls ``progress(done, total)`` once per
-batch; ``total`` <= 0 means the number of batches is not known in advance.
+batch (calibration) or model run (verification: ``VerifyConfig.progress``); ``total`` <= 0
+means the number is not known in advance.
 """
 from __future__ import annotations
 
@@ -73,9 +75,21 @@ def make_progress(stream: TextIO | None = None, **kwargs: Any) -> ProgressBar | 
 
 
 @contextlib.contextmanager
-def calibration_progress(stream: TextIO | None = None) -> Iterator[ProgressFn | None]:
+def calibration_progress(stream: TextIO | None = None) -> Iterator[ProgressBar | None]:
     """Yield the callback to pass as ``progress=`` (or None), and end its line on the way out."""
     bar = make_progress(stream)
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@contextlib.contextmanager
+def verification_progress(stream: TextIO | None = None) -> Iterator[ProgressBar | None]:
+    """Yield the callback for ``VerifyConfig.progress`` (or None off a terminal), and end its line on
+    the way out."""
+    bar = make_progress(stream, label="verifying", unit="model runs")
     try:
         yield bar
     finally:

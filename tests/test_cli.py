@@ -641,3 +641,56 @@ def test_progress_bar_only_on_a_terminal() -> None:
         bar.min_interval = 0.0
         bar(3, 0)  # unknown total
     assert stream.getvalue() == "\rcalibrating 3 batches\n"
+
+
+def test_verification_progress_bar_only_on_a_terminal() -> None:
+    from bnfold.cli.progress import verification_progress
+
+    with verification_progress(io.StringIO()) as bar:
+        assert bar is None  # logs and pipes stay free of carriage returns
+    stream = _Tty()
+    with verification_progress(stream) as bar:
+        assert bar is not None
+        bar.min_interval = 0.0
+        bar(4096, 16384)
+        bar(16384, 16384)
+    text = stream.getvalue()
+    assert "\rverifying [#####...............] 4096/16384 model runs" in text
+    assert text.endswith("16384/16384 model runs\n") and text.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- each command's help
+
+
+def _help(command: str) -> str:
+    proc = run_cli(command, "--help", env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _exit_codes(text: str) -> list[str]:
+    lines = text.split("Exit codes:")[1].strip().splitlines()
+    return [line.split()[0] for line in lines if line.strip()]
+
+
+def test_verify_help_describes_only_what_verify_does() -> None:
+    """Issue 15 point 5: verify's help described fold's calibration, --dry-run and 'fold writes the
+    report, not the model'."""
+    text = _help("verify")
+    assert "fold:" not in text and "--dry-run" not in text and "calibrat" not in text
+    assert "writes the report, not the model" not in text
+    assert _exit_codes(text) == ["0", "1", "2", "3", "4"]
+    assert "1  CANDIDATE does not match REFERENCE, or cannot run" in text
+
+
+def test_inspect_help_lists_only_its_exit_codes() -> None:
+    """inspect runs no model: no verification (exit 1) and no execution provider (exit 4)."""
+    text = _help("inspect")
+    assert _exit_codes(text) == ["0", "2", "3"]
+    assert "verification" not in text and "provider" not in text
+
+
+def test_fold_help_keeps_fold_words() -> None:
+    text = _help("fold")
+    assert "--dry-run" in text and "calibration" in text
+    assert _exit_codes(text) == ["0", "1", "2", "3", "4"]

@@ -312,3 +312,40 @@ def test_every_provider_skipped_is_exit_1_in_verify_and_fold(models: dict[str, P
     [line] = proc.stderr.strip().splitlines()
     assert "the folded model was not verified: no requested execution provider could run" in line, line
     assert "max abs diff" not in line and not out.exists()
+
+
+# --------------------------------------------------------------------------- issue 15 point 5
+
+
+def fixed_batch(src: Path, dst: Path, batch: int) -> None:
+    """Copy ``src`` to ``dst`` with the batch axis of every input and output fixed to ``batch``."""
+    model = onnx.load(src)
+    for value in list(model.graph.input) + list(model.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = batch
+    onnx.save(model, dst)
+
+
+def test_candidate_that_cannot_run_is_said_on_stderr(models: dict[str, Path], tmp_path: Path) -> None:
+    """A candidate with a fixed batch of 8 against batch-1 inputs: the run used to say "max abs diff 0"
+    on stderr, with onnxruntime's reason cut to its first line and on stdout only."""
+    cand = tmp_path / "batch8.onnx"
+    fixed_batch(models["folded"], cand, 8)
+    proc = run_cli("verify", models["frozen"], cand, "--no-repro")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    (line,) = error_lines(proc.stderr)
+    assert line.startswith("bnfold: error: the candidate failed to run on cpu (verification batch 0): ")
+    assert "max abs diff" not in line
+    # onnxruntime's whole reason, its later lines included, on that one line
+    assert "invalid dimensions for input: x" in line and "Got: 1 Expected: 8" in line
+    assert "max abs 0" not in proc.stdout and "candidate failed to run" in proc.stdout
+
+
+def test_fold_says_it_wrote_the_frozen_model(models: dict[str, Path], tmp_path: Path) -> None:
+    out, frozen = tmp_path / "f.onnx", tmp_path / "fr.onnx"
+    proc = run_cli("fold", models["reference"], "-o", out, "--frozen-output", frozen)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert f"Wrote {out}" in lines and f"Wrote frozen model {frozen}" in lines
+    assert frozen.is_file()

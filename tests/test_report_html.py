@@ -131,7 +131,10 @@ def test_html_structure_and_plots(tmp_path):
     assert len(bars) == 4 * 4
     assert all(page.titles.get(i) for i, _ in bars)
     assert any("probs<&>: max |candidate - reference| = 0.5" in page.titles[i] for i, _ in bars)
-    assert "not a histogram" in body and "log scale" in body
+    # issue 15: the caption said "not a histogram" right above the histograms; it now says what the
+    # bars are and points to the histograms
+    assert "not a histogram" not in body and "log scale" in body
+    assert "Error histogram per output" in body
     # tables: one per provider that ran, the settings/inputs/environment and the site table
     tables = page.of("table")
     assert sum(1 for _, e in tables if e[1].get("class") == "outputs") == 2
@@ -219,3 +222,13 @@ def test_html_renders_in_headless_chromium(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Verification FAILED" in proc.stdout
     assert proc.stdout.count("<circle") == len(make_failing_result().sites)
+
+
+def test_site_names_read_apart() -> None:
+    """The fold-site table elides names where they still read apart (the full name on hover)."""
+    sites = tuple(make_site(f"/stages/stages.{i}/bn{k}/BatchNormalization", 10 * i + k, 1e-6)
+                  for i in range(3) for k in (1, 2))
+    text = render_html(dataclasses.replace(make_passing_result(), sites=sites))
+    shown = re.findall(r'<td><code title="(/stages/[^"]*)">([^<]*)</code></td>', text)
+    assert len(shown) == len(sites) and len({s for _, s in shown}) == len(sites)
+    assert all("..." in s for _, s in shown)

@@ -122,3 +122,23 @@ def test_github_step_summary(tmp_path, monkeypatch):
     fresh = tmp_path / "fresh.md"  # a file that does not exist yet is created
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(fresh))
     assert append_github_step_summary("x") is True and fresh.read_text(encoding="utf-8") == "x\n"
+
+
+def test_markdown_names_the_first_divergent_site():
+    """Issue 15 point 5: the Markdown named the first divergent fold site only inside the table of the
+    10 worst sites, so where later sites inherit a larger error it was not named at all."""
+    base = make_failing_result()
+    first = make_site("stage1.conv3.bn|x", 3, 2e-4, channels=((5, 2e-4),))
+    later = tuple(make_site(f"late{i}", 10 + i, 1e-2 * (i + 1)) for i in range(WORST_SITES + 2))
+    result = dataclasses.replace(base, sites=(make_site("stem.bn", 1, 1e-7), first) + later,
+                                 first_divergent_site=first.bn)
+    text = markdown_summary(result)
+    *_, site_table = _tables(text)
+    assert all("stage1.conv3" not in row[1] for row in site_table)  # not among the 10 worst
+    lines = text.splitlines()
+    verdict = next(i for i, line in enumerate(lines) if line.startswith("❌ **FAILED**"))
+    assert lines[verdict + 2] == (
+        "**First divergent fold site:** stage1.conv3.bn\\|x (backward into stage1.conv3.bn\\|x\\_conv, "
+        "position 3): max abs 0.0002, max rel 0.002 (atol 0.0001, rtol 0.0001); worst channels 5 (0.0002)")
+    # a passing verification names none
+    assert "First divergent" not in markdown_summary(make_passing_result())

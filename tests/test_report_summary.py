@@ -6,6 +6,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from report_builders import (
     make_failing_result,
@@ -14,6 +15,7 @@ from report_builders import (
     make_report,
 )
 
+import bnfold
 from bnfold.records import (
     Action,
     FoldDecision,
@@ -23,6 +25,7 @@ from bnfold.records import (
     VerifyResult,
 )
 from bnfold.report.summary import (
+    elide_apart,
     ellipsize,
     plan_table,
     summary_text,
@@ -32,6 +35,8 @@ from bnfold.report.summary import (
 # ---------------------------------------------------------------------------------------------
 # summaries and plan table
 # ---------------------------------------------------------------------------------------------
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
 
 def test_summary_text():
@@ -140,3 +145,39 @@ def test_plan_table_empty_and_ellipsize():
     assert ellipsize("abcdefghij", 10) == "abcdefghij"
     cut = ellipsize("abcdefghijklmnop", 9)
     assert len(cut) == 9 and cut.startswith("abc") and cut.endswith("nop") and "..." in cut
+
+
+def _cells_of(table: str, column: str) -> list[str]:
+    """The cells of ``column`` in a plan table (columns start where their header does)."""
+    lines = table.splitlines()
+    start = lines[0].index(column)
+    end = min((lines[0].index(h) for h in ("mode", "producer", "action", "target", "reason")
+               if lines[0].index(h) > start), default=None)
+    return [line[start:end].strip() for line in lines[2:]]
+
+
+def test_plan_table_keeps_names_tellable_apart():
+    """Issue 15 point 5: three rows of resnet_train read '/stages/stages.0/...tchNormalization': the
+    middle elision cut exactly the part that tells them apart. The real model's table now shows every
+    BN, producer and target differently (and each cell still fits its column)."""
+    rows = bnfold.inspect(SAMPLES / "resnet_train.onnx")
+    table = plan_table(rows)
+    for column, of in (("BN", lambda r: r.name), ("target", lambda r: r.decision.target)):
+        cells = _cells_of(table, column)
+        assert len(set(cells)) == len({of(r) for r in rows}) == len(rows), cells
+        assert any("..." in c for c in cells)  # long names are still shortened
+        assert all(len(c) <= 36 for c in cells)
+    assert "/stages/stages.0/bn1...Normalization" in _cells_of(table, "BN")
+
+
+def test_plan_table_names_apart_on_thousands_of_rows():
+    """1500 names whose differences (layers.I, block.J, normK) spread over more than the 36-character
+    cap: no single cut keeps them apart there, so the column widens until one does."""
+    names = [f"/model/encoder/layers.{i}/block.{j}/norm{k}/BatchNormalization"
+             for i in range(20) for j in range(25) for k in range(3)]
+    assert len(set(elide_apart(names, 36).values())) < len(names)
+    rows = [Row(n, Mode.TRAINING, "conv", "Conv", FoldDecision(n, Action.FOLDED, target="conv")) for n in names]
+    cells = _cells_of(plan_table(rows), "BN")
+    assert len(set(cells)) == len(names) and all("..." in c for c in cells)
+    assert max(len(c) for c in cells) < max(len(n) for n in names)
+    assert elide_apart(["short", "x" * 50], 36)["short"] == "short"

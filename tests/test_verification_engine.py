@@ -261,3 +261,17 @@ def test_a_failing_localisation_never_hides_the_verdict(pair, rng, tmp_path, mon
     monkeypatch.setattr(engine, "with_outputs", boom)
     res = verify(ref, cand, _feeds(rng))
     assert res.passed and res.sites == () and res.first_divergent_site is None
+
+
+def test_progress_is_reported_per_model_run(pair, rng):
+    """Issue 15 point 5: a long verification (8192 samples) ran 6-11 s silent. ``config.progress`` is
+    called after each model run on each batch (reference and candidate, each provider), ending at the
+    total, and the verdict is the same with or without it."""
+    ref, cand = pair
+    feeds = _feeds(rng, n=5)
+    calls: list[tuple[int, int]] = []
+    res = verify(ref, cand, feeds, VerifyConfig(progress=lambda done, total: calls.append((done, total))))
+    assert res.passed == verify(ref, cand, feeds).passed
+    total = 2 * len(feeds)  # one provider: the reference's 5 runs, then the candidate's
+    assert calls[-1] == (total, total) and {t for _, t in calls} == {total}
+    assert [d for d, _ in calls] == list(range(1, total + 1))

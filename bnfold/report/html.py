@@ -1,34 +1,40 @@
 """A self-contained HTML page for one verification: ``render_html`` / ``write_html``.
 
-One file, no network access: inline CSS and inline SVG only, no scripts, no external fonts or
-stylesheets, and a Content-Security-Policy that forbids fetching anything. It holds the verdict
-banner, settings and environment, one table per provider, two plots and the fold-site table:
+One file, no network access: inline CSS and inline SVG only (``html_plots``), no scripts, no
+external fonts or stylesheets, and a Content-Security-Policy that forbids fetching anything.
 
-- *error along the network*: max abs error of each fold site (y, log10) against the BN's position
-  in the reference graph (x); failing sites red; each point has a ``<title>`` (hover text) with the
-  BN name and the value. Zero errors sit on a row labelled 0 under the lowest decade, non-finite
-  ones on a row labelled inf/nan above the highest.
-- *error summary per output*: bars of max, p99, mean and median |candidate - reference| per output
-  on a log scale;
-- *error histogram per output*: elements per decade of |candidate - reference| (from
-  ``OutputMetrics.error_histogram``).
+The page reads at a glance in a 1400 px window, without horizontal scrolling (a test renders it in
+headless Chromium and measures it). It leads with the diagnosis:
 
+1. the verdict banner;
+2. *Diagnosis*: the rule (and the noise floor when the verification has one), the first divergent
+   fold site with its worst channels, how many sites are out of tolerance;
+3. *Outputs*: one table per provider, worst output first (failing, then by max abs error);
+4. the plots: error along the network beside the error summary per output, then the histograms;
+5. *Fold sites*: every site along the network;
+6. *Settings*, *Inputs* and *Environment* last.
+
+Numbers never wrap (``white-space: nowrap``; ``fmt`` keeps 3 significant digits); long names are
+elided in the middle where they still read apart (``summary.elide_apart``:
+``/stages/stages.0/bn1...Normalization``), with the full name in a ``title`` attribute.
 Every string from the records goes through :func:`html.escape`.
 """
 from __future__ import annotations
 
 import html
 import json
-import math
 import os
-from collections.abc import Callable, Sequence
+import re
 from typing import Any
 
-from bnfold.records import HIST_ZERO, OutputMetrics, ProviderRun, SiteResult, VerifyResult
-from bnfold.report.facts import VerifyFacts, verify_facts
+from bnfold.records import OutputMetrics, ProviderRun, SiteResult, VerifyResult
+from bnfold.report.facts import VerifyFacts, magnitude, verify_facts
+from bnfold.report.html_plots import FAIL_COLOR, PASS_COLOR, histogram_svg, outputs_svg, sites_svg
 from bnfold.report.json_report import write_text_atomic
 from bnfold.report.summary import (
     channels_text,
+    elide_apart,
+    ellipsize,
     fmt,
     fmt_cosine,
     fmt_fraction,
@@ -38,242 +44,249 @@ from bnfold.report.summary import (
     tolerance_text,
 )
 
-__all__ = ["render_html", "write_html", "PASS_COLOR", "FAIL_COLOR"]
+__all__ = ["render_html", "write_html", "PASS_COLOR", "FAIL_COLOR", "NAME_WIDTH", "OUTPUTS_SHOWN"]
 
-PASS_COLOR = "#1f6feb"
-FAIL_COLOR = "#d1242f"
-SVG_NS = "http://www.w3.org/2000/svg"
-BAR_COLORS = (("max_abs", "max", "#8250df"), ("p99_abs", "p99", "#1f6feb"),
-              ("mean_abs", "mean", "#2da44e"), ("median_abs", "median", "#bf8700"))
+#: characters a name keeps before it is elided in the middle: in the outputs table, and the BN and
+#: target names in the fold-sites table (sized so that the widest table fits a 1400 px window)
+NAME_WIDTH = 28
+SITE_NAME_WIDTH = 36
+SITE_TARGET_WIDTH = 26
+#: worst channels a fold-site row lists (all of them in its hover text)
+CHANNELS_SHOWN = 2
+#: outputs per provider listed in the diagnosis before the rest fold away under "more outputs"
+OUTPUTS_SHOWN = 10
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;
 color:#1f2328;background:#fff;line-height:1.4}
-main{max-width:1100px;margin:0 auto;padding:0 16px 32px}
-.banner{padding:16px 24px;color:#fff}
+main{max-width:1340px;margin:0 auto;padding:0 16px 32px;box-sizing:border-box}
+.banner{padding:12px 24px;color:#fff}
 .banner.pass{background:#1a7f37}.banner.fail{background:#cf222e}
-.banner h1{margin:0 0 4px;font-size:1.4em}.banner p{margin:0}
-h2{border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:28px}
-table{border-collapse:collapse;margin:8px 0;font-size:.9em}
-th,td{border:1px solid #d0d7de;padding:3px 8px;text-align:left;vertical-align:top}
-th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.banner h1{margin:0 0 2px;font-size:1.25em}.banner p{margin:0;font-size:1.1em;font-weight:600}
+h2{border-bottom:1px solid #d0d7de;padding-bottom:4px;margin:20px 0 8px;font-size:1.25em}
+h3{margin:12px 0 4px;font-size:1.05em}
+ul.diagnosis{margin:4px 0;padding-left:20px}ul.diagnosis li{margin:2px 0}
+table{border-collapse:collapse;margin:6px 0;font-size:.85em}
+th,td{border:1px solid #d0d7de;padding:2px 5px;text-align:left;vertical-align:top}
+table.outputs th,table.outputs td,table.sites th,table.sites td{white-space:nowrap}
+th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr.fail td{background:#ffebe9}.ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}
 .skip{color:#6e7781;font-weight:600}
+table.kv td{overflow-wrap:anywhere;word-break:break-word}table.kv th{white-space:nowrap}
 code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.95em}
-figure{margin:8px 0}figcaption{font-size:.85em;color:#57606a;max-width:760px}
-svg{background:#fff;border:1px solid #d0d7de;max-width:100%;height:auto}
+.plots{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+figure{margin:4px 0;max-width:100%}figcaption{font-size:.85em;color:#57606a;max-width:760px}
+figure.hist figcaption{max-width:none}
+svg{background:#fff;border:1px solid #d0d7de;max-width:100%;height:auto;display:block}
 svg text{font-size:11px;fill:#57606a;font-family:system-ui,sans-serif}
-.muted{color:#6e7781}
+.muted{color:#6e7781}p.note{font-size:.85em;margin:4px 0}details summary{cursor:pointer;color:#57606a;font-size:.9em}
 """
+
+
+def _figure(svg: str, caption: str, ident: str = "", klass: str = "", caption_first: bool = False) -> str:
+    """A ``<figure>`` as wide as its SVG (the caption wraps within it; plots sit side by side)."""
+    found = re.search(r'width="(\d+)"', svg)
+    style = f' style="width:{found.group(1)}px;max-width:100%"' if found else ""
+    attrs = (f' id="{ident}"' if ident else "") + (f' class="{klass}"' if klass else "")
+    inner = caption + svg if caption_first else svg + caption
+    return f"<figure{attrs}{style}>{inner}</figure>"
 
 
 def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _num(x: float) -> str:
-    """A coordinate for SVG attributes."""
-    return f"{x:.2f}"
+def _name(text: Any, width: int = NAME_WIDTH, apart: dict[str, str] | None = None) -> str:
+    """``<code>`` with ``text`` elided in the middle to ``width`` characters (as ``apart`` elides it,
+    where given: a column's names told apart by ``elide_apart``); the full name in a ``title``
+    attribute (hover text) when elided."""
+    full = "" if text is None else str(text)
+    shown = apart[full] if apart is not None and full in apart else ellipsize(full, width)
+    if shown == full:
+        return f"<code>{_e(full)}</code>"
+    return f'<code title="{_e(full)}">{_e(shown)}</code>'
 
 
-def _log10(value: Any) -> float | None:
-    """log10 of a positive finite value; -inf for 0 (and negatives); None for inf/nan."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    if not math.isfinite(v):
-        return None
-    return math.log10(v) if v > 0 else -math.inf
+def _num(value: Any, *, title: str | None = None) -> str:
+    tip = f' title="{_e(title)}"' if title else ""
+    return f'<td class="num"{tip}>{_e(value)}</td>'
 
 
-def _decades(logs: Sequence[float]) -> tuple[int, int]:
-    finite = [v for v in logs if math.isfinite(v)]
-    if not finite:
-        return -8, 0
-    lo, hi = math.floor(min(finite)), math.ceil(max(finite))
-    if hi <= lo:
-        hi = lo + 1
-    return lo, hi
+def _floor(record: Any) -> Any:
+    """The reference's own noise floor of an output or a fold site, where the verification has one
+    (``floor_max``; None in records from verifications without it)."""
+    return getattr(record, "floor_max", None)
 
 
-def _y_axis(parts: list[str], lo: int, hi: int, y_of: Callable[[float], float], left: float, right: float,
-            labels: dict[int, str] | None = None) -> None:
-    labels = labels or {}
-    step = max(1, math.ceil((hi - lo) / 10))
-    decades = set(range(lo, hi + 1, step)) | set(labels)
-    for d in sorted(decades):
-        y = y_of(d)
-        dash = ' stroke-dasharray="3 3"' if d in labels else ""
-        parts.append(f'<line x1="{_num(left)}" y1="{_num(y)}" x2="{_num(right)}" y2="{_num(y)}" '
-                     f'stroke="#d0d7de"{dash}/>')
-        text = labels.get(d, f"1e{d}")
-        parts.append(f'<text x="{_num(left - 6)}" y="{_num(y + 4)}" text-anchor="end">{text}</text>')
+def _verdict_cell(passed: bool) -> str:
+    return '<td class="ok">pass</td>' if passed else '<td class="bad">FAIL</td>'
 
 
-# ---- plot 1: fold sites along the network -------------------------------------------------------
-def sites_svg(sites: Sequence[SiteResult], first_divergent: str | None = None) -> str:
-    """The scatter/line plot of log10 max abs error per fold site against its position."""
-    width, height = 760, 320
-    left, right, top, bottom = 64, 16, 32, 44
-    pw, ph = width - left - right, height - top - bottom
-    ordered = sorted(sites, key=lambda s: s.position)
-    logs = [_log10(s.max_abs) for s in ordered]
-    tol_logs = [_log10(s.atol) for s in ordered]
-    lo, hi = _decades([v for v in logs + tol_logs if v is not None])
-    # zero errors get their own row under the lowest decade, inf/nan one above the highest
-    labels: dict[int, str] = {}
-    if any(v is not None and v == -math.inf for v in logs):
-        lo -= 1
-        labels[lo] = "0"
-    if any(v is None for v in logs):
-        hi += 1
-        labels[hi] = "inf/nan"
-
-    xs = [s.position for s in ordered]
-    x0, x1 = min(xs), max(xs)
-    span = (x1 - x0) or 1
-
-    def x_of(p: float) -> float:
-        if x1 == x0:
-            return left + pw / 2
-        return left + (p - x0) / span * pw
-
-    def y_of(v: float) -> float:
-        v = min(max(v, lo), hi)
-        return top + (hi - v) / (hi - lo) * ph
-
-    parts = [
-        f'<svg xmlns="{SVG_NS}" class="plot sites" role="img" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" aria-label="max abs error per fold site along the network">',
-    ]
-    _y_axis(parts, lo, hi, y_of, left, left + pw, labels)
-    # x ticks: at most 8 positions, the first and the last included
-    ticks = sorted({x0, x1} | {round(x0 + span * k / 7) for k in range(8)}) if x1 > x0 else [x0]
-    for p in ticks:
-        x = x_of(p)
-        parts.append(f'<line x1="{_num(x)}" y1="{_num(top + ph)}" x2="{_num(x)}" '
-                     f'y2="{_num(top + ph + 4)}" stroke="#57606a"/>')
-        parts.append(f'<text x="{_num(x)}" y="{_num(top + ph + 16)}" text-anchor="middle">{p}</text>')
-    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#8c959f"/>')
-    parts.append(f'<text x="{_num(left + pw / 2)}" y="{height - 6}" text-anchor="middle">'
-                 'fold site position (node index of the BN in the reference graph)</text>')
-    parts.append(f'<text x="14" y="{_num(top + ph / 2)}" text-anchor="middle" '
-                 f'transform="rotate(-90 14 {_num(top + ph / 2)})">max abs error (log10)</text>')
-    # one tolerance line when every site shares one atol
-    atols = {float(s.atol) for s in ordered}
-    if len(atols) == 1 and tol_logs and tol_logs[0] is not None and math.isfinite(tol_logs[0]):
-        y = y_of(tol_logs[0])
-        parts.append(f'<line class="atol" x1="{left}" y1="{_num(y)}" x2="{left + pw}" '
-                     f'y2="{_num(y)}" stroke="{FAIL_COLOR}" stroke-dasharray="4 3" opacity="0.6">'
-                     f'<title>atol {_e(fmt(next(iter(atols))))}</title></line>')
-    points = []
-    for s, v in zip(ordered, logs):
-        y = y_of(hi) if v is None else y_of(v)  # inf/nan on the top row, zero on the bottom row
-        points.append((x_of(s.position), y))
-    if len(points) > 1:
-        coords = " ".join(f"{_num(x)},{_num(y)}" for x, y in points)
-        parts.append(f'<polyline points="{coords}" fill="none" stroke="#8c959f" stroke-width="1"/>')
-    for s, (x, y) in zip(ordered, points):
-        color = PASS_COLOR if s.passed else FAIL_COLOR
-        status = "within tolerance" if s.passed else "OUT OF TOLERANCE"
-        first = " (first divergent)" if s.bn == first_divergent else ""
-        tip = (f"{s.bn}{first}: max abs {fmt(s.max_abs)}, max rel {fmt(s.max_rel)}, "
-               f"atol {fmt(s.atol)}, position {s.position}, {s.direction} into {s.target}, {status}")
-        klass = "site pass" if s.passed else "site fail"
-        ring = ' r="6" stroke="#000" stroke-width="1.5"' if first else ' r="4" stroke="#fff" stroke-width="1"'
-        parts.append(f'<circle class="{klass}" cx="{_num(x)}" cy="{_num(y)}"{ring} fill="{color}">'
-                     f'<title>{_e(tip)}</title></circle>')
-    # legend above the plot area (rects: circles are the data points only)
-    for i, (color, label) in enumerate(((PASS_COLOR, "within tolerance"), (FAIL_COLOR, "out of tolerance"))):
-        lx, ly = left + i * 150, 10
-        parts.append(f'<rect x="{lx}" y="{ly}" width="10" height="10" fill="{color}"/>')
-        parts.append(f'<text x="{lx + 16}" y="{ly + 9}">{label}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+def _head(cells: list[tuple[str, str]]) -> str:
+    """A ``<thead>`` row; each cell is (label, hover text)."""
+    ths = "".join(f'<th title="{_e(tip)}">{_e(label)}</th>' if tip else f"<th>{_e(label)}</th>"
+                  for label, tip in cells)
+    return f"<thead><tr>{ths}</tr></thead>"
 
 
-# ---- plot 2: error summary per output -----------------------------------------------------------
-def outputs_svg(runs: Sequence[ProviderRun]) -> str:
-    """Bars of max / p99 / mean / median abs error per (provider, output), log scale."""
-    groups = [(r.provider, o) for r in runs if r.status == "ran" for o in r.outputs]
-    nbar = len(BAR_COLORS)
-    bar_w, gap = 14, 18
-    left, right, top, bottom = 64, 16, 28, 64
-    pw = max(320, len(groups) * (nbar * bar_w + gap) + gap)
-    ph = 220
-    width, height = left + pw + right, top + ph + bottom
-    logs = [_log10(getattr(o, key)) for _, o in groups for key, _, _ in BAR_COLORS]
-    lo, hi = _decades([v for v in logs if v is not None])
-    lo -= 1  # leave room so the smallest bar is visible
-
-    def y_of(v: float) -> float:
-        v = min(max(v, lo), hi)
-        return top + (hi - v) / (hi - lo) * ph
-
-    parts = [
-        f'<svg xmlns="{SVG_NS}" class="plot outputs" role="img" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" aria-label="error summary per output, log scale">',
-    ]
-    _y_axis(parts, lo, hi, y_of, left, left + pw)
-    base = top + ph
-    for g, (provider, o) in enumerate(groups):
-        gx = left + gap + g * (nbar * bar_w + gap)
-        for b, (key, label, color) in enumerate(BAR_COLORS):
-            value = getattr(o, key)
-            v = _log10(value)
-            y = y_of(hi) if v is None else y_of(v)
-            h = max(0.0, base - y)
-            extra = ' stroke="#000" stroke-dasharray="2 2"' if v is None else ""
-            tip = f"{provider} / {o.name}: {label} |candidate - reference| = {fmt(value)}"
-            parts.append(f'<rect class="bar" x="{_num(gx + b * bar_w)}" y="{_num(y)}" '
-                         f'width="{bar_w - 2}" height="{_num(h)}" fill="{color}"{extra}>'
-                         f'<title>{_e(tip)}</title></rect>')
-        cx = gx + nbar * bar_w / 2
-        label = o.name if len(o.name) <= 18 else o.name[:8] + "..." + o.name[-7:]
-        parts.append(f'<text x="{_num(cx)}" y="{base + 14}" text-anchor="middle">{_e(label)}</text>')
-        if len({p for p, _ in groups}) > 1:
-            parts.append(f'<text x="{_num(cx)}" y="{base + 27}" text-anchor="middle">'
-                         f'{_e(provider)}</text>')
-    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#8c959f"/>')
-    parts.append(f'<text x="14" y="{_num(top + ph / 2)}" text-anchor="middle" '
-                 f'transform="rotate(-90 14 {_num(top + ph / 2)})">abs error (log10)</text>')
-    for i, (_, label, color) in enumerate(BAR_COLORS):
-        lx = left + i * 80
-        parts.append(f'<rect x="{lx}" y="8" width="10" height="10" fill="{color}"/>')
-        parts.append(f'<text x="{lx + 14}" y="17">{label}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+def _tolerance(o: OutputMetrics | SiteResult) -> str:
+    return f"{fmt(o.atol)} / {fmt(o.rtol)}"
 
 
-def histogram_svg(provider: str, o: OutputMetrics) -> str:
-    """Histogram of |candidate - reference| over the elements of one output, by decade."""
-    bins = dict(o.error_histogram)
-    keys = sorted(k for k in bins if k != HIST_ZERO)
-    cols = ([HIST_ZERO] if HIST_ZERO in bins else []) + (list(range(keys[0], keys[-1] + 1)) if keys else [])
-    left, right, top, bottom, col_w = 48, 12, 24, 40, 34
-    pw, ph = max(200, len(cols) * col_w), 140
-    width, height = left + pw + right, top + ph + bottom
-    peak = max(bins.values(), default=1) or 1
-    parts = [f'<svg xmlns="{SVG_NS}" class="plot histogram" role="img" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" aria-label="error histogram of {_e(o.name)}">',
-             f'<text x="{left}" y="14">{_e(provider)} / {_e(o.name)}: elements per decade of |a-b|</text>']
-    for i, k in enumerate(cols):
-        n = bins.get(k, 0)
-        h = ph * n / peak
-        x = left + i * col_w
-        label = "0" if k == HIST_ZERO else f"1e{k}"
-        color = FAIL_COLOR if k != HIST_ZERO and 10.0 ** k > o.atol + o.rtol else PASS_COLOR
-        parts.append(f'<rect class="hbar" x="{x + 2}" y="{_num(top + ph - h)}" width="{col_w - 4}" '
-                     f'height="{_num(h)}" fill="{color}"><title>{_e(label)}: {n} element(s)</title></rect>')
-        parts.append(f'<text x="{_num(x + col_w / 2)}" y="{top + ph + 14}" text-anchor="middle" '
-                     f'font-size="9">{_e(label)}</text>')
-    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#8c959f"/>')
-    parts.append(f'<text x="4" y="{top + 10}" font-size="9">{peak}</text></svg>')
-    return "".join(parts)
+def _worst_first(outputs: tuple[OutputMetrics, ...]) -> list[OutputMetrics]:
+    return sorted(outputs, key=lambda o: (bool(o.passed), -magnitude(o.max_abs)))
+
+
+# ---- diagnosis ----------------------------------------------------------------------------------
+def _setting_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_setting_text(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_setting_text(v) for v in value)
+    return fmt(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def _first_site_item(facts: VerifyFacts) -> str:
+    s = facts.first_site
+    if s is None:
+        return ""
+    label = ("First divergent fold site" if s.bn == facts.result.first_divergent_site
+             else "First fold site out of tolerance")
+    text = (f'<li id="first-site"><strong>{label}:</strong> {_name(s.bn, 72)} ({_e(s.direction)} into '
+            f"{_name(s.target, 48)}, tensor {_name(s.tensor, 48)}, position {s.position}): "
+            f"max abs <strong>{_e(fmt(s.max_abs))}</strong>, max rel {_e(fmt(s.max_rel))} "
+            f"(atol {_e(fmt(s.atol))}, rtol {_e(fmt(s.rtol))}")
+    floor = _floor(s)
+    if floor is not None:
+        text += f", noise floor {_e(fmt(floor))}"
+    text += ")"
+    if s.worst_channels:
+        text += f"; worst channels {_e(channels_text(s))}"
+    return text + "</li>"
+
+
+def _diagnosis(facts: VerifyFacts) -> list[str]:
+    result = facts.result
+    out = ['<section id="diagnosis"><h2>Diagnosis</h2><ul class="diagnosis">']
+    if result.sites:
+        out.append(_first_site_item(facts))
+        failing = len(facts.failing_sites)
+        if failing:
+            out.append(f"<li>Fold sites: <strong>{failing} of {len(result.sites)}</strong> out of tolerance "
+                       "(a site after the first divergent one inherits its error)</li>")
+        else:
+            out.append(f"<li>Fold sites: all {len(result.sites)} within tolerance</li>")
+    elif result.first_divergent_site:
+        out.append(f"<li><strong>First divergent fold site:</strong> {_name(result.first_divergent_site, 72)}</li>")
+    for run in result.runs:  # a provider that ran and compared nothing: the candidate failed to run
+        if run.status == "ran" and not run.outputs and run.note:
+            out.append(f'<li class="bad">{_e(run.provider)}: {_e(run.note)}</li>')
+    out.append(f"<li>Rule: <code>{_e(result.rule)}</code></li>")
+    floor = facts.settings.get("noise_floor")
+    if floor is not None:
+        out.append(f'<li id="noise-floor">Noise floor: {_e(_setting_text(floor))}</li>')
+    if result.note:
+        out.append(f"<li>{_e(result.note)}</li>")
+    if result.repro_dir:
+        out.append(f"<li>Reproduction files: <code>{_e(result.repro_dir)}</code></li>")
+    out.append("</ul></section>")
+    return out
 
 
 # ---- tables -------------------------------------------------------------------------------------
+def _output_row(o: OutputMetrics, noise: dict[str, float], with_floor: bool, names: dict[str, str]) -> str:
+    cells = [f"<td>{_name(o.name, NAME_WIDTH, names)}</td>", f"<td>{_e(o.dtype)} {_e(list(o.shape))}</td>",
+             _num(fmt(o.max_abs))]
+    if with_floor:
+        cells.append(_num(fmt(_floor(o))))
+    if noise:
+        cells.append(_num(fmt(noise.get(o.name))))
+    ulp = None if o.max_ulp is None else fmt(float(o.max_ulp)) if o.max_ulp >= 1e6 else fmt(o.max_ulp)
+    cells += [_num(x) for x in (
+        fmt(o.p99_abs), fmt(o.max_rel), f"{o.mismatches} ({fmt_pct(o.mismatch_pct)})",
+        fmt_cosine(o.cosine), fmt(o.snr_db), fmt(ulp), fmt_fraction(o.top1))]
+    tip = f"{tolerance_text(o)}; the smallest atol that passes at this rtol: {fmt(o.min_atol)}"
+    cells.append(f'<td title="{_e(tip)}">{_e(_tolerance(o))}'
+                 f'{"" if o.error_stat == "max" else " on " + _e(o.error_stat)}</td>')
+    cells.append(_verdict_cell(o.passed))
+    return f'<tr class="{"pass" if o.passed else "fail"}">' + "".join(cells) + "</tr>"
+
+
+def _outputs_table(outputs: list[OutputMetrics], noise: dict[str, float], with_floor: bool) -> str:
+    head = [("output", ""), ("dtype shape", ""), ("max abs", "max |candidate - reference|")]
+    if with_floor:
+        head.append(("noise floor", "the reference's own float rounding noise at this output"))
+    if noise:
+        head.append(("provider noise", "max |reference on this provider - reference on the first provider|"))
+    head += [("p99 abs", ""), ("max rel", ""), ("mismatches", "elements out of tolerance"),
+             ("cosine", ""), ("SNR dB", ""), ("max ULP", ""), ("top-1", ""),
+             ("atol / rtol", "hover a cell for the smallest atol that passes"), ("verdict", "")]
+    names = elide_apart([o.name for o in outputs], NAME_WIDTH)
+    rows = "".join(_output_row(o, noise, with_floor, names) for o in outputs)
+    return f'<table class="outputs">{_head(head)}<tbody>{rows}</tbody></table>'
+
+
+def _run_section(run: ProviderRun, noise: dict[str, float]) -> str:
+    if run.status != "ran":
+        note = f": {_e(run.note)}" if run.note else ""
+        return (f'<h3>{_e(run.provider)} <span class="skip">{_e(run.status)}</span></h3>'
+                f'<p class="muted">provider {_e(run.status)}{note}</p>')
+    mark = '<span class="ok">passed</span>' if run.passed else '<span class="bad">FAILED</span>'
+    out = [f'<h3>{_e(run.provider)} {mark} <span class="muted">{_e(run_label(run))}</span></h3>']
+    if run.note:
+        out.append(f"<p>{_e(run.note)}</p>")
+    if not run.outputs:
+        out.append('<p class="muted">no outputs compared</p>')
+        return "".join(out)
+    ordered = _worst_first(run.outputs)
+    with_floor = any(_floor(o) is not None for o in ordered)
+    out.append(_outputs_table(ordered[:OUTPUTS_SHOWN], noise, with_floor))
+    if len(ordered) > OUTPUTS_SHOWN:
+        rest = ordered[OUTPUTS_SHOWN:]
+        out.append(f"<details><summary>{len(rest)} more output(s), all "
+                   f"{'within tolerance' if all(o.passed for o in rest) else 'listed worst first'}</summary>"
+                   + _outputs_table(rest, noise, with_floor) + "</details>")
+    return "".join(out)
+
+
+def _channels_cell(s: SiteResult) -> str:
+    """The worst channels, the first ``CHANNELS_SHOWN`` in the cell and all of them on hover."""
+    if not s.worst_channels:
+        return "<td>-</td>"
+    shown = ", ".join(f"{c} ({fmt(v)})" for c, v in s.worst_channels[:CHANNELS_SHOWN])
+    if len(s.worst_channels) > CHANNELS_SHOWN:
+        shown += ", ..."
+    return f'<td title="{_e(channels_text(s))}">{_e(shown)}</td>'
+
+
+def _sites_table(facts: VerifyFacts) -> str:
+    result = facts.result
+    with_floor = any(_floor(s) is not None for s in result.sites)
+    head = [("#", "node position of the BN in the reference graph"), ("BN", ""),
+            ("folded into", "direction and target node"), ("max abs", ""), ("max rel", "")]
+    if with_floor:
+        head.append(("noise floor", "the reference's own float rounding noise at this site"))
+    head += [("atol / rtol", ""), ("worst channels", "channel (max abs error)"), ("verdict", "")]
+    rows = []
+    bns = elide_apart([s.bn for s in result.sites], SITE_NAME_WIDTH)
+    targets = elide_apart([s.target for s in result.sites], SITE_TARGET_WIDTH)
+    for s in facts.sites_by_position:
+        cells = [_num(s.position), f"<td>{_name(s.bn, SITE_NAME_WIDTH, bns)}</td>",
+                 f'<td title="tensor {_e(s.tensor)}">{_e(s.direction)} '
+                 f"{_name(s.target, SITE_TARGET_WIDTH, targets)}</td>",
+                 _num(fmt(s.max_abs)), _num(fmt(s.max_rel))]
+        if with_floor:
+            cells.append(_num(fmt(_floor(s))))
+        cells.append(_num(_tolerance(s)))
+        cells.append(_channels_cell(s))
+        if s.bn == result.first_divergent_site and not s.passed:
+            cells.append('<td class="bad" title="the first divergent fold site">FAIL (first)</td>')
+        else:
+            cells.append(_verdict_cell(s.passed))
+        rows.append(f'<tr class="{"pass" if s.passed else "fail"}">' + "".join(cells) + "</tr>")
+    return f'<table class="sites">{_head(head)}<tbody>{"".join(rows)}</tbody></table>'
+
+
 def _kv_table(mapping: dict[str, Any]) -> str:
     rows = []
     for key, value in mapping.items():
@@ -287,60 +300,42 @@ def _kv_table(mapping: dict[str, Any]) -> str:
     return '<table class="kv">' + "".join(rows) + "</table>"
 
 
-def _verdict_cell(passed: bool) -> str:
-    return '<td class="ok">pass</td>' if passed else '<td class="bad">FAIL</td>'
+# ---- plots --------------------------------------------------------------------------------------
+_SITES_CAPTION = (
+    "<figcaption><strong>Error along the network.</strong> Max abs error at each fold site (folded producer "
+    "output against the original BN output, CPU): x is the BN's node position in the reference graph, y is "
+    "log10 of the error. Red points are out of tolerance; zero errors sit on the bottom row (0), inf/nan on "
+    "the top row; the first divergent site has a black ring. Hover a point for the BN name and value."
+    "</figcaption>")
+_OUTPUTS_CAPTION = (
+    "<figcaption><strong>Error summary per output.</strong> Max, 99th percentile, mean and median of "
+    "|candidate &#8722; reference| per output, log scale. Zero values have no bar; dashed full-height bars "
+    "are inf/nan. How the element errors spread: the histograms below.</figcaption>")
 
 
-def _run_section(run: ProviderRun, noise: dict[str, float]) -> str:
-    if run.status != "ran":
-        note = f": {_e(run.note)}" if run.note else ""
-        return (f'<h3>{_e(run.provider)} <span class="skip">{_e(run.status)}</span></h3>'
-                f'<p class="muted">provider {_e(run.status)}{note}</p>')
-    mark = '<span class="ok">passed</span>' if run.passed else '<span class="bad">FAILED</span>'
-    out = [f"<h3>{_e(run.provider)} {mark}</h3>",
-           f"<p>{_e(run_label(run))}{' (' + _e(run.note) + ')' if run.note else ''}</p>"]
-    if not run.outputs:
-        out.append('<p class="muted">no outputs compared</p>')
-        return "".join(out)
-    head = ["output", "dtype", "shape", "max abs"] + (["noise floor"] if noise else []) + [
-        "p99 abs", "mean abs", "max rel", "mismatches", "cosine", "SNR dB", "max ULP", "top-1",
-        "min atol", "tolerance", "verdict"]
-    out.append('<table class="outputs"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head)
-               + "</tr></thead><tbody>")
-    for o in run.outputs:
-        cells = [f"<td><code>{_e(o.name)}</code></td>", f"<td>{_e(o.dtype)}</td>",
-                 f"<td>{_e(list(o.shape))}</td>", f'<td class="num">{_e(fmt(o.max_abs))}</td>']
-        if noise:
-            cells.append(f'<td class="num">{_e(fmt(noise.get(o.name)))}</td>')
-        cells += [f'<td class="num">{_e(x)}</td>' for x in (
-            fmt(o.p99_abs), fmt(o.mean_abs), fmt(o.max_rel),
-            f"{o.mismatches} ({fmt_pct(o.mismatch_pct)})", fmt_cosine(o.cosine), fmt(o.snr_db),
-            fmt(o.max_ulp), fmt_fraction(o.top1), fmt(o.min_atol))]
-        cells.append(f"<td>{_e(tolerance_text(o))}</td>")
-        cells.append(_verdict_cell(o.passed))
-        out.append(f'<tr class="{"pass" if o.passed else "fail"}">' + "".join(cells) + "</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-def _sites_table(facts: VerifyFacts) -> str:
-    result = facts.result
-    head = ["position", "BN", "tensor", "direction", "target", "max abs", "max rel", "atol",
-            "rtol", "worst channels", "verdict"]
-    out = ['<table class="sites"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head)
-           + "</tr></thead><tbody>"]
-    for s in facts.sites_by_position:
-        first = " (first divergent)" if s.bn == result.first_divergent_site else ""
-        cells = [
-            f'<td class="num">{s.position}</td>', f"<td><code>{_e(s.bn)}</code>{first}</td>",
-            f"<td><code>{_e(s.tensor)}</code></td>", f"<td>{_e(s.direction)}</td>",
-            f"<td><code>{_e(s.target)}</code></td>",
-        ] + [f'<td class="num">{_e(fmt(x))}</td>' for x in (s.max_abs, s.max_rel, s.atol, s.rtol)]
-        cells.append(f"<td>{_e(channels_text(s)) if s.worst_channels else '-'}</td>")
-        cells.append(_verdict_cell(s.passed))
-        out.append(f'<tr class="{"pass" if s.passed else "fail"}">' + "".join(cells) + "</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
+def _plots(result: VerifyResult) -> list[str]:
+    out = ['<section id="plots"><h2>Plots</h2><div class="plots">']
+    if result.sites:
+        out.append(_figure(sites_svg(result.sites, result.first_divergent_site), _SITES_CAPTION, "sites-plot"))
+    else:
+        out.append('<p class="muted">No fold sites were compared.</p>')
+    if any(r.status == "ran" and r.outputs for r in result.runs):
+        out.append(_figure(outputs_svg(result.runs), _OUTPUTS_CAPTION, "outputs-plot"))
+    else:
+        out.append('<p class="muted">No outputs were compared.</p>')
+    out.append("</div>")
+    hists = [(r.provider, o) for r in result.runs if r.status == "ran" for o in r.outputs if o.error_histogram]
+    if hists:
+        out.append('<h3 id="histograms">Error histogram per output</h3><p class="muted note">Output elements per '
+                   "decade of |candidate &#8722; reference| (column 1eK counts errors in [10^K, 10^(K+1)); 0 "
+                   "counts exact matches). Red columns lie wholly above atol + rtol.</p><div class=\"plots\">")
+        out.extend(_figure(histogram_svg(provider, o),
+                           f"<figcaption>{_e(provider)} / {_name(o.name, 40)}</figcaption>", klass="hist",
+                           caption_first=True)
+                   for provider, o in hists)
+        out.append("</div>")
+    out.append("</section>")
+    return out
 
 
 # ---- the page -----------------------------------------------------------------------------------
@@ -349,7 +344,6 @@ def render_html(result: VerifyResult, title: str = "bnfold verification") -> str
     facts = verify_facts(result)
     word = facts.verdict
     providers = ", ".join(facts.providers) or "no provider"
-    failing_sites = len(facts.failing_sites)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -362,18 +356,21 @@ def render_html(result: VerifyResult, title: str = "bnfold verification") -> str
         f'<p class="verdict" id="verdict">Verification {word} on {_e(providers)}: '
         f"{samples_text(result.samples)}, max abs {_e(fmt(result.max_abs))}, "
         f"max rel {_e(fmt(result.max_rel))}</p></header><main>",
-        '<section id="summary"><h2>Summary</h2><ul>',
-        f"<li>Rule: <code>{_e(result.rule)}</code></li>",
     ]
-    if result.sites:
-        parts.append(f"<li>Fold sites: {failing_sites} of {len(result.sites)} out of tolerance</li>")
-    if result.first_divergent_site:
-        parts.append(f"<li>First divergent fold site: <code>{_e(result.first_divergent_site)}</code></li>")
-    if result.note:
-        parts.append(f"<li>{_e(result.note)}</li>")
-    if result.repro_dir:
-        parts.append(f"<li>Reproduction files: <code>{_e(result.repro_dir)}</code></li>")
-    parts.append("</ul></section>")
+    parts.extend(_diagnosis(facts))
+
+    parts.append('<section id="outputs"><h2>Outputs</h2>')
+    if not result.runs:
+        parts.append('<p class="muted">no provider ran</p>')
+    parts.extend(_run_section(r, noise) for r, noise in zip(result.runs, facts.noise))
+    parts.append("</section>")
+
+    parts.extend(_plots(result))
+
+    parts.append('<section id="sites"><h2>Fold sites</h2>')
+    parts.append(_sites_table(facts) if result.sites
+                 else '<p class="muted">No fold sites were compared.</p>')
+    parts.append("</section>")
 
     parts.append('<section id="settings"><h2>Settings</h2>')
     parts.append(_kv_table(facts.settings))
@@ -384,53 +381,6 @@ def render_html(result: VerifyResult, title: str = "bnfold verification") -> str
     versions = env.pop("versions", {}) or {}
     parts.append('<section id="environment"><h2>Environment</h2>')
     parts.append(_kv_table({**env, **{f"version {k}": v for k, v in versions.items()}}))
-    parts.append("</section>")
-
-    parts.append('<section id="providers"><h2>Providers</h2>')
-    if not result.runs:
-        parts.append('<p class="muted">no provider ran</p>')
-    parts.extend(_run_section(r, noise) for r, noise in zip(result.runs, facts.noise))
-    parts.append("</section>")
-
-    parts.append('<section id="sites-plot"><h2>Error along the network</h2>')
-    if result.sites:
-        parts.append("<figure>" + sites_svg(result.sites, result.first_divergent_site)
-                     + "<figcaption>Max abs error at each fold site (folded producer output against "
-                     "the original BN output, CPU) along the network: x is the BN's node position in "
-                     "the reference graph, y is log10 of the error. Red points are out of tolerance; "
-                     "zero errors sit on the bottom row (0), inf/nan on the top row; the first divergent "
-                     "site has a black ring. Hover a point for "
-                     "the BN name and value.</figcaption></figure>")
-    else:
-        parts.append('<p class="muted">No fold sites were compared.</p>')
-    parts.append("</section>")
-
-    parts.append('<section id="outputs-plot"><h2>Error summary per output</h2>')
-    if any(r.status == "ran" and r.outputs for r in result.runs):
-        parts.append("<figure>" + outputs_svg(result.runs)
-                     + "<figcaption>Summary statistics of |candidate &#8722; reference| per output "
-                     "(max, 99th percentile, mean, median) on a log scale. The report keeps these "
-                     "summary metrics only, so this is not a histogram of the individual element "
-                     "errors. Zero values have no bar; dashed full-height bars are inf/nan."
-                     "</figcaption></figure>")
-    else:
-        parts.append('<p class="muted">No outputs were compared.</p>')
-    parts.append("</section>")
-
-    parts.append('<section id="histograms"><h2>Error histogram per output</h2>')
-    hists = [histogram_svg(r.provider, o) for r in result.runs if r.status == "ran" for o in r.outputs
-             if o.error_histogram]
-    if hists:
-        parts.append("<figure>" + "".join(hists) + "<figcaption>Number of output elements per decade of "
-                     "|candidate &#8722; reference| (column 1eK counts errors in [10^K, 10^(K+1)); 0 counts "
-                     "exact matches). Red columns lie wholly above atol + rtol.</figcaption></figure>")
-    else:
-        parts.append('<p class="muted">No element errors to plot.</p>')
-    parts.append("</section>")
-
-    parts.append('<section id="sites"><h2>Fold sites</h2>')
-    parts.append(_sites_table(facts) if result.sites
-                 else '<p class="muted">No fold sites were compared.</p>')
     parts.append("</section></main></body></html>")
     return "\n".join(parts) + "\n"
 

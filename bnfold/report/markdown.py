@@ -1,9 +1,9 @@
 """Markdown for pull-request comments and GitHub job summaries: ``markdown_summary``,
 ``write_markdown`` and ``append_github_step_summary``.
 
-GitHub-flavoured Markdown: a verdict line (✅ / ❌), one table per provider (one row per output), the
-10 worst fold sites, and a settings line. Names are escaped so that a ``|`` cannot break a table and
-``<``/``>``/``&`` cannot open HTML (GitHub renders inline HTML in Markdown).
+GitHub-flavoured Markdown: a verdict line (✅ / ❌), the first divergent fold site, one table per
+provider (one row per output), the 10 worst fold sites, and a settings line. Names are escaped so
+that a ``|`` cannot break a table and ``<``/``>``/``&`` cannot open HTML (GitHub renders inline HTML in Markdown).
 """
 from __future__ import annotations
 
@@ -111,6 +111,24 @@ def _sites_table(facts: VerifyFacts) -> list[str]:
     return _table(header, rows, {0, 4, 5})
 
 
+def _first_site_line(facts: VerifyFacts) -> str:
+    """``**First divergent fold site:** NAME (backward into TARGET, position P): max abs ...``, right
+    under the verdict (the site tables list the worst sites, which need not include it); "" when no
+    site diverged."""
+    s = facts.first_site
+    if s is None:
+        name = facts.result.first_divergent_site
+        return f"**First divergent fold site:** {md_escape(name)}" if name else ""
+    label = ("First divergent fold site" if s.bn == facts.result.first_divergent_site
+             else "First fold site out of tolerance")
+    line = (f"**{label}:** {md_escape(s.bn)} ({md_escape(s.direction)} into {md_escape(s.target)}, position "
+            f"{s.position}): max abs {fmt(s.max_abs)}, max rel {fmt(s.max_rel)} (atol {fmt(s.atol)}, rtol "
+            f"{fmt(s.rtol)})")
+    if s.worst_channels:
+        line += f"; worst channels {md_escape(channels_text(s))}"
+    return line
+
+
 def _settings_line(facts: VerifyFacts) -> str:
     items: list[str] = []
     for key, value in facts.settings.items():
@@ -135,6 +153,10 @@ def markdown_summary(result: VerifyResult, title: str = "bnfold verification") -
         f"{mark} **{word}** on {providers}: {samples_text(result.samples)}, max abs "
         f"{fmt(result.max_abs)}, max rel {fmt(result.max_rel)}"
     )
+    first = _first_site_line(facts)
+    if first:
+        lines.append("")
+        lines.append(first)
     lines.append("")
     lines.append(f"Rule: {md_escape(result.rule)}")
     if result.note:
@@ -163,9 +185,6 @@ def markdown_summary(result: VerifyResult, title: str = "bnfold verification") -
         )
         lines.append("")
         lines.extend(_sites_table(facts))
-    elif result.first_divergent_site:
-        lines.append("")
-        lines.append(f"First divergent fold site: {md_escape(result.first_divergent_site)}")
     lines.append("")
     lines.append(_settings_line(facts))
     if result.repro_dir:

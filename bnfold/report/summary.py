@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -17,9 +18,12 @@ from bnfold.formulas.drift import LOG_VAR_RATIO_FLAG, MEAN_SHIFT_FLAG, flagged
 from bnfold.records import Action, BnRecord, Drift, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
 from bnfold.report.facts import verify_facts
 
-__all__ = ["summary_text", "verify_summary_text", "plan_table", "drift_table", "ellipsize"]
+__all__ = ["summary_text", "verify_summary_text", "plan_table", "drift_table", "ellipsize", "elide_apart",
+           "candidate_failures"]
 
 ELLIPSIS = "..."
+#: how the note of a provider run begins when the candidate could not run (verification.engine)
+CANDIDATE_FAILED = "candidate failed to run"
 
 
 def ellipsize(text: str, width: int) -> str:
@@ -33,6 +37,47 @@ def ellipsize(text: str, width: int) -> str:
     head = (keep + 1) // 2
     tail = keep - head
     return text[:head] + ELLIPSIS + (text[-tail:] if tail else "")
+
+
+def _clashes(name: str, head: int, width: int, names: list[str], reversed_names: list[str]) -> bool:
+    """Whether another name longer than ``width`` starts with ``name[:head]`` and ends with the tail
+    that an elision to ``width`` at split ``head`` keeps (so both could read the same). The longer of
+    the two ends is looked up by bisection in the sorted names (or the sorted reversed names)."""
+    tail = width - len(ELLIPSIS) - head
+    start, end = name[:head], name[len(name) - tail:] if tail else ""
+    if head >= tail:
+        pool, key, other = names, start, lambda b: b.endswith(end)
+    else:
+        pool, key, other = reversed_names, end[::-1], lambda b: b[::-1].startswith(start)
+    for candidate in pool[bisect_left(pool, key):]:
+        if not candidate.startswith(key):
+            return False
+        original = candidate if pool is names else candidate[::-1]
+        if original != name and len(original) > width and other(candidate):
+            return True
+    return False
+
+
+def elide_apart(names: Iterable[str], width: int) -> dict[str, str]:
+    """Each name cut to ``width`` characters with ``...`` in the middle, like :func:`ellipsize`, but
+    keeping the parts that tell the names apart: where the even split makes two long names read the
+    same (``/stages/stages.0/...tchNormalization`` for ``.../bn1/...`` and ``.../bn2/...``), the cut
+    moves (``/stages/stages.0/bn1...ormalization``) to the split nearest the middle at which no
+    other name has the same head and tail. Names that fit are kept whole."""
+    unique = sorted(set(names))
+    reversed_names = sorted(n[::-1] for n in unique)
+    keep = width - len(ELLIPSIS)
+    out: dict[str, str] = {}
+    for name in unique:
+        if len(name) <= width or width <= len(ELLIPSIS):
+            out[name] = ellipsize(name, width)
+            continue
+        middle = (keep + 1) // 2
+        splits = sorted(range(keep + 1), key=lambda h: (abs(h - middle), -h))
+        head = next((h for h in splits if not _clashes(name, h, width, unique, reversed_names)), middle)
+        tail = keep - head
+        out[name] = name[:head] + ELLIPSIS + (name[len(name) - tail:] if tail else "")
+    return out
 
 
 def fmt(x: Any) -> str:
@@ -136,13 +181,25 @@ def _shapes_line(v: VerifyResult) -> str | None:
                                         f"({s.get('source')})" for name, s in shapes.items())
 
 
+def candidate_failures(v: VerifyResult) -> list[str]:
+    """``"the candidate failed to run on cpu (verification batch 0): REASON"`` for every provider on
+    which the candidate could not run: a run that ran and compared no outputs, its note saying why."""
+    out = []
+    for run in v.ran:
+        if not run.outputs:
+            _, _, why = (run.note or CANDIDATE_FAILED).partition(CANDIDATE_FAILED)
+            out.append(f"the {CANDIDATE_FAILED} on {run.provider}{why or ' (no reason recorded)'}")
+    return out
+
+
 def _verification_lines(v: VerifyResult, max_outputs: int = 10) -> list[str]:
     facts = verify_facts(v)
     providers = ", ".join(facts.providers) or "no provider"
-    lines = [
-        f"Verification ({providers}, {samples_text(v.samples)}): max abs {fmt(v.max_abs)}, "
-        f"max rel {fmt(v.max_rel)} -> {facts.verdict}"
-    ]
+    if v.ran and len(candidate_failures(v)) == len(v.ran):  # no figures: "max abs 0" would be a lie
+        figures = "the candidate failed to run"
+    else:
+        figures = f"max abs {fmt(v.max_abs)}, max rel {fmt(v.max_rel)}"
+    lines = [f"Verification ({providers}, {samples_text(v.samples)}): {figures} -> {facts.verdict}"]
     shapes_line = _shapes_line(v)
     if shapes_line:
         lines.append(shapes_line)
@@ -349,8 +406,9 @@ def plan_table(rows: Iterable[Any]) -> str:
     """A fixed-width table with columns BN, mode, producer, action, target, reason.
 
     ``rows`` have attributes ``name``, ``mode`` (Mode), ``producer`` (str | None),
-    ``producer_op`` and ``decision`` (FoldDecision). Long names are shortened with ``...`` in the
-    middle; columns are separated by two spaces and no line has trailing spaces.
+    ``producer_op`` and ``decision`` (FoldDecision). Long names are shortened with ``...`` where
+    they still read apart (:func:`elide_apart`); columns are separated by two spaces and no line has
+    trailing spaces.
     """
     body = [_cells(r) for r in rows]
     headers = [h for h, _ in _COLUMNS]
@@ -358,18 +416,30 @@ def plan_table(rows: Iterable[Any]) -> str:
     for i, (header, cap) in enumerate(_COLUMNS):
         natural = max([len(header)] + [len(cells[i]) for cells in body])
         widths.append(natural if cap is None else min(natural, max(cap, len(header))))
+    # per column, names elided so that different names read differently; where no single cut at the
+    # column's cap keeps them apart (the differences spread over more than the cap), the column widens
+    shown = []
+    for i in range(len(_COLUMNS) - 1):
+        column = [cells[i] for cells in body]
+        natural = max([0] + [len(c) for c in column])
+        elided = elide_apart(column, widths[i])
+        while len(set(elided.values())) < len(elided) and widths[i] < natural:
+            widths[i] = min(natural, widths[i] + 4)
+            elided = elide_apart(column, widths[i])
+        shown.append(elided)
 
-    def render(cells: list[str]) -> str:
+    def render(cells: list[str], elided: bool = True) -> str:
         parts = []
         last = len(cells) - 1
         for i, cell in enumerate(cells):
             if i == last:
                 parts.append(cell)
             else:
-                parts.append(ellipsize(cell, widths[i]).ljust(widths[i]))
+                text = shown[i].get(cell, cell) if elided else ellipsize(cell, widths[i])
+                parts.append(text.ljust(widths[i]))
         return "  ".join(parts).rstrip()
 
-    lines = [render(headers), render(["-" * w for w in widths])]
+    lines = [render(headers, False), render(["-" * w for w in widths], False)]
     if not body:
         lines.append("(no BatchNormalization nodes)")
     lines.extend(render(cells) for cells in body)

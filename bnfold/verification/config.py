@@ -5,6 +5,7 @@ one without importing the engine.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,3 +31,5 @@ class VerifyConfig:
     repro_dir: str | None = None
     repro_copy_models: bool = False  # copy (hard-link) both models into the bundle: their paths are temporary
     inputs: dict[str, Any] = field(default_factory=dict)  # how the feeds were made (for the report)
+    # called as progress(done, total) after each model run on one batch (the CLI draws a bar on a terminal)
+    progress: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)

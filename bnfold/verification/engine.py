@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 Feeds = Sequence[Mapping[str, np.ndarray]]
 _SITE_FEEDS = 2  # fold-site localisation runs on the first few feeds: bounded memory
+#: how a provider run's note begins when the candidate could not run (it then compares no outputs)
+CANDIDATE_FAILED = "candidate failed to run"
 
 
 def _dtype_name(ort_type: str) -> str:
@@ -56,8 +58,31 @@ class _CandidateFailed(Exception):
     pass
 
 
+def _whole_reason(exc: BaseException, limit: int = 600) -> str:
+    """onnxruntime's whole message on one line (its later lines say what was expected: "index: 0
+    Got: 1 Expected: 8"), cut at ``limit`` characters."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _Ticker:
+    """The progress hook: ``config.progress(done, total)`` after each model run on one batch."""
+
+    def __init__(self, config: VerifyConfig, total: int) -> None:
+        self.fn, self.done, self.total = config.progress, 0, total
+
+    def __call__(self, steps: int = 1) -> None:
+        if self.fn is not None:
+            self.done = min(self.total, self.done + steps)
+            self.fn(self.done, self.total)
+
+    def finish(self) -> None:
+        if self.done < self.total:
+            self(self.total - self.done)
+
+
 def _run_all(sess: onnxruntime.InferenceSession, names: list[str], feeds: Feeds, *,
-             reference: bool = True) -> list[list[np.ndarray]]:
+             reference: bool = True, tick: _Ticker | None = None) -> list[list[np.ndarray]]:
     """Outputs per name (a list over feeds). A reference that cannot run is bad input."""
     inputs = [i.name for i in sess.get_inputs()]
     per: list[list[np.ndarray]] = [[] for _ in names]
@@ -70,16 +95,18 @@ def _run_all(sess: onnxruntime.InferenceSession, names: list[str], feeds: Feeds,
             values = sess.run(names, {n: feed[n] for n in inputs})
         except Exception as exc:  # onnxruntime's own exception types
             if not reference:
-                raise _CandidateFailed(first_line(exc)) from exc
+                raise _CandidateFailed(f"(verification batch {k}): {_whole_reason(exc)}") from exc
             raise BadInputError(f"onnxruntime cannot run the reference model on verification batch {k}: "
                                 f"{first_line(exc)}; check the inputs' shapes and dtypes") from None
         for slot, value in enumerate(values):
             per[slot].append(value)
+        if tick is not None:
+            tick()
     return per
 
 
-def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, config: VerifyConfig
-                  ) -> tuple[ProviderRun, dict[str, list[np.ndarray]] | None]:
+def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, config: VerifyConfig,
+                  tick: _Ticker | None = None) -> tuple[ProviderRun, dict[str, list[np.ndarray]] | None]:
     try:
         ref = make_session(reference, provider, tf32=config.tf32)
         cand = make_session(candidate, provider, tf32=config.tf32)
@@ -95,12 +122,12 @@ def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, c
             "compare models with the same interface")
     check_tolerance_names(names, config.atol, config.rtol)
     dtypes = {o.name: _dtype_name(o.type) for o in ref.get_outputs()}
-    ref_out = _run_all(ref, names, feeds)
+    ref_out = _run_all(ref, names, feeds, tick=tick)
     try:
-        cand_out = _run_all(cand, names, feeds, reference=False)
+        cand_out = _run_all(cand, names, feeds, reference=False, tick=tick)
     except _CandidateFailed as exc:  # the candidate crashes where the reference runs: a failure
         return ProviderRun(provider, "ran", tuple(cand.get_providers()), False,
-                           note=f"candidate failed to run: {exc}"), dict(zip(names, ref_out))
+                           note=f"{CANDIDATE_FAILED} {exc}"), dict(zip(names, ref_out))
     metrics = []
     for name, r, c in zip(names, ref_out, cand_out):
         atol, rtol = resolve_tolerances(name, dtypes[name], config.atol, config.rtol)
@@ -190,11 +217,13 @@ def verify(reference: str | os.PathLike[str], candidate: str | os.PathLike[str],
         raise BadInputError("no verification inputs: give at least one sample")
     runs: list[ProviderRun] = []
     outputs_by_provider: dict[str, dict[str, list[np.ndarray]]] = {}
+    tick = _Ticker(config, 2 * len(feeds) * len(config.providers))
     for provider in config.providers:
-        run, ref_out = _provider_run(reference, candidate, provider, feeds, config)
+        run, ref_out = _provider_run(reference, candidate, provider, feeds, config, tick)
         if ref_out is not None:
             outputs_by_provider[provider] = ref_out
         runs.append(run)
+    tick.finish()  # a skipped provider or a candidate that stopped early: the bar still ends
     ran = [p for p in config.providers if p in outputs_by_provider]
     if len(ran) > 1:
         base = outputs_by_provider[ran[0]]
