@@ -29,6 +29,7 @@ from bnfold.report.facts import VerifyFacts, verify_facts
 from bnfold.report.json_report import write_text_atomic
 from bnfold.report.summary import (
     channels_text,
+    floor_setting_text,
     fmt,
     fmt_cosine,
     fmt_fraction,
@@ -363,7 +364,7 @@ def render_html(result: VerifyResult, title: str = "bnfold verification") -> str
         f"{samples_text(result.samples)}, max abs {_e(fmt(result.max_abs))}, "
         f"max rel {_e(fmt(result.max_rel))}</p></header><main>",
         '<section id="summary"><h2>Summary</h2><ul>',
-        f"<li>Rule: <code>{_e(result.rule)}</code></li>",
+        f"<li>Rule: <code>{_e(result.rule)}</code>; {_e(floor_setting_text(result.settings))}</li>",
     ]
     if result.sites:
         parts.append(f"<li>Fold sites: {failing_sites} of {len(result.sites)} out of tolerance</li>")

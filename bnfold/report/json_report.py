@@ -43,7 +43,7 @@ __all__ = [
     "write_text_atomic",
 ]
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 TOOL_NAME = "bnfold"
 
 # ---- fold records -------------------------------------------------------------------------------
@@ -121,6 +121,7 @@ def _site_to_dict(site: SiteResult) -> dict[str, Any]:
         "worst_channels": [
             {"channel": int(c), "max_abs": _number(v)} for c, v in site.worst_channels
         ],
+        "floor_max": None if site.floor_max is None else _number(site.floor_max),
     }
 
 
