@@ -9,11 +9,13 @@ candidates are folded by hand (numpy, float64, cast once to float32) with one mi
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from cli_run import run_cli
 from conftest import DOUBLE, bn, init, make_model, rand, vi
 from onnx import helper
 
@@ -250,3 +252,31 @@ def test_float64_model_is_verified_on_the_reference_evaluator(tmp_path: Path, rn
     bad = _check(tmp_path, _conv_bn(w, b, p, elem=DOUBLE),
                  _hand_fold(w, b, p, elem=DOUBLE, bias_delta=delta), _feeds(rng, dtype=np.float64))
     assert not bad.passed and bad.outputs[0].worst_index is not None and bad.outputs[0].worst_index[1] == 2
+
+
+def test_every_report_format_shows_rule_floor_and_margin(tmp_path: Path, rng: np.random.Generator) -> None:
+    """`bnfold fold --data` on the offset model: exit 0, and the summary, JSON, JUnit, Markdown and
+    HTML each carry the rule, the floor and the margin; --no-noise-floor is exit 1 and says 'off'."""
+    w, b, p = _offset(rng)
+    src, data = tmp_path / "offset.onnx", tmp_path / "calib.npy"
+    onnx.save(_conv_bn(w, b, p, training=True), src)
+    np.save(data, rand(rng, 64, 3, 8, 8))
+    r = {k: tmp_path / f"r.{k}" for k in ("json", "xml", "md", "html")}
+    proc = run_cli("fold", src, "--data", data, "-o", tmp_path / "f.onnx", "--report", r["json"],
+                   "--junit-xml", r["xml"], "--summary-md", r["md"], "--html", r["html"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "noise floor: perturbation, margin 4 (2 draws)" in proc.stdout and "4 * floor" in proc.stdout
+    assert ", noise floor " in proc.stdout  # the output's floor next to its tolerances
+    v = json.loads(r["json"].read_text())["verification"]
+    assert v["settings"]["noise_floor"]["margin"] == MARGIN and "4 * floor" in v["rule"]
+    assert v["runs"][0]["outputs"][0]["floor_max"] > 0 and v["sites"][0]["floor_max"] > 0
+    xml = r["xml"].read_text()
+    assert 'name="noise_floor" value="noise floor: perturbation, margin 4' in xml and "4 * floor" in xml
+    md = r["md"].read_text()
+    assert "float floor" in md and "noise floor: perturbation, margin 4" in md and "4 \\* floor" in md
+    html = r["html"].read_text()
+    assert "noise floor: perturbation, margin 4" in html and "4 * floor" in html
+    strict = run_cli("fold", src, "--data", data, "-o", tmp_path / "g.onnx", "--no-noise-floor", "--no-repro",
+                     "--report", tmp_path / "s.json", cwd=tmp_path)
+    assert strict.returncode == 1 and "noise floor: off" in strict.stdout
+    assert json.loads((tmp_path / "s.json").read_text())["verification"]["settings"]["noise_floor"] == "off"
