@@ -64,7 +64,7 @@ def _open(path: str, provider: str, tf32: bool) -> Session:
     try:
         return make_session(path, provider, tf32=tf32)
     except UnsupportedModelError as exc:
-        if provider != "cpu" or not needs_reference(str(exc)):
+        if provider != "cpu" or not needs_reference(str(exc), onnx.load(path, load_external_data=False)):
             raise
         log.info("onnxruntime cannot run %s (%s): onnx's reference evaluator runs it", path, first_line(exc))
         return ReferenceSession(path)
@@ -246,7 +246,7 @@ def _ref_values(model: onnx.ModelProto, outputs: list[str], extra: list[str], fe
     try:
         sess: Session = make_session_from_model(model, ".")
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
-        if not needs_reference(str(exc)):
+        if not needs_reference(str(exc), model):
             raise
         sess = ReferenceSession(model)
     values = dict(zip(outputs, _run_all(sess, outputs, feeds)))

@@ -123,9 +123,12 @@ def _site_tensors(model: onnx.ModelProto, sites: Sequence[Site]) -> tuple[set[st
     nodes = {n.name: n for n in model.graph.node}
     bn_by_name = {n.name: n for n in model.graph.node if n.op_type == "BatchNormalization"}
     readers: dict[str, list[onnx.NodeProto]] = {}
+    writer: dict[str, onnx.NodeProto] = {}
     for n in model.graph.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
+        for o in n.output:
+            writer[o] = n
     means: set[str] = set()
     weights: set[str] = set()
     for site in sites:
@@ -138,8 +141,7 @@ def _site_tensors(model: onnx.ModelProto, sites: Sequence[Site]) -> tuple[set[st
             weights.add(bn.input[1])
         # the node the BN folds into, in the reference: its producer (backward) or its reader (forward)
         target = nodes.get(site.target)
-        neighbours = [n for n in model.graph.node if bn.input[0] in n.output]
-        neighbours += readers.get(bn.output[0], [])
+        neighbours = ([writer[bn.input[0]]] if bn.input[0] in writer else []) + readers.get(bn.output[0], [])
         for n in ([target] if target is not None else []) + neighbours:
             if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) >= 2:
                 weights.add(n.input[1] if n.op_type != "MatMul" or n.input[1] else n.input[0])
