@@ -189,6 +189,9 @@ class OutputMetrics:
     # |a-b| over the finite pairs by decade: (lower exponent k, count) for 10**k <= d < 10**(k+1),
     # k clipped to [HIST_LO, HIST_HI]; exact zeros under k = HIST_ZERO. Only non-empty bins.
     error_histogram: tuple[tuple[int, int], ...] = ()
+    # the largest elementwise float noise floor of the reference (``verification.noise_floor``);
+    # None when no floor was estimated. Elements within ``margin * floor`` pass (``VerifyResult.rule``).
+    floor_max: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: non-finite floats as ``"inf"``, ``"-inf"``, ``"nan"``; tuples as lists."""
@@ -224,6 +227,7 @@ class SiteResult:
     rtol: float
     passed: bool
     worst_channels: tuple[tuple[int, float], ...] = ()  # (channel, max abs error), worst first
+    floor_max: float | None = None  # the largest noise floor at this site (None: not estimated)
 
 
 @dataclass(frozen=True)

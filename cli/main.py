@@ -243,7 +243,7 @@ def _engine_config(compare: CompareOptions, report_path: Path | None = None) -> 
     return bnfold.VerifyConfig(
         providers=compare.providers, atol=tols["atol"], rtol=tols["rtol"], error_stat=compare.error_stat,
         quantile=compare.quantile, allow_missing_providers=compare.allow_missing_providers, tf32=compare.tf32,
-        repro_dir=str(repro) if repro is not None else None)
+        repro_dir=str(repro) if repro is not None else None, noise_floor=not compare.no_noise_floor)
 
 
 def _stage_verification_reports(result: Any, report: ReportConfig, outputs: Outputs, *, write_json: bool,

@@ -74,6 +74,7 @@ class CompareOptions:
     tf32: bool = False
     repro_dir: Path | None = None  # None: the default place (see cli.main._repro_dir)
     no_repro: bool = False  # --no-repro: no bundle at all
+    no_noise_floor: bool = False  # --no-noise-floor: the tolerance rule alone (strict)
 
 
 @dataclass(frozen=True)
@@ -272,14 +273,19 @@ compare_options = _group(
                           "Nothing is written when verification passes."),
         click.option("--no-repro", is_flag=True, default=False,
                      help="Write no repro bundle when verification fails."),
+        click.option("--no-noise-floor", is_flag=True, default=False,
+                     help="Strict check: the tolerance rule alone. By default an element also passes when "
+                          "|candidate - reference| <= 4 x the reference's own float noise floor (estimated "
+                          "per output channel; see README, 'Verification')."),
     ],
-    lambda providers, atol, rtol, error_stat, quantile, allow_missing_providers, tf32, repro_dir, no_repro: (
+    lambda providers, atol, rtol, error_stat, quantile, allow_missing_providers, tf32, repro_dir, no_repro,
+    no_noise_floor: (
         "compare",
         CompareOptions(providers, atol, rtol, error_stat, quantile, allow_missing_providers, tf32, repro_dir,
-                       no_repro),
+                       no_repro, no_noise_floor),
     ),
     ("providers", "atol", "rtol", "error_stat", "quantile", "allow_missing_providers", "tf32", "repro_dir",
-     "no_repro"),
+     "no_repro", "no_noise_floor"),
 )
 compare_options.__doc__ = "--providers, --atol, --rtol, --check-error-stat, ...  ->  compare: CompareOptions"
 

@@ -10,7 +10,7 @@ folded (``bnfold --help`` and usage errors never pay for it).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -127,8 +127,11 @@ def run(model: Path | None, output: Path | None, frozen_output: Path | None, dat
 
 def _check_line(title: str, check: TensorCheck) -> str:
     verdict = "passed" if check.passed else "FAILED"
+    floors = [o.floor_max for o in check.outputs if o.floor_max is not None]
+    floor = (f", noise floor {max(floors):.3g} (float64 oracle, margin {check.noise_floor['margin']:g})"
+             if floors and isinstance(check.noise_floor, Mapping) else "")
     return (f"{title} ({check.samples} samples): max abs {check.max_abs:.3g}, "
-            f"max rel {check.max_rel:.3g} -> {verdict}")
+            f"max rel {check.max_rel:.3g}{floor} -> {verdict}")
 
 
 def _check_message(check: TensorCheck) -> str:

@@ -116,7 +116,7 @@ def test_report_numbers(schema):
     assert v["sites"][1] == {
         "bn": "layer1.0.bn2", "tensor": "layer1.0.bn2_out", "target": "layer1.0.bn2_conv",
         "direction": "backward", "position": 5, "max_abs": 0.0, "max_rel": 0.0, "atol": 1e-4,
-        "rtol": 1e-4, "passed": True, "worst_channels": [],
+        "rtol": 1e-4, "passed": True, "worst_channels": [], "floor_max": None,
     }
     assert v["first_divergent_site"] is None and v["repro_dir"] is None
     assert v["settings"]["tf32"] is False and v["settings"]["graph_optimization_level"] == "disabled"

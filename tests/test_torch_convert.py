@@ -140,13 +140,14 @@ def test_convert_to_pt2_checks_in_torch(data: tuple[Path, np.ndarray], tmp_path:
 
 
 def test_failed_check_is_a_verdict_and_writes_nothing(data: tuple[Path, np.ndarray], tmp_path: Path) -> None:
-    """Zero tolerance is below the fold's float32 round-off: the torch check fails, nothing is written."""
+    """Zero tolerance is below the fold's float32 round-off: the strict torch check (no noise floor,
+    which would accept round-off) fails, nothing is written."""
     from bnfold.verification.engine import VerifyConfig
 
     path, _ = data
     out = tmp_path / "net.pt2"
     result = bt.convert(make_net(), path, out, batch_size=BATCH, device="cpu",
-                        config=VerifyConfig(atol=(0.0, {}), rtol=(0.0, {})))
+                        config=VerifyConfig(atol=(0.0, {}), rtol=(0.0, {}), noise_floor=False))
     assert not result.passed and result.failed == "torch_check" and result.output is None
     assert result.torch_check is not None and not result.torch_check.passed and result.torch_check.max_abs > 0
     assert result.torch_check.outputs[0].atol == 0.0 and result.export_check is None

@@ -230,10 +230,11 @@ def test_an_unwritable_place_warns_and_keeps_the_verdict(pair: dict[str, Path], 
 
 
 def test_failing_fold_writes_a_bundle_with_the_models(pair: dict[str, Path], tmp_path: Path) -> None:
-    """fold with zero tolerance fails on float rounding; its models and inputs go into the bundle
+    """fold with zero tolerance and no noise floor fails on float rounding; its models and inputs go into the bundle
     and the bundle's command reproduces the failure from them."""
     out = tmp_path / "out" / "folded.onnx"
-    proc = run_cli("fold", pair["ref"], "-o", out, "--atol", "0", "--rtol", "0", cwd=tmp_path)
+    proc = run_cli("fold", pair["ref"], "-o", out, "--atol", "0", "--rtol", "0", "--no-noise-floor",
+                   cwd=tmp_path)
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert not out.exists()
     bundle = tmp_path / "bnfold-repro"
@@ -260,12 +261,12 @@ def test_failing_fold_writes_a_bundle_with_the_models(pair: dict[str, Path], tmp
 def test_failing_fold_with_report_and_no_repro(pair: dict[str, Path], tmp_path: Path) -> None:
     report = tmp_path / "fold.json"
     proc = run_cli("fold", pair["ref"], "-o", tmp_path / "f.onnx", "--atol", "0", "--rtol", "0", "--report", report,
-                   cwd=tmp_path)
+                   "--no-noise-floor", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert (tmp_path / "fold.repro" / "repro.json").is_file()
     assert json.loads(report.read_text())["verification"]["repro_dir"] == str(tmp_path / "fold.repro")
     proc = run_cli("fold", pair["ref"], "-o", tmp_path / "g.onnx", "--atol", "0", "--rtol", "0", "--no-repro",
-                   cwd=tmp_path / "fold.repro")
+                   "--no-noise-floor", cwd=tmp_path / "fold.repro")
     assert proc.returncode == 1, proc.stderr
     assert not (tmp_path / "fold.repro" / "bnfold-repro").exists()
 

@@ -35,6 +35,7 @@ from bnfold.report.summary import (
     channels_text,
     elide_apart,
     ellipsize,
+    floor_setting_text,
     fmt,
     fmt_cosine,
     fmt_fraction,
@@ -184,7 +185,7 @@ def _diagnosis(facts: VerifyFacts) -> list[str]:
     out.append(f"<li>Rule: <code>{_e(result.rule)}</code></li>")
     floor = facts.settings.get("noise_floor")
     if floor is not None:
-        out.append(f'<li id="noise-floor">Noise floor: {_e(_setting_text(floor))}</li>')
+        out.append(f'<li id="noise-floor">{_e(floor_setting_text(facts.settings))}</li>')
     if result.note:
         out.append(f"<li>{_e(result.note)}</li>")
     if result.repro_dir:

@@ -135,6 +135,7 @@ def _site_to_dict(site: SiteResult) -> dict[str, Any]:
         "worst_channels": [
             {"channel": int(c), "max_abs": _number(v)} for c, v in site.worst_channels
         ],
+        "floor_max": None if site.floor_max is None else _number(site.floor_max),
     }
 
 

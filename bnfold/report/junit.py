@@ -24,7 +24,14 @@ from typing import Any
 from bnfold.records import OutputMetrics, VerifyResult
 from bnfold.report.facts import verify_facts
 from bnfold.report.json_report import write_text_atomic
-from bnfold.report.summary import channels_text, fmt, fmt_cosine, output_figures, tolerance_text
+from bnfold.report.summary import (
+    channels_text,
+    floor_setting_text,
+    fmt,
+    fmt_cosine,
+    output_figures,
+    tolerance_text,
+)
 
 __all__ = ["junit_to_string", "write_junit"]
 
@@ -36,7 +43,7 @@ def _metrics_text(o: OutputMetrics, noise: float | None) -> str:
     for key in (
         "max_abs", "p99_abs", "mean_abs", "median_abs", "max_rel", "mismatches", "mismatch_pct",
         "elements", "min_atol", "min_rtol", "cosine", "snr_db", "max_ulp", "top1", "top5",
-        "nan_ref", "nan_cand", "inf_ref", "inf_cand",
+        "nan_ref", "nan_cand", "inf_ref", "inf_cand", "floor_max",
     ):
         value = getattr(o, key)
         lines.append(f"{key} = {fmt_cosine(value) if key == 'cosine' else fmt(value)}")
@@ -79,6 +86,7 @@ def _build(result: VerifyResult, suite_name: str) -> ET.Element:
     prop("verdict", "pass" if facts.passed else "fail")
     prop("samples", result.samples)
     prop("rule", result.rule)
+    prop("noise_floor", floor_setting_text(result.settings))
     prop("first_divergent_site", result.first_divergent_site)
     prop("repro_dir", result.repro_dir)
     for key, value in sorted(result.settings.items()):
@@ -122,7 +130,8 @@ def _build(result: VerifyResult, suite_name: str) -> ET.Element:
         message = (
             f"fold site {site.bn} ({site.direction} into {site.target}, tensor {site.tensor}): "
             f"max abs {fmt(site.max_abs)}, max rel {fmt(site.max_rel)} "
-            f"(atol {fmt(site.atol)}, rtol {fmt(site.rtol)})"
+            f"(atol {fmt(site.atol)}, rtol {fmt(site.rtol)}"
+            + (f", noise floor {fmt(site.floor_max)})" if site.floor_max is not None else ")")
         )
         failure = ET.SubElement(case, "failure", message=_clean(message), type="FoldSiteDiverges")
         text = [message, f"position {site.position}"]

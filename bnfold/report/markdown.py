@@ -15,6 +15,7 @@ from bnfold.report.facts import VerifyFacts, verify_facts, worst_sites
 from bnfold.report.json_report import write_text_atomic
 from bnfold.report.summary import (
     channels_text,
+    floor_setting_text,
     fmt,
     fmt_cosine,
     fmt_fraction,
@@ -64,6 +65,9 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
 def _run_table(run: ProviderRun, noise: dict[str, float]) -> list[str]:
     header = ["output", "max abs", "p99 abs", "max rel", "mismatches", "cosine", "SNR dB",
               "max ULP", "top-1", "atol/rtol", "verdict"]
+    floors = any(o.floor_max is not None for o in run.outputs)  # the reference's float noise floor
+    if floors:
+        header.insert(len(header) - 1, "float floor")
     if noise:
         header.insert(2, "noise floor")
     rows = []
@@ -85,6 +89,8 @@ def _run_table(run: ProviderRun, noise: dict[str, float]) -> list[str]:
             tol,
             f"{PASS_MARK} pass" if o.passed else f"{FAIL_MARK} fail",
         ]
+        if floors:
+            cells.insert(len(cells) - 1, fmt(o.floor_max))
         if noise:
             cells.insert(2, fmt(noise.get(o.name)))
         rows.append(cells)
@@ -104,7 +110,8 @@ def _sites_table(facts: VerifyFacts) -> list[str]:
             name = f"**{name}** (first divergent)"
         rows.append([
             str(s.position), name, md_escape(s.direction), md_escape(s.target), fmt(s.max_abs),
-            fmt(s.max_rel), f"{fmt(s.atol)} / {fmt(s.rtol)}",
+            fmt(s.max_rel), f"{fmt(s.atol)} / {fmt(s.rtol)}"
+            + (f" (floor {fmt(s.floor_max)})" if s.floor_max is not None else ""),
             md_escape(channels_text(s)) if s.worst_channels else "-",
             f"{PASS_MARK} pass" if s.passed else f"{FAIL_MARK} fail",
         ])
@@ -158,7 +165,7 @@ def markdown_summary(result: VerifyResult, title: str = "bnfold verification") -
         lines.append("")
         lines.append(first)
     lines.append("")
-    lines.append(f"Rule: {md_escape(result.rule)}")
+    lines.append(f"Rule: {md_escape(result.rule)}; {md_escape(floor_setting_text(result.settings))}")
     if result.note:
         lines.append("")
         lines.append(md_escape(result.note))

@@ -11,7 +11,7 @@ import math
 import numbers
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bnfold.formulas.drift import LOG_VAR_RATIO_FLAG, MEAN_SHIFT_FLAG, flagged
@@ -157,10 +157,23 @@ def tolerance_text(o: OutputMetrics) -> str:
     stat = o.error_stat
     if stat == "quantile" and o.quantile is not None:
         stat = f"q{fmt(o.quantile)}"
-    if o.atol == 0 and o.rtol == 0 and stat == "max":
+    if o.atol == 0 and o.rtol == 0 and stat == "max" and o.floor_max is None:
         return "exact"
     text = f"atol {fmt(o.atol)}, rtol {fmt(o.rtol)}"
+    if o.floor_max is not None:
+        text += f", noise floor {fmt(o.floor_max)}"
     return text if stat == "max" else f"{text} on {stat}"
+
+
+def floor_setting_text(settings: Mapping[str, Any]) -> str:
+    """``"noise floor: perturbation, margin 4"`` / ``"noise floor: off"`` from ``VerifyResult.settings``."""
+    nf = settings.get("noise_floor")
+    if not isinstance(nf, Mapping):
+        return "noise floor: off (strict tolerance rule)" if nf == "off" else "noise floor: not recorded"
+    text = f"noise floor: {nf.get('method')}, margin {fmt(nf.get('margin'))}"
+    if nf.get("draws"):
+        text += f" ({nf['draws']} draws)"
+    return text + (f"; {nf['note']}" if nf.get("note") else "")
 
 
 def run_label(run: ProviderRun) -> str:
@@ -200,6 +213,8 @@ def _verification_lines(v: VerifyResult, max_outputs: int = 10) -> list[str]:
     else:
         figures = f"max abs {fmt(v.max_abs)}, max rel {fmt(v.max_rel)}"
     lines = [f"Verification ({providers}, {samples_text(v.samples)}): {figures} -> {facts.verdict}"]
+    if "noise_floor" in v.settings:  # a record from this verifier (older ones have no floor)
+        lines.append(f"  Rule: {v.rule}; {floor_setting_text(v.settings)}")
     shapes_line = _shapes_line(v)
     if shapes_line:
         lines.append(shapes_line)
@@ -224,7 +239,8 @@ def _verification_lines(v: VerifyResult, max_outputs: int = 10) -> list[str]:
             line = (
                 f"  First divergent fold site: {first.bn} ({first.direction} into {first.target}, "
                 f"tensor {first.tensor}, position {first.position}): max abs {fmt(first.max_abs)}, "
-                f"max rel {fmt(first.max_rel)} (atol {fmt(first.atol)}, rtol {fmt(first.rtol)})"
+                f"max rel {fmt(first.max_rel)} (atol {fmt(first.atol)}, rtol {fmt(first.rtol)}"
+                + (f", noise floor {fmt(first.floor_max)})" if first.floor_max is not None else ")")
             )
             if first.worst_channels:
                 line += f"; worst channels {channels_text(first)}"

@@ -81,23 +81,28 @@ class OutputCheck:
     atol: float
     rtol: float
     passed: bool
+    floor_max: float | None = None  # the reference's largest float32 noise floor (None: none)
 
 
 @dataclass(frozen=True)
 class TensorCheck:
-    """Two runs of the same inputs compared output by output (|a - b| <= atol + rtol*|ref|)."""
+    """Two runs of the same inputs compared output by output (``rule``: |a - b| <= atol + rtol*|ref|,
+    or within the margin times the reference's noise floor from a float64 run of the module)."""
 
     max_abs: float
     max_rel: float
     passed: bool
     samples: int
     outputs: tuple[OutputCheck, ...]
+    noise_floor: Mapping[str, Any] | str = "off"  # {"method": "float64", "margin": 4.0} or "off"
+    rule: str = ""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TensorCheck:
         """From the dict ``report.extra`` holds (``bnfold.torch.export.compare_arrays``)."""
         return cls(max_abs=float(d["max_abs"]), max_rel=float(d["max_rel"]), passed=bool(d["passed"]),
-                   samples=int(d["samples"]), outputs=tuple(OutputCheck(**o) for o in d.get("outputs", [])))
+                   samples=int(d["samples"]), outputs=tuple(OutputCheck(**o) for o in d.get("outputs", [])),
+                   noise_floor=d.get("noise_floor", "off"), rule=str(d.get("rule", "")))
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,13 @@ class _Request:
     def tolerances(self) -> dict[str, Any]:
         """The config's atol/rtol for the torch and export checks (the dtype defaults where not given)."""
         return {} if self.config is None else {"atol": self.config.atol, "rtol": self.config.rtol}
+
+    def oracle(self, module: nn.Module, example: Example) -> dict[str, Any] | None:
+        """The float64 run of ``module`` that gives the checks their noise floor; None when the
+        config turns the floor off (``noise_floor=False``) or the module cannot run in float64."""
+        if self.config is not None and not self.config.noise_floor:
+            return None
+        return ex.float64_oracle(module, example)
 
 
 def _progress(req: _Request) -> Callable[[int, int | None], None] | None:
@@ -473,7 +485,8 @@ def _check_and_save(req: _Request, loaded: LoadedTorchModel, result: TorchFoldRe
             got = ex.eager_named(result.module, to_device(example, dev))
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             raise _forward_failed(exc, "the data samples") from exc
-        check = ex.compare_arrays(ref, got, sample_count(example), **req.tolerances())
+        check = ex.compare_arrays(ref, got, sample_count(example), **req.tolerances(),
+                                  oracle=req.oracle(frozen, to_device(example, dev)))
         report.extra["torch_check"] = check
         torch_check = TensorCheck.from_dict(check)
         if not torch_check.passed:
@@ -497,7 +510,8 @@ def _check_and_save(req: _Request, loaded: LoadedTorchModel, result: TorchFoldRe
             raise UnsupportedModelError(f"the {FORMAT_LABELS[fmt]} written for the folded module does not "
                                         f"load or run: {type(exc).__name__}: {one_line(exc, 240)}") from exc
         got_arrays = ex.tensors_to_arrays(list(ref), written)
-        check = ex.compare_arrays(ref, got_arrays, sample_count(example), **req.tolerances())
+        check = ex.compare_arrays(ref, got_arrays, sample_count(example), **req.tolerances(),
+                                  oracle=req.oracle(folded, example))
         report.extra["export_check"] = check
         export_check = TensorCheck.from_dict(check)
         if not export_check.passed:
@@ -629,7 +643,7 @@ def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | No
             out_names, values = ex.run_onnx(onnx_path, {k: v.numpy() for k, v in example.items()})
             reference = ex.tensors_to_arrays(info.output_names, ref)
             check = ex.compare_arrays(reference, dict(zip(out_names, values)), sample_count(example),
-                                      **req.tolerances())
+                                      **req.tolerances(), oracle=req.oracle(module, example))
         frozen_written: Path | None = None
         rows: tuple[BnInspection, ...] | None
         if check is not None and not check["passed"]:

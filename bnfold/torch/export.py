@@ -8,13 +8,15 @@
   ``torch.export.save``.
 * :func:`save_torchscript`: ``torch.jit.trace`` + ``torch.jit.save``.
 * :func:`compare_arrays`: the figures ``report.extra["export_check"]`` / ``["torch_check"]``
-  hold, with the default tolerance of the output dtype (:func:`bnfold.verification.compare.tolerance_for`).
+  hold, with the default tolerance of the output dtype, and the noise floor of the reference from
+  a float64 run of the module (:func:`float64_oracle`): elements within ``MARGIN`` x floor pass too.
 
 The caller stages files and moves them into place once they are checked.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 import warnings
@@ -29,6 +31,7 @@ from torch import nn
 
 from bnfold.errors import UnsupportedModelError, one_line
 from bnfold.verification.compare import compare_outputs
+from bnfold.verification.noise_floor import MARGIN, floor_from_oracle
 
 __all__ = [
     "ExportInfo", "compare_arrays", "export_onnx", "flat_outputs", "load_saved", "run_eager", "run_onnx",
@@ -260,20 +263,42 @@ _ORT_TYPES = {
 Tolerance = tuple[float | None, Mapping[str, float]]  # parse_tolerances: (global, {output: value})
 
 
-def compare_arrays(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], samples: int,
-                   atol: Tolerance = (None, {}), rtol: Tolerance = (None, {})) -> dict[str, Any]:
-    """max abs / max rel error and the verdict per output and overall: ``--atol``/``--rtol``
-    (per output, else global) where given, else the output dtype's default tolerance."""
+def float64_oracle(module: nn.Module, example: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray] | None:
+    """``{output name: array}`` of a float64 copy of ``module`` on ``example`` (float inputs cast to
+    float64): the exact function the float32 run rounds. None where the module cannot run in
+    float64 (a dtype fixed in its code, a TorchScript cast): the checks then have no floor."""
+    try:
+        double = copy.deepcopy(module).double()
+        ex64 = {k: (v.double() if v.is_floating_point() else v) for k, v in example.items()}
+        return eager_named(double, ex64)
+    except Exception:  # noqa: BLE001 - any failure means: no oracle
+        return None
 
-    metrics = compare_outputs(dict(reference), dict(candidate), atol=atol, rtol=rtol)
+
+def compare_arrays(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], samples: int,
+                   atol: Tolerance = (None, {}), rtol: Tolerance = (None, {}),
+                   oracle: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """max abs / max rel error and the verdict per output and overall: ``--atol``/``--rtol``
+    (per output, else global) where given, else the output dtype's default tolerance.
+
+    ``oracle``: the reference computed in float64 (:func:`float64_oracle`); the floor is then
+    ``|reference - oracle|`` per channel, and an element within ``MARGIN`` x floor passes too.
+    ``noise_floor`` in the result: ``{"method": "float64", "margin": ...}``, or ``"off"``.
+    """
+    floors = floor_from_oracle(reference, oracle) if oracle is not None else None
+    metrics = compare_outputs(dict(reference), dict(candidate), atol=atol, rtol=rtol, floors=floors)
     outputs = [{"name": m.name, "dtype": m.dtype, "max_abs": float(m.max_abs), "max_rel": float(m.max_rel),
-                "atol": float(m.atol), "rtol": float(m.rtol), "passed": bool(m.passed)} for m in metrics]
+                "atol": float(m.atol), "rtol": float(m.rtol), "passed": bool(m.passed),
+                "floor_max": m.floor_max} for m in metrics]
     return {
         "max_abs": max((float(m.max_abs) for m in metrics), default=0.0),
         "max_rel": max((float(m.max_rel) for m in metrics), default=0.0),
         "passed": all(o["passed"] for o in outputs),
         "samples": int(samples),
         "outputs": outputs,
+        "noise_floor": {"method": "float64", "margin": MARGIN} if floors is not None else "off",
+        "rule": ("|candidate - reference| <= atol + rtol * |reference|"
+                 + (f" or |candidate - reference| <= {MARGIN:g} * floor" if floors is not None else "")),
     }
 
 

@@ -14,6 +14,7 @@ from bnfold.records import OutputMetrics, VerifyResult
 from bnfold.verification.config import VerifyConfig
 from bnfold.verification.engine import verify
 from bnfold.verification.metrics import compute_metrics
+from bnfold.verification.noise_floor import MARGIN
 from bnfold.verification.tolerances import resolve_tolerances
 
 __all__ = [
@@ -25,11 +26,14 @@ __all__ = [
 def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
                     dtypes: Mapping[str, str] | None = None,
                     atol: float | tuple[float | None, Mapping[str, float]] | None = None,
-                    rtol: float | tuple[float | None, Mapping[str, float]] | None = None) -> list[OutputMetrics]:
+                    rtol: float | tuple[float | None, Mapping[str, float]] | None = None,
+                    floors: Mapping[str, np.ndarray] | None = None) -> list[OutputMetrics]:
     """``OutputMetrics`` per reference output (in its order); a missing candidate output fails.
 
     ``atol``/``rtol``: one value for every output, or a :func:`parse_tolerances` result
-    ``(global, {output: value})``; None: the output dtype's default.
+    ``(global, {output: value})``; None: the output dtype's default. ``floors``: the reference's
+    noise floor per output (:mod:`bnfold.verification.noise_floor`); an element within
+    ``MARGIN`` x floor passes too.
     """
     atol_spec = atol if isinstance(atol, tuple) else (atol, {})
     rtol_spec = rtol if isinstance(rtol, tuple) else (rtol, {})
@@ -40,13 +44,16 @@ def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str,
         cand = candidate.get(name)
         if cand is None:
             cand = np.full(np.shape(ref)[:0] + (0,), np.nan)  # shape mismatch: fails with inf error
-        results.append(compute_metrics(name, np.asarray(ref), np.asarray(cand), dtype=dtype, atol=a, rtol=r))
+        results.append(compute_metrics(name, np.asarray(ref), np.asarray(cand), dtype=dtype, atol=a, rtol=r,
+                                       floor=(floors or {}).get(name), margin=MARGIN))
     return results
 
 
 def verify_models(reference_path: str | os.PathLike[str], candidate_path: str | os.PathLike[str],
                   batches: Iterable[Mapping[str, np.ndarray]], *, provider: str = "cpu",
-                  atol: float | None = None, rtol: float | None = None, localize: bool = True) -> VerifyResult:
+                  atol: float | None = None, rtol: float | None = None, localize: bool = True,
+                  noise_floor: bool = True) -> VerifyResult:
     """Reference vs candidate on one provider with global tolerances (see ``engine.verify``)."""
-    config = VerifyConfig(providers=(provider,), atol=(atol, {}), rtol=(rtol, {}), localize=localize)
+    config = VerifyConfig(providers=(provider,), atol=(atol, {}), rtol=(rtol, {}), localize=localize,
+                          noise_floor=noise_floor)
     return verify(reference_path, candidate_path, list(batches), config)

@@ -25,6 +25,9 @@ class VerifyConfig:
     allow_missing_providers: bool = False
     tf32: bool = False
     localize: bool = True
+    # Estimate the reference's float noise floor and let elements within NOISE_MARGIN x floor pass
+    # too (``noise_floor``); False: the tolerance rule alone (``--no-noise-floor``, a strict check).
+    noise_floor: bool = True
     # Where a failing run writes its repro bundle (``repro.write_bundle``). None (the default):
     # none. The library never picks a folder by itself; the CLI passes --repro-dir or its default
     # (``repro.default_location``: beside --report, else ./bnfold-repro) unless --no-repro.

@@ -14,24 +14,23 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 from google.protobuf.message import EncodeError
 
 from bnfold.environment import runtime_environment
-from bnfold.errors import BadInputError, ProviderUnavailable, first_line
+from bnfold.errors import BadInputError, ProviderUnavailable, UnsupportedModelError, first_line
 from bnfold.onnx.runtime import CUDA_SETTINGS, make_session, make_session_from_model
 from bnfold.records import ProviderRun, SiteResult, VerifyResult
+from bnfold.verification import noise_floor as nf
 from bnfold.verification.config import VerifyConfig
 from bnfold.verification.metrics import compute_metrics_batched
+from bnfold.verification.reference_session import ReferenceSession, needs_reference
 from bnfold.verification.repro import write_bundle
-from bnfold.verification.sites import find_sites, with_outputs, worst_channels
+from bnfold.verification.sites import Site, find_sites, with_outputs, worst_channels
 from bnfold.verification.tolerances import check_tolerance_names, resolve_tolerances
-
-if TYPE_CHECKING:  # pragma: no cover
-    import onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,22 @@ class _Ticker:
             self(self.total - self.done)
 
 
-def _run_all(sess: onnxruntime.InferenceSession, names: list[str], feeds: Feeds, *,
+Session = Any  # an onnxruntime.InferenceSession or a ReferenceSession (the same few methods)
+
+
+def _open(path: str, provider: str, tf32: bool) -> Session:
+    """A session of the model at ``path``; on the CPU, onnx's reference evaluator where onnxruntime
+    lacks a kernel the model needs (float64 Conv)."""
+    try:
+        return make_session(path, provider, tf32=tf32)
+    except UnsupportedModelError as exc:
+        if provider != "cpu" or not needs_reference(str(exc), onnx.load(path, load_external_data=False)):
+            raise
+        log.info("onnxruntime cannot run %s (%s): onnx's reference evaluator runs it", path, first_line(exc))
+        return ReferenceSession(path)
+
+
+def _run_all(sess: Session, names: list[str], feeds: Feeds, *,
              reference: bool = True, tick: _Ticker | None = None) -> list[list[np.ndarray]]:
     """Outputs per name (a list over feeds). A reference that cannot run is bad input."""
     inputs = [i.name for i in sess.get_inputs()]
@@ -106,10 +120,11 @@ def _run_all(sess: onnxruntime.InferenceSession, names: list[str], feeds: Feeds,
 
 
 def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, config: VerifyConfig,
+                  floors: dict[str, np.ndarray],
                   tick: _Ticker | None = None) -> tuple[ProviderRun, dict[str, list[np.ndarray]] | None]:
     try:
-        ref = make_session(reference, provider, tf32=config.tf32)
-        cand = make_session(candidate, provider, tf32=config.tf32)
+        ref = _open(reference, provider, config.tf32)
+        cand = _open(candidate, provider, config.tf32)
     except ProviderUnavailable as exc:
         if not config.allow_missing_providers:
             raise
@@ -132,7 +147,8 @@ def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, c
     for name, r, c in zip(names, ref_out, cand_out):
         atol, rtol = resolve_tolerances(name, dtypes[name], config.atol, config.rtol)
         metrics.append(compute_metrics_batched(name, r, c, dtype=dtypes[name], atol=atol, rtol=rtol,
-                                               error_stat=config.error_stat, quantile=config.quantile))
+                                               error_stat=config.error_stat, quantile=config.quantile,
+                                               floor=floors.get(name), margin=nf.MARGIN))
     passed = all(m.passed for m in metrics)
     return ProviderRun(provider, "ran", tuple(cand.get_providers()), passed, tuple(metrics)), dict(zip(names, ref_out))
 
@@ -150,7 +166,7 @@ def _noise_floor(base: dict[str, list[np.ndarray]], other: dict[str, list[np.nda
 
 
 def _site_session(model: onnx.ModelProto, names: list[str], path: str, workdir: Path,
-                  label: str) -> onnxruntime.InferenceSession:
+                  label: str) -> Session:
     """A CPU session of ``model`` (read without its external data) with ``names`` as outputs too.
 
     The copy is built in memory, without the weights: onnxruntime reads those from the folder of
@@ -171,21 +187,22 @@ def _site_session(model: onnx.ModelProto, names: list[str], path: str, workdir: 
     except (ValueError, EncodeError):  # over 2 GiB (EncodeError with upb protobuf): weights beside it
         onnx.save_model(full, str(out), save_as_external_data=True, location=f"{label}.data")
     del full
-    return make_session(str(out), "cpu")
+    return _open(str(out), "cpu", False)
 
 
-def _localize(reference: str, candidate: str, feeds: Feeds, config: VerifyConfig, workdir: Path
-              ) -> tuple[SiteResult, ...]:
+def _localize(reference: str, candidate: str, feeds: Feeds, config: VerifyConfig, workdir: Path,
+              floors: dict[str, np.ndarray]) -> tuple[SiteResult, ...]:
     """Fold sites compared on the CPU. A diagnosis: any failure here means no sites, never a
     different verdict or an error."""
     try:
-        return _localize_sites(reference, candidate, feeds, workdir)
+        return _localize_sites(reference, candidate, feeds, workdir, floors)
     except Exception as exc:  # noqa: BLE001 - localisation must never hide the verdict
         log.debug("fold-site localisation skipped: %s", first_line(exc))
         return ()
 
 
-def _localize_sites(reference: str, candidate: str, feeds: Feeds, workdir: Path) -> tuple[SiteResult, ...]:
+def _localize_sites(reference: str, candidate: str, feeds: Feeds, workdir: Path,
+                    floors: dict[str, np.ndarray]) -> tuple[SiteResult, ...]:
     models = (onnx.load(reference, load_external_data=False), onnx.load(candidate, load_external_data=False))
     sites = find_sites(*models)
     if not sites:
@@ -200,11 +217,70 @@ def _localize_sites(reference: str, candidate: str, feeds: Feeds, workdir: Path)
     for site, r, c in zip(sites, ref_v, cand_v):
         dtype = str(r[0].dtype)
         atol, rtol = resolve_tolerances(site.tensor, dtype, (None, {}), (None, {}))
-        m = compute_metrics_batched(site.tensor, r, c, dtype=dtype, atol=atol, rtol=rtol)
+        m = compute_metrics_batched(site.tensor, r, c, dtype=dtype, atol=atol, rtol=rtol,
+                                    floor=floors.get(site.tensor), margin=nf.MARGIN)
         ra, ca = np.concatenate(r), np.concatenate(c)
         results.append(SiteResult(site.bn, site.tensor, site.target, site.direction, site.position,
-                                  m.max_abs, m.max_rel, atol, rtol, m.passed, worst_channels(ra, ca)))
+                                  m.max_abs, m.max_rel, atol, rtol, m.passed, worst_channels(ra, ca),
+                                  m.floor_max))
     return tuple(results)
+
+
+RULE_STRICT = "|candidate - reference| <= atol + rtol * |reference|"
+RULE = f"{RULE_STRICT} or |candidate - reference| <= {nf.MARGIN:g} * floor"
+
+
+def _floors(reference: str, candidate: str, feeds: Feeds, config: VerifyConfig
+            ) -> tuple[nf.FloorSettings, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The noise floors of the reference's outputs and fold-site tensors (``noise_floor``).
+
+    Measured on the CPU (the floor is a property of the reference's conditioning, not of the
+    provider). Estimation never decides a verdict by failing: any error means no floor (recorded
+    with the reason), i.e. the strict tolerance rule.
+    """
+    if not config.noise_floor:
+        return nf.FloorSettings(None, note="off (noise_floor=False)"), {}, {}
+    try:
+        return _estimate_floors(reference, candidate, feeds)
+    except BadInputError:
+        raise  # the reference cannot run on these inputs: the provider runs say so the same way
+    except Exception as exc:  # noqa: BLE001 - a floor that cannot be estimated is no floor
+        log.debug("noise floor not estimated: %s", first_line(exc))
+        return nf.FloorSettings("perturbation", note=f"not estimated: {first_line(exc)}"), {}, {}
+
+
+def _estimate_floors(reference: str, candidate: str, feeds: Feeds
+                     ) -> tuple[nf.FloorSettings, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    ref_light = onnx.load(reference, load_external_data=False)
+    sites: list[Site] = find_sites(ref_light, onnx.load(candidate, load_external_data=False))
+    full = nf.load_with_weights(reference)
+    if full is None:
+        return nf.FloorSettings("perturbation", note=f"not estimated: weights over {nf.MAX_BYTES} bytes"), {}, {}
+    outputs = [o.name for o in full.graph.output]
+    site_names = [s.tensor for s in sites if s.tensor not in outputs]
+    few = list(feeds[:_SITE_FEEDS])
+    base = _ref_values(with_outputs(full, site_names), outputs, site_names, feeds, few)
+    draws = [_ref_values(with_outputs(m, site_names), outputs, site_names, feeds, few)
+             for m in nf.perturbed_models(full, sites)]
+    floors = nf.deviation_floors(base, draws)
+    site_floors = nf.deviation_floors({k: v[:_SITE_FEEDS] for k, v in base.items()},
+                                      [{k: v[:_SITE_FEEDS] for k, v in d.items()} for d in draws])
+    return nf.FloorSettings("perturbation"), {k: floors[k] for k in outputs if k in floors}, site_floors
+
+
+def _ref_values(model: onnx.ModelProto, outputs: list[str], extra: list[str], feeds: Feeds,
+                few: Feeds) -> dict[str, list[np.ndarray]]:
+    """The model's outputs over every feed, and ``extra`` tensors over the first few."""
+    try:
+        sess: Session = make_session_from_model(model, ".")
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+        if not needs_reference(str(exc), model):
+            raise
+        sess = ReferenceSession(model)
+    values = dict(zip(outputs, _run_all(sess, outputs, feeds)))
+    if extra:
+        values.update(zip(extra, _run_all(sess, extra, few)))
+    return values
 
 
 def verify(reference: str | os.PathLike[str], candidate: str | os.PathLike[str], feeds: Feeds,
@@ -218,8 +294,9 @@ def verify(reference: str | os.PathLike[str], candidate: str | os.PathLike[str],
     runs: list[ProviderRun] = []
     outputs_by_provider: dict[str, dict[str, list[np.ndarray]]] = {}
     tick = _Ticker(config, 2 * len(feeds) * len(config.providers))
+    floor_settings, out_floors, site_floors = _floors(reference, candidate, feeds, config)
     for provider in config.providers:
-        run, ref_out = _provider_run(reference, candidate, provider, feeds, config, tick)
+        run, ref_out = _provider_run(reference, candidate, provider, feeds, config, out_floors, tick)
         if ref_out is not None:
             outputs_by_provider[provider] = ref_out
         runs.append(run)
@@ -232,7 +309,7 @@ def verify(reference: str | os.PathLike[str], candidate: str | os.PathLike[str],
                             _noise_floor(base, outputs_by_provider[r.provider]), r.note) for r in runs]
     passed = bool(ran) and all(r.passed for r in runs if r.status == "ran")
     with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as tmp:
-        sites = _localize(reference, candidate, feeds, config, Path(tmp)) if config.localize else ()
+        sites = _localize(reference, candidate, feeds, config, Path(tmp), site_floors) if config.localize else ()
     first = next((s.bn for s in sorted(sites, key=lambda s: s.position) if not s.passed), None)
     repro = None
     if not passed and ran and config.repro_dir:
@@ -249,9 +326,11 @@ def verify(reference: str | os.PathLike[str], candidate: str | os.PathLike[str],
         "rtol": {"global": config.rtol[0], "per_output": config.rtol[1]},
         "providers_requested": list(config.providers),
         "allow_missing_providers": config.allow_missing_providers,
+        "noise_floor": nf.settings_record(floor_settings),
     }
     samples = sum(int(next(iter(f.values())).shape[0]) if f and np.ndim(next(iter(f.values()))) else 1 for f in feeds)
     inputs = dict(config.inputs, sha256=_hash_feeds(feeds))
     note = "" if ran else "no requested execution provider could run"
-    return VerifyResult(passed, samples, tuple(runs), sites, first, settings=settings, inputs=inputs,
+    rule = RULE if floor_settings.method else RULE_STRICT
+    return VerifyResult(passed, samples, tuple(runs), sites, first, rule=rule, settings=settings, inputs=inputs,
                         environment=runtime_environment(), repro_dir=repro, note=note)

@@ -53,6 +53,13 @@ A non-finite position *agrees* when both are NaN or both are the same infinity; 
   argmax (first on ties) agrees. ``top5`` (``K >= 5``): the fraction of rows where the reference's
   top-1 class has fewer than 5 classes with a strictly greater candidate score. Otherwise ``None``.
 
+Noise floor (optional, ``floor``/``margin``): the reference's own float rounding noise per channel
+(:mod:`bnfold.verification.noise_floor`). With a floor, a finite pair also passes when
+``d <= margin * floor``; ``bound`` above becomes ``max(atol + rtol*|a|, margin*floor)`` in
+``mismatches`` and the verdict, and the excess below becomes ``e = d - max(rtol*|a|, margin*floor
+- atol)``. ``floor_max`` is the largest floor (None without one). ``min_atol``/``min_rtol`` ignore
+the floor: they describe the tolerance rule alone.
+
 Verdict (``passed``), by ``error_stat``:
 
 - ``'max'``: every finite pair satisfies ``d <= bound`` and no non-finite position disagrees
@@ -374,8 +381,20 @@ def _exact(name: str, dtype_name: str, ref: np.ndarray, cand: np.ndarray) -> Out
     )
 
 
+def _broadcast_floor(floor: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``floor`` (per channel ``(C,)`` or a scalar) as an array broadcastable to ``shape``: along axis 1
+    when the channel counts agree, else its maximum everywhere."""
+    if floor is None:
+        return None
+    f = np.asarray(floor, dtype=np.float64)
+    if f.ndim == 1 and len(shape) >= 2 and shape[1] == f.shape[0]:
+        return f.reshape((1, f.shape[0]) + (1,) * (len(shape) - 2))
+    return np.asarray(float(f.max(initial=0.0)))
+
+
 def _floating(name: str, dtype_name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float,
-              error_stat: str, q: float | None) -> OutputMetrics:
+              error_stat: str, q: float | None, floor: np.ndarray | None = None,
+              margin: float = 0.0) -> OutputMetrics:
     a = _to_float64(ref, dtype_name)
     b = _to_float64(cand, dtype_name)
     n = int(a.size)
@@ -392,6 +411,10 @@ def _floating(name: str, dtype_name: str, ref: np.ndarray, cand: np.ndarray, ato
     df = diff[fin]
     mf = np.abs(a[fin])
     ok = _within(df, mf, atol, rtol)
+    fl = _broadcast_floor(floor, a.shape)
+    # margin * floor per finite element (0 without a floor): an element within it passes too
+    noise = (np.broadcast_to(fl, a.shape)[fin] * margin) if fl is not None else np.zeros_like(df)
+    ok |= df <= noise
     mismatches = _count(~ok) + n_disagree
 
     index, worst_ref, worst_cand = _worst(diff, a, b)
@@ -403,7 +426,8 @@ def _floating(name: str, dtype_name: str, ref: np.ndarray, cand: np.ndarray, ato
     max_rel = _INF if n_disagree else float(rel.max(initial=0.0))
 
     with np.errstate(over="ignore", invalid="ignore"):
-        excess = df - np.where(mf > 0, rtol * mf, 0.0)
+        # d - allowance beyond atol: the rule 'd <= atol + rtol*|a| or d <= margin*floor' is excess <= atol
+        excess = df - np.maximum(np.where(mf > 0, rtol * mf, 0.0), noise - atol)
 
     if n_disagree:
         min_atol = _INF
@@ -463,6 +487,7 @@ def _floating(name: str, dtype_name: str, ref: np.ndarray, cand: np.ndarray, ato
         cosine=_cosine(af, bf), snr_db=_snr_db(af, bf), max_ulp=max_ulp,
         nan_ref=_count(nan_a), nan_cand=_count(nan_b), inf_ref=_count(inf_a), inf_cand=_count(inf_b),
         top1=top1, top5=top5, error_histogram=error_histogram(df),
+        floor_max=None if fl is None else float(np.max(fl, initial=0.0)),
     )
 
 
@@ -477,8 +502,13 @@ def compute_metrics(
     rtol: float,
     error_stat: str = "max",
     quantile: float = 0.99,
+    floor: np.ndarray | None = None,
+    margin: float = 0.0,
 ) -> OutputMetrics:
     """All metrics for one output (see the module docstring for definitions and the verdict).
+
+    ``floor`` (float outputs only): the reference's noise floor, per channel (shape ``(C,)``, axis 1)
+    or one value; an element also passes when ``d <= margin * floor`` (see the module docstring).
 
     ``dtype`` is the output's dtype name (``'float32'``, ``'bfloat16'``, ``'int64'``...; the
     reference array's dtype when ``None``). With ``dtype='bfloat16'`` either array may be an
@@ -506,7 +536,9 @@ def compute_metrics(
         return _shape_mismatch(name, dtype_name, ref, cand, atol, rtol, error_stat, q)
     if not is_float_dtype(dtype_name):
         return _exact(name, dtype_name, ref, cand)
-    return _floating(name, dtype_name, ref, cand, atol, rtol, error_stat, q)
+    if floor is not None and (margin < 0 or not math.isfinite(margin)):
+        raise BadInputError(f"noise-floor margin must be a finite number >= 0, got {margin!r}")
+    return _floating(name, dtype_name, ref, cand, atol, rtol, error_stat, q, floor, margin)
 
 
 def compute_metrics_batched(

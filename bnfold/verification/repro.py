@@ -111,6 +111,8 @@ def repro_command(reference: str, candidate: str, config: VerifyConfig, *, data:
         args.append("--allow-missing-providers")
     if config.tf32:
         args.append("--tf32")
+    if not config.noise_floor:
+        args.append("--no-noise-floor")
     return shlex.join(args)
 
 
