@@ -46,6 +46,7 @@ _LAZY = {
     "inspect": "bnfold.api",
     "verify": "bnfold.api",
     "FoldResult": "bnfold.api",
+    "model_files": "bnfold.api",
     "BnInspection": "bnfold.api",
     "VerifyConfig": "bnfold.verification.config",
 }
@@ -74,6 +75,7 @@ __all__ = [
     "__version__",
     "fold",
     "inspect",
+    "model_files",
     "report",
     "verify",
 ]

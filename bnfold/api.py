@@ -24,6 +24,7 @@ from bnfold.files import check_not_input, check_output_paths
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
 from bnfold.onnx.deferred import materialize
 from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save, read_model
+from bnfold.onnx.io import model_files as model_files  # re-exported: the CLI's verify protects the models
 from bnfold.onnx.runtime import input_specs
 from bnfold.onnx.staging import Staging, input_is_reference
 from bnfold.outputs import Outputs
@@ -285,6 +286,9 @@ def fold(
     output_path = output_sha256 = None
     with contextlib.ExitStack() as stack:
         tx = outputs if outputs is not None else stack.enter_context(Outputs())
+        if loaded.path is not None:  # never replaced or deleted: the input and its data files
+            tx.protect("the input model", loaded.path)
+            tx.protect("a data file of the input model", *(loaded.path.parent / loc for loc in loaded.locations))
         staging = Staging(loaded, output, frozen_output, verify=verify, outputs=tx)
         # nothing frozen: the input file itself is the reference, unless something differs
         use_input = verify and not frozen and input_is_reference(loaded, work.model, work.renamed)

@@ -55,19 +55,40 @@ _STAGE_NAME = re.compile(r"\.bnfold-[a-z0-9_]{8}\Z")
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 
 
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (delivered right after) while a staging folder is made and
-    registered, while outputs move into place, and while staging folders are removed: an interrupt
-    then never leaves half of one of these done (main thread only, where Python handles signals)."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Hold SIGINT and SIGTERM back while a staging folder is made and registered, while outputs
+    move into place, and while staging folders are removed, then deliver the first one that came:
+    an interrupt never leaves half of one of these done. Python runs signal handlers in the main
+    thread whichever thread the kernel delivered the signal to, so the handlers themselves are
+    swapped for one that only records the signal (a thread's signal mask would not do). Main thread
+    only (the only one that may set handlers, and the only one they run in)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    came: list[int] = []
+    previous = {}
+    for sig in _HELD:
+        try:
+            previous[sig] = signal.signal(sig, lambda signum, frame: came.append(signum))
+        except (OSError, ValueError):  # not settable here
+            continue
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if came:
+            signal.raise_signal(came[0])
+
+
+def _folder_key(folder: Path) -> tuple[int, int]:
+    """A folder's identity (device, inode): two paths to one folder (a bind mount, a link) are one."""
+    st = os.stat(folder)
+    return st.st_dev, st.st_ino
 
 
 def _lock(fd: int, *, wait: bool) -> bool:
@@ -126,13 +147,17 @@ def sweep_leftovers(folder: Path) -> list[Path]:
 
 
 class _Stage:
-    """One staging folder: created (after a sweep) while its parent is locked, then locked itself."""
+    """One staging folder: created (after a sweep) while its parent is locked, then locked itself;
+    ``register`` is called with it before any signal can end the run (see ``_signals_held``)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, register: Callable[[_Stage], None]) -> None:
         self.fd = -1
-        with folder_lock(folder):
+        self.count = 0
+        with folder_lock(folder):  # waiting for the lock: interruptible
             sweep_leftovers(folder)
-            self.path = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
+            with _signals_held():
+                self.path = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
+                register(self)
             try:
                 self.fd = os.open(self.path, _DIR_FLAGS)
                 _lock(self.fd, wait=True)
@@ -142,7 +167,6 @@ class _Stage:
             except BaseException:
                 self.close()
                 raise
-        self.count = 0
 
     def new_path(self, target: Path) -> Path:
         """A fresh short path in the folder (long target names would not fit with a suffix)."""
@@ -161,10 +185,11 @@ class _Pending:
     target: Path
     staged: Path
     companions: Sequence[Path] = ()  # moved beside the target first, under their own (fresh) names
-    cleanup: Callable[[Path], None] | None = None  # called with the target once it is in place
+    # called once the target is in place, with the target and Outputs.is_protected (files never to delete)
+    cleanup: Callable[[Path, Callable[[Path], object]], None] | None = None
     moved: list[Path] = field(default_factory=list)
     replaced: bool = False  # something was at the target before
-    backup: Path | None = None  # a hard link to it, to restore it on a failure
+    backup: Path | None = None  # the old file (a hard link, else renamed away), to restore on a failure
 
 
 class Outputs:
@@ -173,9 +198,30 @@ class Outputs:
     ``with`` block removes the staging folders and whatever was not committed."""
 
     def __init__(self) -> None:
-        self._stages: dict[Path, _Stage] = {}
+        self._stages: dict[Path, _Stage] = {}  # by the folder's real path: a rename never crosses a mount
         self._pending: list[_Pending] = []
         self._scratch: list[Path] = []
+        self._protected: dict[tuple[int, int], str] = {}  # (device, inode) -> what the file is
+
+    def protect(self, what: str, *paths: str | os.PathLike[str] | None) -> None:
+        """Never replace or delete these files (an input: the model, its external data): an output
+        at one of them is refused (:meth:`add`), and cleanups skip them (:meth:`is_protected`)."""
+        for path in paths:
+            if path is None:
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            self._protected.setdefault((st.st_dev, st.st_ino), f"{what} {path}")
+
+    def is_protected(self, path: str | os.PathLike[str]) -> str | None:
+        """What ``path`` is, where it is a file :meth:`protect` named (links followed), else None."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return self._protected.get((st.st_dev, st.st_ino))
 
     def __enter__(self) -> Outputs:
         return self
@@ -196,17 +242,16 @@ class Outputs:
 
     def _stage(self, target: Path) -> _Stage:
         folder = target.parent
-        key = folder.resolve()
-        stage = self._stages.get(key)
-        if stage is None:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                with _signals_held():
-                    stage = self._stages[key] = _Stage(folder)
-            except OSError as exc:
-                raise BadInputError(
-                    f"cannot write {target}: {folder} is not a folder bnfold can write in "
-                    f"({exc.strerror or type(exc).__name__}); give the output a path in a writable folder") from exc
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            key = folder.resolve()
+            stage = self._stages.get(key)
+            if stage is None:
+                stage = _Stage(folder, lambda new: self._stages.__setitem__(key, new))
+        except OSError as exc:
+            raise BadInputError(
+                f"cannot write {target}: {folder} is not a folder bnfold can write in "
+                f"({exc.strerror or type(exc).__name__}); give the output a path in a writable folder") from exc
         return stage
 
     def path_for(self, target: str | os.PathLike[str]) -> Path:
@@ -229,10 +274,13 @@ class Outputs:
         return folder
 
     def add(self, target: str | os.PathLike[str], staged: Path, *, companions: Sequence[Path] = (),
-            cleanup: Callable[[Path], None] | None = None) -> None:
+            cleanup: Callable[[Path, Callable[[Path], object]], None] | None = None) -> None:
         """Register ``staged`` (written at a :meth:`path_for` path) to become ``target`` on commit;
         ``companions`` (in the same staging folder) move beside it first, keeping their names."""
         target = Path(target)
+        what = self.is_protected(target)
+        if what is not None:
+            raise BadInputError(f"{target} is {what}; bnfold never overwrites its input: give the output another path")
         self._pending = [p for p in self._pending if p.target != target]
         self._pending.append(_Pending(target, staged, tuple(companions), cleanup))
 
@@ -257,10 +305,13 @@ class Outputs:
         pending, self._pending = self._pending, []
         if not pending:
             return []
-        folders = sorted({p.target.parent.resolve() for p in pending})
-        with _signals_held(), contextlib.ExitStack() as locks:
-            for folder in folders:
-                locks.enter_context(folder_lock(folder))
+        folders: dict[tuple[int, int], Path] = {}
+        for p in pending:
+            folders.setdefault(_folder_key(p.target.parent), p.target.parent)
+        with contextlib.ExitStack() as locks:
+            for key in sorted(folders):  # one order for every run: no deadlock between two of them
+                locks.enter_context(folder_lock(folders[key]))
+            locks.enter_context(_signals_held())  # the moves: all or none, a signal comes after
             done: list[_Pending] = []
             for p in pending:
                 try:
@@ -276,22 +327,24 @@ class Outputs:
                     with contextlib.suppress(OSError):
                         p.backup.unlink()
                 if p.cleanup is not None:
-                    p.cleanup(p.target)
+                    p.cleanup(p.target, self.is_protected)
         return [p.target for p in pending]
 
     def _move(self, p: _Pending) -> None:
         for c in p.companions:
             dest = p.target.parent / c.name
+            if os.path.lexists(dest):  # a fresh random name: never someone else's file
+                raise FileExistsError(17, "a file of that name exists", str(dest))
             os.replace(c, dest)
             p.moved.append(dest)
-        p.replaced = p.target.is_symlink() or p.target.exists()
+        p.replaced = os.path.lexists(p.target)
         if p.replaced:
             backup = p.staged.with_name(p.staged.name + ".old")
             try:
                 os.link(p.target, backup, follow_symlinks=False)
-                p.backup = backup
-            except OSError:  # no hard links here: the old file cannot be restored on a later failure
-                p.backup = None
+            except OSError:  # no hard link here (file system, protected_hardlinks): move it away instead
+                os.replace(p.target, backup)
+            p.backup = backup
         os.replace(p.staged, p.target)
         p.moved.append(p.target)
 
@@ -303,5 +356,7 @@ def _undo(p: _Pending) -> None:
                 path.unlink()
             elif p.backup is not None:
                 os.replace(p.backup, path)
-            # else: the old file could not be kept; the new one stays rather than nothing
+    if p.target not in p.moved and p.backup is not None and not os.path.lexists(p.target):
+        with contextlib.suppress(OSError):  # moved away, then the replace failed: put it back
+            os.replace(p.backup, p.target)
     p.moved.clear()

@@ -76,6 +76,7 @@ from .options import (
     torch_options,
 )
 from .outcome import FoldOutcome
+from .private_cache import private_cache
 from .progress import ProgressBar, calibration_progress, verification_progress
 from .signals import EXIT_TERMINATED, Terminated, terminate_as_interrupt
 from .wording import flag_words, worded_report, worded_result
@@ -495,6 +496,10 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
             input_shapes=input_shapes)
     result = worded_result(result)
     with Outputs() as outputs:
+        for what, path in (("REFERENCE", reference), ("CANDIDATE", candidate)):
+            model_file, *data_files = _api().model_files(path)  # a report never replaces a model or its data
+            outputs.protect(what, model_file)
+            outputs.protect(f"a data file of {what}", *data_files)
         markdown = _stage_verification_reports(
             result, report, outputs, write_json=True,
             models={"reference": file_record(reference), "candidate": file_record(candidate)})
@@ -660,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run bnfold with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     RUN_FLAGS.debug = False
     _setup_logging()
-    with warnings.catch_warnings(), paused_gc(), terminate_as_interrupt():
+    with warnings.catch_warnings(), paused_gc(), terminate_as_interrupt(), private_cache():
         warnings.showwarning = _show_warning
         try:
             rv = cli.main(args=list(argv) if argv is not None else None, prog_name="bnfold", standalone_mode=False)

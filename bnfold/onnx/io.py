@@ -8,7 +8,7 @@ import hashlib
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,6 +226,17 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     return model
 
 
+def model_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The model file at ``path`` and the external-data files its tensors name (resolved against its
+    folder; those that exist). What a run must never overwrite or delete."""
+    path = Path(path)
+    try:
+        locations = external_locations(_parse(_read_file(path), path), path)
+    except BadInputError:
+        locations = ()
+    return [path, *(path.parent / loc for loc in locations if (path.parent / loc).exists())]
+
+
 def _external_sources(model: onnx.ModelProto) -> dict[str, str]:
     """Tensor name -> location of the external tensors, for messages once the data is loaded."""
     out: dict[str, str] = {}
@@ -307,10 +318,13 @@ def stale_data_files(path: Path, keep: str = "") -> list[Path]:
     return [path.parent / n for n in names if pattern.match(n) and n != keep and _is_ours(path.parent / n)]
 
 
-def remove_stale_data(path: Path, keep: str = "") -> None:
+def remove_stale_data(path: Path, keep: str = "", skip: Callable[[Path], object] | None = None) -> None:
     """Delete the data files of earlier writes of ``path`` (see :func:`stale_data_files`) once the
-    new model is in place."""
+    new model is in place; not those ``skip`` names (an input model's data: a copied or renamed
+    earlier output may still point at one)."""
     for p in stale_data_files(path, keep):
+        if skip is not None and skip(p):
+            continue
         try:
             p.unlink()
         except OSError:
@@ -427,7 +441,7 @@ def publish_model(outputs: Outputs, target: Path, written: Written) -> None:
     stale data files of earlier writes of ``target`` go once it is in place."""
     keep = written.data.name if written.data is not None else ""
     outputs.add(target, written.path, companions=[written.data] if written.data is not None else [],
-                cleanup=lambda p: remove_stale_data(p, keep=keep))
+                cleanup=lambda p, skip: remove_stale_data(p, keep=keep, skip=skip))
 
 
 # Large tensors go to the data file; this is onnx's default threshold too.

@@ -274,6 +274,7 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
                    allow_reused_bn=allow_reused_bn, verify=verify, verify_samples=verify_samples, dry_run=dry_run,
                    config=config, progress=progress, warn=warn, outputs=outputs, recalibrate=recalibrate)
     loaded = _as_loaded(module)
+    outputs.protect("the input model", loaded.path)
     notes: list[str] = list(loaded.warnings)
 
     cal: CalibrationData | None = None
