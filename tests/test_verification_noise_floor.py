@@ -118,8 +118,9 @@ def test_offset_model_folds_by_default_and_failed_before(tmp_path: Path, rng: np
 
 def test_floor_is_the_size_of_the_rounding(tmp_path: Path, rng: np.random.Generator) -> None:
     """The floor of the offset model is of the size float32 rounding of 3000 gives after the BN's
-    scale (ulp(3000)/2 * s = 1.2e-4 * s), not orders of magnitude above it, and a well-conditioned
-    model's floor is orders of magnitude below its tolerance."""
+    scale (ulp(3000)/2 * s = 1.2e-4 * s), not orders of magnitude above it. A well-conditioned
+    model passes the strict rule, so no floor is measured (it costs two runs of the reference):
+    the record says why."""
     w, b, p = _offset(rng)
     res = _check(tmp_path, _conv_bn(w, b, p), _hand_fold(w, b, p), _feeds(rng))
     s = p["scale"] / np.sqrt(p["var"] + EPS)
@@ -128,7 +129,8 @@ def test_floor_is_the_size_of_the_rounding(tmp_path: Path, rng: np.random.Genera
     assert floor is not None and 0.25 * half_ulp * s.max() <= floor <= 8 * half_ulp * s.max()
     w2, b2, p2 = _well(rng)
     res2 = _check(tmp_path, _conv_bn(w2, b2, p2), _hand_fold(w2, b2, p2), _feeds(rng))
-    assert res2.passed and res2.outputs[0].floor_max is not None and res2.outputs[0].floor_max < 1e-5
+    assert res2.passed and res2.outputs[0].floor_max is None
+    assert res2.settings["noise_floor"]["note"].startswith("not needed: every output and fold site is within")
 
 
 # ---------------------------------------------------------------- faults still fail
