@@ -5,11 +5,13 @@ Standard library only, so the CLI can decide the folder (:func:`default_location
 is written to, :func:`swap_into_place` renames a finished bundle there.
 
 bnfold deletes only what it provably wrote. A bundle's ``repro.json`` carries bnfold's marker
-(:func:`marker`): ``"bnfold_repro"`` (the bundle format), ``"bnfold_version"`` and ``"files"``, every
-other file of the bundle with its size. A folder is an earlier bundle (:func:`is_bundle`) only when
-it holds exactly those files with those sizes, no other file or folder, no symbolic link and nothing
-but regular files and folders. Bundles written before the marker existed are not recognised: the
-CLI refuses such a ``--repro-dir`` (exit 2) and the default place moves on to ``<name>-1``, ....
+(:func:`marker`): ``"bnfold_repro"`` (the bundle format), ``"bnfold_version"``, ``"files"`` (every
+other file of the bundle with its size) and ``"folders"``. A folder is an earlier bundle
+(:func:`is_bundle`) only when it holds exactly those files with those sizes and those folders: no
+other file or folder, no symbolic link, nothing but regular files and folders. When one is replaced,
+only the files it lists are deleted (:func:`swap_into_place`). Bundles written before the marker
+existed are not recognised: the CLI refuses such a ``--repro-dir`` (exit 2) and the default place
+moves on to ``<name>-1``, ....
 """
 from __future__ import annotations
 
@@ -177,13 +179,11 @@ def _tree(files: Iterable[str], folders: Iterable[str]) -> _Tree:
     root: _Tree = {}
     for name, is_folder in [*((f, True) for f in folders), *((f, False) for f in files)]:
         *dirs, leaf = PurePosixPath(name).parts
-        node = root
+        node: _Tree | None = root
         for d in dirs:
-            sub = node.setdefault(d, {})
-            if sub is None:  # listed as a file and as a folder: cannot be a bundle we checked
-                raise FileExistsError(f"{name} is listed twice")
-            node = sub
-        node.setdefault(leaf, {} if is_folder else None)
+            node = node.setdefault(d, {}) if node is not None else None
+        if node is not None:  # None: a file listed as a folder too; never in a bundle that was checked
+            node.setdefault(leaf, {} if is_folder else None)
     return root
 
 
