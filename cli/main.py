@@ -225,8 +225,9 @@ def _repro_dir(compare: CompareOptions, report_path: Path | None) -> Path | None
         return default_location(report_path)
     if not replaceable(compare.repro_dir):
         raise click.BadParameter(
-            f"{compare.repro_dir} exists and is not a bnfold repro bundle (no repro.json); bnfold replaces only "
-            "an empty folder or an earlier bundle: give a new folder, or --no-repro.", param_hint="'--repro-dir'")
+            f"{compare.repro_dir} exists and is not a bnfold repro bundle; bnfold replaces only an empty folder "
+            "or exactly a bundle it wrote, holding nothing else: give a new folder, or --no-repro.",
+            param_hint="'--repro-dir'")
     return compare.repro_dir
 
 

@@ -168,10 +168,10 @@ def test_passing_run_writes_none(pair: dict[str, Path], tmp_path: Path) -> None:
 def test_an_earlier_bundle_is_replaced(pair: dict[str, Path], tmp_path: Path) -> None:
     assert run_cli("verify", pair["ref"], pair["bad"], cwd=tmp_path).returncode == 1
     bundle = tmp_path / "bnfold-repro"
-    (bundle / "stale.txt").write_text("from the first run")
+    first = (bundle / "test_data_set_0" / "input_0.pb").read_bytes()
     proc = run_cli("verify", pair["ref"], pair["bad"], "--seed", "5", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
-    assert not (bundle / "stale.txt").exists()
+    assert (bundle / "test_data_set_0" / "input_0.pb").read_bytes() != first
     assert json.loads((bundle / "repro.json").read_text())["inputs"]["seed"] == 5
     _, x = read_pb(bundle / "test_data_set_0" / "input_0.pb")
     np.testing.assert_array_equal(x, used_inputs(pair["ref"], seed=5)["x"])
@@ -306,8 +306,10 @@ def test_locations_and_bundle_detection(tmp_path: Path) -> None:
     foreign.mkdir()
     (foreign / "repro.json").write_text("not json")
     assert not replaceable(foreign)
+    # a repro.json with a command but without bnfold's marker is not enough (issue 14, F4):
+    # see tests/test_verification_repro_location.py for what a bundle is
     (foreign / "repro.json").write_text(json.dumps({"command": "bnfold verify a b"}))
-    assert is_bundle(foreign) and replaceable(foreign)
+    assert not is_bundle(foreign) and not replaceable(foreign)
     (tmp_path / "file").write_text("x")
     assert not replaceable(tmp_path / "file")
     link = tmp_path / "link"

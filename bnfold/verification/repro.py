@@ -16,7 +16,8 @@ Where it goes is the caller's choice (``VerifyConfig.repro_dir``; the CLI passes
 or ``<REPORT>.repro`` beside ``--report``, or ``./bnfold-repro``: see :func:`default_location`).
 The bundle is written into a temporary sibling folder and renamed into place, so a folder with the
 bundle's name is always a whole bundle. An existing folder at that place is replaced only when it
-is empty or a bundle itself (it holds a ``repro.json`` written by bnfold); anything else is left
+is empty or exactly a bundle bnfold wrote (its ``repro.json`` carries bnfold's marker and lists every
+file and folder there, see :func:`~bnfold.verification.repro_location.is_bundle`); anything else is left
 alone and the bundle goes to the first free ``<name>-1``, ``<name>-2``, ... with a warning. The
 bundle is a diagnosis: when it cannot be written, a warning says why and the verdict stands
 (``VerifyResult.repro_dir`` is then None).
@@ -48,6 +49,7 @@ from bnfold.verification.repro_location import (
     choose,
     default_location,
     is_bundle,
+    marker,
     replaceable,
     swap_into_place,
 )
@@ -185,6 +187,7 @@ def _fill(tmp: Path, final: Path, reference: str, candidate: str, feeds: Sequenc
             lead = np.asarray(first[order[0]]) if order else None
             batch = int(lead.shape[0]) if lead is not None and lead.ndim else None
     doc = {
+        **marker(tmp),  # bnfold's mark and the bundle's files: what a later run may replace
         "reference": ref,
         "candidate": cand,
         "providers": list(config.providers),
