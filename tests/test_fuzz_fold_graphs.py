@@ -143,15 +143,9 @@ def test_a_random_fold_graph_keeps_its_function(case: Case) -> None:
                          verify=ort_ok)
     folded = result.model
     assert folded is not None
-    if not result.ok:
-        # the only failure seen: float16 outputs of magnitude >= 16 differ by an ulp (1/64 there) where
-        # the reference is near 0, above the default atol 1e-2 (test_float16_verification_... below);
-        # the fold itself is checked independently below
-        assert case.dtype == "float16", result.report.verification
-        for run in result.report.verification.runs:  # type: ignore[union-attr]
-            for o in run.outputs:
-                assert o.passed or o.max_abs <= 2 * float(np.spacing(np.float16(abs(o.worst_ref or 0) + 16))), o
-        COUNTS["float16 verification false alarm"] += 1
+    # a correct fold passes verification (before the noise floor of issue 15, float16 outputs of
+    # magnitude >= 16 failed by one ulp: test_float16_verification_... below)
+    assert result.ok, result.report.verification
     _check_accounting(case, built.expect, result, folded)
     COUNTS[f"{case.op}/{case.dtype}/{'training' if case.training else 'inference'}"] += 1
 
@@ -196,11 +190,10 @@ def test_float16_calibration_of_two_training_bns() -> None:
     np.testing.assert_allclose(before.stats.var, mine["bn_before"][1], rtol=2e-2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "found by this fuzz: fold's verification fails (exit 1, nothing written) on a correct float16 fold "
-    "whose outputs reach ~32: onnxruntime's float16 results differ by one ulp (1/64 at 16..32) where the "
-    "reference is near 0, above the default float16 atol of 1e-2 (bnfold/verification/tolerances.py)"))
 def test_float16_verification_of_a_correct_fold_with_large_outputs() -> None:
+    """Found by this fuzz: onnxruntime's float16 results differ by one ulp (1/64 at 16..32) where the
+    reference is near 0, above the default float16 atol of 1e-2, so a correct fold failed. The
+    noise floor (issue 15; float16 weights perturbed by one ulp) now accepts it."""
     case = Case(op="Conv", dtype="float16", where="both", chain=("add",), shared=False, training=False, bias=True,
                 groups=2, cin_g=2, cout_g=2, kernel=(3, 3, 2), strides=(1, 1, 1), dilations=(1, 1, 1),
                 pad_mode="SAME_UPPER", pads=(0,) * 6, spatial=(7, 4, 2), seed=351330)

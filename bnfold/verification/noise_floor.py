@@ -156,7 +156,7 @@ def perturbed_models(model: onnx.ModelProto, sites: Sequence[Site], draws: int =
     inits = {t.name: t for t in model.graph.initializer}
     chosen = [n for n in sorted(means | weights) if n in inits]
     values = {n: numpy_helper.to_array(inits[n]) for n in chosen}
-    values = {n: v for n, v in values.items() if v.dtype.kind == "f" and v.dtype.itemsize >= 4 and v.size}
+    values = {n: v for n, v in values.items() if v.dtype.kind == "f" and v.size}
     if not values:
         return []
     rng = np.random.default_rng(_SEED)
@@ -170,7 +170,14 @@ def perturbed_models(model: onnx.ModelProto, sites: Sequence[Site], draws: int =
             sign = rng.choice(np.array([-1.0, 1.0]), size=value.shape)
             # a zero mean is perturbed by u (absolute): an exact zero is not where cancellation hides
             base = np.where(value == 0, 1.0, value.astype(np.float64)) if name in means else value.astype(np.float64)
-            moved = (value.astype(np.float64) + sign * u * np.abs(base)).astype(value.dtype)
+            if value.dtype.itemsize < 4:
+                # float16: v * (1 +- u) lies halfway between two float16 values and rounds back to v
+                # half the time; one ulp (2u) is the smallest move that always sticks
+                moved = np.nextafter(value, np.where(sign > 0, np.inf, -np.inf).astype(value.dtype))
+                if name in means:
+                    moved = np.where(value == 0, (sign * u).astype(value.dtype), moved)
+            else:
+                moved = (value.astype(np.float64) + sign * u * np.abs(base)).astype(value.dtype)
             by_name[name].CopyFrom(numpy_helper.from_array(moved, name))
         out.append(copy)
     return out
