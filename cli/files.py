@@ -23,10 +23,14 @@ __all__ = ["check_paths", "file_record", "make_parents", "remove_empty", "report
 
 
 def require_model_file(path: Path) -> None:
+    """BadInputError where the MODEL (or REFERENCE, CANDIDATE) path is missing or names something
+    other than a regular file (a directory, a device, a FIFO: symbolic links followed), with the
+    same words for fold, inspect and verify."""
+    kind = not_a_regular_file(path)
+    if kind is not None:
+        raise BadInputError(f"model path '{path}' is {kind}, not a regular file; pass the model file itself")
     if not path.exists():
         raise BadInputError(f"model file not found: {path}")
-    if path.is_dir():
-        raise BadInputError(f"model path is a directory, expected an ONNX file: {path}")
 
 
 def require_data(path: Path) -> None:

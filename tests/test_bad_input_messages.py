@@ -242,6 +242,31 @@ def test_an_unreadable_model_is_exit_3(tmp_path: Path, command: str) -> None:
     _nothing_written(tmp_path)
 
 
+def _not_a_regular_file(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """(a path that exists and is no regular file, what bnfold.files calls it)."""
+    if kind == "device":
+        return Path(os.devnull), "a character device"
+    if kind == "fifo":
+        path = tmp_path / "pipe.onnx"
+        os.mkfifo(path)
+        return path, "a FIFO"
+    path = tmp_path / "folder.onnx"
+    path.mkdir()
+    return path, "a directory"
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory"])
+def test_a_model_path_that_is_no_regular_file_is_named_alike_by_every_command(tmp_path: Path, kind: str) -> None:
+    # before: `verify /dev/null X` said "model file not found: /dev/null" while fold and inspect said
+    # "model path '/dev/null' is not a file"; a directory was "model path is a directory, expected an ONNX file"
+    path, what = _not_a_regular_file(tmp_path, kind)
+    lines = {command: _bad_input(run_cli(*args), f"model path '{path}' is {what}, not a regular file",
+                                 "pass the model file itself")
+             for command, args in _commands(path, tmp_path, _good(tmp_path)).items()}
+    assert len(set(lines.values())) == 1, lines  # one check, one message
+    _nothing_written(tmp_path)
+
+
 # ---- 5. an invalid grouped ConvTranspose / Conv ----------------------------------------------
 def _conv_transpose_group3(tmp_path: Path) -> Path:
     """ConvTranspose with group 3 over 32 input channels (invalid: 3 does not divide 32) -> BN."""

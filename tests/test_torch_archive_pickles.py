@@ -32,7 +32,7 @@ from torch import nn  # noqa: E402
 
 from bnfold.errors import BadInputError, ProviderUnavailable  # noqa: E402
 from bnfold.torch import archive as archive_mod  # noqa: E402
-from bnfold.torch import fold, load_model_file  # noqa: E402
+from bnfold.torch import fold, load_model_file, script_code  # noqa: E402
 
 HINT = "--unsafe-pickle only if you trust the file"
 
@@ -401,6 +401,149 @@ def test_torchscript_code_that_opens_files_is_refused(root: Path) -> None:
                                    cwd=root))
     assert "TorchScript code 'code/__torch__/" in line and "opens files" in line and HINT in line, line
     assert not marker.exists() and not (root / "ts_out").exists()
+
+
+# --------------------------------------------------------------------------- TorchScript code: bypasses of a text match
+
+
+class _Honest(nn.Module):
+    """An honest scripted model whose code holds a string with an op's name among other words."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.dim() == 4, "cannot save or load a tensor that is not 4D"
+        return torch.relu(self.bn(self.conv(x)))
+
+
+#: name: (statement setting ``_0`` in forward, with {m} for the marker path; what the refusal names).
+#: Each hides ``torch.from_file(marker, True, 16)`` (or torch.save) from a regex over the text; the
+#: reviewer's variants first (space, parentheses, line continuation), then more the lexer accepts.
+SCRIPT_VARIANTS: dict[str, tuple[str, str]] = {
+    "space": ('torch . from_file("{m}", True, 16)', "uses 'from_file'"),
+    "tabs": ('torch\t.\tfrom_file("{m}", True, 16)', "uses 'from_file'"),
+    "parentheses": ('(torch.from_file)("{m}", True, 16)', "uses 'from_file'"),
+    "continuation": ('torch.\\\n      from_file("{m}", True, 16)', "uses 'from_file'"),
+    "comment": ('torch.from_file(#x\n      "{m}", True, 16)', "uses 'from_file'"),
+    "form_feed": ('torch.\x0cfrom_file("{m}", True, 16)', "uses 'from_file'"),
+    "ops_namespace": ('ops.aten.from_file("{m}", True, 16)', "uses 'from_file'"),
+    "getattr": ('getattr(torch, "from_file")("{m}", True, 16)', "uses 'from_file'"),
+    "getattr_concatenated": ('getattr(torch, "from_"\n      "file")("{m}", True, 16)', "uses 'from_file'"),
+    "getattr_octal_escape": ('getattr(torch, "\\146rom_file")("{m}", True, 16)', "uses 'from_file'"),
+    "save": ('torch.save(x, "{m}")', "uses 'save'"),
+    # a carriage return: blank to TorchScript's lexer, an error token to Python's: refused as crafted
+    "carriage_return": ('torch.\rfrom_file("{m}", True, 16)', "is not valid TorchScript source"),
+}
+
+
+def _script_code_member(names: list[str]) -> str:
+    (member,) = [n for n in names if n.endswith("test_torch_archive_pickles.py") and "/code/" in n]
+    return member
+
+
+def _with_forward_statements(src: Path, dst: Path, statements: str) -> None:
+    """Copy the TorchScript archive ``src`` to ``dst`` with ``statements`` first in forward."""
+    with zipfile.ZipFile(src) as zf:
+        member = _script_code_member(zf.namelist())
+        code = zf.read(member).decode()
+    head = "x: Tensor) -> Tensor:\n"
+    assert code.count(head) == 1, code
+    code = code.replace(head, head + statements)
+    _rewrite(src, dst, lambda name, _: code.encode() if member.endswith(name) else None)
+
+
+def _script_evil(root: Path, variant: str) -> tuple[Path, Path]:
+    """A fresh archive for ``variant`` and its (absent) marker path."""
+    honest = root / "honest_code_ts.pt"
+    if not honest.exists():
+        torch.jit.save(torch.jit.script(_Honest().eval()), honest)
+    marker = root / f"MARKER_code_{variant}"
+    if marker.exists():
+        marker.unlink()
+    call = SCRIPT_VARIANTS[variant][0].format(m=marker)
+    dst = root / f"evil_code_{variant}.pt"
+    _with_forward_statements(honest, dst, f"    _0 = {call}\n    x = torch.add(x, torch.mul(torch.sum(_0), 0.))\n")
+    return dst, marker
+
+
+@pytest.mark.parametrize("variant", sorted(SCRIPT_VARIANTS))
+def test_torch_itself_runs_each_hidden_file_op(root: Path, variant: str) -> None:
+    """The reproduction: torch.jit.load accepts each variant and forward creates the marker."""
+    path, marker = _script_evil(root, variant)
+    module = torch.jit.load(str(path))
+    try:
+        module(torch.randn(2, 3, 8, 8))
+    except Exception:  # noqa: BLE001 - torch.save returns None, which sum then refuses: the file is written
+        pass
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("variant", sorted(SCRIPT_VARIANTS))
+def test_hidden_file_ops_in_torchscript_code_are_refused(root: Path, variant: str) -> None:
+    """Before: a regex saw ``torch.from_file(`` only as written; every variant but 'save' folded
+    with exit 0 and created the marker."""
+    path, marker = _script_evil(root, variant)
+    out = root / f"code_out_{variant}" / "m.onnx"
+    line = _one_error_line(run_cli("fold", path.name, "--data", "calib.npy", "-o", out, cwd=root))
+    expected = SCRIPT_VARIANTS[variant][1]
+    assert f"'{path.name}'" in line and "TorchScript code '" in line and expected in line and HINT in line, line
+    assert not marker.exists() and not out.parent.exists()
+
+
+def test_a_hidden_file_op_cannot_overwrite_a_file(root: Path) -> None:
+    """The reviewer's attack: ``torch . from_file(victim, True, 9, dtype=0)`` then ``fill_(88)``
+    maps the victim for writing and overwrites its first 9 bytes with 'X'."""
+    victim = root / "victim.txt"
+    honest = root / "honest_code_ts.pt"
+    if not honest.exists():
+        torch.jit.save(torch.jit.script(_Honest().eval()), honest)
+    path = root / "evil_overwrite.pt"
+    _with_forward_statements(honest, path, f'    _0 = torch . from_file("{victim}", True, 9, dtype=0)\n'
+                             "    _1 = torch.fill_(_0, 88)\n    x = torch.add(x, torch.mul(torch.sum(_1), 0.))\n")
+    victim.write_text("important-victim-data\n")
+    torch.jit.load(str(path))(torch.randn(1, 3, 8, 8))  # the reproduction: torch overwrites it
+    assert victim.read_text() == "XXXXXXXXX-victim-data\n"
+    victim.write_text("important-victim-data\n")
+    line = _one_error_line(run_cli("fold", path.name, "--data", "calib.npy", "-o", root / "ow" / "m.onnx", cwd=root))
+    assert "uses 'from_file'" in line and HINT in line, line
+    assert victim.read_text() == "important-victim-data\n" and not (root / "ow").exists()
+
+
+def test_torchscript_code_that_does_not_tokenize_is_refused(root: Path) -> None:
+    """Code Python's tokenizer cannot read (here an unterminated triple-quoted string) is no
+    torch.jit.save output: refused as corrupt or crafted, before torch reads it."""
+    honest = root / "honest_code_ts.pt"
+    if not honest.exists():
+        torch.jit.save(torch.jit.script(_Honest().eval()), honest)
+    path = root / "untokenizable.pt"
+    _with_forward_statements(honest, path, '    _0 = """never closed\n')
+    line = _one_error_line(run_cli("fold", path.name, "--dry-run", cwd=root))
+    assert "is not valid TorchScript source" in line and "corrupt" in line and HINT in line, line
+
+
+def test_an_honest_torchscript_model_still_folds(root: Path) -> None:
+    """No false alarm on torch's own code (BatchNorm, Conv) nor on a message naming 'save'."""
+    path = root / "honest_fold_ts.pt"
+    torch.jit.save(torch.jit.script(_Honest().eval()), path)
+    assert archive_mod.check_torchscript_code(path.read_bytes(), path) is None
+    out = root / "honest_ts_out" / "m.onnx"
+    proc = run_cli("fold", path.name, "--data", "calib.npy", "-o", out, cwd=root)
+    assert proc.returncode == 0 and out.exists(), proc.stderr
+
+
+def test_the_file_op_list_covers_every_op_schema_with_a_file_argument() -> None:
+    """Every op registered in this torch with a string argument named for a file or a folder is
+    refused by name (a torch upgrade adding one fails here until FILE_OPS lists it; meanwhile
+    forbidden_names() already includes it)."""
+    found = script_code.schema_file_ops()
+    assert {("aten", "from_file"), ("aten", "save")} <= found  # the scan itself works
+    missing = sorted(f"{ns}::{name}" for ns, name in found
+                     if ns not in script_code.FOREIGN_NAMESPACES and name not in script_code.FILE_OPS)
+    assert missing == []
+    assert {name for _, name in found} | set(script_code.FILE_OPS) <= script_code.forbidden_names()
 
 
 # --------------------------------------------------------------------------- device

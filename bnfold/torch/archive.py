@@ -50,8 +50,10 @@ from typing import Any
 import torch
 
 from bnfold.errors import BadInputError, one_line
+from bnfold.torch.script_code import FILE_OPS, FOREIGN_NAMESPACES, ScriptFinding, find_file_op
 
-__all__ = ["UnsafeMember", "check_exported_program", "check_graph_callables", "check_torchscript_code",
+__all__ = ["FILE_OPS", "FOREIGN_NAMESPACES", "ScriptFinding", "UnsafeMember", "check_exported_program",
+           "check_graph_callables", "check_torchscript_code",
            "guarded_export_load", "quiet_export_loggers", "unsafe_hint"]
 
 # the archive layout (torch.export.pt2_archive.constants in torch 2.13; tests compare them)
@@ -231,13 +233,6 @@ def _foreign_callable(value: Any) -> bool:
     return getattr(value, "__module__", None) not in _HARMLESS_MODULES
 
 
-#: torch ops that open files or connections: a model calling one is refused (a heuristic list:
-#: aten ops with a file-name argument, found in torch 2.13's schemas, and the distributed and
-#: debugging namespaces)
-FILE_OPS = ("from_file", "save", "load_tensor")
-FOREIGN_NAMESPACES = ("debugprims", "c10d", "_c10d_functional", "symm_mem")
-
-
 def _file_op(target: Any) -> bool:
     if not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return False
@@ -268,24 +263,22 @@ def check_graph_callables(ep: Any, path: Path) -> None:
                     "so bnfold refuses the archive; " + unsafe_hint())
 
 
-_SCRIPT_FILE_CALL = re.compile(r"\b(?:torch|ops\.\w+)\.(?:" + "|".join(FILE_OPS) + r")\s*\(|\bops\.(?:"
-                               + "|".join(FOREIGN_NAMESPACES) + r")\.")
-
-
-def check_torchscript_code(data: bytes, path: Path) -> str | None:
-    """The first ``code/`` member of a TorchScript archive that calls a file op (TorchScript code
-    runs at load, in a module's ``__setstate__``, and in forward; it cannot import Python, but
+def check_torchscript_code(data: bytes, path: Path) -> ScriptFinding | None:
+    """The first use of a file op in a ``code/`` member of a TorchScript archive, or of code that
+    does not tokenize (:func:`bnfold.torch.script_code.find_file_op`: TorchScript code runs at
+    load, in a module's ``__setstate__``, and in forward; it cannot import Python, but
     ``torch.from_file(name, True, n)`` creates files and ``torch.save`` writes them), or None.
-    Read with torch's own zip reader; BadInputError where it cannot read the archive."""
+    Read with torch's own zip reader, the one torch.jit.load uses; BadInputError where it cannot
+    read the archive."""
     try:
         reader = torch._C.PyTorchFileReader(io.BytesIO(data))
         names = reader.get_all_records()
     except Exception as exc:  # noqa: BLE001 - not a zip torch can read
         raise BadInputError(f"cannot load TorchScript archive '{path}': {one_line(exc, 200)}") from None
     for name in sorted(n for n in names if n.startswith("code/") and n.endswith(".py")):
-        text = reader.get_record(name).decode("utf-8", "replace")
-        if _SCRIPT_FILE_CALL.search(text):
-            return name
+        found = find_file_op(name, reader.get_record(name))
+        if found is not None:
+            return found
     return None
 
 

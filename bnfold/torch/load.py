@@ -512,11 +512,9 @@ def _load_exported_program(path: Path, unsafe_pickle: bool,
 
 def _load_torchscript(path: Path, unsafe_pickle: bool) -> LoadedTorchModel:
     data = _read_bytes(path)  # checked and loaded from the same bytes
-    member = check_torchscript_code(data, path)
-    if member is not None and not unsafe_pickle:
-        raise BadInputError(f"'{path}': TorchScript code '{member}' calls an op that opens files (from_file, save, "
-                            "...); it runs when the archive loads or the model runs, so bnfold refuses it; "
-                            + unsafe_hint())
+    found = check_torchscript_code(data, path)
+    if found is not None and not unsafe_pickle:
+        raise BadInputError(f"'{path}': {found.describe()}, so bnfold refuses it; " + unsafe_hint())
     try:
         module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
