@@ -19,7 +19,7 @@ import onnx
 
 from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
 from bnfold.data.supplied import supplied_specs
-from bnfold.errors import BadInputError, UnsupportedModelError
+from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError
 from bnfold.files import check_not_input, check_output_paths
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
 from bnfold.onnx.deferred import materialize
@@ -299,12 +299,15 @@ def fold(
         if output is not None or reference is not None:
             staged = staging.write_candidate(work.model)
             if reference is not None:
-                feeds, shapes = fold_verification_feeds(cal, work.model, verify_samples, reference, given_shapes)
-                verification = _run_verification(
-                    reference, staged.path, feeds, verify_config,
-                    {"source": "data" if cal is not None else "random", "seed": None if cal else 0,
-                     "samples": verify_samples, "batch_size": fixed_batch(input_specs(work.model)) or 1,
-                     "shapes": shapes.record()})
+                names = {reference: "the frozen model" if reference != loaded.path else str(reference),
+                         staged.path: f"the folded model (for {output})" if output else "the folded model"}
+                with _named_paths(names):  # errors name the user's files, not bnfold's staged copies
+                    feeds, shapes = fold_verification_feeds(cal, work.model, verify_samples, reference, given_shapes)
+                    verification = _run_verification(
+                        reference, staged.path, feeds, verify_config,
+                        {"source": "data" if cal is not None else "random", "seed": None if cal else 0,
+                         "samples": verify_samples, "batch_size": fixed_batch(input_specs(work.model)) or 1,
+                         "shapes": shapes.record()})
             if output and (verification is None or verification.passed):
                 output_path, output_sha256 = str(staging.publish(staged)), staged.sha256
         if outputs is None:
@@ -321,6 +324,21 @@ def _check_recalibrate(recalibrate: str, have_data: bool) -> None:
     if recalibrate == "all" and not have_data:
         raise BadInputError("recalibrate='all' re-estimates every BN on data; pass calibration data (the data "
                             "argument)")
+
+
+@contextlib.contextmanager
+def _named_paths(names: Mapping[Path, str]) -> Iterator[None]:
+    """Re-raise a ``BnfoldError`` whose message mentions one of ``names``' paths (a staged copy in a
+    ``.bnfold-*`` folder) with the path replaced by what it is."""
+    try:
+        yield
+    except BnfoldError as exc:
+        text = str(exc)
+        for path, label in sorted(names.items(), key=lambda kv: -len(str(kv[0]))):
+            text = text.replace(str(path), label)
+        if text == str(exc):
+            raise
+        raise type(exc)(text) from exc
 
 
 def _report(loaded: LoadedModel, cal: CalibrationData | _FullBatches | None, estimator: str, warnings: list[str],

@@ -197,3 +197,25 @@ def test_concurrent_folds_to_one_output_keep_a_complete_model(tmp_path: Path) ->
     assert len(names) == 2 and names[0] == "o.onnx", names
     got = _runs(out)
     assert any(np.allclose(got, _runs(m), rtol=1e-4, atol=1e-4) for m in models)
+
+
+def test_a_verification_error_names_no_staged_path(tmp_path: Path) -> None:
+    """A model onnxruntime refuses at verification (a Reshape no shape fits): the one-line error says
+    'the frozen model', not bnfold's staged copy in .bnfold-*/ (before: its temporary path)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "w"),
+             *(numpy_helper.from_array(np.full(4, v, np.float32), n) for n, v in
+               (("s", 2.0), ("b", 0.0), ("m", 0.0), ("v", 1.0))),
+             numpy_helper.from_array(np.array([7, -1], np.int64), "shp")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn"),
+             helper.make_node("Reshape", ["y", "shp"], ["z"], name="reshape")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)], inits)
+    model = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    proc = run_cli("fold", model, "-o", tmp_path / "out" / "f.onnx")
+    assert proc.returncode == 3, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "the frozen model" in line and ".bnfold-" not in line, line
+    assert not (tmp_path / "out").exists()
