@@ -200,8 +200,9 @@ def test_concurrent_folds_to_one_output_keep_a_complete_model(tmp_path: Path) ->
 
 
 def test_a_verification_error_names_no_staged_path(tmp_path: Path) -> None:
-    """A model onnxruntime refuses at verification (a Reshape no shape fits): the one-line error says
-    'the frozen model', not bnfold's staged copy in .bnfold-*/ (before: its temporary path)."""
+    """A model onnxruntime refuses at verification (a Reshape no shape fits): the one-line error names
+    the user's model (here the input itself is the reference) or 'the frozen model', never bnfold's
+    staged copy in .bnfold-*/ (before: its temporary path, when the reference was a staged copy)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "w"),
              *(numpy_helper.from_array(np.full(4, v, np.float32), n) for n, v in
@@ -217,5 +218,11 @@ def test_a_verification_error_names_no_staged_path(tmp_path: Path) -> None:
     proc = run_cli("fold", model, "-o", tmp_path / "out" / "f.onnx")
     assert proc.returncode == 3, proc.stderr
     [line] = proc.stderr.strip().splitlines()
-    assert "the frozen model" in line and ".bnfold-" not in line, line
+    assert str(model) in line and ".bnfold-" not in line, line
     assert not (tmp_path / "out").exists()
+    data = tmp_path / "x.npz"
+    np.savez(data, x=rng.normal(size=(4, 3, 4, 4)).astype(np.float32))
+    proc = run_cli("fold", model, "-o", tmp_path / "out" / "f.onnx", "--data", data, "--recalibrate", "all")
+    assert proc.returncode == 3, proc.stderr  # calibrated: the reference is a frozen copy bnfold wrote
+    [line] = proc.stderr.strip().splitlines()
+    assert ".bnfold-" not in line and "tmp" not in line.split(str(tmp_path))[-1], line
