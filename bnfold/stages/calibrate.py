@@ -25,6 +25,7 @@ from bnfold.onnx.io import prepare_for_save
 from bnfold.records import BnStats
 from bnfold.stages.calibration_net import build_calibration_model
 from bnfold.stages.work import Work
+from bnfold.verification.reference_session import ReferenceSession, needs_reference
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
@@ -76,6 +77,12 @@ def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnxr
         del values
         return sess
     except Exception as exc:  # onnxruntime raises its own exception types
+        if needs_reference(str(exc), model):  # float64: onnxruntime has no double Conv; exact numpy instead
+            for t in model.graph.initializer:
+                if t.name in held:
+                    src = held[t.name]
+                    t.CopyFrom(deferred.loaded_copy(src) if deferred.is_deferred(src) else src)
+            return ReferenceSession(model)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(f"onnxruntime cannot run the calibration network: {first}") from exc
     finally:
