@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 from torch.optim.swa_utils import update_bn  # noqa: E402
 
 import bnfold.torch as bt  # noqa: E402
-from bnfold.errors import UnsupportedModelError  # noqa: E402
+from bnfold.errors import BadInputError, UnsupportedModelError  # noqa: E402
 from bnfold.records import Action, Reason  # noqa: E402
 
 # Algorithm 2 on float64 activations against update_bn on a float64 copy: both sum the same
@@ -113,7 +113,8 @@ def _oracle(net: nn.Module, batches: list[torch.Tensor]) -> dict[str, tuple[torc
     """update_bn on a float64 copy (equal-size batches, no dropout: Algorithm 2's estimate)."""
     ref = copy.deepcopy(net).double()
     update_bn([b.double() for b in batches], ref)
-    return {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in _bn_modules(ref)}
+    return {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in _bn_modules(ref)
+            if m.running_mean is not None}
 
 
 def _assert_calibrated(frozen: nn.Module, want: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -275,3 +276,112 @@ def test_real_timm_batchnormact2d(timm: Any) -> None:
     x = _batches(1, seed=5)[0]
     with torch.no_grad():
         assert float((ref(x) - result.module(x)).abs().max()) < FOLD_ATOL
+
+
+class Scaled(nn.BatchNorm2d):
+    """A subclass bnfold does not know: ``F.batch_norm`` on its buffers, then something of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return 2 * F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                                factor, self.eps)
+
+
+def test_an_unknown_subclass_is_calibrated_and_kept_with_a_reason() -> None:
+    torch.manual_seed(0)
+    net = _randomise(nn.Sequential(nn.Conv2d(3, 8, 3), Scaled(8), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)))
+    batches = _batches()
+    want = _oracle(net.double(), [b.double() for b in batches])
+    frozen, stats = bt.calibrate(net, [b.double() for b in batches])
+    _assert_calibrated(frozen, want)
+    net = net.float()
+    result = bt.fold(net, batches, recalibrate="all")
+    by_name = {r.name: r for r in result.report.bns}
+    assert by_name["1"].action is Action.FROZEN_KEPT and by_name["1"].reason is Reason.UNKNOWN_BN_FORWARD
+    assert by_name["1"].stats is not None and by_name["1"].drift is not None
+    assert by_name["3"].action is Action.FOLDED
+    ref, _ = bt.calibrate(net, batches)
+    x = _batches(1, seed=3)[0]
+    with torch.no_grad():
+        assert float((ref(x) - result.module(x)).abs().max()) < FOLD_ATOL
+
+
+def test_batchnormact_in_train_mode_and_without_running_stats() -> None:
+    """fold's default recalibrate='training' picks a BatchNormAct2d in train mode; one with
+    track_running_stats=False is found by its weight and gains running statistics."""
+    torch.manual_seed(0)
+    bn2 = BatchNormAct2d(8)
+    bn2.track_running_stats = False
+    bn2.running_mean = bn2.running_var = bn2.num_batches_tracked = None
+    net = _randomise(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8), nn.Conv2d(8, 8, 3), bn2))
+    net[1].train()
+    batches = _batches()
+    want = {"1": _oracle(net.double(), [b.double() for b in batches])["1"]}
+    frozen, stats = bt.calibrate(net, [b.double() for b in batches])
+    assert set(stats) == {"1", "3"} and frozen[3].running_var is not None
+    _assert_calibrated(frozen, want)
+    net = net.float()
+    result = bt.fold(net, batches)
+    assert [(r.name, r.action, r.stats is not None) for r in result.report.bns] == [
+        ("1", Action.FOLDED, True), ("3", Action.FOLDED, True)]
+
+
+def test_a_reused_batchnormact_is_refused_unless_allowed() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = BatchNormAct2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.bn(self.conv(x)) + 1)
+
+    with pytest.raises(BadInputError, match="applied more than once"):
+        bt.calibrate(Twice().eval(), _batches())
+    _, stats = bt.calibrate(Twice().eval(), _batches(), allow_reused_bn=True)
+    assert set(stats) == {"bn"}
+
+
+def test_real_torchvision_frozen_batchnorm_folds(timm: Any) -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozen  # loadable once the timm fixture ran
+
+    torch.manual_seed(0)
+    fbn = TvFrozen(8)
+    with torch.no_grad():
+        fbn.weight.uniform_(0.5, 1.5)
+        fbn.bias.normal_()
+        fbn.running_mean.normal_()
+        fbn.running_var.uniform_(0.5, 2)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), fbn, nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4)).eval()
+    batches = _batches()
+    result = bt.fold(net, batches, recalibrate="all")
+    assert [(r.name, r.action) for r in result.report.bns] == [("1", Action.FOLDED), ("4", Action.FOLDED)]
+    assert result.report.bns[0].stats is None  # frozen by design: its statistics are kept
+    ref, stats = bt.calibrate(net, batches)
+    assert set(stats) == {"4"} and torch.equal(ref[1].running_var, fbn.running_var)
+    with torch.no_grad():
+        assert float((ref(batches[0]) - result.module(batches[0])).abs().max()) < FOLD_ATOL
+
+
+def test_real_timm_model_every_bn_calibrated_and_folded(timm: Any) -> None:
+    """mobilenetv3_small_100: every BN is a BatchNormAct2d; all calibrated like update_bn, all folded."""
+    torch.manual_seed(0)
+    net = _randomise(timm.create_model("mobilenetv3_small_100", pretrained=False, drop_rate=0.0))
+    batches = _batches(3)
+    bns = [n for n, m in net.named_modules() if isinstance(m, _BatchNorm)]
+    want = _oracle(net, batches)
+    frozen, stats = bt.calibrate(net.double(), [b.double() for b in batches])
+    assert set(stats) == set(bns)
+    _assert_calibrated(frozen, want)
+    net = net.float()
+    result = bt.fold(net, batches, recalibrate="all")
+    assert {r.name for r in result.report.bns if r.action is Action.FOLDED} == set(bns)
+    ref, _ = bt.calibrate(net, batches)
+    x = _batches(1, seed=9)[0]
+    with torch.no_grad():
+        want_y = ref(x)
+        # float32 through ~50 folded layers: relative to the output's scale
+        assert float((want_y - result.module(x)).abs().max()) < 1e-4 * float(want_y.abs().max())
