@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ def _scale_shift(bn: nn.Module, name: str) -> tuple[np.ndarray, np.ndarray]:
     w, b = _affine(bn)
     mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
     try:
-        return arith.bn_scale_shift(_host64(w), _host64(b), _host64(mean), _host64(var), float(bn.eps))
+        return arith.bn_scale_shift(_host64(w), _host64(b), _host64(mean), _host64(var), float(cast(float, bn.eps)))
     except ValueError as exc:
         raise BadInputError(f"BN '{name}' has unusable statistics: {exc}") from None
 
