@@ -14,6 +14,11 @@ PreciseBN keeps the biased pooled variance. Here:
   touched (no momentum, no ``num_batches_tracked`` update), and nothing is copied to the host
   per batch; the sums come back once, at the end. The replaced forward also counts the BN's
   calls, to check that it is called once per forward;
+* a BN-like module that overrides ``forward`` (timm's ``BatchNormAct2d``, a hand-written BN; see
+  :mod:`bnfold.torch.bn_kinds`) is calibrated through its ``F.batch_norm`` call on its own buffers,
+  caught by :mod:`bnfold.torch.intercept` and handled as above; one whose forward never makes that
+  call is refused (``UnsupportedModelError``), never left stale. ``FrozenBatchNorm2d`` keeps its
+  statistics (an affine by design);
 * at the end the sums become :class:`bnfold.records.BnStats` and :func:`bnfold.formulas.stats.finalize`
   turns them into :class:`bnfold.records.FrozenStats`, exactly as on the ONNX path.
 
