@@ -42,6 +42,7 @@ class Reason(str, enum.Enum):
     SPATIAL_ZERO = "SPATIAL_ZERO"  # legacy spatial=0 BN: per-activation statistics
     BN_OUTPUT_FANOUT = "BN_OUTPUT_FANOUT"  # (forward fold) BN output feeds several nodes / graph output
     HOOKED = "HOOKED"  # (PyTorch) the BN or its producer has forward hooks that folding would change
+    UNKNOWN_BN_FORWARD = "UNKNOWN_BN_FORWARD"  # (PyTorch) a BN subclass/module whose forward bnfold cannot fold
     # notes attached to folded BNs
     SHARED_WEIGHT_CLONED = "SHARED_WEIGHT_CLONED"  # weight shared with another node: folded copy made
 

@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.records import Action
+from bnfold.torch.bn_kinds import ActPart
 from bnfold.torch.calibrate import copy_module
 from bnfold.torch.plan import SiteFold, TorchPlan
 from bnfold.torch.producers import BIAS_POS, WEIGHT_POS, arg, resolve_attr, target_of
@@ -109,5 +110,11 @@ def apply_folds(gm: fx.GraphModule, plan: TorchPlan, *, private: bool) -> None:
                 _apply_module(gm, f, private)
             else:
                 _apply_functional(gm, f)
+            if f.keep_act:  # a BatchNormAct2d: the BN part is in the producer, its drop and act stay
+                _, owner, attr = _owner(gm, target_of(f.bn_node))
+                bn = getattr(owner, attr)
+                if not isinstance(bn, ActPart):
+                    setattr(owner, attr, ActPart(bn.drop, bn.act))
+                continue
             f.bn_node.replace_all_uses_with(f.producer.node)
             gm.graph.erase_node(f.bn_node)

@@ -14,6 +14,11 @@ PreciseBN keeps the biased pooled variance. Here:
   touched (no momentum, no ``num_batches_tracked`` update), and nothing is copied to the host
   per batch; the sums come back once, at the end. The replaced forward also counts the BN's
   calls, to check that it is called once per forward;
+* a BN-like module that overrides ``forward`` (timm's ``BatchNormAct2d``, a hand-written BN; see
+  :mod:`bnfold.torch.bn_kinds`) is calibrated through its ``F.batch_norm`` call on its own buffers,
+  caught by :mod:`bnfold.torch.intercept` and handled as above; one whose forward never makes that
+  call is refused (``UnsupportedModelError``), never left stale. ``FrozenBatchNorm2d`` keeps its
+  statistics (an affine by design);
 * at the end the sums become :class:`bnfold.records.BnStats` and :func:`bnfold.formulas.stats.finalize`
   turns them into :class:`bnfold.records.FrozenStats`, exactly as on the ONNX path.
 
@@ -25,13 +30,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, one_line
@@ -40,7 +45,9 @@ from bnfold.formulas.drift import no_drift
 from bnfold.formulas.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning, merge, update
 from bnfold.records import BnStats, Drift, FrozenStats, Mode
 from bnfold.torch.batches import Batch, check_arity, count_batches, iter_batches, tensors
+from bnfold.torch.bn_kinds import BnKind, bn_kind, bn_like_modules, is_standard_bn
 from bnfold.torch.device import check_device
+from bnfold.torch.intercept import BatchNormIntercept
 from bnfold.torch.moments import Scratch, cpu_batch_moments
 
 __all__ = [
@@ -67,15 +74,8 @@ RECALIBRATE = ("training", "all")
 TRAINING_NOTE = ("normalises with batch statistics (train() or track_running_stats=False): its running statistics "
                  "are not used, so there is nothing to compare")
 
-_BN_FORWARDS = (_BatchNorm.forward, SyncBatchNorm.forward)
-
 
 # ----------------------------------------------------------------------------- module helpers
-
-
-def is_standard_bn(m: nn.Module) -> bool:
-    """A BatchNorm1d/2d/3d, SyncBatchNorm or LazyBatchNorm (or subclass keeping their forward)."""
-    return isinstance(m, _BatchNorm) and type(m).forward in _BN_FORWARDS
 
 
 def find_batchnorms(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -83,9 +83,11 @@ def find_batchnorms(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(name, m) for name, m in module.named_modules() if isinstance(m, _BatchNorm)]
 
 
-def bn_mode(m: _BatchNorm) -> Mode:
-    """TRAINING where the module normalises with batch statistics as it stands, else INFERENCE."""
-    if m.training or not m.track_running_stats or m.running_mean is None or m.running_var is None:
+def bn_mode(m: nn.Module) -> Mode:
+    """TRAINING where the module normalises with batch statistics as it stands, else INFERENCE
+    (any BN-like module: a hand-written one in train mode counts as TRAINING)."""
+    if (m.training or not getattr(m, "track_running_stats", True) or getattr(m, "running_mean", None) is None
+            or getattr(m, "running_var", None) is None):
         return Mode.TRAINING
     return Mode.INFERENCE
 
@@ -220,6 +222,13 @@ class _DeviceStats:
 
 
 def _batch_stat_forward(self: _BatchNorm, x: torch.Tensor, acc: _DeviceStats) -> torch.Tensor:
+    """A standard BN module of the training network (see :func:`batch_stat_norm`)."""
+    self._check_input_dim(x)
+    return batch_stat_norm(x, self.weight, self.bias, self.eps, acc)
+
+
+def batch_stat_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                    acc: _DeviceStats) -> torch.Tensor:
     """The BN of the training network: normalise with the batch's statistics, buffers untouched.
 
     On the CPU (float32/float64) the moments come from ``moments.cpu_batch_moments`` and the
@@ -229,33 +238,32 @@ def _batch_stat_forward(self: _BatchNorm, x: torch.Tensor, acc: _DeviceStats) ->
     biased variance is ``unbiased * (m - 1) / m``. Either way they go to this BN's accumulator
     ``acc``, and stay on the device.
     """
-    self._check_input_dim(x)
     c = x.shape[1] if x.dim() >= 2 else 0
     m = x.numel() // c if c else 0
     if c and m == 1:
         # one value per channel: (x - mean) = 0, so the output is beta; F.batch_norm refuses this
         acc.add(x)
         y = torch.zeros_like(x)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype).view((1, c) + (1,) * (x.dim() - 2))
+        if bias is not None:
+            y = y + bias.to(x.dtype).view((1, c) + (1,) * (x.dim() - 2))
         return y
     if acc._check(x) is None:
-        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and acc.scratch is not None:
         host_mean, host_var, _ = cpu_batch_moments(x, acc.scratch)
         np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
         y = F.batch_norm(x, torch.from_numpy(host_mean.astype(np_dtype)), torch.from_numpy(host_var.astype(np_dtype)),
-                         self.weight, self.bias, False, 0.0, self.eps)
+                         weight, bias, False, 0.0, eps)
         acc.add_host_moments(host_mean, host_var, m)
         return y
     # float16/bfloat16: the kernel's mixed mode (float32 statistics and affine parameters, as
     # autocast runs it) keeps a batch variance past float16's 65504 and bfloat16's 8 bits
     stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    w = self.weight if self.weight is None else self.weight.to(stat_dtype)
-    b = self.bias if self.bias is None else self.bias.to(stat_dtype)
+    w = weight if weight is None else weight.to(stat_dtype)
+    b = bias if bias is None else bias.to(stat_dtype)
     mean = torch.zeros(c, dtype=stat_dtype, device=x.device)
     var = torch.ones(c, dtype=stat_dtype, device=x.device)
-    y = F.batch_norm(x, mean, var, w, b, True, 1.0, self.eps)
+    y = F.batch_norm(x, mean, var, w, b, True, 1.0, eps)
     acc.add_moments(mean, var.to(torch.float64) * ((m - 1) / m), m)
     return y
 
@@ -289,40 +297,60 @@ def check_recalibrate(recalibrate: str) -> None:
         raise BadInputError(f"unknown recalibrate='{recalibrate}'; use one of: {', '.join(RECALIBRATE)}")
 
 
-def _stored_drift(m: _BatchNorm, mode: Mode, st: FrozenStats) -> Drift:
+def _stored_drift(m: nn.Module, mode: Mode, st: FrozenStats, eps: float) -> Drift:
     """Drift of the module's running statistics (before they are replaced) from ``st``; ``mode``:
     the BN's mode before the calibration run put the module in eval mode."""
-    if mode is Mode.TRAINING or m.running_mean is None or m.running_var is None:
+    mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+    if mode is Mode.TRAINING or mean is None or var is None:
         return no_drift(TRAINING_NOTE)
-    return drift_of(m.running_mean.detach().cpu().double().numpy(), m.running_var.detach().cpu().double().numpy(),
-                    st.mean, st.var_unbiased, m.eps)
+    return drift_of(mean.detach().cpu().double().numpy(), var.detach().cpu().double().numpy(),
+                    st.mean, st.var_unbiased, eps)
 
 
-def _calibration_targets(work: nn.Module, warnings: list[str]) -> list[tuple[str, _BatchNorm]]:
-    targets = []
-    for name, m in find_batchnorms(work):
-        if is_standard_bn(m):
-            targets.append((name, m))
-        elif bn_mode(m) is Mode.TRAINING:
-            raise UnsupportedModelError(
-                f"BN '{name}' ({type(m).__name__}) overrides forward and normalises with batch statistics; "
-                "bnfold cannot tell what it computes: replace it by a torch BatchNorm module"
-            )
-        else:
-            warnings.append(f"BN '{name}' ({type(m).__name__}) overrides forward; it keeps its stored statistics")
+def _owner_key(name: str, m: nn.Module) -> torch.Tensor:
+    """The tensor by which an ``F.batch_norm`` call is known to be this module's: its running
+    mean, else (``track_running_stats=False``) its weight."""
+    for key in ("running_mean", "weight"):
+        t = getattr(m, key, None)
+        if isinstance(t, torch.Tensor) and not is_lazy(t):
+            return t
+    raise UnsupportedModelError(
+        f"BN '{name}' ({type(m).__name__}) overrides forward and has neither running statistics nor an affine "
+        "weight, so bnfold cannot find its F.batch_norm call: replace it by a torch BatchNorm module")
+
+
+def _calibration_targets(work: nn.Module, warnings: list[str]) -> list[tuple[str, nn.Module]]:
+    """Every BN-like module calibration handles: standard BNs (through their forward) and those
+    that normalise through ``F.batch_norm`` on their own buffers (:mod:`bnfold.torch.intercept`).
+    A ``FrozenBatchNorm2d`` is an affine by design: it keeps its statistics (and folds)."""
+    targets: list[tuple[str, nn.Module]] = []
+    for name, m in bn_like_modules(work):
+        kind = bn_kind(m)
+        if kind is BnKind.FROZEN_AFFINE:
+            warnings.append(f"BN '{name}' ({type(m).__name__}) is frozen by design; it keeps its statistics")
+            continue
+        if kind is not BnKind.STANDARD:
+            _owner_key(name, m)
+        targets.append((name, m))
     return targets
 
 
-def _stats_dtype(m: _BatchNorm, in_dtype: torch.dtype) -> torch.dtype:
+def fold_candidates(work: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every BN-like module with running statistics, for the fold's report (FrozenBatchNorm2d included)."""
+    return [(n, m) for n, m in bn_like_modules(work) if getattr(m, "running_mean", None) is not None]
+
+
+def _stats_dtype(m: nn.Module, in_dtype: torch.dtype) -> torch.dtype:
     """The dtype the BN's running statistics have, or get (see ``_write_stats``)."""
-    if m.track_running_stats and m.running_mean is not None and m.running_var is not None:
-        return m.running_var.dtype
-    if m.affine and m.weight is not None:
-        return m.weight.dtype
+    mean, var, weight = (getattr(m, k, None) for k in ("running_mean", "running_var", "weight"))
+    if getattr(m, "track_running_stats", True) and mean is not None and var is not None:
+        return var.dtype
+    if getattr(m, "affine", True) and weight is not None:
+        return weight.dtype
     return in_dtype
 
 
-def _check_fits(name: str, m: _BatchNorm, st: FrozenStats, dtype: torch.dtype) -> None:
+def _check_fits(name: str, st: FrozenStats, dtype: torch.dtype) -> None:
     """Refuse statistics that the BN's running buffers cannot hold (float16 tops out at 65504)."""
     if not dtype.is_floating_point:
         return
@@ -335,22 +363,24 @@ def _check_fits(name: str, m: _BatchNorm, st: FrozenStats, dtype: torch.dtype) -
                 f"can hold ({limit:.3g}); calibrate the model in float32 (module.float()) and convert it after folding")
 
 
-def _write_stats(m: _BatchNorm, st: FrozenStats, dtype: torch.dtype, device: torch.device) -> None:
+def _write_stats(m: nn.Module, st: FrozenStats, dtype: torch.dtype, device: torch.device) -> None:
     mean = torch.from_numpy(st.mean)
     var = torch.from_numpy(st.var)
-    if not m.track_running_stats or m.running_mean is None or m.running_var is None:
-        if m.affine and m.weight is not None:
+    if (not getattr(m, "track_running_stats", True) or getattr(m, "running_mean", None) is None
+            or getattr(m, "running_var", None) is None):
+        if getattr(m, "affine", True) and isinstance(m.weight, torch.Tensor):
             dtype, device = m.weight.dtype, m.weight.device
         m.register_buffer("running_mean", mean.to(device=device, dtype=dtype))
         m.register_buffer("running_var", var.to(device=device, dtype=dtype))
         m.register_buffer("num_batches_tracked", torch.tensor(st.batches, dtype=torch.long, device=device))
-        m.track_running_stats = True
+        setattr(m, "track_running_stats", True)  # noqa: B010 (any BN-like module, typed as nn.Module)
     else:
         with torch.no_grad():
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            if m.num_batches_tracked is not None:
-                m.num_batches_tracked.fill_(st.batches)
+            cast(torch.Tensor, m.running_mean).copy_(mean)
+            cast(torch.Tensor, m.running_var).copy_(var)
+            tracked = getattr(m, "num_batches_tracked", None)
+            if isinstance(tracked, torch.Tensor):
+                tracked.fill_(st.batches)
 
 
 def _forward_failure(exc: Exception, done: int, batch: Batch, dtype: torch.dtype) -> str:
@@ -408,6 +438,7 @@ def run_calibration(
     calls_now = {name: 0 for name, _ in targets}
     max_calls = {name: 0 for name, _ in targets}
     first_call: list[str] = []
+    first_call_skip: set[str] = set()  # non-BN modules with BN buffers that forward never normalises with
     in_dtype: dict[str, torch.dtype] = {}
     state = {"first": True}
 
@@ -423,32 +454,56 @@ def run_calibration(
             if len(args) > 1 or kwargs:
                 raise BadInputError(f"BN '{name}' was called with {len(args)} positional and {len(kwargs)} "
                                     "keyword arguments; a BatchNorm takes one tensor")
-            x = args[0]
-            calls_now[name] += 1
-            if calls_now[name] > 1 and not allow_reused_bn:
+            note_call(name, args[0])
+            return _batch_stat_forward(bn, args[0], stats)
+
+        return forward
+
+    def note_call(name: str, x: torch.Tensor) -> None:
+        """Count one call of BN ``name`` on ``x``: reuse, input rank and dtype."""
+        calls_now[name] += 1
+        if calls_now[name] > 1 and not allow_reused_bn:
                 raise BadInputError(
                     f"BN '{name}' is applied more than once in one forward; each call site normalises a "
                     "different population. Give each site its own BN, or pass allow_reused_bn=True to "
                     "pool the statistics of all its calls"
                 )
-            max_calls[name] = max(max_calls[name], calls_now[name])
-            if name not in in_dtype:
-                in_dtype[name] = x.dtype
-                first_call.append(name)
-            if state["first"]:
-                run.ranks.setdefault(name, set()).add(x.dim())
-            return _batch_stat_forward(bn, x, stats)
+        max_calls[name] = max(max_calls[name], calls_now[name])
+        if name not in in_dtype:
+            in_dtype[name] = x.dtype
+            first_call.append(name)
+        if state["first"]:
+            run.ranks.setdefault(name, set()).add(x.dim())
 
-        return forward
+    def intercepted(name: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+        """An ``F.batch_norm`` call on the buffers of BN ``name`` (a module that overrides forward)."""
+        note_call(name, x)
+        eps_of[name] = eps
+        return batch_stat_norm(x, weight, bias, eps, acc[name])
+
+    # BNs that override forward: calibrated through their F.batch_norm calls; a pre-hook counts
+    # their calls, to tell one that never reaches F.batch_norm (bnfold cannot see its computation)
+    others = [(name, m) for name, m in targets if not is_standard_bn(m)]
+    owners = {id(_owner_key(name, m)): name for name, m in others}
+    eps_of: dict[str, float] = {name: float(getattr(m, "eps", 1e-5)) for name, m in targets}
+    module_calls = {name: 0 for name, _ in others}
+    hooks = []
+    for name, m in others:
+        def count(_m: nn.Module, _args: Any, _name: str = name) -> None:
+            module_calls[_name] += 1
+        hooks.append(m.register_forward_pre_hook(count))
+    intercept = BatchNormIntercept(owners, intercepted) if others else None
 
     training = {m: m.training for m in work.modules()}
-    patched: list[_BatchNorm] = []
+    patched: list[nn.Module] = []
     total = count_batches(data)
     try:
         work.eval()
         for name, m in targets:
-            m.forward = make_forward(name, m)  # type: ignore[method-assign]
-            patched.append(m)
+            if isinstance(m, _BatchNorm) and is_standard_bn(m):
+                m.forward = make_forward(name, m)  # type: ignore[method-assign]
+                patched.append(m)
         if progress:
             progress(0, total)
         dtype = float_dtype(work)
@@ -461,7 +516,11 @@ def run_calibration(
                 for k in calls_now:
                     calls_now[k] = 0
                 try:
-                    work(*batch.args, **batch.kwargs)
+                    if intercept is not None:
+                        with intercept:
+                            work(*batch.args, **batch.kwargs)
+                    else:
+                        work(*batch.args, **batch.kwargs)
                 except BnfoldError:
                     raise
                 except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -479,6 +538,21 @@ def run_calibration(
     finally:
         for m in patched:
             m.__dict__.pop("forward", None)
+        for h in hooks:
+            h.remove()
+    for name, m in others:
+        if name in first_call:
+            continue
+        if module_calls[name] and isinstance(m, _BatchNorm):
+            for mod, flag in training.items():
+                mod.training = flag
+            raise UnsupportedModelError(
+                f"BN '{name}' ({type(m).__name__}) overrides forward and does not call F.batch_norm on its own "
+                "buffers, so bnfold cannot calibrate it: replace it by a torch BatchNorm module")
+        if module_calls[name]:  # running_mean/running_var buffers, but no BN computation on them
+            warnings.append(f"'{name}' ({type(m).__name__}) has running_mean/running_var buffers but does not "
+                            "call F.batch_norm on them; it is left as it is")
+        first_call_skip.add(name)
     if run.batches == 0:
         for mod, flag in training.items():
             mod.training = flag
@@ -495,14 +569,16 @@ def run_calibration(
             )
     modules = dict(targets)
     for name, m in targets:
+        if name in first_call_skip:
+            continue
         if name not in sums:
             warnings.append(f"BN '{name}' was never called during calibration; it keeps its stored statistics")
             continue
         st = finalize(sums[name], estimator, name)
-        _check_fits(name, m, st, _stats_dtype(m, in_dtype[name]))
+        _check_fits(name, st, _stats_dtype(m, in_dtype[name]))
         run.stats[name] = st
         if recalibrate == "all":
-            run.drift[name] = _stored_drift(m, modes[name], st)
+            run.drift[name] = _stored_drift(m, modes[name], st, eps_of[name])
     for name, st in run.stats.items():  # all checked first: a refusal leaves every BN as it was
         _write_stats(modules[name], st, in_dtype[name], dev)
     for name, n in max_calls.items():

@@ -34,12 +34,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.errors import BadInputError
 from bnfold.records import BnRecord, Drift, FrozenStats, Mode, Report
 from bnfold.torch.apply import apply_folds
 from bnfold.torch.batches import Batch, as_batch
+from bnfold.torch.bn_kinds import bn_like_modules
 from bnfold.torch.calibrate import (
     _calibration_targets,
     _check_estimator,
@@ -47,6 +47,7 @@ from bnfold.torch.calibrate import (
     check_recalibrate,
     copy_module,
     float_dtype,
+    fold_candidates,
     module_device,
     run_calibration,
 )
@@ -69,7 +70,7 @@ class TorchFoldResult:
 # ----------------------------------------------------------------------------- the front end
 
 
-def _probe_ranks(work: nn.Module, batch: Batch, bns: list[tuple[str, _BatchNorm]]) -> dict[str, set[int]]:
+def _probe_ranks(work: nn.Module, batch: Batch, bns: list[tuple[str, nn.Module]]) -> dict[str, set[int]]:
     """BN input ranks from one eval-mode forward on the example ``batch``."""
     ranks: dict[str, set[int]] = {}
     handles = []
@@ -138,7 +139,7 @@ def fold(
     finally:
         for m, flag in flags.items():
             m.training = flag
-    modes = {name: bn_mode(m) for name, m in module.named_modules() if isinstance(m, _BatchNorm)}
+    modes = {name: bn_mode(m) for name, m in bn_like_modules(module)}
 
     warnings: list[str] = []
     stats: dict[str, FrozenStats] = {}
@@ -167,7 +168,7 @@ def fold(
         if device is not None and module_device(work) != dev:
             work.to(dev)
         work.eval()
-    bns = [(n, m) for n, m in _calibration_targets(work, []) if m.running_mean is not None]
+    bns = fold_candidates(work)
     example = run.first_batch if data is not None else None
     if data is not None and example is not None and ranks is not None:
         unseen = [(n, m) for n, m in bns if n not in ranks]  # BNs the calibration pass did not patch

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.errors import BadInputError
 from bnfold.formulas import arith
 from bnfold.records import Action, FoldDecision, FoldPlan, Reason
 from bnfold.rules import Refuse
+from bnfold.torch.bn_kinds import BnKind, bn_kind
 from bnfold.torch.producers import (
     Producer,
     channels_of,
@@ -38,6 +39,7 @@ class SiteFold:
     weight: torch.Tensor
     bias: torch.Tensor
     copy_attr: str | None = None  # a shared producer: the attribute its private copy gets
+    keep_act: bool = False  # a BatchNormAct2d: its call stays, as its drop and act (bn_kinds.ActPart)
 
 
 @dataclass
@@ -74,11 +76,19 @@ def _cast_back(v64: np.ndarray, like: torch.Tensor, original: torch.Tensor | Non
     return out.to(like.device)
 
 
-def _scale_shift(bn: _BatchNorm, name: str) -> tuple[np.ndarray, np.ndarray]:
-    gamma = _host64(bn.weight) if bn.affine else None
-    beta = _host64(bn.bias) if bn.affine else None
+def _affine(bn: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The BN's weight and bias (buffers of a FrozenBatchNorm2d), None where it has none."""
+    if not getattr(bn, "affine", True):
+        return None, None
+    w, b = getattr(bn, "weight", None), getattr(bn, "bias", None)
+    return (w if isinstance(w, torch.Tensor) else None), (b if isinstance(b, torch.Tensor) else None)
+
+
+def _scale_shift(bn: nn.Module, name: str) -> tuple[np.ndarray, np.ndarray]:
+    w, b = _affine(bn)
+    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
     try:
-        return arith.bn_scale_shift(gamma, beta, _host64(bn.running_mean), _host64(bn.running_var), bn.eps)
+        return arith.bn_scale_shift(_host64(w), _host64(b), _host64(mean), _host64(var), float(cast(float, bn.eps)))
     except ValueError as exc:
         raise BadInputError(f"BN '{name}' has unusable statistics: {exc}") from None
 
@@ -92,8 +102,10 @@ def folded_tensors(p: Producer, s: np.ndarray, t: np.ndarray) -> tuple[torch.Ten
     return _cast_back(w_new, p.weight, p.weight), _cast_back(b_new, bias_like, p.bias)
 
 
-def _bn_input_ranks(bn: _BatchNorm) -> set[int] | None:
+def _bn_input_ranks(bn: nn.Module) -> set[int] | None:
     """The input ranks a BN module accepts (None: any rank from 2, as SyncBatchNorm)."""
+    if bn_kind(bn) in (BnKind.BN_ACT, BnKind.FROZEN_AFFINE):
+        return {4}  # BatchNormAct2d asserts 4-D input; FrozenBatchNorm2d reshapes to (1, C, 1, 1)
     for cls, ranks in ((nn.BatchNorm1d, {2, 3}), (nn.BatchNorm2d, {4}), (nn.BatchNorm3d, {5})):
         lazy = getattr(nn, f"Lazy{cls.__name__}")
         if isinstance(bn, (cls, lazy)) and not isinstance(bn, nn.SyncBatchNorm):
@@ -101,7 +113,7 @@ def _bn_input_ranks(bn: _BatchNorm) -> set[int] | None:
     return None
 
 
-def _check_rank(p: Producer, bn: _BatchNorm, ranks: set[int] | None) -> None:
+def _check_rank(p: Producer, bn: nn.Module, ranks: set[int] | None) -> None:
     """The BN normalises axis 1: the producer's channels must be there (CHANNEL_MISMATCH, or
     UNKNOWN_RANK where the ranks were not seen and the BN type allows both)."""
     if p.is_linear:
@@ -166,8 +178,12 @@ class _Planner:
             return dataclasses.replace(p, weight=prev.weight, bias=prev.bias, shared=False, name=name, label=label)
         return find_producer(x, self.gm, self.uses, self.calls)
 
-    def site(self, bn_node: fx.Node, bn: _BatchNorm, name: str, ranks: set[int] | None) -> SiteFold:
+    def site(self, bn_node: fx.Node, bn: nn.Module, name: str, ranks: set[int] | None) -> SiteFold:
         """The fold of one BN call into its producer, or a :class:`Refuse`."""
+        kind = bn_kind(bn)
+        if kind is BnKind.CUSTOM:
+            raise Refuse(Reason.UNKNOWN_BN_FORWARD, f"{type(bn).__name__} computes its own forward (besides or "
+                         "instead of BatchNorm's), which bnfold cannot fold; it is kept with its statistics")
         refuse_run_time_parts(bn, f"BN '{name}'", "which folding would remove with the BN call")
         x = bn_node.args[0] if bn_node.args else bn_node.kwargs.get("input")
         p = self.producer(x)
@@ -175,7 +191,8 @@ class _Planner:
         if len(users) > 1:
             others = ", ".join(sorted(u.name for u in users if u is not bn_node))
             raise Refuse(Reason.PRODUCER_FANOUT, f"the output of '{p.name}' also feeds {others}")
-        tensors = [p.weight, p.bias, bn.running_mean, bn.running_var, bn.weight if bn.affine else None]
+        tensors = [p.weight, p.bias, getattr(bn, "running_mean", None), getattr(bn, "running_var", None),
+                   _affine(bn)[0]]
         bad = [t.dtype for t in tensors if t is not None and not t.is_floating_point()]
         if bad:
             raise Refuse(Reason.UNSUPPORTED_DTYPE, f"'{p.name}' or the BN holds non-floating values ({bad[0]})")
@@ -190,14 +207,15 @@ class _Planner:
             raise Refuse(Reason.DTYPE_OVERFLOW, f"folding into '{p.name}' ({p.weight.dtype}): {exc}") from None
         except ValueError as exc:  # shapes the arithmetic refuses
             raise Refuse(Reason.CHANNEL_MISMATCH, f"cannot fold into '{p.name}': {exc}") from None
-        return SiteFold(bn_node, p, w_new, b_new)
+        return SiteFold(bn_node, p, w_new, b_new, keep_act=kind is BnKind.BN_ACT)
 
     def commit(self, folds: list[SiteFold]) -> None:
         """Record the folds of one BN, so that BNs planned later see them."""
         for f in folds:
             if f.producer.shared:
                 f.copy_attr = self._copy_attr(f.producer)
-            self.alias[f.bn_node] = f.producer.node
+            if not f.keep_act:  # a BatchNormAct2d's call stays (its act): later BNs see it, not the producer
+                self.alias[f.bn_node] = f.producer.node
             self.current[f.producer.node] = f
 
     def _copy_attr(self, p: Producer) -> str:
@@ -214,14 +232,14 @@ class _Planner:
         return attr
 
 
-def plan_folds(gm: fx.GraphModule, bns: list[tuple[str, _BatchNorm]], ranks: dict[str, set[int]] | None,
+def plan_folds(gm: fx.GraphModule, bns: list[tuple[str, nn.Module]], ranks: dict[str, set[int]] | None,
                warnings: list[str]) -> TorchPlan:
     """One decision for every BN of ``bns`` called in ``gm`` (a BN that forward never calls gets
     a warning instead), in graph order; ``gm`` is not changed."""
     planner = _Planner(gm)
     sites: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm):
+        if node.op == "call_module" and bn_kind(gm.get_submodule(node.target)) is not None:
             sites.setdefault(node.target, []).append(node)
     # graph order, so that in conv -> bn1 -> bn2 the second BN sees the conv once the first is folded
     position = {node: i for i, node in enumerate(gm.graph.nodes)}

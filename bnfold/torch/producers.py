@@ -16,7 +16,6 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.records import Reason
 from bnfold.rules import CONV, CONV_TRANSPOSE, GEMM, BackwardRule, FoldAttrs, Refuse
@@ -51,8 +50,8 @@ def target_of(node: fx.Node) -> str:
     return cast(str, node.target)
 
 
-def channels_of(bn: _BatchNorm) -> int:
-    """The channel count of a BN module that tracks statistics."""
+def channels_of(bn: nn.Module) -> int:
+    """The channel count of a BN-like module that tracks statistics."""
     return int(cast(torch.Tensor, bn.running_mean).shape[0])
 
 

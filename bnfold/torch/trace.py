@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from bnfold.errors import BadInputError, UnsupportedModelError, one_line
 from bnfold.torch.batches import Batch
-from bnfold.torch.calibrate import is_standard_bn
+from bnfold.torch.bn_kinds import bn_kind
 
 __all__ = ["hooked_modules", "trace"]
 
@@ -37,10 +37,10 @@ _ONNX_ADVICE = ("export the model to ONNX in eval mode (torch.onnx.export(..., d
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer, keeping every standard BN (subclasses included) as one ``call_module`` node."""
+    """fx's tracer, keeping every BN-like module (:mod:`bnfold.torch.bn_kinds`) as one ``call_module`` node."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_standard_bn(m):
+        if bn_kind(m) is not None:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

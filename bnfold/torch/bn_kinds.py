@@ -1,0 +1,77 @@
+"""Which modules compute a BatchNorm, and what bnfold knows about each (issue 16 point 1).
+
+* ``STANDARD``: a torch ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, lazy BNs, subclasses
+  that keep their forward, e.g. mmcv's ``_BatchNormXd``): calibrated through its forward, folded.
+* ``BN_ACT``: timm's ``BatchNormAct2d`` (a ``BatchNorm2d`` whose forward is ``F.batch_norm`` on its
+  buffers, then ``drop``, then ``act``): calibrated through its ``F.batch_norm`` call; folding
+  moves the BN part into the producer and leaves ``act(drop(x))``.
+* ``FROZEN_AFFINE``: torchvision's ``FrozenBatchNorm2d`` (buffers ``weight``, ``bias``,
+  ``running_mean``, ``running_var`` and ``eps``: an affine by design, never calibrated): folded.
+* ``CUSTOM``: any other ``_BatchNorm`` subclass overriding forward, or a module with
+  ``running_mean``/``running_var`` buffers: calibrated where its forward calls ``F.batch_norm`` on
+  those buffers (else an error), never folded (``UNKNOWN_BN_FORWARD``): bnfold cannot tell what
+  else its forward computes.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
+
+__all__ = ["BnKind", "ActPart", "bn_kind", "bn_like_modules", "is_standard_bn"]
+
+_BN_FORWARDS = (_BatchNorm.forward, SyncBatchNorm.forward)
+
+
+class BnKind(enum.Enum):
+    STANDARD = "standard"
+    BN_ACT = "bn_act"
+    FROZEN_AFFINE = "frozen_affine"
+    CUSTOM = "custom"
+
+
+def is_standard_bn(m: nn.Module) -> bool:
+    """A BatchNorm1d/2d/3d, SyncBatchNorm or LazyBatchNorm (or subclass keeping their forward)."""
+    return isinstance(m, _BatchNorm) and type(m).forward in _BN_FORWARDS
+
+
+def _has_stats(m: nn.Module) -> bool:
+    mean, var = m._buffers.get("running_mean"), m._buffers.get("running_var")
+    return isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor) and mean.dim() == 1
+
+
+def bn_kind(m: nn.Module) -> BnKind | None:
+    """The kind of a BN-like module, None for any other module."""
+    if isinstance(m, _BatchNorm):
+        if type(m).forward in _BN_FORWARDS:
+            return BnKind.STANDARD
+        if (type(m).__name__ == "BatchNormAct2d" and isinstance(getattr(m, "act", None), nn.Module)
+                and isinstance(getattr(m, "drop", None), nn.Module)):
+            return BnKind.BN_ACT
+        return BnKind.CUSTOM
+    if not _has_stats(m):
+        return None
+    if (type(m).__name__ == "FrozenBatchNorm2d" and isinstance(m._buffers.get("weight"), torch.Tensor)
+            and isinstance(m._buffers.get("bias"), torch.Tensor) and isinstance(getattr(m, "eps", None), float)):
+        return BnKind.FROZEN_AFFINE
+    return BnKind.CUSTOM
+
+
+def bn_like_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every BN-like submodule once (an aliased module under its first name), in module order."""
+    return [(name, m) for name, m in module.named_modules() if bn_kind(m) is not None]
+
+
+class ActPart(nn.Module):
+    """What is left of a folded ``BatchNormAct2d``: its ``drop`` then its ``act``."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.act(self.drop(x))
+        return out
