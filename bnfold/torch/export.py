@@ -136,7 +136,7 @@ class _PlainOutputs(nn.Module):
 
         with contextlib.suppress(TypeError, ValueError):
             forward.__signature__ = inspect.signature(module.forward)  # type: ignore[attr-defined]
-        self.forward = forward  # type: ignore[method-assign]
+        self.forward = forward
 
 
 def _plain_target(module: nn.Module, result: Any, label: str, notes: list[str]) -> nn.Module:
