@@ -364,6 +364,7 @@ class TorchOptions:
     unsafe_pickle: bool = False
     device: str | None = None  # cpu | cuda; None: cuda when torch sees one, else cpu
     allow_reused_bn: bool = False
+    training_graph: bool = False  # calibrate on the training-time forward (aux heads), Dropout off
 
     def given(self) -> list[str]:
         """The flags given on the command line (for 'applies to PyTorch models only')."""
@@ -378,6 +379,8 @@ class TorchOptions:
             flags.append("--device")
         if self.allow_reused_bn:
             flags.append("--allow-reused-bn")
+        if self.training_graph:
+            flags.append("--training-graph")
         return flags
 
 
@@ -408,13 +411,17 @@ torch_options = _group(
         click.option("--allow-reused-bn", is_flag=True, default=False,
                      help="PyTorch: a BN module applied at several places per forward is calibrated on all its "
                           "calls pooled (refused otherwise)."),
+        click.option("--training-graph", is_flag=True, default=False,
+                     help="PyTorch: calibrate on the model's training-time forward (its `if self.training` branches, "
+                          "e.g. GoogLeNet/Inception auxiliary heads) with Dropout, DropPath and StochasticDepth "
+                          "off, so BNs that run only in training mode get population statistics too. Needs --data."),
     ],
-    lambda model_factory, weights, unsafe_pickle, device, allow_reused_bn: (
-        "torch_opts", TorchOptions(model_factory, weights, unsafe_pickle, device, allow_reused_bn)),
-    ("model_factory", "weights", "unsafe_pickle", "device", "allow_reused_bn"),
+    lambda model_factory, weights, unsafe_pickle, device, allow_reused_bn, training_graph: (
+        "torch_opts", TorchOptions(model_factory, weights, unsafe_pickle, device, allow_reused_bn, training_graph)),
+    ("model_factory", "weights", "unsafe_pickle", "device", "allow_reused_bn", "training_graph"),
 )
-torch_options.__doc__ = ("--model-factory, --weights, --unsafe-pickle, --device, --allow-reused-bn  ->  "
-                         "torch_opts: TorchOptions")
+torch_options.__doc__ = ("--model-factory, --weights, --unsafe-pickle, --device, --allow-reused-bn, --training-graph"
+                         "  ->  torch_opts: TorchOptions")
 
 
 # --------------------------------------------------------------------------- one command's words

@@ -31,6 +31,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("pass calibration data (the data argument)", "pass calibration data with --data"),
     ("its BNs calibrated on data and folded", "its BNs calibrated on --data and folded"),
     ("allow_reused_bn=True", "--allow-reused-bn"),
+    ("training_graph=True", "--training-graph"),
     # bnfold.torch.load
     ("pass unsafe_pickle=True only if you trust the file", "pass --unsafe-pickle only if you trust the file"),
     ("unsafe_pickle=True: unpickling", "--unsafe-pickle: unpickling"),

@@ -27,6 +27,7 @@ The returned module is in eval mode with the chosen estimator's statistics in ``
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from bnfold.torch.bn_kinds import BnKind, bn_kind, bn_like_modules, is_standard_
 from bnfold.torch.device import check_device
 from bnfold.torch.intercept import BatchNormIntercept
 from bnfold.torch.moments import Scratch, cpu_batch_moments
+from bnfold.torch.training_graph import TRAINING_GRAPH_HINT, training_time_forward
 
 __all__ = [
     "GAP_WARNING",
@@ -405,13 +407,15 @@ def run_calibration(
     inplace: bool = False,
     progress: Progress | None = None,
     recalibrate: str = "all",
+    training_graph: bool = False,
 ) -> CalibrationRun:
     """Calibrate the BNs of ``module`` that ``recalibrate`` selects on ``data`` and freeze them; see
     :func:`calibrate`. ``'training'``: only the BNs that normalise with batch statistics; the others
     keep their running statistics and normalise with them during the pass (as the deployed model
     will). ``'all'``: every BN (Algorithm 2's training network), and ``run.drift`` holds each one's
     drift from its running statistics. With nothing to calibrate, ``run.first_batch`` is still
-    the data's first batch."""
+    the data's first batch. ``training_graph``: run the module's training-time forward instead
+    (:mod:`bnfold.torch.training_graph`: BNs only reached in training mode get calibrated too)."""
     _check_estimator(estimator)
     check_recalibrate(recalibrate)
     if not isinstance(module, nn.Module):
@@ -507,7 +511,8 @@ def run_calibration(
         if progress:
             progress(0, total)
         dtype = float_dtype(work)
-        with torch.no_grad():
+        graph = training_time_forward(work, warnings) if training_graph else contextlib.nullcontext()
+        with torch.no_grad(), graph:
             for done, batch in enumerate(iter_batches(data, dev, dtype), start=1):
                 if done == 1:
                     check_arity(work, batch)
@@ -572,7 +577,8 @@ def run_calibration(
         if name in first_call_skip:
             continue
         if name not in sums:
-            warnings.append(f"BN '{name}' was never called during calibration; it keeps its stored statistics")
+            warnings.append(f"BN '{name}' was never called during calibration; it keeps its stored statistics"
+                            + ("" if training_graph else f" ({TRAINING_GRAPH_HINT})"))
             continue
         st = finalize(sums[name], estimator, name)
         _check_fits(name, st, _stats_dtype(m, in_dtype[name]))
@@ -604,6 +610,7 @@ def calibrate(
     allow_reused_bn: bool = False,
     inplace: bool = False,
     progress: Progress | None = None,
+    training_graph: bool = False,
 ) -> tuple[nn.Module, dict[str, FrozenStats]]:
     """Freeze every BatchNorm of ``module`` with population statistics from ``data``.
 
@@ -618,6 +625,9 @@ def calibrate(
     :class:`FrozenStats` per BN qualified name. ``module`` itself is left untouched unless
     ``inplace=True`` (then ``frozen is module``). A BN applied more than once per forward is
     refused unless ``allow_reused_bn=True`` (its calls are then pooled, with a warning).
+    ``training_graph=True`` runs the module's training-time forward (``self.training`` branches
+    taken, e.g. auxiliary heads) with Dropout and stochastic depth off, so BNs that only run in
+    training mode are calibrated too (:mod:`bnfold.torch.training_graph`).
 
     Raises :class:`BadInputError` for empty data, a BN that never saw more than one value per
     channel in a batch, non-finite activations (naming the first BN that saw them), a reused BN,
@@ -626,7 +636,7 @@ def calibrate(
     """
     check_device(device)
     run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
-                          inplace=inplace, progress=progress)
+                          inplace=inplace, progress=progress, training_graph=training_graph)
     return run.module, run.stats
 
 

@@ -171,6 +171,7 @@ class _Request:
     warn: Callable[[str], None] | None
     outputs: Outputs
     recalibrate: str = "training"
+    training_graph: bool = False
 
     def tolerances(self) -> dict[str, Any]:
         """The config's atol/rtol for the torch and export checks (the dtype defaults where not given)."""
@@ -218,6 +219,7 @@ def convert(
     warn: Callable[[str], None] | None = None,
     outputs: Outputs | None = None,
     recalibrate: str = "training",
+    training_graph: bool = False,
 ) -> ConvertResult:
     """Calibrate, fold, check and write a PyTorch model.
 
@@ -238,12 +240,14 @@ def convert(
     an error. ``recalibrate``: which BNs ``data`` re-estimates, ``'training'`` (default: those in
     ``train()`` or with ``track_running_stats=False``; eval-mode BNs keep their running statistics)
     or ``'all'`` (every BN, each one's drift from its running statistics on its report record);
-    the same on both routes.
+    the same on both routes. ``training_graph``: calibrate on the module's training-time forward
+    with Dropout and stochastic depth off (see :func:`bnfold.torch.fold`).
     """
     with contextlib.ExitStack() as stack:
         tx = outputs if outputs is not None else stack.enter_context(Outputs())
         result = _convert(module, data, output, frozen_output, batch_size, estimator, device, allow_reused_bn,
-                          verify, verify_samples, config, dry_run, progress, warn, tx, recalibrate)
+                          verify, verify_samples, config, dry_run, progress, warn, tx, recalibrate,
+                          training_graph)
         if outputs is None:
             tx.commit()
     return result
@@ -254,8 +258,11 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
              batch_size: int | None, estimator: str, device: str | None, allow_reused_bn: bool, verify: bool,
              verify_samples: int, config: VerifyConfig | None, dry_run: bool,
              progress: Callable[[int, int], None] | None, warn: Callable[[str], None] | None,
-             outputs: Outputs, recalibrate: str = "training") -> ConvertResult:
+             outputs: Outputs, recalibrate: str = "training", training_graph: bool = False) -> ConvertResult:
     check_recalibrate(recalibrate)
+    if training_graph and data is None:
+        raise BadInputError("training_graph=True calibrates on the training-time forward; pass calibration data "
+                            "(the data argument)")
     if recalibrate == "all" and data is None:
         raise BadInputError("recalibrate='all' re-estimates every BN on data; pass calibration data (the data "
                             "argument)")
@@ -272,7 +279,8 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
     req = _Request(output=out_path, frozen_output=None if dry_run or frozen_output is None else Path(frozen_output),
                    data=Path(data) if data is not None else None, batch_size=batch_size, estimator=estimator,
                    allow_reused_bn=allow_reused_bn, verify=verify, verify_samples=verify_samples, dry_run=dry_run,
-                   config=config, progress=progress, warn=warn, outputs=outputs, recalibrate=recalibrate)
+                   config=config, progress=progress, warn=warn, outputs=outputs, recalibrate=recalibrate,
+                   training_graph=training_graph)
     loaded = _as_loaded(module)
     outputs.protect("the input model", loaded.path)
     notes: list[str] = list(loaded.warnings)
@@ -438,7 +446,7 @@ def _run_torch(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | N
         result = torch_fold(work, data=cal, device=device, estimator=req.estimator,
                             allow_reused_bn=req.allow_reused_bn, inplace=True,
                             example_inputs=example if cal is None else None, progress=_progress(req),
-                            recalibrate=req.recalibrate)
+                            recalibrate=req.recalibrate, training_graph=req.training_graph)
     except BnfoldError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -566,6 +574,9 @@ def _frozen_module(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData
     """The module to export (inference BNs, on the cpu), calibrated in PyTorch where it can be."""
     if loaded.scripted:
         module = loaded.module
+        if req.training_graph:
+            raise BadInputError("training_graph=True needs the model as a module: a TorchScript module's "
+                                "training-time graph cannot be run with its Dropout switched off")
         live = _scripted_training_bns(module)
         if live and cal is None:
             raise BadInputError(f"BN '{live[0]}' of the TorchScript module is in training mode (batch statistics); "
@@ -578,7 +589,7 @@ def _frozen_module(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData
         try:
             run_ = run_calibration(loaded.module, cal, device=device, estimator=req.estimator,
                                    allow_reused_bn=req.allow_reused_bn, progress=_progress(req),
-                                   recalibrate=req.recalibrate)
+                                   recalibrate=req.recalibrate, training_graph=req.training_graph)
         except BnfoldError:
             raise
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:

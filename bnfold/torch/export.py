@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from bnfold.errors import UnsupportedModelError, one_line
+from bnfold.torch.outputs import describe, leaves
 from bnfold.verification.compare import compare_outputs
 from bnfold.verification.noise_floor import MARGIN, floor_from_oracle
 
@@ -64,38 +67,95 @@ def _quiet(notes: list[str]) -> Iterator[None]:
 
 
 def flat_outputs(out: Any) -> list[torch.Tensor]:
-    """The tensors of a forward's result, in pytree order."""
-    from torch.utils import _pytree as pytree
-
-    leaves = pytree.tree_leaves(out)
-    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
-    if not tensors:
+    """The tensors of a forward's result, in container order (dicts, namedtuples, dataclasses,
+    tuples and lists, nested: :mod:`bnfold.torch.outputs`)."""
+    found = [t for _, t in leaves(out) if isinstance(t, torch.Tensor)]
+    if not found:
         raise UnsupportedModelError("the model's forward returns no tensor")
-    return tensors
+    return found
 
 
 def output_names(out: Any) -> list[str]:
-    """Names for the tensors of a forward's result: ``output`` for one tensor; else the keys of a
-    dict result (``logits``, ``aux_0``) or ``output_<i>`` for positions."""
-    from torch.utils import _pytree as pytree
-
-    pairs, _ = pytree.tree_flatten_with_path(out)
-    paths = [p for p, leaf in pairs if isinstance(leaf, torch.Tensor)]
+    """Names for the tensors of a forward's result: ``output`` for one tensor; else the keys and
+    field names on its path (``out``, ``aux``, ``logits_0``) or ``output_<i>`` for positions."""
+    paths = [p for p, leaf in leaves(out) if isinstance(leaf, torch.Tensor)]
     if len(paths) == 1 and not paths[0]:
         return ["output"]
     names = []
     for path in paths:
-        parts = []
-        for k in path:
-            for attr in ("key", "idx", "name"):
-                if hasattr(k, attr):
-                    parts.append(str(getattr(k, attr)))
-                    break
-        keyed = any(hasattr(k, "key") or hasattr(k, "name") for k in path)
+        parts = [str(k) for k in path]
+        keyed = any(isinstance(k, str) for k in path)
         names.append("_".join(parts) if keyed and parts else "output_" + "_".join(parts or ["0"]))
     if len(set(names)) != len(names):
         names = [f"output_{i}" for i in range(len(paths))]
     return names
+
+
+# ----------------------------------------------------------------------------- containers the formats keep
+
+
+def plain_outputs(out: Any) -> Any:
+    """``out`` with each namedtuple made a tuple and each dataclass (or mapping other than
+    ``dict``/``OrderedDict``) a dict of its fields: what torch.export, TorchScript and the ONNX
+    exporter can all carry (torch.export.save cannot store a namedtuple class, and none of the
+    three takes an unregistered dataclass)."""
+    if isinstance(out, tuple) and hasattr(type(out), "_fields"):
+        return tuple(plain_outputs(v) for v in out)
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return {f.name: plain_outputs(getattr(out, f.name)) for f in dataclasses.fields(out)}
+    if isinstance(out, Mapping):
+        items = [(k, plain_outputs(v)) for k, v in out.items()]
+        return OrderedDict(items) if isinstance(out, OrderedDict) and type(out) is OrderedDict else dict(items)
+    if isinstance(out, (tuple, list)):
+        return type(out)(plain_outputs(v) for v in out)
+    return out
+
+
+def _needs_plain(out: Any) -> bool:
+    if isinstance(out, tuple) and hasattr(type(out), "_fields"):
+        return True
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return True
+    if isinstance(out, Mapping):
+        return type(out) not in (dict, OrderedDict) or any(_needs_plain(v) for v in out.values())
+    if isinstance(out, (tuple, list)):
+        return any(_needs_plain(v) for v in out)
+    return False
+
+
+class _PlainOutputs(nn.Module):
+    """Calls the wrapped module and returns :func:`plain_outputs` of its result. Its ``forward``
+    has the wrapped module's signature (torch.export binds ``dynamic_shapes`` to parameter names)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return plain_outputs(self.module(*args, **kwargs))
+
+        with contextlib.suppress(TypeError, ValueError):
+            forward.__signature__ = inspect.signature(module.forward)  # type: ignore[attr-defined]
+        self.forward = forward
+
+
+def _plain_target(module: nn.Module, result: Any, label: str, notes: list[str]) -> nn.Module:
+    """``module``, or a :class:`_PlainOutputs` wrapper (in the module's mode) with a note saying
+    what the written file returns instead, where ``result`` holds containers ``label`` cannot keep."""
+    if not _needs_plain(result):
+        return module
+    notes.append(f"the {label} returns {describe(plain_outputs(result))} where the module returns "
+                 f"{describe(result)} ({label} files cannot hold that Python class; same tensors, same order)")
+    return _PlainOutputs(module).train(module.training)
+
+
+def _result_of(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    try:
+        with torch.no_grad():
+            return module(*args, **kwargs)
+    finally:
+        _restore(module, saved)
 
 
 def run_eager(module: nn.Module, example: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -168,6 +228,8 @@ def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: st
             batch = int(t.shape[0])
             break
     notes: list[str] = []
+    plain = _plain_target(module, result, "ONNX export", []) if not isinstance(module, torch.jit.ScriptModule) \
+        else module  # its outputs are flat tensors by name in ONNX: no note
     training = torch.onnx.TrainingMode.PRESERVE if preserve_training else torch.onnx.TrainingMode.EVAL
 
     def attempt(dynamic: bool) -> None:
@@ -177,14 +239,14 @@ def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: st
             for n, t in zip(out_names, outputs):
                 if t.dim() >= 1 and batch is not None and int(t.shape[0]) == batch:
                     axes[n] = {0: "batch"}
-        target: nn.Module = module
+        target: nn.Module = plain
         args: tuple[torch.Tensor, ...] = ()
         kwargs = dict(example)
         if positional is not None and positional == names and not _more_parameters(module, names):
-            target, args, kwargs = module, tuple(example.values()), {}
+            target, args, kwargs = plain, tuple(example.values()), {}
         elif positional is not None and not isinstance(module, torch.jit.ScriptModule):
             # in the module's own mode: the exporter restores the wrapper's mode afterwards, recursively
-            target, args, kwargs = _ByName(module, names).train(module.training), tuple(example.values()), {}
+            target, args, kwargs = _ByName(plain, names).train(module.training), tuple(example.values()), {}
         with _quiet(notes):
             torch.onnx.export(target, args, os.fspath(path), kwargs=kwargs or None, dynamo=False,
                               do_constant_folding=False, opset_version=OPSET, input_names=names,
@@ -325,11 +387,12 @@ def save_exported_program(module: nn.Module, args: tuple[torch.Tensor, ...], kwa
     if dynamic_batch:
         args, kwargs = _batch_of_two(args, kwargs)
     named = _names_of(args, kwargs, arg_names)
+    target = _plain_target(module, _result_of(module, args, kwargs), "ExportedProgram", notes)
 
     def export(dynamic: bool) -> Any:
         shapes = {n: ({0: Dim.AUTO} if t.dim() >= 1 else None) for n, t in named.items()} if dynamic else None
         with _quiet(notes):
-            return torch.export.export(module, tuple(args), kwargs=dict(kwargs), dynamic_shapes=shapes, strict=False)
+            return torch.export.export(target, tuple(args), kwargs=dict(kwargs), dynamic_shapes=shapes, strict=False)
 
     try:
         ep = export(dynamic_batch)
@@ -388,13 +451,18 @@ def save_torchscript(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: 
                      arg_names: list[str], path: Path) -> list[str]:
     """``torch.jit.trace`` + ``torch.jit.save`` to ``path``; returns notes."""
     notes: list[str] = []
+    result = _result_of(module, args, kwargs)
+    target = _plain_target(module, result, "TorchScript module", notes)
+    if type(plain_outputs(result)) is OrderedDict:
+        notes.append("the TorchScript module returns a dict where the module returns an OrderedDict (same keys, "
+                     "same order)")
     try:
         with _quiet(notes):
             if kwargs:
-                traced = torch.jit.trace(module, example_kwarg_inputs=_names_of(args, kwargs, arg_names),
+                traced = torch.jit.trace(target, example_kwarg_inputs=_names_of(args, kwargs, arg_names),
                                          check_trace=False, strict=False)
             else:
-                traced = torch.jit.trace(module, tuple(args), check_trace=False, strict=False)
+                traced = torch.jit.trace(target, tuple(args), check_trace=False, strict=False)
     except Exception as exc:  # noqa: BLE001
         raise UnsupportedModelError(f"torch.jit.trace failed: {type(exc).__name__}: {one_line(exc, 300)}") from exc
     torch.jit.save(traced, os.fspath(path))

@@ -102,6 +102,7 @@ def fold(
     example_inputs: Any = None,
     progress: Callable[[int, int | None], None] | None = None,
     recalibrate: str = "training",
+    training_graph: bool = False,
 ) -> TorchFoldResult:
     """Freeze (with ``data``) and fold the BatchNorm modules of ``module``.
 
@@ -113,6 +114,9 @@ def fold(
     is an error; eval-mode BNs keep their running statistics. ``example_inputs`` (a tensor, a
     tuple of positional inputs or a dict of keyword inputs) lets bnfold see BN input ranks when no
     data is given; a Linear -> BatchNorm1d fold needs them (the BN input must be (N, C)).
+    ``training_graph=True`` calibrates on the module's training-time forward with Dropout and
+    stochastic depth off (:mod:`bnfold.torch.training_graph`), so BNs reached only in training mode
+    (auxiliary heads) get population statistics too; they are not in the folded (eval-mode) module.
 
     Returns :class:`TorchFoldResult`: ``module`` is an ``fx.GraphModule`` in eval mode that computes
     the frozen model's function (folded BNs removed, their producers' weights scaled in float64 and
@@ -129,6 +133,9 @@ def fold(
     if recalibrate == "all" and data is None:
         raise BadInputError("recalibrate='all' re-estimates every BN on data; pass calibration data (the data "
                             "argument)")
+    if training_graph and data is None:
+        raise BadInputError("training_graph=True calibrates on the training-time forward; pass calibration data "
+                            "(the data argument)")
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
     check_device(device)
@@ -148,7 +155,8 @@ def fold(
     ranks: dict[str, set[int]] | None = None
     if data is not None:
         run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
-                              inplace=inplace, progress=progress, recalibrate=recalibrate)
+                              inplace=inplace, progress=progress, recalibrate=recalibrate,
+                              training_graph=training_graph)
         work, stats, ranks, drift = run.module, run.stats, run.ranks, run.drift
         warnings.extend(run.warnings)
         batch_size, samples = run.batch_size, (run.samples if run.batches else None)
@@ -187,6 +195,12 @@ def fold(
                         + " are not part of the folded module (torch.fx traces through those modules); it was "
                         "checked to compute the same outputs on the data")
     plan = plan_folds(gm, bns, ranks, warnings)
+    training_only = [n for n in stats if n not in {d.bn for d in plan.plan.decisions}]
+    for name in training_only:  # calibrated on the training-time forward, absent from the eval graph
+        unused = f"BN '{name}' is not used by forward; it is not part of the folded module"
+        warnings[:] = [w for w in warnings if w != unused]
+        warnings.append(f"BN '{name}' runs only in the training-time forward: calibrated (training_graph=True), "
+                        "not part of the folded (eval-mode) module")
     apply_folds(gm, plan, private=not inplace)
     bn_of = dict(bns)
     records = {d.bn: BnRecord(name=d.bn, mode_before=modes.get(d.bn, Mode.INFERENCE), action=d.action,
@@ -201,6 +215,9 @@ def fold(
     extra: dict[str, Any] = {"frontend": "torch", "torch_version": torch.__version__}
     if samples is not None and data is not None:
         extra["calibration_samples"] = samples
+    if training_graph:
+        extra["training_graph"] = True
+        extra["training_only_bns"] = training_only
     report = Report(
         input_path=None, output_path=None, input_sha256=None, output_sha256=None, estimator=estimator,
         batch_size=batch_size, calibrated=data is not None,

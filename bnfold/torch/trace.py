@@ -15,20 +15,27 @@ does not give, and, given an example, runs the traced module next to the origina
 must agree (same structure, values to a relative 1e-4 of the output's scale), else
 :class:`UnsupportedModelError`, which the CLI answers by folding through an ONNX export instead.
 Without an example the check cannot be made, and hooks on traced-through modules are refused.
+
+Outputs keep the module's own container type: fx rebuilds a namedtuple itself, and the tracer
+here rebuilds an ``OrderedDict`` (fx would make it a plain ``dict``) and a dataclass instance (fx
+refuses one) as a call of their class in the graph's code. The check compares containers by
+structure and values (:mod:`bnfold.torch.outputs`), not by Python type.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections import OrderedDict
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from bnfold.errors import BadInputError, UnsupportedModelError, one_line
 from bnfold.torch.batches import Batch
 from bnfold.torch.bn_kinds import bn_kind
+from bnfold.torch.outputs import describe, leaves, structure
 
 __all__ = ["hooked_modules", "trace"]
 
@@ -43,6 +50,17 @@ class _Tracer(fx.Tracer):
         if bn_kind(m) is not None:
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def create_arg(self, a: Any) -> Any:
+        """fx's argument, except that an ``OrderedDict`` and a dataclass instance (a forward's
+        result, usually) become a call of their class, so the traced module returns the same type."""
+        if type(a) is OrderedDict:
+            return self.create_node("call_function", OrderedDict, (self.create_arg(list(a.items())),), {})
+        if (dataclasses.is_dataclass(a) and not isinstance(a, type)
+                and all(f.init for f in dataclasses.fields(a))):
+            fields = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
+            return self.create_node("call_function", type(a), (), fields)
+        return super().create_arg(a)
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -141,11 +159,12 @@ def _check_faithful(module: nn.Module, gm: fx.GraphModule, example: Batch, name:
 
 
 def _difference(ref: Any, got: Any) -> str | None:
-    """None where ``got`` matches ``ref`` (same structure; tensors to 1e-4 of the output's scale)."""
-    ref_leaves, ref_spec = tree_flatten(ref)
-    got_leaves, got_spec = tree_flatten(got)
-    if ref_spec != got_spec:
-        return "its outputs have another structure"
+    """None where ``got`` matches ``ref`` (same containers by keys and lengths, whatever their Python
+    type; tensors to 1e-4 of the output's scale)."""
+    if structure(ref) != structure(got):
+        return f"its outputs have another structure ({describe(got)}, not {describe(ref)})"
+    ref_leaves = [leaf for _, leaf in leaves(ref)]
+    got_leaves = [leaf for _, leaf in leaves(got)]
     for i, (a, b) in enumerate(zip(ref_leaves, got_leaves)):
         if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
             return f"output {i} is a tensor on one side only"

@@ -1,0 +1,96 @@
+"""Calibration on the module's training-time graph (``training_graph=True``).
+
+Some BNs run only in training mode: GoogLeNet's and Inception v3's auxiliary classifiers sit behind
+``if self.training and self.aux_logits:``. The calibration pass runs the module in eval mode
+(Algorithm 2's training network: every BN on batch statistics, everything else as in inference),
+so those BNs are never called and keep their stored statistics, with a warning.
+``torch.optim.swa_utils.update_bn`` reaches them by putting the whole module in train mode, which
+also turns Dropout and stochastic depth on: their statistics then describe a randomly thinned
+network.
+
+:func:`training_time_forward` runs the training-time forward with the randomness switched off: every
+module in train mode except
+
+* every BN (the calibrated ones normalise with the batch's statistics anyway; the others keep
+  normalising with their running statistics, as the deployed model will, and their buffers are
+  not updated),
+* the stochastic layers bnfold knows (:data:`STOCHASTIC_CLASSES`: torch's Dropout family,
+  AlphaDropout, timm's ``DropPath``/``DropBlock2d``, torchvision's ``StochasticDepth``/``DropBlock2d``),
+  which stay in eval mode (identity);
+
+and functional dropout calls (``F.dropout(x, p, training=self.training)`` and its 1d/2d/3d and
+alpha variants) return their input. Any other random draw seen in the pass (``torch.bernoulli``,
+``rand``, ``Tensor.bernoulli_``, ...) is named in a warning: the statistics may then be noisy.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["STOCHASTIC_CLASSES", "TRAINING_GRAPH_HINT", "is_stochastic", "training_time_forward"]
+
+#: class names of stochastic layers kept in eval mode (identity), besides torch's ``_DropoutNd``
+STOCHASTIC_CLASSES = frozenset({"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock3d", "DropBlock"})
+
+#: appended to the warning for a BN that the eval-mode pass never calls
+TRAINING_GRAPH_HINT = ("if it runs only in training mode (an auxiliary head), pass training_graph=True to calibrate "
+                       "it on the training-time forward with Dropout and stochastic depth off")
+
+_DROPOUTS: frozenset[Callable[..., Any]] = frozenset({
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout,
+})
+_RANDOM_NAMES = frozenset({"bernoulli", "bernoulli_", "rand", "rand_like", "randn", "randn_like", "randint",
+                           "randint_like", "randperm", "normal", "normal_", "uniform_", "multinomial",
+                           "exponential_", "geometric_", "cauchy_", "log_normal_", "random_"})
+
+
+def is_stochastic(m: nn.Module) -> bool:
+    return isinstance(m, _DropoutNd) or type(m).__name__ in STOCHASTIC_CLASSES
+
+
+class _NoDropout(TorchFunctionMode):
+    """Functional dropout returns its input; other random draws are recorded by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.random: set[str] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _DROPOUTS:
+            return args[0] if args else kwargs["input"]
+        name = getattr(func, "__name__", "")
+        if name in _RANDOM_NAMES:
+            self.random.add(name)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def training_time_forward(module: nn.Module, warnings: list[str]) -> Iterator[None]:
+    """Run ``module``'s training-time forward inside, with BNs and stochastic layers in eval mode
+    and functional dropout off (see the module docstring); the module's modes are restored after.
+    A random draw that remains is added to ``warnings``."""
+    flags = {m: m.training for m in module.modules()}
+    for m in module.modules():
+        m.training = not (isinstance(m, _BatchNorm) or is_stochastic(m))
+    mode = _NoDropout()
+    try:
+        with mode:
+            yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    if mode.random:
+        warnings.append(
+            "the training-time forward (training_graph=True) draws random numbers outside the stochastic layers "
+            f"bnfold switches off ({', '.join(sorted(mode.random))}): the calibrated statistics include that "
+            "noise; put those layers in eval mode or make them identity for calibration")
