@@ -7,30 +7,37 @@ kernels where used), building the model and the batches, and the work. Jobs, eac
 
 - ``eval``: ``model.eval()`` and a plain forward of every batch under ``torch.no_grad()``;
 - ``update_bn``: ``torch.optim.swa_utils.update_bn(batches, model)``;
-- ``calibrate``: ``bnfold.torch.calibrate(model, batches)`` with the default moments path;
-- ``calibrate_nonumba``: the same with ``BNFOLD_NUMBA=0`` (torch's reductions only).
+- ``calibrate``: ``bnfold.torch.calibrate(model, batches)`` with ``BNFOLD_NUMBA`` unset (the default);
+- ``calibrate_numba0`` / ``calibrate_numba1``: the same with ``BNFOLD_NUMBA=0`` / ``=1`` (before
+  issue 16 the numba kernels were the default and ``0`` turned them off; since, ``1`` turns them on).
 
 Model: ResNet-50 (torchvision's where ``import torchvision`` works, else the same architecture
 written below: bottleneck stages [3, 4, 6, 3], 53 BatchNorm2d), random weights from a fixed seed;
 data: 4 batches of 8x3x128x128 ``randn``. Jobs are interleaved round by round (eval, update_bn,
 calibrate, calibrate_nonumba, eval, ...) so that a busy phase of a shared machine hits all alike;
-reported are each job's median and its ratio to the median of ``eval``. Each job also prints its
-own split (imports, build, work) measured inside the process.
+reported are each job's median wall time and CPU time (user + system of the child) and their
+ratios to ``eval``'s. Each job also reports its own split of the wall time (imports, build, work)
+measured inside the process. On a shared machine the CPU time with ``--threads 1`` is the stable
+figure (wall times of multi-threaded jobs swing with the other load).
 
-    python benchmarks/torch_one_shot.py --repeats 8
+To time another checkout of bnfold, put it first on the children's path:
+``PYTHONPATH=/path/to/checkout python benchmarks/torch_one_shot.py``.
+
+    python benchmarks/torch_one_shot.py --repeats 8 [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from typing import Any
 
-JOBS = ("eval", "update_bn", "calibrate", "calibrate_nonumba")
+JOBS = ("eval", "update_bn", "calibrate", "calibrate_numba0", "calibrate_numba1")
 
 
 def _torchvision_imports() -> bool:
@@ -108,6 +115,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0, help="OMP/MKL/NUMBA threads of the jobs (0: their default)")
     ap.add_argument("--jobs", default=",".join(JOBS), help="comma-separated subset of " + ", ".join(JOBS))
     ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job in this process
     ap.add_argument("--arch", default="local", help=argparse.SUPPRESS)
@@ -119,28 +127,39 @@ def main() -> None:
     arch = "torchvision" if _torchvision_imports() else "local"
     jobs = args.jobs.split(",")
     wall: dict[str, list[float]] = {j: [] for j in jobs}
+    cpu: dict[str, list[float]] = {j: [] for j in jobs}
     split: dict[str, list[dict[str, float]]] = {j: [] for j in jobs}
     for r in range(args.repeats):
         for job in jobs:
-            env = dict(os.environ)
-            if job == "calibrate_nonumba":
-                env["BNFOLD_NUMBA"] = "0"
-            cmd = [sys.executable, __file__, "--job", job.replace("_nonumba", ""), "--arch", arch, "--batches", str(args.batches),
-                   "--batch-size", str(args.batch_size), "--size", str(args.size)]
+            env = {k: v for k, v in os.environ.items() if k != "BNFOLD_NUMBA"}
+            if job.startswith("calibrate_numba"):
+                env["BNFOLD_NUMBA"] = job[-1]
+            if args.threads:
+                for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+                    env[var] = str(args.threads)
+            cmd = [sys.executable, __file__, "--job", job.split("_numba")[0], "--arch", arch,
+                   "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--size", str(args.size)]
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t = time.perf_counter()
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
             wall[job].append(time.perf_counter() - t)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[job].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
             split[job].append(json.loads(out.strip().splitlines()[-1]))
-        print(f"round {r + 1}: " + "  ".join(f"{j} {wall[j][-1]:.3f}" for j in jobs), file=sys.stderr)
-    base = statistics.median(wall["eval"]) if "eval" in wall else None
-    print(f"ResNet-50 ({'torchvision' if arch == 'torchvision' else 'written in this script'}), {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, "
-          f"fresh process per job, median of {args.repeats}")
-    print(f"{'job':<20} {'wall s':>7} {'x eval':>7} {'imports':>8} {'build':>7} {'work':>7}")
+        print(f"round {r + 1}: " + "  ".join(f"{j} {wall[j][-1]:.3f}/{cpu[j][-1]:.3f}" for j in jobs), file=sys.stderr)
+    base_wall = statistics.median(wall["eval"]) if "eval" in wall else None
+    base_cpu = statistics.median(cpu["eval"]) if "eval" in cpu else None
+    where = "torchvision" if arch == "torchvision" else "written in this script"
+    print(f"ResNet-50 ({where}), {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, fresh process "
+          f"per job, threads {args.threads or 'default'}, median of {args.repeats}")
+    print(f"{'job':<18} {'wall s':>7} {'x eval':>7} {'cpu s':>7} {'x eval':>7} {'imports':>8} {'build':>7} {'work':>7}")
     for job in jobs:
-        med = statistics.median(wall[job])
+        w, c = statistics.median(wall[job]), statistics.median(cpu[job])
         parts = {k: statistics.median(s[k] for s in split[job]) for k in ("imports", "build", "work")}
-        ratio = f"{med / base:.2f}x" if base else "-"
-        print(f"{job:<20} {med:7.3f} {ratio:>7} {parts['imports']:8.3f} {parts['build']:7.3f} {parts['work']:7.3f}")
+        rw = f"{w / base_wall:.2f}x" if base_wall else "-"
+        rc = f"{c / base_cpu:.2f}x" if base_cpu else "-"
+        print(f"{job:<18} {w:7.3f} {rw:>7} {c:7.3f} {rc:>7} {parts['imports']:8.3f} {parts['build']:7.3f} "
+              f"{parts['work']:7.3f}")
 
 
 if __name__ == "__main__":

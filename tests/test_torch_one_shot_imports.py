@@ -42,6 +42,7 @@ def test_default_calibrate_loads_neither_onnx_nor_numba():
     assert _loaded(None) == []
 
 
+@pytest.mark.slow
 def test_numba_only_when_asked_for():
     pytest.importorskip("numba")
     assert _loaded("1") == ["numba"]
