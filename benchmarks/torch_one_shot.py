@@ -21,7 +21,8 @@ measured inside the process. On a shared machine the CPU time with ``--threads 1
 figure (wall times of multi-threaded jobs swing with the other load).
 
 To time another checkout of bnfold, put it first on the children's path:
-``PYTHONPATH=/path/to/checkout python benchmarks/torch_one_shot.py``.
+``PYTHONPATH=/path/to/checkout python benchmarks/torch_one_shot.py``, or ``--compare CHECKOUT``
+to add its calibrate jobs (``calibrate@before`` ...) to the same interleaved rounds.
 
     python benchmarks/torch_one_shot.py --repeats 8 [--threads 1]
 """
@@ -119,6 +120,7 @@ def main() -> None:
     ap.add_argument("--jobs", default=",".join(JOBS), help="comma-separated subset of " + ", ".join(JOBS))
     ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job in this process
     ap.add_argument("--arch", default="local", help=argparse.SUPPRESS)
+    ap.add_argument("--compare", help="another bnfold checkout whose calibrate jobs run in the same rounds")
     args = ap.parse_args()
     shape = (args.batches, args.batch_size, args.size)
     if args.job:
@@ -126,22 +128,30 @@ def main() -> None:
         return
     arch = "torchvision" if _torchvision_imports() else "local"
     jobs = args.jobs.split(",")
+    if args.compare:
+        jobs += [f"{j}@before" for j in jobs if j.startswith("calibrate")]
     wall: dict[str, list[float]] = {j: [] for j in jobs}
     cpu: dict[str, list[float]] = {j: [] for j in jobs}
     split: dict[str, list[dict[str, float]]] = {j: [] for j in jobs}
     for r in range(args.repeats):
         for job in jobs:
             env = {k: v for k, v in os.environ.items() if k != "BNFOLD_NUMBA"}
-            if job.startswith("calibrate_numba"):
-                env["BNFOLD_NUMBA"] = job[-1]
+            name, _, other = job.partition("@")
+            if other:
+                env["PYTHONPATH"] = args.compare
+            if name.startswith("calibrate_numba"):
+                env["BNFOLD_NUMBA"] = name[-1]
             if args.threads:
                 for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
                     env[var] = str(args.threads)
-            cmd = [sys.executable, __file__, "--job", job.split("_numba")[0], "--arch", arch,
+            cmd = [sys.executable, __file__, "--job", name.split("_numba")[0], "--arch", arch,
                    "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--size", str(args.size)]
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t = time.perf_counter()
-            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{job} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+            out = done.stdout
             wall[job].append(time.perf_counter() - t)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu[job].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
@@ -152,13 +162,13 @@ def main() -> None:
     where = "torchvision" if arch == "torchvision" else "written in this script"
     print(f"ResNet-50 ({where}), {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, fresh process "
           f"per job, threads {args.threads or 'default'}, median of {args.repeats}")
-    print(f"{'job':<18} {'wall s':>7} {'x eval':>7} {'cpu s':>7} {'x eval':>7} {'imports':>8} {'build':>7} {'work':>7}")
+    print(f"{'job':<24} {'wall s':>7} {'x eval':>7} {'cpu s':>7} {'x eval':>7} {'imports':>8} {'build':>7} {'work':>7}")
     for job in jobs:
         w, c = statistics.median(wall[job]), statistics.median(cpu[job])
         parts = {k: statistics.median(s[k] for s in split[job]) for k in ("imports", "build", "work")}
         rw = f"{w / base_wall:.2f}x" if base_wall else "-"
         rc = f"{c / base_cpu:.2f}x" if base_cpu else "-"
-        print(f"{job:<18} {w:7.3f} {rw:>7} {c:7.3f} {rc:>7} {parts['imports']:8.3f} {parts['build']:7.3f} "
+        print(f"{job:<24} {w:7.3f} {rw:>7} {c:7.3f} {rc:>7} {parts['imports']:8.3f} {parts['build']:7.3f} "
               f"{parts['work']:7.3f}")
 
 
