@@ -154,7 +154,9 @@ def moments_path(request, monkeypatch):
 
     if request.param == "torch":
         monkeypatch.setenv(kernels.ENV, "0")
-    elif not kernels.enabled():
+    else:
+        monkeypatch.setenv(kernels.ENV, "1")  # opt-in
+    if request.param == "numba" and not kernels.enabled():
         pytest.skip(f"numba kernels unavailable: {kernels.reason_disabled()}")
     return request.param
 

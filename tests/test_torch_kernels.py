@@ -18,7 +18,13 @@ torch = pytest.importorskip("torch")
 from bnfold.torch import kernels  # noqa: E402
 from bnfold.torch.moments import TARGET, Scratch, cpu_batch_moments  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not kernels.enabled(), reason=f"numba kernels unavailable: {kernels.reason_disabled()}")
+
+@pytest.fixture(autouse=True)
+def opt_in(monkeypatch):
+    """The kernels are opt-in (``BNFOLD_NUMBA=1``); skipped where numba cannot run them."""
+    monkeypatch.setenv(kernels.ENV, "1")
+    if not kernels.enabled():
+        pytest.skip(f"numba kernels unavailable: {kernels.reason_disabled()}")
 
 
 def values(shape, dtype=np.float32, offset=0.0, seed=0) -> np.ndarray:

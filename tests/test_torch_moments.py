@@ -36,7 +36,9 @@ def path(request, monkeypatch):
     if request.param == "torch":
         monkeypatch.setenv(kernels.ENV, "0")
         assert not kernels.enabled()
-    elif not kernels.enabled():
+    else:
+        monkeypatch.setenv(kernels.ENV, "1")  # opt-in
+    if request.param == "numba" and not kernels.enabled():
         pytest.skip(f"numba kernels unavailable: {kernels.reason_disabled()}")
     return request.param
 

@@ -17,10 +17,32 @@ Models that ``torch.fx`` cannot trace raise ``UnsupportedModelError`` in :func:`
 """
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from bnfold.torch.calibrate import calibrate, drift
-from bnfold.torch.convert import ConvertResult, OutputCheck, TensorCheck, convert, resolve_device
-from bnfold.torch.fold import TorchFoldResult, fold
-from bnfold.torch.load import LoadedTorchModel, load_factory, load_model_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bnfold.torch.convert import ConvertResult, OutputCheck, TensorCheck, convert, resolve_device
+    from bnfold.torch.fold import TorchFoldResult, fold
+    from bnfold.torch.load import LoadedTorchModel, load_factory, load_model_file
+
+# Imported on first use: bnfold.torch.convert and .fold pull in onnx (and with it ml_dtypes,
+# measured 0.6 s to import here), which a one-shot ``calibrate`` must not pay (issue 16 point 4).
+_LAZY = {
+    "ConvertResult": "bnfold.torch.convert",
+    "OutputCheck": "bnfold.torch.convert",
+    "TensorCheck": "bnfold.torch.convert",
+    "convert": "bnfold.torch.convert",
+    "resolve_device": "bnfold.torch.convert",
+    "TorchFoldResult": "bnfold.torch.fold",
+    "fold": "bnfold.torch.fold",
+    "LoadedTorchModel": "bnfold.torch.load",
+    "load_factory": "bnfold.torch.load",
+    "load_model_file": "bnfold.torch.load",
+}
 
 __all__ = [
     "ConvertResult",
@@ -36,3 +58,22 @@ __all__ = [
     "load_model_file",
     "resolve_device",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bnfold.torch' has no attribute '{name}'")
+
+
+class _Package(types.ModuleType):
+    """``bnfold.torch.fold`` and ``.convert`` stay the functions: loading the submodules of the
+    same names (which sets them as attributes of this package) must not shadow them."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("fold", "convert") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -19,9 +19,16 @@ million values of one 2048x2048 channel was measured 1.6e-11 off (relative), whi
 thousand standard deviations off turns into 1e-5 of the variance. :func:`row_adds` and
 :func:`column_adds` bound the rounding for the caller's cancellation test.
 
+The kernels are used only where asked for (``BNFOLD_NUMBA=1``): in a fresh process, importing
+numba and loading its cached kernels costs about 0.5 s, while warm they were measured no faster
+than torch's reductions (ResNet-50, 4 batches of 8x3x128x128, one thread: 1.33 s against 1.37 s
+CPU, against 1.22 s for a plain eval forward; benchmarks/torch_one_shot.py), so for the commonest
+use, one calibration per process, they were the slowest option (issue 16 point 4). Their gain is
+float64 sums that leave fewer offset channels to the centring pass.
+
 The kernels are compiled on first use (about a second per dtype, cached on disk where numba can
 write its cache) and run on as many threads as torch uses. They are not used, and the caller
-falls back to torch, where numba is not installed, ``BNFOLD_NUMBA=0`` is set, numba found no
+falls back to torch, where ``BNFOLD_NUMBA`` is not ``1``, numba is not installed, numba found no
 OpenMP or TBB threading layer (its ``workqueue`` fallback was measured slower than torch), or in
 a process forked after the kernels ran (GNU OpenMP is not fork-safe: numba stops such a child).
 """
@@ -36,7 +43,7 @@ import torch
 __all__ = ["BLOCK", "ENV", "column_adds", "column_moments", "enabled", "parts", "reason_disabled", "row_adds",
            "row_moments"]
 
-ENV = "BNFOLD_NUMBA"  # "0": never use the kernels (the plain-torch moments instead)
+ENV = "BNFOLD_NUMBA"  # "1": use the kernels; anything else (the default): the plain-torch moments
 
 # reassoc lets LLVM vectorise the float64 sums; no "nnan"/"ninf", so inf and nan still propagate
 _FASTMATH = {"reassoc", "contract"}
@@ -120,8 +127,10 @@ def column_adds(rows: int, parts: int) -> int:
 
 def reason_disabled() -> str | None:
     """Why the kernels are not used in this process (None where they are)."""
-    if os.environ.get(ENV, "1") == "0":
-        return f"{ENV}=0"
+    value = os.environ.get(ENV)
+    if value != "1":
+        # not even imported: numba's import and kernel load cost more than they save per process
+        return f"{ENV}={value}" if value is not None else f"{ENV} not set (the kernels are opt-in: {ENV}=1)"
     if "error" not in _state and "kernels" not in _state:
         try:
             kernels = _compile()

@@ -5,7 +5,8 @@ can normalise (docs/math.md section 2: float64, never a float32 ``E[x^2] - E[x]^
 digits of a large offset). On the CPU the cost of the moments is what calibration adds to a plain
 forward, so the common case reads the activation as few times as it can and writes nothing.
 
-**With numba** (:mod:`bnfold.torch.kernels`, the default where it is installed) one pass adds
+**With numba** (:mod:`bnfold.torch.kernels`, opt-in with ``BNFOLD_NUMBA=1``: its import costs a
+one-shot process more than it saves) one pass adds
 each value and its square in float64: rows of one sample and channel for a contiguous batch,
 columns for an (N, C) or channels-last one; long channels as several rows of at most ``ROW``
 values, long columns as sums of partial sums (see the kernels). Squares of float32 values are
@@ -17,7 +18,7 @@ float32, 2^-40 for float64): about ``E[x^2] <= 2e5 var`` for float32 rows of
 standard deviations off). Channels past it are centred as below. Any other layout takes
 :func:`strided_moments`.
 
-**Without numba** (or with ``BNFOLD_NUMBA=0``) torch's reductions read the activation twice, in
+**Without numba** (the default) torch's reductions read the activation twice, in
 its dtype:
 
 * **raw sums** (:func:`row_sums`): the NC... activation is viewed as rows of at most ``ROW``

@@ -1,0 +1,176 @@
+"""One-shot cost of calibrating a PyTorch module, each job in a FRESH process (issue 16 point 4).
+
+The commonest use of ``bnfold.torch.calibrate`` is once per process (a script, the CLI), so what
+counts is the whole process: interpreter start, imports (torch, bnfold, numba and its cached
+kernels where used), building the model and the batches, and the work. Jobs, each run as a new
+``python`` process and timed from outside (wall clock, start to exit):
+
+- ``eval``: ``model.eval()`` and a plain forward of every batch under ``torch.no_grad()``;
+- ``update_bn``: ``torch.optim.swa_utils.update_bn(batches, model)``;
+- ``calibrate``: ``bnfold.torch.calibrate(model, batches)`` with ``BNFOLD_NUMBA`` unset (the default);
+- ``calibrate_numba0`` / ``calibrate_numba1``: the same with ``BNFOLD_NUMBA=0`` / ``=1`` (before
+  issue 16 the numba kernels were the default and ``0`` turned them off; since, ``1`` turns them on).
+
+Model: ResNet-50 (torchvision's where ``import torchvision`` works, else the same architecture
+written below: bottleneck stages [3, 4, 6, 3], 53 BatchNorm2d), random weights from a fixed seed;
+data: 4 batches of 8x3x128x128 ``randn``. Jobs are interleaved round by round (eval, update_bn,
+calibrate, calibrate_nonumba, eval, ...) so that a busy phase of a shared machine hits all alike;
+reported are each job's median wall time and CPU time (user + system of the child) and their
+ratios to ``eval``'s. Each job also reports its own split of the wall time (imports, build, work)
+measured inside the process. On a shared machine the CPU time with ``--threads 1`` is the stable
+figure (wall times of multi-threaded jobs swing with the other load).
+
+To time another checkout of bnfold, put it first on the children's path:
+``PYTHONPATH=/path/to/checkout python benchmarks/torch_one_shot.py``, or ``--compare CHECKOUT``
+to add its calibrate jobs (``calibrate@before`` ...) to the same interleaved rounds.
+
+    python benchmarks/torch_one_shot.py --repeats 8 [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+JOBS = ("eval", "update_bn", "calibrate", "calibrate_numba0", "calibrate_numba1")
+
+
+def _torchvision_imports() -> bool:
+    """Whether ``import torchvision`` works here (checked once, in a process of its own, so that a
+    failing import costs no job anything)."""
+    return subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode == 0
+
+
+def _resnet50(arch: str) -> Any:
+    """torchvision's ResNet-50 (``arch`` "torchvision"), or the same architecture written here."""
+    if arch == "torchvision":
+        from torchvision.models import resnet50  # its import time is then part of every job alike
+        return resnet50()
+    import torch
+    from torch import nn
+
+    class Bottleneck(nn.Module):
+        def __init__(self, cin: int, width: int, stride: int) -> None:
+            super().__init__()
+            cout = width * 4
+            self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+            self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+            self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+            self.relu = nn.ReLU(inplace=True)
+            self.downsample: nn.Module | None = None
+            if stride != 1 or cin != cout:
+                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.relu(self.bn1(self.conv1(x)))
+            y = self.relu(self.bn2(self.conv2(y)))
+            y = self.bn3(self.conv3(y))
+            return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                               nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for i, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+        for b in range(blocks):
+            layers.append(Bottleneck(cin, width, 2 if b == 0 and i > 0 else 1))
+            cin = width * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1000)]
+    return nn.Sequential(*layers)
+
+
+def run_job(job: str, arch: str, batches: int, batch_size: int, size: int) -> dict[str, float]:
+    """One job in this (fresh) process; returns its own split in seconds."""
+    t0 = time.perf_counter()
+    import torch
+    if job.startswith("calibrate"):
+        import bnfold.torch
+    elif job == "update_bn":
+        from torch.optim.swa_utils import update_bn
+    t1 = time.perf_counter()
+    torch.manual_seed(0)
+    model = _resnet50(arch)
+    data = [torch.randn(batch_size, 3, size, size) for _ in range(batches)]
+    t2 = time.perf_counter()
+    if job == "eval":
+        model.eval()
+        with torch.no_grad():
+            for x in data:
+                model(x)
+    elif job == "update_bn":
+        update_bn(data, model)
+    else:
+        bnfold.torch.calibrate(model, data)
+    t3 = time.perf_counter()
+    return {"imports": t1 - t0, "build": t2 - t1, "work": t3 - t2}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0, help="OMP/MKL/NUMBA threads of the jobs (0: their default)")
+    ap.add_argument("--jobs", default=",".join(JOBS), help="comma-separated subset of " + ", ".join(JOBS))
+    ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job in this process
+    ap.add_argument("--arch", default="local", help=argparse.SUPPRESS)
+    ap.add_argument("--compare", help="another bnfold checkout whose calibrate jobs run in the same rounds")
+    args = ap.parse_args()
+    shape = (args.batches, args.batch_size, args.size)
+    if args.job:
+        print(json.dumps(run_job(args.job, args.arch, *shape)))
+        return
+    arch = "torchvision" if _torchvision_imports() else "local"
+    jobs = args.jobs.split(",")
+    if args.compare:
+        jobs += [f"{j}@before" for j in jobs if j.startswith("calibrate")]
+    wall: dict[str, list[float]] = {j: [] for j in jobs}
+    cpu: dict[str, list[float]] = {j: [] for j in jobs}
+    split: dict[str, list[dict[str, float]]] = {j: [] for j in jobs}
+    for r in range(args.repeats):
+        for job in jobs:
+            env = {k: v for k, v in os.environ.items() if k != "BNFOLD_NUMBA"}
+            name, _, other = job.partition("@")
+            if other:
+                env["PYTHONPATH"] = args.compare
+            if name.startswith("calibrate_numba"):
+                env["BNFOLD_NUMBA"] = name[-1]
+            if args.threads:
+                for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+                    env[var] = str(args.threads)
+            cmd = [sys.executable, __file__, "--job", name.split("_numba")[0], "--arch", arch,
+                   "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--size", str(args.size)]
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t = time.perf_counter()
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{job} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+            out = done.stdout
+            wall[job].append(time.perf_counter() - t)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[job].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+            split[job].append(json.loads(out.strip().splitlines()[-1]))
+        print(f"round {r + 1}: " + "  ".join(f"{j} {wall[j][-1]:.3f}/{cpu[j][-1]:.3f}" for j in jobs), file=sys.stderr)
+    base_wall = statistics.median(wall["eval"]) if "eval" in wall else None
+    base_cpu = statistics.median(cpu["eval"]) if "eval" in cpu else None
+    where = "torchvision" if arch == "torchvision" else "written in this script"
+    print(f"ResNet-50 ({where}), {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, fresh process "
+          f"per job, threads {args.threads or 'default'}, median of {args.repeats}")
+    print(f"{'job':<24} {'wall s':>7} {'x eval':>7} {'cpu s':>7} {'x eval':>7} {'imports':>8} {'build':>7} {'work':>7}")
+    for job in jobs:
+        w, c = statistics.median(wall[job]), statistics.median(cpu[job])
+        parts = {k: statistics.median(s[k] for s in split[job]) for k in ("imports", "build", "work")}
+        rw = f"{w / base_wall:.2f}x" if base_wall else "-"
+        rc = f"{c / base_cpu:.2f}x" if base_cpu else "-"
+        print(f"{job:<24} {w:7.3f} {rw:>7} {c:7.3f} {rc:>7} {parts['imports']:8.3f} {parts['build']:7.3f} "
+              f"{parts['work']:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
