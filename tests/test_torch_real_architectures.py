@@ -12,9 +12,8 @@ and is in train mode (as at the end of training). The oracles:
 * **the fold**: the calibrated eval-mode module itself (folded and frozen agree in float64 to
   round-off; in float32 within a small multiple of the frozen module's own rounding).
 
-Tests that fail because of issue 16 points 1 and 2 (timm's ``BatchNormAct2d`` neither calibrated
-nor folded; dict outputs refused by the fold's trace check), fixed in parallel, are
-``xfail(strict=True)`` naming the point: they turn into failures (XPASS) once fixed, to be flipped.
+timm's ``BatchNormAct2d`` models and the ``OrderedDict`` segmenter were refused before issue 16's
+points 1 and 2 were fixed (``UnsupportedModelError``); they fold now.
 """
 from __future__ import annotations
 
@@ -35,7 +34,6 @@ from torch import nn  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 from torch.optim.swa_utils import update_bn  # noqa: E402
 
-from bnfold.errors import UnsupportedModelError  # noqa: E402
 from bnfold.records import Action  # noqa: E402
 from bnfold.torch import calibrate, fold  # noqa: E402
 
@@ -175,12 +173,11 @@ def timm() -> Any:
         pytest.skip(f"timm does not import here ({type(exc).__name__}: {exc})")
 
 
-_POINT1 = pytest.mark.xfail(strict=True, raises=UnsupportedModelError, reason="issue 16 point 1: timm BatchNormAct2d is neither calibrated nor folded")
 
 TIMM_MODELS = [
-    pytest.param("efficientnet_b0", marks=_POINT1),
-    pytest.param("mobilenetv3_small_100", marks=_POINT1),
-    pytest.param("rexnet_100", marks=_POINT1),
+    pytest.param("efficientnet_b0"),
+    pytest.param("mobilenetv3_small_100"),
+    pytest.param("rexnet_100"),
     "resnet18",
     "dla34",
     "hrnet_w18_small",
@@ -265,8 +262,6 @@ def test_segmentation_dict_output_calibrates_like_update_bn() -> None:
     assert type(y) is collections.OrderedDict and list(y) == ["out", "aux"]
 
 
-@pytest.mark.xfail(strict=True, raises=UnsupportedModelError,
-                   reason="issue 16 point 2: dict outputs are refused by the fold's trace check")
 def test_segmentation_dict_output_folds() -> None:
     torch.manual_seed(3)
     _check("segmentation (OrderedDict output)", TinySegmenter(), (4, 3, 32, 32))
