@@ -68,7 +68,6 @@ from .options import (
     debug_option,
     fold_check_options,
     input_shape_option,
-    inspect_data_options,
     random_input_options,
     recalibrate_option,
     report_options,
@@ -549,7 +548,7 @@ reword(verify_command, {
     help="Print a JSON list (name, mode, producer, producer_op, channels, action, target, direction, reason, detail; "
          "with --data also drift).",
 )
-@inspect_data_options
+@data_options
 @debug_option
 def inspect_command(model: Path, as_json: bool, data: DataConfig) -> int:
     """List every BatchNorm of MODEL: its producer, its mode (training / inference), and what
@@ -574,6 +573,13 @@ def inspect_command(model: Path, as_json: bool, data: DataConfig) -> int:
             click.echo()
             click.echo(_summary().drift_table(rows))
     return EXIT_OK
+
+reword(inspect_command, {  # the group shared by fold and verify, in inspect's words
+    "data_path": "Data to check the stored statistics against: a .npz file keyed by input name, a .npy file "
+                 "(single-input models), or a directory of such files; leading axis = samples. Adds each BN's "
+                 "drift (stored vs the data's Algorithm 2 statistics); nothing is written.",
+    "batch_size": "Samples per batch of --data (default: all samples in one batch, or the model's fixed batch size).",
+})
 
 
 # --------------------------------------------------------------------------- exit codes

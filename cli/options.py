@@ -197,33 +197,6 @@ recalibrate_option = click.option(
     ),
 )
 
-inspect_data_options = _group(
-    [
-        click.option(
-            "--data",
-            "data_path",
-            type=click.Path(path_type=Path),
-            default=None,
-            metavar="PATH",
-            help=(
-                "Data to check the stored statistics against: a .npz file keyed by input name, a .npy file "
-                "(single-input models), or a directory of such files; leading axis = samples. Adds each BN's "
-                "drift (stored vs the data's Algorithm 2 statistics); nothing is written."
-            ),
-        ),
-        click.option(
-            "--batch-size",
-            type=click.IntRange(min=1),
-            default=None,
-            metavar="M",
-            help="Samples per batch of --data (default: all samples in one batch, or the model's fixed batch size).",
-        ),
-    ],
-    lambda data_path, batch_size: ("data", DataConfig(path=data_path, batch_size=batch_size)),
-    ("data_path", "batch_size"),
-)
-inspect_data_options.__doc__ = "inspect's --data PATH, --batch-size M  ->  data: DataConfig"
-
 def _providers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
     names = tuple(p.strip().lower() for p in value.split(",") if p.strip())
     bad = [p for p in names if p not in ("cpu", "cuda")]

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from cli_run import child_env, run_cli
+from external_models import conv_bn_external, run_on_fixed_input
 from onnx import helper, numpy_helper
 
 import bnfold
@@ -22,35 +23,10 @@ from bnfold.errors import BadInputError
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
 
-def _external_model(folder: Path, seed: int = 0) -> Path:
-    """x (N,3,8,8) -> Conv (32 filters: 3.4 KB, stored as external data) -> BN -> y."""
-    rng = np.random.default_rng(seed)
-    c = 32
-    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (c, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.normal(1, 0.1, c).astype(np.float32), "s"),
-             numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "b"),
-             numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "m"),
-             numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "v")]
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
-             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", c, 8, 8])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "m.onnx"
-    onnx.save(model, path, save_as_external_data=True, location="m.onnx.data", size_threshold=1024)
-    return path
-
-
-def _runs(path: Path) -> np.ndarray:
-    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-
-
 def test_an_unwritable_report_leaves_no_model(tmp_path: Path) -> None:
     """Before: the model was moved into place, then writing the report failed: exit 3 with the
     model written. Now every output is staged first; the report's folder fails, nothing moves."""
-    model = _external_model(tmp_path / "in")
+    model = conv_bn_external(tmp_path / "in")
     out, frozen = tmp_path / "out" / "f.onnx", tmp_path / "out" / "frozen.onnx"
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the report's folder would be")
@@ -65,7 +41,7 @@ def test_an_unwritable_report_leaves_no_model(tmp_path: Path) -> None:
 def test_a_failed_move_keeps_the_old_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The last rename (the HTML report) fails: the model moved just before is taken back and
     the old model at OUTPUT is restored; no frozen output, no report."""
-    model = _external_model(tmp_path / "in")
+    model = conv_bn_external(tmp_path / "in")
     out = tmp_path / "out" / "f.onnx"
     assert run_cli("fold", model, "-o", out).returncode == 0
     before = {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")}
@@ -78,7 +54,7 @@ def test_a_failed_move_keeps_the_old_output(tmp_path: Path, monkeypatch: pytest.
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    proc = run_cli("fold", _external_model(tmp_path / "in2", seed=5), "-o", out, "--frozen-output",
+    proc = run_cli("fold", conv_bn_external(tmp_path / "in2", seed=5), "-o", out, "--frozen-output",
                    tmp_path / "out" / "fr.onnx", "--html", html, "--report", tmp_path / "out" / "r.json")
     monkeypatch.setattr(os, "replace", real)
     assert proc.returncode == 3, proc.stderr
@@ -90,7 +66,7 @@ def test_a_missing_provider_writes_nothing(tmp_path: Path) -> None:
     """Exit 4 is an error, not a verdict: no model, no --frozen-output, no report."""
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("a CUDA provider is available here")
-    model = _external_model(tmp_path / "in")
+    model = conv_bn_external(tmp_path / "in")
     out = tmp_path / "out"
     proc = run_cli("fold", model, "-o", out / "f.onnx", "--frozen-output", out / "fr.onnx", "--report",
                    out / "r.json", "--providers", "cuda", "--no-repro")
@@ -101,7 +77,7 @@ def test_a_missing_provider_writes_nothing(tmp_path: Path) -> None:
 def test_a_failed_verification_writes_the_frozen_model_and_reports_but_no_model(tmp_path: Path) -> None:
     """Exit 1 is a verdict: --frozen-output and the reports are written (to debug with), the
     folded model is not."""
-    model = _external_model(tmp_path / "in")
+    model = conv_bn_external(tmp_path / "in")
     out = tmp_path / "out"
     proc = run_cli("fold", model, "-o", out / "f.onnx", "--frozen-output", out / "fr.onnx", "--report",
                    out / "r.json", "--atol", "0", "--rtol", "0", "--no-noise-floor", "--no-repro")
@@ -128,14 +104,14 @@ def test_output_naming_a_folder_is_a_usage_error(tmp_path: Path) -> None:
 def test_a_long_output_name_with_external_data(tmp_path: Path) -> None:
     """A 250-character name is valid; its data file would need 264 bytes, so its name is cut and
     hashed. Before: the temporary name was too long (exit 3, 'File name too long')."""
-    model = _external_model(tmp_path / "in")
+    model = conv_bn_external(tmp_path / "in")
     out = tmp_path / "out" / ("f" * 245 + ".onnx")
     for _ in range(2):  # the second write removes the first one's data file
         proc = run_cli("fold", model, "-o", out)
         assert proc.returncode == 0, proc.stderr
     names = os.listdir(out.parent)
     assert len(names) == 2 and out.name in names and all(len(n.encode()) <= 255 for n in names)
-    np.testing.assert_allclose(_runs(out), _runs(model), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_on_fixed_input(out), run_on_fixed_input(model), rtol=1e-4, atol=1e-4)
 
 
 def test_output_on_a_symlink_replaces_the_link(tmp_path: Path) -> None:
@@ -150,7 +126,7 @@ def test_output_on_a_symlink_replaces_the_link(tmp_path: Path) -> None:
 
 
 def test_the_library_never_overwrites_its_input(tmp_path: Path) -> None:
-    model = _external_model(tmp_path)
+    model = conv_bn_external(tmp_path)
     before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
     for kw in ({"output": model}, {"output": tmp_path / "o.onnx", "frozen_output": model}):
         with pytest.raises(BadInputError, match="is the input model; bnfold never overwrites its input"):
@@ -185,7 +161,7 @@ def test_concurrent_folds_to_one_output_keep_a_complete_model(tmp_path: Path) ->
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_SLOW_RENAMES)
-    models = [_external_model(tmp_path / f"in{k}", seed=k) for k in range(3)]
+    models = [conv_bn_external(tmp_path / f"in{k}", seed=k) for k in range(3)]
     out = tmp_path / "out" / "o.onnx"
     env = child_env({"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
                      "BNFOLD_TEST_RENAME_DELAY": "0.7"})
@@ -195,8 +171,8 @@ def test_concurrent_folds_to_one_output_keep_a_complete_model(tmp_path: Path) ->
     assert [p.returncode for p in procs] == [0, 0, 0], results
     names = sorted(os.listdir(out.parent))
     assert len(names) == 2 and names[0] == "o.onnx", names
-    got = _runs(out)
-    assert any(np.allclose(got, _runs(m), rtol=1e-4, atol=1e-4) for m in models)
+    got = run_on_fixed_input(out)
+    assert any(np.allclose(got, run_on_fixed_input(m), rtol=1e-4, atol=1e-4) for m in models)
 
 
 def test_a_verification_error_names_no_staged_path(tmp_path: Path) -> None:

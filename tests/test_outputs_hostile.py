@@ -15,48 +15,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 from cli_run import child_env, run_cli
-from onnx import helper, numpy_helper
+from external_models import conv_bn_external, run_on_fixed_input
 
 from bnfold.errors import BadInputError
 from bnfold.outputs import Outputs
-
-
-def _model(folder: Path, c: int = 32, seed: int = 0, name: str = "m.onnx") -> Path:
-    """x -> Conv (c filters, external data file '<name>.data') -> BN -> y."""
-    rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (c, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.normal(1, 0.1, c).astype(np.float32), "s"),
-             numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "b"),
-             numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "m"),
-             numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "v")]
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
-             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", c, 8, 8])], inits)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path,
-              save_as_external_data=True, location=f"{name}.data", size_threshold=1024)
-    return path
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _runs(path: Path) -> np.ndarray:
-    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-
-
 # ---- F2: the input's data files are inputs too -------------------------------------------------
 @pytest.mark.parametrize("option", ["-o", "--frozen-output", "--report"])
 def test_an_output_never_replaces_a_data_file_of_the_input(tmp_path: Path, option: str) -> None:
-    model = _model(tmp_path / "in")
+    model = conv_bn_external(tmp_path / "in")
     data = model.parent / "m.onnx.data"
     before = _digest(data)
     args = ["fold", model, "-o", tmp_path / "o.onnx"] if option != "-o" else ["fold", model]
@@ -64,11 +38,11 @@ def test_an_output_never_replaces_a_data_file_of_the_input(tmp_path: Path, optio
     assert proc.returncode == 3, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert f"{data} is a data file of the input model" in line and "never overwrites its input" in line, line
-    assert _digest(data) == before and _runs(model).shape == (2, 32, 8, 8)
+    assert _digest(data) == before and run_on_fixed_input(model).shape == (2, 32, 8, 8)
 
 
 def test_a_verify_report_never_replaces_a_models_data_file(tmp_path: Path) -> None:
-    model = _model(tmp_path / "q")
+    model = conv_bn_external(tmp_path / "q")
     data = model.parent / "m.onnx.data"
     before = _digest(data)
     proc = run_cli("verify", model, model, "--report", data)
@@ -79,15 +53,15 @@ def test_a_verify_report_never_replaces_a_models_data_file(tmp_path: Path) -> No
 def test_the_cleanup_keeps_the_data_file_a_renamed_earlier_output_uses(tmp_path: Path) -> None:
     """Fold to out.onnx, rename it to in.onnx (it still names out.onnx.<hex>.data), fold in.onnx to
     out.onnx again: before, the stale-data cleanup of out.onnx deleted in.onnx's data."""
-    first = _model(tmp_path / "src")
+    first = conv_bn_external(tmp_path / "src")
     work = tmp_path / "w"
     assert run_cli("fold", first, "-o", work / "out.onnx").returncode == 0
     (work / "out.onnx").rename(work / "in.onnx")
-    expect = _runs(work / "in.onnx")
+    expect = run_on_fixed_input(work / "in.onnx")
     proc = run_cli("fold", work / "in.onnx", "-o", work / "out.onnx")
     assert proc.returncode == 0, proc.stderr
-    np.testing.assert_array_equal(_runs(work / "in.onnx"), expect)  # its data file is still there
-    np.testing.assert_allclose(_runs(work / "out.onnx"), expect, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(run_on_fixed_input(work / "in.onnx"), expect)  # its data file is still there
+    np.testing.assert_allclose(run_on_fixed_input(work / "out.onnx"), expect, rtol=1e-4, atol=1e-4)
 
 
 def test_outputs_refuse_a_protected_target(tmp_path: Path) -> None:
@@ -104,7 +78,7 @@ def test_outputs_refuse_a_protected_target(tmp_path: Path) -> None:
 def test_two_paths_to_one_folder_do_not_deadlock(tmp_path: Path) -> None:
     """A bind mount gives one folder two real paths; locks are taken per (device, inode), once.
     Before: the run locked the folder twice and waited for itself forever."""
-    model = _model(tmp_path / "in")
+    model = conv_bn_external(tmp_path / "in")
     real, alias = tmp_path / "real", tmp_path / "alias"
     real.mkdir()
     alias.mkdir()
@@ -143,7 +117,7 @@ def test_a_signal_during_the_moves_waits_until_all_are_in_place(tmp_path: Path, 
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_SLOW)
-    model = _model(tmp_path / "in")
+    model = conv_bn_external(tmp_path / "in")
     out = tmp_path / "out"
     moved = tmp_path / "moved.txt"
     env = child_env({"PYTHONPATH": str(hook), "BNFOLD_TEST_MOVED": str(moved)})
@@ -160,7 +134,7 @@ def test_a_signal_during_the_moves_waits_until_all_are_in_place(tmp_path: Path, 
     assert report["output"]["sha256"] == _digest(out / "o.onnx")  # the report and the model of one run
     names = sorted(os.listdir(out))
     assert len(names) == 3 and names[:2] == ["o.onnx", "o.onnx." + names[1].split(".", 2)[2]], names
-    _runs(out / "o.onnx")
+    run_on_fixed_input(out / "o.onnx")
 
 
 # ---- F6: rollback where no hard link can be made -------------------------------------------------
@@ -197,7 +171,7 @@ def test_the_command_writes_nothing_into_home(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in child_env({"HOME": str(home)}).items() if k != "XDG_CACHE_HOME"}
-    proc = subprocess.run([sys.executable, "-m", "bnfold.cli.main", "fold", str(_model(tmp_path / "in")), "-o",
+    proc = subprocess.run([sys.executable, "-m", "bnfold.cli.main", "fold", str(conv_bn_external(tmp_path / "in")), "-o",
                            str(tmp_path / "o.onnx")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert list(home.iterdir()) == []
