@@ -7,7 +7,7 @@ import stat
 
 from bnfold.errors import BadInputError
 
-__all__ = ["check_not_input", "check_output_paths", "not_a_regular_file"]
+__all__ = ["check_not_input", "check_output_paths", "not_a_regular_file", "same_file"]
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
@@ -40,11 +40,15 @@ def check_output_paths(**paths: str | os.PathLike[str] | None) -> None:
                                 "give the path of a file, or a new path")
 
 
-def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same inode where both exist, else the same path
+    once links are resolved; False where that cannot be told."""
     try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+        return os.path.realpath(a) == os.path.realpath(b)
+    except (OSError, ValueError):
+        return False
 
 
 def check_not_input(source: str | os.PathLike[str] | None, **paths: str | os.PathLike[str] | None) -> None:
@@ -53,6 +57,6 @@ def check_not_input(source: str | os.PathLike[str] | None, **paths: str | os.Pat
     if source is None:
         return
     for what, path in paths.items():
-        if path is not None and _same_file(source, path):
+        if path is not None and same_file(source, path):
             raise BadInputError(f"{what} {path} is the input model; bnfold never overwrites its input: give "
                                 "another path")

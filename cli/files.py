@@ -6,7 +6,6 @@ Nothing in this module imports onnx, onnxruntime or torch.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import click
 
 from bnfold.errors import BadInputError
-from bnfold.files import not_a_regular_file
+from bnfold.files import not_a_regular_file, same_file
 
 from .options import ReportConfig
 
@@ -38,15 +37,6 @@ def require_data(path: Path) -> None:
         raise BadInputError(f"calibration data not found: {path} (give a .npz, a .npy or a directory of .npy files)")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
 def check_paths(inputs: Sequence[tuple[Path | None, str]], outputs: Sequence[tuple[Path | None, str]]) -> None:
     """Exit 2 where an output names something other than a regular file or a new path (a device, a
     FIFO, a directory: bnfold's atomic rename would replace it), or would overwrite an input (MODEL,
@@ -60,10 +50,10 @@ def check_paths(inputs: Sequence[tuple[Path | None, str]], outputs: Sequence[tup
             raise click.BadParameter(f"{path} is {kind}, not a regular file; bnfold writes only regular files: "
                                      "give the path of a file, or a new path.", param_hint=hint)
         for src, what in given_in:
-            if _same_file(src, path):
+            if same_file(src, path):
                 raise click.BadParameter(f"is {what}; bnfold never overwrites its input.", param_hint=hint)
         for other, other_hint in given_out[:i]:
-            if _same_file(other, path):
+            if same_file(other, path):
                 raise click.BadParameter(f"is the same file as {other_hint}; give each output its own path.",
                                          param_hint=hint)
 
