@@ -496,8 +496,11 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
             input_shapes=input_shapes)
     result = worded_result(result)
     with Outputs() as outputs:
-        for what, path in (("REFERENCE", reference), ("CANDIDATE", candidate)):
-            model_file, *data_files = _api().model_files(path)  # a report never replaces a model or its data
+        staged_reports = [p for p, _ in report_outputs(report) if p is not None]
+        for what, path in (("REFERENCE", reference), ("CANDIDATE", candidate)) if staged_reports else ():
+            # a report never replaces a model or its data (read the models' data-file names only when
+            # a report is written: api.verify parsed them already)
+            model_file, *data_files = _api().model_files(path)
             outputs.protect(what, model_file)
             outputs.protect(f"a data file of {what}", *data_files)
         markdown = _stage_verification_reports(
