@@ -20,6 +20,14 @@ ratios to ``eval``'s. Each job also reports its own split of the wall time (impo
 measured inside the process. On a shared machine the CPU time with ``--threads 1`` is the stable
 figure (wall times of multi-threaded jobs swing with the other load).
 
+Bytecode: a ``pip install`` compiles every package's ``.pyc`` at install time, torch's and
+bnfold's alike, so by default (``--bytecode cached``) the children read compiled bytecode for
+both: they get a private ``PYTHONPYCACHEPREFIX`` (a temporary folder; nothing is written into
+the checkout), ``PYTHONDONTWRITEBYTECODE`` is dropped from their environment, and one untimed
+warm-up round fills it. Where the environment sets ``PYTHONDONTWRITEBYTECODE`` (this project's
+CI machines do) and bnfold is an editable install, ``--bytecode none`` shows the other case:
+every fresh process then compiles bnfold's sources (~40 ms) while torch's come compiled.
+
 To time another checkout of bnfold, put it first on the children's path:
 ``PYTHONPATH=/path/to/checkout python benchmarks/torch_one_shot.py``, or ``--compare CHECKOUT``
 to add its calibrate jobs (``calibrate@before`` ...) to the same interleaved rounds.
@@ -35,6 +43,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -121,6 +130,9 @@ def main() -> None:
     ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job in this process
     ap.add_argument("--arch", default="local", help=argparse.SUPPRESS)
     ap.add_argument("--compare", help="another bnfold checkout whose calibrate jobs run in the same rounds")
+    ap.add_argument("--bytecode", choices=("cached", "none"), default="cached",
+                    help="cached: children read compiled .pyc, as after a pip install (default); none: as the "
+                         "environment has it")
     args = ap.parse_args()
     shape = (args.batches, args.batch_size, args.size)
     if args.job:
@@ -133,9 +145,13 @@ def main() -> None:
     wall: dict[str, list[float]] = {j: [] for j in jobs}
     cpu: dict[str, list[float]] = {j: [] for j in jobs}
     split: dict[str, list[dict[str, float]]] = {j: [] for j in jobs}
-    for r in range(args.repeats):
+    pycache = tempfile.TemporaryDirectory(prefix="bnfold-bench-pyc-") if args.bytecode == "cached" else None
+    for r in range(-1 if pycache else 0, args.repeats):  # round -1: untimed warm-up that compiles
         for job in jobs:
             env = {k: v for k, v in os.environ.items() if k != "BNFOLD_NUMBA"}
+            if pycache:
+                env.pop("PYTHONDONTWRITEBYTECODE", None)
+                env["PYTHONPYCACHEPREFIX"] = pycache.name
             name, _, other = job.partition("@")
             if other:
                 env["PYTHONPATH"] = args.compare
@@ -151,17 +167,21 @@ def main() -> None:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"{job} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+            if r < 0:
+                continue
             out = done.stdout
             wall[job].append(time.perf_counter() - t)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu[job].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
             split[job].append(json.loads(out.strip().splitlines()[-1]))
+        if r < 0:
+            continue
         print(f"round {r + 1}: " + "  ".join(f"{j} {wall[j][-1]:.3f}/{cpu[j][-1]:.3f}" for j in jobs), file=sys.stderr)
     base_wall = statistics.median(wall["eval"]) if "eval" in wall else None
     base_cpu = statistics.median(cpu["eval"]) if "eval" in cpu else None
     where = "torchvision" if arch == "torchvision" else "written in this script"
     print(f"ResNet-50 ({where}), {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, fresh process "
-          f"per job, threads {args.threads or 'default'}, median of {args.repeats}")
+          f"per job, threads {args.threads or 'default'}, bytecode {args.bytecode}, median of {args.repeats}")
     print(f"{'job':<24} {'wall s':>7} {'x eval':>7} {'cpu s':>7} {'x eval':>7} {'imports':>8} {'build':>7} {'work':>7}")
     for job in jobs:
         w, c = statistics.median(wall[job]), statistics.median(cpu[job])
