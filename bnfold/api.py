@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import onnx
@@ -112,9 +112,8 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
 def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None, keep: int = 0
                ) -> CalibrationData | _FullBatches | StreamData:
     """``data`` opened for ``model``'s inputs; ``keep``: the samples a stream holds for verification."""
-    if is_stream_source(data):
-        data = StreamSource(data)  # reads the first batch: which inputs it supplies
-    specs = supplied_specs(data, input_specs(model))  # inputs that are not samples may be left out
+    source = StreamSource(data) if is_stream_source(data) else None  # reads the first batch: its input names
+    specs = supplied_specs(source or data, input_specs(model))  # inputs that are not samples may be left out
     fixed = fixed_batch(specs)
     if fixed is not None:
         if batch_size is None:
@@ -125,14 +124,14 @@ def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None, ke
                 f"model input '{name}' has a fixed batch size of {fixed}; use batch_size={fixed} "
                 "or export the model with a dynamic batch axis"
             )
-    if isinstance(data, StreamSource):
-        return _open_stream(data, specs, batch_size, fixed, keep)
+    if source is not None:
+        return _open_stream(source, specs, batch_size, fixed, keep)
     if isinstance(data, CalibrationData):
         cal = data
     elif isinstance(data, Mapping):
         cal = from_arrays(data, specs, batch_size)
     else:
-        cal = open_data(data, specs, batch_size)
+        cal = open_data(cast("str | os.PathLike[str]", data), specs, batch_size)
     if fixed is not None and cal.num_samples % fixed:
         if cal.num_samples < fixed:
             raise BadInputError(
@@ -357,8 +356,8 @@ def _named_paths(names: Mapping[Path, str]) -> Iterator[None]:
         raise type(exc)(text) from exc
 
 
-def _report(loaded: LoadedModel, cal: CalibrationData | _FullBatches | StreamData | None, estimator: str, warnings: list[str],
-            bns: list[BnRecord], *, dry_run: bool, verification: VerifyResult | None = None,
+def _report(loaded: LoadedModel, cal: CalibrationData | _FullBatches | StreamData | None, estimator: str,
+            warnings: list[str], bns: list[BnRecord], *, dry_run: bool, verification: VerifyResult | None = None,
             output_path: str | None = None, output_sha256: str | None = None, recalibrate: str = "training") -> Report:
     return Report(
         input_path=str(loaded.path) if loaded.path else None, output_path=output_path,
@@ -430,7 +429,7 @@ def verify(
     reference: str | os.PathLike[str],
     candidate: str | os.PathLike[str],
     *,
-    data: str | os.PathLike[str] | None = None,
+    data: str | os.PathLike[str] | Iterable[Any] | None = None,
     batch_size: int = 1,
     seed: int = 0,
     val_range: tuple[float, float] = (0.0, 1.0),
@@ -440,7 +439,8 @@ def verify(
 ) -> VerifyResult:
     """``bnfold verify`` as a function: does ``candidate`` compute ``reference``'s function?
 
-    Inputs come from ``data`` (its first ``iterations`` batches, all when None) or are drawn
+    Inputs come from ``data`` (a ``.npz``/``.npy`` path or folder, or an iterable of batches as
+    :func:`fold` takes; its first ``iterations`` batches of ``batch_size``, all when None) or are drawn
     uniformly from ``val_range`` with ``seed`` (``iterations`` batches, default 1), an input with
     dynamic non-batch dims at its ``input_shapes`` entry, the model's hints or a probe size (as in
     :func:`fold`).
@@ -455,8 +455,11 @@ def verify(
     ref_model = read_model(reference)
     specs = input_specs(ref_model)
     training = training_bn_names(ref_model)
-    if data is not None:
-        feeds, info = data_feeds(data, specs, batch_size=batch_size, iterations=iterations)
+    if data is not None and is_stream_source(data):
+        feeds, info = _stream_feeds(cast("Iterable[Any]", data), specs, batch_size, iterations)
+    elif data is not None:
+        feeds, info = data_feeds(cast("str | os.PathLike[str]", data), specs, batch_size=batch_size,
+                                 iterations=iterations)
     else:
         feeds, info = random_verification_feeds(reference, ref_model, seed=seed, val_range=val_range,
                                                 iterations=iterations or 1, batch_size=batch_size, given=given_shapes)
@@ -471,3 +474,20 @@ def verify(
                 "(fold(..., frozen_output='FROZEN.onnx'))")
         result = replace(result, note=f"{result.note}; {note}" if result.note else note)
     return result
+
+
+def _stream_feeds(data: Iterable[Any], specs: list[Any], batch_size: int, iterations: int | None
+                  ) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """``verify``'s feeds from an iterable of batches: its first ``iterations`` batches (all when
+    None), re-chunked to ``batch_size`` (the model's fixed batch size where it has one)."""
+    source = StreamSource(data)
+    specs = supplied_specs(source, specs)
+    fixed = fixed_batch(specs)
+    stream = StreamData(source, specs, fixed or batch_size, fixed=fixed)
+    feeds: list[dict[str, np.ndarray]] = []
+    for batch in stream:
+        if iterations is not None and len(feeds) >= iterations:
+            break
+        feeds.append(batch)
+    return feeds, {"source": "data", "path": stream.source, "batch_size": fixed or batch_size,
+                   "iterations": len(feeds)}

@@ -35,7 +35,7 @@ from bnfold.records import InputSpec
 
 from .sources import _MEMORY, _check_dtype_storable, _fmt_shape, _Member, _validate_file
 
-__all__ = ["StreamData", "StreamSource", "is_stream_source"]
+__all__ = ["StreamData", "StreamSource", "array_dtype", "is_stream_source"]
 
 
 def _is_tensor(obj: Any) -> bool:
@@ -54,6 +54,11 @@ def is_stream_source(data: Any) -> bool:
     if isinstance(data, (str, bytes, Mapping)) or hasattr(data, "__fspath__") or hasattr(data, "take"):
         return False
     return isinstance(data, Iterable)
+
+
+def array_dtype(value: Any) -> np.dtype | None:
+    """The numpy dtype of an array or tensor (None for anything else)."""
+    return _to_numpy(value).dtype if _is_array(value) else None
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -80,6 +85,7 @@ class StreamSource:
         self._first: Iterator[Any] | None = it
         head = self._next(it, 1)
         self._peeked = [] if head is _END else [head]
+        self.head = head  # the first item, as the source gave it
         if head is _END:
             raise BadInputError("calibration data source yielded no batches; give an iterable that yields at least "
                                 "one batch of samples")
@@ -164,6 +170,11 @@ class StreamData:
     @property
     def inputs(self) -> tuple[InputSpec, ...]:
         return tuple(self._inputs)
+
+    @property
+    def reiterable(self) -> bool:
+        """Whether a second pass reads the source again (a list, a DataLoader; not a generator)."""
+        return self._source.reiterable
 
     @property
     def batch_size(self) -> int:
