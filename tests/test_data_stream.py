@@ -171,3 +171,24 @@ def test_second_pass_reads_a_list_again_but_not_a_generator(rng: np.random.Gener
     ahead = StreamData(StreamSource(_gen(x, 4)), specs, 3)  # take before the pass reads ahead, nothing lost
     np.testing.assert_array_equal(ahead.take(5)["x"], x[:5])
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in ahead]), x)
+
+
+def test_stream_may_leave_out_an_input_that_is_not_samples(rng: np.random.Generator, tmp_path: Path) -> None:
+    """As with files: a static-shape input (here s[4,1,1], added after the BN) need not be in the data."""
+    model = _model(rng, inputs=2)
+    model.graph.input[1].CopyFrom(vi("z", [4, 1, 1]))
+    x = _x(rng)
+    np.savez(tmp_path / "d.npz", x=x)
+    ref = fold(model, data=tmp_path / "d.npz", batch_size=4, verify=False, dry_run=True)
+    _same(fold(model, data=_gen(x, 4), verify=False, dry_run=True), _stats(ref))
+
+
+def test_progress_bar_without_a_total_shows_the_batch_number() -> None:
+    import io
+
+    from bnfold.cli.progress import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar(stream, min_interval=0.0)
+    bar(12, None)
+    assert stream.getvalue() == "\rcalibrating batch 12" and "/" not in stream.getvalue()
