@@ -12,12 +12,13 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import onnx
 
 from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
+from bnfold.data.stream import StreamData, StreamSource, is_stream_source
 from bnfold.data.supplied import supplied_specs
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError
 from bnfold.files import check_not_input, check_output_paths
@@ -41,8 +42,9 @@ from bnfold.verification.engine import verify as run_verify
 from bnfold.verification.feeds import data_feeds, fixed_batch, fold_verification_feeds, random_verification_feeds
 from bnfold.verification.shape_spec import normalize_input_shapes
 
-#: calibration data: a .npz/.npy path or folder, {input name: array} (leading axis = samples), or opened data
-DataArg: TypeAlias = "str | os.PathLike[str] | Mapping[str, np.ndarray] | CalibrationData"
+#: calibration data: a .npz/.npy path or folder, {input name: array} (leading axis = samples), opened data, or
+#: any iterable of batches (``bnfold.data.stream``: dicts of input name -> array or tensor, bare arrays)
+DataArg: TypeAlias = "str | os.PathLike[str] | Mapping[str, np.ndarray] | CalibrationData | Iterable[Any]"
 #: shapes for inputs with dynamic dims: {name: (1, 3, 640, 640) or "1x3x640x640"}, or "NAME:1x3x640x640" strings
 InputShapes: TypeAlias = "Mapping[str, Sequence[int] | str] | Iterable[str]"
 
@@ -107,8 +109,11 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     return load_onnx(model)
 
 
-def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None) -> CalibrationData | _FullBatches:
-    specs = supplied_specs(data, input_specs(model))  # inputs that are not samples may be left out
+def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None, keep: int = 0
+               ) -> CalibrationData | _FullBatches | StreamData:
+    """``data`` opened for ``model``'s inputs; ``keep``: the samples a stream holds for verification."""
+    source = StreamSource(data) if is_stream_source(data) else None  # reads the first batch: its input names
+    specs = supplied_specs(source or data, input_specs(model))  # inputs that are not samples may be left out
     fixed = fixed_batch(specs)
     if fixed is not None:
         if batch_size is None:
@@ -119,12 +124,14 @@ def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None) ->
                 f"model input '{name}' has a fixed batch size of {fixed}; use batch_size={fixed} "
                 "or export the model with a dynamic batch axis"
             )
+    if source is not None:
+        return _open_stream(source, specs, batch_size, fixed, keep)
     if isinstance(data, CalibrationData):
         cal = data
     elif isinstance(data, Mapping):
         cal = from_arrays(data, specs, batch_size)
     else:
-        cal = open_data(data, specs, batch_size)
+        cal = open_data(cast("str | os.PathLike[str]", data), specs, batch_size)
     if fixed is not None and cal.num_samples % fixed:
         if cal.num_samples < fixed:
             raise BadInputError(
@@ -132,6 +139,12 @@ def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None) ->
                 f"give at least {fixed} samples")
         return _FullBatches(cal)
     return cal
+
+
+def _open_stream(source: StreamSource, specs: list[Any], batch_size: int | None, fixed: int | None,
+                 keep: int) -> StreamData:
+    """An iterable's batches (re-chunked to ``batch_size``; to ``fixed``, short tail dropped)."""
+    return StreamData(source, specs, batch_size, fixed=fixed, keep=keep)
 
 
 class _FullBatches:
@@ -177,7 +190,7 @@ def _selected(work: Work, recalibrate: str) -> set[str]:
 
 
 def _calibrate_and_freeze(work: Work, data: Batches, estimator: str, recalibrate: str,
-                          progress: Callable[[int, int], None] | None
+                          progress: Callable[[int, int | None], None] | None
                           ) -> tuple[dict[str, FrozenStats], dict[str, Drift], list[str]]:
     """The calibrate and freeze stages: population statistics written into the BNs ``recalibrate``
     selects (with ``'all'``, each one's drift from its stored statistics), and the warnings."""
@@ -193,9 +206,10 @@ def _calibrate_and_freeze(work: Work, data: Batches, estimator: str, recalibrate
                             "(subgraphs are not calibrated)")
     if frozen:
         freeze(work, frozen)
-    if isinstance(data, _FullBatches):
-        warnings.append(f"the last {data.dropped} calibration sample(s) were not used: the model's "
-                        f"fixed batch size {data.batch_size} does not divide {data.num_samples + data.dropped}")
+    dropped = getattr(data, "dropped", 0)  # _FullBatches, or a stream re-chunked to the fixed batch size
+    if dropped:
+        warnings.append(f"the last {dropped} calibration sample(s) were not used: the model's "
+                        f"fixed batch size {data.batch_size} does not divide {data.num_samples + dropped}")
     return frozen, {n: d for n, d in drift.items() if n in frozen}, warnings
 
 
@@ -223,7 +237,7 @@ def fold(
     verify: bool = True,
     dry_run: bool = False,
     verify_samples: int = 4,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
     verify_config: VerifyConfig | None = None,
     frozen_output: str | os.PathLike[str] | None = None,
     outputs: Outputs | None = None,
@@ -269,7 +283,8 @@ def fold(
     work = Work(loaded)
     modes = {s.info.name: s.info.mode for s in work.sites}
     _check_modes(work, data is not None)
-    cal = _open_data(data, work.model, batch_size) if data is not None else None
+    keep = verify_samples * (fixed_batch(input_specs(work.model)) or 1) if verify and not dry_run else 0
+    cal = _open_data(data, work.model, batch_size, keep) if data is not None else None
     frozen, drift, warnings = (_calibrate_and_freeze(work, cal, estimator, recalibrate, progress) if cal is not None
                                else ({}, {}, []))
     check_variances(work)
@@ -341,8 +356,8 @@ def _named_paths(names: Mapping[Path, str]) -> Iterator[None]:
         raise type(exc)(text) from exc
 
 
-def _report(loaded: LoadedModel, cal: CalibrationData | _FullBatches | None, estimator: str, warnings: list[str],
-            bns: list[BnRecord], *, dry_run: bool, verification: VerifyResult | None = None,
+def _report(loaded: LoadedModel, cal: CalibrationData | _FullBatches | StreamData | None, estimator: str,
+            warnings: list[str], bns: list[BnRecord], *, dry_run: bool, verification: VerifyResult | None = None,
             output_path: str | None = None, output_sha256: str | None = None, recalibrate: str = "training") -> Report:
     return Report(
         input_path=str(loaded.path) if loaded.path else None, output_path=output_path,
@@ -378,7 +393,7 @@ def _placeholder_stats(work: Work, site: BnSite) -> FrozenStats:
 
 
 def inspect(model: str | os.PathLike[str] | onnx.ModelProto, *, data: DataArg | None = None,
-            batch_size: int | None = None, progress: Callable[[int, int], None] | None = None
+            batch_size: int | None = None, progress: Callable[[int, int | None], None] | None = None
             ) -> list[BnInspection]:
     """Every BN with its producer, mode and the decision ``fold`` would take (stored statistics).
 
@@ -414,7 +429,7 @@ def verify(
     reference: str | os.PathLike[str],
     candidate: str | os.PathLike[str],
     *,
-    data: str | os.PathLike[str] | None = None,
+    data: str | os.PathLike[str] | Iterable[Any] | None = None,
     batch_size: int = 1,
     seed: int = 0,
     val_range: tuple[float, float] = (0.0, 1.0),
@@ -424,7 +439,8 @@ def verify(
 ) -> VerifyResult:
     """``bnfold verify`` as a function: does ``candidate`` compute ``reference``'s function?
 
-    Inputs come from ``data`` (its first ``iterations`` batches, all when None) or are drawn
+    Inputs come from ``data`` (a ``.npz``/``.npy`` path or folder, or an iterable of batches as
+    :func:`fold` takes; its first ``iterations`` batches of ``batch_size``, all when None) or are drawn
     uniformly from ``val_range`` with ``seed`` (``iterations`` batches, default 1), an input with
     dynamic non-batch dims at its ``input_shapes`` entry, the model's hints or a probe size (as in
     :func:`fold`).
@@ -439,8 +455,11 @@ def verify(
     ref_model = read_model(reference)
     specs = input_specs(ref_model)
     training = training_bn_names(ref_model)
-    if data is not None:
-        feeds, info = data_feeds(data, specs, batch_size=batch_size, iterations=iterations)
+    if data is not None and is_stream_source(data):
+        feeds, info = _stream_feeds(cast("Iterable[Any]", data), specs, batch_size, iterations)
+    elif data is not None:
+        feeds, info = data_feeds(cast("str | os.PathLike[str]", data), specs, batch_size=batch_size,
+                                 iterations=iterations)
     else:
         feeds, info = random_verification_feeds(reference, ref_model, seed=seed, val_range=val_range,
                                                 iterations=iterations or 1, batch_size=batch_size, given=given_shapes)
@@ -455,3 +474,20 @@ def verify(
                 "(fold(..., frozen_output='FROZEN.onnx'))")
         result = replace(result, note=f"{result.note}; {note}" if result.note else note)
     return result
+
+
+def _stream_feeds(data: Iterable[Any], specs: list[Any], batch_size: int, iterations: int | None
+                  ) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """``verify``'s feeds from an iterable of batches: its first ``iterations`` batches (all when
+    None), re-chunked to ``batch_size`` (the model's fixed batch size where it has one)."""
+    source = StreamSource(data)
+    specs = supplied_specs(source, specs)
+    fixed = fixed_batch(specs)
+    stream = StreamData(source, specs, fixed or batch_size, fixed=fixed)
+    feeds: list[dict[str, np.ndarray]] = []
+    for batch in stream:
+        if iterations is not None and len(feeds) >= iterations:
+            break
+        feeds.append(batch)
+    return feeds, {"source": "data", "path": stream.source, "batch_size": fixed or batch_size,
+                   "iterations": len(feeds)}

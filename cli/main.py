@@ -352,7 +352,7 @@ def fold_command(
         if input_shapes:
             raise click.UsageError("--input-shape: for ONNX models only (a PyTorch model is verified on --data).")
         model = torch_fold.validate(model, output, frozen_output, data, report, dry_run, torch_opts)
-        if recalibrate == "all" and data.path is None:
+        if recalibrate == "all" and not data.given:
             raise click.UsageError("--recalibrate all needs --data.")
         config = _engine_config(compare, report.path)
         created = [] if dry_run or output is None else make_parents(output)
@@ -377,9 +377,9 @@ def fold_command(
                                "ONNX model.")
     if output is None and not dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (required unless --dry-run).")
-    if data.batch_size is not None and data.path is None:
+    if data.batch_size is not None and not data.given:
         raise click.UsageError("--batch-size needs --data.")
-    if recalibrate == "all" and data.path is None:
+    if recalibrate == "all" and not data.given:
         raise click.UsageError("--recalibrate all needs --data.")
     require_model_file(model)
     if data.path is not None:
@@ -396,7 +396,7 @@ def fold_command(
             result = api.fold(
                 model,
                 output=output,
-                data=data.path,
+                data=data.source(),
                 batch_size=data.batch_size,
                 estimator=estimator,
                 recalibrate=recalibrate,
@@ -486,12 +486,12 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
         require_data(data.path)
     check_paths([(reference, "REFERENCE"), (candidate, "CANDIDATE"), (data.path, "the --data file")],
                  report_outputs(report))
-    if input_shapes and data.path is not None:
+    if input_shapes and data.given:
         raise click.UsageError("--input-shape applies to random inputs; with --data the data's shapes are fed.")
     config = _engine_config(compare, report.path)
     with verification_progress() as vbar:  # a bar on a terminal: 8192 samples take seconds
         result = _api().verify(
-            reference, candidate, data=data.path, batch_size=data.batch_size or 1, seed=inputs.seed,
+            reference, candidate, data=data.source(), batch_size=data.batch_size or 1, seed=inputs.seed,
             val_range=inputs.val_range, iterations=inputs.iterations, config=replace(config, progress=vbar),
             input_shapes=input_shapes)
     result = worded_result(result)
@@ -558,21 +558,22 @@ def inspect_command(model: Path, as_json: bool, data: DataConfig) -> int:
     'bnfold fold' would do with it, with the reason code. With --data, also how far each BN's
     stored statistics are from the data's (drift; README, "Drift of stored statistics").
     Reads the model (and the data) only."""
-    if data.batch_size is not None and data.path is None:
+    if data.batch_size is not None and not data.given:
         raise click.UsageError("--batch-size needs --data.")
     require_model_file(model)
-    if data.path is not None:
-        require_data(data.path)
-        check_paths([(model, "the input MODEL"), (data.path, "the --data file")], [])
+    if data.given:
+        if data.path is not None:
+            require_data(data.path)
+            check_paths([(model, "the input MODEL"), (data.path, "the --data file")], [])
         with calibration_progress() as progress:
-            rows = _api().inspect(model, data=data.path, batch_size=data.batch_size, progress=progress)
+            rows = _api().inspect(model, data=data.source(), batch_size=data.batch_size, progress=progress)
     else:
         rows = _api().inspect(model)
     if as_json:
-        click.echo(json.dumps([inspection_to_dict(r, drift=data.path is not None) for r in rows], indent=2))
+        click.echo(json.dumps([inspection_to_dict(r, drift=data.given) for r in rows], indent=2))
     else:
         click.echo(_summary().plan_table(rows))
-        if data.path is not None:
+        if data.given:
             click.echo()
             click.echo(_summary().drift_table(rows))
     return EXIT_OK

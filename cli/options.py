@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
+from bnfold.data.factory import call_data_factory
 from bnfold.errors import BadInputError
 from bnfold.verification.shape_spec import normalize_input_shapes
 
@@ -51,6 +52,19 @@ class DataConfig:
 
     path: Path | None = None  # .npz / .npy / directory; None: no calibration data
     batch_size: int | None = None  # None: the library's default
+    factory: str | None = None  # --data-factory MODULE:CALLABLE (excludes path)
+
+    @property
+    def given(self) -> bool:
+        """Data was given, as a path (--data) or a factory (--data-factory)."""
+        return self.path is not None or self.factory is not None
+
+    def source(self, rank: int | None = None, world_size: int | None = None) -> Any:
+        """What the library's ``data`` argument gets: the path, or the iterable the factory returns
+        (called now; ``rank``/``world_size`` reach it when it accepts them)."""
+        if self.factory is not None:
+            return call_data_factory(self.factory, rank=rank, world_size=world_size)
+        return self.path
 
 
 @dataclass(frozen=True)
@@ -178,11 +192,29 @@ data_options = _group(
                 "inputs (default 1)."
             ),
         ),
+        click.option(
+            "--data-factory",
+            default=None,
+            callback=lambda ctx, param, value: _factory(ctx, param, value),
+            metavar="MODULE:CALLABLE",
+            help=(
+                "Input data from your own loader instead of --data: this callable (imported like "
+                "--model-factory, the current folder on sys.path) returns an iterable of batches: dicts of "
+                "input name -> numpy array or torch tensor (a generator, a list, a DataLoader), or bare arrays "
+                "for a one-input model. --batch-size re-chunks the stream (default: its batches as given)."
+            ),
+        ),
     ],
-    lambda data_path, batch_size: ("data", DataConfig(path=data_path, batch_size=batch_size)),
-    ("data_path", "batch_size"),
+    lambda data_path, batch_size, data_factory: ("data", _data_config(data_path, batch_size, data_factory)),
+    ("data_path", "batch_size", "data_factory"),
 )
-data_options.__doc__ = "--data PATH, --batch-size M  ->  data: DataConfig"
+data_options.__doc__ = "--data PATH, --batch-size M, --data-factory MODULE:CALLABLE  ->  data: DataConfig"
+
+
+def _data_config(path: Path | None, batch_size: int | None, factory: str | None) -> DataConfig:
+    if path is not None and factory is not None:
+        raise click.UsageError("--data and --data-factory are mutually exclusive: give one of them.")
+    return DataConfig(path=path, batch_size=batch_size, factory=factory)
 
 recalibrate_option = click.option(
     "--recalibrate",

@@ -3,8 +3,9 @@
 
 Drawn only when the stream is a terminal; elsewhere (pipes, CI logs, files) it draws nothing,
 so logs stay free of carriage returns. The library calls ``progress(done, total)`` once per
-batch (calibration) or model run (verification: ``VerifyConfig.progress``); ``total`` <= 0
-means the number is not known in advance.
+batch (calibration) or model run (verification: ``VerifyConfig.progress``); ``total`` None (or
+<= 0) means the number is not known in advance (a streamed data source): the bar then shows the
+count alone, ``calibrating batch 12``.
 """
 from __future__ import annotations
 
@@ -14,33 +15,34 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-ProgressFn = Callable[[int, int], None]
+ProgressFn = Callable[[int, "int | None"], None]
 
 
 class ProgressBar:
     """A one-line bar that rewrites itself in place with ``\\r``."""
 
     def __init__(self, stream: TextIO, label: str = "calibrating", unit: str = "batches",
-                 width: int = 20, min_interval: float = 0.1) -> None:
+                 width: int = 20, min_interval: float = 0.1, one: str = "batch") -> None:
         self.stream = stream
         self.label = label
         self.unit = unit
+        self.one = one  # the unit of one item, shown before the count when there is no total
         self.width = width
         self.min_interval = min_interval
         self._last_draw = float("-inf")
         self._last_len = 0
         self._open = False  # a line is drawn and not yet ended by a newline
 
-    def render(self, done: int, total: int) -> str:
-        if total > 0:
+    def render(self, done: int, total: int | None) -> str:
+        if total is not None and total > 0:
             done_clamped = max(0, min(done, total))
             filled = done_clamped * self.width // total
             bar = "#" * filled + "." * (self.width - filled)
             return f"{self.label} [{bar}] {done}/{total} {self.unit}"
-        return f"{self.label} {done} {self.unit}"
+        return f"{self.label} {self.one} {done}"
 
-    def __call__(self, done: int, total: int) -> None:
-        finished = total > 0 and done >= total
+    def __call__(self, done: int, total: int | None) -> None:
+        finished = total is not None and total > 0 and done >= total
         now = time.monotonic()
         if not finished and now - self._last_draw < self.min_interval:
             return
@@ -89,7 +91,7 @@ def calibration_progress(stream: TextIO | None = None) -> Iterator[ProgressBar |
 def verification_progress(stream: TextIO | None = None) -> Iterator[ProgressBar | None]:
     """Yield the callback for ``VerifyConfig.progress`` (or None off a terminal), and end its line on
     the way out."""
-    bar = make_progress(stream, label="verifying", unit="model runs")
+    bar = make_progress(stream, label="verifying", unit="model runs", one="model run")
     try:
         yield bar
     finally:

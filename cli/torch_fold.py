@@ -69,7 +69,7 @@ def validate(model: Path | None, output: Path | None, frozen_output: Path | None
         raise click.UsageError("--weights needs --model-factory (the state_dict is loaded into the factory's model).")
     if output is None and not dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (required unless --dry-run).")
-    if data.batch_size is not None and data.path is None:
+    if data.batch_size is not None and not data.given:
         raise click.UsageError("--batch-size needs --data.")
     fmt = None
     if output is not None:
@@ -94,7 +94,7 @@ def validate(model: Path | None, output: Path | None, frozen_output: Path | None
 
 def run(model: Path | None, output: Path | None, frozen_output: Path | None, data: DataConfig, estimator: str,
         check: FoldCheck, config: Any, dry_run: bool, topts: TorchOptions,
-        progress: Callable[[int, int], None] | None, warn: Callable[[str], None], outputs: Outputs,
+        progress: Callable[[int, int | None], None] | None, warn: Callable[[str], None], outputs: Outputs,
         recalibrate: str = "training") -> FoldOutcome:
     """Load the model (file, or factory and weights) and convert it. Its errors and ``warn``'s
     messages are in the library's words: the caller shows them in flag words (``cli/wording.py``)."""
@@ -106,7 +106,7 @@ def run(model: Path | None, output: Path | None, frozen_output: Path | None, dat
         assert model is not None
         loaded = frontend.load_model_file(model, unsafe_pickle=topts.unsafe_pickle, warn=warn)
     result: ConvertResult = frontend.convert(
-        loaded, data.path, output, frozen_output=frozen_output, batch_size=data.batch_size,
+        loaded, data.source(), output, frozen_output=frozen_output, batch_size=data.batch_size,
         estimator=estimator, device=device, allow_reused_bn=topts.allow_reused_bn, verify=check.enabled,
         verify_samples=check.samples, config=config, dry_run=dry_run, progress=progress, warn=warn,
         outputs=outputs, recalibrate=recalibrate, training_graph=topts.training_graph)

@@ -641,7 +641,7 @@ def test_progress_bar_only_on_a_terminal() -> None:
     with calibration_progress(stream) as bar:
         bar.min_interval = 0.0
         bar(3, 0)  # unknown total
-    assert stream.getvalue() == "\rcalibrating 3 batches\n"
+    assert stream.getvalue() == "\rcalibrating batch 3\n"  # issue 17: a stream has no total
 
 
 def test_verification_progress_bar_only_on_a_terminal() -> None:

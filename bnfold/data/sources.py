@@ -554,13 +554,18 @@ def _is_mapped(arr: Any) -> bool:
 
 class Batches(Protocol):
     """What the stages read from calibration data: ``CalibrationData``, or a view of it (such as
-    its whole batches only, for a model with a fixed batch size)."""
-
-    batch_size: int
-    num_samples: int
+    its whole batches only, for a model with a fixed batch size), or a stream
+    (:class:`bnfold.data.stream.StreamData`), whose ``num_batches`` is None (unknown) until a pass
+    has ended and whose ``num_samples`` counts the samples read so far."""
 
     @property
-    def num_batches(self) -> int: ...
+    def batch_size(self) -> int: ...
+
+    @property
+    def num_samples(self) -> int: ...
+
+    @property
+    def num_batches(self) -> int | None: ...
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
 

@@ -27,6 +27,9 @@ def supplied_specs(data: Any, specs: list[InputSpec]) -> list[InputSpec]:
 
 
 def _names(data: Any, specs: list[InputSpec]) -> set[str] | None:
+    if hasattr(data, "supplied_names"):  # a stream (bnfold.data.stream.StreamSource): its first batch's keys
+        names = data.supplied_names
+        return set(names) if names is not None else None
     inputs = getattr(data, "inputs", None)
     if inputs is not None:  # opened data: what it was opened for
         return {s.name for s in inputs}

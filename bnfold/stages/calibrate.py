@@ -30,7 +30,7 @@ from bnfold.verification.reference_session import ReferenceSession, needs_refere
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, "int | None"], None]  # (done, total); total None: not known (a stream)
 
 
 def _has_float16(model: onnx.ModelProto) -> bool:

@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import onnx
 import torch
@@ -38,6 +38,7 @@ from bnfold.api import BnInspection
 from bnfold.api import fold as onnx_fold
 from bnfold.api import inspect as onnx_inspect
 from bnfold.data.sources import CalibrationData, open_data
+from bnfold.data.stream import StreamData, StreamSource, is_stream_source
 from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError, one_line
 from bnfold.files import check_output_paths
 from bnfold.output_formats import FORMAT_LABELS, torch_output_format
@@ -58,7 +59,7 @@ from bnfold.torch.calibrate import (
 )
 from bnfold.torch.fold import TorchFoldResult, trace
 from bnfold.torch.fold import fold as torch_fold
-from bnfold.torch.inputs import input_specs, ordered, sample_count, split, tensors, to_device
+from bnfold.torch.inputs import input_specs, ordered, sample_count, split, stream_input_specs, tensors, to_device
 from bnfold.torch.load import FACTORY, TORCHSCRIPT, LoadedTorchModel, forward_inputs, sha256_of
 from bnfold.verification.engine import VerifyConfig
 
@@ -159,7 +160,7 @@ def resolve_device(requested: str | None) -> str:
 class _Request:
     output: Path | None
     frozen_output: Path | None
-    data: Path | None
+    data: Path | StreamSource | None  # a file, or a streamed source (bnfold.data.stream)
     batch_size: int | None
     estimator: str
     allow_reused_bn: bool
@@ -167,7 +168,7 @@ class _Request:
     verify_samples: int
     dry_run: bool
     config: VerifyConfig | None
-    progress: Callable[[int, int], None] | None
+    progress: Callable[[int, int | None], None] | None
     warn: Callable[[str], None] | None
     outputs: Outputs
     recalibrate: str = "training"
@@ -186,8 +187,15 @@ class _Request:
 
 
 def _progress(req: _Request) -> Callable[[int, int | None], None] | None:
-    """The progress callback as the PyTorch calibration types it (it passes a known total)."""
-    return cast("Callable[[int, int | None], None] | None", req.progress)
+    """The progress callback (total None: a streamed source's count is not known)."""
+    return req.progress
+
+
+def _data_arg(data: Any) -> Path | StreamSource | None:
+    """A data file's path, or a streamed source (any iterable of batches: ``bnfold.data.stream``)."""
+    if data is None:
+        return None
+    return StreamSource(data) if is_stream_source(data) else Path(data)
 
 
 def _as_loaded(module: nn.Module | LoadedTorchModel) -> LoadedTorchModel:
@@ -215,7 +223,7 @@ def convert(
     verify_samples: int = 4,
     config: VerifyConfig | None = None,
     dry_run: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
     warn: Callable[[str], None] | None = None,
     outputs: Outputs | None = None,
     recalibrate: str = "training",
@@ -257,7 +265,7 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
              output: str | os.PathLike[str] | None, frozen_output: str | os.PathLike[str] | None,
              batch_size: int | None, estimator: str, device: str | None, allow_reused_bn: bool, verify: bool,
              verify_samples: int, config: VerifyConfig | None, dry_run: bool,
-             progress: Callable[[int, int], None] | None, warn: Callable[[str], None] | None,
+             progress: Callable[[int, int | None], None] | None, warn: Callable[[str], None] | None,
              outputs: Outputs, recalibrate: str = "training", training_graph: bool = False) -> ConvertResult:
     check_recalibrate(recalibrate)
     if training_graph and data is None:
@@ -277,7 +285,7 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
     if not dry_run:
         check_output_paths(output=output, frozen_output=frozen_output)
     req = _Request(output=out_path, frozen_output=None if dry_run or frozen_output is None else Path(frozen_output),
-                   data=Path(data) if data is not None else None, batch_size=batch_size, estimator=estimator,
+                   data=_data_arg(data), batch_size=batch_size, estimator=estimator,
                    allow_reused_bn=allow_reused_bn, verify=verify, verify_samples=verify_samples, dry_run=dry_run,
                    config=config, progress=progress, warn=warn, outputs=outputs, recalibrate=recalibrate,
                    training_graph=training_graph)
@@ -285,12 +293,16 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
     outputs.protect("the input model", loaded.path)
     notes: list[str] = list(loaded.warnings)
 
-    cal: CalibrationData | None = None
+    cal: CalibrationData | StreamData | None = None
     example: Example | None = None
     dtype = float_dtype(loaded.module)
-    if req.data is not None:
+    if isinstance(req.data, StreamSource):
+        cal = StreamData(req.data, stream_input_specs(loaded, req.data), req.batch_size,
+                         keep=max(2, req.verify_samples))
+    elif req.data is not None:
         specs = input_specs(loaded, req.data)
         cal = open_data(req.data, specs, req.batch_size)
+    if cal is not None:
         k = max(2, req.verify_samples)
         example = ordered(loaded, tensors(cal.take(k), dtype))
     elif loaded.example_inputs is not None:
@@ -435,8 +447,8 @@ def _placeholder_frozen(module: nn.Module) -> tuple[nn.Module, dict[str, Mode]]:
 # ----------------------------------------------------------------------------- the torch route
 
 
-def _run_torch(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | None, example: Example | None,
-               device: str, fmt: str | None, notes: list[str]) -> ConvertResult:
+def _run_torch(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | StreamData | None,
+               example: Example | None, device: str, fmt: str | None, notes: list[str]) -> ConvertResult:
     placeholder_modes: dict[str, Mode] | None = None
     if cal is None and req.dry_run:
         work, placeholder_modes = _placeholder_frozen(loaded.module)
@@ -569,7 +581,7 @@ def _scripted_recalibrate(req: _Request, module: nn.Module, live: list[str]) -> 
     return "all"  # every BN is in training mode: 'all' re-estimates exactly those
 
 
-def _frozen_module(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | None, device: str,
+def _frozen_module(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | StreamData | None, device: str,
                    notes: list[str]) -> _Frozen:
     """The module to export (inference BNs, on the cpu), calibrated in PyTorch where it can be."""
     if loaded.scripted:
@@ -633,9 +645,13 @@ def _attach_torch_stats(report: Report, onnx_path: Path, frozen: _Frozen) -> Non
     report.calibrated = True
 
 
-def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | None, example: Example | None,
-              device: str, route: str, notes: list[str]) -> ConvertResult:
+def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | StreamData | None,
+              example: Example | None, device: str, route: str, notes: list[str]) -> ConvertResult:
     example = _need_example(example, "the ONNX export")
+    if isinstance(cal, StreamData) and not cal.reiterable:
+        raise BadInputError("the data is a one-shot iterator (e.g. a generator), but an ONNX output reads it twice "
+                            "(calibration in PyTorch, then on the export); pass a list or a DataLoader, or write a "
+                            ".pt2/.pt output")
     frozen = _frozen_module(req, loaded, cal, device, notes)
     module, reused, calibrated_in_torch = frozen.module, frozen.reused, frozen.run is not None
     example = ordered(loaded, example)
@@ -675,6 +691,8 @@ def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | No
                 notes.append("a BN is applied at several places (allow_reused_bn=True): the ONNX pipeline keeps the "
                              "pooled statistics from PyTorch instead of recalibrating, and verifies on random inputs")
             use_data = req.data if (req.data is not None and not reused) else None
+            if isinstance(use_data, StreamSource):  # read again for the export (checked re-iterable above)
+                use_data = use_data.source
             result = onnx_fold(
                 onnx_path, output=req.output, data=use_data, batch_size=req.batch_size if use_data else None,
                 estimator=req.estimator, verify=req.verify, dry_run=req.dry_run,

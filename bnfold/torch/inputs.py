@@ -11,13 +11,14 @@ import torch
 
 from bnfold.data import sources
 from bnfold.data.sources import InputSpec
+from bnfold.data.stream import StreamSource, array_dtype
 from bnfold.errors import BadInputError
 from bnfold.torch.load import KIND_LABELS, LoadedTorchModel
 
-__all__ = ["input_specs", "ordered", "sample_count", "split", "tensors", "to_device"]
+__all__ = ["input_specs", "ordered", "sample_count", "split", "stream_input_specs", "tensors", "to_device"]
 
 
-def _data_members(path: Path) -> list[tuple[str | None, np.dtype]]:
+def _data_members(path: Path) -> list[tuple[str | None, np.dtype | None]]:
     """(array name or None for a .npy, dtype) of the first data file under ``path``."""
     if path.is_dir():
         files = sorted(n for n in os.listdir(path) if not n.startswith(".")
@@ -33,7 +34,7 @@ def _data_members(path: Path) -> list[tuple[str | None, np.dtype]]:
         m = sources._scan_npy(str(first), label, "input")
         return [(None, m.dtype)]
     if suffix == ".npz":
-        return [(m.key, m.dtype) for m in sources._scan_npz(str(first), label)]
+        return [(m.key, np.dtype(m.dtype)) for m in sources._scan_npz(str(first), label)]
     return []
 
 
@@ -47,7 +48,22 @@ def input_specs(loaded: LoadedTorchModel, data: Path) -> list[InputSpec]:
     """InputSpecs named after forward's parameters (shapes from the data, float32 unless the data
     says otherwise): a .npy feeds the one required input; an .npz feeds every required input and
     the optional ones it names (other names too where forward takes ``**kwargs``)."""
-    members = _data_members(data)
+    return _specs(loaded, _data_members(data))
+
+
+def stream_input_specs(loaded: LoadedTorchModel, source: StreamSource) -> list[InputSpec]:
+    """:func:`input_specs` for a streamed source, from its first batch: a dict's keys as an .npz's
+    names, a bare array as a .npy, a tuple or list as the leading forward parameters in order."""
+    head = source.head
+    if isinstance(head, Mapping):
+        return _specs(loaded, [(str(k), array_dtype(v)) for k, v in head.items()])
+    if isinstance(head, (tuple, list)) and head:
+        names = [i.name for i in loaded.inputs][:len(head)]
+        return [InputSpec(n, _spec_dtype(array_dtype(v)), None) for n, v in zip(names, head)] or _specs(loaded, [])
+    return _specs(loaded, [(None, array_dtype(head))])
+
+
+def _specs(loaded: LoadedTorchModel, members: list[tuple[str | None, np.dtype | None]]) -> list[InputSpec]:
     if members and members[0][0] is None:  # .npy: one array
         required = [i.name for i in loaded.inputs if i.required]
         if len(required) > 1:  # let open_data say that a .npy cannot feed them

@@ -24,12 +24,9 @@ a one-line message.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import io
-import os
 import pickle
-import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.errors import BadInputError, UnsupportedModelError, one_line
+from bnfold.factory_import import call_factory, cwd_on_path, load_callable
 from bnfold.torch.archive import (
     check_exported_program,
     check_graph_callables,
@@ -524,12 +522,6 @@ def _load_torchscript(path: Path, unsafe_pickle: bool) -> LoadedTorchModel:
                             sha256=hashlib.sha256(data).hexdigest(), inputs=inputs, var_keyword=var_kw)
 
 
-def _cwd_on_path() -> None:
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-
-
 def _is_weights_only_refusal(exc: BaseException) -> bool:
     return isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower()
 
@@ -554,7 +546,7 @@ def _load_pickle(path: Path, unsafe_pickle: bool, warn: Callable[[str], None] | 
         if warn is not None:
             warn(f"unsafe_pickle=True: unpickling '{path}' runs arbitrary code from the file; use it only on files "
                  "you trust")
-        _cwd_on_path()
+        cwd_on_path()
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except (AttributeError, ImportError) as exc2:
@@ -594,16 +586,6 @@ def load_model_file(path: Path, *, unsafe_pickle: bool = False,
 # ----------------------------------------------------------------------------- factory + weights
 
 
-def parse_factory(spec: str) -> tuple[str, str]:
-    """``'pkg.mod:callable'`` -> ``('pkg.mod', 'callable')``; ValueError when malformed."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name.strip() or not attr.strip():
-        raise ValueError(f"{spec!r}: give MODULE:CALLABLE, e.g. mypkg.models:build_model")
-    if not all(p.isidentifier() for p in module_name.split(".")) or not all(p.isidentifier() for p in attr.split(".")):
-        raise ValueError(f"{spec!r}: MODULE and CALLABLE must be dotted Python names, e.g. mypkg.models:build_model")
-    return module_name, attr
-
-
 def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     if _is_state_dict(obj):
         return obj
@@ -622,38 +604,7 @@ def _listing(keys: list[str], limit: int = 5) -> str:
 
 def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
     """Build the model with the factory ``spec`` and load ``weights`` (a state_dict) into it."""
-    try:
-        module_name, attr = parse_factory(spec)
-    except ValueError as exc:
-        raise BadInputError(str(exc)) from None
-    _cwd_on_path()
-    try:
-        mod = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise BadInputError(
-            f"cannot import factory module '{module_name}' ({one_line(exc, 240)}); run bnfold from the folder that "
-            "holds it or add that folder to PYTHONPATH") from exc
-    except SystemExit as exc:  # sys.exit() at import: bnfold's exit code is its own, not the module's
-        raise BadInputError(f"importing factory module '{module_name}' called sys.exit({exc.code!r}); a factory "
-                            "module must not exit: guard its script code with if __name__ == '__main__'") from None
-    except Exception as exc:  # noqa: BLE001 - the module itself fails to import
-        raise BadInputError(f"importing factory module '{module_name}' failed: {type(exc).__name__}: "
-                            f"{one_line(exc, 240)}") from exc
-    obj: Any = mod
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise BadInputError(f"factory module '{module_name}' has no attribute '{attr}'") from None
-    if not callable(obj):
-        raise BadInputError(f"factory '{spec}' is a {type(obj).__name__}, not a callable")
-    try:
-        model = obj()
-    except SystemExit as exc:  # bnfold's exit code is its own, not the factory's
-        raise BadInputError(f"calling factory '{spec}' called sys.exit({exc.code!r}); a factory must return the "
-                            "torch.nn.Module, not exit") from None
-    except Exception as exc:  # noqa: BLE001
-        raise BadInputError(f"calling factory '{spec}' failed: {type(exc).__name__}: {one_line(exc, 240)}") from exc
+    model = call_factory(load_callable(spec), spec, "factory", "the torch.nn.Module")
     if not isinstance(model, nn.Module):
         raise BadInputError(f"factory '{spec}' returned a {type(model).__name__}, not a torch.nn.Module")
     sha = None
