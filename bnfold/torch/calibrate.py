@@ -141,6 +141,9 @@ class _DeviceSums:
     sum_var: torch.Tensor
     pooled_mean: torch.Tensor
     pooled_m2: torch.Tensor
+    mu_m2: torch.Tensor  # the batch-to-batch spread (docs/math.md 2.2): sum m_b (mu_b - E)^2
+    var_mean: torch.Tensor  # running weighted mean of v_b = m_b sigma2_b / (m_b - 1), weight m_b - 1
+    var_m2: torch.Tensor  # its M2
 
 
 class _DeviceStats:
@@ -158,6 +161,8 @@ class _DeviceStats:
         self.batches = 0
         self.sum_m = 0
         self.sum_m1 = 0
+        self.samples = 0  # sum N_b
+        self.var_batches = 0  # batches with m_b >= 2
         self.sums: _DeviceSums | None = None
         self.host: BnStats | None = None
 
@@ -170,7 +175,7 @@ class _DeviceStats:
         x64 = x.detach().to(torch.float64)
         mu = x64.mean(dim=dims)
         var = (x64 - mu.view((1, c) + (1,) * (x.dim() - 2))).square_().mean(dim=dims)  # two-pass
-        self.add_moments(mu, var, x.numel() // c)
+        self.add_moments(mu, var, x.numel() // c, int(x.shape[0]))
 
     def _check(self, x: torch.Tensor) -> int | None:
         if x.dim() < 2:
@@ -184,29 +189,43 @@ class _DeviceStats:
             raise BadInputError(f"BN '{self.name}' got {c} channels after {self.channels} in earlier batches")
         return c
 
-    def add_moments(self, mu: torch.Tensor, var: torch.Tensor, m: int) -> None:
-        """Add one batch's per-channel mean and biased variance (any float dtype) over m values."""
+    def add_moments(self, mu: torch.Tensor, var: torch.Tensor, m: int, n_b: int) -> None:
+        """Add one batch's per-channel mean and biased variance (any float dtype) over m values
+        of n_b samples. The same updates as :func:`bnfold.formulas.stats.update`, on the device."""
         mu, var = mu.to(torch.float64), var.to(torch.float64)
-        n_a = self.sum_m
+        n_a, w_a = self.sum_m, self.sum_m1
         n = n_a + m
         self.batches += 1
+        self.samples += n_b
         self.sum_m = n
         self.sum_m1 += m - 1
+        if m > 1:
+            self.var_batches += 1
         s = self.sums
         if s is None:
-            self.sums = _DeviceSums(sum_mu=mu * m, sum_var=var * m, pooled_mean=mu.clone(), pooled_m2=var * m)
+            zero = torch.zeros_like(mu)
+            v = var * (m / (m - 1)) if m > 1 else zero.clone()
+            self.sums = _DeviceSums(sum_mu=mu * m, sum_var=var * m, pooled_mean=mu.clone(), pooled_m2=var * m,
+                                    mu_m2=zero, var_mean=v, var_m2=zero.clone())
         else:
             s.sum_mu.add_(mu, alpha=m)
             s.sum_var.add_(var, alpha=m)
             delta = mu - s.pooled_mean
             s.pooled_mean.add_(delta, alpha=m / n)
-            s.pooled_m2.add_(var, alpha=m).add_(delta.square_(), alpha=n_a * m / n)
+            between = delta.square_().mul_(n_a * m / n)
+            s.pooled_m2.add_(var, alpha=m).add_(between)
+            s.mu_m2.add_(between)
+            if m > 1:  # the unbiased batch variance, weight m - 1 (Chan's formula)
+                w = w_a + m - 1
+                d_v = torch.sub(var, s.var_mean, alpha=1.0).add_(var, alpha=1 / (m - 1))  # v_b - mean
+                s.var_mean.add_(d_v, alpha=(m - 1) / w)
+                s.var_m2.add_(d_v.square_(), alpha=w_a * (m - 1) / w)
 
-    def add_host_moments(self, mu: np.ndarray, var: np.ndarray, m: int) -> None:
-        """Add one batch's float64 numpy moments (the CPU path) over m values."""
+    def add_host_moments(self, mu: np.ndarray, var: np.ndarray, m: int, n_b: int) -> None:
+        """Add one batch's float64 numpy moments (the CPU path) over m values of n_b samples."""
         if self.host is None:
             self.host = BnStats(channels=int(mu.shape[0]))
-        update(self.host, mu, var, m)
+        update(self.host, mu, var, m, n_b=n_b)
 
     def to_bnstats(self) -> BnStats:
         """One host copy of the sums, as the ONNX path's :class:`BnStats`."""
@@ -215,10 +234,13 @@ class _DeviceStats:
             return BnStats(channels=0)
         if s is None:
             return self.host if self.host is not None else BnStats(channels=0)
-        host = torch.stack([s.sum_mu, s.sum_var, s.pooled_mean, s.pooled_m2]).cpu().numpy()
+        host = torch.stack([s.sum_mu, s.sum_var, s.pooled_mean, s.pooled_m2, s.mu_m2, s.var_mean,
+                            s.var_m2]).cpu().numpy()
         dev = BnStats(
             channels=self.channels, batches=self.batches, sum_m=self.sum_m, sum_m1=self.sum_m1,
             sum_mu=host[0].copy(), sum_var=host[1].copy(), pooled_mean=host[2].copy(), pooled_m2=host[3].copy(),
+            samples=self.samples, var_batches=self.var_batches, mu_m2=host[4].copy(), var_mean=host[5].copy(),
+            var_m2=host[6].copy(),
         )
         return dev if self.host is None else merge(self.host, dev)
 
@@ -256,7 +278,7 @@ def batch_stat_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
         np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
         y = F.batch_norm(x, torch.from_numpy(host_mean.astype(np_dtype)), torch.from_numpy(host_var.astype(np_dtype)),
                          weight, bias, False, 0.0, eps)
-        acc.add_host_moments(host_mean, host_var, m)
+        acc.add_host_moments(host_mean, host_var, m, int(x.shape[0]))
         return y
     # float16/bfloat16: the kernel's mixed mode (float32 statistics and affine parameters, as
     # autocast runs it) keeps a batch variance past float16's 65504 and bfloat16's 8 bits
@@ -266,7 +288,7 @@ def batch_stat_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     mean = torch.zeros(c, dtype=stat_dtype, device=x.device)
     var = torch.ones(c, dtype=stat_dtype, device=x.device)
     y = F.batch_norm(x, mean, var, w, b, True, 1.0, eps)
-    acc.add_moments(mean, var.to(torch.float64) * ((m - 1) / m), m)
+    acc.add_moments(mean, var.to(torch.float64) * ((m - 1) / m), m, int(x.shape[0]))
     return y
 
 
