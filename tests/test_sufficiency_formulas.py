@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from bnfold.errors import BadInputError
 from bnfold.formulas.stats import batch_moments, finalize, merge, update
 from bnfold.formulas.sufficiency import channel_errors, sufficiency
 from bnfold.records import BnStats
@@ -120,7 +121,7 @@ def test_constant_channel_is_left_out() -> None:
 def test_bad_target_refused() -> None:
     st = _accumulate(_data(6, [4, 4]))
     for bad in (0.0, -0.1, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="target_se must be a positive number"):
+        with pytest.raises(BadInputError, match="target_se must be a positive number"):
             sufficiency(st, bad)
 
 

@@ -13,12 +13,15 @@ samples that bring it to the target scale as 1/sqrt(n): ``ceil(samples * (worst 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
-from bnfold.records import BnStats, Sufficiency
+from bnfold.errors import BadInputError
+from bnfold.records import BnStats, FrozenStats, Sufficiency
 
-__all__ = ["DEFAULT_TARGET_SE", "check_target_se", "channel_errors", "samples_for_target", "sufficiency"]
+__all__ = ["DEFAULT_TARGET_SE", "approx_samples", "channel_errors", "check_target_se", "missed", "percent",
+           "samples_for_target", "sufficiency", "sufficiency_warning"]
 
 DEFAULT_TARGET_SE = 0.01  # 1 %: the worst channel's SE(E)/sigma and RSE(V)
 
@@ -30,11 +33,14 @@ _CONSTANT_ABS = 1e-30
 
 
 def check_target_se(target_se: float) -> float:
-    """``target_se`` as a float, or ``ValueError`` naming the fix (the callers turn it into their
-    own bad-input error)."""
-    t = float(target_se)
+    """``target_se`` as a float, or :class:`BadInputError` naming the fix."""
+    try:
+        t = float(target_se)
+    except (TypeError, ValueError):
+        t = math.nan
     if not math.isfinite(t) or t <= 0.0:
-        raise ValueError(f"target_se must be a positive number (0.01 = 1 %), got {target_se!r}")
+        raise BadInputError(f"target_se must be a positive number, got {target_se!r}; pass e.g. target_se=0.01 "
+                            "(1 %)")
     return t
 
 
@@ -91,3 +97,34 @@ def sufficiency(stats: BnStats, target: float = DEFAULT_TARGET_SE) -> Sufficienc
         samples_for_target=samples_for_target(stats.samples, worst, target) if stats.samples else None,
         reason="",
     )
+
+
+def approx_samples(n: int) -> str:
+    """``n`` rounded up to two significant figures, thousands grouped: 2 271 -> ``"2 300"``."""
+    digits = len(str(max(int(n), 1)))
+    step = 10 ** max(digits - 2, 0)
+    return f"{-(-int(n) // step) * step:,}".replace(",", " ")
+
+
+def percent(x: float) -> str:
+    """A fraction as a percentage with two significant figures: 0.0123 -> ``"1.2 %"``."""
+    return f"{x * 100:.2g} %"
+
+
+def missed(stats: Mapping[str, FrozenStats]) -> list[tuple[str, Sufficiency]]:
+    """The BNs whose worst figure misses its target, the one that needs the most samples first."""
+    out = [(n, s.sufficiency) for n, s in stats.items() if s.sufficiency is not None and s.sufficiency.met is False]
+    return sorted(out, key=lambda ns: -(ns[1].samples_for_target or 0))
+
+
+def sufficiency_warning(stats: Mapping[str, FrozenStats]) -> str | None:
+    """The warning for BNs whose statistics miss the target (None when every one meets it)."""
+    bad = missed(stats)
+    if not bad:
+        return None
+    name, s = bad[0]
+    worst = max(s.mean_se_sigma_max or 0.0, s.var_rse_max or 0.0)
+    need = f"~{approx_samples(s.samples_for_target)} samples" if s.samples_for_target else "more samples"
+    return (f"calibration statistics miss the {percent(s.target)} standard-error target at {len(bad)} BN "
+            f"(worst: '{name}', {percent(worst)} at channel {s.worst_channel} after {s.samples} samples): "
+            f"give {need}, or set the target with target_se=")

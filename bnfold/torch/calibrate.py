@@ -44,6 +44,7 @@ from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, one
 from bnfold.formulas.drift import drift as drift_of
 from bnfold.formulas.drift import no_drift
 from bnfold.formulas.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning, merge, update
+from bnfold.formulas.sufficiency import DEFAULT_TARGET_SE, check_target_se, sufficiency_warning
 from bnfold.records import BnStats, Drift, FrozenStats, Mode
 from bnfold.torch.batches import Batch, check_arity, count_batches, iter_batches, tensors
 from bnfold.torch.bn_kinds import BnKind, bn_kind, bn_like_modules, is_standard_bn
@@ -430,6 +431,7 @@ def run_calibration(
     progress: Progress | None = None,
     recalibrate: str = "all",
     training_graph: bool = False,
+    target_se: float = DEFAULT_TARGET_SE,
 ) -> CalibrationRun:
     """Calibrate the BNs of ``module`` that ``recalibrate`` selects on ``data`` and freeze them; see
     :func:`calibrate`. ``'training'``: only the BNs that normalise with batch statistics; the others
@@ -440,6 +442,7 @@ def run_calibration(
     (:mod:`bnfold.torch.training_graph`: BNs only reached in training mode get calibrated too)."""
     _check_estimator(estimator)
     check_recalibrate(recalibrate)
+    target_se = check_target_se(target_se)
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
     work = module if inplace else copy_module(module)
@@ -602,7 +605,7 @@ def run_calibration(
             warnings.append(f"BN '{name}' was never called during calibration; it keeps its stored statistics"
                             + ("" if training_graph else f" ({TRAINING_GRAPH_HINT})"))
             continue
-        st = finalize(sums[name], estimator, name)
+        st = finalize(sums[name], estimator, name, target_se)
         _check_fits(name, st, _stats_dtype(m, in_dtype[name]))
         run.stats[name] = st
         if recalibrate == "all":
@@ -616,9 +619,7 @@ def run_calibration(
                 f"BN '{name}' is applied at {n} places per forward; its statistics pool all of them "
                 "(allow_reused_bn=True)"
             )
-    gap = gap_warning(run.stats)
-    if gap:
-        warnings.append(gap)
+    warnings.extend(w for w in (gap_warning(run.stats), sufficiency_warning(run.stats)) if w)
     work.eval()
     return run
 
@@ -633,6 +634,7 @@ def calibrate(
     inplace: bool = False,
     progress: Progress | None = None,
     training_graph: bool = False,
+    target_se: float = DEFAULT_TARGET_SE,
 ) -> tuple[nn.Module, dict[str, FrozenStats]]:
     """Freeze every BatchNorm of ``module`` with population statistics from ``data``.
 
@@ -650,6 +652,9 @@ def calibrate(
     ``training_graph=True`` runs the module's training-time forward (``self.training`` branches
     taken, e.g. auxiliary heads) with Dropout and stochastic depth off, so BNs that only run in
     training mode are calibrated too (:mod:`bnfold.torch.training_graph`).
+    Each :class:`FrozenStats` has ``sufficiency``: the standard errors of its statistics from the
+    batch-to-batch spread against ``target_se`` (default 0.01 = 1 %; docs/math.md section 2.2),
+    and a warning names the BNs that miss it.
 
     Raises :class:`BadInputError` for empty data, a BN that never saw more than one value per
     channel in a batch, non-finite activations (naming the first BN that saw them), a reused BN,
@@ -658,7 +663,7 @@ def calibrate(
     """
     check_device(device)
     run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
-                          inplace=inplace, progress=progress, training_graph=training_graph)
+                          inplace=inplace, progress=progress, training_graph=training_graph, target_se=target_se)
     return run.module, run.stats
 
 
