@@ -13,7 +13,7 @@ samples that bring it to the target scale as 1/sqrt(n): ``ceil(samples * (worst 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from bnfold.errors import BadInputError
 from bnfold.records import BnStats, FrozenStats, Sufficiency
 
 __all__ = ["DEFAULT_TARGET_SE", "approx_samples", "channel_errors", "check_target_se", "missed", "percent",
-           "samples_for_target", "sufficiency", "sufficiency_warning"]
+           "samples_for_target", "summary_line", "sufficiency", "sufficiency_warning", "worst_figure"]
 
 DEFAULT_TARGET_SE = 0.01  # 1 %: the worst channel's SE(E)/sigma and RSE(V)
 
@@ -123,8 +123,36 @@ def sufficiency_warning(stats: Mapping[str, FrozenStats]) -> str | None:
     if not bad:
         return None
     name, s = bad[0]
-    worst = max(s.mean_se_sigma_max or 0.0, s.var_rse_max or 0.0)
+    worst = worst_figure(s)
     need = f"~{approx_samples(s.samples_for_target)} samples" if s.samples_for_target else "more samples"
     return (f"calibration statistics miss the {percent(s.target)} standard-error target at {len(bad)} BN "
             f"(worst: '{name}', {percent(worst)} at channel {s.worst_channel} after {s.samples} samples): "
             f"give {need}, or set the target with target_se=")
+
+
+def worst_figure(s: Sufficiency) -> float:
+    """The larger of the two figures (0.0 where there are none)."""
+    return max(s.mean_se_sigma_max or 0.0, s.var_rse_max or 0.0)
+
+
+def summary_line(named: Sequence[tuple[str, Sufficiency]]) -> str | None:
+    """One line for the text summary: the target, the samples seen and, where missed, the BN that
+    needs the most samples ("statistics within 1 % after 640 samples at 50 of 53 BN; /layer4/BN needs
+    ~2 300"). None without BNs."""
+    if not named:
+        return None
+    rated = [(n, s) for n, s in named if s.met is not None]
+    if not rated:
+        return f"Sufficiency: not estimated ({named[0][1].reason})"
+    target = percent(rated[0][1].target)
+    seen = max(s.samples for _, s in rated)
+    bad = [(n, s) for n, s in rated if s.met is False]
+    skipped = f" ({len(named) - len(rated)} BN not estimated)" if len(rated) < len(named) else ""
+    if not bad:
+        name, s = max(rated, key=lambda ns: worst_figure(ns[1]))
+        return (f"Sufficiency: statistics within {target} after {seen} samples (worst: {name}, "
+                f"{percent(worst_figure(s))}){skipped}")
+    name, s = max(bad, key=lambda ns: ns[1].samples_for_target or 0)
+    need = approx_samples(s.samples_for_target) if s.samples_for_target else "more"
+    return (f"Sufficiency: statistics within {target} after {seen} samples at {len(rated) - len(bad)} of "
+            f"{len(rated)} BN; {name} needs ~{need}{skipped}")
