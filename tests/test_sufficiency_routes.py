@@ -141,3 +141,19 @@ def test_bad_target_is_bad_input(bad: float, tmp_path: Path) -> None:
         bt.calibrate(net, [torch.from_numpy(x)], target_se=bad)
     with pytest.raises(BadInputError, match="target_se must be a positive number"):
         bnfold.fold(_onnx(tmp_path, net), data={"x": x}, dry_run=True, target_se=bad)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"], ids=["onnx-route", "torch-route"])
+def test_convert_passes_the_target_on_both_routes(suffix: str, tmp_path: Path) -> None:
+    """``bnfold.torch.convert`` (what the CLI runs for PyTorch models) hands target_se to the
+    calibration on either route, and the report carries the figures."""
+    net, x = _net(), _data()
+    net.bn.train()  # a training-mode BN: calibrated on both routes
+    path = tmp_path / "calib.npy"
+    np.save(path, x)
+    result = bt.convert(net, path, tmp_path / f"out{suffix}", batch_size=BATCH, device="cpu", target_se=0.5)
+    assert result.passed
+    [rec] = [b for b in result.report.bns if b.stats is not None]
+    s = rec.stats.sufficiency
+    assert s is not None and s.target == 0.5 and s.batches == 4 and s.samples == 26 and s.met is True
+    assert not [w for w in result.report.warnings if "standard-error target" in w]
