@@ -23,6 +23,7 @@ from bnfold.data.supplied import supplied_specs
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError
 from bnfold.files import check_not_input, check_output_paths
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
+from bnfold.formulas.sufficiency import DEFAULT_TARGET_SE, check_target_se, sufficiency_warning
 from bnfold.onnx.deferred import materialize
 from bnfold.onnx.io import LoadedModel, load_onnx, prepare_for_save, read_model
 from bnfold.onnx.io import model_files as model_files  # re-exported: the CLI's verify protects the models
@@ -190,16 +191,15 @@ def _selected(work: Work, recalibrate: str) -> set[str]:
 
 
 def _calibrate_and_freeze(work: Work, data: Batches, estimator: str, recalibrate: str,
-                          progress: Callable[[int, int | None], None] | None
+                          progress: Callable[[int, int | None], None] | None, target_se: float = DEFAULT_TARGET_SE
                           ) -> tuple[dict[str, FrozenStats], dict[str, Drift], list[str]]:
     """The calibrate and freeze stages: population statistics written into the BNs ``recalibrate``
     selects (with ``'all'``, each one's drift from its stored statistics), and the warnings."""
     only = _selected(work, recalibrate)
     raw = calibrate(work, data, progress, only=only) if only else {}
-    frozen = {name: finalize(st, estimator, name) for name, st in raw.items()}
+    frozen = {name: finalize(st, estimator, name, target_se) for name, st in raw.items()}
     drift = drifts(work, frozen) if recalibrate == "all" else {}  # before freeze replaces the stored values
-    gap = gap_warning(frozen)
-    warnings = [gap] if gap else []
+    warnings = [w for w in (gap_warning(frozen), sufficiency_warning(frozen)) if w]
     for site in work.sites:
         if site.pos is None and site.info.mode is Mode.INFERENCE:
             warnings.append(f"BN '{site.info.name}' in {site.info.graph_path} keeps its stored statistics "
@@ -243,6 +243,7 @@ def fold(
     outputs: Outputs | None = None,
     input_shapes: InputShapes | None = None,
     recalibrate: str = "training",
+    target_se: float = DEFAULT_TARGET_SE,
 ) -> FoldResult:
     """Freeze (with ``data``), fold and verify one ONNX model.
 
@@ -268,8 +269,12 @@ def fold(
     probe size it runs at (``bnfold.verification.shapes``; the report's ``verification.inputs.shapes``
     says which). When no shape works, :class:`BadInputError`: a model is written unverified only
     with ``verify=False``.
+    ``target_se``: the standard error the calibrated statistics should reach (0.01 = 1 %); each
+    frozen BN's ``stats.sufficiency`` says how far its data is from it, and a warning names the
+    BNs that miss it (``bnfold.formulas.sufficiency``, docs/math.md section 2.2).
     """
     given_shapes = normalize_input_shapes(input_shapes)
+    target_se = check_target_se(target_se)
     if estimator not in ESTIMATORS:
         raise BadInputError(f"unknown estimator '{estimator}'; use one of: {', '.join(ESTIMATORS)}")
     _check_recalibrate(recalibrate, data is not None)
@@ -285,8 +290,8 @@ def fold(
     _check_modes(work, data is not None)
     keep = verify_samples * (fixed_batch(input_specs(work.model)) or 1) if verify and not dry_run else 0
     cal = _open_data(data, work.model, batch_size, keep) if data is not None else None
-    frozen, drift, warnings = (_calibrate_and_freeze(work, cal, estimator, recalibrate, progress) if cal is not None
-                               else ({}, {}, []))
+    frozen, drift, warnings = (_calibrate_and_freeze(work, cal, estimator, recalibrate, progress, target_se)
+                               if cal is not None else ({}, {}, []))
     check_variances(work)
     plan, routes = make_plan(work)
     planned = work.sites  # the BNs the plan decides on (a committed fold re-indexes the work)

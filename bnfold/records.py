@@ -73,6 +73,13 @@ class BnStats:
     ``sum_m`` = sum m_b, ``sum_m1`` = sum (m_b - 1), ``sum_mu`` = sum m_b*mu_b,
     ``sum_var`` = sum m_b*sigma2_b (sigma2_b biased). The pooled estimator
     keeps a running (count, mean, M2) merged with Chan's formula.
+
+    The batch-to-batch spread (``bnfold/formulas/sufficiency.py``, docs/math.md section 2.2) is two
+    more running weighted (weight, mean, M2) triples, merged with Chan's formula too: the batch
+    means mu_b with weight m_b (weight ``sum_m``, mean ``pooled_mean``, M2 ``mu_m2``) and the
+    unbiased batch variances v_b = m_b*sigma2_b/(m_b - 1) with weight m_b - 1 (weight ``sum_m1``,
+    mean ``var_mean``, M2 ``var_m2``, over ``var_batches`` batches with m_b >= 2). ``samples`` is
+    sum N_b, the leading-axis items the BN saw.
     """
 
     channels: int
@@ -83,9 +90,14 @@ class BnStats:
     sum_var: np.ndarray = field(default=None)  # type: ignore[arg-type]
     pooled_mean: np.ndarray = field(default=None)  # type: ignore[arg-type]
     pooled_m2: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    samples: int = 0
+    var_batches: int = 0
+    mu_m2: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    var_mean: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    var_m2: np.ndarray = field(default=None)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
-        for attr in ("sum_mu", "sum_var", "pooled_mean", "pooled_m2"):
+        for attr in ("sum_mu", "sum_var", "pooled_mean", "pooled_m2", "mu_m2", "var_mean", "var_m2"):
             if getattr(self, attr) is None:
                 setattr(self, attr, np.zeros(self.channels, dtype=np.float64))
 
@@ -101,6 +113,35 @@ class FrozenStats:
     gap: float  # max over channels of |pooled - unbiased| / max(pooled, tiny)
     samples: int  # sum m_b
     batches: int
+    sufficiency: Sufficiency | None = None  # how much data is enough (None: not computed)
+
+
+@dataclass(frozen=True)
+class Sufficiency:
+    """Whether the calibration data sufficed for one BN (``bnfold/formulas/sufficiency.py``), from
+    the batch-to-batch spread of its ``batches`` batch estimates: the largest standard error of
+    E[x] in units of the channel's sigma (``mean_se_sigma_max``), the largest relative standard
+    error of Var[x] (``var_rse_max``), the ``worst_channel`` (the larger of the two), and the
+    samples (leading-axis items) that would bring the worst figure to ``target``
+    (``samples_for_target``, scaling as 1/sqrt(n)). ``samples`` is how many the BN saw. With fewer
+    than two batches, or no channel with a non-zero variance, the figures are None and ``reason``
+    says why."""
+
+    batches: int
+    samples: int
+    target: float
+    mean_se_sigma_max: float | None
+    var_rse_max: float | None
+    worst_channel: int | None
+    samples_for_target: int | None
+    reason: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        """True where the worst figure is within the target; None where there are no figures."""
+        if self.mean_se_sigma_max is None or self.var_rse_max is None:
+            return None
+        return max(self.mean_se_sigma_max, self.var_rse_max) <= self.target
 
 
 @dataclass(slots=True)

@@ -72,6 +72,7 @@ from .options import (
     recalibrate_option,
     report_options,
     reword,
+    target_se_option,
     torch_options,
 )
 from .outcome import FoldOutcome
@@ -308,6 +309,7 @@ def cli() -> None:
     ),
 )
 @recalibrate_option
+@target_se_option
 @report_options
 @fold_check_options
 @input_shape_option
@@ -327,6 +329,7 @@ def fold_command(
     data: DataConfig,
     estimator: str,
     recalibrate: str,
+    target_se: float,
     report: ReportConfig,
     check: FoldCheck,
     compare: CompareOptions,
@@ -362,7 +365,7 @@ def fold_command(
                     config = replace(config, progress=_after(progress, vbar))
                     outcome = torch_fold.run(model, output, frozen_output, data, estimator, check, config, dry_run,
                                              torch_opts, progress, warn=_warning, outputs=outputs,
-                                             recalibrate=recalibrate)
+                                             recalibrate=recalibrate, target_se=target_se)
                 return _close_fold(outcome, output, report, outputs, None if dry_run else frozen_output)
         finally:
             if output is not None and not output.exists():
@@ -400,6 +403,7 @@ def fold_command(
                 batch_size=data.batch_size,
                 estimator=estimator,
                 recalibrate=recalibrate,
+                target_se=target_se,
                 verify=check.enabled,
                 dry_run=dry_run,
                 verify_samples=check.samples,

@@ -216,6 +216,27 @@ def _data_config(path: Path | None, batch_size: int | None, factory: str | None)
         raise click.UsageError("--data and --data-factory are mutually exclusive: give one of them.")
     return DataConfig(path=path, batch_size=batch_size, factory=factory)
 
+def _target_se(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not (value > 0.0 and value != float("inf")):  # also refuses nan, which click's FloatRange lets through
+        raise click.BadParameter(f"{value!r}: give a positive fraction, e.g. 0.01 for 1 %")
+    return float(value)
+
+
+target_se_option = click.option(
+    "--target-se",
+    type=float,
+    default=0.01,
+    show_default=True,
+    callback=_target_se,
+    metavar="FRACTION",
+    help=(
+        "The standard error the calibrated statistics should reach: SE of each channel's mean in units of its "
+        "sigma and relative SE of its variance, from the batch-to-batch spread. The report gives each BN's "
+        "figures and the samples that would reach the target; a warning names the BNs that miss it."
+    ),
+)
+
+
 recalibrate_option = click.option(
     "--recalibrate",
     type=click.Choice(["training", "all"]),

@@ -95,7 +95,7 @@ def validate(model: Path | None, output: Path | None, frozen_output: Path | None
 def run(model: Path | None, output: Path | None, frozen_output: Path | None, data: DataConfig, estimator: str,
         check: FoldCheck, config: Any, dry_run: bool, topts: TorchOptions,
         progress: Callable[[int, int | None], None] | None, warn: Callable[[str], None], outputs: Outputs,
-        recalibrate: str = "training") -> FoldOutcome:
+        recalibrate: str = "training", target_se: float = 0.01) -> FoldOutcome:
     """Load the model (file, or factory and weights) and convert it. Its errors and ``warn``'s
     messages are in the library's words: the caller shows them in flag words (``cli/wording.py``)."""
     frontend = _frontend()
@@ -109,7 +109,7 @@ def run(model: Path | None, output: Path | None, frozen_output: Path | None, dat
         loaded, data.source(), output, frozen_output=frozen_output, batch_size=data.batch_size,
         estimator=estimator, device=device, allow_reused_bn=topts.allow_reused_bn, verify=check.enabled,
         verify_samples=check.samples, config=config, dry_run=dry_run, progress=progress, warn=warn,
-        outputs=outputs, recalibrate=recalibrate, training_graph=topts.training_graph)
+        outputs=outputs, recalibrate=recalibrate, training_graph=topts.training_graph, target_se=target_se)
     report = result.report
     lines = []
     if result.route == "torch":

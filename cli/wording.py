@@ -32,6 +32,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("its BNs calibrated on data and folded", "its BNs calibrated on --data and folded"),
     ("allow_reused_bn=True", "--allow-reused-bn"),
     ("training_graph=True", "--training-graph"),
+    # bnfold.formulas.sufficiency
+    ("or set the target with target_se=", "or set the target with --target-se"),
     # bnfold.torch.load
     ("pass unsafe_pickle=True only if you trust the file", "pass --unsafe-pickle only if you trust the file"),
     ("unsafe_pickle=True: unpickling", "--unsafe-pickle: unpickling"),

@@ -150,7 +150,7 @@ def test_failing_json_report_names_the_first_divergent_site(failing, models: dic
     _, files = failing
     doc = json.loads(files["report"].read_text(encoding="utf-8"))
     validate(doc)
-    assert doc["schema_version"] == "2.1" and doc["kind"] == "verify"
+    assert doc["schema_version"] == "2.2" and doc["kind"] == "verify"
     assert doc["reference"]["path"] == str(models["frozen"])
     assert doc["candidate"]["path"] == str(models["bad"])
     v = doc["verification"]

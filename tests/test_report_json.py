@@ -75,7 +75,7 @@ def test_report_validates_and_round_trips(schema):
 
 def test_report_numbers(schema):
     doc = report_to_dict(make_report())
-    assert doc["schema_version"] == SCHEMA_VERSION == "2.1"
+    assert doc["schema_version"] == SCHEMA_VERSION == "2.2"
     assert doc["kind"] == "fold"
     assert doc["tool"] == {"name": "bnfold", "version": bnfold.__version__}
     assert set(doc["versions"]) == {"onnx", "onnxruntime", "numpy", "python"}
@@ -98,6 +98,7 @@ def test_report_numbers(schema):
         "var_min": 0.5, "var_max": 4.0,
         "var_unbiased_min": 0.5, "var_unbiased_max": 4.0,
         "var_pooled_min": 0.75, "var_pooled_max": 4.5,
+        "sufficiency": None,  # schema 2.2: FrozenStats made without a sufficiency (not computed)
     }
     assert type(s["batches"]) is int
     v = doc["verification"]

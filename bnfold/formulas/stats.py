@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnfold.errors import BadInputError
+from bnfold.formulas.sufficiency import DEFAULT_TARGET_SE, sufficiency
 from bnfold.records import BnStats, FrozenStats
 
 __all__ = ["ESTIMATORS", "batch_moments", "finalize", "merge", "update"]
@@ -73,13 +74,14 @@ def _as_channels(a: np.ndarray, channels: int, what: str) -> np.ndarray:
     return a
 
 
-def update(stats: BnStats, mu_b: np.ndarray, var_b: np.ndarray, m_b: int) -> None:
+def update(stats: BnStats, mu_b: np.ndarray, var_b: np.ndarray, m_b: int, *, n_b: int = 0) -> None:
     """Add one batch's moments to ``stats`` in place.
 
     ``mu_b`` and ``var_b`` are the batch's per-channel mean and *biased* variance (shape ``(C,)``,
-    any float dtype; used as float64), ``m_b`` the number of values per channel in the batch.
-    Algorithm 2's sums grow by addition; the pooled ``(count, mean, M2)`` merges with Chan's
-    parallel formula.
+    any float dtype; used as float64), ``m_b`` the number of values per channel in the batch and
+    ``n_b`` its samples (leading-axis items; 0 where unknown). Algorithm 2's sums grow by
+    addition; the pooled ``(count, mean, M2)`` and the batch-to-batch spread's two weighted
+    triples (docs/math.md section 2.2) merge with Chan's parallel formula.
     """
     m_b = int(m_b)
     if m_b < 1:
@@ -87,8 +89,9 @@ def update(stats: BnStats, mu_b: np.ndarray, var_b: np.ndarray, m_b: int) -> Non
     mu_b = _as_channels(mu_b, stats.channels, "mu_b")
     var_b = _as_channels(var_b, stats.channels, "var_b")
 
-    n_a = stats.sum_m
+    n_a, w_a = stats.sum_m, stats.sum_m1
     stats.batches += 1
+    stats.samples += int(n_b)
     stats.sum_m += m_b
     stats.sum_m1 += m_b - 1
     stats.sum_mu = stats.sum_mu + m_b * mu_b
@@ -96,41 +99,60 @@ def update(stats: BnStats, mu_b: np.ndarray, var_b: np.ndarray, m_b: int) -> Non
 
     n = n_a + m_b
     delta = mu_b - stats.pooled_mean
+    between = np.square(delta) * (n_a * m_b / n)
     stats.pooled_mean = stats.pooled_mean + delta * (m_b / n)
-    stats.pooled_m2 = stats.pooled_m2 + m_b * var_b + np.square(delta) * (n_a * m_b / n)
+    stats.pooled_m2 = stats.pooled_m2 + m_b * var_b + between
+    stats.mu_m2 = stats.mu_m2 + between
+
+    w_b = m_b - 1  # the unbiased batch variance's weight; a batch of m_b = 1 has none
+    if w_b:
+        w = w_a + w_b
+        d_v = var_b * (m_b / w_b) - stats.var_mean
+        stats.var_batches += 1
+        stats.var_mean = stats.var_mean + d_v * (w_b / w)
+        stats.var_m2 = stats.var_m2 + np.square(d_v) * (w_a * w_b / w)
+
+
+def _chan(w_a: int, mean_a: np.ndarray, m2_a: np.ndarray, w_b: int, mean_b: np.ndarray, m2_b: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Chan's parallel formula: the (mean, M2) of two weighted (weight, mean, M2) triples."""
+    ma, mb = np.asarray(mean_a, dtype=np.float64), np.asarray(mean_b, dtype=np.float64)
+    w = w_a + w_b
+    if w == 0:
+        return np.zeros_like(ma), np.zeros_like(ma)
+    delta = mb - ma
+    return (ma + delta * (w_b / w),
+            np.asarray(m2_a, dtype=np.float64) + np.asarray(m2_b, dtype=np.float64)
+            + np.square(delta) * (w_a * w_b / w))
 
 
 def merge(a: BnStats, b: BnStats) -> BnStats:
     """Combine two partial results (two ranks, two shards) into a new :class:`BnStats`.
 
-    Algorithm 2's sums add; the pooled parts merge with Chan's formula. Inputs are not modified.
+    Algorithm 2's sums add; the pooled parts and the batch-to-batch spread's triples merge with
+    Chan's formula. Inputs are not modified. Merging per-rank partials in rank order equals one
+    sequential pass to float64 round-off (tests/test_sufficiency_merge.py).
     """
     if a.channels != b.channels:
         raise ValueError(f"cannot merge statistics of {a.channels} and {b.channels} channels")
     n_a, n_b = a.sum_m, b.sum_m
-    n = n_a + n_b
-    ma = np.asarray(a.pooled_mean, dtype=np.float64)
-    mb = np.asarray(b.pooled_mean, dtype=np.float64)
-    if n == 0:
-        mean = np.zeros(a.channels, dtype=np.float64)
-        m2 = np.zeros(a.channels, dtype=np.float64)
-    else:
-        delta = mb - ma
-        mean = ma + delta * (n_b / n)
-        m2 = (
-            np.asarray(a.pooled_m2, dtype=np.float64)
-            + np.asarray(b.pooled_m2, dtype=np.float64)
-            + np.square(delta) * (n_a * n_b / n)
-        )
+    mean, m2 = _chan(n_a, a.pooled_mean, a.pooled_m2, n_b, b.pooled_mean, b.pooled_m2)
+    _, mu_m2 = _chan(n_a, a.pooled_mean, a.mu_m2, n_b, b.pooled_mean, b.mu_m2)
+    var_mean, var_m2 = _chan(a.sum_m1, a.var_mean, a.var_m2, b.sum_m1, b.var_mean, b.var_m2)
     return BnStats(
         channels=a.channels,
         batches=a.batches + b.batches,
-        sum_m=n,
+        sum_m=n_a + n_b,
         sum_m1=a.sum_m1 + b.sum_m1,
         sum_mu=np.asarray(a.sum_mu, dtype=np.float64) + np.asarray(b.sum_mu, dtype=np.float64),
         sum_var=np.asarray(a.sum_var, dtype=np.float64) + np.asarray(b.sum_var, dtype=np.float64),
         pooled_mean=mean,
         pooled_m2=m2,
+        samples=a.samples + b.samples,
+        var_batches=a.var_batches + b.var_batches,
+        mu_m2=mu_m2,
+        var_mean=var_mean,
+        var_m2=var_m2,
     )
 
 
@@ -144,12 +166,13 @@ def estimator_gap(var_pooled: np.ndarray, var_unbiased: np.ndarray) -> float:
     return float(np.max(np.abs(p - u) / denom))
 
 
-def finalize(stats: BnStats, estimator: str, bn_name: str) -> FrozenStats:
+def finalize(stats: BnStats, estimator: str, bn_name: str, target_se: float = DEFAULT_TARGET_SE) -> FrozenStats:
     """The frozen statistics of one BN from its accumulated sums.
 
     ``mean = sum_mu / sum_m``; ``var_unbiased = sum_var / sum_m1`` (Algorithm 2, weighted form);
     ``var_pooled = pooled_m2 / sum_m`` (population variance of all values seen). ``estimator``
-    (``"unbiased"`` or ``"pooled"``) picks which one goes into ``var``; ``gap`` compares them.
+    (``"unbiased"`` or ``"pooled"``) picks which one goes into ``var``; ``gap`` compares them;
+    ``sufficiency`` says how far the data is from ``target_se`` (``bnfold.formulas.sufficiency``).
 
     Raises :class:`BadInputError` when no batch was seen, or when every batch had one value per
     channel (``m_b == 1``: no unbiased estimate exists); ``ValueError`` for an unknown estimator.
@@ -178,4 +201,5 @@ def finalize(stats: BnStats, estimator: str, bn_name: str) -> FrozenStats:
         gap=estimator_gap(var_pooled, var_unbiased),
         samples=int(stats.sum_m),
         batches=int(stats.batches),
+        sufficiency=sufficiency(stats, target_se),
     )

@@ -27,7 +27,17 @@ import numpy as np
 from bnfold.environment import report_versions
 from bnfold.json_values import json_number as _number
 from bnfold.json_values import json_safe as _json_safe
-from bnfold.records import BnRecord, Drift, FrozenStats, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
+from bnfold.records import (
+    BnRecord,
+    Drift,
+    FrozenStats,
+    OutputMetrics,
+    ProviderRun,
+    Report,
+    SiteResult,
+    Sufficiency,
+    VerifyResult,
+)
 from bnfold.report.facts import verify_facts
 from bnfold.version import __version__
 
@@ -44,7 +54,7 @@ __all__ = [
     "write_text_atomic",
 ]
 
-SCHEMA_VERSION = "2.1"
+SCHEMA_VERSION = "2.2"
 TOOL_NAME = "bnfold"
 
 # ---- fold records -------------------------------------------------------------------------------
@@ -72,7 +82,26 @@ def _stats_to_dict(stats: FrozenStats | None) -> dict[str, Any] | None:
         lo, hi = _min_max(arr)
         out[f"{key}_min"] = lo
         out[f"{key}_max"] = hi
+    out["sufficiency"] = sufficiency_to_dict(stats.sufficiency)
     return out
+
+
+def sufficiency_to_dict(s: Sufficiency | None) -> dict[str, Any] | None:
+    """A BN's ``stats.sufficiency`` (docs/report-schema.md, "sufficiency"): figures null and
+    ``reason`` set where they cannot be estimated (fewer than two batches)."""
+    if s is None:
+        return None
+    return {
+        "batches": int(s.batches),
+        "samples": int(s.samples),
+        "target": _number(s.target),
+        "mean_se_sigma_max": None if s.mean_se_sigma_max is None else _number(s.mean_se_sigma_max),
+        "var_rse_max": None if s.var_rse_max is None else _number(s.var_rse_max),
+        "worst_channel": None if s.worst_channel is None else int(s.worst_channel),
+        "samples_for_target": None if s.samples_for_target is None else int(s.samples_for_target),
+        "met": s.met,
+        "reason": s.reason,
+    }
 
 
 def drift_to_dict(drift: Drift | None) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bnfold.formulas.drift import LOG_VAR_RATIO_FLAG, MEAN_SHIFT_FLAG, flagged
+from bnfold.formulas.sufficiency import summary_line
 from bnfold.records import Action, BnRecord, Drift, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
 from bnfold.report.facts import verify_facts
 
@@ -312,6 +313,9 @@ def summary_text(report: Report) -> str:
             f"{fmt(worst_stats.gap)} at {worst.name}"
         )
         lines.extend(_drift_lines(report.bns))
+        suff = summary_line([(b.name, s.sufficiency) for b, s in with_stats if s.sufficiency is not None])
+        if suff:
+            lines.append(suff)
     elif report.calibrated:
         lines.append(f"Statistics: no BN normalises with batch statistics, so all {len(report.bns)} keep their "
                      "stored statistics (--recalibrate all re-estimates them); the data served verification")

@@ -155,7 +155,7 @@ def calibrate(work: Work, data: Batches, progress: Progress | None = None,
             st = stats.get(o.bn)
             if st is None:
                 st = stats[o.bn] = BnStats(channels=c)
-            update(st, mu, var, m_b)
+            update(st, mu, var, m_b, n_b=shape[0] if shape else 0)
         if progress:
             progress(done, total)
     return stats

@@ -44,6 +44,7 @@ from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, one
 from bnfold.formulas.drift import drift as drift_of
 from bnfold.formulas.drift import no_drift
 from bnfold.formulas.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning, merge, update
+from bnfold.formulas.sufficiency import DEFAULT_TARGET_SE, check_target_se, sufficiency_warning
 from bnfold.records import BnStats, Drift, FrozenStats, Mode
 from bnfold.torch.batches import Batch, check_arity, count_batches, iter_batches, tensors
 from bnfold.torch.bn_kinds import BnKind, bn_kind, bn_like_modules, is_standard_bn
@@ -141,6 +142,9 @@ class _DeviceSums:
     sum_var: torch.Tensor
     pooled_mean: torch.Tensor
     pooled_m2: torch.Tensor
+    mu_m2: torch.Tensor  # the batch-to-batch spread (docs/math.md 2.2): sum m_b (mu_b - E)^2
+    var_mean: torch.Tensor  # running weighted mean of v_b = m_b sigma2_b / (m_b - 1), weight m_b - 1
+    var_m2: torch.Tensor  # its M2
 
 
 class _DeviceStats:
@@ -158,6 +162,8 @@ class _DeviceStats:
         self.batches = 0
         self.sum_m = 0
         self.sum_m1 = 0
+        self.samples = 0  # sum N_b
+        self.var_batches = 0  # batches with m_b >= 2
         self.sums: _DeviceSums | None = None
         self.host: BnStats | None = None
 
@@ -170,7 +176,7 @@ class _DeviceStats:
         x64 = x.detach().to(torch.float64)
         mu = x64.mean(dim=dims)
         var = (x64 - mu.view((1, c) + (1,) * (x.dim() - 2))).square_().mean(dim=dims)  # two-pass
-        self.add_moments(mu, var, x.numel() // c)
+        self.add_moments(mu, var, x.numel() // c, int(x.shape[0]))
 
     def _check(self, x: torch.Tensor) -> int | None:
         if x.dim() < 2:
@@ -184,29 +190,43 @@ class _DeviceStats:
             raise BadInputError(f"BN '{self.name}' got {c} channels after {self.channels} in earlier batches")
         return c
 
-    def add_moments(self, mu: torch.Tensor, var: torch.Tensor, m: int) -> None:
-        """Add one batch's per-channel mean and biased variance (any float dtype) over m values."""
+    def add_moments(self, mu: torch.Tensor, var: torch.Tensor, m: int, n_b: int) -> None:
+        """Add one batch's per-channel mean and biased variance (any float dtype) over m values
+        of n_b samples. The same updates as :func:`bnfold.formulas.stats.update`, on the device."""
         mu, var = mu.to(torch.float64), var.to(torch.float64)
-        n_a = self.sum_m
+        n_a, w_a = self.sum_m, self.sum_m1
         n = n_a + m
         self.batches += 1
+        self.samples += n_b
         self.sum_m = n
         self.sum_m1 += m - 1
+        if m > 1:
+            self.var_batches += 1
         s = self.sums
         if s is None:
-            self.sums = _DeviceSums(sum_mu=mu * m, sum_var=var * m, pooled_mean=mu.clone(), pooled_m2=var * m)
+            zero = torch.zeros_like(mu)
+            v = var * (m / (m - 1)) if m > 1 else zero.clone()
+            self.sums = _DeviceSums(sum_mu=mu * m, sum_var=var * m, pooled_mean=mu.clone(), pooled_m2=var * m,
+                                    mu_m2=zero, var_mean=v, var_m2=zero.clone())
         else:
             s.sum_mu.add_(mu, alpha=m)
             s.sum_var.add_(var, alpha=m)
             delta = mu - s.pooled_mean
             s.pooled_mean.add_(delta, alpha=m / n)
-            s.pooled_m2.add_(var, alpha=m).add_(delta.square_(), alpha=n_a * m / n)
+            between = delta.square_().mul_(n_a * m / n)
+            s.pooled_m2.add_(var, alpha=m).add_(between)
+            s.mu_m2.add_(between)
+            if m > 1:  # the unbiased batch variance, weight m - 1 (Chan's formula)
+                w = w_a + m - 1
+                d_v = torch.sub(var, s.var_mean, alpha=1.0).add_(var, alpha=1 / (m - 1))  # v_b - mean
+                s.var_mean.add_(d_v, alpha=(m - 1) / w)
+                s.var_m2.add_(d_v.square_(), alpha=w_a * (m - 1) / w)
 
-    def add_host_moments(self, mu: np.ndarray, var: np.ndarray, m: int) -> None:
-        """Add one batch's float64 numpy moments (the CPU path) over m values."""
+    def add_host_moments(self, mu: np.ndarray, var: np.ndarray, m: int, n_b: int) -> None:
+        """Add one batch's float64 numpy moments (the CPU path) over m values of n_b samples."""
         if self.host is None:
             self.host = BnStats(channels=int(mu.shape[0]))
-        update(self.host, mu, var, m)
+        update(self.host, mu, var, m, n_b=n_b)
 
     def to_bnstats(self) -> BnStats:
         """One host copy of the sums, as the ONNX path's :class:`BnStats`."""
@@ -215,10 +235,13 @@ class _DeviceStats:
             return BnStats(channels=0)
         if s is None:
             return self.host if self.host is not None else BnStats(channels=0)
-        host = torch.stack([s.sum_mu, s.sum_var, s.pooled_mean, s.pooled_m2]).cpu().numpy()
+        host = torch.stack([s.sum_mu, s.sum_var, s.pooled_mean, s.pooled_m2, s.mu_m2, s.var_mean,
+                            s.var_m2]).cpu().numpy()
         dev = BnStats(
             channels=self.channels, batches=self.batches, sum_m=self.sum_m, sum_m1=self.sum_m1,
             sum_mu=host[0].copy(), sum_var=host[1].copy(), pooled_mean=host[2].copy(), pooled_m2=host[3].copy(),
+            samples=self.samples, var_batches=self.var_batches, mu_m2=host[4].copy(), var_mean=host[5].copy(),
+            var_m2=host[6].copy(),
         )
         return dev if self.host is None else merge(self.host, dev)
 
@@ -256,7 +279,7 @@ def batch_stat_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
         np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
         y = F.batch_norm(x, torch.from_numpy(host_mean.astype(np_dtype)), torch.from_numpy(host_var.astype(np_dtype)),
                          weight, bias, False, 0.0, eps)
-        acc.add_host_moments(host_mean, host_var, m)
+        acc.add_host_moments(host_mean, host_var, m, int(x.shape[0]))
         return y
     # float16/bfloat16: the kernel's mixed mode (float32 statistics and affine parameters, as
     # autocast runs it) keeps a batch variance past float16's 65504 and bfloat16's 8 bits
@@ -266,7 +289,7 @@ def batch_stat_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     mean = torch.zeros(c, dtype=stat_dtype, device=x.device)
     var = torch.ones(c, dtype=stat_dtype, device=x.device)
     y = F.batch_norm(x, mean, var, w, b, True, 1.0, eps)
-    acc.add_moments(mean, var.to(torch.float64) * ((m - 1) / m), m)
+    acc.add_moments(mean, var.to(torch.float64) * ((m - 1) / m), m, int(x.shape[0]))
     return y
 
 
@@ -408,6 +431,7 @@ def run_calibration(
     progress: Progress | None = None,
     recalibrate: str = "all",
     training_graph: bool = False,
+    target_se: float = DEFAULT_TARGET_SE,
 ) -> CalibrationRun:
     """Calibrate the BNs of ``module`` that ``recalibrate`` selects on ``data`` and freeze them; see
     :func:`calibrate`. ``'training'``: only the BNs that normalise with batch statistics; the others
@@ -418,6 +442,7 @@ def run_calibration(
     (:mod:`bnfold.torch.training_graph`: BNs only reached in training mode get calibrated too)."""
     _check_estimator(estimator)
     check_recalibrate(recalibrate)
+    target_se = check_target_se(target_se)
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
     work = module if inplace else copy_module(module)
@@ -580,7 +605,7 @@ def run_calibration(
             warnings.append(f"BN '{name}' was never called during calibration; it keeps its stored statistics"
                             + ("" if training_graph else f" ({TRAINING_GRAPH_HINT})"))
             continue
-        st = finalize(sums[name], estimator, name)
+        st = finalize(sums[name], estimator, name, target_se)
         _check_fits(name, st, _stats_dtype(m, in_dtype[name]))
         run.stats[name] = st
         if recalibrate == "all":
@@ -594,9 +619,7 @@ def run_calibration(
                 f"BN '{name}' is applied at {n} places per forward; its statistics pool all of them "
                 "(allow_reused_bn=True)"
             )
-    gap = gap_warning(run.stats)
-    if gap:
-        warnings.append(gap)
+    warnings.extend(w for w in (gap_warning(run.stats), sufficiency_warning(run.stats)) if w)
     work.eval()
     return run
 
@@ -611,6 +634,7 @@ def calibrate(
     inplace: bool = False,
     progress: Progress | None = None,
     training_graph: bool = False,
+    target_se: float = DEFAULT_TARGET_SE,
 ) -> tuple[nn.Module, dict[str, FrozenStats]]:
     """Freeze every BatchNorm of ``module`` with population statistics from ``data``.
 
@@ -628,6 +652,9 @@ def calibrate(
     ``training_graph=True`` runs the module's training-time forward (``self.training`` branches
     taken, e.g. auxiliary heads) with Dropout and stochastic depth off, so BNs that only run in
     training mode are calibrated too (:mod:`bnfold.torch.training_graph`).
+    Each :class:`FrozenStats` has ``sufficiency``: the standard errors of its statistics from the
+    batch-to-batch spread against ``target_se`` (default 0.01 = 1 %; docs/math.md section 2.2),
+    and a warning names the BNs that miss it.
 
     Raises :class:`BadInputError` for empty data, a BN that never saw more than one value per
     channel in a batch, non-finite activations (naming the first BN that saw them), a reused BN,
@@ -636,7 +663,7 @@ def calibrate(
     """
     check_device(device)
     run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
-                          inplace=inplace, progress=progress, training_graph=training_graph)
+                          inplace=inplace, progress=progress, training_graph=training_graph, target_se=target_se)
     return run.module, run.stats
 
 

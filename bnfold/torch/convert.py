@@ -41,6 +41,7 @@ from bnfold.data.sources import CalibrationData, open_data
 from bnfold.data.stream import StreamData, StreamSource, is_stream_source
 from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError, one_line
 from bnfold.files import check_output_paths
+from bnfold.formulas.sufficiency import DEFAULT_TARGET_SE, check_target_se
 from bnfold.output_formats import FORMAT_LABELS, torch_output_format
 from bnfold.outputs import Outputs
 from bnfold.records import Action, BnRecord, FoldDecision, Mode, Report, VerifyResult
@@ -173,6 +174,7 @@ class _Request:
     outputs: Outputs
     recalibrate: str = "training"
     training_graph: bool = False
+    target_se: float = DEFAULT_TARGET_SE
 
     def tolerances(self) -> dict[str, Any]:
         """The config's atol/rtol for the torch and export checks (the dtype defaults where not given)."""
@@ -228,6 +230,7 @@ def convert(
     outputs: Outputs | None = None,
     recalibrate: str = "training",
     training_graph: bool = False,
+    target_se: float = DEFAULT_TARGET_SE,
 ) -> ConvertResult:
     """Calibrate, fold, check and write a PyTorch model.
 
@@ -249,13 +252,14 @@ def convert(
     ``train()`` or with ``track_running_stats=False``; eval-mode BNs keep their running statistics)
     or ``'all'`` (every BN, each one's drift from its running statistics on its report record);
     the same on both routes. ``training_graph``: calibrate on the module's training-time forward
-    with Dropout and stochastic depth off (see :func:`bnfold.torch.fold`).
+    with Dropout and stochastic depth off (see :func:`bnfold.torch.fold`). ``target_se``: the
+    standard error the statistics should reach (see :func:`bnfold.fold`).
     """
     with contextlib.ExitStack() as stack:
         tx = outputs if outputs is not None else stack.enter_context(Outputs())
         result = _convert(module, data, output, frozen_output, batch_size, estimator, device, allow_reused_bn,
                           verify, verify_samples, config, dry_run, progress, warn, tx, recalibrate,
-                          training_graph)
+                          training_graph, target_se)
         if outputs is None:
             tx.commit()
     return result
@@ -266,8 +270,10 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
              batch_size: int | None, estimator: str, device: str | None, allow_reused_bn: bool, verify: bool,
              verify_samples: int, config: VerifyConfig | None, dry_run: bool,
              progress: Callable[[int, int | None], None] | None, warn: Callable[[str], None] | None,
-             outputs: Outputs, recalibrate: str = "training", training_graph: bool = False) -> ConvertResult:
+             outputs: Outputs, recalibrate: str = "training", training_graph: bool = False,
+             target_se: float = DEFAULT_TARGET_SE) -> ConvertResult:
     check_recalibrate(recalibrate)
+    target_se = check_target_se(target_se)
     if training_graph and data is None:
         raise BadInputError("training_graph=True calibrates on the training-time forward; pass calibration data "
                             "(the data argument)")
@@ -288,7 +294,7 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
                    data=_data_arg(data), batch_size=batch_size, estimator=estimator,
                    allow_reused_bn=allow_reused_bn, verify=verify, verify_samples=verify_samples, dry_run=dry_run,
                    config=config, progress=progress, warn=warn, outputs=outputs, recalibrate=recalibrate,
-                   training_graph=training_graph)
+                   training_graph=training_graph, target_se=target_se)
     loaded = _as_loaded(module)
     outputs.protect("the input model", loaded.path)
     notes: list[str] = list(loaded.warnings)
@@ -458,7 +464,8 @@ def _run_torch(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | S
         result = torch_fold(work, data=cal, device=device, estimator=req.estimator,
                             allow_reused_bn=req.allow_reused_bn, inplace=True,
                             example_inputs=example if cal is None else None, progress=_progress(req),
-                            recalibrate=req.recalibrate, training_graph=req.training_graph)
+                            recalibrate=req.recalibrate, training_graph=req.training_graph,
+                            target_se=req.target_se)
     except BnfoldError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -601,7 +608,8 @@ def _frozen_module(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData
         try:
             run_ = run_calibration(loaded.module, cal, device=device, estimator=req.estimator,
                                    allow_reused_bn=req.allow_reused_bn, progress=_progress(req),
-                                   recalibrate=req.recalibrate, training_graph=req.training_graph)
+                                   recalibrate=req.recalibrate, training_graph=req.training_graph,
+                                   target_se=req.target_se)
         except BnfoldError:
             raise
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -698,7 +706,7 @@ def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | St
                 estimator=req.estimator, verify=req.verify, dry_run=req.dry_run,
                 verify_samples=req.verify_samples, progress=req.progress, verify_config=req.config,
                 frozen_output=req.frozen_output, outputs=req.outputs,
-                recalibrate=frozen.onnx_recalibrate if use_data else "training")
+                recalibrate=frozen.onnx_recalibrate if use_data else "training", target_se=req.target_se)
             report = result.report
             report.recalibrate = req.recalibrate
             if not frozen.keep_drift:

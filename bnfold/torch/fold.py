@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from bnfold.errors import BadInputError
+from bnfold.formulas.sufficiency import DEFAULT_TARGET_SE
 from bnfold.records import BnRecord, Drift, FrozenStats, Mode, Report
 from bnfold.torch.apply import apply_folds
 from bnfold.torch.batches import Batch, as_batch
@@ -103,6 +104,7 @@ def fold(
     progress: Callable[[int, int | None], None] | None = None,
     recalibrate: str = "training",
     training_graph: bool = False,
+    target_se: float = DEFAULT_TARGET_SE,
 ) -> TorchFoldResult:
     """Freeze (with ``data``) and fold the BatchNorm modules of ``module``.
 
@@ -156,7 +158,7 @@ def fold(
     if data is not None:
         run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
                               inplace=inplace, progress=progress, recalibrate=recalibrate,
-                              training_graph=training_graph)
+                              training_graph=training_graph, target_se=target_se)
         work, stats, ranks, drift = run.module, run.stats, run.ranks, run.drift
         warnings.extend(run.warnings)
         batch_size, samples = run.batch_size, (run.samples if run.batches else None)
