@@ -197,6 +197,20 @@ recalibrate_option = click.option(
     ),
 )
 
+dist_timeout_option = click.option(
+    "--dist-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    envvar="BNFOLD_DIST_TIMEOUT",
+    metavar="SECONDS",
+    help=(
+        "Under torchrun (WORLD_SIZE > 1): how long a rank waits for the others at a collective before it "
+        "fails (a rank that died or hangs). Must exceed the spread of the ranks' calibration times and rank 0's "
+        "verification. Default 300 (env BNFOLD_DIST_TIMEOUT)."
+    ),
+)
+
+
 def _providers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
     names = tuple(p.strip().lower() for p in value.split(",") if p.strip())
     bad = [p for p in names if p not in ("cpu", "cuda")]
