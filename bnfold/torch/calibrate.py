@@ -617,15 +617,8 @@ def _calibration_pass(
                             "call F.batch_norm on them; it is left as it is")
         first_call_skip.add(name)
     sums = {name: acc[name].to_bnstats() for name in first_call}
-    if guard is not None:  # every rank's sums and facts, merged in rank order (bnfold.distributed)
-        sums, first_call = _combine_ranks(guard, run, sums, first_call, in_dtype, max_calls, warnings)
-        first_call_skip -= set(first_call)
-    if run.batches == 0:
-        for mod, flag in training.items():
-            mod.training = flag
-        raise BadInputError("the calibration data is empty: give at least one batch")
-
-    # one host copy per BN (above, merged over the ranks), then the same finalize as the ONNX path
+    # one host copy per BN, checked on the rank that saw it (so a bad rank is named), then merged over the
+    # ranks and finalized as on the ONNX path
     for name in first_call:  # forward order: the first BN that saw inf/nan is the one to name
         s = sums[name]
         if not all(np.isfinite(a).all() for a in (s.sum_mu, s.sum_var, s.pooled_mean, s.pooled_m2)):
@@ -633,6 +626,13 @@ def _calibration_pass(
                 f"BN '{name}' saw non-finite activations (inf or nan) during calibration; check the "
                 "calibration data and the layers before this BN"
             )
+    if guard is not None:  # every rank's sums and facts, merged in rank order (bnfold.distributed)
+        sums, first_call = _combine_ranks(guard, run, sums, first_call, in_dtype, max_calls, warnings)
+        first_call_skip -= set(first_call)
+    if run.batches == 0:
+        for mod, flag in training.items():
+            mod.training = flag
+        raise BadInputError("the calibration data is empty: give at least one batch")
     modules = dict(targets)
     for name, m in targets:
         if name in first_call_skip:
