@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from distributed_launch import run_ranks
 
 pytestmark = pytest.mark.slow(reason="two or three processes importing torch per test (~5-10 s)")

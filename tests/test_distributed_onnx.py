@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from distributed_launch import free_port, run_ranks
+from distributed_workers import DATA, MODEL
 from onnx import numpy_helper
 
 import bnfold
-from distributed_launch import free_port, run_ranks
-from distributed_workers import DATA, MODEL
 
 # the per-batch moments come from the same onnxruntime runs on every layout; only the order of the
 # float64 additions differs, so one process and N ranks agree to float64 round-off: a few ulps of

@@ -291,6 +291,7 @@ class CalibrationRun:
     reused: dict[str, int] = field(default_factory=dict)  # BN name -> calls per forward, where > 1
     first_batch: Batch | None = None
     drift: dict[str, Drift] = field(default_factory=dict)  # with recalibrate='all': stored vs data, per BN
+    world_size: int = 1  # the processes that calibrated together (torch.distributed)
 
 
 def _check_estimator(estimator: str) -> None:
@@ -429,7 +430,9 @@ def run_calibration(
         data = RankShard(data, group.rank, group.world_size)
     guard = RankGuard(group)
     try:
-        return _calibration_pass(module, data, guard=guard, **kwargs)
+        run = _calibration_pass(module, data, guard=guard, **kwargs)
+        run.world_size = group.world_size
+        return run
     except Exception as exc:  # noqa: BLE001 - sent to the other ranks (before the gather), then raised
         guard.fail(exc)
         raise

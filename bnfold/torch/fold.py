@@ -218,6 +218,8 @@ def fold(
     extra: dict[str, Any] = {"frontend": "torch", "torch_version": torch.__version__}
     if samples is not None and data is not None:
         extra["calibration_samples"] = samples
+    if data is not None:
+        extra["calibration"] = {"world_size": run.world_size, "samples": samples, "batches": run.batches}
     if training_graph:
         extra["training_graph"] = True
         extra["training_only_bns"] = training_only
