@@ -53,14 +53,12 @@ class Group:
 
 
 def _initialised() -> Any:
-    """``torch.distributed`` when it is importable, available and initialised; else None."""
-    if "torch" not in sys.modules and "torch.distributed" not in sys.modules:
-        try:
-            import torch.distributed as dist
-        except ImportError:
-            return None
-    else:
-        import torch.distributed as dist
+    """``torch.distributed`` when it is available and initialised; else None. A process group exists
+    only where ``torch.distributed`` was imported already: torch is never imported here for that."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
     if not dist.is_available() or not dist.is_initialized():
         return None
     return dist
