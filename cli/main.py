@@ -426,7 +426,8 @@ def _fold(model: Path | None, output: Path | None, frozen_output: Path | None, d
         created = [] if dry_run or output is None else make_parents(output)
         try:
             with Outputs() as outputs:
-                with calibration_progress() as progress, verification_progress() as vbar:
+                with calibration_progress(_bar_stream(quiet)) as progress, \
+                        verification_progress(_bar_stream(quiet)) as vbar:
                     config = replace(config, progress=_after(progress, vbar))
                     outcome = torch_fold.run(model, output, frozen_output, data, estimator, check, config, dry_run,
                                              torch_opts, progress, warn=_warning, outputs=outputs,
@@ -461,7 +462,8 @@ def _fold(model: Path | None, output: Path | None, frozen_output: Path | None, d
     config = _engine_config(compare, report.path)
     created = [] if dry_run or output is None else make_parents(output)
     try:
-        with Outputs() as outputs, calibration_progress() as progress, verification_progress() as vbar:
+        with Outputs() as outputs, calibration_progress(_bar_stream(quiet)) as progress, \
+                verification_progress(_bar_stream(quiet)) as vbar:
             config = replace(config, progress=_after(progress, vbar))
             result = api.fold(
                 model,
@@ -485,6 +487,11 @@ def _fold(model: Path | None, output: Path | None, frozen_output: Path | None, d
     finally:
         if output is not None and not output.exists():
             remove_empty(created)
+
+
+def _bar_stream(quiet: bool) -> TextIO | None:
+    """Where a progress bar goes: nowhere on a rank other than 0 (not a terminal: no bar), else stderr."""
+    return io.StringIO() if quiet else None
 
 
 def _rank_only(output: Path | None) -> tuple[Path | None, None, ReportConfig, bool]:
