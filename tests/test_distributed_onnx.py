@@ -110,3 +110,17 @@ def test_cli_under_torchrun_matches_one_process(tmp_path: Path) -> None:
         np.testing.assert_allclose(f2[k], f1[k], rtol=2 ** -23, atol=0, err_msg=k)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["one.onnx", "one_frozen.onnx", "one.json", "two.onnx", "two_frozen.onnx", "two.json"])
+
+
+@pytest.mark.slow(reason="two bnfold processes importing torch (~6 s)")
+def test_every_rank_ends_with_rank_0s_exit_code_when_only_rank_0_fails(tmp_path: Path) -> None:
+    # verification (rank 0 alone) fails with zero tolerances: rank 1 calibrated fine, yet exits 1 too
+    bnfold_exe = shutil.which("bnfold", path=str(Path(sys.executable).parent))
+    assert bnfold_exe is not None
+    out = tmp_path / "folded.onnx"
+    ended = run_ranks(2, [], command=[bnfold_exe, "fold", str(MODEL), "--data", str(DATA), "--batch-size", "10",
+                                      "-o", str(out), "--atol", "0", "--rtol", "0", "--no-noise-floor", "--no-repro"])
+    assert [e.returncode for e in ended] == [1, 1], [e.stderr[-1000:] for e in ended]
+    assert "failed verification" in ended[0].stderr and "BN found" in ended[0].stdout
+    assert ended[1].stdout == "" and ended[1].stderr == ""  # rank 1 prints nothing: it did not fail itself
+    assert list(tmp_path.iterdir()) == []

@@ -52,6 +52,10 @@ class Group:
     timeout_s: float = DEFAULT_TIMEOUT_S
 
 
+#: the gloo companion of a non-gloo default group, and the default group it was made for
+_COMPANION: dict[str, Any] = {}
+
+
 def _initialised() -> Any:
     """``torch.distributed`` when it is available and initialised; else None. A process group exists
     only where ``torch.distributed`` was imported already: torch is never imported here for that."""
@@ -79,5 +83,8 @@ def resolve_group(distributed: bool | str = "auto") -> Group | None:
     timeout = timeout_seconds()
     handle = None
     if dist.get_backend() != "gloo":  # NCCL or another: a gloo companion for the host-side exchange
-        handle = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        world = dist.group.WORLD
+        if _COMPANION.get("world") is not world:  # made once per default group (a collective call)
+            _COMPANION.update(world=world, handle=dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)))
+        handle = _COMPANION["handle"]
     return Group(rank=dist.get_rank(), world_size=dist.get_world_size(), handle=handle, timeout_s=timeout)
