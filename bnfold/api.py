@@ -20,6 +20,8 @@ import onnx
 from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
 from bnfold.data.stream import StreamData, StreamSource, is_stream_source
 from bnfold.data.supplied import supplied_specs
+from bnfold.distributed import Group, RankShard, gather_calibration, resolve_group
+from bnfold.distributed.combine import decode_stats, encode_stats, merge_ranks
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError
 from bnfold.files import check_not_input, check_output_paths
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
@@ -30,7 +32,7 @@ from bnfold.onnx.io import model_files as model_files  # re-exported: the CLI's 
 from bnfold.onnx.runtime import input_specs
 from bnfold.onnx.staging import Staging, input_is_reference
 from bnfold.outputs import Outputs
-from bnfold.records import BnRecord, Drift, FoldDecision, FoldPlan, FrozenStats, Mode, Report, VerifyResult
+from bnfold.records import BnRecord, BnStats, Drift, FoldDecision, FoldPlan, FrozenStats, Mode, Report, VerifyResult
 from bnfold.stages.calibrate import calibrate
 from bnfold.stages.discover import BnSite, training_bn_names
 from bnfold.stages.drift import drifts
@@ -190,13 +192,29 @@ def _selected(work: Work, recalibrate: str) -> set[str]:
             if s.pos is not None and (recalibrate == "all" or s.info.mode is not Mode.INFERENCE)}
 
 
+def _calibrate_ranks(work: Work, data: Batches, progress: Callable[[int, int | None], None] | None, only: set[str],
+                     group: Group | None) -> dict[str, BnStats]:
+    """The calibrate stage on one process, or across ``group``: this rank runs batches j mod N of
+    ``data`` (files and arrays: every rank opened all of it), then every rank's sums are all-gathered
+    and merged in rank order (``bnfold.distributed``); a rank that fails stops the others."""
+    if not only:
+        return {}
+    if group is None:
+        return calibrate(work, data, progress, only=only)
+    own_part = isinstance(data, StreamData) and not data.shared  # a user's iterable: this rank's part
+    shard: Any = data if own_part else RankShard(data, group.rank, group.world_size)
+    per_rank = gather_calibration(group, lambda: encode_stats(calibrate(work, shard, progress, only=only)))
+    return merge_ranks([decode_stats(p) for p in per_rank])
+
+
 def _calibrate_and_freeze(work: Work, data: Batches, estimator: str, recalibrate: str,
-                          progress: Callable[[int, int | None], None] | None, target_se: float = DEFAULT_TARGET_SE
+                          progress: Callable[[int, int | None], None] | None, target_se: float = DEFAULT_TARGET_SE,
+                          group: Group | None = None
                           ) -> tuple[dict[str, FrozenStats], dict[str, Drift], list[str]]:
     """The calibrate and freeze stages: population statistics written into the BNs ``recalibrate``
     selects (with ``'all'``, each one's drift from its stored statistics), and the warnings."""
     only = _selected(work, recalibrate)
-    raw = calibrate(work, data, progress, only=only) if only else {}
+    raw = _calibrate_ranks(work, data, progress, only, group)
     frozen = {name: finalize(st, estimator, name, target_se) for name, st in raw.items()}
     drift = drifts(work, frozen) if recalibrate == "all" else {}  # before freeze replaces the stored values
     warnings = [w for w in (gap_warning(frozen), sufficiency_warning(frozen)) if w]
@@ -244,6 +262,7 @@ def fold(
     input_shapes: InputShapes | None = None,
     recalibrate: str = "training",
     target_se: float = DEFAULT_TARGET_SE,
+    distributed: bool | str = "auto",
 ) -> FoldResult:
     """Freeze (with ``data``), fold and verify one ONNX model.
 
@@ -272,7 +291,17 @@ def fold(
     ``target_se``: the standard error the calibrated statistics should reach (0.01 = 1 %); each
     frozen BN's ``stats.sufficiency`` says how far its data is from it, and a warning names the
     BNs that miss it (``bnfold.formulas.sufficiency``, docs/math.md section 2.2).
+    ``distributed`` (``"auto"``, True, False): inside an initialised ``torch.distributed`` group of
+    more than one process (``"auto"``), every rank calls ``fold`` with the same arguments; each runs
+    calibration batches j mod N of ``data`` (files and arrays; an iterable is taken as the rank's own
+    part, ``DistributedSampler`` style) and all get the same merged statistics
+    (``bnfold.distributed``; README, "Distributed calibration"). Rank 0 alone writes ``output`` and
+    ``frozen_output`` and verifies; the other ranks return the same folded model, unverified.
     """
+    group = resolve_group(distributed)
+    if group is not None and group.rank != 0:  # rank 0 alone writes and verifies
+        output = frozen_output = None
+        verify = False
     given_shapes = normalize_input_shapes(input_shapes)
     target_se = check_target_se(target_se)
     if estimator not in ESTIMATORS:
@@ -290,8 +319,9 @@ def fold(
     _check_modes(work, data is not None)
     keep = verify_samples * (fixed_batch(input_specs(work.model)) or 1) if verify and not dry_run else 0
     cal = _open_data(data, work.model, batch_size, keep) if data is not None else None
-    frozen, drift, warnings = (_calibrate_and_freeze(work, cal, estimator, recalibrate, progress, target_se)
+    frozen, drift, warnings = (_calibrate_and_freeze(work, cal, estimator, recalibrate, progress, target_se, group)
                                if cal is not None else ({}, {}, []))
+    world = {"world_size": group.world_size if group is not None else 1}
     check_variances(work)
     plan, routes = make_plan(work)
     planned = work.sites  # the BNs the plan decides on (a committed fold re-indexes the work)
@@ -299,7 +329,7 @@ def fold(
         final = apply_plan(work, plan, routes, commit=False)
         records = _records(planned, modes, final, frozen, drift)
         return FoldResult(None, _report(loaded, cal, estimator, warnings, records, dry_run=True,
-                                        recalibrate=recalibrate),
+                                        recalibrate=recalibrate, world=world),
                           _rows(planned, modes, final, drift))
 
     verification: VerifyResult | None = None
@@ -334,7 +364,7 @@ def fold(
             tx.commit()
     report = _report(loaded, cal, estimator, warnings, _records(planned, modes, final, frozen, drift), dry_run=False,
                      verification=verification, output_path=output_path, output_sha256=output_sha256,
-                     recalibrate=recalibrate)
+                     recalibrate=recalibrate, world=world)
     return FoldResult(work.model, report, _rows(planned, modes, final, drift))
 
 
@@ -363,13 +393,22 @@ def _named_paths(names: Mapping[Path, str]) -> Iterator[None]:
 
 def _report(loaded: LoadedModel, cal: CalibrationData | _FullBatches | StreamData | None, estimator: str,
             warnings: list[str], bns: list[BnRecord], *, dry_run: bool, verification: VerifyResult | None = None,
-            output_path: str | None = None, output_sha256: str | None = None, recalibrate: str = "training") -> Report:
+            output_path: str | None = None, output_sha256: str | None = None, recalibrate: str = "training",
+            world: dict[str, int] | None = None) -> Report:
+    calibration: dict[str, int | None] = dict(world or {"world_size": 1})
+    if cal is not None:
+        # every rank's batches, from the merged statistics (a rank's own data holds only its part)
+        seen = [b.stats for b in bns if b.stats is not None]
+        counted = [st.sufficiency.samples for st in seen if st.sufficiency is not None]
+        calibration["samples"] = max(counted) if counted else cal.num_samples
+        calibration["batches"] = max(st.batches for st in seen) if seen else cal.num_batches
+    extra: dict[str, Any] = {"calibration_samples": calibration["samples"]} if cal is not None else {}
     return Report(
         input_path=str(loaded.path) if loaded.path else None, output_path=output_path,
         input_sha256=loaded.sha256, output_sha256=output_sha256, estimator=estimator,
         batch_size=cal.batch_size if cal is not None else None, calibrated=cal is not None, bns=bns,
         warnings=warnings, verification=verification, dry_run=dry_run, recalibrate=recalibrate,
-        extra={"calibration_samples": cal.num_samples} if cal is not None else {})
+        extra={**extra, "calibration": calibration})
 
 
 def _rows(sites: list[BnSite], modes: dict[str, Mode], plan: FoldPlan, drift: dict[str, Drift] | None = None
@@ -398,8 +437,8 @@ def _placeholder_stats(work: Work, site: BnSite) -> FrozenStats:
 
 
 def inspect(model: str | os.PathLike[str] | onnx.ModelProto, *, data: DataArg | None = None,
-            batch_size: int | None = None, progress: Callable[[int, int | None], None] | None = None
-            ) -> list[BnInspection]:
+            batch_size: int | None = None, progress: Callable[[int, int | None], None] | None = None,
+            distributed: bool | str = "auto") -> list[BnInspection]:
     """Every BN with its producer, mode and the decision ``fold`` would take (stored statistics).
 
     Training-mode BNs are planned as if frozen: the decision does not depend on the statistics,
@@ -409,15 +448,17 @@ def inspect(model: str | os.PathLike[str] | onnx.ModelProto, *, data: DataArg | 
     estimates ``fold(recalibrate='all')`` would write; nothing is written) and give each row its
     ``drift``: how far the stored statistics are from the data's (``bnfold.records.Drift``; a BN
     that normalises with batch statistics has no stored statistics to compare, and its record
-    says so). Without data ``drift`` is None.
+    says so). Without data ``drift`` is None. ``distributed``: as ``fold``'s (the data's statistics
+    are calibrated across the process group; every rank gets the same rows).
     """
+    group = resolve_group(distributed) if data is not None else None
     work = Work(_load(model))
     modes = {s.info.name: s.info.mode for s in work.sites}
     drift: dict[str, Drift] = {}
     if data is not None:
         cal = _open_data(data, work.model, batch_size)
         only = _selected(work, "all")
-        raw = calibrate(work, cal, progress, only=only) if only else {}
+        raw = _calibrate_ranks(work, cal, progress, only, group)
         drift = drifts(work, {name: finalize(st, "unbiased", name) for name, st in raw.items()})
     pending = [s for s in work.sites if s.pos is not None and s.info.mode is not Mode.INFERENCE]
     if pending:  # plan as fold would: after freezing (placeholder statistics; decomposition removed)

@@ -21,6 +21,8 @@ usage error: bnfold checks it itself instead of letting click's ``exists=True`` 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -37,6 +39,7 @@ import click
 import bnfold
 import bnfold.report
 from bnfold import __version__
+from bnfold.distributed import Group, RankFailed, group_from_environment, share_outcome
 from bnfold.errors import BnfoldError, VerificationFailed
 from bnfold.outputs import Outputs
 from bnfold.report.json_report import to_json, verify_to_json
@@ -66,6 +69,7 @@ from .options import (
     compare_options,
     data_options,
     debug_option,
+    dist_timeout_option,
     fold_check_options,
     input_shape_option,
     random_input_options,
@@ -321,6 +325,7 @@ def cli() -> None:
     help="Print the plan (what would be folded or kept, and why) and write no model.",
 )
 @torch_options
+@dist_timeout_option
 @debug_option
 def fold_command(
     model: Path | None,
@@ -336,6 +341,7 @@ def fold_command(
     dry_run: bool,
     torch_opts: TorchOptions,
     input_shapes: dict[str, tuple[int, ...]],
+    dist_timeout: float | None,
 ) -> int:
     """Freeze, fold and verify the BatchNorm layers of MODEL (an .onnx file, or a PyTorch model).
 
@@ -349,7 +355,69 @@ def fold_command(
     --model-factory MODULE:CALLABLE [--weights STATE_DICT] and omit MODEL (or pass '-').
     OUTPUT's suffix picks the format: .onnx (export, then the ONNX fold and verification),
     .pt2 (torch.export), .pt/.ts/.torchscript (torch.jit.trace).
+
+    \b
+    Under torchrun (WORLD_SIZE > 1) the ranks calibrate together (README, "Distributed calibration"):
+    batch j goes to rank j mod N; rank 0 alone writes and verifies.
     """
+    with group_from_environment(dist_timeout) as group:
+        if group is None:
+            return _fold(model, output, frozen_output, data, estimator, recalibrate, target_se, report, check, compare,
+                         dry_run, torch_opts, input_shapes, None)
+        return _fold_on_rank(group, lambda: _fold(model, output, frozen_output, data, estimator, recalibrate,
+                                                  target_se, report, check, compare, dry_run, torch_opts,
+                                                  input_shapes, group))
+
+
+def _quiet_code(exc: BaseException) -> int:
+    """The exit code ``exc`` ends a run with (as ``exit_code_for``), without printing."""
+    if isinstance(exc, click.exceptions.Exit):
+        return exc.exit_code
+    if isinstance(exc, click.UsageError):
+        return EXIT_USAGE
+    if isinstance(exc, BnfoldError):
+        return int(exc.exit_code)
+    if isinstance(exc, (click.Abort, KeyboardInterrupt)):
+        return EXIT_INTERRUPTED
+    return EXIT_BAD_INPUT
+
+
+def _fold_on_rank(group: Group, run: Any) -> int:
+    """One rank of a distributed fold: run it (ranks other than 0 print nothing but errors), then end
+    with rank 0's exit code on every rank. A rank's own error is raised (and printed) as usual; a rank
+    that succeeded where rank 0 failed exits silently with rank 0's code."""
+    error: BaseException | None = None
+    sink = contextlib.redirect_stdout(io.StringIO()) if group.rank != 0 else contextlib.nullcontext()
+    _RANK_QUIET[0] = group.rank != 0
+    try:
+        with sink:
+            rv = run()
+    except BaseException as exc:  # noqa: BLE001 - its code goes to the other ranks, then it is raised
+        error = exc
+        rv = EXIT_OK
+    finally:
+        _RANK_QUIET[0] = False
+    if isinstance(error, RankFailed) and error.broken:  # the group is gone: no outcome to share
+        raise error
+    code, _ = share_outcome(group, _quiet_code(error) if error is not None else int(rv or 0), None)
+    if error is not None:
+        raise error
+    if code != EXIT_OK:
+        raise click.exceptions.Exit(code)
+    return int(rv or 0)
+
+
+#: while a rank other than 0 runs: library warnings are not shown (rank 0 shows them)
+_RANK_QUIET = [False]
+
+
+def _fold(model: Path | None, output: Path | None, frozen_output: Path | None, data: DataConfig, estimator: str,
+          recalibrate: str, target_se: float, report: ReportConfig, check: FoldCheck, compare: CompareOptions,
+          dry_run: bool, torch_opts: TorchOptions, input_shapes: dict[str, tuple[int, ...]],
+          group: Group | None) -> int:
+    """``fold_command`` on one process, or on one rank of ``group`` (the same checks on every rank,
+    then ranks other than 0 calibrate only: a dry run that writes nothing)."""
+    quiet = group is not None and group.rank != 0
     if torch_opts.model_factory is not None or (model is not None and str(model) != "-"
                                                 and torch_fold.is_torch_model(model)):
         if input_shapes:
@@ -357,11 +425,14 @@ def fold_command(
         model = torch_fold.validate(model, output, frozen_output, data, report, dry_run, torch_opts)
         if recalibrate == "all" and not data.given:
             raise click.UsageError("--recalibrate all needs --data.")
+        if quiet:  # rank 0 alone writes: the others calibrate (the same collectives) and write nothing
+            output, frozen_output, report, dry_run = _rank_only(output)
         config = _engine_config(compare, report.path)
         created = [] if dry_run or output is None else make_parents(output)
         try:
             with Outputs() as outputs:
-                with calibration_progress() as progress, verification_progress() as vbar:
+                with calibration_progress(_bar_stream(quiet)) as progress, \
+                        verification_progress(_bar_stream(quiet)) as vbar:
                     config = replace(config, progress=_after(progress, vbar))
                     outcome = torch_fold.run(model, output, frozen_output, data, estimator, check, config, dry_run,
                                              torch_opts, progress, warn=_warning, outputs=outputs,
@@ -389,12 +460,15 @@ def fold_command(
         require_data(data.path)
     check_paths([(model, "the input MODEL"), (data.path, "the --data file")],
                 [(output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'"), *report_outputs(report)])
+    if quiet:  # rank 0 alone writes: the others calibrate (the same collective) and write nothing
+        output, frozen_output, report, dry_run = None, None, ReportConfig(), True
 
     api = _api()
     config = _engine_config(compare, report.path)
     created = [] if dry_run or output is None else make_parents(output)
     try:
-        with Outputs() as outputs, calibration_progress() as progress, verification_progress() as vbar:
+        with Outputs() as outputs, calibration_progress(_bar_stream(quiet)) as progress, \
+                verification_progress(_bar_stream(quiet)) as vbar:
             config = replace(config, progress=_after(progress, vbar))
             result = api.fold(
                 model,
@@ -419,6 +493,17 @@ def fold_command(
     finally:
         if output is not None and not output.exists():
             remove_empty(created)
+
+
+def _bar_stream(quiet: bool) -> TextIO | None:
+    """Where a progress bar goes: nowhere on a rank other than 0 (not a terminal: no bar), else stderr."""
+    return io.StringIO() if quiet else None
+
+
+def _rank_only(output: Path | None) -> tuple[Path | None, None, ReportConfig, bool]:
+    """A torch fold on a rank other than 0: nothing written. A dry run keeps OUTPUT (its suffix
+    picks the route, so every rank calibrates the same way)."""
+    return output, None, ReportConfig(), True
 
 
 def _after(first: ProgressBar | None, second: ProgressBar | None) -> Any:
@@ -603,6 +688,8 @@ def _err(text: str) -> None:
 
 def _warning(message: str) -> None:
     """A library warning as a ``bnfold: warning: ...`` line, in flag words."""
+    if _RANK_QUIET[0]:
+        return
     _err(f"bnfold: warning: {_one_line(flag_words(message))}")
 
 

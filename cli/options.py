@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from bnfold.data.factory import call_data_factory
+from bnfold.distributed import resolve_group
 from bnfold.errors import BadInputError
 from bnfold.verification.shape_spec import normalize_input_shapes
 
@@ -59,11 +60,14 @@ class DataConfig:
         """Data was given, as a path (--data) or a factory (--data-factory)."""
         return self.path is not None or self.factory is not None
 
-    def source(self, rank: int | None = None, world_size: int | None = None) -> Any:
+    def source(self) -> Any:
         """What the library's ``data`` argument gets: the path, or the iterable the factory returns
-        (called now; ``rank``/``world_size`` reach it when it accepts them)."""
+        (called now; on a rank of a distributed run, ``rank``/``world_size`` reach it when it accepts
+        them, else each rank keeps batches j mod N of its stream: ``bnfold.data.factory``)."""
         if self.factory is not None:
-            return call_data_factory(self.factory, rank=rank, world_size=world_size)
+            group = resolve_group("auto")
+            return call_data_factory(self.factory, rank=group.rank if group else None,
+                                     world_size=group.world_size if group else None)
         return self.path
 
 
@@ -249,6 +253,20 @@ recalibrate_option = click.option(
         "drift from its stored statistics in the report."
     ),
 )
+
+dist_timeout_option = click.option(
+    "--dist-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    envvar="BNFOLD_DIST_TIMEOUT",
+    metavar="SECONDS",
+    help=(
+        "Under torchrun (WORLD_SIZE > 1): how long a rank waits for the others at a collective before it "
+        "fails (a rank that died or hangs). Must exceed the spread of the ranks' calibration times and rank 0's "
+        "verification. Default 300 (env BNFOLD_DIST_TIMEOUT)."
+    ),
+)
+
 
 def _providers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
     names = tuple(p.strip().lower() for p in value.split(",") if p.strip())

@@ -6,7 +6,9 @@ batches (:mod:`bnfold.data.stream`: a generator, a list, a torch ``DataLoader``;
 name -> array or tensor, or bare arrays for a one-input model), or a mapping of input name ->
 array (the whole data set). Under a distributed launcher the caller passes ``rank`` and
 ``world_size``; they reach the callable only when its signature takes them (a parameter of that
-name, or ``**kwargs``), and then the iterable it returns is taken as that rank's part.
+name, or ``**kwargs``), and then the iterable it returns is taken as that rank's part; a callable
+that takes neither returns the whole stream on every rank, marked :class:`SharedStream`, and
+each rank keeps batch j for rank j mod N (the batches one process would make).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 from bnfold.errors import BadInputError
 from bnfold.factory_import import call_factory, load_callable
 
-from .stream import is_stream_source
+from .stream import SharedStream, is_stream_source
 
 __all__ = ["accepted_keywords", "call_data_factory"]
 
@@ -50,4 +52,6 @@ def call_data_factory(spec: str, rank: int | None = None, world_size: int | None
     if not (is_stream_source(data) or isinstance(data, Mapping)):
         raise BadInputError(f"data factory '{spec}' returned a {type(data).__name__}, not {_RETURNS}; return a "
                             "generator, a list or a DataLoader of batches")
+    if world_size is not None and "rank" not in kwargs and not isinstance(data, Mapping):
+        return SharedStream(data)  # every rank got the whole stream: bnfold splits it j mod N
     return data

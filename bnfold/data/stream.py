@@ -35,7 +35,7 @@ from bnfold.records import InputSpec
 
 from .sources import _MEMORY, _check_dtype_storable, _fmt_shape, _Member, _validate_file
 
-__all__ = ["StreamData", "StreamSource", "array_dtype", "is_stream_source"]
+__all__ = ["SharedStream", "StreamData", "StreamSource", "array_dtype", "is_stream_source"]
 
 
 def _is_tensor(obj: Any) -> bool:
@@ -70,12 +70,29 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+class SharedStream:
+    """An iterable of batches that every rank of a distributed run reads whole: a ``--data-factory``
+    whose callable takes no ``rank``. Marked so that each rank keeps batch j for rank j mod N (as for
+    files), where any other iterable is taken as the rank's own part (``DistributedSampler`` style).
+    One process reads it as the iterable itself."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.source)
+
+
 class StreamSource:
     """An iterable of batches with its first item read ahead (to learn which inputs it supplies).
 
-    ``supplied_names``: the input names a mapping batch holds (None for arrays: every input)."""
+    ``supplied_names``: the input names a mapping batch holds (None for arrays: every input).
+    ``shared``: the source was a :class:`SharedStream` (every rank reads all of it)."""
 
     def __init__(self, source: Any) -> None:
+        self.shared = isinstance(source, SharedStream)
+        if isinstance(source, SharedStream):
+            source = source.source
         self.source = source
         self.single = _is_array(source)  # the source itself is one batch
         self._passes = 0
@@ -175,6 +192,12 @@ class StreamData:
     def reiterable(self) -> bool:
         """Whether a second pass reads the source again (a list, a DataLoader; not a generator)."""
         return self._source.reiterable
+
+    @property
+    def shared(self) -> bool:
+        """Whether every rank of a distributed run reads all of it (:class:`SharedStream`): then
+        batch j is rank j mod N's, as for files; else the stream is this rank's own part."""
+        return self._source.shared
 
     @property
     def batch_size(self) -> int:

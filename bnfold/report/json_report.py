@@ -217,8 +217,20 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "bns": [_bn_to_dict(b) for b in report.bns],
         "warnings": [str(w) for w in report.warnings],
         "verification": verification_to_dict(report.verification),
-        "extra": _json_safe(dict(report.extra)),
+        "calibration": calibration_to_dict(report),
+        "extra": _json_safe({k: v for k, v in report.extra.items() if k != "calibration"}),
     }
+
+
+def calibration_to_dict(report: Report) -> dict[str, Any]:
+    """``calibration``: the processes that calibrated (``world_size``, 1 for one process) and, with
+    data, the samples and batches over all of them (``report.extra["calibration"]``)."""
+    given = dict(report.extra.get("calibration") or {})
+    out: dict[str, Any] = {"world_size": int(given.get("world_size", 1))}
+    for key in ("samples", "batches"):
+        if given.get(key) is not None:
+            out[key] = int(given[key])
+    return out
 
 
 def _file(spec: Mapping[str, Any] | None, what: str) -> dict[str, Any]:

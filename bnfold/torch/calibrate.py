@@ -40,6 +40,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
+from bnfold.data.sources import CalibrationData
+from bnfold.data.stream import StreamData
+from bnfold.distributed import RankShard, resolve_group
+from bnfold.distributed.combine import RankGuard, decode_stats, encode_stats, merge_ranks
+from bnfold.distributed.run_facts import RankFacts, combine_facts
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, one_line
 from bnfold.formulas.drift import drift as drift_of
 from bnfold.formulas.drift import no_drift
@@ -310,6 +315,7 @@ class CalibrationRun:
     reused: dict[str, int] = field(default_factory=dict)  # BN name -> calls per forward, where > 1
     first_batch: Batch | None = None
     drift: dict[str, Drift] = field(default_factory=dict)  # with recalibrate='all': stored vs data, per BN
+    world_size: int = 1  # the processes that calibrated together (torch.distributed)
 
 
 def _check_estimator(estimator: str) -> None:
@@ -432,6 +438,64 @@ def run_calibration(
     recalibrate: str = "all",
     training_graph: bool = False,
     target_se: float = DEFAULT_TARGET_SE,
+    distributed: bool | str = "auto",
+) -> CalibrationRun:
+    """:func:`_calibration_pass` on one process, or across the ``torch.distributed`` group
+    (``distributed``, see :func:`bnfold.distributed.resolve_group`): bnfold's own file data
+    (``CalibrationData``, or a ``SharedStream`` every rank reads whole) is split by batch (j mod N);
+    any other iterable is this rank's part
+    (``DistributedSampler`` style). Every rank's sums and facts are gathered once and merged in rank
+    order; an error on any rank before that stops every rank."""
+    group = resolve_group(distributed)
+    kwargs: dict[str, Any] = dict(device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
+                                  inplace=inplace, progress=progress, recalibrate=recalibrate,
+                                  training_graph=training_graph, target_se=target_se)
+    if group is None:
+        return _calibration_pass(module, data, **kwargs)
+    if isinstance(data, CalibrationData) or (isinstance(data, StreamData) and data.shared):
+        data = RankShard(data, group.rank, group.world_size)
+    guard = RankGuard(group)
+    try:
+        run = _calibration_pass(module, data, guard=guard, **kwargs)
+        run.world_size = group.world_size
+        return run
+    except Exception as exc:  # noqa: BLE001 - sent to the other ranks (before the gather), then raised
+        guard.fail(exc)
+        raise
+
+
+def _combine_ranks(guard: RankGuard, run: CalibrationRun, sums: dict[str, BnStats], first_call: list[str],
+                   in_dtype: dict[str, torch.dtype], max_calls: dict[str, int], warnings: list[str]
+                   ) -> tuple[dict[str, BnStats], list[str]]:
+    """Every rank's sums (merged in rank order, bitwise the same on each) and run facts."""
+    mine = RankFacts(batches=run.batches, samples=run.samples, first_call=list(first_call),
+                     in_dtype={n: str(d).removeprefix("torch.") for n, d in in_dtype.items()},
+                     max_calls=dict(max_calls), ranks={n: sorted(r) for n, r in run.ranks.items()},
+                     warnings=list(warnings))
+    per_rank = guard.gather((encode_stats(sums), mine))
+    facts = combine_facts([f for _, f in per_rank])
+    run.batches, run.samples = facts.batches, facts.samples
+    run.ranks = {n: set(r) for n, r in facts.ranks.items()}
+    for name, dtype in facts.in_dtype.items():
+        in_dtype.setdefault(name, getattr(torch, dtype))
+    max_calls.update(facts.max_calls)
+    warnings[:] = facts.warnings
+    return merge_ranks([decode_stats(s) for s, _ in per_rank]), facts.first_call
+
+
+def _calibration_pass(
+    module: nn.Module,
+    data: Any,
+    *,
+    device: str | torch.device | None = None,
+    estimator: str = "unbiased",
+    allow_reused_bn: bool = False,
+    inplace: bool = False,
+    progress: Progress | None = None,
+    recalibrate: str = "all",
+    training_graph: bool = False,
+    target_se: float = DEFAULT_TARGET_SE,
+    guard: RankGuard | None = None,
 ) -> CalibrationRun:
     """Calibrate the BNs of ``module`` that ``recalibrate`` selects on ``data`` and freeze them; see
     :func:`calibrate`. ``'training'``: only the BNs that normalise with batch statistics; the others
@@ -583,13 +647,9 @@ def run_calibration(
             warnings.append(f"'{name}' ({type(m).__name__}) has running_mean/running_var buffers but does not "
                             "call F.batch_norm on them; it is left as it is")
         first_call_skip.add(name)
-    if run.batches == 0:
-        for mod, flag in training.items():
-            mod.training = flag
-        raise BadInputError("the calibration data is empty: give at least one batch")
-
-    # one host copy per BN, then the same finalize as the ONNX path
     sums = {name: acc[name].to_bnstats() for name in first_call}
+    # one host copy per BN, checked on the rank that saw it (so a bad rank is named), then merged over the
+    # ranks and finalized as on the ONNX path
     for name in first_call:  # forward order: the first BN that saw inf/nan is the one to name
         s = sums[name]
         if not all(np.isfinite(a).all() for a in (s.sum_mu, s.sum_var, s.pooled_mean, s.pooled_m2)):
@@ -597,6 +657,13 @@ def run_calibration(
                 f"BN '{name}' saw non-finite activations (inf or nan) during calibration; check the "
                 "calibration data and the layers before this BN"
             )
+    if guard is not None:  # every rank's sums and facts, merged in rank order (bnfold.distributed)
+        sums, first_call = _combine_ranks(guard, run, sums, first_call, in_dtype, max_calls, warnings)
+        first_call_skip -= set(first_call)
+    if run.batches == 0:
+        for mod, flag in training.items():
+            mod.training = flag
+        raise BadInputError("the calibration data is empty: give at least one batch")
     modules = dict(targets)
     for name, m in targets:
         if name in first_call_skip:
@@ -635,6 +702,7 @@ def calibrate(
     progress: Progress | None = None,
     training_graph: bool = False,
     target_se: float = DEFAULT_TARGET_SE,
+    distributed: bool | str = "auto",
 ) -> tuple[nn.Module, dict[str, FrozenStats]]:
     """Freeze every BatchNorm of ``module`` with population statistics from ``data``.
 
@@ -643,6 +711,10 @@ def calibrate(
     Each BN normalises with its batch statistics while the rest of the network is in eval mode
     (Algorithm 2's training network), under ``torch.no_grad()``, on ``device`` (default: the
     module's). ``estimator`` picks ``'unbiased'`` (Algorithm 2, default) or ``'pooled'``.
+    ``distributed`` (``"auto"``, True, False): inside an initialised ``torch.distributed`` group of more
+    than one process (``"auto"``), every rank calls ``calibrate`` with its own part of the data (a
+    ``DistributedSampler``-style loader) and all ranks get the same statistics, merged in float64
+    (README, "Distributed calibration").
 
     Returns ``(frozen, stats)``: the module in eval mode with the new ``running_mean`` /
     ``running_var`` (a ``track_running_stats=False`` BN gains running buffers), and the
@@ -663,7 +735,8 @@ def calibrate(
     """
     check_device(device)
     run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
-                          inplace=inplace, progress=progress, training_graph=training_graph, target_se=target_se)
+                          inplace=inplace, progress=progress, training_graph=training_graph, target_se=target_se,
+                          distributed=distributed)
     return run.module, run.stats
 
 

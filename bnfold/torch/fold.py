@@ -105,6 +105,7 @@ def fold(
     recalibrate: str = "training",
     training_graph: bool = False,
     target_se: float = DEFAULT_TARGET_SE,
+    distributed: bool | str = "auto",
 ) -> TorchFoldResult:
     """Freeze (with ``data``) and fold the BatchNorm modules of ``module``.
 
@@ -119,6 +120,8 @@ def fold(
     ``training_graph=True`` calibrates on the module's training-time forward with Dropout and
     stochastic depth off (:mod:`bnfold.torch.training_graph`), so BNs reached only in training mode
     (auxiliary heads) get population statistics too; they are not in the folded (eval-mode) module.
+    ``distributed``: as :func:`bnfold.torch.calibrate`'s (each rank passes its own part of ``data``;
+    every rank gets the same statistics and the same folded module).
 
     Returns :class:`TorchFoldResult`: ``module`` is an ``fx.GraphModule`` in eval mode that computes
     the frozen model's function (folded BNs removed, their producers' weights scaled in float64 and
@@ -158,7 +161,7 @@ def fold(
     if data is not None:
         run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
                               inplace=inplace, progress=progress, recalibrate=recalibrate,
-                              training_graph=training_graph, target_se=target_se)
+                              training_graph=training_graph, target_se=target_se, distributed=distributed)
         work, stats, ranks, drift = run.module, run.stats, run.ranks, run.drift
         warnings.extend(run.warnings)
         batch_size, samples = run.batch_size, (run.samples if run.batches else None)
@@ -217,6 +220,8 @@ def fold(
     extra: dict[str, Any] = {"frontend": "torch", "torch_version": torch.__version__}
     if samples is not None and data is not None:
         extra["calibration_samples"] = samples
+    if data is not None:
+        extra["calibration"] = {"world_size": run.world_size, "samples": samples, "batches": run.batches}
     if training_graph:
         extra["training_graph"] = True
         extra["training_only_bns"] = training_only

@@ -1,0 +1,134 @@
+"""The collectives of a distributed calibration: every rank's per-BN ``BnStats`` and run facts,
+all-gathered once and merged in rank order; a rank's error sent to the others; rank 0's outcome shared.
+
+``BnStats`` travel generically (``dataclasses.fields``: ints as ints, arrays as float64 arrays), so
+fields added to it later travel too, and combine only through :func:`bnfold.formulas.stats.merge`,
+applied in rank order 0..N-1: every rank computes the same merges on the same inputs, so every rank
+ends with bitwise the same statistics.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+
+from bnfold.distributed.group import TIMEOUT_ENV, Group
+from bnfold.errors import BnfoldError, one_line
+from bnfold.formulas.stats import merge
+from bnfold.records import BnStats
+
+__all__ = ["RankFailed", "RankGuard", "decode_stats", "encode_stats", "gather_calibration", "merge_ranks",
+           "share_outcome"]
+
+T = TypeVar("T")
+
+
+class RankFailed(BnfoldError):
+    """Another rank failed (its one-line message and exit code), or stopped answering."""
+
+    def __init__(self, message: str, exit_code: int = 3, *, broken: bool = False) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.broken = broken  # the collective itself failed: no further collective can run
+
+
+def encode_stats(stats: Mapping[str, BnStats]) -> dict[str, dict[str, Any]]:
+    """Per BN, every ``BnStats`` field: ints as ints, arrays as float64 numpy arrays."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, st in stats.items():
+        fields: dict[str, Any] = {}
+        for f in dataclasses.fields(st):
+            v = getattr(st, f.name)
+            fields[f.name] = np.asarray(v, dtype=np.float64) if isinstance(v, np.ndarray) else v
+        out[name] = fields
+    return out
+
+
+def decode_stats(encoded: Mapping[str, Mapping[str, Any]]) -> dict[str, BnStats]:
+    return {name: BnStats(**dict(fields)) for name, fields in encoded.items()}
+
+
+def merge_ranks(per_rank: list[dict[str, BnStats]]) -> dict[str, BnStats]:
+    """Merge each BN's statistics over the ranks, in rank order (a BN a rank never saw is skipped)."""
+    merged: dict[str, BnStats] = {}
+    for stats in per_rank:
+        for name, st in stats.items():
+            merged[name] = merge(merged[name], st) if name in merged else st
+    return merged
+
+
+def _all_gather(group: Group, item: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * group.world_size
+    try:
+        dist.all_gather_object(gathered, item, group=group.handle)
+    except Exception as exc:  # gloo: a peer that died closes its socket, or the timeout passes
+        raise RankFailed(
+            f"rank {group.rank}: another rank stopped answering during the distributed calibration "
+            f"({one_line(exc, 160)}); every rank must run the same command, and each collective waits at most "
+            f"{group.timeout_s:g} s ({TIMEOUT_ENV} / --dist-timeout)", broken=True) from exc
+    return gathered
+
+
+def gather_calibration(group: Group, work: Callable[[], T]) -> list[T]:
+    """Run ``work`` (this rank's calibration) and all-gather its result: the list of every rank's
+    result, in rank order. When any rank raised, every rank raises: the failed rank its own error,
+    the others ``RankFailed("rank K failed: <its one-line message>")`` with its exit code."""
+    error: BaseException | None = None
+    item: dict[str, Any]
+    try:
+        item = {"ok": work()}
+    except Exception as exc:  # noqa: BLE001 - sent to the other ranks, then raised here again
+        error = exc
+        code = exc.exit_code if isinstance(exc, BnfoldError) else 3
+        item = {"error": one_line(exc, 300), "exit_code": int(code)}
+    gathered = _all_gather(group, item)
+    if error is not None:
+        raise error
+    for rank, got in enumerate(gathered):
+        if "error" in got:
+            raise RankFailed(f"rank {rank} failed: {got['error']}", got.get("exit_code", 3))
+    return [got["ok"] for got in gathered]
+
+
+def share_outcome(group: Group, exit_code: int, message: str | None) -> tuple[int, str | None]:
+    """Rank 0's exit code and error message, on every rank (the others pass theirs, unused)."""
+    import torch.distributed as dist
+
+    box: list[Any] = [(exit_code, message) if group.rank == 0 else None]
+    try:
+        dist.broadcast_object_list(box, src=0, group=group.handle)
+    except Exception as exc:
+        raise RankFailed(f"rank {group.rank}: rank 0 stopped answering before it finished "
+                         f"({one_line(exc, 160)}; timeout {group.timeout_s:g} s, {TIMEOUT_ENV} / --dist-timeout)",
+                         broken=True) from exc
+    code, msg = box[0]
+    return int(code), msg
+
+
+class RankGuard:
+    """One rank's side of a calibration pass with a single gather: :meth:`gather` sends this rank's
+    result; :meth:`fail` sends an error raised before the gather (so the others stop), and does
+    nothing after it (the ranks then hold the same merged statistics and fail alike)."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.gathered = False
+
+    def gather(self, item: T) -> list[T]:
+        self.gathered = True
+        return gather_calibration(self.group, lambda: item)
+
+    def fail(self, exc: Exception) -> None:
+        """Send ``exc`` to the other ranks (when the gather has not run yet); raises ``exc``."""
+        if not self.gathered:
+            self.gathered = True
+
+            def work() -> None:
+                raise exc
+
+            gather_calibration(self.group, work)
+        raise exc
