@@ -161,9 +161,10 @@ class _FullBatches:
         self.num_batches = self.num_samples // self.batch_size
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for k, batch in enumerate(self._data):
-            if k < self.num_batches:
-                yield batch
+        return self._data.batches_from(0, 1, self.num_batches)
+
+    def batches_from(self, start: int, step: int) -> Iterator[dict[str, np.ndarray]]:
+        return self._data.batches_from(start, step, self.num_batches)
 
     def take(self, k: int) -> dict[str, np.ndarray]:
         return self._data.take(min(k, self.num_samples))

@@ -14,9 +14,10 @@ from distributed_workers import DATA, MODEL
 from bnfold.distributed import RankShard
 from bnfold.distributed.combine import decode_stats, encode_stats, merge_ranks
 from bnfold.distributed.group import DEFAULT_TIMEOUT_S, resolve_group, timeout_seconds
+from bnfold.data.sources import open_data
 from bnfold.errors import BadInputError
 from bnfold.formulas.stats import finalize, update
-from bnfold.records import BnStats
+from bnfold.records import BnStats, InputSpec
 
 
 def test_shards_take_batch_j_on_rank_j_mod_n() -> None:
@@ -27,6 +28,19 @@ def test_shards_take_batch_j_on_rank_j_mod_n() -> None:
         for r, s in enumerate(shards):
             assert list(s) == batches[r::world] and s.num_batches == len(batches[r::world])
     assert list(RankShard(batches, 6, 7)) == [] and RankShard(batches, 6, 7).num_batches == 0
+
+
+def test_a_rank_reads_only_its_own_batches_of_a_file(tmp_path: Path) -> None:
+    # NaN in batch 1 (samples 4..7), which is rank 1's of 2: rank 0 never reads it, so never fails;
+    # rank 1 names it. Before, every rank built (and checked) every batch and skipped the others'.
+    x = np.ones((14, 3), dtype=np.float32)
+    x[5, 1] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    data = open_data(tmp_path / "x.npy", [InputSpec("x", np.dtype(np.float32), (None, 3))], 4)
+    assert [b["x"].shape[0] for b in RankShard(data, 0, 2)] == [4, 4]  # batches 0 and 2
+    with pytest.raises(BadInputError, match=r"samples 4\.\.7 overall, batch 1"):
+        list(RankShard(data, 1, 2))
+    assert [b["x"].shape[0] for b in RankShard(data, 2, 3)] == [4]  # batch 2 only
 
 
 def test_merge_in_rank_order_equals_one_pass_and_travels_every_field() -> None:

@@ -333,9 +333,16 @@ class CalibrationData:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self.batches_from(0, 1)
+
+    def batches_from(self, start: int, step: int, stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Batches ``start``, ``start + step``, ... (before batch ``stop``, default all), built alone: a
+        rank of a distributed run reads (and checks) only the samples of its own batches."""
         cache: dict[int, dict[str, np.ndarray]] = {}
+        end = self.num_batches if stop is None else min(stop, self.num_batches)
         try:
-            for index, lo in enumerate(range(0, self.num_samples, self.batch_size)):
+            for index in range(start, end, step):
+                lo = index * self.batch_size
                 hi = min(lo + self.batch_size, self.num_samples)
                 yield self._batch(lo, hi, index, cache)
         finally:

@@ -43,7 +43,11 @@ class RankShard:
         return n
 
     def __iter__(self) -> Iterator[Any]:
-        for j, batch in enumerate(self._data):
+        own = getattr(self._data, "batches_from", None)
+        if own is not None:  # files and arrays: build only this rank's batches
+            yield from own(self.rank, self.world_size)
+            return
+        for j, batch in enumerate(self._data):  # a stream every rank reads whole
             if j % self.world_size == self.rank:
                 yield batch
 
