@@ -11,10 +11,10 @@ import pytest
 from cli_run import run_cli
 from distributed_workers import DATA, MODEL
 
+from bnfold.data.sources import open_data
 from bnfold.distributed import RankShard
 from bnfold.distributed.combine import decode_stats, encode_stats, merge_ranks
 from bnfold.distributed.group import DEFAULT_TIMEOUT_S, resolve_group, timeout_seconds
-from bnfold.data.sources import open_data
 from bnfold.errors import BadInputError
 from bnfold.formulas.stats import finalize, update
 from bnfold.records import BnStats, InputSpec
