@@ -1,5 +1,6 @@
 """The collectives of a distributed calibration: every rank's per-BN ``BnStats`` and run facts,
 all-gathered once and merged in rank order; a rank's error sent to the others; rank 0's outcome shared.
+They travel as bytes that decode without running anything (:mod:`bnfold.distributed.wire`: no pickle).
 
 ``BnStats`` travel generically (``dataclasses.fields``: ints as ints, arrays as float64 arrays), so
 fields added to it later travel too, and combine only through :func:`bnfold.formulas.stats.merge`,
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from bnfold.distributed import wire
 from bnfold.distributed.group import TIMEOUT_ENV, Group
 from bnfold.errors import BnfoldError, one_line
 from bnfold.formulas.stats import merge
@@ -59,17 +61,40 @@ def merge_ranks(per_rank: list[dict[str, BnStats]]) -> dict[str, BnStats]:
     return merged
 
 
-def _all_gather(group: Group, item: Any) -> list[Any]:
+def _gather_bytes(group: Group, payload: bytes) -> list[bytes]:
+    """Every rank's ``payload``, in rank order: the lengths, then the bytes padded to the longest
+    (tensors only: nothing is pickled, see :mod:`bnfold.distributed.wire`)."""
+    import torch
     import torch.distributed as dist
 
-    gathered: list[Any] = [None] * group.world_size
+    size = torch.tensor([len(payload)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(group.world_size)]
+    dist.all_gather(sizes, size, group=group.handle)
+    longest = max(int(s.item()) for s in sizes)
+    mine = torch.zeros(max(longest, 1), dtype=torch.uint8)
+    if payload:
+        mine[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    bufs = [torch.zeros(max(longest, 1), dtype=torch.uint8) for _ in range(group.world_size)]
+    dist.all_gather(bufs, mine, group=group.handle)
+    return [bytes(b[:int(s.item())].numpy()) for b, s in zip(bufs, sizes)]
+
+
+def _all_gather(group: Group, item: Any) -> list[Any]:
     try:
-        dist.all_gather_object(gathered, item, group=group.handle)
+        raw = _gather_bytes(group, wire.encode(item))
     except Exception as exc:  # gloo: a peer that died closes its socket, or the timeout passes
         raise RankFailed(
             f"rank {group.rank}: another rank stopped answering during the distributed calibration "
             f"({one_line(exc, 160)}); every rank must run the same command, and each collective waits at most "
             f"{group.timeout_s:g} s ({TIMEOUT_ENV} / --dist-timeout)", broken=True) from exc
+    gathered = []
+    for rank, data in enumerate(raw):
+        try:
+            gathered.append(wire.decode(data))
+        except wire.MalformedMessage as exc:
+            raise RankFailed(f"rank {group.rank}: rank {rank} sent a message that is not bnfold's ({exc}); every "
+                             "rank must run the same bnfold version, and the rendezvous port must be private",
+                             broken=True) from exc
     return gathered
 
 
@@ -96,17 +121,18 @@ def gather_calibration(group: Group, work: Callable[[], T]) -> list[T]:
 
 def share_outcome(group: Group, exit_code: int, message: str | None) -> tuple[int, str | None]:
     """Rank 0's exit code and error message, on every rank (the others pass theirs, unused)."""
-    import torch.distributed as dist
-
-    box: list[Any] = [(exit_code, message) if group.rank == 0 else None]
     try:
-        dist.broadcast_object_list(box, src=0, group=group.handle)
+        raw = _gather_bytes(group, wire.encode([exit_code, message]))
     except Exception as exc:
         raise RankFailed(f"rank {group.rank}: rank 0 stopped answering before it finished "
                          f"({one_line(exc, 160)}; timeout {group.timeout_s:g} s, {TIMEOUT_ENV} / --dist-timeout)",
                          broken=True) from exc
-    code, msg = box[0]
-    return int(code), msg
+    try:
+        code, msg = wire.decode(raw[0])
+        return int(code), (None if msg is None else str(msg))
+    except (wire.MalformedMessage, TypeError, ValueError) as exc:
+        raise RankFailed(f"rank {group.rank}: rank 0 sent an outcome that is not bnfold's ({exc})",
+                         broken=True) from exc
 
 
 class RankGuard:

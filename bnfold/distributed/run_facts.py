@@ -12,7 +12,7 @@ __all__ = ["RankFacts", "combine_facts"]
 
 @dataclass
 class RankFacts:
-    """What one rank's calibration pass saw besides the statistics (plain types: they are pickled)."""
+    """What one rank's calibration pass saw besides the statistics (plain types: sent as JSON, ``wire``)."""
 
     batches: int = 0
     samples: int | None = 0  # None where a batch has no leading dimension
