@@ -3,7 +3,7 @@ their statistics are from one process's (issue 17 point 1).
 
 Model: the ResNet-50-shaped networks of the other benchmarks: ONNX route, ``make_bench_models.py``'s
 ResNet-50 graph with every BN in training mode (``bnfold.fold(..., dry_run=True)``; every rank
-reads the whole .npz and runs batches j mod N); PyTorch route, ``torch_one_shot.py``'s ResNet-50
+reads and runs only its batches j mod N, with onnxruntime on torch's thread count); PyTorch route, ``torch_one_shot.py``'s ResNet-50
 module in train mode (``bnfold.torch.calibrate``; each rank passes its own part, batches j mod N).
 Each rank is its own process, started as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT); its
 time runs from a barrier after imports and model loading to the end of the call (calibration and the

@@ -20,7 +20,7 @@ import onnx
 from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
 from bnfold.data.stream import StreamData, StreamSource, is_stream_source
 from bnfold.data.supplied import supplied_specs
-from bnfold.distributed import Group, RankShard, gather_calibration, resolve_group
+from bnfold.distributed import Group, RankShard, gather_calibration, resolve_group, threads_per_rank
 from bnfold.distributed.combine import decode_stats, encode_stats, merge_ranks
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError
 from bnfold.files import check_not_input, check_output_paths
@@ -204,7 +204,9 @@ def _calibrate_ranks(work: Work, data: Batches, progress: Callable[[int, int | N
         return calibrate(work, data, progress, only=only)
     own_part = isinstance(data, StreamData) and not data.shared  # a user's iterable: this rank's part
     shard: Any = data if own_part else RankShard(data, group.rank, group.world_size)
-    per_rank = gather_calibration(group, lambda: encode_stats(calibrate(work, shard, progress, only=only)))
+    threads = threads_per_rank()
+    per_rank = gather_calibration(group, lambda: encode_stats(calibrate(work, shard, progress, only=only,
+                                                                        threads=threads)))
     return merge_ranks([decode_stats(p) for p in per_rank])
 
 

@@ -103,3 +103,18 @@ def test_onnx_only_install_under_torchrun_is_one_line(tmp_path: Path) -> None:
         "bnfold: error: WORLD_SIZE=2 asks for a distributed run, which needs torch (pip install 'bnfold[torch]'); "
         "or run bnfold without torchrun"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rank_s_onnxruntime_session_takes_torch_s_thread_count() -> None:
+    # N ranks on one machine: onnxruntime's default (a thread per core in every process) oversubscribes;
+    # each rank's calibration session gets torch's count (OMP_NUM_THREADS, 1 per process under torchrun)
+    import onnx
+    import torch
+
+    from bnfold.distributed import threads_per_rank
+    from bnfold.stages.calibrate import _session
+
+    assert threads_per_rank() == torch.get_num_threads()
+    model = onnx.load(str(MODEL))
+    sess = _session(model, {}, threads=1)
+    assert sess.get_session_options().intra_op_num_threads == 1

@@ -45,7 +45,7 @@ def test_json_summary_and_warning(tmp_path: Path) -> None:
     # 64 samples are far from 1 %: every BN misses it, and the one needing most is named
     neediest = max(rows, key=lambda n: rows[n]["samples_for_target"])
     need = approx_samples(rows[neediest]["samples_for_target"])
-    line = f"Sufficiency: statistics within 1 % after 64 samples at 0 of {len(rows)} BN; {neediest} needs ~{need}"
+    line = f"Sufficiency: 0 of {len(rows)} BN within 1 % after 64 samples; {neediest} needs ~{need}"
     assert line in res.stdout
     warning = [w for w in doc["warnings"] if "standard-error target" in w]
     assert len(warning) == 1 and f"miss the 1 % standard-error target at {len(rows)} BN" in warning[0]

@@ -11,9 +11,9 @@ torch is imported lazily (an ONNX-only install imports this package without it).
 from __future__ import annotations
 
 from bnfold.distributed.combine import RankFailed, gather_calibration, share_outcome
-from bnfold.distributed.group import TIMEOUT_ENV, Group, resolve_group
+from bnfold.distributed.group import TIMEOUT_ENV, Group, resolve_group, threads_per_rank
 from bnfold.distributed.launch import group_from_environment, launched
 from bnfold.distributed.shard import RankShard
 
 __all__ = ["TIMEOUT_ENV", "Group", "RankFailed", "RankShard", "gather_calibration", "group_from_environment",
-           "launched", "resolve_group", "share_outcome"]
+           "launched", "resolve_group", "share_outcome", "threads_per_rank"]

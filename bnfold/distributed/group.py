@@ -88,3 +88,12 @@ def resolve_group(distributed: bool | str = "auto") -> Group | None:
             _COMPANION.update(world=world, handle=dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)))
         handle = _COMPANION["handle"]
     return Group(rank=dist.get_rank(), world_size=dist.get_world_size(), handle=handle, timeout_s=timeout)
+
+
+def threads_per_rank() -> int:
+    """The intra-op threads a rank's onnxruntime session gets: torch's own thread count for this
+    process (``OMP_NUM_THREADS``, which torchrun sets to 1 per process unless told otherwise), so
+    that N ranks on one machine do not each start a thread per core as onnxruntime's default does."""
+    import torch
+
+    return max(1, int(torch.get_num_threads()))

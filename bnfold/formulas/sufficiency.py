@@ -137,8 +137,8 @@ def worst_figure(s: Sufficiency) -> float:
 
 def summary_line(named: Sequence[tuple[str, Sufficiency]]) -> str | None:
     """One line for the text summary: the target, the samples seen and, where missed, the BN that
-    needs the most samples ("statistics within 1 % after 640 samples at 50 of 53 BN; /layer4/BN needs
-    ~2 300"). None without BNs."""
+    needs the most samples ("50 of 53 BN within 1 % after 640 samples; /layer4/BN needs ~2 300").
+    None without BNs."""
     if not named:
         return None
     rated = [(n, s) for n, s in named if s.met is not None]
@@ -154,5 +154,5 @@ def summary_line(named: Sequence[tuple[str, Sufficiency]]) -> str | None:
                 f"{percent(worst_figure(s))}){skipped}")
     name, s = max(bad, key=lambda ns: ns[1].samples_for_target or 0)
     need = approx_samples(s.samples_for_target) if s.samples_for_target else "more"
-    return (f"Sufficiency: statistics within {target} after {seen} samples at {len(rated) - len(bad)} of "
-            f"{len(rated)} BN; {name} needs ~{need}{skipped}")
+    return (f"Sufficiency: {len(rated) - len(bad)} of {len(rated)} BN within {target} after {seen} samples; "
+            f"{name} needs ~{need}{skipped}")

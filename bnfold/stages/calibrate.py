@@ -40,7 +40,8 @@ def _has_float16(model: onnx.ModelProto) -> bool:
         any(v.type.tensor_type.elem_type in half for v in infos)
 
 
-def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnxruntime.InferenceSession:
+def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto], threads: int | None = None
+             ) -> onnxruntime.InferenceSession:
     """An onnxruntime CPU session of the calibration network; the ``held`` initializers' data
     (see ``build_calibration_model``) is handed over from memory."""
     import onnxruntime as ort
@@ -48,6 +49,8 @@ def _session(model: onnx.ModelProto, held: dict[str, onnx.TensorProto]) -> onnxr
     prepare_for_save(model)
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # FATAL only: onnxruntime's colour error line stays off stderr
+    if threads:
+        opts.intra_op_num_threads = threads
     if _has_float16(model):
         # onnxruntime 1.32 with its graph optimisations (already at ORT_ENABLE_BASIC) returns the last
         # training-mode BN's batch statistics for an earlier one in a float16 network (found by
@@ -108,7 +111,7 @@ def _unlist_unread_inputs(cal: onnx.ModelProto) -> list[str]:
 
 
 def calibrate(work: Work, data: Batches, progress: Progress | None = None,
-              only: set[str] | None = None) -> dict[str, BnStats]:
+              only: set[str] | None = None, threads: int | None = None) -> dict[str, BnStats]:
     """Per-BN float64 sums over every calibration batch (main-graph BNs only).
 
     ``only``: the names of the BNs to calibrate (default: every main-graph BN). Those normalise
@@ -121,7 +124,7 @@ def calibrate(work: Work, data: Batches, progress: Progress | None = None,
         return {}
     cal, outs, held = build_calibration_model(model, index, consts, main)
     needed = _unlist_unread_inputs(cal)
-    sess = _session(cal, held)
+    sess = _session(cal, held, threads)
     del cal, held
     names = [n for o in outs for n in (o.mean, o.var, o.shape)]
     stats: dict[str, BnStats] = {}
