@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -114,6 +115,26 @@ def float_dtype(module: nn.Module) -> torch.dtype:
         if not is_lazy(t) and t.is_floating_point():
             return t.dtype
     return torch.get_default_dtype()
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a calibration (as it was, after).
+
+    Copying a module creates thousands of Python objects (a ResNet-50: ~10 000 dicts, modules and
+    tensors), enough to start a full collection during the forward passes that follow, and a full
+    collection walks every object of the process (torch's own are most of them): 40-80 ms here,
+    more than the calibration adds to a forward pass (benchmarks/torch_one_shot.py). Nothing a
+    calibration allocates needs the collector (reference counting frees it); the objects stay
+    counted, so in a long-lived process the collection comes at its next trigger, and in a one-shot
+    process the collection at exit sweeps them once."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def copy_module(module: nn.Module) -> nn.Module:
@@ -451,12 +472,14 @@ def run_calibration(
                                   inplace=inplace, progress=progress, recalibrate=recalibrate,
                                   training_graph=training_graph, target_se=target_se)
     if group is None:
-        return _calibration_pass(module, data, **kwargs)
+        with collector_paused():
+            return _calibration_pass(module, data, **kwargs)
     if isinstance(data, CalibrationData) or (isinstance(data, StreamData) and data.shared):
         data = RankShard(data, group.rank, group.world_size)
     guard = RankGuard(group)
     try:
-        run = _calibration_pass(module, data, guard=guard, **kwargs)
+        with collector_paused():
+            run = _calibration_pass(module, data, guard=guard, **kwargs)
         run.world_size = group.world_size
         return run
     except Exception as exc:  # noqa: BLE001 - sent to the other ranks (before the gather), then raised
