@@ -8,6 +8,7 @@ in ``bnfold/onnx/staging.py``; this module only calls them in order and builds t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -203,8 +204,22 @@ def _calibrate_ranks(work: Work, data: Batches, progress: Callable[[int, int | N
         return calibrate(work, data, progress, only=only)
     own_part = isinstance(data, StreamData) and not data.shared  # a user's iterable: this rank's part
     shard: Any = data if own_part else RankShard(data, group.rank, group.world_size)
-    per_rank = gather_calibration(group, lambda: encode_stats(calibrate(work, shard, progress, only=only)))
+    per_rank = gather_calibration(group, lambda: encode_stats(calibrate(work, shard, progress, only=only)),
+                                  key=_rank_key(work, data, only, own_part))
     return merge_ranks([decode_stats(p) for p in per_rank])
+
+
+def _rank_key(work: Work, data: Batches, only: set[str], own_part: bool) -> dict[str, Any]:
+    """What every rank must agree on before their statistics merge: the model (its file's digest,
+    else its graph's), the calibrated BNs and their channels, and the batches (size, and the count
+    where every rank reads the whole data)."""
+    digest = work.loaded.sha256 or hashlib.sha256(work.model.graph.SerializeToString()).hexdigest()
+    channels = sorted((s.info.name, s.info.channels or 0) for s in work.sites if s.info.name in only)
+    shape = hashlib.sha256(repr(channels).encode()).hexdigest()
+    key: dict[str, Any] = {"model sha256": digest[:12], "BNs": f"{len(channels)} ({shape[:8]})"}
+    if not own_part:  # a rank's own part (DistributedSampler style) may hold other batches
+        key.update({"batch size": data.batch_size, "batches": getattr(data, "num_batches", None)})
+    return key
 
 
 def _calibrate_and_freeze(work: Work, data: Batches, estimator: str, recalibrate: str,
