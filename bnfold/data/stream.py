@@ -126,6 +126,9 @@ class StreamSource:
             return _END
         except BadInputError:
             raise
+        except SystemExit as exc:  # bnfold's exit code is its own, not the source's (as for the factories)
+            raise BadInputError(f"calibration data source called sys.exit({exc.code!r}) on batch {number}; a data "
+                                "source must yield batches and end by returning, not exit") from None
         except Exception as exc:  # noqa: BLE001 - the user's iterable fails: name it, one line
             raise BadInputError(f"calibration data source raised {type(exc).__name__} on batch {number}: "
                                 f"{one_line(exc, 240)}; fix the data source") from exc
@@ -359,6 +362,9 @@ class StreamData:
         if not _is_array(value):
             raise BadInputError(f"calibration data batch {number} input '{key}' is a {type(value).__name__}, not an "
                                 "array; give numpy arrays or torch tensors")
+        if _is_tensor(value) and getattr(value, "is_meta", False):
+            raise BadInputError(f"calibration data batch {number} input '{key}' is a tensor on the 'meta' device, "
+                                "which holds no values; give tensors with data (on the CPU or a GPU)")
         return _to_numpy(value)
 
 
