@@ -51,3 +51,14 @@ def test_a_meta_tensor_batch_is_bad_input_naming_the_batch() -> None:
 
     with pytest.raises(BadInputError, match=r"batch 2 input 'images' is a tensor on the 'meta' device"):
         bnfold.fold(str(MODEL), data=batches(), batch_size=16, dry_run=True, distributed=False)
+
+
+def test_a_meta_tensor_stream_on_the_torch_route_is_bad_input() -> None:
+    # torch route: the input dtypes were read by copying each first batch to numpy (a meta tensor:
+    # NotImplementedError, an internal error; a GPU batch: a needless device-to-host copy)
+    import bnfold.torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    with pytest.raises(BadInputError, match=r"batch 1 input 'input' is a tensor on the 'meta' device"):
+        bnfold.torch.convert(model, [torch.empty(8, 3, 8, 8, device="meta")], output="folded.pt2", dry_run=True)

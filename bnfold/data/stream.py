@@ -57,7 +57,10 @@ def is_stream_source(data: Any) -> bool:
 
 
 def array_dtype(value: Any) -> np.dtype | None:
-    """The numpy dtype of an array or tensor (None for anything else)."""
+    """The numpy dtype of an array or tensor (None for anything else); a tensor's values are not
+    copied (a GPU batch stays where it is; a 'meta' tensor has none)."""
+    if _is_tensor(value):
+        return _to_numpy(value.new_empty((0,), device="cpu")).dtype
     return _to_numpy(value).dtype if _is_array(value) else None
 
 
