@@ -118,3 +118,42 @@ def test_model_factory_with_other_weights_on_each_rank_refuses_to_merge(tmp_path
     assert [e.returncode for e in ended] == [3, 3], [e.stderr[-800:] for e in ended]
     assert all("rank 1 calibrates something else than rank 0 (model state sha256" in e.stderr for e in ended)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+INTERRUPTED = '''
+import numpy as np
+import torch
+from torch import nn
+
+D = np.load(%r)["images"]
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 4)).train()
+
+
+def batches(rank=0, world_size=1):  # rank 1 is interrupted (Ctrl-C, or SIGTERM as an exception) at its 2nd batch
+    for i in range(4):
+        if rank == 1 and i == 1:
+            raise KeyboardInterrupt
+        yield D[i * 8:(i + 1) * 8]
+'''
+
+
+@pytest.mark.slow(reason="two bnfold processes importing torch (~6 s)")
+@pytest.mark.parametrize("route", ["onnx", "torch"])
+def test_an_interrupted_rank_stops_the_others_at_once(tmp_path: Path, route: str) -> None:
+    # before the fix the interrupt (a BaseException) skipped the gather: rank 0 waited in it and rank 1 in
+    # the outcome broadcast, both for the whole timeout, and both exited 3 with "stopped answering"
+    (tmp_path / "review17_interrupted.py").write_text(INTERRUPTED % str(DATA))
+    out = tmp_path / "out" / ("folded.onnx" if route == "onnx" else "folded.pt2")
+    model = str(MODEL) if route == "onnx" else "--model-factory review17_interrupted:build"
+    cmd = ["sh", "-c", f"cd '{tmp_path}' && exec '{_bnfold()}' fold {model} --data-factory "
+                       f"review17_interrupted:batches -o '{out}'"]
+    ended = run_ranks(2, [], command=cmd, extra_env={"BNFOLD_DIST_TIMEOUT": "120"})
+    assert [e.returncode for e in ended] == [3, 130], [e.stderr[-800:] for e in ended]
+    assert max(e.seconds for e in ended) < 60  # far below the 120 s timeout
+    assert ended[0].stderr == "bnfold: error: rank 1 failed: interrupted (KeyboardInterrupt)\n"
+    assert ended[1].stderr.strip() == "bnfold: interrupted"  # after the newline that ends a progress line
+    assert not out.parent.exists()

@@ -84,7 +84,8 @@ def gathers_done() -> int:
 
 def _error_item(exc: BaseException) -> dict[str, Any]:
     code = exc.exit_code if isinstance(exc, BnfoldError) else 3
-    return {"error": one_line(exc, 300), "exit_code": int(code)}
+    text = one_line(exc, 300) if isinstance(exc, Exception) else f"interrupted ({type(exc).__name__})"
+    return {"error": text, "exit_code": int(code)}
 
 
 def _describe(key: Any) -> str:
@@ -106,7 +107,8 @@ def gather_calibration(group: Group, work: Callable[[], T], key: Any = None) -> 
     item: dict[str, Any]
     try:
         item = {"ok": work(), "key": key}
-    except Exception as exc:  # noqa: BLE001 - sent to the other ranks, then raised here again
+    except BaseException as exc:  # noqa: BLE001 - sent to the other ranks, then raised here again
+        # an interrupt (Ctrl-C, SIGTERM as an exception) too: the others would wait out the timeout
         error = exc
         item = _error_item(exc)
     gathered = _all_gather(group, item)
@@ -180,7 +182,7 @@ class RankGuard:
         self.gathered = True
         return gather_calibration(self.group, lambda: item, key=self.key)
 
-    def fail(self, exc: Exception) -> None:
+    def fail(self, exc: BaseException) -> None:
         """Send ``exc`` to the other ranks (when the gather has not run yet); raises ``exc``."""
         if not self.gathered:
             self.gathered = True

@@ -460,7 +460,7 @@ def run_calibration(
         run = _calibration_pass(module, data, guard=guard, **kwargs)
         run.world_size = group.world_size
         return run
-    except Exception as exc:  # noqa: BLE001 - sent to the other ranks (before the gather), then raised
+    except BaseException as exc:  # noqa: BLE001 - sent to the other ranks (before the gather), then raised
         guard.fail(exc)
         raise
 
