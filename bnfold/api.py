@@ -8,12 +8,13 @@ in ``bnfold/onnx/staging.py``; this module only calls them in order and builds t
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 import numpy as np
 import onnx
@@ -22,7 +23,7 @@ from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
 from bnfold.data.stream import StreamData, StreamSource, is_stream_source
 from bnfold.data.supplied import supplied_specs
 from bnfold.distributed import Group, RankShard, gather_calibration, resolve_group
-from bnfold.distributed.combine import decode_stats, encode_stats, merge_ranks
+from bnfold.distributed.combine import decode_stats, encode_stats, gathers_done, join_missed_gather, merge_ranks
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError
 from bnfold.files import check_not_input, check_output_paths
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
@@ -260,6 +261,31 @@ def _records(work_sites: list[BnSite], modes: dict[str, Mode], plan: FoldPlan, f
     return out
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _sends_early_errors(fn: _F) -> _F:
+    """In a process group: an error this rank raises before it reaches the calibration gather (its
+    arguments, its model, its data) is sent through that gather, so the other ranks stop at once
+    with ``rank K failed: <its message>`` instead of waiting out the timeout with a bare
+    "stopped answering" (a rank that got past the gather sends nothing more)."""
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        since = gathers_done()
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            try:
+                group = resolve_group(kwargs.get("distributed", "auto")) if gathers_done() == since else None
+            except BnfoldError:  # a bad ``distributed`` argument: raised as it is, on every rank alike
+                group = None
+            if group is not None:
+                join_missed_gather(group, since, exc)
+            raise
+    return cast(_F, guarded)
+
+
+@_sends_early_errors
 def fold(
     model: str | os.PathLike[str] | onnx.ModelProto,
     *,

@@ -157,3 +157,40 @@ def test_an_interrupted_rank_stops_the_others_at_once(tmp_path: Path, route: str
     assert ended[0].stderr == "bnfold: error: rank 1 failed: interrupted (KeyboardInterrupt)\n"
     assert ended[1].stderr.strip() == "bnfold: interrupted"  # after the newline that ends a progress line
     assert not out.parent.exists()
+
+
+API_WORKER = '''
+import sys
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+import bnfold
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+rank = dist.get_rank()
+start = time.monotonic()
+try:
+    bnfold.fold(%r, data=%r, batch_size=0 if rank == 1 else 8, dry_run=True)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}")
+print(f"seconds {time.monotonic() - start:.1f}")
+if rank == 1:
+    time.sleep(35)  # a training script that goes on: its process (and socket) stays open
+'''
+
+
+@pytest.mark.slow(reason="two processes importing torch (~5 s)")
+def test_api_rank_failing_before_the_gather_sends_its_error(tmp_path: Path) -> None:
+    # bnfold.fold in a process group: rank 1's bad batch_size raised before the calibration gather. Before
+    # the fix rank 0 waited in the gather for the whole timeout (60 s here) while rank 1's process lived on,
+    # and then said only "another rank stopped answering"
+    script = tmp_path / "api_worker.py"
+    script.write_text(API_WORKER % (str(MODEL), str(DATA)))
+    ended = run_ranks(2, [], command=[sys.executable, str(script)], timeout=170)
+    lines0 = ended[0].stdout.splitlines()
+    assert lines0[0] == ("RankFailed: rank 1 failed: batch size must be at least 1, got 0; use batch_size=N with "
+                         "N >= 1"), ended[0].stdout + ended[0].stderr[-1000:]
+    assert float(lines0[1].split()[1]) < 30  # not the 60 s timeout
+    assert ended[1].stdout.splitlines()[0].startswith("BadInputError: batch size must be at least 1")
