@@ -8,11 +8,13 @@ in ``bnfold/onnx/staging.py``; this module only calls them in order and builds t
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 import numpy as np
 import onnx
@@ -21,7 +23,7 @@ from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
 from bnfold.data.stream import StreamData, StreamSource, is_stream_source
 from bnfold.data.supplied import supplied_specs
 from bnfold.distributed import Group, RankShard, gather_calibration, resolve_group, threads_per_rank
-from bnfold.distributed.combine import decode_stats, encode_stats, merge_ranks
+from bnfold.distributed.combine import decode_stats, encode_stats, gathers_done, join_missed_gather, merge_ranks
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError
 from bnfold.files import check_not_input, check_output_paths
 from bnfold.formulas.stats import ESTIMATORS, finalize, gap_warning
@@ -206,8 +208,22 @@ def _calibrate_ranks(work: Work, data: Batches, progress: Callable[[int, int | N
     shard: Any = data if own_part else RankShard(data, group.rank, group.world_size)
     threads = threads_per_rank()
     per_rank = gather_calibration(group, lambda: encode_stats(calibrate(work, shard, progress, only=only,
-                                                                        threads=threads)))
+                                                                        threads=threads)),
+                                  key=_rank_key(work, data, only, own_part))
     return merge_ranks([decode_stats(p) for p in per_rank])
+
+
+def _rank_key(work: Work, data: Batches, only: set[str], own_part: bool) -> dict[str, Any]:
+    """What every rank must agree on before their statistics merge: the model (its file's digest,
+    else its graph's), the calibrated BNs and their channels, and the batches (size, and the count
+    where every rank reads the whole data)."""
+    digest = work.loaded.sha256 or hashlib.sha256(work.model.graph.SerializeToString()).hexdigest()
+    channels = sorted((s.info.name, s.info.channels or 0) for s in work.sites if s.info.name in only)
+    shape = hashlib.sha256(repr(channels).encode()).hexdigest()
+    key: dict[str, Any] = {"model sha256": digest[:12], "BNs": f"{len(channels)} ({shape[:8]})"}
+    if not own_part:  # a rank's own part (DistributedSampler style) may hold other batches
+        key.update({"batch size": data.batch_size, "batches": getattr(data, "num_batches", None)})
+    return key
 
 
 def _calibrate_and_freeze(work: Work, data: Batches, estimator: str, recalibrate: str,
@@ -248,6 +264,31 @@ def _records(work_sites: list[BnSite], modes: dict[str, Mode], plan: FoldPlan, f
     return out
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _sends_early_errors(fn: _F) -> _F:
+    """In a process group: an error this rank raises before it reaches the calibration gather (its
+    arguments, its model, its data) is sent through that gather, so the other ranks stop at once
+    with ``rank K failed: <its message>`` instead of waiting out the timeout with a bare
+    "stopped answering" (a rank that got past the gather sends nothing more)."""
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        since = gathers_done()
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            try:
+                group = resolve_group(kwargs.get("distributed", "auto")) if gathers_done() == since else None
+            except BnfoldError:  # a bad ``distributed`` argument: raised as it is, on every rank alike
+                group = None
+            if group is not None:
+                join_missed_gather(group, since, exc)
+            raise
+    return cast(_F, guarded)
+
+
+@_sends_early_errors
 def fold(
     model: str | os.PathLike[str] | onnx.ModelProto,
     *,

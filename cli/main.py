@@ -40,6 +40,7 @@ import bnfold
 import bnfold.report
 from bnfold import __version__
 from bnfold.distributed import Group, RankFailed, group_from_environment, share_outcome
+from bnfold.distributed.combine import gathers_done, join_missed_gather
 from bnfold.errors import BnfoldError, VerificationFailed
 from bnfold.outputs import Outputs
 from bnfold.report.json_report import to_json, verify_to_json
@@ -389,6 +390,7 @@ def _fold_on_rank(group: Group, run: Any) -> int:
     error: BaseException | None = None
     sink = contextlib.redirect_stdout(io.StringIO()) if group.rank != 0 else contextlib.nullcontext()
     _RANK_QUIET[0] = group.rank != 0
+    since = gathers_done()
     try:
         with sink:
             rv = run()
@@ -398,6 +400,11 @@ def _fold_on_rank(group: Group, run: Any) -> int:
     finally:
         _RANK_QUIET[0] = False
     if isinstance(error, RankFailed) and error.broken:  # the group is gone: no outcome to share
+        raise error
+    # a rank that failed before the calibration gather (its data, its model) joins it now: the
+    # others stop at once with its error rather than wait out the timeout in a collective it never calls
+    error = join_missed_gather(group, since, error)
+    if isinstance(error, RankFailed) and error.broken:
         raise error
     code, _ = share_outcome(group, _quiet_code(error) if error is not None else int(rv or 0), None)
     if error is not None:

@@ -23,6 +23,7 @@ import click
 from bnfold.data.factory import call_data_factory
 from bnfold.distributed import resolve_group
 from bnfold.errors import BadInputError
+from bnfold.formulas.sufficiency import MIN_TARGET_SE
 from bnfold.verification.shape_spec import normalize_input_shapes
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -223,6 +224,8 @@ def _data_config(path: Path | None, batch_size: int | None, factory: str | None)
 def _target_se(ctx: click.Context, param: click.Parameter, value: float) -> float:
     if not (value > 0.0 and value != float("inf")):  # also refuses nan, which click's FloatRange lets through
         raise click.BadParameter(f"{value!r}: give a positive fraction, e.g. 0.01 for 1 %")
+    if value < MIN_TARGET_SE:  # finer than float32 statistics hold; (worst/target)^2 would overflow
+        raise click.BadParameter(f"{value!r}: give at least {MIN_TARGET_SE:g}, e.g. 0.01 for 1 %")
     return float(value)
 
 

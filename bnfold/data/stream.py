@@ -57,7 +57,10 @@ def is_stream_source(data: Any) -> bool:
 
 
 def array_dtype(value: Any) -> np.dtype | None:
-    """The numpy dtype of an array or tensor (None for anything else)."""
+    """The numpy dtype of an array or tensor (None for anything else); a tensor's values are not
+    copied (a GPU batch stays where it is; a 'meta' tensor has none)."""
+    if _is_tensor(value):
+        return _to_numpy(value.new_empty((0,), device="cpu")).dtype
     return _to_numpy(value).dtype if _is_array(value) else None
 
 
@@ -126,6 +129,9 @@ class StreamSource:
             return _END
         except BadInputError:
             raise
+        except SystemExit as exc:  # bnfold's exit code is its own, not the source's (as for the factories)
+            raise BadInputError(f"calibration data source called sys.exit({exc.code!r}) on batch {number}; a data "
+                                "source must yield batches and end by returning, not exit") from None
         except Exception as exc:  # noqa: BLE001 - the user's iterable fails: name it, one line
             raise BadInputError(f"calibration data source raised {type(exc).__name__} on batch {number}: "
                                 f"{one_line(exc, 240)}; fix the data source") from exc
@@ -359,6 +365,9 @@ class StreamData:
         if not _is_array(value):
             raise BadInputError(f"calibration data batch {number} input '{key}' is a {type(value).__name__}, not an "
                                 "array; give numpy arrays or torch tensors")
+        if _is_tensor(value) and getattr(value, "is_meta", False):
+            raise BadInputError(f"calibration data batch {number} input '{key}' is a tensor on the 'meta' device, "
+                                "which holds no values; give tensors with data (on the CPU or a GPU)")
         return _to_numpy(value)
 
 

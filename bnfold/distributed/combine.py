@@ -21,8 +21,8 @@ from bnfold.errors import BnfoldError, one_line
 from bnfold.formulas.stats import merge
 from bnfold.records import BnStats
 
-__all__ = ["RankFailed", "RankGuard", "decode_stats", "encode_stats", "gather_calibration", "merge_ranks",
-           "share_outcome"]
+__all__ = ["RankFailed", "RankGuard", "decode_stats", "encode_stats", "gather_calibration", "gathers_done",
+           "join_missed_gather", "merge_ranks", "share_outcome"]
 
 T = TypeVar("T")
 
@@ -98,25 +98,84 @@ def _all_gather(group: Group, item: Any) -> list[Any]:
     return gathered
 
 
-def gather_calibration(group: Group, work: Callable[[], T]) -> list[T]:
+#: the calibration gathers this process has taken part in (see :func:`join_missed_gather`)
+_GATHERS = [0]
+
+
+def gathers_done() -> int:
+    """How many calibration gathers this process has taken part in so far."""
+    return _GATHERS[0]
+
+
+def _error_item(exc: BaseException) -> dict[str, Any]:
+    code = exc.exit_code if isinstance(exc, BnfoldError) else 3
+    text = one_line(exc, 300) if isinstance(exc, Exception) else f"interrupted ({type(exc).__name__})"
+    return {"error": text, "exit_code": int(code)}
+
+
+def _describe(key: Any) -> str:
+    return ", ".join(f"{k} {v}" for k, v in key.items()) if isinstance(key, dict) else repr(key)
+
+
+def gather_calibration(group: Group, work: Callable[[], T], key: Any = None) -> list[T]:
     """Run ``work`` (this rank's calibration) and all-gather its result: the list of every rank's
     result, in rank order. When any rank raised, every rank raises: the failed rank its own error,
-    the others ``RankFailed("rank K failed: <its one-line message>")`` with its exit code."""
+    the others ``RankFailed("rank K failed: <its one-line message>")`` with its exit code.
+
+    ``key`` (plain values: the model's digest, its BNs and channels, the batch size...) must be
+    equal on every rank: ranks that calibrated different models or batches would otherwise merge
+    statistics that do not belong together, silently; a difference is a ``RankFailed`` (exit 3)
+    on every rank naming the first rank that differs from rank 0. A rank that ended before its
+    gather (:func:`join_missed_gather`) makes the others fail with its error."""
+    _GATHERS[0] += 1
     error: BaseException | None = None
     item: dict[str, Any]
     try:
-        item = {"ok": work()}
-    except Exception as exc:  # noqa: BLE001 - sent to the other ranks, then raised here again
+        item = {"ok": work(), "key": key}
+    except BaseException as exc:  # noqa: BLE001 - sent to the other ranks, then raised here again
+        # an interrupt (Ctrl-C, SIGTERM as an exception) too: the others would wait out the timeout
         error = exc
-        code = exc.exit_code if isinstance(exc, BnfoldError) else 3
-        item = {"error": one_line(exc, 300), "exit_code": int(code)}
+        item = _error_item(exc)
     gathered = _all_gather(group, item)
     if error is not None:
         raise error
     for rank, got in enumerate(gathered):
         if "error" in got:
             raise RankFailed(f"rank {rank} failed: {got['error']}", got.get("exit_code", 3))
+        if "skipped" in got:
+            raise RankFailed(f"rank {rank} ended without calibrating while rank {group.rank} calibrated; every rank "
+                             "must run the same command on the same model and data")
+    for rank, got in enumerate(gathered[1:], start=1):
+        if got.get("key") != gathered[0].get("key"):
+            raise RankFailed(
+                f"rank {rank} calibrates something else than rank 0 ({_describe(got.get('key'))} vs "
+                f"{_describe(gathered[0].get('key'))}), so their statistics cannot be merged; every rank must run "
+                "the same command on the same model and data")
     return [got["ok"] for got in gathered]
+
+
+def join_missed_gather(group: Group, since: int, error: BaseException | None) -> BaseException | None:
+    """After a rank's run: when it took part in no calibration gather since ``gathers_done() ==
+    since`` (it failed before it, or had nothing to calibrate), it joins the gather the other ranks
+    wait in now, with its error (they stop at once with it instead of waiting out the timeout),
+    or as a rank that skipped calibration. Every rank then takes part in the same collectives.
+    Returns the error the rank ends with (its own, else another rank's; None when none failed)."""
+    if gathers_done() != since:
+        return error
+    _GATHERS[0] += 1
+    try:
+        gathered = _all_gather(group, _error_item(error) if error is not None else {"skipped": True})
+    except RankFailed as exc:
+        return error if error is not None else exc
+    if error is not None:
+        return error
+    for rank, got in enumerate(gathered):
+        if "error" in got:
+            return RankFailed(f"rank {rank} failed: {got['error']}", got.get("exit_code", 3))
+        if "skipped" not in got:  # it calibrated: this rank's command differs from its
+            return RankFailed(f"rank {rank} calibrated while rank {group.rank} ended without calibrating; every rank "
+                              "must run the same command on the same model and data")
+    return None
 
 
 def share_outcome(group: Group, exit_code: int, message: str | None) -> tuple[int, str | None]:
@@ -140,15 +199,16 @@ class RankGuard:
     result; :meth:`fail` sends an error raised before the gather (so the others stop), and does
     nothing after it (the ranks then hold the same merged statistics and fail alike)."""
 
-    def __init__(self, group: Group) -> None:
+    def __init__(self, group: Group, key: Any = None) -> None:
         self.group = group
+        self.key = key  # what every rank must agree on (see gather_calibration)
         self.gathered = False
 
     def gather(self, item: T) -> list[T]:
         self.gathered = True
-        return gather_calibration(self.group, lambda: item)
+        return gather_calibration(self.group, lambda: item, key=self.key)
 
-    def fail(self, exc: Exception) -> None:
+    def fail(self, exc: BaseException) -> None:
         """Send ``exc`` to the other ranks (when the gather has not run yet); raises ``exc``."""
         if not self.gathered:
             self.gathered = True

@@ -33,6 +33,11 @@ class RankShard:
         self._total = total
 
     @property
+    def total_batches(self) -> int | None:
+        """The whole data's batch count (every rank's together), when known."""
+        return self._total
+
+    @property
     def num_batches(self) -> int | None:
         return None if self._total is None else shard_size(self._total, self.rank, self.world_size)
 

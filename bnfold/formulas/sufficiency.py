@@ -20,10 +20,14 @@ import numpy as np
 from bnfold.errors import BadInputError
 from bnfold.records import BnStats, FrozenStats, Sufficiency
 
-__all__ = ["DEFAULT_TARGET_SE", "approx_samples", "channel_errors", "check_target_se", "missed", "percent",
-           "samples_for_target", "summary_line", "sufficiency", "sufficiency_warning", "worst_figure"]
+__all__ = ["DEFAULT_TARGET_SE", "MIN_TARGET_SE", "approx_samples", "channel_errors", "check_target_se", "missed",
+           "percent", "samples_for_target", "summary_line", "sufficiency", "sufficiency_warning", "worst_figure"]
 
 DEFAULT_TARGET_SE = 0.01  # 1 %: the worst channel's SE(E)/sigma and RSE(V)
+# The smallest target accepted: the frozen statistics are stored as float32 (relative round-off
+# 6e-8), so a target below 1e-6 cannot be told from round-off, and (worst / target)^2 overflows
+# float64 near 1e-154 and below (an internal OverflowError before this floor existed).
+MIN_TARGET_SE = 1e-6
 
 # A channel whose variance estimate is within float64 round-off of its mean (or under 1e-30
 # absolute) is constant in the data: it has no sigma to measure E's error in, and its statistics
@@ -41,6 +45,9 @@ def check_target_se(target_se: float) -> float:
     if not math.isfinite(t) or t <= 0.0:
         raise BadInputError(f"target_se must be a positive number, got {target_se!r}; pass e.g. target_se=0.01 "
                             "(1 %)")
+    if t < MIN_TARGET_SE:
+        raise BadInputError(f"target_se={target_se!r} is below {MIN_TARGET_SE:g}, finer than the float32 statistics "
+                            f"can hold; pass a target of at least {MIN_TARGET_SE:g}, e.g. target_se=0.01 (1 %)")
     return t
 
 

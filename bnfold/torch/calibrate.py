@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -476,15 +477,31 @@ def run_calibration(
             return _calibration_pass(module, data, **kwargs)
     if isinstance(data, CalibrationData) or (isinstance(data, StreamData) and data.shared):
         data = RankShard(data, group.rank, group.world_size)
-    guard = RankGuard(group)
+    guard = RankGuard(group, key=_rank_key(module, data))
     try:
         with collector_paused():
             run = _calibration_pass(module, data, guard=guard, **kwargs)
         run.world_size = group.world_size
         return run
-    except Exception as exc:  # noqa: BLE001 - sent to the other ranks (before the gather), then raised
+    except BaseException as exc:  # noqa: BLE001 - sent to the other ranks (before the gather), then raised
         guard.fail(exc)
         raise
+
+
+def _rank_key(module: nn.Module, data: Any) -> dict[str, Any]:
+    """What every rank must agree on before their statistics merge: the module's state (names,
+    shapes, values: a factory that seeds nothing gives each rank other weights) and, where every
+    rank reads the whole data, its batches."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        if isinstance(value, torch.Tensor) and not is_lazy(value):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    key: dict[str, Any] = {"model state sha256": digest.hexdigest()[:12]}
+    if isinstance(data, RankShard):  # every rank reads all of it: the batches must be the same
+        key.update({"batch size": data.batch_size, "batches": data.total_batches})
+    return key
 
 
 def _combine_ranks(guard: RankGuard, run: CalibrationRun, sums: dict[str, BnStats], first_call: list[str],
