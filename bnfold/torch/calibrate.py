@@ -120,22 +120,25 @@ def float_dtype(module: nn.Module) -> torch.dtype:
 
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for a calibration (as it was, after).
+    """The objects that exist before a calibration set aside from Python's cyclic collector while it
+    runs (``gc.freeze``; ``gc.unfreeze`` after).
 
     Copying a module creates thousands of Python objects (a ResNet-50: ~10 000 dicts, modules and
     tensors), enough to start a full collection during the forward passes that follow, and a full
     collection walks every object of the process (torch's own are most of them): 40-80 ms here,
-    more than the calibration adds to a forward pass (benchmarks/torch_one_shot.py). Nothing a
-    calibration allocates needs the collector (reference counting frees it); the objects stay
-    counted, so in a long-lived process the collection comes at its next trigger, and in a one-shot
-    process the collection at exit sweeps them once."""
-    was = gc.isenabled()
-    gc.disable()
+    more than the calibration adds to a forward pass (benchmarks/torch_one_shot.py). With the old
+    objects frozen, a collection during the run walks only what the run made, and the collector
+    still runs: cyclic garbage a model's forward makes batch after batch is freed as usual (turning
+    the collector off instead let it pile up). A process that froze objects itself (``gc.freeze``
+    before a fork) keeps them frozen: nothing is done then, nor with the collector off."""
+    if not gc.isenabled() or gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
     try:
         yield
     finally:
-        if was:
-            gc.enable()
+        gc.unfreeze()
 
 
 def copy_module(module: nn.Module) -> nn.Module:
