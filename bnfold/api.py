@@ -168,6 +168,9 @@ class _FullBatches:
     def batches_from(self, start: int, step: int) -> Iterator[dict[str, np.ndarray]]:
         return self._data.batches_from(start, step, self.num_batches)
 
+    def fingerprint(self) -> str:
+        return self._data.fingerprint()
+
     def take(self, k: int) -> dict[str, np.ndarray]:
         return self._data.take(min(k, self.num_samples))
 
@@ -223,6 +226,9 @@ def _rank_key(work: Work, data: Batches, only: set[str], own_part: bool) -> dict
     key: dict[str, Any] = {"model sha256": digest[:12], "BNs": f"{len(channels)} ({shape[:8]})"}
     if not own_part:  # a rank's own part (DistributedSampler style) may hold other batches
         key.update({"batch size": data.batch_size, "batches": getattr(data, "num_batches", None)})
+        fingerprint = getattr(data, "fingerprint", None)  # files and arrays: their content too
+        if fingerprint is not None:
+            key["data sha256"] = fingerprint()[:12]
     return key
 
 

@@ -27,6 +27,7 @@ that says what is wrong and what to do.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
 import mmap
 import os
@@ -78,6 +79,7 @@ class _Member:
     offset: int = 0  # byte offset of the array data in the file (mapped kinds)
     zip_name: str = ""  # member name inside the zip
     array: np.ndarray | None = None  # _MEMORY only
+    crc: int | None = None  # an .npz member's CRC-32 (of its whole .npy bytes), from the zip directory
 
 
 @dataclass
@@ -160,10 +162,10 @@ def _scan_npz(path: str, label: str) -> list[_Member]:
                     data_start = info.header_offset + 30 + name_len + extra_len
                     members.append(
                         _Member(key, dtype, shape, fortran, _STORED, offset=data_start + header_len,
-                                zip_name=info.filename)
+                                zip_name=info.filename, crc=info.CRC)
                     )
                 else:
-                    members.append(_Member(key, dtype, shape, fortran, _PACKED, zip_name=info.filename))
+                    members.append(_Member(key, dtype, shape, fortran, _PACKED, zip_name=info.filename, crc=info.CRC))
     except BadInputError:
         raise
     except OSError as exc:
@@ -347,6 +349,29 @@ class CalibrationData:
                 yield self._batch(lo, hi, index, cache)
         finally:
             cache.clear()
+
+    def fingerprint(self) -> str:
+        """A digest of what the data holds, cheap enough for every rank of a distributed run to
+        compare before their statistics merge: per file its sample count, per array its dtype and
+        shape, and its content checksum where the format keeps one (an .npz member's CRC-32, read
+        from the zip directory), else the bytes of its first and last sample (a .npy is mapped:
+        only those pages are read)."""
+        h = hashlib.sha256()
+        for i, f in enumerate(self._files):
+            h.update(f"{f.samples}|".encode())
+            arrays: dict[str, np.ndarray] | None = None
+            for name, m in sorted(f.members.items()):
+                h.update(f"{name}|{m.dtype.str}|{m.shape}|".encode("utf-8", "surrogatepass"))
+                if m.crc is not None:
+                    h.update(f"crc {m.crc}|".encode())
+                    continue
+                if arrays is None:
+                    arrays = self._open_file(i)
+                arr = arrays[name]
+                if arr.shape[0]:
+                    h.update(np.ascontiguousarray(arr[0]).tobytes())
+                    h.update(np.ascontiguousarray(arr[-1]).tobytes())
+        return h.hexdigest()
 
     def take(self, k: int) -> dict[str, np.ndarray]:
         """The first ``min(k, num_samples)`` samples as one batch (for verification)."""

@@ -504,6 +504,9 @@ def _rank_key(module: nn.Module, data: Any) -> dict[str, Any]:
     key: dict[str, Any] = {"model state sha256": digest.hexdigest()[:12]}
     if isinstance(data, RankShard):  # every rank reads all of it: the batches must be the same
         key.update({"batch size": data.batch_size, "batches": data.total_batches})
+        fingerprint = getattr(data, "fingerprint", None)  # files: their content too
+        if fingerprint is not None:
+            key["data sha256"] = fingerprint()[:12]
     return key
 
 
