@@ -170,3 +170,15 @@ def test_single_value_batches_carry_no_variance_weight() -> None:
     st = _accumulate(batches)
     assert st.batches == 4 and st.var_batches == 3
     assert np.isfinite(channel_errors(st)[1]).all()
+
+
+def test_the_samples_needed_carry_the_spread_of_their_estimate() -> None:
+    # simulated: a standard error from the spread of k normal estimates, squared (samples scale as
+    # SE^2), has a relative standard deviation near sqrt(2 / (k - 1))
+    from bnfold.formulas.sufficiency import need_spread
+
+    rng = np.random.default_rng(0)
+    for k in (4, 8, 20):
+        se2 = rng.standard_normal((20000, k)).var(axis=1, ddof=1)
+        assert abs(se2.std() / se2.mean() - need_spread(k)) < 0.05 * need_spread(k)
+    assert need_spread(1) == float("inf")

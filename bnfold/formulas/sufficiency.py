@@ -113,6 +113,17 @@ def approx_samples(n: int) -> str:
     return f"{-(-int(n) // step) * step:,}".replace(",", " ")
 
 
+def need_spread(batches: int) -> float:
+    """The relative uncertainty of ``samples_for_target`` estimated from ``batches`` batches: a
+    standard error taken from the spread of k estimates is good to about 1/sqrt(2(k-1)) of itself,
+    and the samples needed go as its square, so about sqrt(2/(k-1)) (0.82 at k = 4, 0.33 at 20)."""
+    return math.sqrt(2.0 / (batches - 1)) if batches > 1 else math.inf
+
+
+def _need_note(s: Sufficiency) -> str:
+    return f" (from {s.batches} batches: +-{need_spread(s.batches):.0%})" if s.samples_for_target else ""
+
+
 def percent(x: float) -> str:
     """A fraction as a percentage with two significant figures: 0.0123 -> ``"1.2 %"``."""
     return f"{x * 100:.2g} %"
@@ -134,7 +145,7 @@ def sufficiency_warning(stats: Mapping[str, FrozenStats]) -> str | None:
     need = f"~{approx_samples(s.samples_for_target)} samples" if s.samples_for_target else "more samples"
     return (f"calibration statistics miss the {percent(s.target)} standard-error target at {len(bad)} BN "
             f"(worst: '{name}', {percent(worst)} at channel {s.worst_channel} after {s.samples} samples): "
-            f"give {need}, or set the target with target_se=")
+            f"give {need}{_need_note(s)}, or set the target with target_se=")
 
 
 def worst_figure(s: Sufficiency) -> float:
@@ -162,4 +173,4 @@ def summary_line(named: Sequence[tuple[str, Sufficiency]]) -> str | None:
     name, s = max(bad, key=lambda ns: ns[1].samples_for_target or 0)
     need = approx_samples(s.samples_for_target) if s.samples_for_target else "more"
     return (f"Sufficiency: {len(rated) - len(bad)} of {len(rated)} BN within {target} after {seen} samples; "
-            f"{name} needs ~{need}{skipped}")
+            f"{name} needs ~{need}{_need_note(s)}{skipped}")
