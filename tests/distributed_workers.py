@@ -88,4 +88,10 @@ if __name__ == "__main__":
         main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
     except Exception as exc:  # one line on stderr, as the CLI would print it
         print(f"worker error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        # a gloo group left to the interpreter's exit may abort the process ("terminate called without
+        # an active exception", SIGABRT) once its peers are gone: end it here, as bnfold's CLI does
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
         sys.exit(getattr(exc, "exit_code", 3))
