@@ -44,7 +44,10 @@ def test_no_collection_runs_during_calibrate_and_the_state_is_restored(eager_col
     data = [torch.randn(2, 4, 8, 8) for _ in range(3)]
     assert gc.isenabled()
     bnfold.torch.calibrate(_net(), data)
-    assert eager_collector == []  # with the collector on: 58 collections (thresholds 10, 1, 1)
+    # with the collector on: 58 collections (thresholds 10, 1, 1), full ones among them. Paused: no full
+    # (generation 2) one, and at most one young collection per batch (review17b: a forward's reference
+    # cycles are freed batch by batch instead of piling up for the whole calibration)
+    assert 2 not in eager_collector and len(eager_collector) <= len(data), eager_collector
     assert gc.isenabled()
     gc.disable()
     try:
