@@ -8,6 +8,10 @@ the collector is switched back on (if it was on) when the block ends, also on er
 
 Only the CLI pauses it, around the whole command: it owns its process. The library does not: a
 call inside a service must not switch off collection for the service's other threads.
+(``bnfold.torch.calibrate`` sets the objects that exist before it aside, ``gc.freeze``, which
+leaves the collector on; with the collector off, as here, its batch loop makes the young
+collections itself, so a forward's reference cycles are freed batch by batch:
+``bnfold.torch.calibrate.collect_young``.)
 """
 from __future__ import annotations
 

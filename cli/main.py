@@ -406,7 +406,12 @@ def _fold_on_rank(group: Group, run: Any) -> int:
     error = join_missed_gather(group, since, error)
     if isinstance(error, RankFailed) and error.broken:
         raise error
-    code, _ = share_outcome(group, _quiet_code(error) if error is not None else int(rv or 0), None)
+    try:
+        code, _ = share_outcome(group, _quiet_code(error) if error is not None else int(rv or 0), None)
+    except RankFailed:
+        if error is not None:  # this rank's own failure, not that another rank left meanwhile
+            raise error from None
+        raise
     if error is not None:
         raise error
     if code != EXIT_OK:

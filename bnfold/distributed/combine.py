@@ -21,8 +21,8 @@ from bnfold.errors import BnfoldError, one_line
 from bnfold.formulas.stats import merge
 from bnfold.records import BnStats
 
-__all__ = ["RankFailed", "RankGuard", "decode_stats", "encode_stats", "gather_calibration", "gathers_done",
-           "join_missed_gather", "merge_ranks", "share_outcome"]
+__all__ = ["MAX_MESSAGE_BYTES", "RankFailed", "RankGuard", "decode_stats", "encode_stats", "gather_calibration",
+           "gathers_done", "join_missed_gather", "merge_ranks", "share_outcome"]
 
 T = TypeVar("T")
 
@@ -61,6 +61,11 @@ def merge_ranks(per_rank: list[dict[str, BnStats]]) -> dict[str, BnStats]:
     return merged
 
 
+#: the longest message a rank accepts from another: each rank allocates world_size times the longest
+#: announced, before any byte arrives (a ResNet-50's statistics are ~0.5 MB; 1 GiB is ~10 million channels)
+MAX_MESSAGE_BYTES = 1 << 30
+
+
 def _gather_bytes(group: Group, payload: bytes) -> list[bytes]:
     """Every rank's ``payload``, in rank order: the lengths, then the bytes padded to the longest
     (tensors only: nothing is pickled, see :mod:`bnfold.distributed.wire`)."""
@@ -70,6 +75,10 @@ def _gather_bytes(group: Group, payload: bytes) -> list[bytes]:
     size = torch.tensor([len(payload)], dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(group.world_size)]
     dist.all_gather(sizes, size, group=group.handle)
+    for rank, s in enumerate(sizes):  # every rank sees the same lengths, so every rank stops here alike
+        if not 0 <= int(s.item()) <= MAX_MESSAGE_BYTES:
+            raise wire.MalformedMessage(f"rank {rank} announced a message of {int(s.item())} bytes (at most "
+                                        f"{MAX_MESSAGE_BYTES} are accepted)")
     longest = max(int(s.item()) for s in sizes)
     mine = torch.zeros(max(longest, 1), dtype=torch.uint8)
     if payload:
@@ -82,6 +91,9 @@ def _gather_bytes(group: Group, payload: bytes) -> list[bytes]:
 def _all_gather(group: Group, item: Any) -> list[Any]:
     try:
         raw = _gather_bytes(group, wire.encode(item))
+    except wire.MalformedMessage as exc:
+        raise RankFailed(f"rank {group.rank}: {exc}; every rank must run the same bnfold version, and the "
+                         "rendezvous port must be private", broken=True) from exc
     except Exception as exc:  # gloo: a peer that died closes its socket, or the timeout passes
         raise RankFailed(
             f"rank {group.rank}: another rank stopped answering during the distributed calibration "
@@ -90,12 +102,24 @@ def _all_gather(group: Group, item: Any) -> list[Any]:
     gathered = []
     for rank, data in enumerate(raw):
         try:
-            gathered.append(wire.decode(data))
+            gathered.append(_envelope(wire.decode(data)))
         except wire.MalformedMessage as exc:
             raise RankFailed(f"rank {group.rank}: rank {rank} sent a message that is not bnfold's ({exc}); every "
                              "rank must run the same bnfold version, and the rendezvous port must be private",
                              broken=True) from exc
     return gathered
+
+
+def _envelope(got: Any) -> dict[str, Any]:
+    """``got`` when it is an item of a calibration gather: a dict, with an error as a string and an exit code 1-255."""
+    if not isinstance(got, dict):
+        raise wire.MalformedMessage(f"a {type(got).__name__} where a gather item belongs")
+    if "error" in got and not (isinstance(got["error"], str) and type(got.get("exit_code", 3)) is int
+                               and 1 <= got.get("exit_code", 3) <= 255):
+        raise wire.MalformedMessage("bad error item")
+    if not ({"ok", "error", "skipped"} & set(got)):
+        raise wire.MalformedMessage("a gather item without a result")
+    return got
 
 
 #: the calibration gathers this process has taken part in (see :func:`join_missed_gather`)
@@ -183,12 +207,15 @@ def share_outcome(group: Group, exit_code: int, message: str | None) -> tuple[in
     try:
         raw = _gather_bytes(group, wire.encode([exit_code, message]))
     except Exception as exc:
-        raise RankFailed(f"rank {group.rank}: rank 0 stopped answering before it finished "
+        who = "rank 0" if group.rank != 0 else "another rank"  # rank 0 waits for the others here
+        raise RankFailed(f"rank {group.rank}: {who} stopped answering before it finished "
                          f"({one_line(exc, 160)}; timeout {group.timeout_s:g} s, {TIMEOUT_ENV} / --dist-timeout)",
                          broken=True) from exc
     try:
         code, msg = wire.decode(raw[0])
-        return int(code), (None if msg is None else str(msg))
+        if type(code) is not int or not 0 <= code <= 255:
+            raise ValueError(f"exit code {code!r}")
+        return code, (None if msg is None else str(msg))
     except (wire.MalformedMessage, TypeError, ValueError) as exc:
         raise RankFailed(f"rank {group.rank}: rank 0 sent an outcome that is not bnfold's ({exc})",
                          broken=True) from exc

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,27 @@ def _array(kind: Any, shape: Any, data: Any) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
 
 
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # not bool
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _str_dict(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, dict) and all(check(x) for x in v.values())
+
+
+#: each RankFacts field's type, checked on arrival (a wrong type would fail later, deep in the merge)
+_FACT_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "batches": _is_int, "samples": lambda v: v is None or _is_int(v), "first_call": _str_list,
+    "in_dtype": _str_dict(lambda x: isinstance(x, str)), "max_calls": _str_dict(_is_int),
+    "ranks": _str_dict(lambda x: isinstance(x, list) and all(_is_int(n) for n in x)), "warnings": _str_list,
+}
+assert set(_FACT_CHECKS) == {f.name for f in dataclasses.fields(RankFacts)}
+
+
 def _unpack(v: Any, depth: int = 0) -> Any:
     if v is None or isinstance(v, (str, bool, int, float)):
         return v
@@ -83,7 +105,8 @@ def _unpack(v: Any, depth: int = 0) -> Any:
         return _array(*body)
     if tag == "f":
         fields = _unpack(body, depth + 1)
-        if not isinstance(fields, dict) or set(fields) - {f.name for f in dataclasses.fields(RankFacts)}:
+        if not isinstance(fields, dict) or set(fields) - set(_FACT_CHECKS) \
+                or not all(_FACT_CHECKS[k](v) for k, v in fields.items()):
             raise MalformedMessage("bad run facts")
         return RankFacts(**fields)
     raise MalformedMessage(f"unknown tag {tag!r}")
@@ -96,5 +119,6 @@ def decode(data: bytes) -> Any:
         return _unpack(json.loads(data.decode("utf-8")))
     except MalformedMessage:
         raise
-    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # bad JSON or base64, wrong field types
+    except (ValueError, TypeError, KeyError, RecursionError, OverflowError) as exc:
+        # bad JSON or base64, wrong field types, an array shape beyond int64
         raise MalformedMessage(str(exc)) from exc

@@ -141,6 +141,27 @@ def collector_paused() -> Iterator[None]:
         gc.unfreeze()
 
 
+def collect_young() -> None:
+    """Called after each batch, for a collector switched off around the run (the CLI switches it off
+    for the whole command, ``cli/gcpause.py``; a caller may too): what it would do at this point but
+    the full (generation 2) pass, so that a forward that makes reference cycles (an object that
+    refers to itself and holds an activation) does not grow memory with the number of batches
+    (1000 batches of 0.5 MB cycles: 940 MB peak RSS against 407 MB, measured by review17b): a
+    generation-0 collection once as many objects as its threshold were allocated, and every
+    ``threshold1``-th of them one of generation 1. Cycles made by a forward pass (young objects)
+    are freed batch by batch; the module copy's objects move to the old generations once and are
+    not walked again. Nothing happens while the collector runs by itself (it keeps the count low),
+    or when its threshold is 0 (collection switched off that way)."""
+    threshold0, threshold1, _ = gc.get_threshold()
+    if threshold0 <= 0 or gc.get_count()[0] < threshold0:
+        return
+    _YOUNG[0] += 1
+    gc.collect(1 if threshold1 > 0 and _YOUNG[0] % threshold1 == 0 else 0)
+
+
+_YOUNG = [0]  # generation-0 collections made by collect_young (every threshold1-th is of generation 1)
+
+
 def copy_module(module: nn.Module) -> nn.Module:
     """``copy.deepcopy`` that also copies modules with uninitialised (lazy) parameters.
 
@@ -667,6 +688,7 @@ def _calibration_pass(
                     raise BadInputError(_forward_failure(exc, done, batch, dtype)) from exc
                 state["first"] = False
                 run.batches = done
+                collect_young()
                 size = batch.size
                 run.samples = None if run.samples is None or size is None else run.samples + size
                 if progress:
