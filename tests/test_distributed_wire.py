@@ -56,3 +56,17 @@ def test_the_collectives_carry_no_pickle() -> None:
     for used in ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list",
                  "send_object_list", "recv_object_list", "import pickle", "pickle.load"):
         assert used not in src, used
+
+
+@pytest.mark.parametrize("change", [
+    {"extra": 1}, {"sum_mu": np.zeros(2)}, {"sum_mu": np.zeros(3, dtype=np.float32)}, {"batches": -1},
+    {"batches": True}, {"sum_m": np.zeros(3)}, {"sum_var": 1}, {"channels": "3"},
+])
+def test_statistics_a_peer_sends_are_checked_field_by_field(change: dict[str, object]) -> None:
+    # before: BnStats(**fields) took anything, and the merge failed later as an internal error
+    fields = dict(encode_stats({"bn": _stats()})["bn"])
+    fields.update(change)
+    with pytest.raises(combine.RankFailed, match="sent statistics that are not bnfold's"):
+        decode_stats({"bn": fields})
+    with pytest.raises(combine.RankFailed):
+        decode_stats([1, 2])  # type: ignore[arg-type]

@@ -48,8 +48,38 @@ def encode_stats(stats: Mapping[str, BnStats]) -> dict[str, dict[str, Any]]:
     return out
 
 
+_STAT_FIELDS = {f.name: f for f in dataclasses.fields(BnStats)}
+
+
+def _checked_stats(name: Any, fields: Any) -> BnStats:
+    """One BN's ``BnStats`` from a rank's fields: exactly BnStats' fields, counts as non-negative
+    ints, arrays as float64 vectors of ``channels`` values (what :func:`encode_stats` sends); else a
+    one-line :class:`RankFailed` (a peer that is not bnfold, or another version of it)."""
+    def bad(why: str) -> RankFailed:
+        return RankFailed(f"a rank sent statistics that are not bnfold's (BN {str(name)[:80]!r}: {why}); every rank "
+                          "must run the same bnfold version, and the rendezvous port must be private", broken=True)
+
+    if not isinstance(name, str) or not isinstance(fields, Mapping) or set(fields) != set(_STAT_FIELDS):
+        raise bad("unexpected fields")
+    channels = fields["channels"]
+    values: dict[str, Any] = {}
+    if type(channels) is not int or channels < 0:
+        raise bad("channels is not a count")
+    for key, value in fields.items():
+        if "ndarray" in str(_STAT_FIELDS[key].type):
+            if not isinstance(value, np.ndarray) or value.dtype != np.float64 or value.shape != (channels,):
+                raise bad(f"{key} is not {channels} float64 values")
+        elif type(value) is not int or value < 0:
+            raise bad(f"{key} is not a count")
+        values[key] = value
+    return BnStats(**values)
+
+
 def decode_stats(encoded: Mapping[str, Mapping[str, Any]]) -> dict[str, BnStats]:
-    return {name: BnStats(**dict(fields)) for name, fields in encoded.items()}
+    if not isinstance(encoded, Mapping):
+        raise RankFailed("a rank sent statistics that are not bnfold's (not a mapping of BNs); every rank must run "
+                         "the same bnfold version", broken=True)
+    return {name: _checked_stats(name, fields) for name, fields in encoded.items()}
 
 
 def merge_ranks(per_rank: list[dict[str, BnStats]]) -> dict[str, BnStats]:
