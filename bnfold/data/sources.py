@@ -454,31 +454,35 @@ class CalibrationData:
     def _piece(self, spec: InputSpec, f: _File, src: np.ndarray, a: int, b: int, index: int) -> np.ndarray:
         """Copy samples [a, b) of one file's array, cast to the input dtype, checked."""
         view = src[a:b]
-        dst = spec.dtype
         where = (
             f"in {f.label} samples {a}..{b - 1} (samples {f.start + a}..{f.start + b - 1} overall, batch {index})"
         )
-        if dst.kind in "iu" and view.dtype.kind in "iu" and not np.can_cast(view.dtype, dst, "safe") and view.size:
-            info = np.iinfo(dst)
-            vmin, vmax = int(view.min()), int(view.max())
-            if vmin < info.min or vmax > info.max:
-                raise BadInputError(
-                    f"calibration data for input '{spec.name}' has values in [{vmin}, {vmax}] {where} that do not fit "
-                    f"the model's {dst}; save the data as {dst} or within its range"
-                )
-        with np.errstate(over="ignore", invalid="ignore"):
-            piece = np.array(view, dtype=dst, order="C", copy=True)
-        if dst.kind == "f" and piece.size and not np.isfinite(piece).all():
-            if view.dtype.kind == "f" and not np.isfinite(view).all():
-                raise BadInputError(
-                    f"calibration data for input '{spec.name}' has NaN or Inf values {where}; "
-                    f"remove or fix those samples"
-                )
+        return cast_checked(spec, view, where)
+
+
+def cast_checked(spec: InputSpec, arr: np.ndarray, where: str, verb: str = "save") -> np.ndarray:
+    """A C-contiguous copy of ``arr`` in ``spec``'s dtype; a one-line :class:`BadInputError` (naming
+    ``where``) for integers that do not fit it, NaN/Inf values, or floats that overflow it. ``verb``
+    words the fix: "save" for files, "give" for a stream's batches."""
+    dst = spec.dtype
+    if dst.kind in "iu" and arr.dtype.kind in "iu" and not np.can_cast(arr.dtype, dst, "safe") and arr.size:
+        info = np.iinfo(dst)
+        vmin, vmax = int(arr.min()), int(arr.max())
+        if vmin < info.min or vmax > info.max:
             raise BadInputError(
-                f"calibration data for input '{spec.name}' overflows the model's {dst} {where}; "
-                f"scale the data into the {dst} range"
+                f"calibration data for input '{spec.name}' has values in [{vmin}, {vmax}] {where} that do not fit "
+                f"the model's {dst}; {verb} the data as {dst} or within its range"
             )
-        return piece
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.array(arr, dtype=dst, order="C", copy=True)
+    if dst.kind == "f" and out.size and not np.isfinite(out).all():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise BadInputError(
+                f"calibration data for input '{spec.name}' has NaN or Inf values {where}; remove or fix those samples")
+        raise BadInputError(
+            f"calibration data for input '{spec.name}' overflows the model's {dst} {where}; scale the data into the "
+            f"{dst} range")
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import numpy as np
 from bnfold.errors import BadInputError, one_line
 from bnfold.records import InputSpec
 
-from .sources import _MEMORY, _check_dtype_storable, _fmt_shape, _Member, _validate_file
+from .sources import _MEMORY, _check_dtype_storable, _fmt_shape, _Member, _validate_file, cast_checked
 
 __all__ = ["SharedStream", "StreamData", "StreamSource", "array_dtype", "is_stream_source"]
 
@@ -332,7 +332,7 @@ class StreamData:
                 raise BadInputError(
                     f"calibration data batch {number} input '{spec.name}' has per-sample shape {_fmt_shape(shape)} "
                     f"but earlier batches have {_fmt_shape(seen)}; every batch must hold samples of the same shape")
-            out[spec.name] = _cast(spec, arr, where)
+            out[spec.name] = cast_checked(spec, arr, where, "give")
         return out
 
     def _as_arrays(self, item: Any, number: int) -> dict[str, np.ndarray]:
@@ -369,27 +369,6 @@ class StreamData:
             raise BadInputError(f"calibration data batch {number} input '{key}' is a tensor on the 'meta' device, "
                                 "which holds no values; give tensors with data (on the CPU or a GPU)")
         return _to_numpy(value)
-
-
-def _cast(spec: InputSpec, arr: np.ndarray, where: str) -> np.ndarray:
-    dst = spec.dtype
-    if dst.kind in "iu" and arr.dtype.kind in "iu" and not np.can_cast(arr.dtype, dst, "safe") and arr.size:
-        info = np.iinfo(dst)
-        vmin, vmax = int(arr.min()), int(arr.max())
-        if vmin < info.min or vmax > info.max:
-            raise BadInputError(
-                f"calibration data for input '{spec.name}' has values in [{vmin}, {vmax}] {where} that do not fit "
-                f"the model's {dst}; give the data as {dst} or within its range")
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = np.array(arr, dtype=dst, order="C", copy=True)
-    if dst.kind == "f" and out.size and not np.isfinite(out).all():
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise BadInputError(
-                f"calibration data for input '{spec.name}' has NaN or Inf values {where}; remove or fix those samples")
-        raise BadInputError(
-            f"calibration data for input '{spec.name}' overflows the model's {dst} {where}; scale the data into the "
-            f"{dst} range")
-    return out
 
 
 def _count(batch: Mapping[str, np.ndarray]) -> int:
