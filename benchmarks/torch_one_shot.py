@@ -15,11 +15,14 @@ kernels where used), building the model and the batches, and the work. Jobs, eac
   issue 16 the numba kernels were the default and ``0`` turned them off; since, ``1`` turns them on).
 
 Model: ResNet-50 (torchvision's where ``import torchvision`` works, else the same architecture
-written below: bottleneck stages [3, 4, 6, 3], 53 BatchNorm2d), random weights from a fixed seed;
+written below: bottleneck stages [3, 4, 6, 3], 53 BatchNorm2d), or with ``--model timm:NAME`` one of
+timm's (mobilenetv3_small_100, efficientnet_b0, rexnet_100, resnet18: many small activations, and
+timm's ``BatchNormAct2d``; timm's import is then part of every job alike), random weights from a fixed seed;
 data: 4 batches of 8x3x128x128 ``randn``. Jobs are interleaved round by round (eval, update_bn,
 calibrate, calibrate_nonumba, eval, ...) so that a busy phase of a shared machine hits all alike;
 reported are each job's median wall time and CPU time (user + system of the child) and their
-ratios to ``eval``'s. Each job also reports its own split of the wall time (imports, build, work)
+ratios to ``eval``'s, and, paired by round, the median of its wall time minus ``update_bn``'s and
+the number of rounds in which it took at most ``update_bn``'s time. Each job also reports its own split of the wall time (imports, build, work)
 measured inside the process. On a shared machine the CPU time with ``--threads 1`` is the stable
 figure (wall times of multi-threaded jobs swing with the other load).
 
@@ -35,7 +38,7 @@ To time another checkout of bnfold, put it first on the children's path:
 ``PYTHONPATH=/path/to/checkout python benchmarks/torch_one_shot.py``, or ``--compare CHECKOUT``
 to add its calibrate jobs (``calibrate@before`` ...) to the same interleaved rounds.
 
-    python benchmarks/torch_one_shot.py --repeats 8 [--threads 1]
+    python benchmarks/torch_one_shot.py --repeats 8 [--threads 1] [--model timm:efficientnet_b0]
 """
 from __future__ import annotations
 
@@ -96,17 +99,37 @@ def _resnet50(arch: str) -> Any:
     return nn.Sequential(*layers)
 
 
+def _timm(name: str) -> Any:
+    """timm's ``name`` with random weights. timm imports torchvision, whose registry wheel here links
+    CUDA libraries the CPU torch lacks (``import torchvision`` dies registering ``torchvision::nms``);
+    where a plain import fails, the two op schemas its Python code registers fake kernels for are
+    declared first (the same workaround as the tests' timm fixture; never in the package)."""
+    import torch
+    if not _torchvision_imports():
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _KEEP.append(lib)
+    import timm
+    return lambda: timm.create_model(name)
+
+
+_KEEP: list[Any] = []
+
+
 def run_job(job: str, arch: str, batches: int, batch_size: int, size: int) -> dict[str, float]:
-    """One job in this (fresh) process; returns its own split in seconds."""
+    """One job in this (fresh) process; returns its own split in seconds. ``arch``: "torchvision"
+    or "local" (ResNet-50), or "timm:NAME"."""
     t0 = time.perf_counter()
     import torch
+    build = _timm(arch[5:]) if arch.startswith("timm:") else lambda: _resnet50(arch)
     if job.startswith("calibrate"):
         import bnfold.torch
     elif job == "update_bn":
         from torch.optim.swa_utils import update_bn
     t1 = time.perf_counter()
     torch.manual_seed(0)
-    model = _resnet50(arch)
+    model = build()
     data = [torch.randn(batch_size, 3, size, size) for _ in range(batches)]
     t2 = time.perf_counter()
     if job == "eval":
@@ -134,6 +157,8 @@ def main() -> None:
     ap.add_argument("--jobs", default=",".join(JOBS), help="comma-separated subset of " + ", ".join(JOBS))
     ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job in this process
     ap.add_argument("--arch", default="local", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="resnet50",
+                    help="resnet50 (torchvision's, else written here), or timm:NAME (e.g. timm:mobilenetv3_small_100)")
     ap.add_argument("--compare", help="another bnfold checkout whose calibrate jobs run in the same rounds")
     ap.add_argument("--bytecode", choices=("cached", "none"), default="cached",
                     help="cached: children read compiled .pyc, as after a pip install (default); none: as the "
@@ -143,7 +168,7 @@ def main() -> None:
     if args.job:
         print(json.dumps(run_job(args.job, args.arch, *shape)))
         return
-    arch = "torchvision" if _torchvision_imports() else "local"
+    arch = args.model if args.model.startswith("timm:") else "torchvision" if _torchvision_imports() else "local"
     jobs = args.jobs.split(",")
     if args.compare:
         jobs += [f"{j}@before" for j in jobs if j.startswith("calibrate")]
@@ -184,17 +209,23 @@ def main() -> None:
         print(f"round {r + 1}: " + "  ".join(f"{j} {wall[j][-1]:.3f}/{cpu[j][-1]:.3f}" for j in jobs), file=sys.stderr)
     base_wall = statistics.median(wall["eval"]) if "eval" in wall else None
     base_cpu = statistics.median(cpu["eval"]) if "eval" in cpu else None
-    where = "torchvision" if arch == "torchvision" else "written in this script"
-    print(f"ResNet-50 ({where}), {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, fresh process "
+    where = {"torchvision": "ResNet-50 (torchvision)", "local": "ResNet-50 (written in this script)"}.get(arch, arch)
+    print(f"{where}, {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, fresh process "
           f"per job, threads {args.threads or 'default'}, bytecode {args.bytecode}, median of {args.repeats}")
-    print(f"{'job':<24} {'wall s':>7} {'x eval':>7} {'cpu s':>7} {'x eval':>7} {'imports':>8} {'build':>7} {'work':>7}")
+    print(f"{'job':<24} {'wall s':>7} {'x eval':>7} {'cpu s':>7} {'x eval':>7} {'imports':>8} {'build':>7} {'work':>7}"
+          f"  {'- update_bn (ms, median of rounds)':>34} {'rounds <= update_bn':>20}")
     for job in jobs:
         w, c = statistics.median(wall[job]), statistics.median(cpu[job])
         parts = {k: statistics.median(s[k] for s in split[job]) for k in ("imports", "build", "work")}
         rw = f"{w / base_wall:.2f}x" if base_wall else "-"
         rc = f"{c / base_cpu:.2f}x" if base_cpu else "-"
+        vs = wins = "-"
+        if "update_bn" in wall and job != "update_bn":  # paired by round: a busy phase hits both alike
+            diffs = [a - b for a, b in zip(wall[job], wall["update_bn"])]
+            vs = f"{statistics.median(diffs) * 1e3:+.0f}"
+            wins = f"{sum(d <= 0 for d in diffs)} of {len(diffs)}"
         print(f"{job:<24} {w:7.3f} {rw:>7} {c:7.3f} {rc:>7} {parts['imports']:8.3f} {parts['build']:7.3f} "
-              f"{parts['work']:7.3f}")
+              f"{parts['work']:7.3f}  {vs:>34} {wins:>20}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 * ``STANDARD``: a torch ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, lazy BNs, subclasses
   that keep their forward, e.g. mmcv's ``_BatchNormXd``): calibrated through its forward, folded.
 * ``BN_ACT``: timm's ``BatchNormAct2d`` (a ``BatchNorm2d`` whose forward is ``F.batch_norm`` on its
-  buffers, then ``drop``, then ``act``): calibrated through its ``F.batch_norm`` call; folding
-  moves the BN part into the producer and leaves ``act(drop(x))``.
+  buffers, then ``drop``, then ``act``): calibrated as a standard BN followed by its ``drop`` and
+  ``act``; folding moves the BN part into the producer and leaves ``act(drop(x))``.
 * ``FROZEN_AFFINE``: torchvision's ``FrozenBatchNorm2d`` (buffers ``weight``, ``bias``,
   ``running_mean``, ``running_var`` and ``eps``: an affine by design, never calibrated): folded.
 * ``CUSTOM``: any other ``_BatchNorm`` subclass overriding forward, or a module with

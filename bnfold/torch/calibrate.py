@@ -14,8 +14,10 @@ PreciseBN keeps the biased pooled variance. Here:
   touched (no momentum, no ``num_batches_tracked`` update), and nothing is copied to the host
   per batch; the sums come back once, at the end. The replaced forward also counts the BN's
   calls, to check that it is called once per forward;
-* a BN-like module that overrides ``forward`` (timm's ``BatchNormAct2d``, a hand-written BN; see
-  :mod:`bnfold.torch.bn_kinds`) is calibrated through its ``F.batch_norm`` call on its own buffers,
+* timm's ``BatchNormAct2d`` (whose forward is that BN, then its ``drop``, then its ``act``; the fold
+  relies on the same, :mod:`bnfold.torch.bn_kinds`) gets the same replaced forward followed by its
+  ``drop`` and ``act``; any other BN-like module that overrides ``forward`` (a hand-written BN,
+  mmcv's, ``SyncBatchNormAct``) is calibrated through its ``F.batch_norm`` call on its own buffers,
   caught by :mod:`bnfold.torch.intercept` and handled as above; one whose forward never makes that
   call is refused (``UnsupportedModelError``), never left stale. ``FrozenBatchNorm2d`` keeps its
   statistics (an affine by design);
@@ -28,9 +30,9 @@ The returned module is in eval mode with the chosen estimator's statistics in ``
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import hashlib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
+from torch.nn.parameter import is_lazy
 
 from bnfold.data.sources import CalibrationData
 from bnfold.data.stream import StreamData
@@ -57,6 +59,7 @@ from bnfold.torch.batches import Batch, check_arity, count_batches, iter_batches
 from bnfold.torch.bn_kinds import BnKind, bn_kind, bn_like_modules, is_standard_bn
 from bnfold.torch.device import check_device
 from bnfold.torch.intercept import BatchNormIntercept
+from bnfold.torch.module_copy import DeferredCopy, copy_module, deferred_copy
 from bnfold.torch.moments import Scratch, cpu_batch_moments
 from bnfold.torch.training_graph import TRAINING_GRAPH_HINT, training_time_forward
 
@@ -112,7 +115,7 @@ def module_device(module: nn.Module) -> torch.device:
 
 def float_dtype(module: nn.Module) -> torch.dtype:
     """The module's floating dtype (first floating parameter or buffer), for numpy batches."""
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in itertools.chain(module.parameters(), module.buffers()):  # lazily: a whole list costs ~2 ms
         if not is_lazy(t) and t.is_floating_point():
             return t.dtype
     return torch.get_default_dtype()
@@ -160,25 +163,6 @@ def collect_young() -> None:
 
 
 _YOUNG = [0]  # generation-0 collections made by collect_young (every threshold1-th is of generation 1)
-
-
-def copy_module(module: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also copies modules with uninitialised (lazy) parameters.
-
-    ``deepcopy`` refuses an ``UninitializedParameter``; each one is replaced in the memo by a fresh
-    uninitialised one of the same kind, device and dtype.
-    """
-    memo: dict[int, Any] = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        if is_lazy(t):
-            if isinstance(t, UninitializedParameter):
-                # torch's parameter.pyi omits the device/dtype that UninitializedParameter.__new__ takes
-                memo[id(t)] = UninitializedParameter(  # type: ignore[call-arg]
-                    requires_grad=t.requires_grad, device=t.device, dtype=t.dtype)
-            else:  # the same for UninitializedBuffer
-                memo[id(t)] = UninitializedBuffer(  # type: ignore[call-arg]
-                    requires_grad=False, device=t.device, dtype=t.dtype)
-    return copy.deepcopy(module, memo)
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -576,10 +560,41 @@ def _calibration_pass(
     target_se = check_target_se(target_se)
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    work = module if inplace else copy_module(module)
+    move = device is not None and module_device(module) != torch.device(device)
+    # a calibration reads the weights: the copy's own come in the background during the first forward
+    deferred = None if inplace or move else deferred_copy(module)
+    work = module if inplace else deferred.module if deferred is not None else copy_module(module)
     dev = torch.device(device) if device is not None else module_device(work)
-    if device is not None and module_device(work) != dev:
+    if move:
         work.to(dev)
+    try:
+        return _run_pass(module, work, dev, data, deferred, estimator=estimator, allow_reused_bn=allow_reused_bn,
+                         progress=progress, recalibrate=recalibrate, training_graph=training_graph,
+                         target_se=target_se, guard=guard)
+    except BaseException:
+        if deferred is not None:
+            deferred.abandon()
+        raise
+
+
+def _run_pass(
+    module: nn.Module,
+    work: nn.Module,
+    dev: torch.device,
+    data: Any,
+    deferred: DeferredCopy | None,
+    *,
+    estimator: str,
+    allow_reused_bn: bool,
+    progress: Progress | None,
+    recalibrate: str,
+    training_graph: bool,
+    target_se: float,
+    guard: RankGuard | None,
+) -> CalibrationRun:
+    """The pass of :func:`_calibration_pass` on ``work`` (``module`` itself, or its copy; with
+    ``deferred``, the copy's parameters get their own storage during the first forward, and
+    ``deferred.finish()`` is called before anything is written to ``work``)."""
     warnings: list[str] = []
     targets = _calibration_targets(work, warnings)
     modes = {name: bn_mode(m) for name, m in targets}  # before the run puts the module in eval mode
@@ -591,6 +606,8 @@ def _calibration_pass(
         for batch in iter_batches(data, dev, float_dtype(work)):  # the example the fold traces with
             run.first_batch, run.batch_size = batch, batch.size
             break
+        if deferred is not None:
+            deferred.finish()
         return run
 
     scratch = Scratch()
@@ -602,10 +619,16 @@ def _calibration_pass(
     in_dtype: dict[str, torch.dtype] = {}
     state = {"first": True}
 
-    def make_forward(name: str, bn: _BatchNorm) -> Callable[..., torch.Tensor]:
+    # bnfold's own BN computation, run without torch-function modes while the copy's guard watches
+    # the first forward (it only reads the BN's parameters; ~1600 calls of a ResNet-50 forward)
+    quiet: list[Callable[[], Any]] = [contextlib.nullcontext]
+
+    def make_forward(name: str, bn: _BatchNorm, with_act: bool) -> Callable[..., torch.Tensor]:
         """The BN's forward for the run: count the call (reuse, ranks, dtype), then normalise with
-        the batch statistics and accumulate them. A plain function in the instance's ``__dict__``
-        rather than a forward pre-hook: a module without hooks takes torch's fast call path."""
+        the batch statistics and accumulate them (then, for timm's ``BatchNormAct2d``, its ``drop``
+        and ``act``, as its own forward does; see :mod:`bnfold.torch.bn_kinds`). A plain function in
+        the instance's ``__dict__`` rather than a forward pre-hook: a module without hooks takes
+        torch's fast call path, and no torch-function mode has to catch the ``F.batch_norm`` call."""
         stats = acc[name]
 
         def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -615,7 +638,11 @@ def _calibration_pass(
                 raise BadInputError(f"BN '{name}' was called with {len(args)} positional and {len(kwargs)} "
                                     "keyword arguments; a BatchNorm takes one tensor")
             note_call(name, args[0])
-            return _batch_stat_forward(bn, args[0], stats)
+            with quiet[0]():
+                y = _batch_stat_forward(bn, args[0], stats)
+            if with_act:
+                return cast(torch.Tensor, cast(nn.Module, bn.act)(cast(nn.Module, bn.drop)(y)))
+            return y
 
         return forward
 
@@ -640,11 +667,12 @@ def _calibration_pass(
         """An ``F.batch_norm`` call on the buffers of BN ``name`` (a module that overrides forward)."""
         note_call(name, x)
         eps_of[name] = eps
-        return batch_stat_norm(x, weight, bias, eps, acc[name])
+        with quiet[0]():
+            return batch_stat_norm(x, weight, bias, eps, acc[name])
 
     # BNs that override forward: calibrated through their F.batch_norm calls; a pre-hook counts
     # their calls, to tell one that never reaches F.batch_norm (bnfold cannot see its computation)
-    others = [(name, m) for name, m in targets if not is_standard_bn(m)]
+    others = [(name, m) for name, m in targets if bn_kind(m) is BnKind.CUSTOM]
     owners = {id(_owner_key(name, m)): name for name, m in others}
     eps_of: dict[str, float] = {name: float(getattr(m, "eps", 1e-5)) for name, m in targets}
     module_calls = {name: 0 for name, _ in others}
@@ -661,8 +689,9 @@ def _calibration_pass(
     try:
         work.eval()
         for name, m in targets:
-            if isinstance(m, _BatchNorm) and is_standard_bn(m):
-                m.forward = make_forward(name, m)  # type: ignore[method-assign]
+            kind = bn_kind(m)
+            if isinstance(m, _BatchNorm) and kind in (BnKind.STANDARD, BnKind.BN_ACT):
+                m.forward = make_forward(name, m, kind is BnKind.BN_ACT)  # type: ignore[method-assign]
                 patched.append(m)
         if progress:
             progress(0, total)
@@ -674,18 +703,27 @@ def _calibration_pass(
                     check_arity(work, batch)
                     run.first_batch = batch
                     run.batch_size = batch.size
+                    if deferred is not None:  # the data's iterator (and any DataLoader worker) exists now
+                        deferred.start()
                 for k in calls_now:
                     calls_now[k] = 0
                 try:
-                    if intercept is not None:
-                        with intercept:
+                    if deferred is not None:
+                        quiet[0] = torch._C.DisableTorchFunction
+                    with deferred.guard() if deferred is not None else contextlib.nullcontext():
+                        if intercept is not None:
+                            with intercept:
+                                work(*batch.args, **batch.kwargs)
+                        else:
                             work(*batch.args, **batch.kwargs)
-                    else:
-                        work(*batch.args, **batch.kwargs)
+                    quiet[0] = contextlib.nullcontext
                 except BnfoldError:
                     raise
                 except (RuntimeError, TypeError, ValueError, IndexError) as exc:
                     raise BadInputError(_forward_failure(exc, done, batch, dtype)) from exc
+                if deferred is not None:  # every parameter of the copy has storage of its own from here on
+                    deferred.finish()
+                    deferred = None
                 state["first"] = False
                 run.batches = done
                 collect_young()

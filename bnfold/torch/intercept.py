@@ -1,6 +1,6 @@
 """Catch the BN computation itself: ``F.batch_norm`` calls on a known module's buffers.
 
-A BN subclass that overrides ``forward`` (timm's ``BatchNormAct2d``) or a hand-written BN module
+A BN subclass that overrides ``forward`` (mmcv-style, ``SyncBatchNormAct``) or a hand-written BN module
 still normalises through ``F.batch_norm`` on its own ``running_mean``/``running_var`` (or, with
 ``track_running_stats=False``, its own ``weight``). During calibration a
 ``torch.overrides.TorchFunctionMode`` sees every such call; one whose buffers (by identity) belong

@@ -1,0 +1,244 @@
+"""Copies of a module for calibration and folding (the module passed in is never changed).
+
+:func:`copy_module` is ``copy.deepcopy`` with two differences: it copies modules with lazy
+(uninitialised) parameters, and it is about twice as fast on networks of many small modules
+(timm's: 235 modules in mobilenetv3_small_100, 20 ms -> 9 ms). Most of a module's ``__dict__`` is
+empty hook dictionaries (a dozen ``OrderedDict`` per module), which ``deepcopy`` reconstructs
+through ``__reduce_ex__`` one by one; an empty ``dict``/``OrderedDict``/``set``/``list`` of exactly
+that type holds nothing but its type, so a fresh one is put in the memo instead (shared containers
+stay shared, as the memo maps one object to one copy).
+
+:class:`DeferredCopy` is for a calibration run, which reads the weights and does not write them:
+the copy's parameters start on the original's storage, and a background thread clones them while
+the first forward pass runs (torch releases the GIL while it copies), so the copy of ResNet-50's
+100 MB of weights (~30 ms of a one-shot calibration) overlaps that pass. During that pass a
+``TorchFunctionMode`` (:meth:`DeferredCopy.guard`) sees every torch call: one that may write into a
+parameter still on the original's storage, or make an alias of it (an in-place method, ``out=``,
+``.data``, a view, any function it does not know to only read), first gives that parameter its
+own storage (cloning it itself where the thread has not got there yet), so whatever the forward
+writes goes into the copy. After the first forward every parameter has its own storage and the
+mode is gone. Only plain dense CPU ``nn.Parameter`` tensors are deferred; buffers (which a forward
+may update: BN counters, spectral-norm vectors) are copied at once. A write the mode cannot see
+(``torch.ops`` called directly on a parameter) shows in the copy's version counter at the end: the
+original then gets its values back from the clone where the clone was taken before the write,
+else the run stops with an error that says so.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
+from torch.overrides import TorchFunctionMode
+
+from bnfold.errors import UnsupportedModelError
+
+__all__ = ["DeferredCopy", "copy_module", "deferred_copy"]
+
+_EMPTY_TYPES = (OrderedDict, dict, set, list)
+
+
+def _seed_memo(module: nn.Module) -> dict[int, Any]:
+    """A ``deepcopy`` memo with a fresh container for every empty container of exactly a plain
+    type in a module's ``__dict__``, and a fresh uninitialised tensor for each lazy one
+    (``deepcopy`` refuses an ``UninitializedParameter``)."""
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for v in m.__dict__.values():
+            if type(v) in _EMPTY_TYPES and not v:
+                memo[id(v)] = type(v)()
+    for t in list(module.parameters()) + list(module.buffers()):
+        if is_lazy(t):
+            if isinstance(t, UninitializedParameter):
+                # torch's parameter.pyi omits the device/dtype that UninitializedParameter.__new__ takes
+                memo[id(t)] = UninitializedParameter(  # type: ignore[call-arg]
+                    requires_grad=t.requires_grad, device=t.device, dtype=t.dtype)
+            else:  # the same for UninitializedBuffer
+                memo[id(t)] = UninitializedBuffer(  # type: ignore[call-arg]
+                    requires_grad=False, device=t.device, dtype=t.dtype)
+    return memo
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy(module)``, lazy parameters included (see the module docstring)."""
+    return copy.deepcopy(module, _seed_memo(module))
+
+
+def _deferrable(p: nn.Parameter) -> bool:
+    return (type(p) is nn.Parameter and p.device.type == "cpu" and p.layout == torch.strided
+            and not p.is_quantized and p.numel() > 0)
+
+
+class _Slot:
+    """One deferred parameter: the original, its twin in the copy, and the clone for the twin."""
+
+    __slots__ = ("original", "twin", "version", "lock", "clone", "clean", "done")
+
+    def __init__(self, original: nn.Parameter, twin: nn.Parameter) -> None:
+        self.original = original
+        self.twin = twin
+        self.version = twin._version
+        self.lock = threading.Lock()
+        self.clone: torch.Tensor | None = None
+        self.clean = False  # the clone was taken from the values the run started with
+        self.done = False  # the twin has its own storage
+
+    def take(self) -> torch.Tensor:
+        """The clone of the original, made now unless the thread made it."""
+        with self.lock:
+            if self.clone is None:
+                before = self.twin._version
+                self.clone = self.original.detach().clone(memory_format=torch.preserve_format)
+                self.clean = before == self.version and self.twin._version == self.version
+            return self.clone
+
+
+#: torch functions that only read their tensor arguments and return new tensors: a parameter passed
+#: to one of them may stay on the original's storage
+_READS = frozenset({
+    torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
+    torch.conv_transpose3d, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+    F.conv_transpose3d, F.linear, F.bilinear, torch.batch_norm, F.batch_norm, torch.layer_norm, F.layer_norm,
+    torch.group_norm, F.group_norm, F.instance_norm, torch.instance_norm, F.embedding, F.prelu, torch.prelu,
+    torch.addmm, torch.mm, torch.matmul, torch.bmm, torch.baddbmm, torch.addmv, torch.mv,
+    torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+    torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.Tensor.__truediv__, torch.Tensor.__matmul__,
+    torch.add, torch.mul, torch.sub, torch.div, torch.Tensor.add, torch.Tensor.mul, torch.Tensor.sub,
+    torch.Tensor.div, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.is_contiguous,
+    torch.Tensor.is_floating_point, torch.Tensor.__len__, torch.Tensor.__format__, torch.Tensor.__repr__,
+})
+#: tensor properties that are metadata (no alias of the values)
+_METADATA = frozenset({"shape", "dtype", "device", "requires_grad", "ndim", "is_leaf", "grad", "grad_fn", "layout",
+                       "is_cuda", "is_cpu", "is_sparse", "is_quantized", "is_meta", "is_nested", "names",
+                       "_version", "itemsize", "nbytes", "output_nr", "_base", "is_mkldnn", "is_xpu", "is_mps"})
+
+
+class _Guard(TorchFunctionMode):
+    """The first forward's torch calls: a pending parameter passed to anything but a known read
+    gets its own storage first (:class:`DeferredCopy`)."""
+
+    def __init__(self, copy_: DeferredCopy) -> None:
+        super().__init__()
+        self.copy = copy_
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        pending = self.copy.pending
+        if pending and func not in _READS:
+            prop = getattr(getattr(func, "__self__", None), "__name__", None)
+            if getattr(func, "__name__", None) != "__get__" or prop not in _METADATA:
+                for a in (*args, *kwargs.values()):
+                    if isinstance(a, (list, tuple)):
+                        for b in a:
+                            if id(b) in pending:
+                                self.copy.swap(pending[id(b)])
+                    elif id(a) in pending:
+                        self.copy.swap(pending[id(a)])
+        return func(*args, **kwargs)
+
+
+class DeferredCopy:
+    """A copy of a module whose parameters get their own storage while the first forward runs
+    (module docstring). ``module``: the copy; :meth:`start` once the data's iterator exists (a
+    DataLoader forks its workers then, and a fork is best made with no other thread running); the
+    first forward under :meth:`guard`; :meth:`finish` after it (or with none), before anything else
+    runs on the copy; :meth:`abandon` where the run failed."""
+
+    def __init__(self, original: nn.Module) -> None:
+        memo = _seed_memo(original)
+        slots: dict[int, _Slot] = {}
+        for p in original.parameters():
+            if id(p) in memo or not _deferrable(p):
+                continue
+            # p.data: the original's storage, with a version counter of its own (a write into the
+            # shared storage through the twin shows there; nothing done to the copy later reaches
+            # the original's counter, which autograd checks)
+            twin = nn.Parameter(p.data, p.requires_grad)
+            memo[id(p)] = twin
+            slots[id(twin)] = _Slot(p, twin)
+        self.module: nn.Module = copy.deepcopy(original, memo)
+        self._slots = list(slots.values())
+        self.pending: dict[int, _Slot] = dict(slots)  # id(twin) -> slot, until the twin has its own storage
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._unrestored: list[str] = []
+
+    def start(self) -> None:
+        """Start the background clones."""
+        if self._thread is None and self._slots:
+            self._thread = threading.Thread(target=self._clone_all, name="bnfold-copy", daemon=True)
+            self._thread.start()
+
+    def guard(self) -> _Guard:
+        """The mode to run the first forward under."""
+        return _Guard(self)
+
+    def _clone_all(self) -> None:
+        try:
+            for slot in self._slots:
+                slot.take()
+        except BaseException as exc:  # noqa: BLE001 (the main thread clones what is missing, or fails there)
+            self._error = exc
+
+    def swap(self, slot: _Slot) -> None:
+        """Give the twin storage of its own (unless the forward gave it some: ``.data = ...``)."""
+        c = slot.take()
+        slot.done = True
+        self.pending.pop(id(slot.twin), None)
+        p, twin = slot.original, slot.twin
+        if twin.data_ptr() != p.data_ptr() or twin.shape != p.shape:
+            return
+        if twin._version == slot.version:
+            twin.data = c
+            return
+        # written in place before the twin had its own storage: the copy keeps what was written, the
+        # original gets its values back from a clone taken before the write
+        twin.data = p.detach().clone(memory_format=torch.preserve_format)
+        if slot.clean:
+            with torch.no_grad():
+                p.copy_(c)
+        else:
+            self._unrestored.append(f"{tuple(p.shape)}")
+
+    def _settle(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for slot in self._slots:
+            if not slot.done:
+                self.swap(slot)
+            slot.clone = None
+
+    def abandon(self) -> None:
+        """The run failed: wait for the thread, put back what a forward wrote into the original
+        (where it can), and leave the copy to be dropped."""
+        try:
+            self._settle()
+        except BaseException:  # noqa: BLE001 (the run's own error is the one to report)
+            pass
+
+    def finish(self) -> nn.Module:
+        """The copy with storage of its own; the original as it was before the run."""
+        self._settle()
+        if self._unrestored:
+            raise UnsupportedModelError(
+                f"the module's forward wrote in place into {len(self._unrestored)} parameter(s) "
+                "(shapes " + ", ".join(self._unrestored[:3]) + ") while bnfold copied them, and they could "
+                "not be restored: the module passed in may have changed. Calibrate a copy of it with "
+                "inplace=True (copy.deepcopy(module))")
+        return self.module
+
+
+def deferred_copy(module: nn.Module) -> DeferredCopy | None:
+    """A :class:`DeferredCopy` of ``module``, or None where a plain copy is the one to make: no
+    parameter worth deferring, or lazy parameters (a first forward materialises them in place)."""
+    params = list(module.parameters())
+    if not any(_deferrable(p) for p in params) or any(is_lazy(t) for t in params):
+        return None
+    return DeferredCopy(module)
