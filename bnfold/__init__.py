@@ -19,29 +19,26 @@ from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError, VerificationFailed
 from bnfold.formulas.stats import ESTIMATORS
-from bnfold.records import (
-    Action,
-    BnRecord,
-    FoldDecision,
-    FrozenStats,
-    Mode,
-    OutputMetrics,
-    ProviderRun,
-    Reason,
-    Report,
-    SiteResult,
-    VerifyResult,
-)
+from bnfold.records import Action, FrozenStats, Mode, Reason
 from bnfold.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from bnfold import report
     from bnfold.api import BnInspection, FoldResult, fold, inspect, verify
+    from bnfold.run_records import BnRecord, FoldDecision, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
     from bnfold.verification.config import VerifyConfig
 
 # The one place bnfold imports lazily: these names pull in onnx (and the pipeline), which
-# ``import bnfold`` (and the CLI's --help) must not. Each is imported on first use.
+# ``import bnfold`` (and the CLI's --help) must not; the run's records are left out of
+# ``import bnfold.torch`` (defining them is ~6 ms of a one-shot calibration). Each is imported on first use.
 _LAZY = {
+    "BnRecord": "bnfold.run_records",
+    "FoldDecision": "bnfold.run_records",
+    "OutputMetrics": "bnfold.run_records",
+    "ProviderRun": "bnfold.run_records",
+    "Report": "bnfold.run_records",
+    "SiteResult": "bnfold.run_records",
+    "VerifyResult": "bnfold.run_records",
     "fold": "bnfold.api",
     "inspect": "bnfold.api",
     "verify": "bnfold.api",

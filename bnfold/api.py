@@ -34,7 +34,8 @@ from bnfold.onnx.io import model_files as model_files  # re-exported: the CLI's 
 from bnfold.onnx.runtime import input_specs
 from bnfold.onnx.staging import Staging, input_is_reference
 from bnfold.outputs import Outputs
-from bnfold.records import BnRecord, BnStats, Drift, FoldDecision, FoldPlan, FrozenStats, Mode, Report, VerifyResult
+from bnfold.records import BnStats, Drift, FrozenStats, Mode
+from bnfold.run_records import BnRecord, FoldDecision, FoldPlan, Report, VerifyResult
 from bnfold.stages.calibrate import calibrate
 from bnfold.stages.discover import BnSite, training_bn_names
 from bnfold.stages.drift import drifts

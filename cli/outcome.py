@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover - bnfold.api imports onnx, which --help must not
     from bnfold.api import BnInspection
-    from bnfold.records import Report
+    from bnfold.run_records import Report
 
 
 @dataclass(frozen=True)

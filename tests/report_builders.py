@@ -7,17 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bnfold.records import (
-    Action,
-    BnRecord,
-    FrozenStats,
-    Mode,
-    ProviderRun,
-    Reason,
-    Report,
-    SiteResult,
-    VerifyResult,
-)
+from bnfold.records import Action, FrozenStats, Mode, Reason
+from bnfold.run_records import BnRecord, ProviderRun, Report, SiteResult, VerifyResult
 from bnfold.verification.metrics import OutputMetrics, compute_metrics
 
 SHA_IN = "a" * 64

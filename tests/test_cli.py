@@ -523,7 +523,8 @@ def cli_main():
 def _fake_report(verified: bool | None):
     import numpy as np
 
-    from bnfold.records import Action, BnRecord, Mode, ProviderRun, Report, VerifyResult
+    from bnfold.records import Action, Mode
+    from bnfold.run_records import BnRecord, ProviderRun, Report, VerifyResult
     from bnfold.verification.metrics import compute_metrics
 
     verification = None

@@ -19,7 +19,8 @@ from bnfold.data.sources import open_data
 from bnfold.errors import BadInputError, ProviderUnavailable
 from bnfold.formulas.stats import batch_moments, finalize, update
 from bnfold.onnx.runtime import input_specs
-from bnfold.records import BnStats, ProviderRun, Report, VerifyResult
+from bnfold.records import BnStats
+from bnfold.run_records import ProviderRun, Report, VerifyResult
 from bnfold.verification.feeds import fold_feeds, random_feeds
 from bnfold.verification.tolerances import check_tolerance_names
 

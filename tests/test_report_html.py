@@ -17,8 +17,8 @@ from report_builders import (
     make_site,
 )
 
-from bnfold.records import ProviderRun, VerifyResult
 from bnfold.report.html import FAIL_COLOR, PASS_COLOR, render_html, write_html
+from bnfold.run_records import ProviderRun, VerifyResult
 
 # make_failing_result: cpu (logits ok, probs<&> fails), cuda (same, with a noise floor), rocm
 # skipped; 5 fold sites of which 3 fail (layer1.bn<1>, layer2.bn = inf, layer3.bn = nan).

@@ -20,8 +20,8 @@ from onnx import numpy_helper
 from report_builders import make_failing_result, make_metrics, make_site
 
 import bnfold
-from bnfold.records import OutputMetrics, SiteResult, VerifyResult
 from bnfold.report.html import write_html
+from bnfold.run_records import OutputMetrics, SiteResult, VerifyResult
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: the layout is measured in a browser")
 

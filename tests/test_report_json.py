@@ -25,15 +25,7 @@ from report_builders import (
 
 import bnfold
 from bnfold.environment import collect_environment
-from bnfold.records import (
-    Action,
-    Mode,
-    OutputMetrics,
-    ProviderRun,
-    Reason,
-    SiteResult,
-    VerifyResult,
-)
+from bnfold.records import Action, Mode, Reason
 from bnfold.report.facts import INPUTS_KEYS, SETTINGS_KEYS
 from bnfold.report.json_report import (
     SCHEMA_VERSION,
@@ -44,6 +36,7 @@ from bnfold.report.json_report import (
     write_json,
     write_verify_json,
 )
+from bnfold.run_records import OutputMetrics, ProviderRun, SiteResult, VerifyResult
 from bnfold.verification.metrics import ERROR_STATS
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "docs" / "report-schema.json"

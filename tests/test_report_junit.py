@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 
 from report_builders import make_failing_result, make_metrics, make_passing_result
 
-from bnfold.records import ProviderRun, VerifyResult
 from bnfold.report.junit import junit_to_string, write_junit
+from bnfold.run_records import ProviderRun, VerifyResult
 
 # make_failing_result: cpu (logits ok, probs<&> fails), cuda (same, with a noise floor), rocm
 # skipped; 5 fold sites of which 3 fail (layer1.bn<1>, layer2.bn = inf, layer3.bn = nan).

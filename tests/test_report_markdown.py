@@ -12,7 +12,6 @@ from report_builders import (
     make_site,
 )
 
-from bnfold.records import ProviderRun, VerifyResult
 from bnfold.report.facts import worst_sites
 from bnfold.report.markdown import (
     WORST_SITES,
@@ -20,6 +19,7 @@ from bnfold.report.markdown import (
     markdown_summary,
     write_markdown,
 )
+from bnfold.run_records import ProviderRun, VerifyResult
 
 # make_failing_result: cpu (logits ok, probs<&> fails), cuda (same, with a noise floor), rocm
 # skipped; 5 fold sites of which 3 fail (layer1.bn<1>, layer2.bn = inf, layer3.bn = nan).

@@ -16,14 +16,7 @@ from report_builders import (
 )
 
 import bnfold
-from bnfold.records import (
-    Action,
-    FoldDecision,
-    Mode,
-    ProviderRun,
-    Reason,
-    VerifyResult,
-)
+from bnfold.records import Action, Mode, Reason
 from bnfold.report.summary import (
     elide_apart,
     ellipsize,
@@ -31,6 +24,7 @@ from bnfold.report.summary import (
     summary_text,
     verify_summary_text,
 )
+from bnfold.run_records import FoldDecision, ProviderRun, VerifyResult
 
 # ---------------------------------------------------------------------------------------------
 # summaries and plan table

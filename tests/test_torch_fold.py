@@ -20,7 +20,8 @@ from torch import nn  # noqa: E402
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval  # noqa: E402
 
 from bnfold.errors import BadInputError, UnsupportedModelError  # noqa: E402
-from bnfold.records import Action, Mode, Reason, Report  # noqa: E402
+from bnfold.records import Action, Mode, Reason
+from bnfold.run_records import Report
 from bnfold.torch import TorchFoldResult, calibrate, fold  # noqa: E402
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bnfold.errors import BadInputError
-from bnfold.records import OutputMetrics
+from bnfold.run_records import OutputMetrics
 from bnfold.verification.metrics import ERROR_STATS, compute_metrics, compute_metrics_batched
 from bnfold.verification.tolerances import check_tolerance_names, parse_tolerances
 from bnfold.verification.tolerances import resolve_tolerances as tolerances_for

@@ -20,7 +20,7 @@ from conftest import DOUBLE, bn, init, make_model, rand, vi
 from onnx import helper
 
 from bnfold.api import fold
-from bnfold.records import VerifyResult
+from bnfold.run_records import VerifyResult
 from bnfold.verification.config import VerifyConfig
 from bnfold.verification.engine import verify
 from bnfold.verification.metrics import compute_metrics

@@ -14,7 +14,7 @@ from typing import Any
 
 from bnfold.environment import collect_environment
 from bnfold.json_values import json_safe
-from bnfold.records import ProviderRun, SiteResult, VerifyResult
+from bnfold.run_records import ProviderRun, SiteResult, VerifyResult
 
 __all__ = [
     "INPUTS_KEYS",

@@ -27,7 +27,6 @@ import os
 import re
 from typing import Any
 
-from bnfold.records import OutputMetrics, ProviderRun, SiteResult, VerifyResult
 from bnfold.report.facts import VerifyFacts, magnitude, verify_facts
 from bnfold.report.html_plots import FAIL_COLOR, PASS_COLOR, histogram_svg, outputs_svg, sites_svg
 from bnfold.report.json_report import write_text_atomic
@@ -44,6 +43,7 @@ from bnfold.report.summary import (
     samples_text,
     tolerance_text,
 )
+from bnfold.run_records import OutputMetrics, ProviderRun, SiteResult, VerifyResult
 
 __all__ = ["render_html", "write_html", "PASS_COLOR", "FAIL_COLOR", "NAME_WIDTH", "OUTPUTS_SHOWN"]
 

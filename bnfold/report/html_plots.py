@@ -19,8 +19,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bnfold.records import HIST_ZERO, OutputMetrics, ProviderRun, SiteResult
 from bnfold.report.summary import fmt
+from bnfold.run_records import HIST_ZERO, OutputMetrics, ProviderRun, SiteResult
 
 __all__ = ["sites_svg", "outputs_svg", "histogram_svg", "PASS_COLOR", "FAIL_COLOR"]
 

@@ -27,18 +27,9 @@ import numpy as np
 from bnfold.environment import report_versions
 from bnfold.json_values import json_number as _number
 from bnfold.json_values import json_safe as _json_safe
-from bnfold.records import (
-    BnRecord,
-    Drift,
-    FrozenStats,
-    OutputMetrics,
-    ProviderRun,
-    Report,
-    SiteResult,
-    Sufficiency,
-    VerifyResult,
-)
+from bnfold.records import Drift, FrozenStats, Sufficiency
 from bnfold.report.facts import verify_facts
+from bnfold.run_records import BnRecord, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
 from bnfold.version import __version__
 
 __all__ = [

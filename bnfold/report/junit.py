@@ -21,7 +21,6 @@ import os
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from bnfold.records import OutputMetrics, VerifyResult
 from bnfold.report.facts import verify_facts
 from bnfold.report.json_report import write_text_atomic
 from bnfold.report.summary import (
@@ -32,6 +31,7 @@ from bnfold.report.summary import (
     output_figures,
     tolerance_text,
 )
+from bnfold.run_records import OutputMetrics, VerifyResult
 
 __all__ = ["junit_to_string", "write_junit"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from bnfold.records import ProviderRun, VerifyResult
 from bnfold.report.facts import VerifyFacts, verify_facts, worst_sites
 from bnfold.report.json_report import write_text_atomic
 from bnfold.report.summary import (
@@ -23,6 +22,7 @@ from bnfold.report.summary import (
     run_label,
     samples_text,
 )
+from bnfold.run_records import ProviderRun, VerifyResult
 
 __all__ = ["markdown_summary", "write_markdown", "append_github_step_summary", "WORST_SITES"]
 

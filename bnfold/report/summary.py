@@ -16,8 +16,9 @@ from typing import Any
 
 from bnfold.formulas.drift import LOG_VAR_RATIO_FLAG, MEAN_SHIFT_FLAG, flagged
 from bnfold.formulas.sufficiency import summary_line
-from bnfold.records import Action, BnRecord, Drift, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
+from bnfold.records import Action, Drift
 from bnfold.report.facts import verify_facts
+from bnfold.run_records import BnRecord, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
 
 __all__ = ["summary_text", "verify_summary_text", "plan_table", "drift_table", "ellipsize", "elide_apart",
            "candidate_failures"]

@@ -14,7 +14,8 @@ import onnx
 
 from bnfold.graph.constants import Constants
 from bnfold.graph.index import GraphIndex
-from bnfold.records import BnInfo, Mode
+from bnfold.records import Mode
+from bnfold.run_records import BnInfo
 
 _TRACE_LIMIT = 16
 

@@ -36,8 +36,9 @@ from bnfold.graph.constants import (
     tensor_to_array,
 )
 from bnfold.graph.index import GraphIndex
-from bnfold.records import Action, FoldDecision, FoldPlan, Reason
+from bnfold.records import Action, Reason
 from bnfold.rules import CONV, FORWARD, RULES
+from bnfold.run_records import FoldDecision, FoldPlan
 from bnfold.stages.plan import Route
 from bnfold.stages.work import Work
 

@@ -19,8 +19,9 @@ import onnx
 from bnfold.graph.attrs import get_attr
 from bnfold.graph.constants import Constants
 from bnfold.graph.index import GraphIndex
-from bnfold.records import Action, FoldDecision, FoldPlan, Mode, Reason
+from bnfold.records import Action, Mode, Reason
 from bnfold.rules import FORWARD, RULES, Refuse
+from bnfold.run_records import FoldDecision, FoldPlan
 from bnfold.stages.discover import BnSite
 from bnfold.stages.work import Work
 

@@ -44,7 +44,8 @@ from bnfold.files import check_output_paths
 from bnfold.formulas.sufficiency import DEFAULT_TARGET_SE, check_target_se
 from bnfold.output_formats import FORMAT_LABELS, torch_output_format
 from bnfold.outputs import Outputs
-from bnfold.records import Action, BnRecord, FoldDecision, Mode, Report, VerifyResult
+from bnfold.records import Action, Mode
+from bnfold.run_records import BnRecord, FoldDecision, Report, VerifyResult
 from bnfold.torch import export as ex
 from bnfold.torch.batches import Batch
 from bnfold.torch.calibrate import (

@@ -37,7 +37,8 @@ from torch import nn
 
 from bnfold.errors import BadInputError
 from bnfold.formulas.sufficiency import DEFAULT_TARGET_SE
-from bnfold.records import BnRecord, Drift, FrozenStats, Mode, Report
+from bnfold.records import Drift, FrozenStats, Mode
+from bnfold.run_records import BnRecord, Report
 from bnfold.torch.apply import apply_folds
 from bnfold.torch.batches import Batch, as_batch
 from bnfold.torch.bn_kinds import bn_like_modules

@@ -17,8 +17,9 @@ from torch import fx, nn
 
 from bnfold.errors import BadInputError
 from bnfold.formulas import arith
-from bnfold.records import Action, FoldDecision, FoldPlan, Reason
+from bnfold.records import Action, Reason
 from bnfold.rules import Refuse
+from bnfold.run_records import FoldDecision, FoldPlan
 from bnfold.torch.bn_kinds import BnKind, bn_kind
 from bnfold.torch.producers import (
     Producer,

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from bnfold.records import OutputMetrics, VerifyResult
+from bnfold.run_records import OutputMetrics, VerifyResult
 from bnfold.verification.config import VerifyConfig
 from bnfold.verification.engine import verify
 from bnfold.verification.metrics import compute_metrics

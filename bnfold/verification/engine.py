@@ -24,7 +24,7 @@ from google.protobuf.message import EncodeError
 from bnfold.environment import runtime_environment
 from bnfold.errors import BadInputError, ProviderUnavailable, UnsupportedModelError, first_line
 from bnfold.onnx.runtime import CUDA_SETTINGS, make_session, make_session_from_model
-from bnfold.records import ProviderRun, SiteResult, VerifyResult
+from bnfold.run_records import ProviderRun, SiteResult, VerifyResult
 from bnfold.verification import noise_floor as nf
 from bnfold.verification.config import VerifyConfig
 from bnfold.verification.metrics import compute_metrics_batched

@@ -87,7 +87,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.errors import BadInputError
-from bnfold.records import HIST_HI, HIST_LO, HIST_ZERO, OutputMetrics
+from bnfold.run_records import HIST_HI, HIST_LO, HIST_ZERO, OutputMetrics
 from bnfold.verification.tolerances import is_float_dtype, normalize_dtype
 
 
