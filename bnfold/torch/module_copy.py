@@ -98,13 +98,15 @@ class _Slot:
             return self.clone
 
 
-#: torch functions that only read their tensor arguments and return new tensors: a parameter passed
-#: to one of them may stay on the original's storage
+#: torch functions that only read their tensor arguments and return new tensors (unless given
+#: ``out=``): a parameter passed to one of them may stay on the original's storage. Not here: the
+#: batch/instance norms (they update running statistics, which may be parameters) and F.embedding
+#: (``max_norm`` renormalises the weight in place)
 _READS = frozenset({
     torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
     torch.conv_transpose3d, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-    F.conv_transpose3d, F.linear, F.bilinear, torch.batch_norm, F.batch_norm, torch.layer_norm, F.layer_norm,
-    torch.group_norm, F.group_norm, F.instance_norm, torch.instance_norm, F.embedding, F.prelu, torch.prelu,
+    F.conv_transpose3d, F.linear, F.bilinear, torch.layer_norm, F.layer_norm,
+    torch.group_norm, F.group_norm, F.prelu, torch.prelu,
     torch.addmm, torch.mm, torch.matmul, torch.bmm, torch.baddbmm, torch.addmv, torch.mv,
     torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__mul__, torch.Tensor.__rmul__,
     torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.Tensor.__truediv__, torch.Tensor.__matmul__,
@@ -116,6 +118,12 @@ _READS = frozenset({
 _METADATA = frozenset({"shape", "dtype", "device", "requires_grad", "ndim", "is_leaf", "grad", "grad_fn", "layout",
                        "is_cuda", "is_cpu", "is_sparse", "is_quantized", "is_meta", "is_nested", "names",
                        "_version", "itemsize", "nbytes", "output_nr", "_base", "is_mkldnn", "is_xpu", "is_mps"})
+
+
+#: modules whose forward takes a fused fast path only where no torch-function mode is active: under
+#: the guard their first batch would be computed otherwise (to ~1e-7), and the copy would differ
+#: from a plain copy's calibration
+_MODE_SENSITIVE = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
 
 class _Guard(TorchFunctionMode):
@@ -130,7 +138,7 @@ class _Guard(TorchFunctionMode):
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         pending = self.copy.pending
-        if pending and func not in _READS:
+        if pending and (func not in _READS or kwargs.get("out") is not None):
             prop = getattr(getattr(func, "__self__", None), "__name__", None)
             if getattr(func, "__name__", None) != "__get__" or prop not in _METADATA:
                 for a in (*args, *kwargs.values()):
@@ -237,8 +245,11 @@ class DeferredCopy:
 
 def deferred_copy(module: nn.Module) -> DeferredCopy | None:
     """A :class:`DeferredCopy` of ``module``, or None where a plain copy is the one to make: no
-    parameter worth deferring, or lazy parameters (a first forward materialises them in place)."""
+    parameter worth deferring, lazy parameters (a first forward materialises them in place), or a
+    module that computes differently under a torch-function mode (:data:`_MODE_SENSITIVE`)."""
     params = list(module.parameters())
     if not any(_deferrable(p) for p in params) or any(is_lazy(t) for t in params):
+        return None
+    if any(isinstance(m, _MODE_SENSITIVE) for m in module.modules()):
         return None
     return DeferredCopy(module)

@@ -1,0 +1,127 @@
+"""Review 21 of calibrate's deferred copy (``bnfold.torch.module_copy``): forwards that write a
+parameter through a torch call the guard took for a read, and modules whose numerics change under
+any torch-function mode. Each must leave the input bitwise unchanged and give the copy that
+``calibrate(copy.deepcopy(m), data, inplace=True)`` gives. The writes happen before the copy
+thread could clone the parameter (a large parameter ahead of it keeps the thread busy, and
+:class:`DeferredCopy` is also driven without the thread), which used to end in an
+``UnsupportedModelError`` with the input changed."""
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnfold.torch
+from bnfold.torch.module_copy import DeferredCopy, deferred_copy
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _data(shape: tuple[int, ...], n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(*shape, generator=g) * 2 + 1 for _ in range(n)]
+
+
+class _EmbeddingMaxNorm(nn.Module):
+    """Tabular style: an embedding with ``max_norm`` (F.embedding renormalises its weight in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = nn.Linear(1000, 1000)  # cloned first by the thread
+        self.emb = nn.Embedding(50, 8, max_norm=1.0)
+        self.bn = nn.BatchNorm1d(8)
+        with torch.no_grad():
+            self.emb.weight.mul_(5.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.emb((x[:, 0].abs() * 10).long() % 50))
+
+
+class _OutWrite(nn.Module):
+    """Scales its weight with ``torch.mul(..., out=weight)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = nn.Linear(1000, 1000)
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.mul(self.lin.weight, 0.5, out=self.lin.weight)
+        return self.bn(self.lin(x))
+
+
+class _ParameterRunningStats(nn.Module):
+    """A functional BN in training mode whose running statistics are (frozen) parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+        self.rm = nn.Parameter(torch.zeros(4), requires_grad=False)
+        self.rv = nn.Parameter(torch.ones(4), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(F.batch_norm(self.lin(x), self.rm, self.rv, training=True, momentum=0.5))
+
+
+class _Attention(nn.Module):
+    """torch's MultiheadAttention takes its fused fast path only when no torch-function mode is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.bn = nn.MultiheadAttention(16, 2, batch_first=True), nn.BatchNorm1d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.attn(x, x, x, need_weights=False)
+        return self.bn(y.flatten(0, 1))
+
+
+def _encoder() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    return nn.Sequential(layer, nn.Flatten(0, 1), nn.BatchNorm1d(16))
+
+
+@pytest.mark.parametrize(("make", "shape"), [
+    (_EmbeddingMaxNorm, (16, 4)),
+    (_OutWrite, (16, 4)),
+    (_ParameterRunningStats, (16, 4)),
+    (_Attention, (4, 5, 16)),
+    (_encoder, (4, 5, 16)),
+], ids=["embedding-max-norm", "out=", "batch-norm-on-parameters", "multihead-attention", "transformer-encoder"])
+def test_the_input_is_untouched_and_the_copy_is_the_oracle(make: type[nn.Module], shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    m = make()
+    before = _state(m)
+    oracle, _ = bnfold.torch.calibrate(copy.deepcopy(m), _data(shape), inplace=True)
+    frozen, _ = bnfold.torch.calibrate(m, _data(shape))
+    assert _same(_state(m), before)
+    assert _same(_state(frozen), _state(oracle))
+    assert not any(t.name == "bnfold-copy" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("make", [_EmbeddingMaxNorm, _OutWrite, _ParameterRunningStats])
+def test_a_write_through_a_call_the_guard_sees_lands_in_the_copy_with_no_clone_taken(make: type[nn.Module]) -> None:
+    """No thread: every clone is the guard's, so a write it let through could not be undone."""
+    torch.manual_seed(0)
+    m = make()
+    before = _state(m)
+    dc = DeferredCopy(m)
+    with torch.no_grad(), dc.guard():
+        dc.module(_data((16, 4))[0])
+    dc.finish()
+    assert _same(_state(m), before)
+
+
+def test_modules_with_a_mode_sensitive_fast_path_take_the_plain_copy() -> None:
+    assert deferred_copy(_Attention()) is None
+    assert deferred_copy(_encoder()) is None
+    assert deferred_copy(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))) is not None
