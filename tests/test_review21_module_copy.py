@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnfold.torch
+from bnfold.errors import BadInputError
 from bnfold.torch.module_copy import DeferredCopy, deferred_copy
 
 
@@ -125,3 +126,15 @@ def test_modules_with_a_mode_sensitive_fast_path_take_the_plain_copy() -> None:
     assert deferred_copy(_Attention()) is None
     assert deferred_copy(_encoder()) is None
     assert deferred_copy(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))) is not None
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_module_on_the_meta_device_is_a_one_line_bad_input(inplace: bool) -> None:
+    """A module built on "meta" (shapes, no values) used to fail deep in the run with torch's
+    NotImplementedError ("Cannot copy out of meta tensor")."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).to("meta")
+    with pytest.raises(BadInputError, match="meta.*to_empty") as info:
+        bnfold.torch.calibrate(m, _data((4, 3, 8, 8)), inplace=inplace)
+    assert "\n" not in str(info.value)
+    with pytest.raises(BadInputError, match="meta"):
+        bnfold.torch.fold(m, _data((4, 3, 8, 8)))
