@@ -138,3 +138,18 @@ def test_a_module_on_the_meta_device_is_a_one_line_bad_input(inplace: bool) -> N
     assert "\n" not in str(info.value)
     with pytest.raises(BadInputError, match="meta"):
         bnfold.torch.fold(m, _data((4, 3, 8, 8)))
+
+
+def test_a_torchscript_submodule_is_calibrated_around() -> None:
+    """A scripted submodule's ``_buffers`` is torch.jit's ``OrderedDictWrapper`` (no ``.get``):
+    calibrate used to die with AttributeError on any model holding one, even a scripted conv."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    scripted = copy.deepcopy(plain)
+    scripted[0] = torch.jit.script(scripted[0])
+    want, _ = bnfold.torch.calibrate(plain, _data((4, 3, 8, 8)))
+    got, stats = bnfold.torch.calibrate(scripted, _data((4, 3, 8, 8)))
+    assert set(stats) == {"1", "4"}
+    for name in ("1", "4"):
+        a, b = got.get_buffer(f"{name}.running_var"), want.get_buffer(f"{name}.running_var")
+        assert torch.equal(a, b)
