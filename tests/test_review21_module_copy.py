@@ -153,3 +153,31 @@ def test_a_torchscript_submodule_is_calibrated_around() -> None:
     for name in ("1", "4"):
         a, b = got.get_buffer(f"{name}.running_var"), want.get_buffer(f"{name}.running_var")
         assert torch.equal(a, b)
+
+
+class _HoldsALock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.lock = threading.Lock()  # copy.deepcopy: TypeError, cannot pickle '_thread.lock'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def _old_weight_norm() -> nn.Module:
+    with pytest.warns(FutureWarning):
+        conv = torch.nn.utils.weight_norm(nn.Conv2d(3, 8, 3))  # copy.deepcopy: RuntimeError (non-leaf weight)
+    return nn.Sequential(conv, nn.BatchNorm2d(8))
+
+
+@pytest.mark.parametrize("make", [_HoldsALock, _old_weight_norm], ids=["lock", "old-weight-norm"])
+def test_a_module_deepcopy_refuses_is_a_one_line_bad_input_naming_inplace(make: type[nn.Module]) -> None:
+    """Used to end in deepcopy's own TypeError/RuntimeError traceback; inplace=True works."""
+    m = make()
+    for call in (bnfold.torch.calibrate, bnfold.torch.fold):
+        with pytest.raises(BadInputError, match="cannot be copied.*inplace=True") as info:
+            call(m, _data((4, 3, 8, 8)))
+        assert "\n" not in str(info.value)
+    _, stats = bnfold.torch.calibrate(m, _data((4, 3, 8, 8)), inplace=True)
+    assert set(stats) == {"1"} or set(stats) == {"bn"}

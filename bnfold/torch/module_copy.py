@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 from torch.overrides import TorchFunctionMode
 
-from bnfold.errors import UnsupportedModelError
+from bnfold.errors import BadInputError, UnsupportedModelError, one_line
 
 __all__ = ["DeferredCopy", "copy_module", "deferred_copy"]
 
@@ -64,9 +64,21 @@ def _seed_memo(module: nn.Module) -> dict[int, Any]:
     return memo
 
 
+def _deepcopy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module, memo)``; a module it refuses (a lock or file among its attributes,
+    torch's old ``weight_norm``) is a one-line BadInputError."""
+    try:
+        return copy.deepcopy(module, memo)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise BadInputError(
+            f"the module cannot be copied (copy.deepcopy: {type(exc).__name__}: {one_line(exc, 160)}), and bnfold "
+            "works on a copy to leave it unchanged: pass inplace=True to work on the module itself, or make it "
+            "copyable (torch.nn.utils.parametrizations.weight_norm for the old weight_norm)") from None
+
+
 def copy_module(module: nn.Module) -> nn.Module:
     """``copy.deepcopy(module)``, lazy parameters included (see the module docstring)."""
-    return copy.deepcopy(module, _seed_memo(module))
+    return _deepcopy(module, _seed_memo(module))
 
 
 def _deferrable(p: nn.Parameter) -> bool:
@@ -170,7 +182,7 @@ class DeferredCopy:
             twin = nn.Parameter(p.data, p.requires_grad)
             memo[id(p)] = twin
             slots[id(twin)] = _Slot(p, twin)
-        self.module: nn.Module = copy.deepcopy(original, memo)
+        self.module: nn.Module = _deepcopy(original, memo)
         self._slots = list(slots.values())
         self.pending: dict[int, _Slot] = dict(slots)  # id(twin) -> slot, until the twin has its own storage
         self._thread: threading.Thread | None = None
