@@ -45,13 +45,18 @@ _EMPTY_TYPES = (OrderedDict, dict, set, list)
 
 def _seed_memo(module: nn.Module) -> dict[int, Any]:
     """A ``deepcopy`` memo with a fresh container for every empty container of exactly a plain
-    type in a module's ``__dict__``, and a fresh uninitialised tensor for each lazy one
-    (``deepcopy`` refuses an ``UninitializedParameter``)."""
+    type in a module's ``__dict__``, a detached copy of each non-leaf tensor there, and a fresh
+    uninitialised tensor for each lazy one (``deepcopy`` refuses non-leaf tensors and an
+    ``UninitializedParameter``)."""
     memo: dict[int, Any] = {}
     for m in module.modules():
         for v in m.__dict__.values():
             if type(v) in _EMPTY_TYPES and not v:
                 memo[id(v)] = type(v)()
+            elif isinstance(v, torch.Tensor) and v.grad_fn is not None:
+                # a non-leaf attribute, which deepcopy refuses: the weight that torch's pruning and old
+                # weight_norm recompute from their parameters in a forward pre-hook; its detached value
+                memo[id(v)] = v.detach().clone(memory_format=torch.preserve_format)
     for t in list(module.parameters()) + list(module.buffers()):
         if is_lazy(t):
             if isinstance(t, UninitializedParameter):
@@ -73,7 +78,7 @@ def _deepcopy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         raise BadInputError(
             f"the module cannot be copied (copy.deepcopy: {type(exc).__name__}: {one_line(exc, 160)}), and bnfold "
             "works on a copy to leave it unchanged: pass inplace=True to work on the module itself, or make it "
-            "copyable (torch.nn.utils.parametrizations.weight_norm for the old weight_norm)") from None
+            "copyable") from None
 
 
 def copy_module(module: nn.Module) -> nn.Module:
