@@ -215,3 +215,22 @@ def test_modules_whose_forward_recomputes_a_non_leaf_attribute_are_copied(make: 
     result = bnfold.torch.fold(m, _data((4, 3, 8, 8)))
     assert _same(_state(m), before)
     assert len(result.report.bns) == 2
+
+
+def test_no_thread_to_be_had_costs_the_overlap_not_the_run() -> None:
+    """A process that cannot start one more thread (a thread limit; here, a stack size no
+    allocation can meet: a real pthread_create failure) used to fail calibrate with "RuntimeError:
+    can't start new thread", though the copy thread is only an overlap."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    before = _state(m)
+    want, _ = bnfold.torch.calibrate(copy.deepcopy(m), _data((4, 3, 8, 8)), inplace=True)
+    old = threading.stack_size(1 << 44)
+    try:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            threading.Thread(target=lambda: None).start()
+        got, _ = bnfold.torch.calibrate(m, _data((4, 3, 8, 8)))
+    finally:
+        threading.stack_size(old)
+    assert _same(_state(m), before)
+    assert _same(_state(got), _state(want))

@@ -197,8 +197,12 @@ class DeferredCopy:
     def start(self) -> None:
         """Start the background clones."""
         if self._thread is None and self._slots:
-            self._thread = threading.Thread(target=self._clone_all, name="bnfold-copy", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._clone_all, name="bnfold-copy", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had (a thread limit): the guard and finish() clone here
+                return
+            self._thread = thread
 
     def guard(self) -> _Guard:
         """The mode to run the first forward under."""
