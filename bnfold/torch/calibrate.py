@@ -734,6 +734,8 @@ def _run_pass(
                 run.samples = None if run.samples is None or size is None else run.samples + size
                 if progress:
                     progress(done, total)
+        if deferred is not None:  # no forward ran (a rank without batches of its own): the copy's storage now
+            deferred.finish()
     except BaseException:
         for mod, flag in training.items():
             mod.training = flag
