@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,8 +38,14 @@ def is_standard_bn(m: nn.Module) -> bool:
     return isinstance(m, _BatchNorm) and type(m).forward in _BN_FORWARDS
 
 
+def _buffer(m: nn.Module, name: str) -> Any:
+    """``m._buffers.get(name)``; a scripted module's ``_buffers`` (torch.jit's ``OrderedDictWrapper``) lacks ``get``."""
+    buffers = m._buffers
+    return buffers[name] if name in buffers else None
+
+
 def _has_stats(m: nn.Module) -> bool:
-    mean, var = m._buffers.get("running_mean"), m._buffers.get("running_var")
+    mean, var = _buffer(m, "running_mean"), _buffer(m, "running_var")
     return isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor) and mean.dim() == 1
 
 
@@ -53,8 +60,8 @@ def bn_kind(m: nn.Module) -> BnKind | None:
         return BnKind.CUSTOM
     if not _has_stats(m):
         return None
-    if (type(m).__name__ == "FrozenBatchNorm2d" and isinstance(m._buffers.get("weight"), torch.Tensor)
-            and isinstance(m._buffers.get("bias"), torch.Tensor) and isinstance(getattr(m, "eps", None), float)):
+    if (type(m).__name__ == "FrozenBatchNorm2d" and isinstance(_buffer(m, "weight"), torch.Tensor)
+            and isinstance(_buffer(m, "bias"), torch.Tensor) and isinstance(getattr(m, "eps", None), float)):
         return BnKind.FROZEN_AFFINE
     return BnKind.CUSTOM
 

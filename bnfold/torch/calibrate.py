@@ -560,6 +560,9 @@ def _calibration_pass(
     target_se = check_target_se(target_se)
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    if module_device(module).type == "meta" or (device is not None and torch.device(device).type == "meta"):
+        raise BadInputError("the module's weights are on the 'meta' device (shapes, no values): give it its weights "
+                            "first (module.to_empty(device='cpu'), then load_state_dict) and calibrate that")
     move = device is not None and module_device(module) != torch.device(device)
     # a calibration reads the weights: the copy's own come in the background during the first forward
     deferred = None if inplace or move else deferred_copy(module)
@@ -731,6 +734,8 @@ def _run_pass(
                 run.samples = None if run.samples is None or size is None else run.samples + size
                 if progress:
                     progress(done, total)
+        if deferred is not None:  # no forward ran (a rank without batches of its own): the copy's storage now
+            deferred.finish()
     except BaseException:
         for mod, flag in training.items():
             mod.training = flag

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 from torch.overrides import TorchFunctionMode
 
-from bnfold.errors import UnsupportedModelError
+from bnfold.errors import BadInputError, UnsupportedModelError, one_line
 
 __all__ = ["DeferredCopy", "copy_module", "deferred_copy"]
 
@@ -45,13 +45,18 @@ _EMPTY_TYPES = (OrderedDict, dict, set, list)
 
 def _seed_memo(module: nn.Module) -> dict[int, Any]:
     """A ``deepcopy`` memo with a fresh container for every empty container of exactly a plain
-    type in a module's ``__dict__``, and a fresh uninitialised tensor for each lazy one
-    (``deepcopy`` refuses an ``UninitializedParameter``)."""
+    type in a module's ``__dict__``, a detached copy of each non-leaf tensor there, and a fresh
+    uninitialised tensor for each lazy one (``deepcopy`` refuses non-leaf tensors and an
+    ``UninitializedParameter``)."""
     memo: dict[int, Any] = {}
     for m in module.modules():
         for v in m.__dict__.values():
             if type(v) in _EMPTY_TYPES and not v:
                 memo[id(v)] = type(v)()
+            elif isinstance(v, torch.Tensor) and v.grad_fn is not None:
+                # a non-leaf attribute, which deepcopy refuses: the weight that torch's pruning and old
+                # weight_norm recompute from their parameters in a forward pre-hook; its detached value
+                memo[id(v)] = v.detach().clone(memory_format=torch.preserve_format)
     for t in list(module.parameters()) + list(module.buffers()):
         if is_lazy(t):
             if isinstance(t, UninitializedParameter):
@@ -64,9 +69,21 @@ def _seed_memo(module: nn.Module) -> dict[int, Any]:
     return memo
 
 
+def _deepcopy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module, memo)``; a module it refuses (a lock or file among its attributes,
+    torch's old ``weight_norm``) is a one-line BadInputError."""
+    try:
+        return copy.deepcopy(module, memo)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise BadInputError(
+            f"the module cannot be copied (copy.deepcopy: {type(exc).__name__}: {one_line(exc, 160)}), and bnfold "
+            "works on a copy to leave it unchanged: pass inplace=True to work on the module itself, or make it "
+            "copyable") from None
+
+
 def copy_module(module: nn.Module) -> nn.Module:
     """``copy.deepcopy(module)``, lazy parameters included (see the module docstring)."""
-    return copy.deepcopy(module, _seed_memo(module))
+    return _deepcopy(module, _seed_memo(module))
 
 
 def _deferrable(p: nn.Parameter) -> bool:
@@ -98,13 +115,15 @@ class _Slot:
             return self.clone
 
 
-#: torch functions that only read their tensor arguments and return new tensors: a parameter passed
-#: to one of them may stay on the original's storage
+#: torch functions that only read their tensor arguments and return new tensors (unless given
+#: ``out=``): a parameter passed to one of them may stay on the original's storage. Not here: the
+#: batch/instance norms (they update running statistics, which may be parameters) and F.embedding
+#: (``max_norm`` renormalises the weight in place)
 _READS = frozenset({
     torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
     torch.conv_transpose3d, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-    F.conv_transpose3d, F.linear, F.bilinear, torch.batch_norm, F.batch_norm, torch.layer_norm, F.layer_norm,
-    torch.group_norm, F.group_norm, F.instance_norm, torch.instance_norm, F.embedding, F.prelu, torch.prelu,
+    F.conv_transpose3d, F.linear, F.bilinear, torch.layer_norm, F.layer_norm,
+    torch.group_norm, F.group_norm, F.prelu, torch.prelu,
     torch.addmm, torch.mm, torch.matmul, torch.bmm, torch.baddbmm, torch.addmv, torch.mv,
     torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__mul__, torch.Tensor.__rmul__,
     torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.Tensor.__truediv__, torch.Tensor.__matmul__,
@@ -116,6 +135,12 @@ _READS = frozenset({
 _METADATA = frozenset({"shape", "dtype", "device", "requires_grad", "ndim", "is_leaf", "grad", "grad_fn", "layout",
                        "is_cuda", "is_cpu", "is_sparse", "is_quantized", "is_meta", "is_nested", "names",
                        "_version", "itemsize", "nbytes", "output_nr", "_base", "is_mkldnn", "is_xpu", "is_mps"})
+
+
+#: modules whose forward takes a fused fast path only where no torch-function mode is active: under
+#: the guard their first batch would be computed otherwise (to ~1e-7), and the copy would differ
+#: from a plain copy's calibration
+_MODE_SENSITIVE = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
 
 class _Guard(TorchFunctionMode):
@@ -130,7 +155,7 @@ class _Guard(TorchFunctionMode):
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         pending = self.copy.pending
-        if pending and func not in _READS:
+        if pending and (func not in _READS or kwargs.get("out") is not None):
             prop = getattr(getattr(func, "__self__", None), "__name__", None)
             if getattr(func, "__name__", None) != "__get__" or prop not in _METADATA:
                 for a in (*args, *kwargs.values()):
@@ -162,7 +187,7 @@ class DeferredCopy:
             twin = nn.Parameter(p.data, p.requires_grad)
             memo[id(p)] = twin
             slots[id(twin)] = _Slot(p, twin)
-        self.module: nn.Module = copy.deepcopy(original, memo)
+        self.module: nn.Module = _deepcopy(original, memo)
         self._slots = list(slots.values())
         self.pending: dict[int, _Slot] = dict(slots)  # id(twin) -> slot, until the twin has its own storage
         self._thread: threading.Thread | None = None
@@ -172,8 +197,12 @@ class DeferredCopy:
     def start(self) -> None:
         """Start the background clones."""
         if self._thread is None and self._slots:
-            self._thread = threading.Thread(target=self._clone_all, name="bnfold-copy", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._clone_all, name="bnfold-copy", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had (a thread limit): the guard and finish() clone here
+                return
+            self._thread = thread
 
     def guard(self) -> _Guard:
         """The mode to run the first forward under."""
@@ -237,8 +266,11 @@ class DeferredCopy:
 
 def deferred_copy(module: nn.Module) -> DeferredCopy | None:
     """A :class:`DeferredCopy` of ``module``, or None where a plain copy is the one to make: no
-    parameter worth deferring, or lazy parameters (a first forward materialises them in place)."""
+    parameter worth deferring, lazy parameters (a first forward materialises them in place), or a
+    module that computes differently under a torch-function mode (:data:`_MODE_SENSITIVE`)."""
     params = list(module.parameters())
     if not any(_deferrable(p) for p in params) or any(is_lazy(t) for t in params):
+        return None
+    if any(isinstance(m, _MODE_SENSITIVE) for m in module.modules()):
         return None
     return DeferredCopy(module)
