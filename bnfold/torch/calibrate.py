@@ -830,7 +830,10 @@ def calibrate(
     Returns ``(frozen, stats)``: the module in eval mode with the new ``running_mean`` /
     ``running_var`` (a ``track_running_stats=False`` BN gains running buffers), and the
     :class:`FrozenStats` per BN qualified name. ``module`` itself is left untouched unless
-    ``inplace=True`` (then ``frozen is module``). A BN applied more than once per forward is
+    ``inplace=True`` (then ``frozen is module``); the copy's weights are made during the first
+    forward pass (:mod:`bnfold.torch.module_copy`), so a forward that writes into its parameters
+    from another thread or a C++ extension needs ``calibrate(copy.deepcopy(module), data,
+    inplace=True)``. A BN applied more than once per forward is
     refused unless ``allow_reused_bn=True`` (its calls are then pooled, with a warning).
     ``training_graph=True`` runs the module's training-time forward (``self.training`` branches
     taken, e.g. auxiliary heads) with Dropout and stochastic depth off, so BNs that only run in

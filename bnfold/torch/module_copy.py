@@ -19,9 +19,13 @@ own storage (cloning it itself where the thread has not got there yet), so whate
 writes goes into the copy. After the first forward every parameter has its own storage and the
 mode is gone. Only plain dense CPU ``nn.Parameter`` tensors are deferred; buffers (which a forward
 may update: BN counters, spectral-norm vectors) are copied at once. A write the mode cannot see
-(``torch.ops`` called directly on a parameter) shows in the copy's version counter at the end: the
-original then gets its values back from the clone where the clone was taken before the write,
-else the run stops with an error that says so.
+(``torch.ops`` called directly on a parameter, a C++ extension, or another thread that the forward
+starts: the mode belongs to the calling thread) shows in the copy's version counter at the end:
+the original then gets its values back from the clone where the clone was taken before the
+write, else the run stops with an error that says so; such a write through ``.data`` (no version
+counter sees it) changes the module passed in. A forward like that is the one case for
+``calibrate(copy.deepcopy(module), data, inplace=True)``. Modules whose computation differs under
+a torch-function mode (torch's fused attention fast path) take the plain copy.
 """
 from __future__ import annotations
 
@@ -191,7 +195,6 @@ class DeferredCopy:
         self._slots = list(slots.values())
         self.pending: dict[int, _Slot] = dict(slots)  # id(twin) -> slot, until the twin has its own storage
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
         self._unrestored: list[str] = []
 
     def start(self) -> None:
@@ -212,8 +215,8 @@ class DeferredCopy:
         try:
             for slot in self._slots:
                 slot.take()
-        except BaseException as exc:  # noqa: BLE001 (the main thread clones what is missing, or fails there)
-            self._error = exc
+        except BaseException:  # noqa: BLE001 (the main thread clones what is missing, and fails there if it must)
+            return
 
     def swap(self, slot: _Slot) -> None:
         """Give the twin storage of its own (unless the forward gave it some: ``.data = ...``)."""
