@@ -469,6 +469,7 @@ def run_calibration(
     training_graph: bool = False,
     target_se: float = DEFAULT_TARGET_SE,
     distributed: bool | str = "auto",
+    with_drift: bool = True,
 ) -> CalibrationRun:
     """:func:`_calibration_pass` on one process, or across the ``torch.distributed`` group
     (``distributed``, see :func:`bnfold.distributed.resolve_group`): bnfold's own file data
@@ -479,7 +480,7 @@ def run_calibration(
     group = resolve_group(distributed)
     kwargs: dict[str, Any] = dict(device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
                                   inplace=inplace, progress=progress, recalibrate=recalibrate,
-                                  training_graph=training_graph, target_se=target_se)
+                                  training_graph=training_graph, target_se=target_se, with_drift=with_drift)
     if group is None:
         with collector_paused():
             return _calibration_pass(module, data, **kwargs)
@@ -547,6 +548,7 @@ def _calibration_pass(
     training_graph: bool = False,
     target_se: float = DEFAULT_TARGET_SE,
     guard: RankGuard | None = None,
+    with_drift: bool = True,
 ) -> CalibrationRun:
     """Calibrate the BNs of ``module`` that ``recalibrate`` selects on ``data`` and freeze them; see
     :func:`calibrate`. ``'training'``: only the BNs that normalise with batch statistics; the others
@@ -573,7 +575,7 @@ def _calibration_pass(
     try:
         return _run_pass(module, work, dev, data, deferred, estimator=estimator, allow_reused_bn=allow_reused_bn,
                          progress=progress, recalibrate=recalibrate, training_graph=training_graph,
-                         target_se=target_se, guard=guard)
+                         target_se=target_se, guard=guard, with_drift=with_drift)
     except BaseException:
         if deferred is not None:
             deferred.abandon()
@@ -594,6 +596,7 @@ def _run_pass(
     training_graph: bool,
     target_se: float,
     guard: RankGuard | None,
+    with_drift: bool,
 ) -> CalibrationRun:
     """The pass of :func:`_calibration_pass` on ``work`` (``module`` itself, or its copy; with
     ``deferred``, the copy's parameters get their own storage during the first forward, and
@@ -786,7 +789,7 @@ def _run_pass(
         st = finalize(sums[name], estimator, name, target_se)
         _check_fits(name, st, _stats_dtype(m, in_dtype[name]))
         run.stats[name] = st
-        if recalibrate == "all":
+        if recalibrate == "all" and with_drift:
             run.drift[name] = _stored_drift(m, modes[name], st, eps_of[name])
     for name, st in run.stats.items():  # all checked first: a refusal leaves every BN as it was
         _write_stats(modules[name], st, in_dtype[name], dev)
@@ -850,7 +853,7 @@ def calibrate(
     check_device(device)
     run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
                           inplace=inplace, progress=progress, training_graph=training_graph, target_se=target_se,
-                          distributed=distributed)
+                          distributed=distributed, with_drift=False)  # drift: for fold's report, not returned here
     return run.module, run.stats
 
 
