@@ -30,6 +30,7 @@ The returned module is in eval mode with the chosen estimator's statistics in ``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import itertools
@@ -456,6 +457,21 @@ def _forward_failure(exc: Exception, done: int, batch: Batch, dtype: torch.dtype
             f"{one_line(exc, 200)}); {fix}")
 
 
+@dataclass(frozen=True)
+class _PassOptions:
+    """What :func:`run_calibration` was asked, handed on to the pass (one signature, not three)."""
+
+    device: str | torch.device | None
+    estimator: str
+    allow_reused_bn: bool
+    inplace: bool
+    progress: Progress | None
+    recalibrate: str
+    training_graph: bool
+    target_se: float
+    with_drift: bool
+
+
 def run_calibration(
     module: nn.Module,
     data: Any,
@@ -478,18 +494,18 @@ def run_calibration(
     (``DistributedSampler`` style). Every rank's sums and facts are gathered once and merged in rank
     order; an error on any rank before that stops every rank."""
     group = resolve_group(distributed)
-    kwargs: dict[str, Any] = dict(device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
-                                  inplace=inplace, progress=progress, recalibrate=recalibrate,
-                                  training_graph=training_graph, target_se=target_se, with_drift=with_drift)
+    opts = _PassOptions(device=device, estimator=estimator, allow_reused_bn=allow_reused_bn, inplace=inplace,
+                        progress=progress, recalibrate=recalibrate, training_graph=training_graph,
+                        target_se=target_se, with_drift=with_drift)
     if group is None:
         with collector_paused():
-            return _calibration_pass(module, data, **kwargs)
+            return _calibration_pass(module, data, opts)
     if isinstance(data, CalibrationData) or (isinstance(data, StreamData) and data.shared):
         data = RankShard(data, group.rank, group.world_size)
     guard = RankGuard(group, key=_rank_key(module, data))
     try:
         with collector_paused():
-            run = _calibration_pass(module, data, guard=guard, **kwargs)
+            run = _calibration_pass(module, data, opts, guard=guard)
         run.world_size = group.world_size
         return run
     except BaseException as exc:  # noqa: BLE001 - sent to the other ranks (before the gather), then raised
@@ -535,21 +551,8 @@ def _combine_ranks(guard: RankGuard, run: CalibrationRun, sums: dict[str, BnStat
     return merge_ranks([decode_stats(s) for s, _ in per_rank]), facts.first_call
 
 
-def _calibration_pass(
-    module: nn.Module,
-    data: Any,
-    *,
-    device: str | torch.device | None = None,
-    estimator: str = "unbiased",
-    allow_reused_bn: bool = False,
-    inplace: bool = False,
-    progress: Progress | None = None,
-    recalibrate: str = "all",
-    training_graph: bool = False,
-    target_se: float = DEFAULT_TARGET_SE,
-    guard: RankGuard | None = None,
-    with_drift: bool = True,
-) -> CalibrationRun:
+def _calibration_pass(module: nn.Module, data: Any, opts: _PassOptions, guard: RankGuard | None = None
+                      ) -> CalibrationRun:
     """Calibrate the BNs of ``module`` that ``recalibrate`` selects on ``data`` and freeze them; see
     :func:`calibrate`. ``'training'``: only the BNs that normalise with batch statistics; the others
     keep their running statistics and normalise with them during the pass (as the deployed model
@@ -557,9 +560,10 @@ def _calibration_pass(
     drift from its running statistics. With nothing to calibrate, ``run.first_batch`` is still
     the data's first batch. ``training_graph``: run the module's training-time forward instead
     (:mod:`bnfold.torch.training_graph`: BNs only reached in training mode get calibrated too)."""
-    _check_estimator(estimator)
-    check_recalibrate(recalibrate)
-    target_se = check_target_se(target_se)
+    _check_estimator(opts.estimator)
+    check_recalibrate(opts.recalibrate)
+    opts = dataclasses.replace(opts, target_se=check_target_se(opts.target_se))
+    device = opts.device
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
     if module_device(module).type == "meta" or (device is not None and torch.device(device).type == "meta"):
@@ -567,40 +571,26 @@ def _calibration_pass(
                             "first (module.to_empty(device='cpu'), then load_state_dict) and calibrate that")
     move = device is not None and module_device(module) != torch.device(device)
     # a calibration reads the weights: the copy's own come in the background during the first forward
-    deferred = None if inplace or move else deferred_copy(module)
-    work = module if inplace else deferred.module if deferred is not None else copy_module(module)
+    deferred = None if opts.inplace or move else deferred_copy(module)
+    work = module if opts.inplace else deferred.module if deferred is not None else copy_module(module)
     dev = torch.device(device) if device is not None else module_device(work)
     if move:
         work.to(dev)
     try:
-        return _run_pass(module, work, dev, data, deferred, estimator=estimator, allow_reused_bn=allow_reused_bn,
-                         progress=progress, recalibrate=recalibrate, training_graph=training_graph,
-                         target_se=target_se, guard=guard, with_drift=with_drift)
+        return _run_pass(work, dev, data, deferred, opts, guard)
     except BaseException:
         if deferred is not None:
             deferred.abandon()
         raise
 
 
-def _run_pass(
-    module: nn.Module,
-    work: nn.Module,
-    dev: torch.device,
-    data: Any,
-    deferred: DeferredCopy | None,
-    *,
-    estimator: str,
-    allow_reused_bn: bool,
-    progress: Progress | None,
-    recalibrate: str,
-    training_graph: bool,
-    target_se: float,
-    guard: RankGuard | None,
-    with_drift: bool,
-) -> CalibrationRun:
-    """The pass of :func:`_calibration_pass` on ``work`` (``module`` itself, or its copy; with
+def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredCopy | None, opts: _PassOptions,
+              guard: RankGuard | None) -> CalibrationRun:
+    """The pass of :func:`_calibration_pass` on ``work`` (the module itself, or its copy; with
     ``deferred``, the copy's parameters get their own storage during the first forward, and
     ``deferred.finish()`` is called before anything is written to ``work``)."""
+    estimator, allow_reused_bn, progress = opts.estimator, opts.allow_reused_bn, opts.progress
+    recalibrate, training_graph, target_se = opts.recalibrate, opts.training_graph, opts.target_se
     warnings: list[str] = []
     targets = _calibration_targets(work, warnings)
     modes = {name: bn_mode(m) for name, m in targets}  # before the run puts the module in eval mode
@@ -789,7 +779,7 @@ def _run_pass(
         st = finalize(sums[name], estimator, name, target_se)
         _check_fits(name, st, _stats_dtype(m, in_dtype[name]))
         run.stats[name] = st
-        if recalibrate == "all" and with_drift:
+        if recalibrate == "all" and opts.with_drift:
             run.drift[name] = _stored_drift(m, modes[name], st, eps_of[name])
     for name, st in run.stats.items():  # all checked first: a refusal leaves every BN as it was
         _write_stats(modules[name], st, in_dtype[name], dev)
