@@ -123,3 +123,26 @@ def test_getnewargs_is_honoured() -> None:
     m: Any = nn.Sequential(_NewArgs(3))
     assert copy.deepcopy(m)[0].n == 3
     assert cast(Any, copy_module(m))[0].n == 3
+
+
+class _Delegating(nn.Module):
+    """A wrapper whose ``__getattr__`` falls back to a module it wraps (as PEFT-style wrappers do)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_inner", inner)
+        self.lin = nn.Linear(2, 2)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._inner, name)
+
+
+def test_custom_getattr_is_copied_as_deepcopy_copies_it() -> None:
+    from torch.nn.utils import parametrizations
+
+    # deepcopy finds the wrapped (parametrized) module's __deepcopy__ through __getattr__
+    m: Any = nn.Sequential(_Delegating(parametrizations.weight_norm(nn.Linear(2, 2))))
+    assert type(cast(Any, copy_module(m))[0]) is type(copy.deepcopy(m)[0])

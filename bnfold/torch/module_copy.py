@@ -124,8 +124,9 @@ _PLAIN: dict[type, bool] = {}  # module class -> copied by the same steps as nn.
 
 def _plain_class(cls: type) -> bool:
     """Whether ``deepcopy`` copies instances of ``cls`` as it copies an ``nn.Module``: no
-    ``__deepcopy__``, ``__reduce__``/``__reduce_ex__``, ``__getstate__``/``__setstate__`` or
-    ``__slots__`` of its own (parametrized modules, ScriptModules, GraphModules have some)."""
+    ``__deepcopy__``, ``__reduce__``/``__reduce_ex__``, ``__getstate__``/``__setstate__``,
+    ``__getnewargs__``, ``__getattr__`` or ``__slots__`` of its own (parametrized modules, ScriptModules,
+    GraphModules have some)."""
     plain = _PLAIN.get(cls)
     if plain is None:
         plain = (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
@@ -133,6 +134,9 @@ def _plain_class(cls: type) -> bool:
                  and getattr(cls, "__getstate__", None) is nn.Module.__getstate__
                  and getattr(cls, "__setstate__", None) is nn.Module.__setstate__
                  and getattr(cls, "__getnewargs_ex__", None) is None and getattr(cls, "__getnewargs__", None) is None
+                 # (deepcopy looks __deepcopy__ up through a __getattr__ of its own: a wrapper's may find the wrapped's)
+                 and getattr(cls, "__getattr__", None) is nn.Module.__getattr__
+                 and cls.__getattribute__ is object.__getattribute__
                  and not any("__slots__" in vars(k) for k in cls.__mro__ if k is not object))
         _PLAIN[cls] = plain
     return plain
