@@ -31,6 +31,7 @@ a torch-function mode (torch's fused attention fast path) take the plain copy.
 from __future__ import annotations
 
 import copy
+import copyreg
 import threading
 import types
 from collections import OrderedDict
@@ -69,6 +70,8 @@ def _seed_memo(module: nn.Module) -> tuple[dict[int, Any], list[nn.Parameter]]:
     for m in module.modules():
         for v in m.__dict__.values():
             if type(v) in _EMPTY_TYPES and not v:
+                if type(v) is OrderedDict and v.__dict__:
+                    continue  # an OrderedDict's attributes, which deepcopy copies
                 memo[id(v)] = type(v)()
             elif isinstance(v, torch.Tensor):
                 hold(v)
@@ -84,10 +87,20 @@ def _seed_memo(module: nn.Module) -> tuple[dict[int, Any], list[nn.Parameter]]:
             if b is not None and id(b) not in buffers:
                 buffers[id(b)] = b
                 hold(b)
+    # the clones' storages are deepcopy's copies of the buffers' storages (Tensor.__deepcopy__ keeps
+    # storage copies under "torch"): a view of one held anywhere else (a list, a hook's partial, an
+    # unregistered module) is copied onto the clone, as deepcopy would
+    storage_copies: dict[int, torch.UntypedStorage] = {}
     for t in buffers.values():
         if (id(t) not in memo and not is_lazy(t) and _plain_buffer(t) and t.numel()
                 and storages.get(t.untyped_storage().data_ptr()) == 1):
-            memo[id(t)] = t.clone(memory_format=torch.preserve_format)
+            c = t.clone(memory_format=torch.preserve_format)
+            if not t.is_contiguous() and c.stride() != t.stride():
+                continue  # overlapping (stride 0): deepcopy keeps the layout and the storage
+            memo[id(t)] = c
+            storage_copies[t.untyped_storage()._cdata] = c.untyped_storage()
+    if storage_copies:
+        cast(dict[Any, Any], memo)["torch"] = storage_copies
     for t in [*params.values(), *buffers.values()]:
         if is_lazy(t):
             if isinstance(t, UninitializedParameter):
@@ -103,19 +116,27 @@ def _seed_memo(module: nn.Module) -> tuple[dict[int, Any], list[nn.Parameter]]:
 #: values ``deepcopy`` returns as they are
 _ATOMIC = frozenset({type(None), int, float, bool, complex, str, bytes, type, types.FunctionType,
                      types.BuiltinFunctionType})
+#: what deepcopy looks up on the instance itself (an attribute in its ``__dict__`` overrides the class's)
+_OVERRIDES = frozenset({"__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__getnewargs_ex__",
+                        "__getnewargs__"})
 _PLAIN: dict[type, bool] = {}  # module class -> copied by the same steps as nn.Module's deepcopy
 
 
 def _plain_class(cls: type) -> bool:
     """Whether ``deepcopy`` copies instances of ``cls`` as it copies an ``nn.Module``: no
-    ``__deepcopy__``, ``__reduce__``/``__reduce_ex__``, ``__getstate__``/``__setstate__`` or
-    ``__slots__`` of its own (parametrized modules, ScriptModules, GraphModules have some)."""
+    ``__deepcopy__``, ``__reduce__``/``__reduce_ex__``, ``__getstate__``/``__setstate__``,
+    ``__getnewargs__``, ``__getattr__`` or ``__slots__`` of its own (parametrized modules, ScriptModules,
+    GraphModules have some)."""
     plain = _PLAIN.get(cls)
     if plain is None:
         plain = (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
                  and cls.__reduce__ is object.__reduce__
                  and getattr(cls, "__getstate__", None) is nn.Module.__getstate__
                  and getattr(cls, "__setstate__", None) is nn.Module.__setstate__
+                 and getattr(cls, "__getnewargs_ex__", None) is None and getattr(cls, "__getnewargs__", None) is None
+                 # (deepcopy looks __deepcopy__ up through a __getattr__ of its own: a wrapper's may find the wrapped's)
+                 and getattr(cls, "__getattr__", None) is nn.Module.__getattr__
+                 and cls.__getattribute__ is object.__getattribute__
                  and not any("__slots__" in vars(k) for k in cls.__mro__ if k is not object))
         _PLAIN[cls] = plain
     return plain
@@ -130,7 +151,7 @@ def _copy_tree(m: nn.Module, memo: dict[int, Any]) -> nn.Module:
     if found is not None:
         return cast(nn.Module, found)
     cls = type(m)
-    if not _plain_class(cls):
+    if not _plain_class(cls) or cls in copyreg.dispatch_table or not _OVERRIDES.isdisjoint(m.__dict__):
         return copy.deepcopy(m, memo)
     new = cls.__new__(cls)
     memo[id(m)] = new
@@ -159,7 +180,7 @@ def _copy_value(v: Any, memo: dict[int, Any]) -> Any:
     ``dict``/``OrderedDict`` with string keys (``_parameters``, ``_buffers``), a tuple of atomic
     values (``kernel_size``: deepcopy returns the tuple itself)."""
     t = type(v)
-    if t is dict or t is OrderedDict:
+    if t is dict or (t is OrderedDict and not v.__dict__):
         if not all(type(key) is str for key in v):
             return copy.deepcopy(v, memo)
         out: dict[Any, Any] = t()
