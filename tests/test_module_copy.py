@@ -170,6 +170,7 @@ def test_a_write_the_guard_cannot_see_is_put_back_from_a_clean_clone() -> None:
     conv = nn.Conv2d(3, 4, 1)
     m = nn.Sequential(conv)
     before = _state(m)
+    version = conv.weight._version
     dc = DeferredCopy(m)
     dc.start()
     assert dc._thread is not None
@@ -179,6 +180,7 @@ def test_a_write_the_guard_cannot_see_is_put_back_from_a_clean_clone() -> None:
         torch.ops.aten.mul_.Tensor(twin, 2.0)  # torch.ops: no torch-function mode sees it
     out = dc.finish()
     assert _same(_state(m), before)  # the original got its values back
+    assert conv.weight._version == version  # and nothing reached its autograd version counter
     assert torch.equal(out[0].weight, before["0.weight"] * 2.0)  # the copy keeps the write
 
 

@@ -361,9 +361,8 @@ class DeferredCopy:
         # written in place before the twin had its own storage: the copy keeps what was written, the
         # original gets its values back from a clone taken before the write
         twin.data = p.detach().clone(memory_format=torch.preserve_format)
-        if slot.clean:
-            with torch.no_grad():
-                p.copy_(c)
+        if slot.clean:  # through .data: the original's version counter (which autograd checks) stays as it was
+            p.data.copy_(c)
         else:
             self._unrestored.append(f"{tuple(p.shape)}")
 
