@@ -14,6 +14,7 @@ from torch import nn
 
 import bnfold.torch
 from bnfold.errors import UnsupportedModelError
+from bnfold.torch.calibrate import spare_core
 from bnfold.torch.module_copy import DeferredCopy, copy_module, deferred_copy
 
 
@@ -107,6 +108,37 @@ def test_the_input_is_untouched_and_the_copy_is_what_a_plain_copy_gives(make: An
             p.add_(1.0)
     assert _same(_state(m), before)
     assert _no_copy_thread()
+
+
+@pytest.mark.parametrize("make", [lambda: _seq(_Clamps(3, 8, 3)), _Critic], ids=["own-inplace", "root-writes-others"])
+def test_with_a_spare_core_the_clones_run_in_the_thread_and_the_contract_holds(make: Any) -> None:
+    """One torch thread leaves a core for the copy's thread (``spare_core``): the clones overlap the
+    first forward, under the guard, and the input and the copy are still as a plain copy leaves them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if not spare_core():
+            pytest.skip("a single core: calibrate makes the clones after the first forward")
+        started: list[bool] = []
+        real_start = DeferredCopy.start
+
+        def start(self: DeferredCopy) -> None:
+            real_start(self)
+            started.append(self._thread is not None)
+
+        torch.manual_seed(0)
+        m = make()
+        before = _state(m)
+        oracle, _ = bnfold.torch.calibrate(copy.deepcopy(m), _data(), inplace=True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(DeferredCopy, "start", start)
+            frozen, _ = bnfold.torch.calibrate(m, _data())
+        assert started == [True]
+        assert _same(_state(m), before)
+        assert _same(_state(frozen), _state(oracle))
+        assert _no_copy_thread()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_tied_parameters_stay_tied_in_the_copy() -> None:

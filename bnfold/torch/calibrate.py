@@ -34,6 +34,7 @@ import dataclasses
 import gc
 import hashlib
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -104,6 +105,18 @@ def bn_mode(m: nn.Module) -> Mode:
             or getattr(m, "running_var", None) is None):
         return Mode.TRAINING
     return Mode.INFERENCE
+
+
+def spare_core() -> bool:
+    """Whether this process has a core that torch's compute threads leave free, for the copy's
+    background clones (:class:`bnfold.torch.module_copy.DeferredCopy`). Without one the thread only
+    competes with the forward (2 cores, 2 torch threads: mobilenetv3_small_100's first batch 10-25 ms
+    slower with it), and the clones are made after the first forward instead."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() < cores
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -699,7 +712,7 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
                     check_arity(work, batch)
                     run.first_batch = batch
                     run.batch_size = batch.size
-                    if deferred is not None:  # the data's iterator (and any DataLoader worker) exists now
+                    if deferred is not None and spare_core():  # the data's iterator (any DataLoader worker) exists now
                         deferred.start()
                 for k in calls_now:
                     calls_now[k] = 0
