@@ -579,14 +579,15 @@ def _calibration_pass(module: nn.Module, data: Any, opts: _PassOptions, guard: R
     device = opts.device
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    if module_device(module).type == "meta" or (device is not None and torch.device(device).type == "meta"):
+    here = module_device(module)  # the copy's too
+    if here.type == "meta" or (device is not None and torch.device(device).type == "meta"):
         raise BadInputError("the module's weights are on the 'meta' device (shapes, no values): give it its weights "
                             "first (module.to_empty(device='cpu'), then load_state_dict) and calibrate that")
-    move = device is not None and module_device(module) != torch.device(device)
+    move = device is not None and here != torch.device(device)
     # a calibration reads the weights: the copy's own come in the background during the first forward
     deferred = None if opts.inplace or move else deferred_copy(module)
     work = module if opts.inplace else deferred.module if deferred is not None else copy_module(module)
-    dev = torch.device(device) if device is not None else module_device(work)
+    dev = torch.device(device) if device is not None else here
     if move:
         work.to(dev)
     try:

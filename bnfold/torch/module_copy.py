@@ -401,9 +401,13 @@ def deferred_copy(module: nn.Module) -> DeferredCopy | None:
     """A :class:`DeferredCopy` of ``module``, or None where a plain copy is the one to make: no
     parameter worth deferring, lazy parameters (a first forward materialises them in place), or a
     module that computes differently under a torch-function mode (:data:`_MODE_SENSITIVE`)."""
-    params = list(module.parameters())
-    if not any(_deferrable(p) for p in params) or any(is_lazy(t) for t in params):
-        return None
-    if any(isinstance(m, _MODE_SENSITIVE) for m in module.modules()):
-        return None
-    return DeferredCopy(module)
+    worth = False
+    for m in module.modules():  # one walk (DeferredCopy makes its own)
+        if isinstance(m, _MODE_SENSITIVE):
+            return None
+        for p in m._parameters.values():
+            if p is not None:
+                if is_lazy(p):
+                    return None
+                worth = worth or _deferrable(p)
+    return DeferredCopy(module) if worth else None
