@@ -2,6 +2,7 @@
 cycles pile up for the whole calibration (memory growing with the number of batches)."""
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Iterator
 
@@ -44,6 +45,22 @@ def _batches(n: int) -> Iterator[torch.Tensor]:
         yield torch.randn(2, 3, 4, 4)
 
 
+@contextlib.contextmanager
+def _collector(*threshold: int, enabled: bool = True) -> Iterator[None]:
+    """A clean collector with ``threshold`` (and switched off unless ``enabled``) for the block; as
+    it was after."""
+    old = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(*threshold)
+    if not enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.set_threshold(*old)
+
+
 def test_cycles_made_by_the_forward_are_collected_during_a_long_calibration() -> None:
     # Before the fix all 300 cycles (with their activations) were alive at the last batch: the
     # collector was off for the whole pass. A threshold of 100 allocations makes a young collection
@@ -51,15 +68,10 @@ def test_cycles_made_by_the_forward_are_collected_during_a_long_calibration() ->
     # room for the copy's objects counted first, and is half the 300 that fail.
     torch.manual_seed(0)
     model = _CyclicForward().train()
-    old = gc.get_threshold()
-    gc.collect()
-    gc.set_threshold(100, 10, 10)
-    try:
+    with _collector(100, 10, 10):
         bt.calibrate(model, _batches(300), inplace=True)
-    finally:
-        gc.set_threshold(*old)
+        assert gc.isenabled()
     assert model.most_alive < 150, model.most_alive
-    assert gc.isenabled()
 
 
 def test_a_collector_switched_off_by_threshold_zero_stays_off() -> None:
@@ -83,13 +95,6 @@ def test_with_the_collector_switched_off_around_the_run_cycles_are_still_collect
     # makes the young collections itself (collect_young), so the cycles do not pile up either
     torch.manual_seed(0)
     model = _CyclicForward().train()
-    old = gc.get_threshold()
-    gc.collect()
-    gc.set_threshold(100, 10, 10)
-    gc.disable()
-    try:
+    with _collector(100, 10, 10, enabled=False):
         bt.calibrate(model, _batches(300), inplace=True)
-    finally:
-        gc.enable()
-        gc.set_threshold(*old)
     assert model.most_alive < 150, model.most_alive
