@@ -1,9 +1,10 @@
-"""Review 21 of calibrate's copy (``bnfold.torch.module_copy``; since stop 22 a copy-on-write
-copy): forwards that write a parameter through calls a torch-function mode took for reads
-(``F.embedding(max_norm=)``, ``out=``, a functional BN on parameter running statistics), and
-modules whose numerics change under any torch-function mode (torch's attention fast path). Each
-must leave the input bitwise unchanged and give the copy that
-``calibrate(copy.deepcopy(m), data, inplace=True)`` gives."""
+"""Review 21 of calibrate's deferred copy (``bnfold.torch.module_copy``): forwards that write a
+parameter through a torch call the guard took for a read, and modules whose numerics change under
+any torch-function mode. Each must leave the input bitwise unchanged and give the copy that
+``calibrate(copy.deepcopy(m), data, inplace=True)`` gives. The writes happen before the copy
+thread could clone the parameter (a large parameter ahead of it keeps the thread busy, and
+:class:`DeferredCopy` is also driven without the thread), which used to end in an
+``UnsupportedModelError`` with the input changed."""
 from __future__ import annotations
 
 import copy
@@ -17,6 +18,7 @@ from torch import nn
 
 import bnfold.torch
 from bnfold.errors import BadInputError
+from bnfold.torch.module_copy import DeferredCopy, deferred_copy
 
 
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -105,23 +107,26 @@ def test_the_input_is_untouched_and_the_copy_is_the_oracle(make: type[nn.Module]
     frozen, _ = bnfold.torch.calibrate(m, _data(shape))
     assert _same(_state(m), before)
     assert _same(_state(frozen), _state(oracle))
+    assert not any(t.name == "bnfold-copy" for t in threading.enumerate())
 
 
 @pytest.mark.parametrize("make", [_EmbeddingMaxNorm, _OutWrite, _ParameterRunningStats])
-def test_a_write_in_the_forward_gives_the_copy_memory_of_its_own(make: type[nn.Module]) -> None:
-    """The copy's parameters share the input's memory until the forward writes one: that one, and
-    only that one, gets memory of its own; the input keeps its values."""
+def test_a_write_through_a_call_the_guard_sees_lands_in_the_copy_with_no_clone_taken(make: type[nn.Module]) -> None:
+    """No thread: every clone is the guard's, so a write it let through could not be undone."""
     torch.manual_seed(0)
     m = make()
     before = _state(m)
-    frozen, _ = bnfold.torch.calibrate(m, _data((16, 4)))
+    dc = DeferredCopy(m)
+    with torch.no_grad(), dc.guard():
+        dc.module(_data((16, 4))[0])
+    dc.finish()
     assert _same(_state(m), before)
-    written = {"_EmbeddingMaxNorm": "emb.weight", "_OutWrite": "lin.weight", "_ParameterRunningStats": "rm"}[
-        make.__name__]
-    params = dict(frozen.named_parameters())
-    assert not torch.equal(params[written], before[written])
-    assert params["big.weight" if "big.weight" in params else "lin.weight"].const_data_ptr() == dict(
-        m.named_parameters())["big.weight" if "big.weight" in params else "lin.weight"].const_data_ptr()
+
+
+def test_modules_with_a_mode_sensitive_fast_path_take_the_plain_copy() -> None:
+    assert deferred_copy(_Attention()) is None
+    assert deferred_copy(_encoder()) is None
+    assert deferred_copy(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))) is not None
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -210,3 +215,22 @@ def test_modules_whose_forward_recomputes_a_non_leaf_attribute_are_copied(make: 
     result = bnfold.torch.fold(m, _data((4, 3, 8, 8)))
     assert _same(_state(m), before)
     assert len(result.report.bns) == 2
+
+
+def test_no_thread_to_be_had_costs_the_overlap_not_the_run() -> None:
+    """A process that cannot start one more thread (a thread limit; here, a stack size no
+    allocation can meet: a real pthread_create failure) used to fail calibrate with "RuntimeError:
+    can't start new thread", though the copy thread is only an overlap."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    before = _state(m)
+    want, _ = bnfold.torch.calibrate(copy.deepcopy(m), _data((4, 3, 8, 8)), inplace=True)
+    old = threading.stack_size(1 << 44)
+    try:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            threading.Thread(target=lambda: None).start()
+        got, _ = bnfold.torch.calibrate(m, _data((4, 3, 8, 8)))
+    finally:
+        threading.stack_size(old)
+    assert _same(_state(m), before)
+    assert _same(_state(got), _state(want))

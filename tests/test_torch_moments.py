@@ -309,3 +309,61 @@ def test_scratch_buffer_is_shared_and_grows():
     c = s.like(torch.ones(5, 5))
     assert c.shape == (5, 5) and c.numel() == 25
     assert s.like(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------- torch's BN kernel (small batches)
+
+
+def test_the_bn_kernel_passes_its_exactness_check_here():
+    """The calibration of small batches rests on it (torch 2.13's CPU kernel sums in double)."""
+    moments_mod = pytest.importorskip("bnfold.torch.moments")
+    assert moments_mod.kernel_moments_exact()
+
+
+def test_a_kernel_that_sums_in_float_fails_the_exactness_check(monkeypatch):
+    """The check has teeth: a BN kernel whose sums are float32 (as torch's channels-last code
+    has them) misses the check batch's mean by several ulps."""
+    import bnfold.torch.moments as mom
+
+    def float_sums(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+        rows = x.transpose(0, 1).reshape(x.shape[1], -1).numpy()
+        mean = np.cumsum(rows, axis=1, dtype=np.float32)[:, -1] / np.float32(rows.shape[1])  # float32 adds
+        running_mean.copy_(torch.from_numpy(mean))
+        running_var.copy_(torch.from_numpy(((rows - mean[:, None]) ** 2).sum(1) / (rows.shape[1] - 1)))
+        return x
+
+    monkeypatch.setattr(mom, "_EXACT", None)
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", float_sums)
+    assert not mom.kernel_moments_exact()
+    monkeypatch.setattr(mom, "_EXACT", None)  # the real kernel's verdict for the rest of the run
+
+
+@pytest.mark.parametrize("shape, takes", [
+    ((8, 96, 8, 8), True), ((4, 3, 5), True),
+    ((8, 16, 64, 64), False),          # large: cpu_batch_moments' row sums are faster
+    ((64, 32), False),                 # (N, C): torch's channels-last code, float sums
+    ((8, 4, 1, 1), False),             # one value per sample and channel: the same code
+])
+def test_which_batches_take_the_kernel(shape, takes):
+    from bnfold.torch.moments import use_kernel_moments
+    x = torch.randn(shape)
+    assert use_kernel_moments(x) is takes
+    if x.dim() == 4 and takes:
+        assert not use_kernel_moments(x.contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [0.0, 3.0, 15.0, 17.0, 1e4, -3e5, 1e9])
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (8, 96, 4, 4), (2, 5, 7)])
+def test_kernel_moments_keep_the_digits_of_the_float64_reference(shape, offset, dtype):
+    """Channels near the mean/spread limit (16 spreads: 15 and 17) and far past it, with channels
+    at no offset beside them: the far ones are recomputed in float64, the others keep the
+    kernel's; both within the tolerance of cpu_batch_moments. ``y`` is the kernel's training BN."""
+    from bnfold.torch.moments import kernel_moments
+    x = batch(shape, scale=1.0, dtype=dtype)
+    x[:, ::2] += offset  # every other channel offset, the rest centred
+    w, b = torch.rand(shape[1], dtype=dtype) + 0.5, torch.randn(shape[1], dtype=dtype)
+    y, mean, var = kernel_moments(x, w, b, 1e-5)
+    assert_moments(x, mean, var)
+    want = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
+    assert torch.equal(y, want)

@@ -34,6 +34,7 @@ import dataclasses
 import gc
 import hashlib
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -60,8 +61,8 @@ from bnfold.torch.batches import Batch, check_arity, count_batches, iter_batches
 from bnfold.torch.bn_kinds import BnKind, bn_kind, bn_like_modules, is_standard_bn
 from bnfold.torch.device import check_device
 from bnfold.torch.intercept import BatchNormIntercept
-from bnfold.torch.module_copy import copy_module
-from bnfold.torch.moments import Scratch, cpu_batch_moments
+from bnfold.torch.module_copy import DeferredCopy, copy_module, deferred_copy
+from bnfold.torch.moments import Scratch, cpu_batch_moments, kernel_moments, use_kernel_moments
 from bnfold.torch.training_graph import TRAINING_GRAPH_HINT, training_time_forward
 
 __all__ = [
@@ -104,6 +105,18 @@ def bn_mode(m: nn.Module) -> Mode:
             or getattr(m, "running_var", None) is None):
         return Mode.TRAINING
     return Mode.INFERENCE
+
+
+def spare_core() -> bool:
+    """Whether this process has a core that torch's compute threads leave free, for the copy's
+    background clones (:class:`bnfold.torch.module_copy.DeferredCopy`). Without one the thread only
+    competes with the forward (2 cores, 2 torch threads: mobilenetv3_small_100's first batch 10-25 ms
+    slower with it), and the clones are made after the first forward instead."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() < cores
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -292,8 +305,10 @@ def batch_stat_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
                     acc: _DeviceStats) -> torch.Tensor:
     """The BN of the training network: normalise with the batch's statistics, buffers untouched.
 
-    On the CPU (float32/float64) the moments come from ``moments.cpu_batch_moments`` and the
-    normalisation from the inference kernel given those moments. Elsewhere they come from the BN
+    On the CPU (float32/float64) the moments of a small contiguous batch come with the output from
+    one call of torch's BN kernel (``moments.kernel_moments``: its sums are float64 there); of any
+    other, from ``moments.cpu_batch_moments``, and the normalisation from the inference kernel
+    given those moments. Elsewhere they come from the BN
     kernel itself (one pass over the activation, as in training): with throw-away running
     buffers and momentum 1 it leaves the batch mean and the *unbiased* batch variance there; the
     biased variance is ``unbiased * (m - 1) / m``. Either way they go to this BN's accumulator
@@ -311,6 +326,10 @@ def batch_stat_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     if acc._check(x) is None:
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and acc.scratch is not None:
+        if use_kernel_moments(x):  # a small batch: one call of torch's BN kernel does it
+            y, host_mean, host_var = kernel_moments(x, weight, bias, eps)
+            acc.add_host_moments(host_mean, host_var, m, int(x.shape[0]))
+            return y
         host_mean, host_var, _ = cpu_batch_moments(x, acc.scratch)
         np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
         y = F.batch_norm(x, torch.from_numpy(host_mean.astype(np_dtype)), torch.from_numpy(host_var.astype(np_dtype)),
@@ -571,17 +590,25 @@ def _calibration_pass(module: nn.Module, data: Any, opts: _PassOptions, guard: R
         raise BadInputError("the module's weights are on the 'meta' device (shapes, no values): give it its weights "
                             "first (module.to_empty(device='cpu'), then load_state_dict) and calibrate that")
     move = device is not None and here != torch.device(device)
-    # a copy-on-write copy: a calibration reads the weights, so they are never copied (module_copy)
-    work = module if opts.inplace else copy_module(module)
+    # a calibration reads the weights: the copy's own come in the background during the first forward
+    deferred = None if opts.inplace or move else deferred_copy(module)
+    work = module if opts.inplace else deferred.module if deferred is not None else copy_module(module)
     dev = torch.device(device) if device is not None else here
     if move:
         work.to(dev)
-    return _run_pass(work, dev, data, opts, guard)
+    try:
+        return _run_pass(work, dev, data, deferred, opts, guard)
+    except BaseException:
+        if deferred is not None:
+            deferred.abandon()
+        raise
 
 
-def _run_pass(work: nn.Module, dev: torch.device, data: Any, opts: _PassOptions, guard: RankGuard | None
-              ) -> CalibrationRun:
-    """The pass of :func:`_calibration_pass` on ``work`` (the module itself, or its copy)."""
+def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredCopy | None, opts: _PassOptions,
+              guard: RankGuard | None) -> CalibrationRun:
+    """The pass of :func:`_calibration_pass` on ``work`` (the module itself, or its copy; with
+    ``deferred``, the copy's parameters get their own storage during the first forward, and
+    ``deferred.finish()`` is called before anything is written to ``work``)."""
     estimator, allow_reused_bn, progress = opts.estimator, opts.allow_reused_bn, opts.progress
     recalibrate, training_graph, target_se = opts.recalibrate, opts.training_graph, opts.target_se
     warnings: list[str] = []
@@ -595,6 +622,8 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, opts: _PassOptions,
         for batch in iter_batches(data, dev, float_dtype(work)):  # the example the fold traces with
             run.first_batch, run.batch_size = batch, batch.size
             break
+        if deferred is not None:
+            deferred.finish()
         return run
 
     scratch = Scratch()
@@ -605,6 +634,10 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, opts: _PassOptions,
     first_call_skip: set[str] = set()  # non-BN modules with BN buffers that forward never normalises with
     in_dtype: dict[str, torch.dtype] = {}
     state = {"first": True}
+
+    # bnfold's own BN computation, run without torch-function modes while the copy's guard watches
+    # the first forward (it only reads the BN's parameters; ~1600 calls of a ResNet-50 forward)
+    quiet: list[Callable[[], Any]] = [contextlib.nullcontext]
 
     def make_forward(name: str, bn: _BatchNorm, with_act: bool) -> Callable[..., torch.Tensor]:
         """The BN's forward for the run: count the call (reuse, ranks, dtype), then normalise with
@@ -621,7 +654,8 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, opts: _PassOptions,
                 raise BadInputError(f"BN '{name}' was called with {len(args)} positional and {len(kwargs)} "
                                     "keyword arguments; a BatchNorm takes one tensor")
             note_call(name, args[0])
-            y = _batch_stat_forward(bn, args[0], stats)
+            with quiet[0]():
+                y = _batch_stat_forward(bn, args[0], stats)
             if with_act:
                 return cast(torch.Tensor, cast(nn.Module, bn.act)(cast(nn.Module, bn.drop)(y)))
             return y
@@ -649,7 +683,8 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, opts: _PassOptions,
         """An ``F.batch_norm`` call on the buffers of BN ``name`` (a module that overrides forward)."""
         note_call(name, x)
         eps_of[name] = eps
-        return batch_stat_norm(x, weight, bias, eps, acc[name])
+        with quiet[0]():
+            return batch_stat_norm(x, weight, bias, eps, acc[name])
 
     # BNs that override forward: calibrated through their F.batch_norm calls; a pre-hook counts
     # their calls, to tell one that never reaches F.batch_norm (bnfold cannot see its computation)
@@ -684,18 +719,27 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, opts: _PassOptions,
                     check_arity(work, batch)
                     run.first_batch = batch
                     run.batch_size = batch.size
+                    if deferred is not None and spare_core():  # the data's iterator (any DataLoader worker) exists now
+                        deferred.start()
                 for k in calls_now:
                     calls_now[k] = 0
                 try:
-                    if intercept is not None:
-                        with intercept:
+                    if deferred is not None:
+                        quiet[0] = torch._C.DisableTorchFunction
+                    with deferred.guard() if deferred is not None else contextlib.nullcontext():
+                        if intercept is not None:
+                            with intercept:
+                                work(*batch.args, **batch.kwargs)
+                        else:
                             work(*batch.args, **batch.kwargs)
-                    else:
-                        work(*batch.args, **batch.kwargs)
+                    quiet[0] = contextlib.nullcontext
                 except BnfoldError:
                     raise
                 except (RuntimeError, TypeError, ValueError, IndexError) as exc:
                     raise BadInputError(_forward_failure(exc, done, batch, dtype)) from exc
+                if deferred is not None:  # every parameter of the copy has storage of its own from here on
+                    deferred.finish()
+                    deferred = None
                 state["first"] = False
                 run.batches = done
                 collect_young()
@@ -703,6 +747,8 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, opts: _PassOptions,
                 run.samples = None if run.samples is None or size is None else run.samples + size
                 if progress:
                     progress(done, total)
+        if deferred is not None:  # no forward ran (a rank without batches of its own): the copy's storage now
+            deferred.finish()
     except BaseException:
         for mod, flag in training.items():
             mod.training = flag
@@ -797,10 +843,11 @@ def calibrate(
     Returns ``(frozen, stats)``: the module in eval mode with the new ``running_mean`` /
     ``running_var`` (a ``track_running_stats=False`` BN gains running buffers), and the
     :class:`FrozenStats` per BN qualified name. ``module`` itself is left untouched unless
-    ``inplace=True`` (then ``frozen is module``). On the CPU the copy's tensors are copy-on-write
-    (:mod:`bnfold.torch.module_copy`): they share the module's memory until either side writes, so
-    the copy costs no time or memory for weights that nothing writes. A BN applied more than once
-    per forward is refused unless ``allow_reused_bn=True`` (its calls are then pooled, with a warning).
+    ``inplace=True`` (then ``frozen is module``); the copy's weights are made during the first
+    forward pass (:mod:`bnfold.torch.module_copy`), so a forward that writes into its parameters
+    from another thread or a C++ extension needs ``calibrate(copy.deepcopy(module), data,
+    inplace=True)``. A BN applied more than once per forward is
+    refused unless ``allow_reused_bn=True`` (its calls are then pooled, with a warning).
     ``training_graph=True`` runs the module's training-time forward (``self.training`` branches
     taken, e.g. auxiliary heads) with Dropout and stochastic depth off, so BNs that only run in
     training mode are calibrated too (:mod:`bnfold.torch.training_graph`).
