@@ -5,6 +5,12 @@ can normalise (docs/math.md section 2: float64, never a float32 ``E[x^2] - E[x]^
 digits of a large offset). On the CPU the cost of the moments is what calibration adds to a plain
 forward, so the common case reads the activation as few times as it can and writes nothing.
 
+**Small contiguous batches** (at most :data:`KERNEL_MAX` values, with a spatial size) take none of
+the paths below: one call of torch's own BN kernel gives the normalised output and the moments,
+its sums being float64 there (:func:`kernel_moments`; checked once per process by
+:func:`kernel_moments_exact`). On them a few reductions and numpy steps per call cost more than
+the arithmetic.
+
 **With numba** (:mod:`bnfold.torch.kernels`, opt-in with ``BNFOLD_NUMBA=1``: its import costs a
 one-shot process more than it saves) one pass adds
 each value and its square in float64: rows of one sample and channel for a contiguous batch,
