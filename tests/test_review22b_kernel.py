@@ -95,3 +95,17 @@ def test_the_self_test_is_not_seen_by_a_users_torch_function_mode(monkeypatch):
     with Record():
         calibrate(nn.Sequential(nn.BatchNorm2d(4)), [torch.randn(2, 4, 5, 5)], inplace=True)
     assert seen == [(2, 4, 5, 5)]
+
+
+def test_a_module_built_under_inference_mode_calibrates(monkeypatch):
+    """Its parameters are inference tensors, which have no version counter: the deferred copy read
+    one and every calibration of such a module crashed (RuntimeError, not a bnfold error)."""
+    monkeypatch.setattr(mom, "_EXACT", None)  # the self-test in inference mode too
+    with torch.inference_mode():
+        module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        x = torch.randn(2, 3, 7, 7)
+        frozen, _ = calibrate(module, [x])
+    assert frozen is not module and frozen[0].weight.data_ptr() != module[0].weight.data_ptr()
+    assert torch.equal(frozen[0].weight, module[0].weight)
+    assert bool(torch.isfinite(frozen[1].running_var).all())
+    assert not module[1].running_var.ne(1).any()  # the original's buffers untouched
