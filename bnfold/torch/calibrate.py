@@ -305,10 +305,10 @@ def batch_stat_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
                     acc: _DeviceStats) -> torch.Tensor:
     """The BN of the training network: normalise with the batch's statistics, buffers untouched.
 
-    On the CPU (float32/float64) the moments of a small contiguous batch come with the output from
-    one call of torch's BN kernel (``moments.kernel_moments``: its sums are float64 there); of any
-    other, from ``moments.cpu_batch_moments``, and the normalisation from the inference kernel
-    given those moments. Elsewhere they come from the BN
+    On the CPU (float32/float64) the moments of a small contiguous float32 batch come with the output
+    from one call of torch's BN kernel (``moments.kernel_moments``: its sums are float64 there; a
+    variance it cannot hold sends the batch on); of any other, from ``moments.cpu_batch_moments``,
+    and the normalisation from the inference kernel given those moments. Elsewhere they come from the BN
     kernel itself (one pass over the activation, as in training): with throw-away running
     buffers and momentum 1 it leaves the batch mean and the *unbiased* batch variance there; the
     biased variance is ``unbiased * (m - 1) / m``. Either way they go to this BN's accumulator
@@ -326,8 +326,9 @@ def batch_stat_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     if acc._check(x) is None:
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and acc.scratch is not None:
-        if use_kernel_moments(x):  # a small batch: one call of torch's BN kernel does it
-            y, host_mean, host_var = kernel_moments(x, weight, bias, eps)
+        got = kernel_moments(x, weight, bias, eps) if use_kernel_moments(x) else None
+        if got is not None:  # a small float32 batch: one call of torch's BN kernel did it
+            y, host_mean, host_var = got
             acc.add_host_moments(host_mean, host_var, m, int(x.shape[0]))
             return y
         host_mean, host_var, _ = cpu_batch_moments(x, acc.scratch)

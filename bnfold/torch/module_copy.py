@@ -232,8 +232,9 @@ def copy_module(module: nn.Module) -> nn.Module:
 
 
 def _deferrable(p: nn.Parameter) -> bool:
+    # not an inference tensor (a module built under torch.inference_mode): it has no version counter
     return (type(p) is nn.Parameter and p.device.type == "cpu" and p.layout == torch.strided
-            and not p.is_quantized and p.numel() > 0)
+            and not p.is_quantized and p.numel() > 0 and not p.is_inference())
 
 
 class _Slot:

@@ -5,9 +5,9 @@ can normalise (docs/math.md section 2: float64, never a float32 ``E[x^2] - E[x]^
 digits of a large offset). On the CPU the cost of the moments is what calibration adds to a plain
 forward, so the common case reads the activation as few times as it can and writes nothing.
 
-**Small contiguous batches** (at most :data:`KERNEL_MAX` values, with a spatial size) take none of
-the paths below: one call of torch's own BN kernel gives the normalised output and the moments,
-its sums being float64 there (:func:`kernel_moments`; checked once per process by
+**Small contiguous float32 batches** (at most :data:`KERNEL_MAX` values, with a spatial size)
+take none of the paths below: one call of torch's own BN kernel gives the normalised output and
+the moments, its sums being float64 there (:func:`kernel_moments`; checked once per process by
 :func:`kernel_moments_exact`). On them a few reductions and numpy steps per call cost more than
 the arithmetic.
 
@@ -336,9 +336,9 @@ def kernel_moments_exact() -> bool:
         g = torch.Generator().manual_seed(0)
         k = torch.randint(-8, 9, (64, 4, 16, 16), generator=g).to(torch.float64) / 8
         x = (k + 2.0 ** 14).to(torch.float32)  # every value exact in float32
-        mean = torch.zeros(4)
-        var = torch.ones(4)
-        with torch.no_grad():
+        mean = torch.zeros(4, dtype=torch.float32)  # not the default dtype (a float64 one: mixed dtypes refused)
+        var = torch.ones(4, dtype=torch.float32)
+        with torch.no_grad(), torch._C.DisableTorchFunction():  # bnfold's own call, not the user's modes'
             torch.nn.functional.batch_norm(x, mean, var, None, None, True, 1.0, 1e-5)
         x64 = x.to(torch.float64)
         true_mean = x64.mean((0, 2, 3))
@@ -357,20 +357,24 @@ KERNEL_CANCEL = 2.0 ** 8
 
 
 def kernel_moments(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray] | None:
     """The training BN of a small CPU batch (:func:`use_kernel_moments`): ``(y, mean, biased var)``,
     ``y`` from torch's BN kernel with the batch statistics, the moments (float64 numpy) from the
     same call, throw-away running buffers with momentum 1 receiving the mean and the unbiased
     variance. Channels whose mean is far off against their spread (:data:`KERNEL_CANCEL`) get
     theirs from a corrected float64 two-pass over their values (centred on their float64 mean k,
     ``mean = k + d`` and ``var = q - d^2`` with d and q the mean and mean square of the centred
-    values)."""
+    values). None where a variance is not finite: the kernel's ``var_sum`` is float32, inf once
+    m * var passes float32's range (var itself far inside it), and its ``y`` normalised with that;
+    the caller takes :func:`cpu_batch_moments` (inf/nan activations are reported from there)."""
     c = x.shape[1]
     m = x.numel() // c
     mean_t = torch.zeros(c, dtype=x.dtype)
     var_t = torch.ones(c, dtype=x.dtype)
     y = torch.nn.functional.batch_norm(x, mean_t, var_t, weight, bias, True, 1.0, eps)
     mean = mean_t.numpy().astype(np.float64)
+    if not bool(torch.isfinite(var_t).all()):
+        return None
     var = var_t.numpy().astype(np.float64) * ((m - 1) / m)
     with np.errstate(invalid="ignore", over="ignore"):
         far = np.flatnonzero(~(mean * mean <= KERNEL_CANCEL * var))  # nan too: it stays nan, reported later
@@ -387,7 +391,11 @@ def kernel_moments(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 
 def use_kernel_moments(x: torch.Tensor) -> bool:
     """Whether the batch ``x`` (CPU float32/float64) takes its moments from torch's BN kernel: a
-    small contiguous activation with a spatial size (a (N, C) batch goes to the kernel's
-    channels-last code, which sums in float), where :func:`kernel_moments_exact` holds."""
-    return (x.numel() <= KERNEL_MAX and x.dim() > 2 and x.is_contiguous() and x.numel() > x.shape[0] * x.shape[1]
+    small contiguous float32 activation with a spatial size (a (N, C) batch goes to the kernel's
+    channels-last code, which sums in float), where :func:`kernel_moments_exact` holds. Not float64:
+    there the kernel's sums are plain double sums, with no wider type to hide their rounding (its
+    mean misses a long-double reference by several times the tolerance of the tests at
+    (8, 32, 16, 16) and 8 spreads of offset), where :func:`cpu_batch_moments` keeps the digits."""
+    return (x.dtype == torch.float32 and x.numel() <= KERNEL_MAX and x.dim() > 2 and x.is_contiguous()
+            and x.numel() > x.shape[0] * x.shape[1]
             and kernel_moments_exact())
