@@ -163,6 +163,33 @@ def list_dir(path) -> set[str]:
     return set(os.listdir(path))
 
 
+_TORCHVISION_OPS: list[object] = []  # the Library declaring torchvision's ops, kept alive for the session
+
+
+@pytest.fixture(scope="session")
+def torchvision_ops() -> None:
+    """Make ``import torchvision`` (and timm, which imports it) work here, once per process.
+
+    The registry's torchvision wheel links CUDA libraries that the CPU torch here lacks: ``import
+    torchvision`` dies registering its ``torchvision::nms`` kernel ("operator torchvision::nms does
+    not exist"). Declaring the schemas of the ops whose fake kernels its Python code registers
+    (``nms``, ``qnms``) first lets its pure-Python modules load; no test calls them (issue 16 point 5).
+    Done only where a plain import fails (checked in a child process: a failed import leaves
+    torchvision half-registered in this one), only once (torch allows one ``DEF`` library per
+    namespace), and only in this fixture: never in the package."""
+    import subprocess
+
+    if "torchvision" in sys.modules or _TORCHVISION_OPS:
+        return
+    if subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode != 0:
+        import torch
+
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_OPS.append(lib)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

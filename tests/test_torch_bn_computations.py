@@ -245,19 +245,10 @@ def test_frozen_batchnorm_folds() -> None:
 
 
 @pytest.fixture(scope="module")
-def timm() -> Any:
-    """timm imports torchvision, whose registry wheel links CUDA libraries this CPU torch lacks:
-    ``import torchvision`` dies registering ``torchvision::nms``. Defining the nms/qnms schemas
-    first lets its pure-Python modules (and timm) load. Test-only, never in the package."""
-    try:
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-    except RuntimeError:
-        lib = None  # already defined (a real torchvision with its kernels, or an earlier fixture)
-    mod = pytest.importorskip("timm")
-    yield mod
-    del lib
+def timm(torchvision_ops: None) -> Any:
+    """timm (it imports torchvision, which needs the ``torchvision_ops`` fixture of conftest.py to
+    import here), or skip."""
+    return pytest.importorskip("timm")
 
 
 def test_real_timm_batchnormact2d(timm: Any) -> None:

@@ -21,8 +21,6 @@ import collections
 import copy
 import importlib
 import importlib.util
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -145,28 +143,12 @@ def _check(name: str, model: nn.Module, shape: tuple[int, ...]) -> None:
 
 # ----------------------------------------------------------------------------- timm
 
-_TORCHVISION_OPS: list[Any] = []  # the Library declaring torchvision's ops, kept alive for the session
-
-
 @pytest.fixture(scope="module")
-def timm() -> Any:
-    """timm, importable here (skipped where it is not installed).
-
-    timm imports torchvision, and the registry's torchvision wheel links CUDA libraries that the
-    CPU torch here lacks: ``import torchvision`` dies registering its ``torchvision::nms`` kernel
-    ("operator torchvision::nms does not exist"). Declaring the schemas of the ops whose fake
-    kernels its Python code registers (``nms``, ``qnms``) first lets its pure-Python modules, and
-    timm, load; no model here calls them. Done only where a plain import fails (checked in a
-    child process: a failed import leaves torchvision half-registered in this one), and only in
-    this fixture: never in the package.
-    """
+def timm(torchvision_ops: None) -> Any:
+    """timm, importable here (skipped where it is not installed). timm imports torchvision, which
+    needs the ``torchvision_ops`` fixture of conftest.py to import here."""
     if importlib.util.find_spec("timm") is None:
         pytest.skip("timm is not installed (pip install timm --no-deps, with torchvision matching this torch)")
-    if subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode != 0:
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _TORCHVISION_OPS.append(lib)
     try:
         return importlib.import_module("timm")
     except Exception as exc:

@@ -268,17 +268,9 @@ def test_cli_training_graph_flag(cli_root: Path) -> None:
 
 
 @pytest.fixture()
-def torchvision_models() -> Any:
-    """torchvision's models, or skip. The registry's torchvision wheel links CUDA libraries the CPU
-    torch here lacks, so importing it dies registering ``torchvision::nms``; defining the
-    ``nms``/``qnms`` schemas first lets its pure-Python modules load (issue 16 point 5). Only here,
-    never in the package."""
-    if "torchvision" not in sys.modules:
-        with contextlib.suppress(RuntimeError):  # already defined by another fixture in this process
-            lib = torch.library.Library("torchvision", "DEF")
-            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-            torchvision_models._lib = lib  # type: ignore[attr-defined]  # keep the definitions alive
+def torchvision_models(torchvision_ops: None) -> Any:
+    """torchvision's models, or skip (the ``torchvision_ops`` fixture of conftest.py says why it
+    needs help to import here)."""
     try:
         import torchvision.models as models
     except Exception as exc:  # noqa: BLE001 - not installed, or another import failure: skip
