@@ -372,12 +372,12 @@ def kernel_moments(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     mean_t = torch.zeros(c, dtype=x.dtype)
     var_t = torch.ones(c, dtype=x.dtype)
     y = torch.nn.functional.batch_norm(x, mean_t, var_t, weight, bias, True, 1.0, eps)
-    mean = mean_t.numpy().astype(np.float64)
-    if not bool(torch.isfinite(var_t).all()):
+    var = var_t.numpy().astype(np.float64)
+    if not np.isfinite(var).all():
         return None
-    var = var_t.numpy().astype(np.float64) * ((m - 1) / m)
-    with np.errstate(invalid="ignore", over="ignore"):
-        far = np.flatnonzero(~(mean * mean <= KERNEL_CANCEL * var))  # nan too: it stays nan, reported later
+    var *= (m - 1) / m
+    mean = mean_t.numpy().astype(np.float64)  # finite: the variance is (float32 values squared cannot overflow)
+    far = np.flatnonzero(mean * mean > KERNEL_CANCEL * var)
     if far.size:
         dims = [0, *range(2, x.dim())]
         sub = x.detach().index_select(1, torch.from_numpy(far)).to(torch.float64)
