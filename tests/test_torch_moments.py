@@ -363,7 +363,7 @@ def test_kernel_moments_keep_the_digits_of_the_float64_reference(shape, offset, 
     x = batch(shape, scale=1.0, dtype=dtype)
     x[:, ::2] += offset  # every other channel offset, the rest centred
     w, b = torch.rand(shape[1], dtype=dtype) + 0.5, torch.randn(shape[1], dtype=dtype)
-    y, mean, var = kernel_moments(x, w, b, 1e-5)
+    y, mean, var = kernel_moments(x, w, b, 1e-5, Scratch())
     assert_moments(x, mean, var)
     want = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
     assert torch.equal(y, want)

@@ -326,7 +326,7 @@ def batch_stat_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     if acc._check(x) is None:
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and acc.scratch is not None:
-        got = kernel_moments(x, weight, bias, eps) if use_kernel_moments(x) else None
+        got = kernel_moments(x, weight, bias, eps, acc.scratch) if use_kernel_moments(x) else None
         if got is not None:  # a small float32 batch: one call of torch's BN kernel did it
             y, host_mean, host_var = got
             acc.add_host_moments(host_mean, host_var, m, int(x.shape[0]))

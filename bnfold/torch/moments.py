@@ -321,6 +321,7 @@ def strided_moments(x: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, to
 #: kernel's one call beats :func:`cpu_batch_moments`' several reductions and numpy steps
 #: (measured at batch 8: (8, 96, 8, 8) 57 us against 105 us; (8, 72, 16, 16) 148 against 123)
 KERNEL_MAX = 100_000
+_EXACT: bool | None = None  # kernel_moments_exact's verdict, once per process
 
 
 def kernel_moments_exact() -> bool:
@@ -347,26 +348,22 @@ def kernel_moments_exact() -> bool:
                       and torch.all((var.to(torch.float64) - true_var).abs() <= 1e-5 * true_var))
     return _EXACT
 
-
-_EXACT: bool | None = None
-
 #: largest mean^2 / var of a channel taken from the kernel: its mean is rounded to float32, half an
 #: ulp of the mean, at most 2^-20 of the spread here (8 ulps of the deviations, where the tests
 #: allow 64); past it the channel's moments are recomputed in float64 (:func:`kernel_moments`)
 KERNEL_CANCEL = 2.0 ** 8
 
 
-def kernel_moments(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray] | None:
+def kernel_moments(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                   scratch: Scratch) -> tuple[torch.Tensor, np.ndarray, np.ndarray] | None:
     """The training BN of a small CPU batch (:func:`use_kernel_moments`): ``(y, mean, biased var)``,
     ``y`` from torch's BN kernel with the batch statistics, the moments (float64 numpy) from the
     same call, throw-away running buffers with momentum 1 receiving the mean and the unbiased
     variance. Channels whose mean is far off against their spread (:data:`KERNEL_CANCEL`) get
-    theirs from a corrected float64 two-pass over their values (centred on their float64 mean k,
-    ``mean = k + d`` and ``var = q - d^2`` with d and q the mean and mean square of the centred
-    values). None where a variance is not finite: the kernel's ``var_sum`` is float32, inf once
-    m * var passes float32's range (var itself far inside it), and its ``y`` normalised with that;
-    the caller takes :func:`cpu_batch_moments` (inf/nan activations are reported from there)."""
+    theirs from :func:`strided_moments` over their values. None where a variance is not finite:
+    the kernel's ``var_sum`` is float32, inf once m * var passes float32's range (var itself far
+    inside it), and its ``y`` normalised with that; the caller takes :func:`cpu_batch_moments`
+    (inf/nan activations are reported from there)."""
     c = x.shape[1]
     m = x.numel() // c
     mean_t = torch.zeros(c, dtype=x.dtype)
@@ -379,13 +376,9 @@ def kernel_moments(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     mean = mean_t.numpy().astype(np.float64)  # finite: the variance is (float32 values squared cannot overflow)
     far = np.flatnonzero(mean * mean > KERNEL_CANCEL * var)
     if far.size:
-        dims = [0, *range(2, x.dim())]
-        sub = x.detach().index_select(1, torch.from_numpy(far)).to(torch.float64)
-        k = sub.mean(dims)
-        sub -= k.view((1, -1) + (1,) * (x.dim() - 2))  # exact (Sterbenz) where the values are near k
-        d = sub.mean(dims)  # what the rounding of k missed
-        mean[far] = (k + d).numpy()
-        var[far] = (sub.square_().mean(dims) - d * d).clamp_(min=0.0).numpy()
+        far_mean, far_var = strided_moments(x.detach().index_select(1, torch.from_numpy(far)), scratch)
+        mean[far] = far_mean.numpy()
+        var[far] = far_var.numpy()
     return y, mean, var
 
 
