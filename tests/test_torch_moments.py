@@ -138,12 +138,24 @@ def test_large_offset_is_centred_and_keeps_its_digits(shape, offset, dtype):
         assert float((naive - torch.from_numpy(reference(x)[1])).abs().max()) > 1e-2
 
 
-def test_cancellation_boundary():
+@pytest.mark.parametrize("offset", [3.0, 8.0, 15.0, 100.0, 1e3, 3e4])
+@pytest.mark.parametrize("shape", [(1, 1, 100_000), (4, 2, 12_500), (8, 16, 32, 32), (8, 64, 14, 14)])
+def test_float64_offsets_of_a_few_to_thousands_of_spreads_keep_float64_digits(shape, offset):
+    """Between "no offset" and "centred for sure" (stop 23: float64's raw sums were taken up to
+    E[x^2] = 1e6 var, and a mean 8-1000 spreads off lost up to 3e4 times the tolerance in the
+    variance on the torch path: its float64 row sums round like float32's do, relative to E[x^2])."""
+    x = batch(shape, offset=offset, dtype=torch.float64, seed=1)
+    mean, var, _ = cpu_batch_moments(x, Scratch())
+    assert_moments(x, mean, var)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cancellation_boundary(dtype):
     """Just inside the CANCEL ratio the raw sums are used and still within tolerance; just
     outside, the batch is centred."""
-    c = cancel_limit(batch((4, 2, 64, 64)))
+    c = cancel_limit(batch((4, 2, 64, 64), dtype=dtype))
     shape = (4, 2, 64, 64)
-    base = batch(shape, seed=3)
+    base = batch(shape, seed=3, dtype=dtype)
     base = (base - base.mean((0, 2, 3), keepdim=True)) / base.std((0, 2, 3), unbiased=False, keepdim=True)
     inside = base + 0.97 * np.sqrt(c - 1)  # E[x^2] / var = 1 + mu^2 ~ 0.94 c
     outside = base + 1.03 * np.sqrt(c - 1)
