@@ -109,7 +109,8 @@ def run(model: Path | None, output: Path | None, frozen_output: Path | None, dat
         loaded, data.source(), output, frozen_output=frozen_output, batch_size=data.batch_size,
         estimator=estimator, device=device, allow_reused_bn=topts.allow_reused_bn, verify=check.enabled,
         verify_samples=check.samples, config=config, dry_run=dry_run, progress=progress, warn=warn,
-        outputs=outputs, recalibrate=recalibrate, training_graph=topts.training_graph, target_se=target_se)
+        outputs=outputs, recalibrate=recalibrate, training_graph=topts.training_graph, target_se=target_se,
+        inplace=True)  # read from a file for this run alone: calibrated without a copy of its weights
     report = result.report
     lines = []
     if result.route == "torch":

@@ -770,3 +770,51 @@ def test_real_process_exit_status_and_streams(work: dict) -> None:
         if code in done:
             assert one_line_error(done[code], code) and done[code].stdout == "", done[code]
     assert not (out / "bad.onnx").exists() and not (out / "missing.onnx").exists()
+
+
+@pytest.mark.parametrize("model, extra, suffix", [
+    ("net.pt2", (), ".pt2"),  # the torch route: fold(inplace=True) on the loaded module
+    ("whole.pt", ("--unsafe-pickle",), ".onnx"),  # an ONNX route: calibrated in PyTorch, then exported
+])
+def test_the_model_read_from_a_file_is_calibrated_without_a_copy(work: dict, monkeypatch: pytest.MonkeyPatch,
+                                                                  model: str, extra: tuple[str, ...],
+                                                                  suffix: str) -> None:
+    """The command reads the model for this run alone, so it calibrates that module itself: no copy
+    of its weights (ResNet-50: 100 MB and ~40 ms). Seen from outside: the module the loader
+    returned ends with the calibrated statistics, and no module copy was made."""
+    import importlib
+
+    import bnfold.torch as bt
+
+    # the submodules (bnfold.torch.convert etc. are also the names of functions in bnfold.torch)
+    cal_mod, conv_mod, fold_mod = (importlib.import_module(f"bnfold.torch.{n}") for n in ("calibrate", "convert", "fold"))
+
+    loaded: list = []
+    real_load = bt.load_model_file
+
+    def load(*a, **k):
+        loaded.append(real_load(*a, **k))
+        return loaded[-1]
+    monkeypatch.setattr(bt, "load_model_file", load)
+    copies: list[str] = []
+    for mod, name in ((conv_mod, "copy_module"), (cal_mod, "copy_module"), (cal_mod, "deferred_copy"),
+                      (fold_mod, "copy_module")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda m, real=real, where=f"{mod.__name__}.{name}": (copies.append(where),
+                                                                                             real(m))[1])
+    root = work["root"]
+    out, rep = root / f"nocopy_{model}" / f"folded{suffix}", root / f"nocopy_{model}" / "report.json"
+    proc = run_cli(work, "fold", model, *extra, "--data", "calib.npy", "--batch-size", BATCH, "-o", out,
+                   "--report", rep, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert copies == []
+    (one,) = loaded
+    report = validate_report(rep)
+    frozen = frozen_reference(work["net"], {"x": work["x"]})
+    bns = {n: m for n, m in one.module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert sorted(bns) == ["bn", "bn2", "bn3"] and report["counts"] == {"bn": 3, "folded": 3, "frozen_kept": 0}
+    for name, m in bns.items():
+        assert not m.training
+        ref = dict(frozen.named_modules())[name]
+        np.testing.assert_allclose(m.running_var.numpy(), ref.running_var.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(m.running_mean.numpy(), ref.running_mean.numpy(), rtol=1e-6, atol=1e-7)

@@ -198,3 +198,48 @@ def test_missing_cuda_names_the_parameter(tmp_path: Path) -> None:
 def test_public_names() -> None:
     assert {"convert", "ConvertResult", "TensorCheck", "calibrate", "fold", "TorchFoldResult"} <= set(bt.__all__)
     assert all(hasattr(bt, n) for n in bt.__all__)
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_inplace_calibrates_the_module_itself(data: tuple[Path, np.ndarray], tmp_path: Path, suffix: str) -> None:
+    """inplace=True: no copy; the module ends as the frozen, unfolded model (the reference's
+    statistics, eval mode), and the written model is the one inplace=False writes."""
+    path, x = data
+    net, twin = make_net(), make_net()
+    got = bt.convert(net, path, tmp_path / "a" / f"net{suffix}", batch_size=BATCH, device="cpu", inplace=True)
+    want = bt.convert(twin, path, tmp_path / "b" / f"net{suffix}", batch_size=BATCH, device="cpu")
+    assert got.passed and want.passed
+    assert twin.training  # inplace=False left it alone
+    frozen = reference_frozen(make_net(), x)
+    assert not any(m.training for m in net.modules())
+    for (name, m), ref in zip(net.named_modules(), frozen.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            np.testing.assert_allclose(m.running_var.numpy(), ref.running_var.numpy(), rtol=1e-6, err_msg=name)
+            np.testing.assert_allclose(m.running_mean.numpy(), ref.running_mean.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(eager(net, x[:5]), eager(frozen, x[:5]), atol=1e-5, rtol=1e-5)
+    assert [(b.name, b.action, b.target) for b in got.report.bns] == [(b.name, b.action, b.target)
+                                                                       for b in want.report.bns]
+    for a, b in zip(got.report.bns, want.report.bns):
+        assert a.stats is not None and b.stats is not None
+        np.testing.assert_array_equal(a.stats.var, b.stats.var)
+
+
+def test_a_torchscript_module_is_not_changed(data: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    """A TorchScript module is exported as it is (it cannot be copied as a module), in eval mode:
+    its training flags are put back afterwards (up to stop 22 it was left in eval mode)."""
+    import warnings
+
+    path, x = data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        net = torch.jit.script(make_net())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    result = bt.convert(net, path, tmp_path / "net.onnx", batch_size=BATCH, device="cpu")
+    assert result.passed and result.route == "onnx-torchscript"
+    assert all(m.training for m in net.modules())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        net2 = torch.jit.script(make_net())
+    assert bt.convert(net2, path, tmp_path / "net2.onnx", batch_size=BATCH, device="cpu", inplace=True).passed
+    assert not any(m.training for m in net2.modules())  # inplace=True: it is the frozen model

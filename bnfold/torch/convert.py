@@ -176,6 +176,7 @@ class _Request:
     recalibrate: str = "training"
     training_graph: bool = False
     target_se: float = DEFAULT_TARGET_SE
+    inplace: bool = False  # the module may be calibrated and frozen in place (convert's inplace)
 
     def tolerances(self) -> dict[str, Any]:
         """The config's atol/rtol for the torch and export checks (the dtype defaults where not given)."""
@@ -232,6 +233,7 @@ def convert(
     recalibrate: str = "training",
     training_graph: bool = False,
     target_se: float = DEFAULT_TARGET_SE,
+    inplace: bool = False,
 ) -> ConvertResult:
     """Calibrate, fold, check and write a PyTorch model.
 
@@ -254,13 +256,17 @@ def convert(
     or ``'all'`` (every BN, each one's drift from its running statistics on its report record);
     the same on both routes. ``training_graph``: calibrate on the module's training-time forward
     with Dropout and stochastic depth off (see :func:`bnfold.torch.fold`). ``target_se``: the
-    standard error the statistics should reach (see :func:`bnfold.fold`).
+    standard error the statistics should reach (see :func:`bnfold.fold`). ``inplace=True``: the
+    module may be changed, as a copy would be: where it is calibrated in PyTorch it is calibrated
+    and frozen in place (it ends as the frozen, unfolded model; a TorchScript module ends in eval
+    mode), which saves a copy of its weights, in time and memory. For a model nothing else will
+    use, such as one :func:`bnfold.torch.load_model_file` has just read (the ``bnfold`` command does this).
     """
     with contextlib.ExitStack() as stack:
         tx = outputs if outputs is not None else stack.enter_context(Outputs())
         result = _convert(module, data, output, frozen_output, batch_size, estimator, device, allow_reused_bn,
                           verify, verify_samples, config, dry_run, progress, warn, tx, recalibrate,
-                          training_graph, target_se)
+                          training_graph, target_se, inplace)
         if outputs is None:
             tx.commit()
     return result
@@ -272,7 +278,7 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
              verify_samples: int, config: VerifyConfig | None, dry_run: bool,
              progress: Callable[[int, int | None], None] | None, warn: Callable[[str], None] | None,
              outputs: Outputs, recalibrate: str = "training", training_graph: bool = False,
-             target_se: float = DEFAULT_TARGET_SE) -> ConvertResult:
+             target_se: float = DEFAULT_TARGET_SE, inplace: bool = False) -> ConvertResult:
     check_recalibrate(recalibrate)
     target_se = check_target_se(target_se)
     if training_graph and data is None:
@@ -295,7 +301,7 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
                    data=_data_arg(data), batch_size=batch_size, estimator=estimator,
                    allow_reused_bn=allow_reused_bn, verify=verify, verify_samples=verify_samples, dry_run=dry_run,
                    config=config, progress=progress, warn=warn, outputs=outputs, recalibrate=recalibrate,
-                   training_graph=training_graph, target_se=target_se)
+                   training_graph=training_graph, target_se=target_se, inplace=inplace)
     loaded = _as_loaded(module)
     outputs.protect("the input model", loaded.path)
     notes: list[str] = list(loaded.warnings)
@@ -460,7 +466,7 @@ def _run_torch(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | S
     if cal is None and req.dry_run:
         work, placeholder_modes = _placeholder_frozen(loaded.module)
     else:
-        work = copy_module(loaded.module)
+        work = loaded.module if req.inplace else copy_module(loaded.module)
     try:
         result = torch_fold(work, data=cal, device=device, estimator=req.estimator,
                             allow_reused_bn=req.allow_reused_bn, inplace=True,
@@ -610,7 +616,7 @@ def _frozen_module(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData
             run_ = run_calibration(loaded.module, cal, device=device, estimator=req.estimator,
                                    allow_reused_bn=req.allow_reused_bn, progress=_progress(req),
                                    recalibrate=req.recalibrate, training_graph=req.training_graph,
-                                   target_se=req.target_se)
+                                   target_se=req.target_se, inplace=req.inplace)
         except BnfoldError:
             raise
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -621,7 +627,7 @@ def _frozen_module(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData
     if live:
         raise BadInputError(f"BN '{live[0]}' normalises with batch statistics (training mode or "
                             "track_running_stats=False); pass calibration data (the data argument)")
-    return _Frozen(copy_module(loaded.module).eval().to("cpu").eval())
+    return _Frozen((loaded.module if req.inplace else copy_module(loaded.module)).eval().to("cpu").eval())
 
 
 def _attach_torch_stats(report: Report, onnx_path: Path, frozen: _Frozen) -> None:
@@ -656,6 +662,19 @@ def _attach_torch_stats(report: Report, onnx_path: Path, frozen: _Frozen) -> Non
 
 def _run_onnx(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | StreamData | None,
               example: Example | None, device: str, route: str, notes: list[str]) -> ConvertResult:
+    """The ONNX routes. A TorchScript module is exported in eval mode, its own (it cannot be
+    copied as a module can): its modules' training flags are put back afterwards, unless
+    ``req.inplace`` (the module passed to convert is not changed)."""
+    flags = {m: m.training for m in loaded.module.modules()} if loaded.scripted and not req.inplace else {}
+    try:
+        return _export_and_fold(req, loaded, cal, example, device, route, notes)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _export_and_fold(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData | StreamData | None,
+                     example: Example | None, device: str, route: str, notes: list[str]) -> ConvertResult:
     example = _need_example(example, "the ONNX export")
     if isinstance(cal, StreamData) and not cal.reiterable:
         raise BadInputError("the data is a one-shot iterator (e.g. a generator), but an ONNX output reads it twice "

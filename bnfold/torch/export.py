@@ -330,7 +330,9 @@ def float64_oracle(module: nn.Module, example: Mapping[str, torch.Tensor]) -> di
     float64): the exact function the float32 run rounds. None where the module cannot run in
     float64 (a dtype fixed in its code, a TorchScript cast): the checks then have no floor."""
     try:
-        double = copy.deepcopy(module).double()
+        with warnings.catch_warnings():  # .double() on a copied TorchScript module reads .grad of non-leaf tensors
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            double = copy.deepcopy(module).double()
         ex64 = {k: (v.double() if v.is_floating_point() else v) for k, v in example.items()}
         return eager_named(double, ex64)
     except Exception:  # noqa: BLE001 - any failure means: no oracle
