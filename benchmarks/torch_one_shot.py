@@ -131,6 +131,7 @@ def run_job(job: str, arch: str, batches: int, batch_size: int, size: int) -> di
     torch.manual_seed(0)
     model = build()
     data = [torch.randn(batch_size, 3, size, size) for _ in range(batches)]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t2 = time.perf_counter()
     if job == "eval":
         model.eval()
@@ -144,7 +145,8 @@ def run_job(job: str, arch: str, batches: int, batch_size: int, size: int) -> di
     else:
         bnfold.torch.calibrate(model, data)
     t3 = time.perf_counter()
-    return {"imports": t1 - t0, "build": t2 - t1, "work": t3 - t2}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {"imports": t1 - t0, "build": t2 - t1, "work": t3 - t2, "faults": faults}
 
 
 def main() -> None:
@@ -213,10 +215,10 @@ def main() -> None:
     print(f"{where}, {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, fresh process "
           f"per job, threads {args.threads or 'default'}, bytecode {args.bytecode}, median of {args.repeats}")
     print(f"{'job':<24} {'wall s':>7} {'x eval':>7} {'cpu s':>7} {'x eval':>7} {'imports':>8} {'build':>7} {'work':>7}"
-          f"  {'- update_bn (ms, median of rounds)':>34} {'rounds <= update_bn':>20}")
+          f" {'faults':>7}  {'- update_bn (ms, median of rounds)':>34} {'rounds <= update_bn':>20}")
     for job in jobs:
         w, c = statistics.median(wall[job]), statistics.median(cpu[job])
-        parts = {k: statistics.median(s[k] for s in split[job]) for k in ("imports", "build", "work")}
+        parts = {k: statistics.median(s[k] for s in split[job]) for k in ("imports", "build", "work", "faults")}
         rw = f"{w / base_wall:.2f}x" if base_wall else "-"
         rc = f"{c / base_cpu:.2f}x" if base_cpu else "-"
         vs = wins = "-"
@@ -225,7 +227,7 @@ def main() -> None:
             vs = f"{statistics.median(diffs) * 1e3:+.0f}"
             wins = f"{sum(d <= 0 for d in diffs)} of {len(diffs)}"
         print(f"{job:<24} {w:7.3f} {rw:>7} {c:7.3f} {rc:>7} {parts['imports']:8.3f} {parts['build']:7.3f} "
-              f"{parts['work']:7.3f}  {vs:>34} {wins:>20}")
+              f"{parts['work']:7.3f} {parts['faults']:7.0f}  {vs:>34} {wins:>20}")
 
 
 if __name__ == "__main__":

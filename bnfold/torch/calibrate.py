@@ -60,6 +60,7 @@ from bnfold.records import BnStats, Drift, FrozenStats, Mode
 from bnfold.torch.batches import Batch, check_arity, count_batches, iter_batches, tensors
 from bnfold.torch.bn_kinds import BnKind, bn_kind, bn_like_modules, is_standard_bn
 from bnfold.torch.device import check_device
+from bnfold.torch.heap import settle_heap
 from bnfold.torch.intercept import BatchNormIntercept
 from bnfold.torch.module_copy import DeferredCopy, copy_module, deferred_copy
 from bnfold.torch.moments import Scratch, cpu_batch_moments, kernel_moments, use_kernel_moments
@@ -591,6 +592,8 @@ def _calibration_pass(module: nn.Module, data: Any, opts: _PassOptions, guard: R
         raise BadInputError("the module's weights are on the 'meta' device (shapes, no values): give it its weights "
                             "first (module.to_empty(device='cpu'), then load_state_dict) and calibrate that")
     move = device is not None and here != torch.device(device)
+    if (torch.device(device) if device is not None else here).type == "cpu":
+        settle_heap()  # before the copy: each batch's activations then reuse the pages of the last
     # a calibration reads the weights: the copy's own come in the background during the first forward
     deferred = None if opts.inplace or move else deferred_copy(module)
     work = module if opts.inplace else deferred.module if deferred is not None else copy_module(module)

@@ -1,0 +1,64 @@
+"""Keep glibc from handing a forward's activation memory back to the kernel between batches.
+
+A CPU forward allocates and frees its activations, megabytes each, again for every batch. glibc
+serves an allocation of at least its *mmap threshold* with a fresh ``mmap`` (unmapped again when
+freed), and gives the top of its heap back to the kernel (``brk``) whenever more than its *trim
+threshold* lies free there. Both thresholds start at 128 KiB; glibc raises them by itself
+(threshold = the size of the largest mmapped block freed so far, at most 32 MiB; trim threshold
+twice that) but only as large blocks come and go. Until then, every batch of a calibration
+touches its activations in pages the kernel has to fault in and zero again: on ResNet-50 with
+batches of 8x3x128x128, 8-20 thousand minor page faults per batch, 10-25 ms of a 160 ms batch,
+and more when a copy of the weights has moved the heap's top (``tests/test_heap.py``,
+``benchmarks/torch_one_shot.py``'s faults column).
+
+:func:`settle_heap` does what a first large free would do: it allocates and frees one untouched
+block just under 32 MiB (an ``mmap`` and a ``munmap``; no page of it is touched), so glibc's own
+rule moves the thresholds to their usual ceiling (mmap threshold ~32 MiB, trim threshold ~64 MiB):
+the process keeps up to ~64 MiB of freed heap for the next batch instead of returning it, and
+blocks under 32 MiB come from the heap. That is the state glibc reaches in any process that
+has freed one such block (a larger network's activations do); no ``mallopt`` setting is made, so
+glibc's own adjustment stays on. Only on glibc (Linux); elsewhere, and where the C library cannot
+be reached, it does nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+__all__ = ["SETTLE_BYTES", "settle_heap"]
+
+#: the block allocated and freed: under glibc's 32 MiB ceiling for the dynamic threshold, with room
+#: for the block's header and page rounding (a larger block is mmapped but moves no threshold)
+SETTLE_BYTES = (32 << 20) - (64 << 10)
+_DONE = [False]
+
+
+def _glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None  # "glibc 2.36"; musl, macOS: None or ValueError
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def settle_heap() -> bool:
+    """Raise glibc's mmap and trim thresholds to their usual ceiling, once per process (module
+    docstring); True where the block was allocated and freed now."""
+    if _DONE[0]:
+        return False
+    _DONE[0] = True
+    if not _glibc():
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        malloc, free = libc.malloc, libc.free
+    except (OSError, AttributeError):
+        return False
+    malloc.restype = ctypes.c_void_p
+    malloc.argtypes = [ctypes.c_size_t]
+    free.restype = None
+    free.argtypes = [ctypes.c_void_p]
+    block = malloc(SETTLE_BYTES)
+    if not block:
+        return False
+    free(block)
+    return True
