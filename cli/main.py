@@ -254,18 +254,19 @@ def _engine_config(compare: CompareOptions, report_path: Path | None = None) -> 
 
 
 def _stage_verification_reports(result: Any, report: ReportConfig, outputs: Outputs, *, write_json: bool,
-                                models: dict[str, Any] | None = None) -> str:
+                                models: dict[str, Any] | None = None, statistics: list[str] | None = None) -> str:
     """Stage JUnit XML, Markdown, HTML and, for ``verify``, the JSON report in ``outputs``; return
-    the Markdown summary (for $GITHUB_STEP_SUMMARY, appended once the files are in place)."""
+    the Markdown summary (for $GITHUB_STEP_SUMMARY, appended once the files are in place).
+    ``statistics``: a fold's calibration lines, a section of the Markdown and HTML."""
     if write_json and report.path is not None:
         outputs.write_text(report.path, verify_to_json(result, **(models or {})))
     if report.junit_xml is not None:
         outputs.write_text(report.junit_xml, bnfold.report.junit_to_string(result))
-    text: str = bnfold.report.markdown_summary(result)
+    text: str = bnfold.report.markdown_summary(result, statistics=statistics)
     if report.summary_md is not None:
         outputs.write_text(report.summary_md, text)
     if report.html is not None:
-        outputs.write_text(report.html, bnfold.report.render_html(result))
+        outputs.write_text(report.html, bnfold.report.render_html(result, statistics=statistics))
     return text
 
 
@@ -541,7 +542,8 @@ def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig,
         outputs.write_text(report.path, to_json(rep))
     markdown = None
     if rep.verification is not None:
-        markdown = _stage_verification_reports(rep.verification, report, outputs, write_json=False)
+        markdown = _stage_verification_reports(rep.verification, report, outputs, write_json=False,
+                                               statistics=bnfold.report.statistics_lines(rep))
     outputs.commit()
     if markdown is not None:
         bnfold.report.append_github_step_summary(markdown)

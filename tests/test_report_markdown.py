@@ -142,3 +142,19 @@ def test_markdown_names_the_first_divergent_site():
         "position 3): max abs 0.0002, max rel 0.002 (atol 0.0001, rtol 0.0001); worst channels 5 (0.0002)")
     # a passing verification names none
     assert "First divergent" not in markdown_summary(make_passing_result())
+
+
+def test_markdown_calibration_section():
+    """A fold's statistics lines: a section under the verdict, escaped, one line each (hard breaks);
+    none without them."""
+    result = make_passing_result()
+    lines = ["Statistics: estimator unbiased; 2 BN calibrated on 4 batches; gap 0.1 at layer_1*bn",
+             "Sufficiency: 1 of 2 BN within 1 % after 32 samples; <b>x</b> needs ~900"]
+    text = markdown_summary(result, statistics=lines)
+    head, rest = text.split("### Calibration\n\n", 1)
+    assert "**PASSED**" in head and "Rule:" not in head and "Rule:" in rest
+    block = rest.split("\n\n", 1)[0].splitlines()
+    assert block == ["Statistics: estimator unbiased; 2 BN calibrated on 4 batches; gap 0.1 at layer\\_1\\*bn  ",
+                     "Sufficiency: 1 of 2 BN within 1 % after 32 samples; &lt;b&gt;x&lt;/b&gt; needs ~900"]
+    assert "Calibration" not in markdown_summary(result) and markdown_summary(result, statistics=[]) == \
+        markdown_summary(result)

@@ -80,3 +80,30 @@ def test_bad_target_is_a_usage_error(tmp_path: Path, bad: str) -> None:
     res = run_cli("fold", MODEL, "--data", DATA, "-o", tmp_path / "out.onnx", "--target-se", bad)
     assert res.returncode == 2 and "--target-se" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_markdown_and_html_of_a_fold_carry_the_calibration_lines(tmp_path: Path) -> None:
+    """A CI job reads the Markdown (job summary) and the HTML: the statistics and sufficiency
+    lines of the text summary are there too, word for word, under "Calibration"; a `verify` run,
+    which calibrates nothing, has no such section."""
+    import html as html_lib
+
+    md, page = tmp_path / "s.md", tmp_path / "s.html"
+    frozen = tmp_path / "frozen.onnx"
+    res, doc = _fold(tmp_path, "--batch-size", "8", "--summary-md", str(md), "--html", str(page),
+                     "--frozen-output", str(frozen))
+    stdout = res.stdout.splitlines()
+    stats = [ln for ln in stdout if ln.startswith(("Statistics:", "Sufficiency:"))]
+    assert len(stats) == 2 and "Sufficiency: " in stats[1] and "after 64 samples" in stats[1]
+    text = md.read_text()
+    assert "### Calibration" in text
+    section = text.split("### Calibration", 1)[1].split("\n\n", 2)[1].splitlines()
+    assert [ln.rstrip() for ln in section] == [ln.replace("_", "\\_").replace("*", "\\*") for ln in stats]
+    body = page.read_text()
+    cal = body.split('<section id="calibration"><h2>Calibration</h2>', 1)[1].split("</section>", 1)[0]
+    assert [html_lib.unescape(p) for p in cal.replace("\n", "").removeprefix("<p>").removesuffix("</p>")
+            .split("</p><p>")] == stats
+    verify_md = tmp_path / "v.md"
+    v = run_cli("verify", frozen, tmp_path / "out.onnx", "--data", DATA, "--summary-md", str(verify_md))
+    assert v.returncode == 0, v.stderr
+    assert "Calibration" not in verify_md.read_text()

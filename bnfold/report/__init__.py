@@ -3,6 +3,8 @@
     bnfold.report.write_json(result.report, "report.json")     # kind "fold"
     bnfold.report.write_junit(result.report.verification, "verify.xml")
     print(bnfold.report.summary_text(result.report))
+    bnfold.report.write_markdown(result.report.verification, "summary.md",
+                                 statistics=bnfold.report.statistics_lines(result.report))
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from bnfold.report.json_report import (
 )
 from bnfold.report.junit import junit_to_string, write_junit
 from bnfold.report.markdown import append_github_step_summary, markdown_summary, write_markdown
-from bnfold.report.summary import drift_table, plan_table, summary_text, verify_summary_text
+from bnfold.report.summary import drift_table, plan_table, statistics_lines, summary_text, verify_summary_text
 
 __all__ = [
     "append_github_step_summary",
@@ -27,6 +29,7 @@ __all__ = [
     "plan_table",
     "render_html",
     "report_to_dict",
+    "statistics_lines",
     "summary_text",
     "verify_report_to_dict",
     "verify_summary_text",

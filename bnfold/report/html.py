@@ -25,6 +25,7 @@ import html
 import json
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from bnfold.report.facts import VerifyFacts, magnitude, verify_facts
@@ -340,8 +341,11 @@ def _plots(result: VerifyResult) -> list[str]:
 
 
 # ---- the page -----------------------------------------------------------------------------------
-def render_html(result: VerifyResult, title: str = "bnfold verification") -> str:
-    """The whole page as one string (self-contained: no scripts, no external resources)."""
+def render_html(result: VerifyResult, title: str = "bnfold verification",
+                statistics: Sequence[str] | None = None) -> str:
+    """The whole page as one string (self-contained: no scripts, no external resources).
+    ``statistics``: a fold's calibration lines (:func:`bnfold.report.summary.statistics_lines`), a
+    "Calibration" section after the diagnosis."""
     facts = verify_facts(result)
     word = facts.verdict
     providers = ", ".join(facts.providers) or "no provider"
@@ -359,6 +363,10 @@ def render_html(result: VerifyResult, title: str = "bnfold verification") -> str
         f"max rel {_e(fmt(result.max_rel))}</p></header><main>",
     ]
     parts.extend(_diagnosis(facts))
+    if statistics:
+        parts.append('<section id="calibration"><h2>Calibration</h2>')
+        parts.extend(f"<p>{_e(line)}</p>" for line in statistics)
+        parts.append("</section>")
 
     parts.append('<section id="outputs"><h2>Outputs</h2>')
     if not result.runs:
@@ -387,7 +395,8 @@ def render_html(result: VerifyResult, title: str = "bnfold verification") -> str
 
 
 def write_html(
-    result: VerifyResult, path: str | os.PathLike, title: str = "bnfold verification"
+    result: VerifyResult, path: str | os.PathLike, title: str = "bnfold verification",
+    statistics: Sequence[str] | None = None,
 ) -> None:
     """Write :func:`render_html` to ``path`` atomically."""
-    write_text_atomic(render_html(result, title), path)
+    write_text_atomic(render_html(result, title, statistics), path)

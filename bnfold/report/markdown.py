@@ -8,6 +8,7 @@ that a ``|`` cannot break a table and ``<``/``>``/``&`` cannot open HTML (GitHub
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from bnfold.report.facts import VerifyFacts, verify_facts, worst_sites
@@ -149,8 +150,11 @@ def _settings_line(facts: VerifyFacts) -> str:
     return "**Settings:** " + ("; ".join(items) if items else "defaults")
 
 
-def markdown_summary(result: VerifyResult, title: str = "bnfold verification") -> str:
-    """The verification as GitHub-flavoured Markdown (ends with a newline)."""
+def markdown_summary(result: VerifyResult, title: str = "bnfold verification",
+                     statistics: Sequence[str] | None = None) -> str:
+    """The verification as GitHub-flavoured Markdown (ends with a newline). ``statistics``: the
+    calibration's lines of a fold (:func:`bnfold.report.summary.statistics_lines`), shown under
+    the verdict as a "Calibration" section (how much data, and whether it sufficed)."""
     facts = verify_facts(result)
     lines = [f"## {md_escape(title)}", ""]
     mark = PASS_MARK if result.passed else FAIL_MARK
@@ -164,6 +168,9 @@ def markdown_summary(result: VerifyResult, title: str = "bnfold verification") -
     if first:
         lines.append("")
         lines.append(first)
+    if statistics:
+        lines.extend(["", "### Calibration", ""])
+        lines.extend(md_escape(line) + ("  " if i < len(statistics) - 1 else "") for i, line in enumerate(statistics))
     lines.append("")
     lines.append(f"Rule: {md_escape(result.rule)}; {md_escape(floor_setting_text(result.settings))}")
     if result.note:
@@ -201,10 +208,11 @@ def markdown_summary(result: VerifyResult, title: str = "bnfold verification") -
 
 
 def write_markdown(
-    result: VerifyResult, path: str | os.PathLike, title: str = "bnfold verification"
+    result: VerifyResult, path: str | os.PathLike, title: str = "bnfold verification",
+    statistics: Sequence[str] | None = None,
 ) -> None:
     """Write :func:`markdown_summary` to ``path`` atomically."""
-    write_text_atomic(markdown_summary(result, title), path)
+    write_text_atomic(markdown_summary(result, title, statistics), path)
 
 
 def append_github_step_summary(text: str) -> bool:

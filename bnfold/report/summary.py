@@ -20,8 +20,8 @@ from bnfold.records import Action, Drift
 from bnfold.report.facts import verify_facts
 from bnfold.run_records import BnRecord, OutputMetrics, ProviderRun, Report, SiteResult, VerifyResult
 
-__all__ = ["summary_text", "verify_summary_text", "plan_table", "drift_table", "ellipsize", "elide_apart",
-           "candidate_failures"]
+__all__ = ["summary_text", "verify_summary_text", "statistics_lines", "plan_table", "drift_table", "ellipsize",
+           "elide_apart", "candidate_failures"]
 
 ELLIPSIS = "..."
 #: how the note of a provider run begins when the candidate could not run (verification.engine)
@@ -292,7 +292,30 @@ def summary_text(report: Report) -> str:
     if notes:
         lines.append(f"Notes on folded BNs: {_counts_text(notes)}")
 
-    # statistics
+    lines.extend(statistics_lines(report))
+
+    # verification
+    v = report.verification
+    if v is None:
+        lines.append("Verification: not run")
+    else:
+        lines.extend(_verification_lines(v))
+
+    if report.dry_run:
+        lines.append("Dry run: no model written")
+    elif report.output_path:
+        lines.append(f"Wrote {report.output_path}")
+
+    if report.warnings:
+        lines.append(f"Warnings ({len(report.warnings)}):")
+        lines.extend(f"  - {w}" for w in report.warnings)
+    return "\n".join(lines)
+
+
+def statistics_lines(report: Report) -> list[str]:
+    """The calibration's lines of the summary: estimator and data, which BNs were calibrated, the
+    drift of re-estimated ones, and whether the data sufficed (also the Markdown and HTML reports')."""
+    lines: list[str] = []
     with_stats = [(b, b.stats) for b in report.bns if b.stats is not None]
     if report.calibrated and with_stats:
         worst, worst_stats = max(with_stats, key=lambda bs: (bs[1].gap if math.isfinite(bs[1].gap) else math.inf))
@@ -322,23 +345,7 @@ def summary_text(report: Report) -> str:
                      "stored statistics (--recalibrate all re-estimates them); the data served verification")
     else:
         lines.append("Statistics: stored running statistics kept (not calibrated)")
-
-    # verification
-    v = report.verification
-    if v is None:
-        lines.append("Verification: not run")
-    else:
-        lines.extend(_verification_lines(v))
-
-    if report.dry_run:
-        lines.append("Dry run: no model written")
-    elif report.output_path:
-        lines.append(f"Wrote {report.output_path}")
-
-    if report.warnings:
-        lines.append(f"Warnings ({len(report.warnings)}):")
-        lines.extend(f"  - {w}" for w in report.warnings)
-    return "\n".join(lines)
+    return lines
 
 
 def _drift_lines(bns: list[BnRecord]) -> list[str]:
