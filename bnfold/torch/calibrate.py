@@ -60,7 +60,7 @@ from bnfold.records import BnStats, Drift, FrozenStats, Mode
 from bnfold.torch.batches import Batch, check_arity, count_batches, iter_batches, tensors
 from bnfold.torch.bn_kinds import BnKind, bn_kind, bn_like_modules, is_standard_bn
 from bnfold.torch.device import check_device
-from bnfold.torch.heap import settle_heap
+from bnfold.torch.heap import release_heap, settle_heap
 from bnfold.torch.intercept import BatchNormIntercept
 from bnfold.torch.module_copy import DeferredCopy, copy_module, deferred_copy
 from bnfold.torch.moments import Scratch, cpu_batch_moments, kernel_moments, use_kernel_moments
@@ -518,20 +518,23 @@ def run_calibration(
     opts = _PassOptions(device=device, estimator=estimator, allow_reused_bn=allow_reused_bn, inplace=inplace,
                         progress=progress, recalibrate=recalibrate, training_graph=training_graph,
                         target_se=target_se, with_drift=with_drift)
-    if group is None:
-        with collector_paused():
-            return _calibration_pass(module, data, opts)
-    if isinstance(data, CalibrationData) or (isinstance(data, StreamData) and data.shared):
-        data = RankShard(data, group.rank, group.world_size)
-    guard = RankGuard(group, key=_rank_key(module, data))
     try:
-        with collector_paused():
-            run = _calibration_pass(module, data, opts, guard=guard)
-        run.world_size = group.world_size
-        return run
-    except BaseException as exc:  # noqa: BLE001 - sent to the other ranks (before the gather), then raised
-        guard.fail(exc)
-        raise
+        if group is None:
+            with collector_paused():
+                return _calibration_pass(module, data, opts)
+        if isinstance(data, CalibrationData) or (isinstance(data, StreamData) and data.shared):
+            data = RankShard(data, group.rank, group.world_size)
+        guard = RankGuard(group, key=_rank_key(module, data))
+        try:
+            with collector_paused():
+                run = _calibration_pass(module, data, opts, guard=guard)
+            run.world_size = group.world_size
+            return run
+        except BaseException as exc:  # noqa: BLE001 - sent to the other ranks (before the gather), then raised
+            guard.fail(exc)
+            raise
+    finally:
+        release_heap()  # the batches' freed activations back to the kernel (the settled heap kept them)
 
 
 def _rank_key(module: nn.Module, data: Any) -> dict[str, Any]:

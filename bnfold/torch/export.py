@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnfold.errors import UnsupportedModelError, one_line
+from bnfold.errors import BadInputError, UnsupportedModelError, one_line
 from bnfold.torch.outputs import describe, leaves
 from bnfold.verification.compare import compare_outputs
 from bnfold.verification.noise_floor import MARGIN, floor_from_oracle
@@ -217,9 +217,17 @@ def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: st
     """
     names = list(example)
     saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    with torch.no_grad():
-        result = module(**example)
-    _restore(module, saved)
+    try:
+        with torch.no_grad():
+            result = module(**example)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # the data, as a calibration's forward
+        text = str(exc).strip()  # a TorchScript error: its interpreter's traceback, torch's message last
+        last = text.splitlines()[-1].strip() if "TorchScript interpreter" in text else ""
+        why = one_line(RuntimeError(last), 200) if ": " in last else f"{type(exc).__name__}: {one_line(exc, 200)}"
+        raise BadInputError(f"the model's forward failed on the data samples ({why}); check that the data "
+                            "matches the model's inputs") from exc
+    finally:
+        _restore(module, saved)
     outputs = flat_outputs(result)
     out_names = output_names(result)
     batch = None

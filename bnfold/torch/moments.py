@@ -170,8 +170,12 @@ def float64_sums_limit(dtype: torch.dtype, adds: int) -> float:
     """The largest ``E[x^2] / var`` taken from float64 sums with ``adds`` sequential additions
     (:func:`bnfold.torch.kernels.row_adds`, ``column_adds``): the variance then loses at most
     ``3 * adds * 2^-53 * E[x^2] / var`` of itself (sum of squares, and twice the mean's share),
-    kept under ``TARGET[dtype]``; at most ``CANCEL_FLOAT64_SUMS``."""
-    return min(CANCEL_FLOAT64_SUMS, TARGET[dtype] / (3 * adds * 2.0 ** -53))
+    kept under ``TARGET[dtype]``; at most ``CANCEL_FLOAT64_SUMS``. A float64 batch's squares and
+    sums round relative to its own ulp, whose 64-ulp tolerance that bound (2^-40) does not keep:
+    (N, C) columns of 64-256 values lost up to 152 ulps at ``E[x^2] / var`` 16-100 (review23),
+    so it takes raw sums no further than the torch path does (``CANCEL[torch.float64]``)."""
+    limit = min(CANCEL_FLOAT64_SUMS, TARGET[dtype] / (3 * adds * 2.0 ** -53))
+    return min(limit, CANCEL[torch.float64]) if dtype == torch.float64 else limit
 
 
 def cancel_limit(x: torch.Tensor) -> float | None:
