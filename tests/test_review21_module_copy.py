@@ -21,6 +21,18 @@ from bnfold.errors import BadInputError
 from bnfold.torch.module_copy import DeferredCopy, deferred_copy
 
 
+@pytest.fixture(autouse=True)
+def spare_core_for_the_copy():
+    """calibrate defers its copy only where torch's threads leave a core free (stop 23; else a plain
+    copy first): one torch thread, so that these tests reach DeferredCopy on a 2-core machine too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
