@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import inspect
 import os
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -205,6 +206,27 @@ def _more_parameters(module: nn.Module, names: list[str]) -> bool:
     return any(n not in names for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
 
 
+#: the last line of a TorchScript interpreter's traceback: the exception's (qualified) class and its message
+_SCRIPT_ERROR = re.compile(r"^(?:builtins\.)?([A-Za-z_][\w.]*):(?:\s+(.*))?$")
+
+
+def _forward_error_line(exc: BaseException) -> str:
+    """``Class: message`` for an exception of the module's forward, on one line: for a TorchScript
+    error, the class and message on its traceback's last line (``builtins.ValueError: ...``,
+    ``RuntimeError: AssertionError: ...``), not the traceback."""
+    text = str(exc).strip()
+    if "TorchScript interpreter" in text:
+        last = text.splitlines()[-1].strip()
+        match = _SCRIPT_ERROR.match(last)
+        inner = _SCRIPT_ERROR.match(match[2]) if match and match[1] == "RuntimeError" and match[2] else None
+        if inner and re.fullmatch(r"[\w.]*(?:Error|Exception)", inner[1]):
+            match = inner  # "RuntimeError: AssertionError: ..." (a scripted assert)
+        if match:
+            name, message = match[1], (match[2] or "").strip()
+            return one_line(RuntimeError(f"{name}: {message}" if message else name), 200)
+    return f"{type(exc).__name__}: {one_line(exc, 200)}"
+
+
 def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
                 dynamic_batch: bool = True, preserve_training: bool = False,
                 positional: list[str] | None = None) -> ExportInfo:
@@ -220,10 +242,9 @@ def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: st
     try:
         with torch.no_grad():
             result = module(**example)
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # the data, as a calibration's forward
-        text = str(exc).strip()  # a TorchScript error: its interpreter's traceback, torch's message last
-        last = text.splitlines()[-1].strip() if "TorchScript interpreter" in text else ""
-        why = one_line(RuntimeError(last), 200) if ": " in last else f"{type(exc).__name__}: {one_line(exc, 200)}"
+    except (RuntimeError, TypeError, ValueError, IndexError, torch.jit.Error) as exc:  # the data, as a
+        # calibration's forward; torch.jit.Error (no RuntimeError): a TorchScript forward's own raise or assert
+        why = _forward_error_line(exc)
         raise BadInputError(f"the model's forward failed on the data samples ({why}); check that the data "
                             "matches the model's inputs") from exc
     finally:
