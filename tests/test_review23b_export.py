@@ -78,3 +78,41 @@ def test_convert_scripted_raise_is_bad_input(tmp_path: Path) -> None:
         bt.convert(net, tmp_path / "bad.npy", tmp_path / "o" / "net.onnx", batch_size=BATCH, device="cpu")
     assert all(m.training for m in net.modules())
     assert not (tmp_path / "o" / "net.onnx").exists()
+
+
+class _ModelsOwnError(Exception):
+    pass
+
+
+class EagerChecks(nn.Module):
+    """Takes batches of exactly 8 (its own assert); the data samples of the export are 4."""
+
+    def __init__(self, error: type[Exception]) -> None:
+        super().__init__()
+        self.error = error
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 8:
+            raise self.error(f"batch of 8 expected, got {x.shape[0]}")
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("error", [AssertionError, _ModelsOwnError, KeyError])
+def test_eager_forward_own_exception_is_bad_input(tmp_path: Path, error: type[Exception]) -> None:
+    """Calibrated on batches of 8, the export's forward on the 4 data samples raises the model's own
+    exception: a BadInputError naming it (CLI: one line, not 'internal error: AssertionError')."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((24, 3, 8, 8)).astype(np.float32))
+    net = EagerChecks(error).train()
+    with pytest.raises(BadInputError, match=rf"forward failed on the data samples \({error.__name__}: .*"
+                                            "batch of 8 expected, got 4"):
+        bt.convert(net, tmp_path / "x.npy", tmp_path / "o" / "net.onnx", batch_size=8, device="cpu")
+    assert all(m.training for m in net.modules())
+    assert not (tmp_path / "o" / "net.onnx").exists()
+
+
+def test_bnfold_errors_from_the_forward_pass_unchanged(tmp_path: Path) -> None:
+    net = EagerChecks(BadInputError)
+    with pytest.raises(BadInputError, match=r"^batch of 8 expected, got 3$"):
+        export_onnx(net.eval(), {"x": torch.randn(3, 3, 8, 8)}, tmp_path / "m.onnx")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnfold.errors import BadInputError, UnsupportedModelError, one_line
+from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, one_line
 from bnfold.torch.outputs import describe, leaves
 from bnfold.verification.compare import compare_outputs
 from bnfold.verification.noise_floor import MARGIN, floor_from_oracle
@@ -242,8 +242,11 @@ def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: st
     try:
         with torch.no_grad():
             result = module(**example)
-    except (RuntimeError, TypeError, ValueError, IndexError, torch.jit.Error) as exc:  # the data, as a
-        # calibration's forward; torch.jit.Error (no RuntimeError): a TorchScript forward's own raise or assert
+    except BnfoldError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own forward on the data (no bnfold code runs in it):
+        # an op failing on the samples, or the model's own raise or assert (AssertionError, a class of its own;
+        # in TorchScript torch.jit.Error, no RuntimeError): the data or the model, not bnfold
         why = _forward_error_line(exc)
         raise BadInputError(f"the model's forward failed on the data samples ({why}); check that the data "
                             "matches the model's inputs") from exc
