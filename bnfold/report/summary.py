@@ -341,8 +341,9 @@ def statistics_lines(report: Report) -> list[str]:
         if suff:
             lines.append(suff)
     elif report.calibrated:
+        served = "verification" if report.verification is not None else "as the export's example inputs"
         lines.append(f"Statistics: no BN normalises with batch statistics, so all {len(report.bns)} keep their "
-                     "stored statistics (--recalibrate all re-estimates them); the data served verification")
+                     f"stored statistics (--recalibrate all re-estimates them); the data served {served}")
     else:
         lines.append("Statistics: stored running statistics kept (not calibrated)")
     return lines
