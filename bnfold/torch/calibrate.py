@@ -478,6 +478,18 @@ def _forward_failure(exc: Exception, done: int, batch: Batch, dtype: torch.dtype
             f"{one_line(exc, 200)}); {fix}")
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bnfold/
+
+
+def _raised_in_bnfold(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by bnfold's own code (its innermost frame in the package), not by
+    the model's forward around it."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE + os.sep)
+
+
 @dataclass(frozen=True)
 class _PassOptions:
     """What :func:`run_calibration` was asked, handed on to the pass (one signature, not three)."""
@@ -745,6 +757,10 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
                 except BnfoldError:
                     raise
                 except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                    raise BadInputError(_forward_failure(exc, done, batch, dtype)) from exc
+                except Exception as exc:  # the model's own raise or assert on the batch; bnfold's own pass
+                    if _raised_in_bnfold(exc):
+                        raise
                     raise BadInputError(_forward_failure(exc, done, batch, dtype)) from exc
                 if deferred is not None:  # every parameter of the copy has storage of its own from here on
                     deferred.finish()
