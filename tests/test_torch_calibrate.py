@@ -597,3 +597,22 @@ def test_cuda_statistics_stay_on_the_device():
     assert_stats_match(s_gpu["0"], algorithm2([b.double().numpy() for b in host]))
     np.testing.assert_allclose(s_gpu["2"].mean, s_cpu["2"].mean, rtol=1e-5)
     np.testing.assert_allclose(s_gpu["2"].var, s_cpu["2"].var, rtol=1e-4)
+
+
+def test_a_torchscript_module_is_refused_in_one_line_naming_the_way_through_onnx():
+    """Its BN modules' forwards cannot be replaced (torch's raw 'register_forward_pre_hook is not
+    supported on ScriptModules' before stop 23); the module is left as it was."""
+    import warnings
+
+    from bnfold.errors import UnsupportedModelError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        m = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for inplace in (False, True):
+        with pytest.raises(UnsupportedModelError) as info:
+            calibrate(m, [torch.randn(2, 3, 8, 8)], inplace=inplace)
+        text = str(info.value)
+        assert "\n" not in text and "TorchScript" in text and "bnfold.torch.convert" in text
+    assert m.training and all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

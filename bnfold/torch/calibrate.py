@@ -602,6 +602,11 @@ def _calibration_pass(module: nn.Module, data: Any, opts: _PassOptions, guard: R
     device = opts.device
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(module, torch.jit.ScriptModule):  # its BNs' forwards cannot be replaced or hooked
+        raise UnsupportedModelError(
+            "a TorchScript module cannot be calibrated in PyTorch (its BN modules' forwards cannot be replaced); "
+            "calibrate the nn.Module it was scripted from, or fold it through ONNX: bnfold.torch.convert(module, "
+            "data, 'out.onnx')")
     here = module_device(module)  # the copy's too
     if here.type == "meta" or (device is not None and torch.device(device).type == "meta"):
         raise BadInputError("the module's weights are on the 'meta' device (shapes, no values): give it its weights "
