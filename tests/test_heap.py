@@ -7,7 +7,6 @@ to only twice 4 MiB by then), all 8192 pages fault in again; where it kept them,
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,15 +17,7 @@ torch = pytest.importorskip("torch")
 
 from bnfold.torch import heap  # noqa: E402
 
-
-def _glibc() -> bool:
-    try:
-        return os.confstr("CS_GNU_LIBC_VERSION") is not None
-    except (ValueError, OSError):
-        return False
-
-
-glibc_only = pytest.mark.skipif(not _glibc(), reason="glibc's malloc thresholds (Linux with glibc)")
+glibc_only = pytest.mark.skipif(not heap._glibc(), reason="glibc's malloc thresholds (Linux with glibc)")
 
 PROBE = textwrap.dedent('''
     import resource, sys

@@ -8,7 +8,6 @@ it was ~28 MiB (RSS +20 MB over the commit before); given back, 0-10 MiB (what t
 from __future__ import annotations
 
 import ctypes
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,12 +16,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from bnfold.torch import heap  # noqa: E402
+
 
 def _glibc() -> bool:
-    try:
-        return os.confstr("CS_GNU_LIBC_VERSION") is not None and hasattr(ctypes.CDLL(None), "mallinfo2")
-    except (ValueError, OSError):
-        return False
+    return heap._glibc() and hasattr(ctypes.CDLL(None), "mallinfo2")
 
 
 PROBE = textwrap.dedent('''

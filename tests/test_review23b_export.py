@@ -19,6 +19,8 @@ from bnfold.errors import BadInputError  # noqa: E402
 from bnfold.torch.export import export_onnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_review23b_calibrate import Checks as EagerChecks  # noqa: E402  (batches of exactly 8)
+from test_review23b_calibrate import _ModelsOwnError  # noqa: E402
 from test_torch_convert import BATCH, Net  # noqa: E402
 
 
@@ -78,25 +80,6 @@ def test_convert_scripted_raise_is_bad_input(tmp_path: Path) -> None:
         bt.convert(net, tmp_path / "bad.npy", tmp_path / "o" / "net.onnx", batch_size=BATCH, device="cpu")
     assert all(m.training for m in net.modules())
     assert not (tmp_path / "o" / "net.onnx").exists()
-
-
-class _ModelsOwnError(Exception):
-    pass
-
-
-class EagerChecks(nn.Module):
-    """Takes batches of exactly 8 (its own assert); the data samples of the export are 4."""
-
-    def __init__(self, error: type[Exception]) -> None:
-        super().__init__()
-        self.error = error
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != 8:
-            raise self.error(f"batch of 8 expected, got {x.shape[0]}")
-        return self.bn(self.conv(x))
 
 
 @pytest.mark.parametrize("error", [AssertionError, _ModelsOwnError, KeyError])

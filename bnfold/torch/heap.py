@@ -28,6 +28,7 @@ the settling). Only on glibc
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 __all__ = ["SETTLE_BYTES", "release_heap", "settle_heap"]
@@ -46,27 +47,34 @@ def _glibc() -> bool:
         return False
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The process's C library with ``malloc``, ``free`` and ``malloc_trim`` declared; None where
+    it cannot be reached."""
+    try:
+        libc = ctypes.CDLL(None)
+        malloc, free, trim = libc.malloc, libc.free, libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    free.restype, free.argtypes = None, [ctypes.c_void_p]
+    trim.restype, trim.argtypes = ctypes.c_int, [ctypes.c_size_t]
+    return libc
+
+
 def settle_heap() -> bool:
     """Raise glibc's mmap and trim thresholds to their usual ceiling, once per process (module
     docstring); True where the block was allocated and freed now."""
     if _DONE[0]:
         return False
     _DONE[0] = True
-    if not _glibc():
+    libc = _libc() if _glibc() else None
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        malloc, free = libc.malloc, libc.free
-    except (OSError, AttributeError):
-        return False
-    malloc.restype = ctypes.c_void_p
-    malloc.argtypes = [ctypes.c_size_t]
-    free.restype = None
-    free.argtypes = [ctypes.c_void_p]
-    block = malloc(SETTLE_BYTES)
+    block = libc.malloc(SETTLE_BYTES)
     if not block:
         return False
-    free(block)
+    libc.free(block)
     _SETTLED[0] = True
     return True
 
@@ -77,13 +85,8 @@ def release_heap() -> bool:
     reused, but after it they would stay with the process, up to ~64 MiB per malloc arena (review23:
     four threads calibrating kept 50-75 MB more RSS than before the settling, for good). The
     thresholds stay up. True where it ran."""
-    if not _SETTLED[0]:
+    libc = _libc() if _SETTLED[0] else None
+    if libc is None:
         return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.restype = ctypes.c_int
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
+    libc.malloc_trim(0)
     return True
