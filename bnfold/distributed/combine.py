@@ -162,9 +162,14 @@ def gathers_done() -> int:
 
 
 def _error_item(exc: BaseException) -> dict[str, Any]:
-    code = exc.exit_code if isinstance(exc, BnfoldError) else 3
-    text = one_line(exc, 300) if isinstance(exc, Exception) else f"interrupted ({type(exc).__name__})"
-    return {"error": text, "exit_code": int(code)}
+    """What a failed rank sends the others: its one-line message (another exception than bnfold's
+    own names its class, as the rank's own report does: "KeyError: 'image'", not "'image'")."""
+    if isinstance(exc, BnfoldError):
+        return {"error": one_line(exc, 300), "exit_code": int(exc.exit_code)}
+    if isinstance(exc, Exception):
+        said = one_line(exc, 300) if str(exc).strip() else ""
+        return {"error": f"{type(exc).__name__}: {said}" if said else type(exc).__name__, "exit_code": 3}
+    return {"error": f"interrupted ({type(exc).__name__})", "exit_code": 3}
 
 
 def _describe(key: Any) -> str:
