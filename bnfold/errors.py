@@ -20,6 +20,11 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class BnfoldWarning(UserWarning):
+    """A warning of bnfold's Python API where no report carries it (``bnfold.torch.calibrate``:
+    a BN never called, statistics short of ``target_se``, a reused BN pooled)."""
+
+
 class BnfoldError(Exception):
     """Base class of every error bnfold raises on purpose."""
 

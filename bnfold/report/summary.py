@@ -28,6 +28,21 @@ ELLIPSIS = "..."
 CANDIDATE_FAILED = "candidate failed to run"
 
 
+#: the characters str.splitlines breaks at, written as their escapes inside one summary line
+_LINE_BREAKS = {c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+_BREAKS_TABLE = str.maketrans(_LINE_BREAKS)
+
+
+def one_line_text(text: str) -> str:
+    """``text`` with every line break in it (one in a BN or tensor name: ``bn\\nx``) written as its
+    escape, so that a summary line stays one line."""
+    return text.translate(_BREAKS_TABLE)
+
+
+def _joined(lines: Iterable[str]) -> str:
+    return "\n".join(one_line_text(line) for line in lines)
+
+
 def ellipsize(text: str, width: int) -> str:
     """``text`` cut to ``width`` characters with ``...`` in the middle (keeps both ends of long
     layer names such as ``model.backbone.layer4.2.bn3``)."""
@@ -263,7 +278,7 @@ def verify_summary_text(result: VerifyResult) -> str:
     """A few lines for the terminal after ``bnfold verify``: the verdict, each provider (ran or
     skipped, and the providers it really used), each output's figures with the noise floor when
     there is one, and the first divergent fold site with its worst channels."""
-    return "\n".join(_verification_lines(result))
+    return _joined(_verification_lines(result))
 
 
 def _reason_counts(report: Report, action: Action) -> Counter:
@@ -309,7 +324,7 @@ def summary_text(report: Report) -> str:
     if report.warnings:
         lines.append(f"Warnings ({len(report.warnings)}):")
         lines.extend(f"  - {w}" for w in report.warnings)
-    return "\n".join(lines)
+    return _joined(lines)
 
 
 def statistics_lines(report: Report) -> list[str]:
@@ -402,7 +417,7 @@ def drift_table(rows: Iterable[Any]) -> str:
     lines.extend(render(c) for c in body)
     lines.append(f"{flagged_n} of {len(body)} BN over the drift thresholds (mean shift > {fmt(MEAN_SHIFT_FLAG)} "
                      f"sigma or |ln var ratio| > {fmt(LOG_VAR_RATIO_FLAG)}; README, \"Drift of stored statistics\")")
-    return "\n".join(lines)
+    return _joined(lines)
 
 
 # column header, maximum width (None: last column, never padded nor cut)
@@ -472,4 +487,4 @@ def plan_table(rows: Iterable[Any]) -> str:
     if not body:
         lines.append("(no BatchNormalization nodes)")
     lines.extend(render(cells) for cells in body)
-    return "\n".join(lines)
+    return _joined(lines)

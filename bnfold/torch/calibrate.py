@@ -38,6 +38,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
+from warnings import warn as _warn
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ from bnfold.data.stream import StreamData
 from bnfold.distributed import RankShard, resolve_group
 from bnfold.distributed.combine import RankGuard, decode_stats, encode_stats, merge_ranks
 from bnfold.distributed.run_facts import RankFacts, combine_facts
-from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, one_line
+from bnfold.errors import BadInputError, BnfoldError, BnfoldWarning, UnsupportedModelError, one_line
 from bnfold.formulas.drift import drift as drift_of
 from bnfold.formulas.drift import no_drift
 from bnfold.formulas.stats import ESTIMATORS, GAP_WARNING, finalize, gap_warning, merge, update
@@ -883,7 +884,9 @@ def calibrate(
     training mode are calibrated too (:mod:`bnfold.torch.training_graph`).
     Each :class:`FrozenStats` has ``sufficiency``: the standard errors of its statistics from the
     batch-to-batch spread against ``target_se`` (default 0.01 = 1 %; docs/math.md section 2.2),
-    and a warning names the BNs that miss it.
+    and a warning names the BNs that miss it. Warnings (that one, a BN never called during
+    calibration, which keeps its stored statistics and is not in ``stats``, a reused BN pooled) are
+    Python warnings of class :class:`bnfold.errors.BnfoldWarning`.
 
     Raises :class:`BadInputError` for empty data, a BN that never saw more than one value per
     channel in a batch, non-finite activations (naming the first BN that saw them), a reused BN,
@@ -894,6 +897,8 @@ def calibrate(
     run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
                           inplace=inplace, progress=progress, training_graph=training_graph, target_se=target_se,
                           distributed=distributed, with_drift=False)  # drift: for fold's report, not returned here
+    for message in run.warnings:  # no report here to carry them (fold's report does)
+        _warn(message, BnfoldWarning, stacklevel=2)
     return run.module, run.stats
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import keyword
 from collections import OrderedDict
 from typing import Any
 
@@ -129,10 +130,48 @@ def trace(module: nn.Module, example: Batch | None = None, *, allow_unchecked_ho
         raise UnsupportedModelError(
             f"torch.fx tracing failed for {name} ({type(exc).__name__}: {one_line(exc, 200)}); {_ONNX_ADVICE}"
         ) from exc
-    gm = fx.GraphModule(tracer.root, graph, name)
+    bad = _unwritable_target(module, graph)
+    if bad is not None:
+        raise UnsupportedModelError(
+            f"the name {bad!r} in {name} is not a Python attribute name torch.fx can write (a dot, quote, "
+            f"backslash, line break or keyword): rename it (add_module), or {_ONNX_ADVICE}")
+    try:
+        gm = fx.GraphModule(tracer.root, graph, name)
+    except Exception as exc:  # fx's generated code does not compile: a case _unwritable_target misses
+        raise UnsupportedModelError(
+            f"torch.fx could not build a module from the trace of {name} ({type(exc).__name__}: "
+            f"{one_line(exc, 200)}); {_ONNX_ADVICE}") from exc
     if example is not None:
         _check_faithful(module, gm, example, name)
     return gm
+
+
+def _unwritable_target(module: nn.Module, graph: fx.Graph) -> str | None:
+    """The first name (one path component) of a submodule, parameter or buffer the graph uses
+    that fx's code generation cannot write: one with a dot (fx reads it as a path), a keyword
+    (``self.for``), or a character that breaks or changes its string literal (``getattr(self,
+    "bn\nx")``: a line break, a quote, a backslash, a NUL)."""
+    paths: dict[str, tuple[str, ...]] = {}
+    seen: set[int] = set()
+
+    def walk(m: nn.Module, path: tuple[str, ...]) -> None:  # each module once, at its first path, as fx names it
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        paths.setdefault(".".join(path), path)
+        for n in (*m._parameters, *m._buffers):
+            paths.setdefault(".".join((*path, n)), (*path, n))
+        for n, child in m._modules.items():
+            if child is not None:
+                walk(child, (*path, n))
+
+    walk(module, ())
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
+            for part in paths.get(node.target, ()):
+                if ("." in part or keyword.iskeyword(part) or any(c in part for c in '\n\r"\\\0')):
+                    return part
+    return None
 
 
 def _check_faithful(module: nn.Module, gm: fx.GraphModule, example: Batch, name: str) -> None:
