@@ -65,3 +65,15 @@ def test_plan_table_keeps_one_line_per_bn_for_names_with_line_breaks(tmp_path):
         rows = [line for line in r.stdout.splitlines() if "folded" in line and "BN found" not in line]
         assert len(rows) == 1, r.stdout
         assert "\\n" in rows[0] and "\x1b" not in r.stdout and "\r" not in r.stdout
+
+
+def test_unknown_rank_input_message_names_the_cli_flags(tmp_path):
+    rng = np.random.default_rng(3)
+    m = _conv_bn(rng, ["y"], opset=17)
+    del m.graph.input[:]
+    m.graph.input.append(helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None))
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    r = run_cli("fold", path, "-o", tmp_path / "o.onnx")
+    assert r.returncode == 3
+    assert "--input-shape x:" in r.stderr and "or --data" in r.stderr and "data argument" not in r.stderr, r.stderr
