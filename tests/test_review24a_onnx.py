@@ -77,3 +77,16 @@ def test_unknown_rank_input_message_names_the_cli_flags(tmp_path):
     r = run_cli("fold", path, "-o", tmp_path / "o.onnx")
     assert r.returncode == 3
     assert "--input-shape x:" in r.stderr and "or --data" in r.stderr and "data argument" not in r.stderr, r.stderr
+
+
+def test_output_at_a_data_file_names_the_model_it_belongs_to(tmp_path):
+    rng = np.random.default_rng(4)
+    m = _conv_bn(rng, ["y"], opset=17)
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path, save_as_external_data=True, all_tensors_to_one_file=True, location="m.onnx.data",
+              size_threshold=0)
+    data = tmp_path / "m.onnx.data"
+    before = data.read_bytes()
+    r = run_cli("fold", path, "-o", data)
+    assert r.returncode == 3 and data.read_bytes() == before
+    assert f"is a data file of the input model {path};" in r.stderr, r.stderr
