@@ -90,3 +90,25 @@ def test_output_at_a_data_file_names_the_model_it_belongs_to(tmp_path):
     r = run_cli("fold", path, "-o", data)
     assert r.returncode == 3 and data.read_bytes() == before
     assert f"is a data file of the input model {path};" in r.stderr, r.stderr
+
+
+def test_float_data_feeds_a_bfloat16_input_as_the_message_says():
+    """'floating data may be any float type' held for float16/32/64 inputs but not bfloat16 (numpy
+    kind 'V'): float32 data was refused with 'save the data as bfloat16', which numpy cannot save."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from bnfold.data.sources import _dtype_rule, cast_checked
+    from bnfold.errors import BadInputError
+    from bnfold.records import InputSpec
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    spec = InputSpec("x", bf16, (None, 3))
+    for src in (np.float32, np.float64, np.float16):
+        _dtype_rule("'d.npz'", "x", np.dtype(src), spec)
+    out = cast_checked(spec, np.ones((2, 3), np.float32), "in batch 0")
+    assert out.dtype == bf16 and out.flags.c_contiguous
+    with pytest.raises(BadInputError, match="NaN or Inf"):
+        cast_checked(spec, np.array([[np.nan, 1, 1]], np.float32), "in batch 0")
+    with pytest.raises(BadInputError, match="overflows the model's bfloat16"):
+        cast_checked(spec, np.array([[1e300, 1, 1]], np.float64), "in batch 0")
+    with pytest.raises(BadInputError, match="dtype int64"):
+        _dtype_rule("'d.npz'", "x", np.dtype(np.int64), spec)
