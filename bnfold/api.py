@@ -389,7 +389,8 @@ def fold(
         tx = outputs if outputs is not None else stack.enter_context(Outputs())
         if loaded.path is not None:  # never replaced or deleted: the input and its data files
             tx.protect("the input model", loaded.path)
-            tx.protect("a data file of the input model", *(loaded.path.parent / loc for loc in loaded.locations))
+            tx.protect(f"a data file of the input model {loaded.path}",
+                       *(loaded.path.parent / loc for loc in loaded.locations), named=True)
         staging = Staging(loaded, output, frozen_output, verify=verify, outputs=tx)
         # nothing frozen: the input file itself is the reference, unless something differs
         use_input = verify and not frozen and input_is_reference(loaded, work.model, work.renamed)

@@ -203,9 +203,11 @@ class Outputs:
         self._scratch: list[Path] = []
         self._protected: dict[tuple[int, int], str] = {}  # (device, inode) -> what the file is
 
-    def protect(self, what: str, *paths: str | os.PathLike[str] | None) -> None:
+    def protect(self, what: str, *paths: str | os.PathLike[str] | None, named: bool = False) -> None:
         """Never replace or delete these files (an input: the model, its external data): an output
-        at one of them is refused (:meth:`add`), and cleanups skip them (:meth:`is_protected`)."""
+        at one of them is refused (:meth:`add`), and cleanups skip them (:meth:`is_protected`).
+        Each is described as ``what`` and its path, or as ``what`` alone where ``named`` (``what``
+        names its owner: "a data file of the input model M.onnx")."""
         for path in paths:
             if path is None:
                 continue
@@ -213,7 +215,7 @@ class Outputs:
                 st = os.stat(path)
             except OSError:
                 continue
-            self._protected.setdefault((st.st_dev, st.st_ino), f"{what} {path}")
+            self._protected.setdefault((st.st_dev, st.st_ino), what if named else f"{what} {path}")
 
     def is_protected(self, path: str | os.PathLike[str]) -> str | None:
         """What ``path`` is, where it is a file :meth:`protect` named (links followed), else None."""

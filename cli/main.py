@@ -605,7 +605,7 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
             # a report is written: api.verify parsed them already)
             model_file, *data_files = _api().model_files(path)
             outputs.protect(what, model_file)
-            outputs.protect(f"a data file of {what}", *data_files)
+            outputs.protect(f"a data file of {what} {model_file}", *data_files, named=True)
         markdown = _stage_verification_reports(
             result, report, outputs, write_json=True,
             models={"reference": file_record(reference), "candidate": file_record(candidate)})

@@ -46,6 +46,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     (": pass the data argument instead", ": pass --data instead"),
     ("; pass the data argument to verify", "; pass --data to verify"),
     ("(or verify=False to write it unverified)", "(or --no-verify to write it unverified)"),
+    # bnfold.verification.shapes
+    ("(its full shape) or the data argument", "(its full shape) or --data"),
     # bnfold.onnx.runtime
     ("use providers=('cpu',) (or allow_missing_providers=True)", "use --providers cpu (or --allow-missing-providers)"),
     # bnfold.data.sources, bnfold.formulas.stats

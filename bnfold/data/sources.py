@@ -189,14 +189,19 @@ def _scan_npz(path: str, label: str) -> list[_Member]:
 # --------------------------------------------------------------------------------------------
 
 
+def _floating(dt: np.dtype) -> bool:
+    """A float dtype: numpy's, or bfloat16 (ml_dtypes, numpy kind 'V')."""
+    return dt.kind == "f" or dt.name == "bfloat16"
+
+
 def _dtype_rule(label: str, key: str, src: np.dtype, spec: InputSpec) -> None:
     """Error unless data of dtype ``src`` may feed input ``spec`` (cast per batch)."""
     dst = spec.dtype
     if src == dst:
         return
     ok = False
-    if dst.kind == "f":
-        ok = src.kind == "f"
+    if _floating(dst):
+        ok = _floating(src)
     elif dst.kind in "iu":
         ok = src.kind in "iub"
     elif dst.kind == "b":
@@ -475,8 +480,8 @@ def cast_checked(spec: InputSpec, arr: np.ndarray, where: str, verb: str = "save
             )
     with np.errstate(over="ignore", invalid="ignore"):
         out = np.array(arr, dtype=dst, order="C", copy=True)
-    if dst.kind == "f" and out.size and not np.isfinite(out).all():
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+    if _floating(dst) and out.size and not np.isfinite(out).all():
+        if _floating(arr.dtype) and not np.isfinite(arr).all():
             raise BadInputError(
                 f"calibration data for input '{spec.name}' has NaN or Inf values {where}; remove or fix those samples")
         raise BadInputError(

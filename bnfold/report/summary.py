@@ -402,7 +402,7 @@ def drift_table(rows: Iterable[Any]) -> str:
     (``bnfold.formulas.drift``: 0.1 sigma, 0.2) or the note of a BN without stored statistics.
     ``rows`` have ``name`` and ``drift`` (``bnfold.api.BnInspection``)."""
     rows = list(rows)
-    body = [[r.name, *drift_cells(r.drift)] for r in rows]
+    body = [[_shown(r.name), *drift_cells(r.drift)] for r in rows]
     headers = ["BN", "mean shift (sigma)", "|ln var ratio|", "worst ch", "drift"]
     widths = [min(max([len(headers[0])] + [len(c[0]) for c in body]), 48)]
     widths += [max([len(h)] + [len(c[i]) for c in body]) for i, h in enumerate(headers[1:4], start=1)]
@@ -431,6 +431,14 @@ _COLUMNS: tuple[tuple[str, int | None], ...] = (
 )
 
 
+def _shown(text: str) -> str:
+    """``text`` with each unprintable character (line break, escape, other controls) written as its
+    Python escape: a name from the model never breaks a table row or reaches the terminal raw."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _cells(row: Any) -> list[str]:
     mode = getattr(row.mode, "value", row.mode)
     producer = row.producer
@@ -443,7 +451,8 @@ def _cells(row: Any) -> list[str]:
     if d.target and d.direction == "forward":
         target += " [fwd]"
     reason = d.reason.value if d.reason is not None else "-"
-    return [row.name, str(mode), prod, getattr(d.action, "value", str(d.action)), target, reason]
+    cells = [row.name, str(mode), prod, getattr(d.action, "value", str(d.action)), target, reason]
+    return [_shown(c) for c in cells]
 
 
 def plan_table(rows: Iterable[Any]) -> str:

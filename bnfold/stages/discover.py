@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import onnx
 
+from bnfold.errors import UnsupportedModelError
 from bnfold.graph.constants import Constants
 from bnfold.graph.index import GraphIndex
 from bnfold.records import Mode
@@ -158,6 +159,19 @@ def _subgraph_bns(graph: onnx.GraphProto, opset: int, path: str) -> list[BnSite]
     return sites
 
 
+def _refuse_read_saved_stats(index: GraphIndex, node: onnx.NodeProto, outs: list[str]) -> None:
+    """A training BN's saved_mean/saved_var outputs (opsets 6-13, outputs 4 and 5) hold the batch's
+    statistics in a form each runtime chooses (onnxruntime: the inverse standard deviation); the
+    frozen BN has no such outputs and nothing to serve them with. Refuse a model that reads one."""
+    for k, what in ((3, "saved_mean"), (4, "saved_var")):
+        out = outs[k] if k < len(outs) else ""
+        if out and index.use_count(out):
+            raise UnsupportedModelError(
+                f"BN '{node.name}' is in training mode and its {what} output '{out}' is read "
+                f"({'a graph output' if out in index.graph_outputs else 'by another node'}); that training-only "
+                "output has no value once the BN is frozen: export the model without it (or in eval mode)")
+
+
 def find_bns(model: onnx.ModelProto, index: GraphIndex, consts: Constants) -> list[BnSite]:
     """Every BN of the model: main graph first (in node order), then subgraphs and functions."""
     opset = index.opset
@@ -172,6 +186,8 @@ def find_bns(model: onnx.ModelProto, index: GraphIndex, consts: Constants) -> li
         node = nodes[pos]
         attrs = {a.name: a for a in node.attribute}
         training = attr_training(node, opset, attrs)
+        if training:
+            _refuse_read_saved_stats(index, node, index.outs[pos])
         ins = index.ins[pos]
         computed = [n for n in ins[3:5] if n not in inits and not consts.is_constant(n)]
         if computed and any(_depends_on(index, n, ins[0]) for n in computed):
