@@ -31,3 +31,20 @@ def test_line_break_in_bn_name_stays_on_its_summary_line(tmp_path: Path) -> None
     suff = [ln for ln in lines if ln.startswith("Sufficiency:")]
     assert suff and "bn\\nx" in suff[0], lines
     assert not any(ln.startswith("x") for ln in lines), lines  # no line begins with the name's tail
+
+
+def test_control_characters_of_a_name_are_escaped_in_every_summary_line() -> None:
+    """A name is free text from the model: ESC would reach the terminal raw (``\\x1b[2J`` clears
+    it), a line break or U+2028 would split an entry. The text summary writes each unprintable
+    character as its escape (the plan and drift tables too); letters of any script stay."""
+    from report_builders import make_report
+
+    from bnfold.report.summary import shown, summary_text
+
+    report = make_report()
+    report.bns[1].name = "bn\x1b[2J\u2028конв"  # the largest gap: named in the Statistics line
+    report.warnings = ["BN 'bn\r\x00' kept"]
+    text = summary_text(report)
+    assert "\x1b" not in text and "\u2028" not in text and "\r" not in text and "\x00" not in text
+    assert "bn\\x1b[2J\\u2028конв" in text and "BN 'bn\\r\\x00' kept" in text
+    assert shown("layer1.0.bn1 σ ≥ 2") == "layer1.0.bn1 σ ≥ 2"

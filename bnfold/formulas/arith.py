@@ -154,13 +154,18 @@ def bn_scale_shift(gamma: Any, beta: Any, mean: Any, var: Any, eps: float) -> tu
 
     ``s = gamma / sqrt(var + eps)``, ``t = beta - s * mean``. ``gamma``/``beta`` may be None
     (a BN without affine parameters: gamma = 1, beta = 0). Raises ValueError on mismatched
-    shapes or where ``var + eps`` is not a positive finite number.
+    shapes, where ``var + eps`` is not a positive finite number, or where ``gamma``, ``beta`` or
+    ``mean`` holds NaN or Inf (the BN computes NaN there: no fold of it exists).
     """
     mu = _vec(mean, "mean")
     c = mu.shape[0]
     v = _vec(var, "var", c)
     g = np.ones(c) if gamma is None else _vec(gamma, "gamma", c)
     b = np.zeros(c) if beta is None else _vec(beta, "beta", c)
+    for name, value in (("gamma", g), ("beta", b), ("mean", mu)):
+        if not np.isfinite(value).all():
+            ch = np.flatnonzero(~np.isfinite(value))[:5].tolist()
+            raise ValueError(f"{name} must be finite; it is NaN or infinite in channel(s) {ch}")
     denom = v + float(eps)
     bad = ~(np.isfinite(denom) & (denom > 0))
     if bad.any():

@@ -28,19 +28,17 @@ ELLIPSIS = "..."
 CANDIDATE_FAILED = "candidate failed to run"
 
 
-#: the characters str.splitlines breaks at, written as their escapes inside one summary line
-_LINE_BREAKS = {c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
-_BREAKS_TABLE = str.maketrans(_LINE_BREAKS)
-
-
-def one_line_text(text: str) -> str:
-    """``text`` with every line break in it (one in a BN or tensor name: ``bn\\nx``) written as its
-    escape, so that a summary line stays one line."""
-    return text.translate(_BREAKS_TABLE)
+def shown(text: str) -> str:
+    """``text`` with each unprintable character (a line break, ESC, another control) written as its
+    Python escape (``bn\\nx``): a name from the model never splits a summary line or a table row,
+    and never reaches the terminal raw. Letters of any script stay as they are."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _joined(lines: Iterable[str]) -> str:
-    return "\n".join(one_line_text(line) for line in lines)
+    return "\n".join(shown(line) for line in lines)
 
 
 def ellipsize(text: str, width: int) -> str:
@@ -402,7 +400,7 @@ def drift_table(rows: Iterable[Any]) -> str:
     (``bnfold.formulas.drift``: 0.1 sigma, 0.2) or the note of a BN without stored statistics.
     ``rows`` have ``name`` and ``drift`` (``bnfold.api.BnInspection``)."""
     rows = list(rows)
-    body = [[_shown(r.name), *drift_cells(r.drift)] for r in rows]
+    body = [[shown(r.name), *drift_cells(r.drift)] for r in rows]
     headers = ["BN", "mean shift (sigma)", "|ln var ratio|", "worst ch", "drift"]
     widths = [min(max([len(headers[0])] + [len(c[0]) for c in body]), 48)]
     widths += [max([len(h)] + [len(c[i]) for c in body]) for i, h in enumerate(headers[1:4], start=1)]
@@ -431,14 +429,6 @@ _COLUMNS: tuple[tuple[str, int | None], ...] = (
 )
 
 
-def _shown(text: str) -> str:
-    """``text`` with each unprintable character (line break, escape, other controls) written as its
-    Python escape: a name from the model never breaks a table row or reaches the terminal raw."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _cells(row: Any) -> list[str]:
     mode = getattr(row.mode, "value", row.mode)
     producer = row.producer
@@ -452,7 +442,7 @@ def _cells(row: Any) -> list[str]:
         target += " [fwd]"
     reason = d.reason.value if d.reason is not None else "-"
     cells = [row.name, str(mode), prod, getattr(d.action, "value", str(d.action)), target, reason]
-    return [_shown(c) for c in cells]
+    return [shown(c) for c in cells]
 
 
 def plan_table(rows: Iterable[Any]) -> str:

@@ -70,22 +70,47 @@ def _write(index: GraphIndex, sites: list[BnSite], stats: dict[str, FrozenStats]
 def check_variances(work: Work) -> None:
     """Refuse a main-graph BN whose ``var + epsilon`` is not a positive finite number in some
     channel: its inference form divides by zero (``epsilon=0`` over a channel of zero variance) or
-    holds corrupt statistics, and no fold of it exists. Run on the statistics the model will have:
-    after ``freeze`` (calibrated) or as stored (inference BNs). Subgraph BNs are kept as they are."""
+    holds corrupt statistics, and no fold of it exists; likewise a NaN or infinite scale, bias or
+    mean (the model computes NaN there, folded or not). Run on the statistics the model will have:
+    after ``freeze`` (calibrated) or as stored (inference BNs). Subgraph BNs and parameters that
+    are not constants (graph inputs) are left as they are."""
     index = work.index
     sites = [s for s in work.sites if s.pos is not None]
-    names = [index.nodes[s.pos].input[4] for s in sites if s.pos is not None]
-    flat = raw_values(index.initializers, names, rank=1)
-    if flat is not None:  # one vectorised test for the common case: every variance a raw initializer
-        values, counts = flat
-        eps = np.repeat(np.array([s.info.epsilon for s in sites], dtype=np.float64), counts)
-        denom = values.astype(np.float64) + eps
-        if bool((np.isfinite(denom) & (denom > 0)).all()):
-            return
-    for site, name in zip(sites, names):
-        var = work.consts.value(name)
+    nodes = [index.nodes[s.pos] for s in sites if s.pos is not None]
+    if _all_fine(work, sites, nodes):
+        return
+    for site, node in zip(sites, nodes):
+        for slot, what in ((1, "scale"), (2, "bias"), (3, "mean")):
+            value = work.consts.value(node.input[slot])
+            if value is not None:
+                _check_finite(site.info.name, what, np.asarray(value, dtype=np.float64).reshape(-1))
+        var = work.consts.value(node.input[4])
         if var is not None:
             _check_one(site.info.name, np.asarray(var, dtype=np.float64).reshape(-1), site.info.epsilon)
+
+
+def _all_fine(work: Work, sites: list[BnSite], nodes: list[onnx.NodeProto]) -> bool:
+    """One vectorised test for the common case, every parameter a raw initializer: all finite and
+    every ``var + epsilon`` positive."""
+    inits = work.index.initializers
+    flat = [raw_values(inits, [n.input[slot] for n in nodes], rank=1) for slot in (1, 2, 3, 4)]
+    if any(f is None for f in flat):
+        return False
+    if not all(bool(np.isfinite(values).all()) for values, _ in flat[:3] if values.size):  # type: ignore[misc]
+        return False
+    values, counts = flat[3]  # type: ignore[misc]
+    eps = np.repeat(np.array([s.info.epsilon for s in sites], dtype=np.float64), counts)
+    denom = values.astype(np.float64) + eps
+    return bool((np.isfinite(denom) & (denom > 0)).all())
+
+
+def _check_finite(bn: str, what: str, value: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(value))
+    if bad.size:
+        shown = ", ".join(map(str, bad[:5].tolist())) + (", ..." if bad.size > 5 else "")
+        raise BadInputError(
+            f"BN '{bn}' has a NaN or infinite {what} in channel(s) {shown}, so the model computes NaN or Inf there; "
+            "its parameters are corrupt: export it again from a model with finite weights")
 
 
 def _check_one(bn: str, var: np.ndarray, eps: float) -> None:

@@ -91,7 +91,8 @@ def _scale_shift(bn: nn.Module, name: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         return arith.bn_scale_shift(_host64(w), _host64(b), _host64(mean), _host64(var), float(cast(float, bn.eps)))
     except ValueError as exc:
-        raise BadInputError(f"BN '{name}' has unusable statistics: {exc}") from None
+        raise BadInputError(f"BN '{name}' has unusable statistics or parameters: {exc}; they are corrupt: load "
+                            "finite weights (stored statistics can be re-estimated: recalibrate='all')") from None
 
 
 def folded_tensors(p: Producer, s: np.ndarray, t: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
