@@ -23,7 +23,11 @@ calibrate, calibrate_nonumba, eval, ...) so that a busy phase of a shared machin
 reported are each job's median wall time and CPU time (user + system of the child) and their
 ratios to ``eval``'s, and, paired by round, the median of its wall time minus ``update_bn``'s and
 the number of rounds in which it took at most ``update_bn``'s time. Each job also reports its own split of the wall time (imports, build, work)
-measured inside the process. On a shared machine the CPU time with ``--threads 1`` is the stable
+measured inside the process, and the same paired figures for its *own* part: the wall time from
+after the imports all jobs share (torch; timm with ``--model timm:``) to the process's end, that is
+the job's own import (``bnfold.torch``, ``swa_utils``), the build, the work and the exit. timm's
+import alone takes 3.3-3.6 s and moves the whole-process figures by +-100 ms from one process to the
+next; the own part does not carry that noise. On a shared machine the CPU time with ``--threads 1`` is the stable
 figure (wall times of multi-threaded jobs swing with the other load).
 
 Bytecode: a ``pip install`` compiles every package's ``.pyc`` at install time, torch's and
@@ -123,6 +127,7 @@ def run_job(job: str, arch: str, batches: int, batch_size: int, size: int) -> di
     t0 = time.perf_counter()
     import torch
     build = _timm(arch[5:]) if arch.startswith("timm:") else lambda: _resnet50(arch)
+    t_own = time.perf_counter()
     if job.startswith("calibrate"):
         import bnfold.torch
     elif job == "update_bn":
@@ -146,7 +151,10 @@ def run_job(job: str, arch: str, batches: int, batch_size: int, size: int) -> di
         bnfold.torch.calibrate(model, data)
     t3 = time.perf_counter()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return {"imports": t1 - t0, "build": t2 - t1, "work": t3 - t2, "faults": faults}
+    # "own": what differs between the jobs (the job's own import, build, work), without the
+    # imports of torch (and timm) they share; the parent adds the process's exit
+    return {"imports": t1 - t0, "build": t2 - t1, "work": t3 - t2, "faults": faults, "own": t3 - t_own, "job_import": t1 - t_own,
+            "end": time.time()}
 
 
 def main() -> None:
@@ -202,10 +210,13 @@ def main() -> None:
             if r < 0:
                 continue
             out = done.stdout
+            ended = time.time()
             wall[job].append(time.perf_counter() - t)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu[job].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
-            split[job].append(json.loads(out.strip().splitlines()[-1]))
+            got = json.loads(out.strip().splitlines()[-1])
+            got["own"] += ended - got.pop("end")  # and the exit (interpreter shutdown, freeing the model)
+            split[job].append(got)
         if r < 0:
             continue
         print(f"round {r + 1}: " + "  ".join(f"{j} {wall[j][-1]:.3f}/{cpu[j][-1]:.3f}" for j in jobs), file=sys.stderr)
@@ -215,19 +226,23 @@ def main() -> None:
     print(f"{where}, {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, fresh process "
           f"per job, threads {args.threads or 'default'}, bytecode {args.bytecode}, median of {args.repeats}")
     print(f"{'job':<24} {'wall s':>7} {'x eval':>7} {'cpu s':>7} {'x eval':>7} {'imports':>8} {'build':>7} {'work':>7}"
-          f" {'faults':>7}  {'- update_bn (ms, median of rounds)':>34} {'rounds <= update_bn':>20}")
+          f" {'faults':>7}  {'- update_bn (ms, median of rounds)':>34} {'rounds <= update_bn':>20}"
+          f" {'own - update_bn':>16} {'rounds <=':>10}")
     for job in jobs:
         w, c = statistics.median(wall[job]), statistics.median(cpu[job])
         parts = {k: statistics.median(s[k] for s in split[job]) for k in ("imports", "build", "work", "faults")}
         rw = f"{w / base_wall:.2f}x" if base_wall else "-"
         rc = f"{c / base_cpu:.2f}x" if base_cpu else "-"
-        vs = wins = "-"
+        vs = wins = own = own_wins = "-"
         if "update_bn" in wall and job != "update_bn":  # paired by round: a busy phase hits both alike
             diffs = [a - b for a, b in zip(wall[job], wall["update_bn"])]
             vs = f"{statistics.median(diffs) * 1e3:+.0f}"
             wins = f"{sum(d <= 0 for d in diffs)} of {len(diffs)}"
+            owns = [a["own"] - b["own"] for a, b in zip(split[job], split["update_bn"])]
+            own = f"{statistics.median(owns) * 1e3:+.0f}"
+            own_wins = f"{sum(d <= 0 for d in owns)} of {len(owns)}"
         print(f"{job:<24} {w:7.3f} {rw:>7} {c:7.3f} {rc:>7} {parts['imports']:8.3f} {parts['build']:7.3f} "
-              f"{parts['work']:7.3f} {parts['faults']:7.0f}  {vs:>34} {wins:>20}")
+              f"{parts['work']:7.3f} {parts['faults']:7.0f}  {vs:>34} {wins:>20} {own:>16} {own_wins:>10}")
 
 
 if __name__ == "__main__":
