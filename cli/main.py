@@ -385,7 +385,7 @@ def _quiet_code(exc: BaseException) -> int:
 
 
 def _fold_on_rank(group: Group, run: Any) -> int:
-    """One rank of a distributed fold: run it (ranks other than 0 print nothing but errors), then end
+    """One rank of a distributed fold (or inspect): run it (ranks other than 0 print nothing but errors), then end
     with rank 0's exit code on every rank. A rank's own error is raised (and printed) as usual; a rank
     that succeeded where rank 0 failed exits silently with rank 0's code."""
     error: BaseException | None = None
@@ -655,20 +655,32 @@ reword(verify_command, {
          "with --data also drift).",
 )
 @data_options
+@dist_timeout_option
 @debug_option
-def inspect_command(model: Path, as_json: bool, data: DataConfig) -> int:
+def inspect_command(model: Path, as_json: bool, data: DataConfig, dist_timeout: float | None) -> int:
     """List every BatchNorm of MODEL: its producer, its mode (training / inference), and what
     'bnfold fold' would do with it, with the reason code. With --data, also how far each BN's
     stored statistics are from the data's (drift; README, "Drift of stored statistics").
-    Reads the model (and the data) only."""
+    Reads the model (and the data) only.
+
+    \b
+    Under torchrun (WORLD_SIZE > 1) the ranks calibrate --data together, as 'bnfold fold' does;
+    rank 0 alone prints."""
     if data.batch_size is not None and not data.given:
         raise click.UsageError("--batch-size needs --data.")
+    with group_from_environment(dist_timeout) as group:
+        if group is None:
+            return _inspect(model, as_json, data)
+        return _fold_on_rank(group, lambda: _inspect(model, as_json, data))
+
+
+def _inspect(model: Path, as_json: bool, data: DataConfig) -> int:
     require_model_file(model)
     if data.given:
         if data.path is not None:
             require_data(data.path)
             check_paths([(model, "the input MODEL"), (data.path, "the --data file")], [])
-        with calibration_progress() as progress:
+        with calibration_progress(_bar_stream(_RANK_QUIET[0])) as progress:
             rows = _api().inspect(model, data=data.source(), batch_size=data.batch_size, progress=progress)
     else:
         rows = _api().inspect(model)
@@ -686,6 +698,9 @@ reword(inspect_command, {  # the group shared by fold and verify, in inspect's w
                  "(single-input models), or a directory of such files; leading axis = samples. Adds each BN's "
                  "drift (stored vs the data's Algorithm 2 statistics); nothing is written.",
     "batch_size": "Samples per batch of --data (default: all samples in one batch, or the model's fixed batch size).",
+    "dist_timeout": "Under torchrun (WORLD_SIZE > 1): how long a rank waits for the others at a collective before "
+                    "it fails (a rank that died or hangs). Must exceed the spread of the ranks' calibration times. "
+                    "Default 300 (env BNFOLD_DIST_TIMEOUT).",
 })
 
 

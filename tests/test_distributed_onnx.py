@@ -3,6 +3,7 @@ against one process; uneven batch counts, a rank with no batch, the CLI under to
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -124,3 +125,26 @@ def test_every_rank_ends_with_rank_0s_exit_code_when_only_rank_0_fails(tmp_path:
     assert "failed verification" in ended[0].stderr and "BN found" in ended[0].stdout
     assert ended[1].stdout == "" and ended[1].stderr == ""  # rank 1 prints nothing: it did not fail itself
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow(reason="two bnfold processes importing torch (~6 s)")
+def test_inspect_under_ranks_calibrates_together_and_rank_0_alone_prints(tmp_path: Path) -> None:
+    # before, each rank inspected all the data on its own and printed the same tables: N copies
+    bnfold_exe = shutil.which("bnfold", path=str(Path(sys.executable).parent))
+    assert bnfold_exe is not None
+    samples = MODEL.parent  # inference BNs: their stored statistics have a drift from the data's
+    cmd = [bnfold_exe, "inspect", str(samples / "unfoldable.onnx"), "--data", str(samples / "unfoldable_calib.npz"),
+           "--batch-size", "4", "--json"]
+    ended = run_ranks(2, [], command=cmd)
+    assert [e.returncode for e in ended] == [0, 0], [e.stderr[-1000:] for e in ended]
+    assert ended[1].stdout == "" and ended[1].stderr == "", ended[1]
+    alone = subprocess.run(cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                                       if k not in ("WORLD_SIZE", "RANK")})
+    assert alone.returncode == 0, alone.stderr
+    two, one = json.loads(ended[0].stdout), json.loads(alone.stdout)
+    assert [r["name"] for r in two] == [r["name"] for r in one]
+    assert len(two) == 4 and all(r["drift"]["mean_shift_sigma_max"] > 0 for r in two)
+    for a, b in zip(two, one):  # the merged statistics equal one process's to float64 round-off
+        for key in ("mean_shift_sigma_max", "log_var_ratio_max"):
+            x, y = (a["drift"] or {}).get(key), (b["drift"] or {}).get(key)
+            assert (x is None and y is None) or abs(x - y) <= 1e-9 * max(1.0, abs(y)), (a["name"], key, x, y)
