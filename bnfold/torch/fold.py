@@ -57,6 +57,7 @@ from bnfold.torch.device import check_device
 from bnfold.torch.plan import plan_folds
 from bnfold.torch.producers import channels_of
 from bnfold.torch.trace import hooked_modules, trace
+from bnfold.torch.wrappers import unwrap
 
 __all__ = ["TorchFoldResult", "check_device", "fold", "trace"]  # trace: re-exported from .trace
 
@@ -144,6 +145,7 @@ def fold(
                             "(the data argument)")
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    module, unwrapped = unwrap(module)  # torch.compile / DataParallel / AveragedModel: fold the model inside
     check_device(device)
     flags = {m: m.training for m in module.modules()}
     try:  # fail before calibrating when the module cannot be traced (as the eval-mode module it becomes)
@@ -154,7 +156,7 @@ def fold(
             m.training = flag
     modes = {name: bn_mode(m) for name, m in bn_like_modules(module)}
 
-    warnings: list[str] = []
+    warnings: list[str] = list(unwrapped)
     stats: dict[str, FrozenStats] = {}
     drift: dict[str, Drift] = {}
     batch_size = samples = None

@@ -1,0 +1,45 @@
+"""Wrappers people hold their models in: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``),
+``nn.DataParallel`` / ``DistributedDataParallel`` and ``swa_utils.AveragedModel`` (``.module``).
+
+Their ``forward`` only hands its arguments on to the wrapped module (``*args, **kwargs``, which
+``torch.fx`` cannot trace; an ``OptimizedModule`` has no ``forward`` of its own and a dynamo-compiled
+function cannot be exported to ONNX), so :func:`bnfold.torch.fold` and :func:`bnfold.torch.convert`
+fold the module inside: the result and the BN names in the report are the wrapped module's.
+"""
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+
+def _inner(module: nn.Module) -> tuple[nn.Module, str, str] | None:
+    """(wrapped module, attribute, wrapper label) for a known pass-through wrapper, else None."""
+    cls = type(module)
+    if module._forward_hooks or module._forward_pre_hooks:  # the wrapper's own hooks run in its call: keep it
+        return None
+    frame = sys.modules.get("torch._dynamo.eval_frame")  # never imported: no module was compiled (import is slow)
+    optimized = getattr(frame, "OptimizedModule", None)
+    if optimized is not None and isinstance(module, optimized):
+        inner = module._orig_mod
+        if isinstance(inner, nn.Module):
+            return inner, "_orig_mod", "torch.compile's OptimizedModule"
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    from torch.optim.swa_utils import AveragedModel
+    if isinstance(module, (DataParallel, DistributedDataParallel, AveragedModel)):
+        inner = module.module
+        if isinstance(inner, nn.Module):
+            return inner, "module", cls.__name__
+    return None
+
+
+def unwrap(module: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The module inside any pass-through wrappers, and a warning per wrapper taken off."""
+    notes: list[str] = []
+    path: list[str] = []
+    while (found := _inner(module)) is not None:
+        module, attr, label = found
+        path.append(attr)
+        notes.append(f"{label} wraps the model: bnfold folded the module inside it ('{'.'.join(path)}'); "
+                     "BN names and the result are that module's")
+    return module, notes
