@@ -78,3 +78,49 @@ def test_wrapper_with_its_own_hook_is_not_unwrapped() -> None:
     dp = nn.DataParallel(_model())
     dp.register_forward_hook(lambda mod, i, o: o * 2)
     assert unwrap(dp) == (dp, [])
+
+
+class _Net(nn.Module):
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Conv2d(4, 2, 1)
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return self.bn(self.head(self.backbone(x)))
+
+
+def _fold_net(net: nn.Module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = bt.fold(net, BATCHES)
+        frozen, _ = bt.calibrate(net, BATCHES)
+    with torch.no_grad():
+        got, want = res.module(X), frozen(X)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    return res
+
+
+def test_dataparallel_child_bns_are_folded_and_reported() -> None:
+    res = _fold_net(_Net(nn.DataParallel(_model())))
+    assert [(b.name, b.action.value) for b in res.report.bns] == [
+        ("backbone.module.1", "folded"), ("backbone.module.4", "folded"), ("bn", "folded")]
+    assert not any("training-time forward" in w for w in res.report.warnings)
+
+
+@pytest.mark.slow
+def test_compiled_child_is_traced_through() -> None:
+    res = _fold_net(_Net(torch.compile(_model())))
+    assert res.report.folded == 3
+
+
+def test_bn_inside_a_leaf_module_is_reported_kept() -> None:
+    from bnfold.records import Reason
+    dp = nn.DataParallel(_model())
+    dp.register_forward_hook(lambda mod, i, o: None)  # a wrapper with its own hook stays a leaf
+    res = _fold_net(_Net(dp))
+    assert [(b.name, b.reason) for b in res.report.bns] == [
+        ("backbone.module.1", Reason.IN_SUBGRAPH), ("backbone.module.4", Reason.IN_SUBGRAPH), ("bn", None)]
+    assert not any("backbone.module" in w for w in res.report.warnings
+                   if "training-time" in w or "not used by forward" in w)

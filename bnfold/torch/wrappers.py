@@ -13,7 +13,7 @@ import sys
 from torch import nn
 
 
-def _inner(module: nn.Module) -> tuple[nn.Module, str, str] | None:
+def inner_module(module: nn.Module) -> tuple[nn.Module, str, str] | None:
     """(wrapped module, attribute, wrapper label) for a known pass-through wrapper, else None."""
     cls = type(module)
     if module._forward_hooks or module._forward_pre_hooks:  # the wrapper's own hooks run in its call: keep it
@@ -37,7 +37,7 @@ def unwrap(module: nn.Module) -> tuple[nn.Module, list[str]]:
     """The module inside any pass-through wrappers, and a warning per wrapper taken off."""
     notes: list[str] = []
     path: list[str] = []
-    while (found := _inner(module)) is not None:
+    while (found := inner_module(module)) is not None:
         module, attr, label = found
         path.append(attr)
         notes.append(f"{label} wraps the model: bnfold folded the module inside it ('{'.'.join(path)}'); "
