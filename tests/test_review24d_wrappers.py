@@ -124,3 +124,16 @@ def test_bn_inside_a_leaf_module_is_reported_kept() -> None:
         ("backbone.module.1", Reason.IN_SUBGRAPH), ("backbone.module.4", Reason.IN_SUBGRAPH), ("bn", None)]
     assert not any("backbone.module" in w for w in res.report.warnings
                    if "training-time" in w or "not used by forward" in w)
+
+
+@pytest.mark.slow
+def test_convert_onnx_with_compiled_child(tmp_path) -> None:
+    data = tmp_path / "x.npy"
+    np.save(data, X.numpy())
+    net = _Net(torch.compile(_model()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        done = bt.convert(net, data, tmp_path / "out.onnx", batch_size=4)
+    assert done.passed
+    assert done.report.folded == 3
+    assert type(net.backbone).__name__ == "OptimizedModule"  # put back after the export

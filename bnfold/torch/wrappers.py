@@ -9,6 +9,8 @@ fold the module inside: the result and the BN names in the report are the wrappe
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -43,3 +45,23 @@ def unwrap(module: nn.Module) -> tuple[nn.Module, list[str]]:
         notes.append(f"{label} wraps the model: bnfold folded the module inside it ('{'.'.join(path)}'); "
                      "BN names and the result are that module's")
     return module, notes
+
+
+@contextmanager
+def uncompiled(module: nn.Module) -> Iterator[None]:
+    """Each ``torch.compile``'d submodule replaced by the module it compiles while the block runs
+    (``torch.onnx.export`` cannot trace a dynamo-optimized function); put back afterwards."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(frame, "OptimizedModule", None)
+    if optimized is not None:
+        for parent in list(module.modules()):
+            for name, child in list(parent._modules.items()):
+                if isinstance(child, optimized) and inner_module(child) is not None:
+                    parent._modules[name] = child._orig_mod
+                    swapped.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in reversed(swapped):
+            parent._modules[name] = child
