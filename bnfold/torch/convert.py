@@ -63,6 +63,7 @@ from bnfold.torch.fold import TorchFoldResult, trace
 from bnfold.torch.fold import fold as torch_fold
 from bnfold.torch.inputs import input_specs, ordered, sample_count, split, stream_input_specs, tensors, to_device
 from bnfold.torch.load import FACTORY, TORCHSCRIPT, LoadedTorchModel, forward_inputs, sha256_of
+from bnfold.torch.wrappers import unwrap
 from bnfold.verification.engine import VerifyConfig
 
 __all__ = ["MODULE", "ConvertResult", "OutputCheck", "TensorCheck", "convert", "resolve_device"]
@@ -207,10 +208,11 @@ def _as_loaded(module: nn.Module | LoadedTorchModel) -> LoadedTorchModel:
         return module
     if not isinstance(module, nn.Module):
         raise BadInputError(f"module must be a torch.nn.Module, not {type(module).__name__}")
+    module, unwrapped = unwrap(module)  # torch.compile / DataParallel / AveragedModel: convert the model inside
     inputs, var_kw = forward_inputs(module)
     kind = TORCHSCRIPT if isinstance(module, torch.jit.ScriptModule) else MODULE
     return LoadedTorchModel(module=module, kind=kind, label=f"module {type(module).__name__}", path=None,
-                            sha256=None, inputs=inputs, var_keyword=var_kw)
+                            sha256=None, inputs=inputs, var_keyword=var_kw, warnings=unwrapped)
 
 
 def convert(

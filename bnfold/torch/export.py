@@ -34,6 +34,7 @@ from torch import nn
 
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, one_line
 from bnfold.torch.outputs import describe, leaves
+from bnfold.torch.wrappers import uncompiled
 from bnfold.verification.compare import compare_outputs
 from bnfold.verification.noise_floor import MARGIN, floor_from_oracle
 
@@ -279,7 +280,7 @@ def export_onnx(module: nn.Module, example: Mapping[str, torch.Tensor], path: st
         elif positional is not None and not isinstance(module, torch.jit.ScriptModule):
             # in the module's own mode: the exporter restores the wrapper's mode afterwards, recursively
             target, args, kwargs = _ByName(plain, names).train(module.training), tuple(example.values()), {}
-        with _quiet(notes):
+        with _quiet(notes), uncompiled(target):  # a torch.compile'd submodule: export what it compiles
             torch.onnx.export(target, args, os.fspath(path), kwargs=kwargs or None, dynamo=False,
                               do_constant_folding=False, opset_version=OPSET, input_names=names,
                               output_names=out_names, dynamic_axes=axes, training=training)

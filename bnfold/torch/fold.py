@@ -37,7 +37,7 @@ from torch import nn
 
 from bnfold.errors import BadInputError
 from bnfold.formulas.sufficiency import DEFAULT_TARGET_SE
-from bnfold.records import Drift, FrozenStats, Mode
+from bnfold.records import Action, Drift, FrozenStats, Mode, Reason
 from bnfold.run_records import BnRecord, Report
 from bnfold.torch.apply import apply_folds
 from bnfold.torch.batches import Batch, as_batch
@@ -57,6 +57,7 @@ from bnfold.torch.device import check_device
 from bnfold.torch.plan import plan_folds
 from bnfold.torch.producers import channels_of
 from bnfold.torch.trace import hooked_modules, trace
+from bnfold.torch.wrappers import unwrap
 
 __all__ = ["TorchFoldResult", "check_device", "fold", "trace"]  # trace: re-exported from .trace
 
@@ -144,6 +145,7 @@ def fold(
                             "(the data argument)")
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    module, unwrapped = unwrap(module)  # torch.compile / DataParallel / AveragedModel: fold the model inside
     check_device(device)
     flags = {m: m.training for m in module.modules()}
     try:  # fail before calibrating when the module cannot be traced (as the eval-mode module it becomes)
@@ -154,7 +156,7 @@ def fold(
             m.training = flag
     modes = {name: bn_mode(m) for name, m in bn_like_modules(module)}
 
-    warnings: list[str] = []
+    warnings: list[str] = list(unwrapped)
     stats: dict[str, FrozenStats] = {}
     drift: dict[str, Drift] = {}
     batch_size = samples = None
@@ -201,7 +203,17 @@ def fold(
                         + " are not part of the folded module (torch.fx traces through those modules); it was "
                         "checked to compute the same outputs on the data")
     plan = plan_folds(gm, bns, ranks, warnings)
-    training_only = [n for n in stats if n not in {d.bn for d in plan.plan.decisions}]
+    decided = {d.bn for d in plan.plan.decisions}
+    leaf_calls = {str(node.target) for node in gm.graph.nodes if node.op == "call_module"}
+    inside: dict[str, str] = {}  # BN -> the module fx calls whole (a leaf) that holds it
+    for name, _ in bns:
+        if name not in decided:
+            owner = next((t for t in sorted(leaf_calls) if name.startswith(t + ".")), None)
+            if owner is not None:
+                inside[name] = owner
+                unused = f"BN '{name}' is not used by forward; it is not part of the folded module"
+                warnings[:] = [w for w in warnings if w != unused]
+    training_only = [n for n in stats if n not in decided and n not in inside]
     for name in training_only:  # calibrated on the training-time forward, absent from the eval graph
         unused = f"BN '{name}' is not used by forward; it is not part of the folded module"
         warnings[:] = [w for w in warnings if w != unused]
@@ -213,6 +225,12 @@ def fold(
                               target=d.target, direction=d.direction, reason=d.reason, detail=d.detail,
                               channels=channels_of(bn_of[d.bn]), stats=stats.get(d.bn), drift=drift.get(d.bn))
                for d in plan.plan.decisions}
+    for name, owner in inside.items():
+        records[name] = BnRecord(
+            name=name, mode_before=modes.get(name, Mode.INFERENCE), action=Action.FROZEN_KEPT,
+            reason=Reason.IN_SUBGRAPH, channels=channels_of(bn_of[name]), stats=stats.get(name),
+            drift=drift.get(name), detail=f"inside '{owner}', which torch.fx calls as one module (a leaf): "
+            "kept there, frozen")
 
     gm.graph.lint()
     gm.recompile()

@@ -134,6 +134,15 @@ def refuse_run_time_parts(mod: nn.Module, label: str, hook_effect: str) -> None:
     spectral_norm, ...: parameters computed at run time) of a producer or BN module."""
     if mod._forward_hooks or mod._forward_pre_hooks:
         raise Refuse(Reason.HOOKED, f"{label} has forward hooks or pre-hooks, {hook_effect}")
+    if mod._backward_hooks or mod._backward_pre_hooks:
+        raise Refuse(Reason.HOOKED, f"{label} has backward hooks, {hook_effect}")
+    glob = torch.nn.modules.module
+    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+        raise Refuse(Reason.HOOKED, "global module forward hooks (register_module_forward_hook) run on every "
+                     f"module call: they run on {label}, {hook_effect}")
+    if glob._global_backward_hooks or glob._global_backward_pre_hooks:
+        raise Refuse(Reason.HOOKED, "global module backward hooks (register_module_full_backward_hook) run on "
+                     f"every module call: they run on {label}, {hook_effect}")
     if getattr(mod, "parametrizations", None):
         raise Refuse(Reason.NOT_CONSTANT, f"{label} has parametrizations (weight_norm, spectral_norm, ...) "
                      "that compute its parameters at run time")

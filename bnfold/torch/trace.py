@@ -37,6 +37,7 @@ from bnfold.errors import BadInputError, UnsupportedModelError, one_line
 from bnfold.torch.batches import Batch
 from bnfold.torch.bn_kinds import bn_kind
 from bnfold.torch.outputs import describe, leaves, structure
+from bnfold.torch.wrappers import inner_module as wrapped
 
 __all__ = ["hooked_modules", "trace"]
 
@@ -50,7 +51,18 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if bn_kind(m) is not None:
             return True
+        if wrapped(m) is not None:  # DataParallel & co.: traced through (call_module), not a leaf
+            return False
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A pass-through wrapper child (``torch.compile``'d, ``DataParallel``, ``AveragedModel``) is
+        traced as the call of the module inside (``backbone._orig_mod``, ``backbone.module``): as a
+        leaf its BNs would not be in the graph, and a compiled function cannot be traced at all."""
+        inner = wrapped(m)
+        if inner is not None:
+            return inner[0](*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
     def create_arg(self, a: Any) -> Any:
         """fx's argument, except that an ``OrderedDict`` and a dataclass instance (a forward's
