@@ -633,7 +633,11 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
         unexpected = [k for k in state if k not in expected]
         shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
                   if k in state and tuple(state[k].shape) != tuple(v.shape)]
-        if missing or unexpected or shapes:
+        # load_state_dict casts with copy_: a complex value into a real tensor keeps only its real part
+        complex_ = [f"{k} {state[k].dtype} vs {v.dtype}" for k, v in expected.items()
+                    if k in state and isinstance(state[k], torch.Tensor) and state[k].is_complex()
+                    and not v.is_complex()]
+        if missing or unexpected or shapes or complex_:
             parts = []
             if missing:
                 parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
@@ -641,6 +645,9 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
                 parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
             if shapes:
                 parts.append(f"shape mismatches ({len(shapes)}): {_listing(shapes, 3)}")
+            if complex_:
+                parts.append(f"complex values for real tensors ({len(complex_)}; loading would drop their "
+                             f"imaginary parts): {_listing(complex_, 3)}")
             raise BadInputError(f"weights '{weights}' do not match the model built by {spec}: " + "; ".join(parts))
         try:
             model.load_state_dict(state, strict=True)
