@@ -189,6 +189,33 @@ def _legacy_layout(data: bytes, path: Path) -> Iterator[UnsafeMember | None]:
         raise BadInputError(f"cannot load ExportedProgram '{path}': {one_line(exc, 200)}") from None
 
 
+#: a zip member that inflates to more than this many times the bytes it is stored in, and to more
+#: than _BOMB_MIN_BYTES, is a zip bomb: torch.save / torch.export.save / torch.jit.save store their
+#: members uncompressed, and both zip readers allocate a member's declared size when they read it
+_BOMB_RATIO = 100
+_BOMB_MIN_BYTES = 64 << 20
+
+
+def check_inflation(source: bytes | Path, path: Path, what: str) -> None:
+    """BadInputError where the zip archive ``source`` (its bytes, or a file) declares members that
+    would inflate to many times the file (a zip bomb: a few MB that read as GBs), checked from the
+    zip's directory before any member is read. Not a zip Python reads: nothing to check here."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, RuntimeError, ValueError):
+        return
+    declared = sum(i.file_size for i in infos)
+    stored = sum(i.compress_size for i in infos)
+    if declared > _BOMB_MIN_BYTES and declared > _BOMB_RATIO * max(stored, 1):
+        worst = max(infos, key=lambda i: i.file_size)
+        raise BadInputError(
+            f"{what} '{path}' is a zip archive whose members declare {declared} bytes stored in {stored} "
+            f"(e.g. '{worst.filename}': {worst.file_size} bytes from {worst.compress_size}), more than "
+            f"{_BOMB_RATIO}x: a zip bomb, not a torch.save file (torch stores members uncompressed); "
+            "save the model again with torch")
+
+
 def check_exported_program(data: bytes, path: Path) -> UnsafeMember | None:
     """The first member of the archive ``data`` (read from ``path``) that needs full unpickling or
     loads native code, or None where ``torch.export.load`` can read it all with
