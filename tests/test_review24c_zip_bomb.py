@@ -69,3 +69,24 @@ def test_weights_zip_bomb_is_refused(tmp_path: Path) -> None:
     proc = run_cli("fold", "--model-factory", f"{name}:build", "--weights", "w.pt", "--data", "calib.npy",
                    "-o", "out.pt2", "--no-verify", cwd=tmp_path)
     _one_line_bomb(proc, tmp_path, before)
+
+
+def test_pt2_member_outside_the_archive_folder_names_the_reason(tmp_path: Path) -> None:
+    """A .pt2 with a member '../../x' was refused with torch's 'Please check the warnings above for
+    possible errors', and the warnings were muted: the line now carries torch's logged reason."""
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    torch.export.save(torch.export.export(m, (torch.randn(2, 3, 8, 8),)), tmp_path / "good.pt2")
+    with zipfile.ZipFile(tmp_path / "good.pt2") as zin, zipfile.ZipFile(tmp_path / "trav.pt2", "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info))
+        zout.writestr("../../r24c_trav_x", b"x")
+    (tmp_path / "good.pt2").unlink()
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
+    before = set(os.listdir(tmp_path))
+    proc = run_cli("fold", "trav.pt2", "--data", "calib.npy", "-o", "out.pt2", "--no-verify", cwd=tmp_path)
+    assert proc.returncode == 3, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), lines
+    assert "warnings above" not in lines[0] and "../../r24c_trav_x" in lines[0], lines
+    assert set(os.listdir(tmp_path)) - {"__pycache__"} == before
+    assert not (tmp_path.parent.parent / "r24c_trav_x").exists()

@@ -310,20 +310,29 @@ def check_torchscript_code(data: bytes, path: Path) -> ScriptFinding | None:
 
 
 class _Drop(logging.Filter):
+    """Drops every record, keeping the exceptions they carry (the reasons torch logs, not raises)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[BaseException] = []
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], BaseException):
+            self.errors.append(record.exc_info[1])
         return False
 
 
 @contextmanager
-def quiet_export_loggers() -> Iterator[None]:
+def quiet_export_loggers() -> Iterator[_Drop]:
     """Drop the records of torch's export loggers (its fallback's log call is broken: formatting
-    it prints a ``--- Logging error ---`` traceback to stderr)."""
+    it prints a ``--- Logging error ---`` traceback to stderr); the exceptions they carried are
+    in the yielded filter's ``errors``."""
     drop = _Drop()
     loggers = [logging.getLogger(name) for name in EXPORT_LOGGERS]
     for logger in loggers:
         logger.addFilter(drop)
     try:
-        yield
+        yield drop
     finally:
         for logger in loggers:
             logger.removeFilter(drop)
@@ -347,8 +356,16 @@ def _weights_only_forced() -> Iterator[None]:
 def guarded_export_load(data: bytes, *, unsafe: bool = False) -> Any:
     """``torch.export.load`` of the archive bytes ``data``, loggers muted; unless ``unsafe``, with
     every ``torch.load`` inside forced to ``weights_only=True``."""
-    with quiet_export_loggers():
-        if unsafe:
-            return torch.export.load(io.BytesIO(data))
-        with _weights_only_forced():
-            return torch.export.load(io.BytesIO(data))
+    with quiet_export_loggers() as dropped:
+        try:
+            if unsafe:
+                return torch.export.load(io.BytesIO(data))
+            with _weights_only_forced():
+                return torch.export.load(io.BytesIO(data))
+        except RuntimeError as exc:
+            # torch logs the reason and raises "Please check the warnings above": the log is muted,
+            # so the reason goes into the error instead
+            if "warnings above" not in str(exc) or not dropped.errors:
+                raise
+            reason = " ".join(str(dropped.errors[0]).split())
+            raise RuntimeError(f"the archive cannot be deserialized: {reason}") from exc
