@@ -392,6 +392,7 @@ def _fold_on_rank(group: Group, run: Any) -> int:
     sink = contextlib.redirect_stdout(io.StringIO()) if group.rank != 0 else contextlib.nullcontext()
     _RANK_QUIET[0] = group.rank != 0
     since = gathers_done()
+    _RANK_RUN[0] = (group, since)
     try:
         with sink:
             rv = run()
@@ -400,6 +401,7 @@ def _fold_on_rank(group: Group, run: Any) -> int:
         rv = EXIT_OK
     finally:
         _RANK_QUIET[0] = False
+        _RANK_RUN[0] = None
     if isinstance(error, RankFailed) and error.broken:  # the group is gone: no outcome to share
         raise error
     # a rank that failed before the calibration gather (its data, its model) joins it now: the
@@ -422,6 +424,20 @@ def _fold_on_rank(group: Group, run: Any) -> int:
 
 #: while a rank other than 0 runs: library warnings are not shown (rank 0 shows them)
 _RANK_QUIET = [False]
+#: while a rank of a distributed fold runs: its group and gathers_done() when the run began
+_RANK_RUN: list[tuple[Group, int] | None] = [None]
+
+
+def _join_before_writing() -> None:
+    """On a rank that calibrated nothing (no BN selected, or a run that never reached the gather),
+    join the other ranks' calibration gather *before* the outputs move into place: a rank that
+    calibrated, or failed, makes this run an error, and then nothing may be written."""
+    if _RANK_RUN[0] is None:
+        return
+    group, since = _RANK_RUN[0]
+    error = join_missed_gather(group, since, None)
+    if error is not None:
+        raise error
 
 
 def _fold(model: Path | None, output: Path | None, frozen_output: Path | None, data: DataConfig, estimator: str,
@@ -544,6 +560,7 @@ def _close_fold(outcome: FoldOutcome, output: Path | None, report: ReportConfig,
     if rep.verification is not None:
         markdown = _stage_verification_reports(rep.verification, report, outputs, write_json=False,
                                                statistics=bnfold.report.statistics_lines(rep))
+    _join_before_writing()
     outputs.commit()
     if markdown is not None:
         bnfold.report.append_github_step_summary(markdown)

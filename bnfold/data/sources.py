@@ -146,6 +146,8 @@ def _scan_npz(path: str, label: str) -> list[_Member]:
                 if info.is_dir():
                     continue
                 key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if any(m.key == key for m in members):  # numpy and bnfold could read different arrays
+                    raise ValueError(f"it holds array '{key}' twice (two members named '{key}' or '{key}.npy')")
                 with zf.open(info) as fp:
                     shape, fortran, dtype = _read_npy_header(fp)
                     header_len = fp.tell()

@@ -189,6 +189,33 @@ def _legacy_layout(data: bytes, path: Path) -> Iterator[UnsafeMember | None]:
         raise BadInputError(f"cannot load ExportedProgram '{path}': {one_line(exc, 200)}") from None
 
 
+#: a zip member that inflates to more than this many times the bytes it is stored in, and to more
+#: than _BOMB_MIN_BYTES, is a zip bomb: torch.save / torch.export.save / torch.jit.save store their
+#: members uncompressed, and both zip readers allocate a member's declared size when they read it
+_BOMB_RATIO = 100
+_BOMB_MIN_BYTES = 64 << 20
+
+
+def check_inflation(source: bytes | Path, path: Path, what: str) -> None:
+    """BadInputError where the zip archive ``source`` (its bytes, or a file) declares members that
+    would inflate to many times the file (a zip bomb: a few MB that read as GBs), checked from the
+    zip's directory before any member is read. Not a zip Python reads: nothing to check here."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, RuntimeError, ValueError):
+        return
+    declared = sum(i.file_size for i in infos)
+    stored = sum(i.compress_size for i in infos)
+    if declared > _BOMB_MIN_BYTES and declared > _BOMB_RATIO * max(stored, 1):
+        worst = max(infos, key=lambda i: i.file_size)
+        raise BadInputError(
+            f"{what} '{path}' is a zip archive whose members declare {declared} bytes stored in {stored} "
+            f"(e.g. '{worst.filename}': {worst.file_size} bytes from {worst.compress_size}), more than "
+            f"{_BOMB_RATIO}x: a zip bomb, not a torch.save file (torch stores members uncompressed); "
+            "save the model again with torch")
+
+
 def check_exported_program(data: bytes, path: Path) -> UnsafeMember | None:
     """The first member of the archive ``data`` (read from ``path``) that needs full unpickling or
     loads native code, or None where ``torch.export.load`` can read it all with
@@ -283,20 +310,29 @@ def check_torchscript_code(data: bytes, path: Path) -> ScriptFinding | None:
 
 
 class _Drop(logging.Filter):
+    """Drops every record, keeping the exceptions they carry (the reasons torch logs, not raises)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[BaseException] = []
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], BaseException):
+            self.errors.append(record.exc_info[1])
         return False
 
 
 @contextmanager
-def quiet_export_loggers() -> Iterator[None]:
+def quiet_export_loggers() -> Iterator[_Drop]:
     """Drop the records of torch's export loggers (its fallback's log call is broken: formatting
-    it prints a ``--- Logging error ---`` traceback to stderr)."""
+    it prints a ``--- Logging error ---`` traceback to stderr); the exceptions they carried are
+    in the yielded filter's ``errors``."""
     drop = _Drop()
     loggers = [logging.getLogger(name) for name in EXPORT_LOGGERS]
     for logger in loggers:
         logger.addFilter(drop)
     try:
-        yield
+        yield drop
     finally:
         for logger in loggers:
             logger.removeFilter(drop)
@@ -320,8 +356,16 @@ def _weights_only_forced() -> Iterator[None]:
 def guarded_export_load(data: bytes, *, unsafe: bool = False) -> Any:
     """``torch.export.load`` of the archive bytes ``data``, loggers muted; unless ``unsafe``, with
     every ``torch.load`` inside forced to ``weights_only=True``."""
-    with quiet_export_loggers():
-        if unsafe:
-            return torch.export.load(io.BytesIO(data))
-        with _weights_only_forced():
-            return torch.export.load(io.BytesIO(data))
+    with quiet_export_loggers() as dropped:
+        try:
+            if unsafe:
+                return torch.export.load(io.BytesIO(data))
+            with _weights_only_forced():
+                return torch.export.load(io.BytesIO(data))
+        except RuntimeError as exc:
+            # torch logs the reason and raises "Please check the warnings above": the log is muted,
+            # so the reason goes into the error instead
+            if "warnings above" not in str(exc) or not dropped.errors:
+                raise
+            reason = " ".join(str(dropped.errors[0]).split())
+            raise RuntimeError(f"the archive cannot be deserialized: {reason}") from exc

@@ -44,6 +44,7 @@ from bnfold.factory_import import call_factory, cwd_on_path, load_callable
 from bnfold.torch.archive import (
     check_exported_program,
     check_graph_callables,
+    check_inflation,
     check_torchscript_code,
     guarded_export_load,
     unsafe_hint,
@@ -470,6 +471,7 @@ def _load_exported_program(path: Path, unsafe_pickle: bool,
     """``torch.export.load`` where every pickle inside reads with ``weights_only=True``
     (:mod:`bnfold.torch.archive`); an archive that needs more only with ``unsafe_pickle``."""
     data = _read_bytes(path)  # checked and loaded from the same bytes
+    check_inflation(data, path, "ExportedProgram")
     unsafe = check_exported_program(data, path)
     if unsafe is not None:
         if not unsafe_pickle:
@@ -510,6 +512,7 @@ def _load_exported_program(path: Path, unsafe_pickle: bool,
 
 def _load_torchscript(path: Path, unsafe_pickle: bool) -> LoadedTorchModel:
     data = _read_bytes(path)  # checked and loaded from the same bytes
+    check_inflation(data, path, "TorchScript archive")
     found = check_torchscript_code(data, path)
     if found is not None and not unsafe_pickle:
         raise BadInputError(f"'{path}': {found.describe()}, so bnfold refuses it; " + unsafe_hint())
@@ -532,6 +535,7 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _load_pickle(path: Path, unsafe_pickle: bool, warn: Callable[[str], None] | None) -> LoadedTorchModel:
+    check_inflation(path, path, "model file")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -613,6 +617,7 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
             raise BadInputError(f"weights file not found: {weights}")
         if not weights.is_file():
             raise BadInputError(f"weights path is not a file: {weights}")
+        check_inflation(weights, weights, "weights file")
         try:
             obj = torch.load(str(weights), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
@@ -633,7 +638,11 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
         unexpected = [k for k in state if k not in expected]
         shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
                   if k in state and tuple(state[k].shape) != tuple(v.shape)]
-        if missing or unexpected or shapes:
+        # load_state_dict casts with copy_: a complex value into a real tensor keeps only its real part
+        complex_ = [f"{k} {state[k].dtype} vs {v.dtype}" for k, v in expected.items()
+                    if k in state and isinstance(state[k], torch.Tensor) and state[k].is_complex()
+                    and not v.is_complex()]
+        if missing or unexpected or shapes or complex_:
             parts = []
             if missing:
                 parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
@@ -641,6 +650,9 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
                 parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
             if shapes:
                 parts.append(f"shape mismatches ({len(shapes)}): {_listing(shapes, 3)}")
+            if complex_:
+                parts.append(f"complex values for real tensors ({len(complex_)}; loading would drop their "
+                             f"imaginary parts): {_listing(complex_, 3)}")
             raise BadInputError(f"weights '{weights}' do not match the model built by {spec}: " + "; ".join(parts))
         try:
             model.load_state_dict(state, strict=True)
