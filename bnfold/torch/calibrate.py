@@ -66,6 +66,7 @@ from bnfold.torch.intercept import BatchNormIntercept
 from bnfold.torch.module_copy import DeferredCopy, copy_module, deferred_copy
 from bnfold.torch.moments import Scratch, cpu_batch_moments, kernel_moments, use_kernel_moments
 from bnfold.torch.training_graph import TRAINING_GRAPH_HINT, training_time_forward
+from bnfold.torch.wrappers import eager
 
 __all__ = [
     "GAP_WARNING",
@@ -725,6 +726,7 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
             module_calls[_name] += 1
         hooks.append(m.register_forward_pre_hook(count))
     intercept = BatchNormIntercept(owners, intercepted) if others else None
+    call = eager(work)  # a torch.compile'd module: the module it compiles (bnfold's BN code is not dynamo's)
 
     training = {m: m.training for m in work.modules()}
     patched: list[nn.Module] = []
@@ -756,9 +758,9 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
                     with deferred.guard() if deferred is not None else contextlib.nullcontext():
                         if intercept is not None:
                             with intercept:
-                                work(*batch.args, **batch.kwargs)
+                                call(*batch.args, **batch.kwargs)
                         else:
-                            work(*batch.args, **batch.kwargs)
+                            call(*batch.args, **batch.kwargs)
                     quiet[0] = contextlib.nullcontext
                 except BnfoldError:
                     raise
