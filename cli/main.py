@@ -50,6 +50,7 @@ from bnfold.verification.tolerances import parse_tolerances
 from . import torch_fold
 from .files import (
     check_paths,
+    check_step_summary,
     file_record,
     make_parents,
     remove_empty,
@@ -489,6 +490,7 @@ def _fold(model: Path | None, output: Path | None, frozen_output: Path | None, d
         require_data(data.path)
     check_paths([(model, "the input MODEL"), (data.path, "the --data file")],
                 [(output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'"), *report_outputs(report)])
+    check_step_summary()
     if quiet:  # rank 0 alone writes: the others calibrate (the same collective) and write nothing
         output, frozen_output, report, dry_run = None, None, ReportConfig(), True
 
@@ -606,6 +608,7 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
         require_data(data.path)
     check_paths([(reference, "REFERENCE"), (candidate, "CANDIDATE"), (data.path, "the --data file")],
                  report_outputs(report))
+    check_step_summary()
     if input_shapes and data.given:
         raise click.UsageError("--input-shape applies to random inputs; with --data the data's shapes are fed.")
     config = _engine_config(compare, report.path)
