@@ -136,6 +136,14 @@ def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, c
         raise BadInputError(
             f"reference and candidate have different outputs ({sorted(names)} vs {sorted(cand_names)}); "
             "compare models with the same interface")
+    ref_inputs = {i.name: i.type for i in ref.get_inputs()}
+    cand_inputs = {i.name: i.type for i in cand.get_inputs()}
+    if ref_inputs != cand_inputs:
+        def listed(inputs: dict[str, str]) -> str:
+            return ", ".join(f"{n!r}: {t}" for n, t in sorted(inputs.items())) or "none"
+        raise BadInputError(
+            f"reference and candidate have different inputs ({listed(ref_inputs)} vs {listed(cand_inputs)}); "
+            "compare models with the same interface")
     check_tolerance_names(names, config.atol, config.rtol)
     dtypes = {o.name: _dtype_name(o.type) for o in ref.get_outputs()}
     ref_out = _run_all(ref, names, feeds, tick=tick)
