@@ -645,7 +645,9 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
             f"CANDIDATE does not match REFERENCE: max abs diff {result.max_abs:.3g}, max rel diff "
             f"{result.max_rel:.3g}" + (f"; first divergent fold site {result.first_divergent_site}"
                                        if result.first_divergent_site else "")
-            + (f"; {result.note}" if result.note else ""))
+            + (f"; {result.note}" if result.note else "")
+            # an output of another dtype (int32 for int64) fails with every difference 0: say why
+            + "".join(f"; {n}" for n in dict.fromkeys(r.note for r in result.ran if r.outputs and r.note)))
     return EXIT_OK
 
 

@@ -159,7 +159,12 @@ def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, c
                                                error_stat=config.error_stat, quantile=config.quantile,
                                                floor=floors.get(name), margin=nf.MARGIN))
     passed = all(m.passed for m in metrics)
-    return ProviderRun(provider, "ran", tuple(cand.get_providers()), passed, tuple(metrics)), dict(zip(names, ref_out))
+    cand_types = {o.name: _dtype_name(o.type) for o in cand.get_outputs()}
+    other = [f"{m.name!r} is {cand_types[m.name]} in the candidate, {dtypes[m.name]} in the reference"
+             for m in metrics if not m.passed and cand_types[m.name] != dtypes[m.name]]
+    note = f"output dtypes differ: {'; '.join(other)}" if other else ""
+    return (ProviderRun(provider, "ran", tuple(cand.get_providers()), passed, tuple(metrics), note=note),
+            dict(zip(names, ref_out)))
 
 
 def _noise_floor(base: dict[str, list[np.ndarray]], other: dict[str, list[np.ndarray]]
