@@ -18,8 +18,8 @@ from bnfold.files import not_a_regular_file, same_file
 
 from .options import ReportConfig
 
-__all__ = ["check_paths", "check_step_summary", "file_record", "make_parents", "remove_empty", "report_outputs",
-           "require_data", "require_model_file"]
+__all__ = ["check_paths", "check_step_summary", "existing_ancestor", "file_record", "make_parents", "not_a_folder",
+           "remove_empty", "report_outputs", "require_data", "require_model_file"]
 
 
 def require_model_file(path: Path) -> None:
@@ -50,6 +50,9 @@ def check_paths(inputs: Sequence[tuple[Path | None, str]], outputs: Sequence[tup
         if kind is not None:
             raise click.BadParameter(f"{path} is {kind}, not a regular file; bnfold writes only regular files: "
                                      "give the path of a file, or a new path.", param_hint=hint)
+        folder = existing_ancestor(path)
+        if folder is not None and not folder.is_dir():
+            raise BadInputError(not_a_folder(path, folder))
         for src, what in given_in:
             if same_file(src, path):
                 raise click.BadParameter(f"is {what}; bnfold never overwrites its input.", param_hint=hint)
@@ -81,6 +84,20 @@ def check_step_summary() -> None:
         raise BadInputError(f"$GITHUB_STEP_SUMMARY {target}: its folder {folder} does not exist; {fix}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise BadInputError(f"$GITHUB_STEP_SUMMARY {target}: its folder {folder} is not writable; {fix}")
+
+
+def not_a_folder(path: Path, folder: Path) -> str:
+    """The one line for an output under a regular file (the words the failed write itself used)."""
+    return (f"cannot write {path}: {folder} is not a folder bnfold can write in; give the output a path in a "
+            "writable folder")
+
+
+def existing_ancestor(path: Path) -> Path | None:
+    """The nearest parent of ``path`` that exists (symbolic links followed), None if none does."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            return parent
+    return None
 
 
 def report_outputs(report: ReportConfig) -> list[tuple[Path | None, str]]:

@@ -41,7 +41,7 @@ import bnfold.report
 from bnfold import __version__
 from bnfold.distributed import Group, RankFailed, group_from_environment, share_outcome
 from bnfold.distributed.combine import gathers_done, join_missed_gather
-from bnfold.errors import BnfoldError, VerificationFailed
+from bnfold.errors import BadInputError, BnfoldError, VerificationFailed
 from bnfold.outputs import Outputs
 from bnfold.report.json_report import to_json, verify_to_json
 from bnfold.verification.repro_location import default_location, replaceable
@@ -51,8 +51,10 @@ from . import torch_fold
 from .files import (
     check_paths,
     check_step_summary,
+    existing_ancestor,
     file_record,
     make_parents,
+    not_a_folder,
     remove_empty,
     report_outputs,
     require_data,
@@ -229,6 +231,9 @@ def _repro_dir(compare: CompareOptions, report_path: Path | None) -> Path | None
         return None
     if compare.repro_dir is None:
         return default_location(report_path)
+    folder = existing_ancestor(compare.repro_dir)
+    if folder is not None and not folder.is_dir():
+        raise BadInputError(not_a_folder(compare.repro_dir, folder))
     if not replaceable(compare.repro_dir):
         raise click.BadParameter(
             f"{compare.repro_dir} exists and is not a bnfold repro bundle; bnfold replaces only an empty folder "
