@@ -6,6 +6,7 @@ Nothing in this module imports onnx, onnxruntime or torch.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ from bnfold.files import not_a_regular_file, same_file
 
 from .options import ReportConfig
 
-__all__ = ["check_paths", "file_record", "make_parents", "remove_empty", "report_outputs", "require_data",
-           "require_model_file"]
+__all__ = ["check_paths", "check_step_summary", "existing_ancestor", "file_record", "make_parents", "not_a_folder",
+           "remove_empty", "report_outputs", "require_data", "require_model_file"]
 
 
 def require_model_file(path: Path) -> None:
@@ -49,6 +50,9 @@ def check_paths(inputs: Sequence[tuple[Path | None, str]], outputs: Sequence[tup
         if kind is not None:
             raise click.BadParameter(f"{path} is {kind}, not a regular file; bnfold writes only regular files: "
                                      "give the path of a file, or a new path.", param_hint=hint)
+        folder = existing_ancestor(path)
+        if folder is not None and not folder.is_dir():
+            raise BadInputError(not_a_folder(path, folder))
         for src, what in given_in:
             if same_file(src, path):
                 raise click.BadParameter(f"is {what}; bnfold never overwrites its input.", param_hint=hint)
@@ -56,6 +60,44 @@ def check_paths(inputs: Sequence[tuple[Path | None, str]], outputs: Sequence[tup
             if same_file(other, path):
                 raise click.BadParameter(f"is the same file as {other_hint}; give each output its own path.",
                                          param_hint=hint)
+
+
+def check_step_summary() -> None:
+    """BadInputError, before any work, where ``$GITHUB_STEP_SUMMARY`` is set but cannot be appended to
+    (a missing folder, a directory or another non-file, a file or folder not writable): the append
+    comes after the model and the reports are in place, so failing there would end a run that wrote
+    its files with exit 3 and without its verdict."""
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return
+    fix = "point GITHUB_STEP_SUMMARY at a writable file (or unset it)"
+    kind = not_a_regular_file(target)
+    if kind is not None:
+        raise BadInputError(f"$GITHUB_STEP_SUMMARY {target} is {kind}, not a regular file; {fix}")
+    path = Path(target)
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise BadInputError(f"$GITHUB_STEP_SUMMARY {target} is not writable; {fix}")
+        return
+    folder = path.parent
+    if not folder.is_dir():
+        raise BadInputError(f"$GITHUB_STEP_SUMMARY {target}: its folder {folder} does not exist; {fix}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInputError(f"$GITHUB_STEP_SUMMARY {target}: its folder {folder} is not writable; {fix}")
+
+
+def not_a_folder(path: Path, folder: Path) -> str:
+    """The one line for an output under a regular file (the words the failed write itself used)."""
+    return (f"cannot write {path}: {folder} is not a folder bnfold can write in; give the output a path in a "
+            "writable folder")
+
+
+def existing_ancestor(path: Path) -> Path | None:
+    """The nearest parent of ``path`` that exists (symbolic links followed), None if none does."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            return parent
+    return None
 
 
 def report_outputs(report: ReportConfig) -> list[tuple[Path | None, str]]:

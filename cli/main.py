@@ -41,7 +41,7 @@ import bnfold.report
 from bnfold import __version__
 from bnfold.distributed import Group, RankFailed, group_from_environment, share_outcome
 from bnfold.distributed.combine import gathers_done, join_missed_gather
-from bnfold.errors import BnfoldError, VerificationFailed
+from bnfold.errors import BadInputError, BnfoldError, VerificationFailed
 from bnfold.outputs import Outputs
 from bnfold.report.json_report import to_json, verify_to_json
 from bnfold.verification.repro_location import default_location, replaceable
@@ -50,8 +50,11 @@ from bnfold.verification.tolerances import parse_tolerances
 from . import torch_fold
 from .files import (
     check_paths,
+    check_step_summary,
+    existing_ancestor,
     file_record,
     make_parents,
+    not_a_folder,
     remove_empty,
     report_outputs,
     require_data,
@@ -228,6 +231,9 @@ def _repro_dir(compare: CompareOptions, report_path: Path | None) -> Path | None
         return None
     if compare.repro_dir is None:
         return default_location(report_path)
+    folder = existing_ancestor(compare.repro_dir)
+    if folder is not None and not folder.is_dir():
+        raise BadInputError(not_a_folder(compare.repro_dir, folder))
     if not replaceable(compare.repro_dir):
         raise click.BadParameter(
             f"{compare.repro_dir} exists and is not a bnfold repro bundle; bnfold replaces only an empty folder "
@@ -489,6 +495,7 @@ def _fold(model: Path | None, output: Path | None, frozen_output: Path | None, d
         require_data(data.path)
     check_paths([(model, "the input MODEL"), (data.path, "the --data file")],
                 [(output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'"), *report_outputs(report)])
+    check_step_summary()
     if quiet:  # rank 0 alone writes: the others calibrate (the same collective) and write nothing
         output, frozen_output, report, dry_run = None, None, ReportConfig(), True
 
@@ -606,6 +613,7 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
         require_data(data.path)
     check_paths([(reference, "REFERENCE"), (candidate, "CANDIDATE"), (data.path, "the --data file")],
                  report_outputs(report))
+    check_step_summary()
     if input_shapes and data.given:
         raise click.UsageError("--input-shape applies to random inputs; with --data the data's shapes are fed.")
     config = _engine_config(compare, report.path)
@@ -642,7 +650,9 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
             f"CANDIDATE does not match REFERENCE: max abs diff {result.max_abs:.3g}, max rel diff "
             f"{result.max_rel:.3g}" + (f"; first divergent fold site {result.first_divergent_site}"
                                        if result.first_divergent_site else "")
-            + (f"; {result.note}" if result.note else ""))
+            + (f"; {result.note}" if result.note else "")
+            # an output of another dtype (int32 for int64) fails with every difference 0: say why
+            + "".join(f"; {n}" for n in dict.fromkeys(r.note for r in result.ran if r.outputs and r.note)))
     return EXIT_OK
 
 

@@ -33,6 +33,7 @@ from bnfold.report.html_plots import FAIL_COLOR, PASS_COLOR, histogram_svg, outp
 from bnfold.report.json_report import write_text_atomic
 from bnfold.report.summary import (
     channels_text,
+    controls_escaped,
     elide_apart,
     ellipsize,
     floor_setting_text,
@@ -95,7 +96,7 @@ def _figure(svg: str, caption: str, ident: str = "", klass: str = "", caption_fi
 
 
 def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    return html.escape(controls_escaped("" if value is None else str(value)), quote=True)
 
 
 def _name(text: Any, width: int = NAME_WIDTH, apart: dict[str, str] | None = None) -> str:

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bnfold.report.summary import fmt
+from bnfold.report.summary import controls_escaped, fmt
 from bnfold.run_records import HIST_ZERO, OutputMetrics, ProviderRun, SiteResult
 
 __all__ = ["sites_svg", "outputs_svg", "histogram_svg", "PASS_COLOR", "FAIL_COLOR"]
@@ -32,7 +32,7 @@ BAR_COLORS = (("max_abs", "max", "#8250df"), ("p99_abs", "p99", "#1f6feb"),
 
 
 def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    return html.escape(controls_escaped("" if value is None else str(value)), quote=True)
 
 
 def _num(x: float) -> str:

@@ -113,6 +113,8 @@ def _build(result: VerifyResult, suite_name: str) -> ET.Element:
                 output_failed = True
                 failures += 1
                 message = f"{output_figures(o, noise.get(o.name))} ({tolerance_text(o)})"
+                if run.note and repr(o.name) in run.note:  # "output dtypes differ: 'y' is int32 ...": why 0 fails
+                    message += f"; {run.note}"
                 failure = ET.SubElement(case, "failure", message=_clean(message), type="OutOfTolerance")
                 failure.text = _clean(_metrics_text(o, noise.get(o.name)))
         if not run.passed and not output_failed:

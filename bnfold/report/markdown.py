@@ -22,6 +22,7 @@ from bnfold.report.summary import (
     fmt_pct,
     run_label,
     samples_text,
+    shown,
 )
 from bnfold.run_records import ProviderRun, VerifyResult
 
@@ -38,9 +39,9 @@ _MD_SPECIAL = "\\`*_[]|<>&"
 
 def md_escape(text: Any) -> str:
     """Text safe inside a table cell: Markdown punctuation backslash-escaped, ``<``/``>``/``&`` as
-    entities, newlines as spaces."""
+    entities, newlines as spaces, other unprintable characters (NUL, ESC, U+2028) as their escapes."""
     out = []
-    for ch in str(text).replace("\r", " ").replace("\n", " "):
+    for ch in shown(str(text).replace("\r", " ").replace("\n", " ")):
         if ch == "<":
             out.append("&lt;")
         elif ch == ">":

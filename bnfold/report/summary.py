@@ -37,6 +37,14 @@ def shown(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def controls_escaped(text: str) -> str:
+    """``text`` with each control character a document must not hold (C0 but tab, line feed and
+    carriage return; DEL; C1) written as its Python escape (``\\x1b``, ``\\x00``): HTML forbids
+    them, and ESC would reach a terminal that prints the file raw. Line breaks stay."""
+    return "".join(repr(c)[1:-1] if (ord(c) < 0x20 and c not in "\t\n\r") or 0x7F <= ord(c) <= 0x9F else c
+                   for c in text)
+
+
 def _joined(lines: Iterable[str]) -> str:
     return "\n".join(shown(line) for line in lines)
 

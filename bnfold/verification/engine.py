@@ -136,6 +136,14 @@ def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, c
         raise BadInputError(
             f"reference and candidate have different outputs ({sorted(names)} vs {sorted(cand_names)}); "
             "compare models with the same interface")
+    ref_inputs = {i.name: i.type for i in ref.get_inputs()}
+    cand_inputs = {i.name: i.type for i in cand.get_inputs()}
+    if ref_inputs != cand_inputs:
+        def listed(inputs: dict[str, str]) -> str:
+            return ", ".join(f"{n!r}: {t}" for n, t in sorted(inputs.items())) or "none"
+        raise BadInputError(
+            f"reference and candidate have different inputs ({listed(ref_inputs)} vs {listed(cand_inputs)}); "
+            "compare models with the same interface")
     check_tolerance_names(names, config.atol, config.rtol)
     dtypes = {o.name: _dtype_name(o.type) for o in ref.get_outputs()}
     ref_out = _run_all(ref, names, feeds, tick=tick)
@@ -151,7 +159,12 @@ def _provider_run(reference: str, candidate: str, provider: str, feeds: Feeds, c
                                                error_stat=config.error_stat, quantile=config.quantile,
                                                floor=floors.get(name), margin=nf.MARGIN))
     passed = all(m.passed for m in metrics)
-    return ProviderRun(provider, "ran", tuple(cand.get_providers()), passed, tuple(metrics)), dict(zip(names, ref_out))
+    cand_types = {o.name: _dtype_name(o.type) for o in cand.get_outputs()}
+    other = [f"{m.name!r} is {cand_types[m.name]} in the candidate, {dtypes[m.name]} in the reference"
+             for m in metrics if not m.passed and cand_types[m.name] != dtypes[m.name]]
+    note = f"output dtypes differ: {'; '.join(other)}" if other else ""
+    return (ProviderRun(provider, "ran", tuple(cand.get_providers()), passed, tuple(metrics), note=note),
+            dict(zip(names, ref_out)))
 
 
 def _noise_floor(base: dict[str, list[np.ndarray]], other: dict[str, list[np.ndarray]]
