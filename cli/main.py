@@ -460,6 +460,8 @@ def _fold(model: Path | None, output: Path | None, frozen_output: Path | None, d
         model = torch_fold.validate(model, output, frozen_output, data, report, dry_run, torch_opts)
         if recalibrate == "all" and not data.given:
             raise click.UsageError("--recalibrate all needs --data.")
+        if check.enabled and not dry_run:  # the verification's summary is appended to it
+            check_step_summary()
         if quiet:  # rank 0 alone writes: the others calibrate (the same collectives) and write nothing
             output, frozen_output, report, dry_run = _rank_only(output)
         config = _engine_config(compare, report.path)
@@ -495,7 +497,8 @@ def _fold(model: Path | None, output: Path | None, frozen_output: Path | None, d
         require_data(data.path)
     check_paths([(model, "the input MODEL"), (data.path, "the --data file")],
                 [(output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'"), *report_outputs(report)])
-    check_step_summary()
+    if check.enabled and not dry_run:  # the verification's summary is appended to it
+        check_step_summary()
     if quiet:  # rank 0 alone writes: the others calibrate (the same collective) and write nothing
         output, frozen_output, report, dry_run = None, None, ReportConfig(), True
 

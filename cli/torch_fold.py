@@ -20,7 +20,7 @@ import click
 from bnfold.output_formats import FORMAT_LABELS, torch_output_format
 from bnfold.outputs import Outputs
 
-from .files import check_paths, check_step_summary, report_outputs, require_data, require_model_file
+from .files import check_paths, report_outputs, require_data, require_model_file
 from .options import DataConfig, FoldCheck, ReportConfig, TorchOptions
 from .outcome import FoldOutcome
 
@@ -87,7 +87,6 @@ def validate(model: Path | None, output: Path | None, frozen_output: Path | None
         require_model_file(model)
     check_paths([(model, "the input MODEL"), (topts.weights, "the --weights file"), (data.path, "the --data file")],
                 [(output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'"), *report_outputs(report)])
-    check_step_summary()
     if data.path is not None:
         require_data(data.path)
     return model

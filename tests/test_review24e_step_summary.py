@@ -60,3 +60,9 @@ def test_fold_checks_the_step_summary_before_writing_the_model(tmp_path: Path) -
                   env={"GITHUB_STEP_SUMMARY": str(tmp_path / "nope" / "s.md")})
     assert res.returncode == 3, res.stderr
     assert "GITHUB_STEP_SUMMARY" in res.stderr and not (tmp_path / "o").exists()
+    # nothing is appended without a verification (--no-verify, --dry-run): a broken variable is not in the way
+    for extra in (["--no-verify"], ["--dry-run"]):
+        done = run_cli("fold", a, "-o", tmp_path / "o2" / "f.onnx", *extra,
+                       env={"GITHUB_STEP_SUMMARY": str(tmp_path / "nope" / "s.md")})
+        assert done.returncode == 0, (extra, done.stderr)
+        assert not (tmp_path / "nope").exists()
