@@ -216,9 +216,11 @@ def test_repro_dir_and_no_repro_exclude_each_other(pair: dict[str, Path], tmp_pa
 
 
 def test_an_unwritable_place_warns_and_keeps_the_verdict(pair: dict[str, Path], tmp_path: Path) -> None:
-    (tmp_path / "afile").write_text("x")
+    # a folder that cannot be made there, found only when the bundle is written (even root cannot make one in
+    # /proc); a path under a regular file is refused before any work (test_review24e_output_under_file.py)
     report = tmp_path / "X.json"
-    proc = run_cli("verify", pair["ref"], pair["bad"], "--repro-dir", "afile/repro", "--report", report, cwd=tmp_path)
+    proc = run_cli("verify", pair["ref"], pair["bad"], "--repro-dir", "/proc/bnfold-repro", "--report", report,
+                   cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr  # still the verdict, not an I/O error
     [line] = error_lines(proc.stderr)
     assert line.startswith("bnfold: error: CANDIDATE does not match REFERENCE")
