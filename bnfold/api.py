@@ -36,6 +36,7 @@ from bnfold.onnx.staging import Staging, input_is_reference
 from bnfold.outputs import Outputs
 from bnfold.records import BnStats, Drift, FrozenStats, Mode
 from bnfold.run_records import BnRecord, FoldDecision, FoldPlan, Report, VerifyResult
+from bnfold.stages.batch_axis import batch_axis_warnings
 from bnfold.stages.calibrate import calibrate
 from bnfold.stages.discover import BnSite, training_bn_names
 from bnfold.stages.drift import drifts
@@ -370,8 +371,12 @@ def fold(
     _check_modes(work, data is not None)
     keep = verify_samples * (fixed_batch(input_specs(work.model)) or 1) if verify and not dry_run else 0
     cal = _open_data(data, work.model, batch_size, keep) if data is not None else None
+    # before freezing edits the graph; a model fixed to batches of one mixes no samples
+    unrecognised = ([] if fixed_batch(input_specs(work.model)) == 1
+                    else batch_axis_warnings(work.index, work.consts, work.sites))
     frozen, drift, warnings = (_calibrate_and_freeze(work, cal, estimator, recalibrate, progress, target_se, group)
                                if cal is not None else ({}, {}, []))
+    warnings = unrecognised + warnings
     world = {"world_size": group.world_size if group is not None else 1}
     check_variances(work)
     plan, routes = make_plan(work)
