@@ -25,6 +25,8 @@ own methods.
 """
 from __future__ import annotations
 
+import inspect
+import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -96,6 +98,12 @@ class StreamSource:
         self.shared = isinstance(source, SharedStream)
         if isinstance(source, SharedStream):
             source = source.source
+        if isinstance(source, types.GeneratorType) and inspect.getgeneratorstate(source) != inspect.GEN_CREATED:
+            # its next item is not its first: what is left of it would calibrate silently on part of the data
+            raise BadInputError(
+                "calibration data source is a generator that was already read (in part or in full, e.g. by an "
+                "earlier call that stopped with an error); pass a new generator for each call, or a list or a "
+                "DataLoader")
         self.source = source
         self.single = _is_array(source)  # the source itself is one batch
         self._passes = 0
