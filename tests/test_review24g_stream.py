@@ -46,3 +46,26 @@ def test_fresh_generator_still_works(rng: np.random.Generator) -> None:
         r = bnfold.fold(model, data=_gen(x, 4), dry_run=True, verify=False)
     [rec] = [b for b in r.report.bns if b.stats is not None]
     assert rec.stats.batches == 2
+
+
+def test_batch_larger_than_memory_is_one_line_up_front(rng: np.random.Generator, tmp_path, monkeypatch) -> None:
+    import onnx
+    from cli_run import run_cli
+
+    from bnfold.data import sources
+
+    model, x = _model(rng), _x(rng, 11)  # 11 samples x 360 bytes
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", x)
+    monkeypatch.setattr(sources, "_physical_memory", lambda: 2000)
+    proc = run_cli("fold", tmp_path / "m.onnx", "--data", tmp_path / "x.npy", "-o", tmp_path / "o.onnx")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert "all 11 samples in one batch" in proc.stderr and "--batch-size" in proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
+    with pytest.raises(BadInputError, match="batches of 8 samples"):
+        bnfold.fold(model, data=tmp_path / "x.npy", batch_size=8, dry_run=True, verify=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = bnfold.fold(model, data=tmp_path / "x.npy", batch_size=4, dry_run=True, verify=False)
+    assert [b.stats.batches for b in r.report.bns if b.stats is not None] == [3]
