@@ -371,6 +371,11 @@ def fold(
     _check_modes(work, data is not None)
     keep = verify_samples * (fixed_batch(input_specs(work.model)) or 1) if verify and not dry_run else 0
     cal = _open_data(data, work.model, batch_size, keep) if data is not None else None
+    if cal is not None and given_shapes:  # before calibration, not after it (and on a dry run too)
+        from_data = sorted(set(given_shapes) & {s.name for s in cal.inputs})
+        if from_data:
+            raise BadInputError(f"input '{from_data[0]}' is fed from the data, at the data's shape; give input "
+                                "shapes only for the inputs the data does not supply")
     # before freezing edits the graph; a model fixed to batches of one mixes no samples
     unrecognised = ([] if fixed_batch(input_specs(work.model)) == 1
                     else batch_axis_warnings(work.index, work.consts, work.sites))

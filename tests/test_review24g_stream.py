@@ -69,3 +69,26 @@ def test_batch_larger_than_memory_is_one_line_up_front(rng: np.random.Generator,
         warnings.simplefilter("ignore")
         r = bnfold.fold(model, data=tmp_path / "x.npy", batch_size=4, dry_run=True, verify=False)
     assert [b.stats.batches for b in r.report.bns if b.stats is not None] == [3]
+
+
+def test_input_shape_for_an_input_the_data_supplies_stops_before_calibration(rng: np.random.Generator, tmp_path,
+                                                                              monkeypatch) -> None:
+    import onnx
+    from cli_run import run_cli
+
+    import bnfold.api
+
+    model, x = _model(rng), _x(rng, 11)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", x)
+
+    def no_calibration(*a, **k):  # the error must come before the data is run through the model
+        raise AssertionError("calibrated before refusing --input-shape")
+
+    monkeypatch.setattr(bnfold.api, "_calibrate_and_freeze", no_calibration)
+    for extra in ([], ["--dry-run"]):
+        proc = run_cli("fold", tmp_path / "m.onnx", "--data", tmp_path / "x.npy", "-o", tmp_path / "o.onnx",
+                       "--input-shape", "x:1x3x6x5", *extra)
+        assert proc.returncode == 3, proc.stderr
+        assert "is fed from the data" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "o.onnx").exists()
