@@ -34,7 +34,7 @@ from bnfold.onnx.io import model_files as model_files  # re-exported: the CLI's 
 from bnfold.onnx.runtime import input_specs
 from bnfold.onnx.staging import Staging, input_is_reference
 from bnfold.outputs import Outputs
-from bnfold.records import BnStats, Drift, FrozenStats, Mode
+from bnfold.records import BnStats, Drift, FrozenStats, InputSpec, Mode
 from bnfold.run_records import BnRecord, FoldDecision, FoldPlan, Report, VerifyResult
 from bnfold.stages.batch_axis import batch_axis_warnings
 from bnfold.stages.calibrate import calibrate
@@ -163,6 +163,10 @@ class _FullBatches:
         self.num_samples = data.num_samples - data.num_samples % data.batch_size
         self.dropped = data.num_samples - self.num_samples
         self.num_batches = self.num_samples // self.batch_size
+
+    @property
+    def inputs(self) -> tuple[InputSpec, ...]:
+        return self._data.inputs
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self._data.batches_from(0, 1, self.num_batches)

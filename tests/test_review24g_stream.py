@@ -92,3 +92,6 @@ def test_input_shape_for_an_input_the_data_supplies_stops_before_calibration(rng
         assert proc.returncode == 3, proc.stderr
         assert "is fed from the data" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "o.onnx").exists()
+    onnx.save(_model(rng, batch=4), tmp_path / "fixed.onnx")  # fixed batch: the data without its short tail
+    with pytest.raises(BadInputError, match="is fed from the data"):
+        bnfold.fold(tmp_path / "fixed.onnx", data=tmp_path / "x.npy", input_shapes={"x": (4, 3, 6, 5)}, dry_run=True)
