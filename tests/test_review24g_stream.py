@@ -95,3 +95,17 @@ def test_input_shape_for_an_input_the_data_supplies_stops_before_calibration(rng
     onnx.save(_model(rng, batch=4), tmp_path / "fixed.onnx")  # fixed batch: the data without its short tail
     with pytest.raises(BadInputError, match="is fed from the data"):
         bnfold.fold(tmp_path / "fixed.onnx", data=tmp_path / "x.npy", input_shapes={"x": (4, 3, 6, 5)}, dry_run=True)
+
+
+def test_factory_attribute_errors_name_the_fix(tmp_path, monkeypatch) -> None:
+    from bnfold.data.factory import call_data_factory
+
+    (tmp_path / "r24g_fac.py").write_text("NOT_CALLABLE = 3\n")
+    (tmp_path / "r24g_badsyn.py").write_text("def broken(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BadInputError, match=r"has no attribute 'absent'; check the name after ':'"):
+        call_data_factory("r24g_fac:absent")
+    with pytest.raises(BadInputError, match=r"not a callable; name a function"):
+        call_data_factory("r24g_fac:NOT_CALLABLE")
+    with pytest.raises(BadInputError, match=r"SyntaxError.*; fix that module"):
+        call_data_factory("r24g_badsyn:f")
