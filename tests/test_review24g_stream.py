@@ -109,3 +109,25 @@ def test_factory_attribute_errors_name_the_fix(tmp_path, monkeypatch) -> None:
         call_data_factory("r24g_fac:NOT_CALLABLE")
     with pytest.raises(BadInputError, match=r"SyntaxError.*; fix that module"):
         call_data_factory("r24g_badsyn:f")
+
+
+def test_torch_calibrate_refuses_a_half_read_generator() -> None:
+    torch = pytest.importorskip("torch")
+    import bnfold.torch as bt
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    xs = torch.randn(12, 3, 8, 8)
+
+    def gen():
+        for i in range(0, 12, 4):
+            yield xs[i:i + 4]
+
+    g = gen()
+    next(g)  # as an earlier call that stopped on a bad batch leaves it
+    for call in (bt.calibrate, bt.drift, bt.fold):
+        with pytest.raises(BadInputError, match="already read"):
+            call(model, g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, stats = bt.calibrate(model, gen())  # a fresh one works
+    assert len(stats) == 1

@@ -37,7 +37,8 @@ from bnfold.records import InputSpec
 
 from .sources import _MEMORY, _check_dtype_storable, _fmt_shape, _Member, _validate_file, cast_checked
 
-__all__ = ["SharedStream", "StreamData", "StreamSource", "array_dtype", "is_stream_source"]
+__all__ = ["SharedStream", "StreamData", "StreamSource", "array_dtype", "is_stream_source",
+           "refuse_read_generator"]
 
 
 def _is_tensor(obj: Any) -> bool:
@@ -75,6 +76,16 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def refuse_read_generator(source: Any) -> None:
+    """Refuse a generator whose next item is not its first (read in part or in full, e.g. by an
+    earlier call that stopped on a bad batch): what is left would calibrate silently on part of the data."""
+    if isinstance(source, types.GeneratorType) and inspect.getgeneratorstate(source) != inspect.GEN_CREATED:
+        raise BadInputError(
+            "calibration data source is a generator that was already read (in part or in full, e.g. by an "
+            "earlier call that stopped with an error); pass a new generator for each call, or a list or a "
+            "DataLoader")
+
+
 class SharedStream:
     """An iterable of batches that every rank of a distributed run reads whole: a ``--data-factory``
     whose callable takes no ``rank``. Marked so that each rank keeps batch j for rank j mod N (as for
@@ -98,12 +109,7 @@ class StreamSource:
         self.shared = isinstance(source, SharedStream)
         if isinstance(source, SharedStream):
             source = source.source
-        if isinstance(source, types.GeneratorType) and inspect.getgeneratorstate(source) != inspect.GEN_CREATED:
-            # its next item is not its first: what is left of it would calibrate silently on part of the data
-            raise BadInputError(
-                "calibration data source is a generator that was already read (in part or in full, e.g. by an "
-                "earlier call that stopped with an error); pass a new generator for each call, or a list or a "
-                "DataLoader")
+        refuse_read_generator(source)
         self.source = source
         self.single = _is_array(source)  # the source itself is one batch
         self._passes = 0
