@@ -131,3 +131,13 @@ def test_torch_calibrate_refuses_a_half_read_generator() -> None:
         warnings.simplefilter("ignore")
         _, stats = bt.calibrate(model, gen())  # a fresh one works
     assert len(stats) == 1
+
+
+def test_a_stray_array_name_is_reported_against_every_model_input(rng: np.random.Generator, tmp_path) -> None:
+    model, x = _model(rng, inputs=2), _x(rng, 8)  # inputs 'x' and 'z'; the data spells 'z' as 'zz'
+    np.savez(tmp_path / "typo.npz", x=x, zz=x)
+    for data in (tmp_path / "typo.npz", [{"x": x, "zz": x}]):
+        with pytest.raises(BadInputError) as info:
+            bnfold.fold(model, data=data, dry_run=True, verify=False)
+        msg = str(info.value)
+        assert "'zz'" in msg and "(the model has: 'x')" not in msg and "'z'" in msg.replace("'zz'", ""), msg
