@@ -120,7 +120,8 @@ def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None, ke
                ) -> CalibrationData | _FullBatches | StreamData:
     """``data`` opened for ``model``'s inputs; ``keep``: the samples a stream holds for verification."""
     source = StreamSource(data) if is_stream_source(data) else None  # reads the first batch: its input names
-    specs = supplied_specs(source or data, input_specs(model))  # inputs that are not samples may be left out
+    every = input_specs(model)
+    specs = supplied_specs(source or data, every)  # inputs that are not samples may be left out
     fixed = fixed_batch(specs)
     if fixed is not None:
         if batch_size is None:
@@ -132,7 +133,8 @@ def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None, ke
                 "or export the model with a dynamic batch axis"
             )
     if source is not None:
-        return _open_stream(source, specs, batch_size, fixed, keep)
+        return StreamData(source, specs, batch_size, fixed=fixed, keep=keep,
+                          model_inputs=[spec.name for spec in every])
     if isinstance(data, CalibrationData):
         cal = data
     elif isinstance(data, Mapping):
@@ -146,12 +148,6 @@ def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None, ke
                 f"give at least {fixed} samples")
         return _FullBatches(cal)
     return cal
-
-
-def _open_stream(source: StreamSource, specs: list[Any], batch_size: int | None, fixed: int | None,
-                 keep: int) -> StreamData:
-    """An iterable's batches (re-chunked to ``batch_size``; to ``fixed``, short tail dropped)."""
-    return StreamData(source, specs, batch_size, fixed=fixed, keep=keep)
 
 
 class _FullBatches:

@@ -141,3 +141,11 @@ def test_a_stray_array_name_is_reported_against_every_model_input(rng: np.random
             bnfold.fold(model, data=data, dry_run=True, verify=False)
         msg = str(info.value)
         assert "'zz'" in msg and "(the model has: 'x')" not in msg and "'z'" in msg.replace("'zz'", ""), msg
+
+
+def test_a_model_input_first_supplied_by_a_later_batch_is_named_so(rng: np.random.Generator) -> None:
+    model, x = _model(rng, inputs=2), _x(rng, 8)
+    z = np.zeros((4, 4, 6, 5), np.float32)
+    with pytest.raises(BadInputError, match="batch 2 holds model input 'z', which batch 1 did not") as info:
+        bnfold.fold(model, data=[{"x": x[:4]}, {"x": x[4:], "z": z}], dry_run=True, verify=False)
+    assert "not model inputs" not in str(info.value)

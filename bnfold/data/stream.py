@@ -183,9 +183,10 @@ class StreamData:
     protocol of :mod:`bnfold.data.sources`, with ``num_batches`` None until a pass has ended)."""
 
     def __init__(self, source: StreamSource, inputs: Sequence[InputSpec], batch_size: int | None, *,
-                 fixed: int | None = None, keep: int = 0) -> None:
+                 fixed: int | None = None, keep: int = 0, model_inputs: Sequence[str] = ()) -> None:
         self._source = source
         self._inputs = list(inputs)
+        self._model_inputs = list(model_inputs)  # every input of the model (``inputs``: those the stream supplies)
         self._requested = batch_size
         self._fixed = fixed
         self.source = "(stream)"
@@ -326,6 +327,12 @@ class StreamData:
         """One source item as ``{input: array}`` in the inputs' dtypes, checked as files are."""
         arrays = self._as_arrays(item, number)
         label = f"batch {number}"
+        own = {spec.name for spec in self._inputs}
+        late = [k for k in arrays if k not in own and k in self._model_inputs]
+        if late:  # a model input the first batch did not supply (it is generated where the data lacks it)
+            raise BadInputError(
+                f"calibration data batch {number} holds model input '{late[0]}', which batch 1 did not; every batch "
+                "must supply the same inputs")
         members = []
         for key, value in arrays.items():
             _check_dtype_storable(label, key, value.dtype)
