@@ -34,7 +34,7 @@ from bnfold.onnx.io import model_files as model_files  # re-exported: the CLI's 
 from bnfold.onnx.runtime import input_specs
 from bnfold.onnx.staging import Staging, input_is_reference
 from bnfold.outputs import Outputs
-from bnfold.records import BnStats, Drift, FrozenStats, Mode
+from bnfold.records import BnStats, Drift, FrozenStats, InputSpec, Mode
 from bnfold.run_records import BnRecord, FoldDecision, FoldPlan, Report, VerifyResult
 from bnfold.stages.batch_axis import batch_axis_warnings
 from bnfold.stages.calibrate import calibrate
@@ -120,7 +120,8 @@ def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None, ke
                ) -> CalibrationData | _FullBatches | StreamData:
     """``data`` opened for ``model``'s inputs; ``keep``: the samples a stream holds for verification."""
     source = StreamSource(data) if is_stream_source(data) else None  # reads the first batch: its input names
-    specs = supplied_specs(source or data, input_specs(model))  # inputs that are not samples may be left out
+    every = input_specs(model)
+    specs = supplied_specs(source or data, every)  # inputs that are not samples may be left out
     fixed = fixed_batch(specs)
     if fixed is not None:
         if batch_size is None:
@@ -132,7 +133,8 @@ def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None, ke
                 "or export the model with a dynamic batch axis"
             )
     if source is not None:
-        return _open_stream(source, specs, batch_size, fixed, keep)
+        return StreamData(source, specs, batch_size, fixed=fixed, keep=keep,
+                          model_inputs=[spec.name for spec in every])
     if isinstance(data, CalibrationData):
         cal = data
     elif isinstance(data, Mapping):
@@ -148,12 +150,6 @@ def _open_data(data: DataArg, model: onnx.ModelProto, batch_size: int | None, ke
     return cal
 
 
-def _open_stream(source: StreamSource, specs: list[Any], batch_size: int | None, fixed: int | None,
-                 keep: int) -> StreamData:
-    """An iterable's batches (re-chunked to ``batch_size``; to ``fixed``, short tail dropped)."""
-    return StreamData(source, specs, batch_size, fixed=fixed, keep=keep)
-
-
 class _FullBatches:
     """Calibration data without its short last batch (a fixed-batch model cannot run it)."""
 
@@ -163,6 +159,10 @@ class _FullBatches:
         self.num_samples = data.num_samples - data.num_samples % data.batch_size
         self.dropped = data.num_samples - self.num_samples
         self.num_batches = self.num_samples // self.batch_size
+
+    @property
+    def inputs(self) -> tuple[InputSpec, ...]:
+        return self._data.inputs
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self._data.batches_from(0, 1, self.num_batches)
@@ -371,6 +371,11 @@ def fold(
     _check_modes(work, data is not None)
     keep = verify_samples * (fixed_batch(input_specs(work.model)) or 1) if verify and not dry_run else 0
     cal = _open_data(data, work.model, batch_size, keep) if data is not None else None
+    if cal is not None and given_shapes:  # before calibration, not after it (and on a dry run too)
+        from_data = sorted(set(given_shapes) & {s.name for s in cal.inputs})
+        if from_data:
+            raise BadInputError(f"input '{from_data[0]}' is fed from the data, at the data's shape; give input "
+                                "shapes only for the inputs the data does not supply")
     # before freezing edits the graph; a model fixed to batches of one mixes no samples
     unrecognised = ([] if fixed_batch(input_specs(work.model)) == 1
                     else batch_axis_warnings(work.index, work.consts, work.sites))

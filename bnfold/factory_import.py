@@ -54,15 +54,17 @@ def load_callable(spec: str, noun: str = "factory") -> Callable[..., Any]:
                             "module must not exit: guard its script code with if __name__ == '__main__'") from None
     except Exception as exc:  # noqa: BLE001 - the module itself fails to import
         raise BadInputError(f"importing {noun} module '{module_name}' failed: {type(exc).__name__}: "
-                            f"{one_line(exc, 240)}") from exc
+                            f"{one_line(exc, 240)}; fix that module (rerun with --debug for the traceback)") from exc
     obj: Any = mod
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise BadInputError(f"{noun} module '{module_name}' has no attribute '{attr}'") from None
+            raise BadInputError(f"{noun} module '{module_name}' has no attribute '{attr}'; check the name after ':' in "
+                                f"'{spec}' (MODULE:CALLABLE)") from None
     if not callable(obj):
-        raise BadInputError(f"{noun} '{spec}' is a {type(obj).__name__}, not a callable")
+        raise BadInputError(f"{noun} '{spec}' is a {type(obj).__name__}, not a callable; name a function (or class) "
+                            "in MODULE:CALLABLE")
     return obj
 
 

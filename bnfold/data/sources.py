@@ -293,6 +293,28 @@ def _check_inputs(inputs: Sequence[InputSpec]) -> list[InputSpec]:
 # --------------------------------------------------------------------------------------------
 
 
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _require_batch_memory(source: str, inputs: list[InputSpec], first: _File, batch: int, whole: bool) -> None:
+    """Refuse, before a batch is copied out of the files, a batch whose input arrays alone (in the
+    model's dtypes) do not fit in this machine's memory: one line with the batch size that would."""
+    have = _physical_memory()
+    per_sample = sum(math.prod(first.members[s.name].shape[1:]) * np.dtype(s.dtype).itemsize for s in inputs)
+    if have is None or per_sample == 0 or batch * per_sample <= have:
+        return
+    fits = max(1, have // (8 * per_sample))  # room for the activations too
+    what = f"all {batch} samples in one batch (no batch size given)" if whole else f"batches of {batch} samples"
+    raise BadInputError(
+        f"calibration data {source}: {what} need {batch * per_sample / 2**30:.3g} GiB for the inputs alone, more "
+        f"than this machine's {have / 2**30:.3g} GiB of memory; pass a smaller --batch-size (batch_size=), "
+        f"e.g. {fits}")
+
+
 class CalibrationData:
     """Validated calibration samples, streamed in batches.
 
@@ -327,6 +349,7 @@ class CalibrationData:
                         f"{first.label} has {_fmt_shape(a)}; every file must hold samples of the same shape"
                     )
         self.batch_size = self.num_samples if batch_size is None else int(batch_size)
+        _require_batch_memory(source, inputs, first, min(self.batch_size, self.num_samples), batch_size is None)
 
     # -- protocol ----------------------------------------------------------------------------
 

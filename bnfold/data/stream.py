@@ -25,6 +25,8 @@ own methods.
 """
 from __future__ import annotations
 
+import inspect
+import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -35,7 +37,8 @@ from bnfold.records import InputSpec
 
 from .sources import _MEMORY, _check_dtype_storable, _fmt_shape, _Member, _validate_file, cast_checked
 
-__all__ = ["SharedStream", "StreamData", "StreamSource", "array_dtype", "is_stream_source"]
+__all__ = ["SharedStream", "StreamData", "StreamSource", "array_dtype", "is_stream_source",
+           "refuse_read_generator"]
 
 
 def _is_tensor(obj: Any) -> bool:
@@ -73,6 +76,16 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def refuse_read_generator(source: Any) -> None:
+    """Refuse a generator whose next item is not its first (read in part or in full, e.g. by an
+    earlier call that stopped on a bad batch): what is left would calibrate silently on part of the data."""
+    if isinstance(source, types.GeneratorType) and inspect.getgeneratorstate(source) != inspect.GEN_CREATED:
+        raise BadInputError(
+            "calibration data source is a generator that was already read (in part or in full, e.g. by an "
+            "earlier call that stopped with an error); pass a new generator for each call, or a list or a "
+            "DataLoader")
+
+
 class SharedStream:
     """An iterable of batches that every rank of a distributed run reads whole: a ``--data-factory``
     whose callable takes no ``rank``. Marked so that each rank keeps batch j for rank j mod N (as for
@@ -96,6 +109,7 @@ class StreamSource:
         self.shared = isinstance(source, SharedStream)
         if isinstance(source, SharedStream):
             source = source.source
+        refuse_read_generator(source)
         self.source = source
         self.single = _is_array(source)  # the source itself is one batch
         self._passes = 0
@@ -169,9 +183,10 @@ class StreamData:
     protocol of :mod:`bnfold.data.sources`, with ``num_batches`` None until a pass has ended)."""
 
     def __init__(self, source: StreamSource, inputs: Sequence[InputSpec], batch_size: int | None, *,
-                 fixed: int | None = None, keep: int = 0) -> None:
+                 fixed: int | None = None, keep: int = 0, model_inputs: Sequence[str] = ()) -> None:
         self._source = source
         self._inputs = list(inputs)
+        self._model_inputs = list(model_inputs)  # every input of the model (``inputs``: those the stream supplies)
         self._requested = batch_size
         self._fixed = fixed
         self.source = "(stream)"
@@ -312,6 +327,12 @@ class StreamData:
         """One source item as ``{input: array}`` in the inputs' dtypes, checked as files are."""
         arrays = self._as_arrays(item, number)
         label = f"batch {number}"
+        own = {spec.name for spec in self._inputs}
+        late = [k for k in arrays if k not in own and k in self._model_inputs]
+        if late:  # a model input the first batch did not supply (it is generated where the data lacks it)
+            raise BadInputError(
+                f"calibration data batch {number} holds model input '{late[0]}', which batch 1 did not; every batch "
+                "must supply the same inputs")
         members = []
         for key, value in arrays.items():
             _check_dtype_storable(label, key, value.dtype)

@@ -19,9 +19,12 @@ __all__ = ["supplied_specs"]
 
 def supplied_specs(data: Any, specs: list[InputSpec]) -> list[InputSpec]:
     """The ``specs`` that ``data`` (a mapping, a ``CalibrationData``, or a ``.npz``/``.npy``
-    path or folder) has an array for. Every spec when that cannot be told or none would be left,
-    so that opening the data names what is missing or wrong as before."""
+    path or folder) has an array for. Every spec when that cannot be told, when none would be left,
+    or when the data holds a name that is no model input, so that opening the data names what is
+    missing or wrong against all the model's inputs."""
     names = _names(data, specs)
+    if names is not None and names - {s.name for s in specs}:
+        return list(specs)  # a name that is no model input (a typo?): the error lists every input the model has
     chosen = [s for s in specs if s.name in names] if names is not None else []
     return chosen or list(specs)
 

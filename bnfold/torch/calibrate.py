@@ -48,7 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from bnfold.data.sources import CalibrationData
-from bnfold.data.stream import StreamData
+from bnfold.data.stream import StreamData, refuse_read_generator
 from bnfold.distributed import RankShard, resolve_group
 from bnfold.distributed.combine import RankGuard, decode_stats, encode_stats, merge_ranks
 from bnfold.distributed.run_facts import RankFacts, combine_facts
@@ -896,6 +896,7 @@ def calibrate(
     the module's; torch's error is the ``__cause__``).
     """
     check_device(device)
+    refuse_read_generator(data)
     run = run_calibration(module, data, device=device, estimator=estimator, allow_reused_bn=allow_reused_bn,
                           inplace=inplace, progress=progress, training_graph=training_graph, target_se=target_se,
                           distributed=distributed, with_drift=False)  # drift: for fold's report, not returned here
@@ -923,6 +924,7 @@ def drift(
     ``note`` says so. ``data`` as for :func:`calibrate`.
     """
     check_device(device)
+    refuse_read_generator(data)
     run = run_calibration(module, data, device=device, allow_reused_bn=allow_reused_bn, progress=progress,
                           recalibrate="all")
     return dict(run.drift)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnfold.data.stream import refuse_read_generator
 from bnfold.errors import BadInputError
 from bnfold.formulas.sufficiency import DEFAULT_TARGET_SE
 from bnfold.records import Action, Drift, FrozenStats, Mode, Reason
@@ -137,6 +138,7 @@ def fold(
     """
     _check_estimator(estimator)
     check_recalibrate(recalibrate)
+    refuse_read_generator(data)
     if recalibrate == "all" and data is None:
         raise BadInputError("recalibrate='all' re-estimates every BN on data; pass calibration data (the data "
                             "argument)")
