@@ -48,6 +48,25 @@ def test_fresh_generator_still_works(rng: np.random.Generator) -> None:
     assert rec.stats.batches == 2
 
 
+def test_skipping_items_on_purpose_goes_through_islice(rng: np.random.Generator) -> None:
+    # the refusal's own advice: a generator advanced on purpose is passed as islice(gen, k, None)
+    import itertools
+
+    model, x = _model(rng), _x(rng, 12)
+    g = _gen(x, 4)
+    next(g)
+    with pytest.raises(BadInputError, match=r"itertools.islice\(gen, k, None\)"):
+        bnfold.fold(model, data=g, dry_run=True, verify=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = bnfold.fold(model, data=itertools.islice(g, 0, None), dry_run=True, verify=False)
+        rest = bnfold.fold(model, data=_gen(x[4:], 4), dry_run=True, verify=False)
+    [rec] = [b for b in r.report.bns if b.stats is not None]
+    [want] = [b for b in rest.report.bns if b.stats is not None]
+    assert rec.stats.batches == 2  # the two batches after the skipped one, and nothing else
+    assert (rec.stats.mean == want.stats.mean).all() and (rec.stats.var == want.stats.var).all()
+
+
 def test_batch_larger_than_memory_is_one_line_up_front(rng: np.random.Generator, tmp_path, monkeypatch) -> None:
     import onnx
     from cli_run import run_cli

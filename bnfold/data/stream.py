@@ -83,7 +83,7 @@ def refuse_read_generator(source: Any) -> None:
         raise BadInputError(
             "calibration data source is a generator that was already read (in part or in full, e.g. by an "
             "earlier call that stopped with an error); pass a new generator for each call, or a list or a "
-            "DataLoader")
+            "DataLoader (to skip its first items on purpose, pass itertools.islice(gen, k, None))")
 
 
 class SharedStream:
