@@ -56,10 +56,20 @@ class ExportInfo:
 
 @contextlib.contextmanager
 def _quiet(notes: list[str]) -> Iterator[None]:
-    """Silence torch's export chatter; keep one note when the tracer saw value-dependent code."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
+    """Silence torch's export chatter; keep one note when the tracer saw value-dependent code.
+
+    torch.onnx's TorchScript exporter logs its whole IR graph on stdout when an export fails
+    ('Torch IR graph at exception: ...'; its ONNX log is on whatever the setting, as
+    ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled`` for truth): that log
+    call is a no-op here, so a failure is bnfold's one error line."""
+    log = torch._C._jit_onnx_log
+    setattr(torch._C, "_jit_onnx_log", lambda *args: None)  # noqa: B010 - torch._C has no stubs for it
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        setattr(torch._C, "_jit_onnx_log", log)  # noqa: B010
     tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     if tracer:
         notes.append(

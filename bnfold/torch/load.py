@@ -388,6 +388,10 @@ def exported_program_module(ep: Any) -> tuple[fx.GraphModule, list[str], int | N
             _functional_convolution(gm, node)
         elif node.target in (_A.addmm.default, _A.mm.default):
             _functional_linear(g, node)
+        elif node.target is _A.lift_fresh_copy.default:
+            # a tensor built in forward (a lifted constant): torch.onnx's exporter has no
+            # lift_fresh_copy; a clone computes the same and exports as Identity
+            node.target = _A.clone.default
         elif (node.target in (_A.add_.Tensor, _A.add_.Scalar) and not node.users and node.args
               and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
               and str(node.args[0].target).endswith("num_batches_tracked")):
