@@ -509,6 +509,10 @@ def save_torchscript(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: 
             else:
                 traced = torch.jit.trace(target, tuple(args), check_trace=False, strict=False)
     except Exception as exc:  # noqa: BLE001
+        if "Tracer cannot infer type of" in str(exc):  # its message goes on with the whole output's values
+            raise UnsupportedModelError(
+                "torch.jit.trace cannot hold the model's output structure in TorchScript (a dict's values must "
+                "all be of one type, e.g. all tensors); use a .pt2 or .onnx output") from exc
         raise UnsupportedModelError(f"torch.jit.trace failed: {type(exc).__name__}: {one_line(exc, 300)}") from exc
     torch.jit.save(traced, os.fspath(path))
     return notes
