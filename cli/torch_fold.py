@@ -10,7 +10,10 @@ folded (``bnfold --help`` and usage errors never pay for it).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import builtins
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -92,6 +95,29 @@ def validate(model: Path | None, output: Path | None, frozen_output: Path | None
     return model
 
 
+@contextlib.contextmanager
+def _no_fx_error_dumps() -> Iterator[None]:
+    """torch.fx prints a traceback and the failing line of generated code on stderr whenever a
+    GraphModule's forward raises (``_WrappedCall.__call__``: an ExportedProgram's module, a traced
+    one) before re-raising; bnfold turns the error into its one line, so those prints are dropped."""
+    import torch.fx.graph_module as fx_graph_module
+
+    def quiet_print(*args: Any, **kwargs: Any) -> None:
+        if kwargs.get("file") is not sys.stderr:
+            builtins.print(*args, **kwargs)
+
+    had = "print" in vars(fx_graph_module)
+    old = vars(fx_graph_module).get("print")
+    fx_graph_module.print = quiet_print  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if had:
+            fx_graph_module.print = old  # type: ignore[attr-defined]
+        else:
+            del fx_graph_module.print  # type: ignore[attr-defined]
+
+
 def run(model: Path | None, output: Path | None, frozen_output: Path | None, data: DataConfig, estimator: str,
         check: FoldCheck, config: Any, dry_run: bool, topts: TorchOptions,
         progress: Callable[[int, int | None], None] | None, warn: Callable[[str], None], outputs: Outputs,
@@ -100,6 +126,15 @@ def run(model: Path | None, output: Path | None, frozen_output: Path | None, dat
     messages are in the library's words: the caller shows them in flag words (``cli/wording.py``)."""
     frontend = _frontend()
     device = frontend.resolve_device(topts.device)  # before the model is read: exit 4 comes first
+    with _no_fx_error_dumps():
+        return _run(frontend, device, model, output, frozen_output, data, estimator, check, config, dry_run, topts,
+                    progress, warn, outputs, recalibrate, target_se)
+
+
+def _run(frontend: ModuleType, device: Any, model: Path | None, output: Path | None, frozen_output: Path | None,
+         data: DataConfig, estimator: str, check: FoldCheck, config: Any, dry_run: bool, topts: TorchOptions,
+         progress: Callable[[int, int | None], None] | None, warn: Callable[[str], None], outputs: Outputs,
+         recalibrate: str, target_se: float) -> FoldOutcome:
     if topts.model_factory is not None:
         loaded = frontend.load_factory(topts.model_factory, topts.weights)
     else:

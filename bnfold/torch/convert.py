@@ -580,6 +580,7 @@ class _Frozen:
     modes: Mapping[str, Mode] | None = None  # each BN module's mode before calibration
     onnx_recalibrate: str = "training"  # what the ONNX pipeline re-estimates on the export
     keep_drift: bool = True  # whether the ONNX pipeline's drift records mean what they say
+    all_training: bool = False  # a TorchScript module whose BNs were all in training mode
 
 
 def _scripted_recalibrate(req: _Request, module: nn.Module, live: list[str]) -> str:
@@ -611,7 +612,9 @@ def _frozen_module(req: _Request, loaded: LoadedTorchModel, cal: CalibrationData
                                 "pass calibration data (the data argument)")
         onnx_recal = _scripted_recalibrate(req, module, live)
         module.eval()  # exported as inference BNs; the ONNX pipeline recalibrates them on the data
-        return _Frozen(module, onnx_recalibrate=onnx_recal, keep_drift=req.recalibrate == "all")
+        every = [n for n, sub in module.named_modules() if "BatchNorm" in str(getattr(sub, "original_name", ""))]
+        return _Frozen(module, onnx_recalibrate=onnx_recal, keep_drift=req.recalibrate == "all",
+                       all_training=bool(live) and len(live) == len(every))
     if cal is not None:
         modes = {n: bn_mode(m) for n, m in find_batchnorms(loaded.module)}
         try:
@@ -735,6 +738,9 @@ def _export_and_fold(req: _Request, loaded: LoadedTorchModel, cal: CalibrationDa
                 for b in report.bns:
                     b.drift = None
             _attach_torch_stats(report, onnx_path, frozen)
+            if frozen.all_training:  # exported in eval mode, its BNs read as inference ones there
+                for b in report.bns:
+                    b.mode_before = Mode.TRAINING
             report.warnings = notes + report.warnings
             rows = tuple(onnx_inspect(onnx_path)) if req.dry_run else None
             frozen_written = req.frozen_output

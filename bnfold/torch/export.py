@@ -56,10 +56,20 @@ class ExportInfo:
 
 @contextlib.contextmanager
 def _quiet(notes: list[str]) -> Iterator[None]:
-    """Silence torch's export chatter; keep one note when the tracer saw value-dependent code."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
+    """Silence torch's export chatter; keep one note when the tracer saw value-dependent code.
+
+    torch.onnx's TorchScript exporter logs its whole IR graph on stdout when an export fails
+    ('Torch IR graph at exception: ...'; its ONNX log is on whatever the setting, as
+    ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled`` for truth): that log
+    call is a no-op here, so a failure is bnfold's one error line."""
+    log = torch._C._jit_onnx_log
+    setattr(torch._C, "_jit_onnx_log", lambda *args: None)  # noqa: B010 - torch._C has no stubs for it
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        setattr(torch._C, "_jit_onnx_log", log)  # noqa: B010
     tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     if tracer:
         notes.append(
@@ -499,6 +509,10 @@ def save_torchscript(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: 
             else:
                 traced = torch.jit.trace(target, tuple(args), check_trace=False, strict=False)
     except Exception as exc:  # noqa: BLE001
+        if "Tracer cannot infer type of" in str(exc):  # its message goes on with the whole output's values
+            raise UnsupportedModelError(
+                "torch.jit.trace cannot hold the model's output structure in TorchScript (a dict's values must "
+                "all be of one type, e.g. all tensors); use a .pt2 or .onnx output") from exc
         raise UnsupportedModelError(f"torch.jit.trace failed: {type(exc).__name__}: {one_line(exc, 300)}") from exc
     torch.jit.save(traced, os.fspath(path))
     return notes

@@ -388,10 +388,24 @@ def exported_program_module(ep: Any) -> tuple[fx.GraphModule, list[str], int | N
             _functional_convolution(gm, node)
         elif node.target in (_A.addmm.default, _A.mm.default):
             _functional_linear(g, node)
+        elif node.target is _A.lift_fresh_copy.default:
+            # a tensor built in forward (a lifted constant): torch.onnx's exporter has no
+            # lift_fresh_copy; a clone computes the same and exports as Identity
+            node.target = _A.clone.default
         elif (node.target in (_A.add_.Tensor, _A.add_.Scalar) and not node.users and node.args
               and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
               and str(node.args[0].target).endswith("num_batches_tracked")):
             g.erase_node(node)
+
+    written = sorted({str(node.args[0].target) for node in g.nodes
+                      if node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node)
+                      and node.args[0].op == "get_attr" and getattr(getattr(node.target, "_schema", None),
+                                                                    "is_mutable", False)})
+    if written:  # a buffer the forward writes in place (not a BN's statistics: those are rebuilt)
+        warnings.append(
+            f"the ExportedProgram's forward writes buffer {', '.join(repr(w) for w in written[:3])} in place: "
+            "every forward bnfold runs (calibration, checks) changes it, so the written models hold the value it "
+            "has when each is written, and the folded and frozen models may differ in it")
 
     used_paths: set[str] = set()
     seen: dict[tuple[int, ...], str] = {}  # the same tensors: the same BN module, called again
