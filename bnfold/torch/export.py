@@ -339,7 +339,10 @@ def run_onnx(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> tuple[
     try:
         sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
-        raise UnsupportedModelError(f"onnxruntime cannot load the ONNX export: {one_line(exc, 300)}") from exc
+        hint = ("; onnxruntime's CPU provider has no kernel for an operator in the model's dtype (float64 and "
+                "bfloat16 Conv have none): write a .pt2 or .pt output, or convert the model to float32"
+                if "NOT_IMPLEMENTED" in str(exc) else "")
+        raise UnsupportedModelError(f"onnxruntime cannot load the ONNX export: {one_line(exc, 300)}{hint}") from exc
     feed = {}
     for i in sess.get_inputs():
         if i.name not in feeds:
