@@ -6,22 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
 from cli_run import run_cli
-from onnx import TensorProto, helper, numpy_helper
-
-
-def _model(path: Path, k: float) -> Path:
-    kk = numpy_helper.from_array(np.array(k, np.float32), "k")
-    g = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [kk])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 10
-    onnx.save(m, path)
-    return path
+from test_review24e_step_summary import _model  # one Mul model for both files
 
 
 @pytest.mark.parametrize("option", ["--report", "--junit-xml", "--html", "--repro-dir"])
