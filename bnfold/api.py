@@ -164,6 +164,10 @@ class _FullBatches:
     def inputs(self) -> tuple[InputSpec, ...]:
         return self._data.inputs
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return self._data.notes
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self._data.batches_from(0, 1, self.num_batches)
 
@@ -251,6 +255,7 @@ def _calibrate_and_freeze(work: Work, data: Batches, estimator: str, recalibrate
                             "(subgraphs are not calibrated)")
     if frozen:
         freeze(work, frozen)
+    warnings.extend(getattr(data, "notes", ()))  # what the data's reader passed over
     dropped = getattr(data, "dropped", 0)  # _FullBatches, or a stream re-chunked to the fixed batch size
     if dropped:
         warnings.append(f"the last {dropped} calibration sample(s) were not used: the model's "

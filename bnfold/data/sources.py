@@ -325,6 +325,8 @@ class CalibrationData:
 
     num_samples: int
     batch_size: int
+    #: what the data's reader passed over, one warning each (a data folder's subfolders)
+    notes: tuple[str, ...] = ()
 
     def __init__(self, files: list[_File], inputs: list[InputSpec], batch_size: int | None, source: str) -> None:
         self._files = [f for f in files if f.samples > 0]
@@ -573,6 +575,7 @@ def open_data(path: str | os.PathLike, inputs: Sequence[InputSpec], batch_size: 
                 f"(read in sorted file-name order)"
             )
         files = [_scan_file(os.path.join(p, n), f"'{os.path.join(p, n)}'", specs) for n in data_files]
+        notes = _skipped_folders(p, names)
     elif os.path.isfile(p):
         if not os.access(p, os.R_OK):
             raise BadInputError(f"cannot read calibration data {label}: permission denied; check its permissions")
@@ -580,7 +583,21 @@ def open_data(path: str | os.PathLike, inputs: Sequence[InputSpec], batch_size: 
     else:
         raise BadInputError(f"calibration data {label} is not a file or a directory; "
                             "give a .npz, .npy or a directory of them")
-    return CalibrationData(files, specs, batch_size, label)
+    data = CalibrationData(files, specs, batch_size, label)
+    if os.path.isdir(p):
+        data.notes = notes
+    return data
+
+
+def _skipped_folders(folder: str, names: list[str]) -> tuple[str, ...]:
+    """A warning naming the subfolders of a data folder, which are not read (only its own
+    .npz/.npy files are), or nothing."""
+    subs = [n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(folder, n))]
+    if not subs:
+        return ()
+    shown = ", ".join(repr(n) for n in subs[:3]) + (f" and {len(subs) - 3} more" if len(subs) > 3 else "")
+    return (f"calibration data folder '{folder}': subfolder(s) {shown} not read (only the .npz/.npy files "
+            "directly in the folder are); move their files up or point the data at them",)
 
 
 def from_arrays(

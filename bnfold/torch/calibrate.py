@@ -844,6 +844,7 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
                 "(allow_reused_bn=True)"
             )
     warnings.extend(w for w in (gap_warning(run.stats), sufficiency_warning(run.stats)) if w)
+    warnings.extend(getattr(data, "notes", ()))  # what the data's reader passed over (CalibrationData)
     work.eval()
     return run
 
