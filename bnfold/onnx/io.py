@@ -67,17 +67,13 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
-# Standard operators with tensor or graph attributes; operators of other domains are looked at too.
-_ATTR_TENSOR_OPS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan", "SequenceMap"})
-
-
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of ``graph``: initializers, tensor attributes, and those of subgraphs."""
     yield from graph.initializer
     yield from (s.values for s in graph.sparse_initializer)
     for node in graph.node:
-        if node.op_type not in _ATTR_TENSOR_OPS and node.domain in ("", "ai.onnx"):
-            continue  # no tensor in its attributes (a quick test: graphs have thousands of nodes)
+        # Every node's attributes, whatever its operator: a file can give any node a tensor or graph
+        # attribute (a Relu's), and onnx's loader and onnxruntime read its external data too.
         for a in node.attribute:
             if a.HasField("t"):
                 yield a.t
