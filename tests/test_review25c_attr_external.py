@@ -50,3 +50,27 @@ def test_an_escaping_attribute_tensor_of_any_node_is_exit_3(tmp_path: Path, comm
     [line] = proc.stderr.strip().splitlines()
     assert "absolute path" in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "fold"])
+def test_escaping_indices_of_a_sparse_initializer_are_exit_3(tmp_path: Path, command: str) -> None:
+    """Before, only a sparse tensor's values were checked: indices at an absolute path passed."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"SECRETSECRETSECRET")
+    model = _model(tmp_path / "in", "unused")
+    m = onnx.load(model, load_external_data=False)
+    m.graph.node[-1].ClearField("attribute")
+    indices = TensorProto(name="spi", data_type=TensorProto.INT64, dims=[2], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", str(secret)), ("offset", "0"), ("length", "16")):
+        entry = indices.external_data.add()
+        entry.key, entry.value = key, value
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.ones(2, np.float32), "sp"), indices, [256])
+    m.graph.sparse_initializer.append(sparse)
+    onnx.save(m, model)
+    out = tmp_path / "out"
+    args = ["inspect", model] if command == "inspect" else ["fold", model, "-o", out / "o.onnx", "--no-verify"]
+    proc = run_cli(*args)
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    [line] = proc.stderr.strip().splitlines()
+    assert "absolute path" in line, line
+    assert not out.exists()

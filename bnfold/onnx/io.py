@@ -70,7 +70,8 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of ``graph``: initializers, tensor attributes, and those of subgraphs."""
     yield from graph.initializer
-    yield from (s.values for s in graph.sparse_initializer)
+    for s in graph.sparse_initializer:  # indices too: either may be external
+        yield from (s.values, s.indices)
     for node in graph.node:
         # Every node's attributes, whatever its operator: a file can give any node a tensor or graph
         # attribute (a Relu's), and onnx's loader and onnxruntime read its external data too.
@@ -79,7 +80,9 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield a.t
             yield from a.tensors
             if a.HasField("sparse_tensor"):
-                yield a.sparse_tensor.values
+                yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
+            for st in a.sparse_tensors:
+                yield from (st.values, st.indices)
             if a.HasField("g"):
                 yield from _all_tensors(a.g)
             for g in a.graphs:
