@@ -56,6 +56,9 @@ def check_paths(inputs: Sequence[tuple[Path | None, str]], outputs: Sequence[tup
         for src, what in given_in:
             if same_file(src, path):
                 raise click.BadParameter(f"is {what}; bnfold never overwrites its input.", param_hint=hint)
+            if src.is_dir() and path.exists() and same_file(src, path.parent):  # --data DIR: its files
+                raise click.BadParameter(f"is a file in {src}, the folder read as {what}; bnfold never "
+                                         "overwrites its input.", param_hint=hint)
         for other, other_hint in given_out[:i]:
             if same_file(other, path):
                 raise click.BadParameter(f"is the same file as {other_hint}; give each output its own path.",
