@@ -80,6 +80,11 @@ def check_step_summary(inputs: Sequence[tuple[Path | str | None, str]] = ()) -> 
 
         if src is None or str(src) == "-" or not Path(target).exists():
             continue
+        if Path(src).is_dir():  # --data DIR: the files in it
+            if same_file(src, Path(target).parent):
+                raise BadInputError(f"$GITHUB_STEP_SUMMARY {target} is in {src}, the folder read as {what}; "
+                                    f"bnfold never changes its input: {fix}")
+            continue
         # an ONNX model's data files lie under its folder: the model is parsed only for a target there
         inside = Path(target).resolve().is_relative_to(Path(src).resolve().parent)
         for i, f in enumerate(model_files(src) if inside else [Path(src)]):

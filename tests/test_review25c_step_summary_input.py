@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cli_run import run_cli
 from external_models import conv_bn_external
@@ -28,3 +29,15 @@ def test_the_step_summary_never_appends_to_an_input(tmp_path: Path, which: str, 
     assert "$GITHUB_STEP_SUMMARY" in line and "never changes its input" in line, line
     assert _digest(target) == before
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_the_step_summary_never_appends_to_a_file_of_the_data_folder(tmp_path: Path) -> None:
+    model = conv_bn_external(tmp_path / "in")
+    data = tmp_path / "data"
+    data.mkdir()
+    array = data / "a.npy"
+    np.save(array, np.zeros((2, 3, 8, 8), np.float32))
+    before = _digest(array)
+    proc = run_cli("fold", model, "-o", tmp_path / "o.onnx", "--data", data, env={"GITHUB_STEP_SUMMARY": str(array)})
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    assert "never changes its input" in proc.stderr and _digest(array) == before
