@@ -74,3 +74,33 @@ def test_escaping_indices_of_a_sparse_initializer_are_exit_3(tmp_path: Path, com
     [line] = proc.stderr.strip().splitlines()
     assert "absolute path" in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "fold"])
+def test_an_escaping_tensor_in_a_local_function_is_exit_3(tmp_path: Path, command: str) -> None:
+    """Before, the Constants of a model-local function were not looked at: inspect and fold
+    --no-verify passed a function Constant whose data is at an absolute path (onnxruntime inlines it)."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"SECRETSECRET")
+    model = _model(tmp_path / "in", "unused")
+    m = onnx.load(model, load_external_data=False)
+    m.graph.node[-1].ClearField("attribute")
+    evil = TensorProto(name="evil", data_type=TensorProto.FLOAT, dims=[1], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", str(secret)), ("offset", "0"), ("length", "4")):
+        entry = evil.external_data.add()
+        entry.key, entry.value = key, value
+    m.functions.append(helper.make_function(
+        "local", "AddC", ["a"], ["b"],
+        [helper.make_node("Constant", [], ["c"], value=evil), helper.make_node("Add", ["a", "c"], ["b"])],
+        [helper.make_opsetid("", 17)]))
+    m.opset_import.append(helper.make_opsetid("local", 1))
+    m.graph.node[-1].output[0] = "r"
+    m.graph.node.append(helper.make_node("AddC", ["r"], ["y"], domain="local"))
+    onnx.save(m, model)
+    out = tmp_path / "out"
+    args = ["inspect", model] if command == "inspect" else ["fold", model, "-o", out / "o.onnx", "--no-verify"]
+    proc = run_cli(*args)
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    [line] = proc.stderr.strip().splitlines()
+    assert "absolute path" in line, line
+    assert not out.exists()
