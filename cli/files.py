@@ -56,21 +56,41 @@ def check_paths(inputs: Sequence[tuple[Path | None, str]], outputs: Sequence[tup
         for src, what in given_in:
             if same_file(src, path):
                 raise click.BadParameter(f"is {what}; bnfold never overwrites its input.", param_hint=hint)
+            if src.is_dir() and path.exists() and same_file(src, path.parent):  # --data DIR: its files
+                raise click.BadParameter(f"is a file in {src}, the folder read as {what}; bnfold never "
+                                         "overwrites its input.", param_hint=hint)
         for other, other_hint in given_out[:i]:
             if same_file(other, path):
                 raise click.BadParameter(f"is the same file as {other_hint}; give each output its own path.",
                                          param_hint=hint)
 
 
-def check_step_summary() -> None:
+def check_step_summary(inputs: Sequence[tuple[Path | str | None, str]] = ()) -> None:
     """BadInputError, before any work, where ``$GITHUB_STEP_SUMMARY`` is set but cannot be appended to
     (a missing folder, a directory or another non-file, a file or folder not writable): the append
     comes after the model and the reports are in place, so failing there would end a run that wrote
-    its files with exit 3 and without its verdict."""
+    its files with exit 3 and without its verdict. Also where it names one of ``inputs`` (path,
+    what) or an external-data file of an ONNX input: appending would change an input."""
     target = os.environ.get("GITHUB_STEP_SUMMARY")
     if not target:
         return
     fix = "point GITHUB_STEP_SUMMARY at a writable file (or unset it)"
+    for src, what in inputs:
+        from bnfold.onnx.io import model_files  # here: onnx is not imported for --help
+
+        if src is None or str(src) == "-" or not Path(target).exists():
+            continue
+        if Path(src).is_dir():  # --data DIR: the files in it
+            if same_file(src, Path(target).parent):
+                raise BadInputError(f"$GITHUB_STEP_SUMMARY {target} is in {src}, the folder read as {what}; "
+                                    f"bnfold never changes its input: {fix}")
+            continue
+        # an ONNX model's data files lie under its folder: the model is parsed only for a target there
+        inside = Path(target).resolve().is_relative_to(Path(src).resolve().parent)
+        for i, f in enumerate(model_files(src) if inside else [Path(src)]):
+            if same_file(f, target):
+                named = what if i == 0 else f"a data file of {what} {src}"
+                raise BadInputError(f"$GITHUB_STEP_SUMMARY {target} is {named}; bnfold never changes its input: {fix}")
     kind = not_a_regular_file(target)
     if kind is not None:
         raise BadInputError(f"$GITHUB_STEP_SUMMARY {target} is {kind}, not a regular file; {fix}")

@@ -461,7 +461,7 @@ def _fold(model: Path | None, output: Path | None, frozen_output: Path | None, d
         if recalibrate == "all" and not data.given:
             raise click.UsageError("--recalibrate all needs --data.")
         if check.enabled and not dry_run:  # the verification's summary is appended to it
-            check_step_summary()
+            check_step_summary([(model, "the input MODEL"), (data.path, "the --data file")])
         if quiet:  # rank 0 alone writes: the others calibrate (the same collectives) and write nothing
             output, frozen_output, report, dry_run = _rank_only(output)
         config = _engine_config(compare, report.path)
@@ -498,7 +498,7 @@ def _fold(model: Path | None, output: Path | None, frozen_output: Path | None, d
     check_paths([(model, "the input MODEL"), (data.path, "the --data file")],
                 [(output, "'-o' / '--output'"), (frozen_output, "'--frozen-output'"), *report_outputs(report)])
     if check.enabled and not dry_run:  # the verification's summary is appended to it
-        check_step_summary()
+        check_step_summary([(model, "the input MODEL"), (data.path, "the --data file")])
     if quiet:  # rank 0 alone writes: the others calibrate (the same collective) and write nothing
         output, frozen_output, report, dry_run = None, None, ReportConfig(), True
 
@@ -616,7 +616,7 @@ def verify_command(reference: Path, candidate: Path, data: DataConfig, inputs: R
         require_data(data.path)
     check_paths([(reference, "REFERENCE"), (candidate, "CANDIDATE"), (data.path, "the --data file")],
                  report_outputs(report))
-    check_step_summary()
+    check_step_summary([(reference, "REFERENCE"), (candidate, "CANDIDATE"), (data.path, "the --data file")])
     if input_shapes and data.given:
         raise click.UsageError("--input-shape applies to random inputs; with --data the data's shapes are fed.")
     config = _engine_config(compare, report.path)

@@ -8,7 +8,7 @@ import hashlib
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,27 +67,39 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
-# Standard operators with tensor or graph attributes; operators of other domains are looked at too.
-_ATTR_TENSOR_OPS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan", "SequenceMap"})
-
-
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of ``graph``: initializers, tensor attributes, and those of subgraphs."""
     yield from graph.initializer
-    yield from (s.values for s in graph.sparse_initializer)
-    for node in graph.node:
-        if node.op_type not in _ATTR_TENSOR_OPS and node.domain in ("", "ai.onnx"):
-            continue  # no tensor in its attributes (a quick test: graphs have thousands of nodes)
+    for s in graph.sparse_initializer:  # indices too: either may be external
+        yield from (s.values, s.indices)
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    """The tensors in the attributes of ``nodes``, subgraphs included."""
+    for node in nodes:
+        # Every node's attributes, whatever its operator: a file can give any node a tensor or graph
+        # attribute (a Relu's), and onnx's loader and onnxruntime read its external data too.
         for a in node.attribute:
             if a.HasField("t"):
                 yield a.t
             yield from a.tensors
             if a.HasField("sparse_tensor"):
-                yield a.sparse_tensor.values
+                yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
+            for st in a.sparse_tensors:
+                yield from (st.values, st.indices)
             if a.HasField("g"):
                 yield from _all_tensors(a.g)
             for g in a.graphs:
                 yield from _all_tensors(g)
+
+
+def _model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of ``model``: its graph's (``_all_tensors``) and those in the nodes of its
+    local functions (onnxruntime inlines them and reads their external data)."""
+    yield from _all_tensors(model.graph)
+    for f in model.functions:
+        yield from _node_tensors(f.node)
 
 
 def _may_be_external(data: bytes, graph: onnx.GraphProto) -> bool:
@@ -104,7 +116,7 @@ def external_locations(model: onnx.ModelProto, path: Path | str = "the model") -
     """The external-data files the model's tensors (subgraphs included) point at. A location with
     a NUL character is bad input (no file has such a name; C code would read a shorter name)."""
     found: dict[str, None] = {}
-    for t in _all_tensors(model.graph):
+    for t in _model_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             for entry in t.external_data:
                 if entry.key == "location":
@@ -187,7 +199,7 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     data that cannot be read from the model's folder, and for a tensor whose data does not match
     its declared shape (``tensor_sizes``)."""
     if isinstance(source, onnx.ModelProto):
-        tensor_sizes.check(_all_tensors(source.graph), "the model", {})
+        tensor_sizes.check(_model_tensors(source), "the model", {})
         return LoadedModel(source, None, None, _uses_external_data(source))
     path = Path(source)
     data = _read_file(path)
@@ -205,7 +217,7 @@ def load_onnx(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
             raise BadInputError(
                 f"external data of '{path}' could not be read ({exc}); keep the data files next to the model"
             ) from exc
-    tensor_sizes.check(_all_tensors(model.graph), path, sources)
+    tensor_sizes.check(_model_tensors(model), path, sources)
     return LoadedModel(model, path, hasher, external, locations, file_stamp(path, locations))
 
 
@@ -218,9 +230,9 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     path = Path(path)
     model = _parse(_read_file(path), path)
     external_locations(model, path)  # the NUL check
-    tensor_sizes.check(_all_tensors(model.graph), path, {})
+    tensor_sizes.check(_model_tensors(model), path, {})
     if deferred.supported():  # else onnx has no resolver to ask: onnxruntime checks them
-        for t in _all_tensors(model.graph):
+        for t in _model_tensors(model):
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 tensor_sizes.check_external(t, path)
     return model
@@ -240,7 +252,7 @@ def model_files(path: str | os.PathLike[str]) -> list[Path]:
 def _external_sources(model: onnx.ModelProto) -> dict[str, str]:
     """Tensor name -> location of the external tensors, for messages once the data is loaded."""
     out: dict[str, str] = {}
-    for t in _all_tensors(model.graph):
+    for t in _model_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             out[t.name] = next((e.value for e in t.external_data if e.key == "location"), "")
     return out
@@ -274,7 +286,7 @@ def _load_the_rest(model: onnx.ModelProto, base_dir: str) -> None:
     """External tensors onnx's loader leaves external: the values of sparse initializers and sparse
     tensor attributes (main graph and subgraphs). Read against the model's folder like the others,
     else they would be read later against whatever folder the model is written to."""
-    for t in _all_tensors(model.graph):
+    for t in _model_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             onnx.external_data_helper.load_external_data_for_tensor(t, base_dir)
 
