@@ -75,9 +75,9 @@ def check_step_summary(inputs: Sequence[tuple[Path | str | None, str]] = ()) -> 
     if not target:
         return
     fix = "point GITHUB_STEP_SUMMARY at a writable file (or unset it)"
-    for src, what in inputs:
-        from bnfold.onnx.io import model_files  # here: onnx is not imported for --help
+    from bnfold.onnx.io import model_files  # here, where the variable is set: --help does not import onnx
 
+    for src, what in inputs:
         if src is None or str(src) == "-" or not Path(target).exists():
             continue
         if Path(src).is_dir():  # --data DIR: the files in it
