@@ -14,9 +14,9 @@ module in train mode except
 * every BN (the calibrated ones normalise with the batch's statistics anyway; the others keep
   normalising with their running statistics, as the deployed model will, and their buffers are
   not updated),
-* the stochastic layers bnfold knows (:data:`STOCHASTIC_CLASSES`: torch's Dropout family,
-  AlphaDropout, timm's ``DropPath``/``DropBlock2d``, torchvision's ``StochasticDepth``/``DropBlock2d``),
-  which stay in eval mode (identity);
+* the stochastic layers bnfold knows (:func:`is_stochastic`: torch's Dropout family,
+  AlphaDropout, timm's ``DropPath``/``DropBlock2d``, torchvision's ``StochasticDepth``/``DropBlock2d``,
+  ``nn.RReLU``, an ``nn.LSTM``/``GRU``/``RNN`` with inter-layer ``dropout``), which stay in eval mode;
 
 and functional dropout calls (``F.dropout(x, p, training=self.training)`` and its 1d/2d/3d and
 alpha variants) return their input. Any other random draw seen in the pass (``torch.bernoulli``,
@@ -50,11 +50,19 @@ _DROPOUTS: frozenset[Callable[..., Any]] = frozenset({
 })
 _RANDOM_NAMES = frozenset({"bernoulli", "bernoulli_", "rand", "rand_like", "randn", "randn_like", "randint",
                            "randint_like", "randperm", "normal", "normal_", "uniform_", "multinomial",
-                           "exponential_", "geometric_", "cauchy_", "log_normal_", "random_"})
+                           "exponential_", "geometric_", "cauchy_", "log_normal_", "random_", "poisson", "binomial",
+                           "gumbel_softmax", "native_dropout"})
+#: random only with ``training=True`` (argument 3)
+_RANDOM_IF_TRAINING = frozenset({"rrelu", "rrelu_"})
 
 
 def is_stochastic(m: nn.Module) -> bool:
-    return isinstance(m, _DropoutNd) or type(m).__name__ in STOCHASTIC_CLASSES
+    """A layer that draws random numbers in train mode and is deterministic in eval mode: the Dropout
+    family and the classes in :data:`STOCHASTIC_CLASSES`, ``nn.RReLU`` (random slopes) and an RNN
+    (``nn.LSTM`` / ``GRU`` / ``RNN``) with ``dropout`` between its layers."""
+    if isinstance(m, (_DropoutNd, nn.RReLU)) or type(m).__name__ in STOCHASTIC_CLASSES:
+        return True
+    return isinstance(m, nn.RNNBase) and float(m.dropout) > 0
 
 
 class _NoDropout(TorchFunctionMode):
@@ -69,7 +77,8 @@ class _NoDropout(TorchFunctionMode):
         if func in _DROPOUTS:
             return args[0] if args else kwargs["input"]
         name = getattr(func, "__name__", "")
-        if name in _RANDOM_NAMES:
+        if name in _RANDOM_NAMES or (name in _RANDOM_IF_TRAINING
+                                     and kwargs.get("training", args[3] if len(args) > 3 else False)):
             self.random.add(name)
         return func(*args, **kwargs)
 
