@@ -65,7 +65,7 @@ from bnfold.torch.heap import release_heap, settle_heap
 from bnfold.torch.intercept import BatchNormIntercept
 from bnfold.torch.module_copy import DeferredCopy, copy_module, deferred_copy
 from bnfold.torch.moments import Scratch, cpu_batch_moments, kernel_moments, use_kernel_moments
-from bnfold.torch.training_graph import TRAINING_GRAPH_HINT, training_time_forward
+from bnfold.torch.training_graph import TRAINING_GRAPH_HINT, eval_random_check, training_time_forward
 from bnfold.torch.wrappers import eager
 
 __all__ = [
@@ -741,7 +741,7 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
         if progress:
             progress(0, total)
         dtype = float_dtype(work)
-        graph = training_time_forward(work, warnings) if training_graph else contextlib.nullcontext()
+        graph = training_time_forward(work, warnings) if training_graph else eval_random_check(warnings)
         with torch.no_grad(), graph:
             for done, batch in enumerate(iter_batches(data, dev, dtype), start=1):
                 if done == 1:

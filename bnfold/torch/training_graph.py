@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["STOCHASTIC_CLASSES", "TRAINING_GRAPH_HINT", "is_stochastic", "training_time_forward"]
+__all__ = ["STOCHASTIC_CLASSES", "TRAINING_GRAPH_HINT", "eval_random_check", "is_stochastic", "training_time_forward"]
 
 #: class names of stochastic layers kept in eval mode (identity), besides torch's ``_DropoutNd``
 STOCHASTIC_CLASSES = frozenset({"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock3d", "DropBlock"})
@@ -81,6 +81,42 @@ class _NoDropout(TorchFunctionMode):
                                      and kwargs.get("training", args[3] if len(args) > 3 else False)):
             self.random.add(name)
         return func(*args, **kwargs)
+
+
+class _RandomDraws(TorchFunctionMode):
+    """Records, by name, the random draws of an eval-mode forward: a dropout call with its training
+    flag on (``F.dropout(x, 0.5)`` is on by default), rrelu with ``training=True``, and the draws
+    of :data:`_RANDOM_NAMES`; nothing is changed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.random: set[str] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if func in _DROPOUTS:
+            on = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
+            if on:
+                self.random.add(name)
+        elif name in _RANDOM_NAMES or (name in _RANDOM_IF_TRAINING
+                                       and kwargs.get("training", args[3] if len(args) > 3 else False)):
+            self.random.add(name)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def eval_random_check(warnings: list[str]) -> Iterator[None]:
+    """Run the eval-mode calibration forward inside; a random draw in it is added to ``warnings``
+    (the statistics then include that noise, and the module's eval output is random too)."""
+    mode = _RandomDraws()
+    with mode:
+        yield
+    if mode.random:
+        warnings.append(
+            f"the module's eval-mode forward draws random numbers ({', '.join(sorted(mode.random))}): the "
+            "calibrated statistics include that noise and its output is random; make those calls follow "
+            "self.training (F.dropout(x, p, training=self.training)) or use nn.Dropout")
 
 
 @contextlib.contextmanager
