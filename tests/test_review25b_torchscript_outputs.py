@@ -20,6 +20,7 @@ _OUTPUTS = {
     "tuple_with_none": lambda y: (y, None),
     "tuple_with_int": lambda y: (y, 3),
     "list_with_str": lambda y: [y, "label"],
+    "empty_containers": lambda y: (y, {}, ()),
 }
 
 

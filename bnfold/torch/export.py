@@ -520,8 +520,8 @@ def save_torchscript(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: 
         if any(m in str(exc) for m in _TRACE_OUTPUT_REFUSALS):  # its message may go on with the output's values
             raise UnsupportedModelError(
                 "torch.jit.trace cannot hold the model's output structure in TorchScript (only tensors, and "
-                "lists, tuples and dicts of tensors: no None, numbers or strings, a dict's values all of one "
-                "type); use a .pt2 or .onnx output") from exc
+                "lists, tuples and dicts of tensors: no None, numbers, strings or empty containers, a dict's "
+                "values all of one type); use a .pt2 or .onnx output") from exc
         raise UnsupportedModelError(f"torch.jit.trace failed: {type(exc).__name__}: {one_line(exc, 300)}") from exc
     torch.jit.save(traced, os.fspath(path))
     return notes
