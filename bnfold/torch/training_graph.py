@@ -16,7 +16,9 @@ module in train mode except
   not updated),
 * the stochastic layers bnfold knows (:func:`is_stochastic`: torch's Dropout family,
   AlphaDropout, timm's ``DropPath``/``DropBlock2d``, torchvision's ``StochasticDepth``/``DropBlock2d``,
-  ``nn.RReLU``, an ``nn.LSTM``/``GRU``/``RNN`` with inter-layer ``dropout``), which stay in eval mode;
+  ``nn.RReLU``, an ``nn.LSTM``/``GRU``/``RNN`` with inter-layer ``dropout``), which stay in eval mode,
+  and attention dropout (``nn.MultiheadAttention(dropout=...)``, ``F.scaled_dot_product_attention``'s
+  ``dropout_p``), which is set to 0;
 
 and functional dropout calls (``F.dropout(x, p, training=self.training)`` and its 1d/2d/3d and
 alpha variants) return their input. Any other random draw seen in the pass (``torch.bernoulli``,
@@ -56,6 +58,29 @@ _RANDOM_NAMES = frozenset({"bernoulli", "bernoulli_", "rand", "rand_like", "rand
 _RANDOM_IF_TRAINING = frozenset({"rrelu", "rrelu_"})
 
 
+def _attention_dropout(name: str, args: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether an attention call draws a dropout mask: ``scaled_dot_product_attention`` with
+    ``dropout_p`` > 0 (argument 4), ``multi_head_attention_forward`` with ``dropout_p`` (argument 10)
+    > 0 and ``training`` (default True)."""
+    if name == "scaled_dot_product_attention":
+        return float(kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)) > 0
+    if name == "multi_head_attention_forward":
+        p = kwargs.get("dropout_p", args[10] if len(args) > 10 else 0.0)
+        return float(p) > 0 and bool(kwargs.get("training", args[13] if len(args) > 13 else True))
+    return False
+
+
+def _without_attention_dropout(name: str, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The same attention call with its dropout off."""
+    if name == "scaled_dot_product_attention":
+        if len(args) > 4:
+            return (*args[:4], 0.0, *args[5:]), kwargs
+        return args, {**kwargs, "dropout_p": 0.0}
+    if len(args) > 13:
+        return (*args[:13], False, *args[14:]), kwargs
+    return args, {**kwargs, "training": False}
+
+
 def is_stochastic(m: nn.Module) -> bool:
     """A layer that draws random numbers in train mode and is deterministic in eval mode: the Dropout
     family and the classes in :data:`STOCHASTIC_CLASSES`, ``nn.RReLU`` (random slopes) and an RNN
@@ -77,7 +102,9 @@ class _NoDropout(TorchFunctionMode):
         if func in _DROPOUTS:
             return args[0] if args else kwargs["input"]
         name = getattr(func, "__name__", "")
-        if name in _RANDOM_NAMES or (name in _RANDOM_IF_TRAINING
+        if _attention_dropout(name, args, kwargs):  # nn.MultiheadAttention(dropout=...), SDPA's dropout_p
+            args, kwargs = _without_attention_dropout(name, args, kwargs)
+        elif name in _RANDOM_NAMES or (name in _RANDOM_IF_TRAINING
                                      and kwargs.get("training", args[3] if len(args) > 3 else False)):
             self.random.add(name)
         return func(*args, **kwargs)
@@ -99,8 +126,8 @@ class _RandomDraws(TorchFunctionMode):
             on = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
             if on:
                 self.random.add(name)
-        elif name in _RANDOM_NAMES or (name in _RANDOM_IF_TRAINING
-                                       and kwargs.get("training", args[3] if len(args) > 3 else False)):
+        elif name in _RANDOM_NAMES or _attention_dropout(name, args, kwargs) or (
+                name in _RANDOM_IF_TRAINING and kwargs.get("training", args[3] if len(args) > 3 else False)):
             self.random.add(name)
         return func(*args, **kwargs)
 
