@@ -65,7 +65,7 @@ from bnfold.torch.heap import release_heap, settle_heap
 from bnfold.torch.intercept import BatchNormIntercept
 from bnfold.torch.module_copy import DeferredCopy, copy_module, deferred_copy
 from bnfold.torch.moments import Scratch, cpu_batch_moments, kernel_moments, use_kernel_moments
-from bnfold.torch.training_graph import TRAINING_GRAPH_HINT, training_time_forward
+from bnfold.torch.training_graph import TRAINING_GRAPH_HINT, eval_random_check, training_time_forward
 from bnfold.torch.wrappers import eager
 
 __all__ = [
@@ -741,7 +741,7 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
         if progress:
             progress(0, total)
         dtype = float_dtype(work)
-        graph = training_time_forward(work, warnings) if training_graph else contextlib.nullcontext()
+        graph = training_time_forward(work, warnings) if training_graph else eval_random_check(warnings)
         with torch.no_grad(), graph:
             for done, batch in enumerate(iter_batches(data, dev, dtype), start=1):
                 if done == 1:
@@ -913,6 +913,7 @@ def drift(
     device: str | torch.device | None = None,
     allow_reused_bn: bool = False,
     progress: Progress | None = None,
+    training_graph: bool = False,
 ) -> dict[str, Drift]:
     """How far each BN's running statistics are from ``data``'s (``module`` is not changed).
 
@@ -922,11 +923,15 @@ def drift(
     ``log_var_ratio_max`` = max over channels of |ln((running_var + eps) / (var + eps))|, and the
     ``worst_channel``. A BN that normalises with batch statistics (``train()``,
     ``track_running_stats=False``) has no running statistics in use: its figures are None and
-    ``note`` says so. ``data`` as for :func:`calibrate`.
+    ``note`` says so. ``data`` as for :func:`calibrate`, and so is ``training_graph``. A BN the pass
+    never calls (an auxiliary head that runs only in training) has no record, with a warning, as in
+    :func:`calibrate`, whose other warnings are given too (class :class:`BnfoldWarning`).
     """
     check_device(device)
     refuse_read_generator(data)
     run = run_calibration(module, data, device=device, allow_reused_bn=allow_reused_bn, progress=progress,
-                          recalibrate="all")
+                          recalibrate="all", training_graph=training_graph)
+    for message in run.warnings:  # a BN without a record is named, never dropped silently
+        _warn(message, BnfoldWarning, stacklevel=2)
     return dict(run.drift)
 

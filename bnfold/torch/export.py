@@ -495,6 +495,11 @@ def _static_batch_inputs(ep: Any) -> list[str]:
     return static
 
 
+#: torch.jit.trace's refusals of an output structure (None, numbers, strings, mixed dict values among the outputs)
+_TRACE_OUTPUT_REFUSALS = ("Tracer cannot infer type of", "cannot be understood by the tracer",
+                          "can be output from traced functions")
+
+
 def save_torchscript(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: Mapping[str, torch.Tensor],
                      arg_names: list[str], path: Path) -> list[str]:
     """``torch.jit.trace`` + ``torch.jit.save`` to ``path``; returns notes."""
@@ -512,10 +517,11 @@ def save_torchscript(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: 
             else:
                 traced = torch.jit.trace(target, tuple(args), check_trace=False, strict=False)
     except Exception as exc:  # noqa: BLE001
-        if "Tracer cannot infer type of" in str(exc):  # its message goes on with the whole output's values
+        if any(m in str(exc) for m in _TRACE_OUTPUT_REFUSALS):  # its message may go on with the output's values
             raise UnsupportedModelError(
-                "torch.jit.trace cannot hold the model's output structure in TorchScript (a dict's values must "
-                "all be of one type, e.g. all tensors); use a .pt2 or .onnx output") from exc
+                "torch.jit.trace cannot hold the model's output structure in TorchScript (only tensors, and "
+                "lists, tuples and dicts of tensors: no None, numbers, strings or empty containers, a dict's "
+                "values all of one type); use a .pt2 or .onnx output") from exc
         raise UnsupportedModelError(f"torch.jit.trace failed: {type(exc).__name__}: {one_line(exc, 300)}") from exc
     torch.jit.save(traced, os.fspath(path))
     return notes

@@ -14,9 +14,11 @@ module in train mode except
 * every BN (the calibrated ones normalise with the batch's statistics anyway; the others keep
   normalising with their running statistics, as the deployed model will, and their buffers are
   not updated),
-* the stochastic layers bnfold knows (:data:`STOCHASTIC_CLASSES`: torch's Dropout family,
-  AlphaDropout, timm's ``DropPath``/``DropBlock2d``, torchvision's ``StochasticDepth``/``DropBlock2d``),
-  which stay in eval mode (identity);
+* the stochastic layers bnfold knows (:func:`is_stochastic`: torch's Dropout family,
+  AlphaDropout, timm's ``DropPath``/``DropBlock2d``, torchvision's ``StochasticDepth``/``DropBlock2d``,
+  ``nn.RReLU``, an ``nn.LSTM``/``GRU``/``RNN`` with inter-layer ``dropout``), which stay in eval mode,
+  and attention dropout (``nn.MultiheadAttention(dropout=...)``, ``F.scaled_dot_product_attention``'s
+  ``dropout_p``), which is set to 0;
 
 and functional dropout calls (``F.dropout(x, p, training=self.training)`` and its 1d/2d/3d and
 alpha variants) return their input. Any other random draw seen in the pass (``torch.bernoulli``,
@@ -35,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["STOCHASTIC_CLASSES", "TRAINING_GRAPH_HINT", "is_stochastic", "training_time_forward"]
+__all__ = ["STOCHASTIC_CLASSES", "TRAINING_GRAPH_HINT", "eval_random_check", "is_stochastic", "training_time_forward"]
 
 #: class names of stochastic layers kept in eval mode (identity), besides torch's ``_DropoutNd``
 STOCHASTIC_CLASSES = frozenset({"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock3d", "DropBlock"})
@@ -50,11 +52,42 @@ _DROPOUTS: frozenset[Callable[..., Any]] = frozenset({
 })
 _RANDOM_NAMES = frozenset({"bernoulli", "bernoulli_", "rand", "rand_like", "randn", "randn_like", "randint",
                            "randint_like", "randperm", "normal", "normal_", "uniform_", "multinomial",
-                           "exponential_", "geometric_", "cauchy_", "log_normal_", "random_"})
+                           "exponential_", "geometric_", "cauchy_", "log_normal_", "random_", "poisson", "binomial",
+                           "gumbel_softmax", "native_dropout"})
+#: random only with ``training=True`` (argument 3)
+_RANDOM_IF_TRAINING = frozenset({"rrelu", "rrelu_"})
+
+
+def _attention_dropout(name: str, args: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether an attention call draws a dropout mask: ``scaled_dot_product_attention`` with
+    ``dropout_p`` > 0 (argument 4), ``multi_head_attention_forward`` with ``dropout_p`` (argument 10)
+    > 0 and ``training`` (default True)."""
+    if name == "scaled_dot_product_attention":
+        return float(kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)) > 0
+    if name == "multi_head_attention_forward":
+        p = kwargs.get("dropout_p", args[10] if len(args) > 10 else 0.0)
+        return float(p) > 0 and bool(kwargs.get("training", args[13] if len(args) > 13 else True))
+    return False
+
+
+def _without_attention_dropout(name: str, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The same attention call with its dropout off."""
+    if name == "scaled_dot_product_attention":
+        if len(args) > 4:
+            return (*args[:4], 0.0, *args[5:]), kwargs
+        return args, {**kwargs, "dropout_p": 0.0}
+    if len(args) > 13:
+        return (*args[:13], False, *args[14:]), kwargs
+    return args, {**kwargs, "training": False}
 
 
 def is_stochastic(m: nn.Module) -> bool:
-    return isinstance(m, _DropoutNd) or type(m).__name__ in STOCHASTIC_CLASSES
+    """A layer that draws random numbers in train mode and is deterministic in eval mode: the Dropout
+    family and the classes in :data:`STOCHASTIC_CLASSES`, ``nn.RReLU`` (random slopes) and an RNN
+    (``nn.LSTM`` / ``GRU`` / ``RNN``) with ``dropout`` between its layers."""
+    if isinstance(m, (_DropoutNd, nn.RReLU)) or type(m).__name__ in STOCHASTIC_CLASSES:
+        return True
+    return isinstance(m, nn.RNNBase) and float(m.dropout) > 0
 
 
 class _NoDropout(TorchFunctionMode):
@@ -69,9 +102,48 @@ class _NoDropout(TorchFunctionMode):
         if func in _DROPOUTS:
             return args[0] if args else kwargs["input"]
         name = getattr(func, "__name__", "")
-        if name in _RANDOM_NAMES:
+        if _attention_dropout(name, args, kwargs):  # nn.MultiheadAttention(dropout=...), SDPA's dropout_p
+            args, kwargs = _without_attention_dropout(name, args, kwargs)
+        elif name in _RANDOM_NAMES or (name in _RANDOM_IF_TRAINING
+                                     and kwargs.get("training", args[3] if len(args) > 3 else False)):
             self.random.add(name)
         return func(*args, **kwargs)
+
+
+class _RandomDraws(TorchFunctionMode):
+    """Records, by name, the random draws of an eval-mode forward: a dropout call with its training
+    flag on (``F.dropout(x, 0.5)`` is on by default), rrelu with ``training=True``, and the draws
+    of :data:`_RANDOM_NAMES`; nothing is changed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.random: set[str] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if func in _DROPOUTS:
+            on = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
+            if on:
+                self.random.add(name)
+        elif name in _RANDOM_NAMES or _attention_dropout(name, args, kwargs) or (
+                name in _RANDOM_IF_TRAINING and kwargs.get("training", args[3] if len(args) > 3 else False)):
+            self.random.add(name)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def eval_random_check(warnings: list[str]) -> Iterator[None]:
+    """Run the eval-mode calibration forward inside; a random draw in it is added to ``warnings``
+    (the statistics then include that noise, and the module's eval output is random too)."""
+    mode = _RandomDraws()
+    with mode:
+        yield
+    if mode.random:
+        warnings.append(
+            f"the module's eval-mode forward draws random numbers ({', '.join(sorted(mode.random))}): the "
+            "calibrated statistics include that noise and its output is random; make those calls follow "
+            "self.training (F.dropout(x, p, training=self.training)) or use nn.Dropout")
 
 
 @contextlib.contextmanager

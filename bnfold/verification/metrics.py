@@ -78,6 +78,7 @@ Verdict (``passed``), by ``error_stat``:
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from collections.abc import Callable, Sequence
@@ -492,6 +493,15 @@ def _floating(name: str, dtype_name: str, ref: np.ndarray, cand: np.ndarray, ato
 
 
 # ---- public API ---------------------------------------------------------------------------------
+def _complex_as_real(a: np.ndarray) -> np.ndarray:
+    """A complex array as its real and imaginary parts (a trailing axis of 2); a real one unchanged
+    but for that axis (imaginary part 0), so a complex output compares against a real one too."""
+    if a.dtype.kind == "c":
+        return np.stack([a.real, a.imag], axis=-1)
+    a = a.astype(np.float64) if a.dtype.kind not in "f" else a
+    return np.stack([a, np.zeros_like(a)], axis=-1)
+
+
 def compute_metrics(
     name: str,
     ref: np.ndarray,
@@ -529,6 +539,13 @@ def compute_metrics(
             raise BadInputError(f"quantile must be in [0, 1], got {quantile!r}")
     ref = np.asarray(ref)
     cand = np.asarray(cand)
+    if ref.dtype.kind == "c" or cand.dtype.kind == "c":  # real and imaginary parts as a trailing axis of 2
+        complex_name = normalize_dtype(dtype or ref.dtype.name)
+        ref, cand = _complex_as_real(ref), _complex_as_real(cand)
+        part = "float64" if complex_name == "complex128" else "float32"
+        got = compute_metrics(name, ref, cand, dtype=part, atol=atol, rtol=rtol, error_stat=error_stat,
+                              quantile=quantile, floor=floor, margin=margin)
+        return dataclasses.replace(got, dtype=complex_name)
     dtype_name = normalize_dtype(dtype or ref.dtype.name)
     if not is_float_dtype(dtype_name):
         atol, rtol, error_stat, q = 0.0, 0.0, "max", None

@@ -75,8 +75,10 @@ def dtype_tolerance(dtype: str) -> tuple[float, float]:
     """Default ``(atol, rtol)`` for a dtype name; ``(0, 0)`` (exact) for non-float types."""
     if dtype in DEFAULT_TOLERANCES:
         return DEFAULT_TOLERANCES[dtype]
-    if dtype in ("double",):
+    if dtype in ("double", "complex128"):  # a complex output: its parts' tolerance
         return DEFAULT_TOLERANCES["float64"]
+    if dtype == "complex64":
+        return DEFAULT_TOLERANCES["float32"]
     if dtype in ("float", "single"):
         return DEFAULT_TOLERANCES["float32"]
     if dtype == "half":
@@ -163,7 +165,7 @@ def resolve_tolerances(
     resolved independently. Non-float dtypes always get ``(0.0, 0.0)``: they are compared exactly.
     """
     dtype_name = normalize_dtype(dtype)
-    if not is_float_dtype(dtype_name):
+    if not (is_float_dtype(dtype_name) or dtype_name.startswith("complex")):  # complex: its parts, within tolerance
         return 0.0, 0.0
     d_atol, d_rtol = dtype_tolerance(dtype_name)
 
