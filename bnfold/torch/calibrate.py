@@ -65,7 +65,7 @@ from bnfold.torch.heap import release_heap, settle_heap
 from bnfold.torch.intercept import BatchNormIntercept
 from bnfold.torch.module_copy import DeferredCopy, copy_module, deferred_copy
 from bnfold.torch.moments import Scratch, cpu_batch_moments, kernel_moments, use_kernel_moments
-from bnfold.torch.training_graph import TRAINING_GRAPH_HINT, eval_random_check, training_time_forward
+from bnfold.torch.training_graph import TRAINING_GRAPH_HINT, RandomDraws, training_time_forward
 from bnfold.torch.wrappers import eager
 
 __all__ = [
@@ -741,8 +741,9 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
         if progress:
             progress(0, total)
         dtype = float_dtype(work)
-        graph = training_time_forward(work, warnings) if training_graph else eval_random_check(warnings)
-        with torch.no_grad(), graph:
+        draws = RandomDraws(dev)  # each forward watched for draws from torch's generators
+        graph = training_time_forward(work) if training_graph else contextlib.nullcontext()
+        with torch.no_grad(), graph as named:
             for done, batch in enumerate(iter_batches(data, dev, dtype), start=1):
                 if done == 1:
                     check_arity(work, batch)
@@ -755,7 +756,7 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
                 try:
                     if deferred is not None:
                         quiet[0] = torch._C.DisableTorchFunction
-                    with deferred.guard() if deferred is not None else contextlib.nullcontext():
+                    with draws.watch(named), deferred.guard() if deferred is not None else contextlib.nullcontext():
                         if intercept is not None:
                             with intercept:
                                 call(*batch.args, **batch.kwargs)
@@ -782,6 +783,9 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
                     progress(done, total)
         if deferred is not None:  # no forward ran (a rank without batches of its own): the copy's storage now
             deferred.finish()
+        drew = draws.warning(named)
+        if drew:
+            warnings.append(drew)
     except BaseException:
         for mod, flag in training.items():
             mod.training = flag

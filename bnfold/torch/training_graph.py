@@ -21,8 +21,12 @@ module in train mode except
   ``dropout_p``), which is set to 0;
 
 and functional dropout calls (``F.dropout(x, p, training=self.training)`` and its 1d/2d/3d and
-alpha variants) return their input. Any other random draw seen in the pass (``torch.bernoulli``,
+alpha variants) return their input. Any other random draw in the forward (``torch.bernoulli``,
 ``rand``, ``Tensor.bernoulli_``, ...) is named in a warning: the statistics may then be noisy.
+
+:class:`RandomDraws` watches every calibration forward, eval-mode or training-time, for draws from
+torch's default generators (``F.dropout(x, 0.5)``, which is on by default, noise not behind
+``self.training``): a warning says the statistics include that noise.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["STOCHASTIC_CLASSES", "TRAINING_GRAPH_HINT", "eval_random_check", "is_stochastic", "training_time_forward"]
+__all__ = ["STOCHASTIC_CLASSES", "TRAINING_GRAPH_HINT", "RandomDraws", "is_stochastic", "training_time_forward"]
 
 #: class names of stochastic layers kept in eval mode (identity), besides torch's ``_DropoutNd``
 STOCHASTIC_CLASSES = frozenset({"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock3d", "DropBlock"})
@@ -96,6 +100,7 @@ class _NoDropout(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.random: set[str] = set()
+        self.recording = False  # during a forward (not while the data's iterator runs)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -104,65 +109,74 @@ class _NoDropout(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if _attention_dropout(name, args, kwargs):  # nn.MultiheadAttention(dropout=...), SDPA's dropout_p
             args, kwargs = _without_attention_dropout(name, args, kwargs)
-        elif name in _RANDOM_NAMES or (name in _RANDOM_IF_TRAINING
-                                     and kwargs.get("training", args[3] if len(args) > 3 else False)):
+        elif self.recording and (name in _RANDOM_NAMES or (
+                name in _RANDOM_IF_TRAINING and kwargs.get("training", args[3] if len(args) > 3 else False))):
             self.random.add(name)
         return func(*args, **kwargs)
 
 
-class _RandomDraws(TorchFunctionMode):
-    """Records, by name, the random draws of an eval-mode forward: a dropout call with its training
-    flag on (``F.dropout(x, 0.5)`` is on by default), rrelu with ``training=True``, and the draws
-    of :data:`_RANDOM_NAMES`; nothing is changed."""
+class RandomDraws:
+    """Whether the forwards :meth:`watch` wraps draw random numbers from torch's default generators
+    (the CPU's, and the calibration device's where that is a GPU): their states are compared before
+    and after each forward, which costs a few microseconds a batch and nothing per torch call. Only
+    the forward is watched, not the data's iterator (a ``DataLoader`` draws its workers' seed from
+    the default generator each epoch). A draw from a generator of the module's own is not seen
+    here; in the training-time forward :class:`_NoDropout` names it."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.random: set[str] = set()
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda" and torch.cuda.is_available()
+        self.index = device.index if device.index is not None else (torch.cuda.current_device() if self.cuda else 0)
+        self.drew = False
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if func in _DROPOUTS:
-            on = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
-            if on:
-                self.random.add(name)
-        elif name in _RANDOM_NAMES or _attention_dropout(name, args, kwargs) or (
-                name in _RANDOM_IF_TRAINING and kwargs.get("training", args[3] if len(args) > 3 else False)):
-            self.random.add(name)
-        return func(*args, **kwargs)
+    def _states(self) -> tuple[torch.Tensor, ...]:
+        if self.cuda:
+            return torch.get_rng_state(), torch.cuda.get_rng_state(self.index)
+        return (torch.get_rng_state(),)
+
+    @contextlib.contextmanager
+    def watch(self, named: _NoDropout | None = None) -> Iterator[None]:
+        """Watch one forward; ``named``, the training-time forward's mode, records names only inside."""
+        before = None if self.drew else self._states()
+        if named is not None:
+            named.recording = True
+        try:
+            yield
+        finally:
+            if named is not None:
+                named.recording = False
+        if before is not None and not all(torch.equal(a, b) for a, b in zip(before, self._states())):
+            self.drew = True
+
+    def warning(self, named: _NoDropout | None) -> str | None:
+        """The warning for the pass, or None: the eval-mode forward's draws (by the generators'
+        states), or the training-time forward's (those, and the draws ``named`` recorded)."""
+        names = sorted(named.random) if named is not None else []
+        if named is not None and (names or self.drew):
+            shown = f" ({', '.join(names)})" if names else ""
+            return ("the training-time forward (training_graph=True) draws random numbers outside the stochastic "
+                    f"layers bnfold switches off{shown}: the calibrated statistics include that noise; put those "
+                    "layers in eval mode or make them identity for calibration")
+        if self.drew:
+            return ("the module's eval-mode forward draws random numbers (torch's random generator advanced during "
+                    "it): the calibrated statistics include that noise and its output is random; make those calls "
+                    "follow self.training (F.dropout(x, p, training=self.training), noise only in training) or use "
+                    "nn.Dropout")
+        return None
 
 
 @contextlib.contextmanager
-def eval_random_check(warnings: list[str]) -> Iterator[None]:
-    """Run the eval-mode calibration forward inside; a random draw in it is added to ``warnings``
-    (the statistics then include that noise, and the module's eval output is random too)."""
-    mode = _RandomDraws()
-    with mode:
-        yield
-    if mode.random:
-        warnings.append(
-            f"the module's eval-mode forward draws random numbers ({', '.join(sorted(mode.random))}): the "
-            "calibrated statistics include that noise and its output is random; make those calls follow "
-            "self.training (F.dropout(x, p, training=self.training)) or use nn.Dropout")
-
-
-@contextlib.contextmanager
-def training_time_forward(module: nn.Module, warnings: list[str]) -> Iterator[None]:
+def training_time_forward(module: nn.Module) -> Iterator[_NoDropout]:
     """Run ``module``'s training-time forward inside, with BNs and stochastic layers in eval mode
     and functional dropout off (see the module docstring); the module's modes are restored after.
-    A random draw that remains is added to ``warnings``."""
+    Yields the torch-function mode, whose ``random`` names the draws seen while it is ``recording``
+    (:meth:`RandomDraws.watch` turns that on for each forward)."""
     flags = {m: m.training for m in module.modules()}
     for m in module.modules():
         m.training = not (isinstance(m, _BatchNorm) or is_stochastic(m))
     mode = _NoDropout()
     try:
         with mode:
-            yield
+            yield mode
     finally:
         for m, flag in flags.items():
             m.training = flag
-    if mode.random:
-        warnings.append(
-            "the training-time forward (training_graph=True) draws random numbers outside the stochastic layers "
-            f"bnfold switches off ({', '.join(sorted(mode.random))}): the calibrated statistics include that "
-            "noise; put those layers in eval mode or make them identity for calibration")
