@@ -21,8 +21,9 @@ __all__ = ["BatchNormIntercept", "batch_norm_args"]
 
 _NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
-#: handler(owner name, input, weight, bias, eps) -> the normalised batch
-Handler = Callable[[str, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", float], torch.Tensor]
+#: handler(owner name, input, weight, bias, eps, forced) -> the normalised batch; ``forced``: the call
+#: passes running statistics with ``training=True`` (it normalises with batch statistics in any mode)
+Handler = Callable[[str, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", float, bool], torch.Tensor]
 
 
 def batch_norm_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -56,5 +57,6 @@ class BatchNormIntercept(TorchFunctionMode):
                     break
             if name is not None:
                 self.seen[name] = self.seen.get(name, 0) + 1
-                return self.handler(name, a["input"], a["weight"], a["bias"], float(a["eps"]))
+                forced = bool(a["training"]) and a["running_mean"] is not None
+                return self.handler(name, a["input"], a["weight"], a["bias"], float(a["eps"]), forced)
         return func(*args, **kwargs)
