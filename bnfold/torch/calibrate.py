@@ -725,6 +725,11 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
     owners = {id(_owner_key(name, m)): name for name, m in others}
     eps_of: dict[str, float] = {name: float(getattr(m, "eps", 1e-5)) for name, m in targets}
     module_calls = {name: 0 for name, _ in others}
+    for name, m in others:
+        if isinstance(m, torch.jit.ScriptModule):  # takes no hooks; its F.batch_norm runs in TorchScript, unseen
+            raise UnsupportedModelError(
+                f"BN '{name}' is a TorchScript module inside an eager model, whose BN computation bnfold cannot "
+                "see: keep it an eager BatchNorm module (torch.jit.script the whole model after folding)")
     hooks = []
     for name, m in others:
         def count(_m: nn.Module, _args: Any, _name: str = name) -> None:
