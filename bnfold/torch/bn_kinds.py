@@ -7,7 +7,8 @@
   ``act``; folding moves the BN part into the producer and leaves ``act(drop(x))``.
 * ``FROZEN_AFFINE``: torchvision's ``FrozenBatchNorm2d`` (buffers ``weight``, ``bias``,
   ``running_mean``, ``running_var`` and ``eps``: an affine by design, never calibrated): folded.
-* ``CUSTOM``: any other ``_BatchNorm`` subclass overriding forward, or a module with
+* ``CUSTOM``: any other ``_BatchNorm`` subclass overriding forward (or a BN whose instance has a
+  ``forward`` of its own, set on the instance), or a module with
   ``running_mean``/``running_var`` buffers: calibrated where its forward calls ``F.batch_norm`` on
   those buffers (else an error), never folded (``UNKNOWN_BN_FORWARD``): bnfold cannot tell what
   else its forward computes.
@@ -33,9 +34,15 @@ class BnKind(enum.Enum):
     CUSTOM = "custom"
 
 
+def _own_forward(m: nn.Module) -> bool:
+    """``m.forward`` replaced on the instance (``m.forward = types.MethodType(f, m)``, accelerate's
+    hooks): its class's forward is not what it computes."""
+    return "forward" in getattr(m, "__dict__", {})
+
+
 def is_standard_bn(m: nn.Module) -> bool:
     """A BatchNorm1d/2d/3d, SyncBatchNorm or LazyBatchNorm (or subclass keeping their forward)."""
-    return isinstance(m, _BatchNorm) and type(m).forward in _BN_FORWARDS
+    return isinstance(m, _BatchNorm) and type(m).forward in _BN_FORWARDS and not _own_forward(m)
 
 
 def _buffer(m: nn.Module, name: str) -> Any:
@@ -52,6 +59,8 @@ def _has_stats(m: nn.Module) -> bool:
 def bn_kind(m: nn.Module) -> BnKind | None:
     """The kind of a BN-like module, None for any other module."""
     if isinstance(m, _BatchNorm):
+        if _own_forward(m):
+            return BnKind.CUSTOM
         if type(m).forward in _BN_FORWARDS:
             return BnKind.STANDARD
         if (type(m).__name__ == "BatchNormAct2d" and isinstance(getattr(m, "act", None), nn.Module)
@@ -60,8 +69,9 @@ def bn_kind(m: nn.Module) -> BnKind | None:
         return BnKind.CUSTOM
     if not _has_stats(m):
         return None
-    if (type(m).__name__ == "FrozenBatchNorm2d" and isinstance(_buffer(m, "weight"), torch.Tensor)
-            and isinstance(_buffer(m, "bias"), torch.Tensor) and isinstance(getattr(m, "eps", None), float)):
+    if (type(m).__name__ == "FrozenBatchNorm2d" and not _own_forward(m)
+            and isinstance(_buffer(m, "weight"), torch.Tensor) and isinstance(_buffer(m, "bias"), torch.Tensor)
+            and isinstance(getattr(m, "eps", None), float)):
         return BnKind.FROZEN_AFFINE
     return BnKind.CUSTOM
 

@@ -706,9 +706,13 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
         if state["first"]:
             run.ranks.setdefault(name, set()).add(x.dim())
 
+    forced: list[str] = []  # modules whose F.batch_norm call uses batch statistics in eval mode too
+
     def intercepted(name: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                    eps: float) -> torch.Tensor:
+                    eps: float, batch_stats: bool) -> torch.Tensor:
         """An ``F.batch_norm`` call on the buffers of BN ``name`` (a module that overrides forward)."""
+        if batch_stats and not modules_by_name[name].training and name not in forced:
+            forced.append(name)
         note_call(name, x)
         eps_of[name] = eps
         with quiet[0]():
@@ -717,9 +721,15 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
     # BNs that override forward: calibrated through their F.batch_norm calls; a pre-hook counts
     # their calls, to tell one that never reaches F.batch_norm (bnfold cannot see its computation)
     others = [(name, m) for name, m in targets if bn_kind(m) is BnKind.CUSTOM]
+    modules_by_name = dict(others)
     owners = {id(_owner_key(name, m)): name for name, m in others}
     eps_of: dict[str, float] = {name: float(getattr(m, "eps", 1e-5)) for name, m in targets}
     module_calls = {name: 0 for name, _ in others}
+    for name, m in others:
+        if isinstance(m, torch.jit.ScriptModule):  # takes no hooks; its F.batch_norm runs in TorchScript, unseen
+            raise UnsupportedModelError(
+                f"BN '{name}' is a TorchScript module inside an eager model, whose BN computation bnfold cannot "
+                "see: keep it an eager BatchNorm module (torch.jit.script the whole model after folding)")
     hooks = []
     for name, m in others:
         def count(_m: nn.Module, _args: Any, _name: str = name) -> None:
@@ -795,6 +805,14 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
             m.__dict__.pop("forward", None)
         for h in hooks:
             h.remove()
+    if forced:
+        for mod, flag in training.items():
+            mod.training = flag
+        name = forced[0]
+        raise UnsupportedModelError(
+            f"BN '{name}' ({type(modules_by_name[name]).__name__}) calls F.batch_norm on its running statistics with "
+            "training=True in eval mode, so it normalises with each batch's statistics and would never use the "
+            "calibrated ones: pass training=self.training (as torch's BatchNorm does)")
     for name, m in others:
         if name in first_call:
             continue

@@ -79,6 +79,9 @@ def _probe_ranks(work: nn.Module, batch: Batch, bns: list[tuple[str, nn.Module]]
     ranks: dict[str, set[int]] = {}
     handles = []
     for name, m in bns:
+        if isinstance(m, torch.jit.ScriptModule):  # takes no hooks (and is never folded: UNKNOWN_BN_FORWARD)
+            continue
+
         def hook(mod: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
             if args and isinstance(args[0], torch.Tensor):
                 ranks.setdefault(_name, set()).add(args[0].dim())

@@ -20,15 +20,20 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["BatchNormIntercept", "batch_norm_args"]
 
 _NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+#: ``torch.batch_norm`` (the op ``F.batch_norm`` calls; hand-written BNs call it too) takes them in this order
+_TORCH_NAMES = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+                "cudnn_enabled")
 
-#: handler(owner name, input, weight, bias, eps) -> the normalised batch
-Handler = Callable[[str, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", float], torch.Tensor]
+#: handler(owner name, input, weight, bias, eps, forced) -> the normalised batch; ``forced``: the call
+#: passes running statistics with ``training=True`` (it normalises with batch statistics in any mode)
+Handler = Callable[[str, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", float, bool], torch.Tensor]
 
 
-def batch_norm_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``F.batch_norm``'s arguments by name, defaults filled in."""
+def batch_norm_args(args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...] = _NAMES) -> dict[str, Any]:
+    """``F.batch_norm``'s arguments by name (``torch.batch_norm``'s with ``names=_TORCH_NAMES``),
+    defaults filled in."""
     out: dict[str, Any] = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
-    out.update(zip(_NAMES, args))
+    out.update(zip(names, args))
     out.update(kwargs)
     return out
 
@@ -46,8 +51,8 @@ class BatchNormIntercept(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.batch_norm:
-            a = batch_norm_args(args, kwargs)
+        if func is F.batch_norm or func is torch.batch_norm:
+            a = batch_norm_args(args, kwargs, _NAMES if func is F.batch_norm else _TORCH_NAMES)
             name = None
             for key in ("running_mean", "weight"):
                 t = a[key]
@@ -56,5 +61,6 @@ class BatchNormIntercept(TorchFunctionMode):
                     break
             if name is not None:
                 self.seen[name] = self.seen.get(name, 0) + 1
-                return self.handler(name, a["input"], a["weight"], a["bias"], float(a["eps"]))
+                forced = bool(a["training"]) and a["running_mean"] is not None
+                return self.handler(name, a["input"], a["weight"], a["bias"], float(a["eps"]), forced)
         return func(*args, **kwargs)

@@ -162,6 +162,9 @@ def find_producer(node: Any, gm: fx.GraphModule, uses: Counter[int], calls: Coun
         if kind is None:
             raise Refuse(Reason.UNSUPPORTED_PRODUCER, f"its input comes from {describe(node, gm)}, "
                          "not from a Conv, ConvTranspose or Linear")
+        if "forward" in vars(mod):  # m.forward = ... on the instance: its class's forward is not what it computes
+            raise Refuse(Reason.UNSUPPORTED_PRODUCER, f"its input comes from {describe(node, gm)}, whose forward "
+                         f"is set on the instance, not {type(mod).__name__}'s own")
         refuse_run_time_parts(mod, f"'{target}'", "which would then see the folded output")
         w, b = _tensor(mod.weight), cast("torch.Tensor | None", mod.bias)
         # a module called again elsewhere, or a weight tied to another layer: scaling it in place

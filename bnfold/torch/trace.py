@@ -171,7 +171,8 @@ def _unwritable_target(module: nn.Module, graph: fx.Graph) -> str | None:
             return
         seen.add(id(m))
         paths.setdefault(".".join(path), path)
-        for n in (*m._parameters, *m._buffers):
+        # named_*(recurse=False): a TorchScript submodule's _parameters / _buffers cannot be unpacked
+        for n, _ in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)):
             paths.setdefault(".".join((*path, n)), (*path, n))
         for n, child in m._modules.items():
             if child is not None:
