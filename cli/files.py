@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+import bnfold  # its model_files is a lazy name: --help does not import onnx
 from bnfold.errors import BadInputError
 from bnfold.files import not_a_regular_file, same_file
 
@@ -75,8 +76,6 @@ def check_step_summary(inputs: Sequence[tuple[Path | str | None, str]] = ()) -> 
     if not target:
         return
     fix = "point GITHUB_STEP_SUMMARY at a writable file (or unset it)"
-    from bnfold.onnx.io import model_files  # here, where the variable is set: --help does not import onnx
-
     for src, what in inputs:
         if src is None or str(src) == "-" or not Path(target).exists():
             continue
@@ -87,7 +86,7 @@ def check_step_summary(inputs: Sequence[tuple[Path | str | None, str]] = ()) -> 
             continue
         # an ONNX model's data files lie under its folder: the model is parsed only for a target there
         inside = Path(target).resolve().is_relative_to(Path(src).resolve().parent)
-        for i, f in enumerate(model_files(src) if inside else [Path(src)]):
+        for i, f in enumerate(bnfold.model_files(src) if inside else [Path(src)]):
             if same_file(f, target):
                 named = what if i == 0 else f"a data file of {what} {src}"
                 raise BadInputError(f"$GITHUB_STEP_SUMMARY {target} is {named}; bnfold never changes its input: {fix}")
