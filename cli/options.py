@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -257,9 +258,17 @@ recalibrate_option = click.option(
     ),
 )
 
+def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """click's FloatRange lets NaN through (every comparison with it is false)."""
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("nan is not a number; give a number in the documented range")
+    return value
+
+
 dist_timeout_option = click.option(
     "--dist-timeout",
     type=click.FloatRange(min=0, min_open=True),
+    callback=_not_nan,
     default=None,
     envvar="BNFOLD_DIST_TIMEOUT",
     metavar="SECONDS",
@@ -286,6 +295,8 @@ def _val_range(ctx: click.Context, param: click.Parameter, value: str | None) ->
         lo, hi = (float(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"{value!r}: give LO,HI, e.g. 0,1") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise click.BadParameter(f"{value!r}: LO and HI must be finite numbers, e.g. 0,1")
     if lo > hi:
         raise click.BadParameter(f"{value!r}: LO must not exceed HI")
     return (lo, hi)
@@ -306,7 +317,8 @@ compare_options = _group(
                      default="max", show_default=True,
                      help="Statistic the verdict applies the rule to: max = every element must pass; "
                           "mean/median/quantile = that statistic of |a-b| - rtol*|ref| must be <= atol."),
-        click.option("--quantile", type=click.FloatRange(0.0, 1.0), default=0.99, show_default=True,
+        click.option("--quantile", type=click.FloatRange(0.0, 1.0), default=0.99, callback=_not_nan,
+                     show_default=True,
                      help="q for --check-error-stat quantile."),
         click.option("--allow-missing-providers", is_flag=True, default=False,
                      help="Record a requested provider that cannot run as skipped instead of failing with exit 4."),

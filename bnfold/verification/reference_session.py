@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.ops.op_conv_transpose import ConvTranspose as _OnnxConvTranspose
 
 __all__ = ["PROVIDER", "ReferenceSession", "needs_reference"]
 
@@ -48,6 +49,29 @@ def _uses_float64(model: onnx.ModelProto) -> bool:
             or any(t.data_type == onnx.TensorProto.DOUBLE for t in g.initializer))
 
 
+class ConvTranspose(_OnnxConvTranspose):  # the op type onnx's evaluator matches by class name
+    """onnx's reference ConvTranspose with ``group > 1`` done right: onnx 1.23 slices the weight by
+    output instead of input channels, adds the whole bias to every group and writes each group's
+    output into one channel, so a grouped float64 ConvTranspose gave wrong values or raised (and a
+    correct fold then failed verification, or calibration read wrong statistics). Each group is
+    run as its own ``group=1`` ConvTranspose, which onnx computes correctly, and the results are
+    concatenated along the channel axis."""
+
+    op_domain = ""
+
+    def _run(self, X, W, B=None, **kwargs):  # type: ignore[no-untyped-def,override]
+        group = int(kwargs.pop("group", None) or 1)
+        if group == 1:
+            return super()._run(X, W, B, group=1, **kwargs)
+        cin_g, cout_g = X.shape[1] // group, W.shape[1]
+        parts = []
+        for g in range(group):
+            b = None if B is None else B[g * cout_g:(g + 1) * cout_g]
+            parts.append(np.asarray(super()._run(X[:, g * cin_g:(g + 1) * cin_g], W[g * cin_g:(g + 1) * cin_g],
+                                                 b, group=1, **kwargs)[0]))
+        return (np.concatenate(parts, axis=1).astype(X.dtype),)
+
+
 def _arg(value: onnx.ValueInfoProto) -> _Arg:
     elem = value.type.tensor_type.elem_type
     try:
@@ -65,7 +89,7 @@ class ReferenceSession:
         self._inputs = [_arg(v) for v in proto.graph.input
                         if v.name not in {t.name for t in proto.graph.initializer}]
         self._outputs = [_arg(v) for v in proto.graph.output]
-        self._evaluator = ReferenceEvaluator(proto)
+        self._evaluator = ReferenceEvaluator(proto, new_ops=[ConvTranspose])
 
     def get_inputs(self) -> list[_Arg]:
         return list(self._inputs)
