@@ -190,6 +190,19 @@ def _constant_of_shape(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarr
     return np.full(shape, fill, dtype=np.asarray(fill).dtype)
 
 
+def _expand(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | None:
+    shape = np.broadcast_shapes(args[0].shape, tuple(int(v) for v in args[1].reshape(-1)))
+    if int(np.prod(shape, dtype=np.int64)) > _MAX_ELEMENTS:
+        return None
+    return np.broadcast_to(args[0], shape).copy()
+
+
+def _shape(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
+    dims = args[0].shape
+    start, end = get_attr(node, "start", 0), get_attr(node, "end", None)
+    return np.array(dims[start:end], dtype=np.int64)
+
+
 _Op = Callable[[onnx.NodeProto, list[np.ndarray]], np.ndarray | None]
 
 
@@ -219,6 +232,8 @@ _OPS: dict[str, _Op] = {
     ),
     "Transpose": lambda n, a: np.transpose(a[0], get_attr(n, "perm")),
     "ConstantOfShape": _constant_of_shape,
+    "Expand": _expand,
+    "Shape": _shape,
 }
 
 
@@ -280,6 +295,14 @@ class Constants:
             return None
         if node.op_type == "Constant":
             return _constant_node_value(node)
+        if node.op_type == "CastLike" and len(node.input) == 2:
+            # the dynamo exporter writes a Conv's absent bias as Expand(CastLike(0, x), shape): only
+            # x's element type matters, not its (run-time) value
+            to = idx.elem_type(node.input[1])
+            src = self._eval(node.input[0], depth + 1)
+            if to is None or src is None:
+                return None
+            return src.astype(helper.tensor_dtype_to_np_dtype(to))
         op = _OPS.get(node.op_type)
         if op is None or len(node.output) != 1:
             return None
