@@ -365,6 +365,10 @@ def fold(
     (``bnfold.distributed``; README, "Distributed calibration"). Rank 0 alone writes ``output`` and
     ``frozen_output`` and verifies; the other ranks return the same folded model, unverified.
     """
+    group = resolve_group(distributed)
+    if group is not None and group.rank != 0:  # rank 0 alone writes and verifies
+        output = frozen_output = None
+        verify = False
     check_model(model)
     check_path(output, "output")
     check_path(frozen_output, "frozen_output")
@@ -373,10 +377,6 @@ def fold(
     check_count(verify_samples, "verify_samples")
     check_callable(progress, "progress")
     check_config(verify_config, "verify_config")
-    group = resolve_group(distributed)
-    if group is not None and group.rank != 0:  # rank 0 alone writes and verifies
-        output = frozen_output = None
-        verify = False
     given_shapes = normalize_input_shapes(input_shapes)
     target_se = check_target_se(target_se)
     if estimator not in ESTIMATORS:
