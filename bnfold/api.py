@@ -19,6 +19,16 @@ from typing import Any, TypeAlias, TypeVar, cast
 import numpy as np
 import onnx
 
+from bnfold.api_checks import (
+    check_callable,
+    check_config,
+    check_count,
+    check_data,
+    check_model,
+    check_path,
+    check_seed,
+    check_val_range,
+)
 from bnfold.data.sources import Batches, CalibrationData, from_arrays, open_data
 from bnfold.data.stream import StreamData, StreamSource, is_stream_source
 from bnfold.data.supplied import supplied_specs
@@ -359,13 +369,19 @@ def fold(
     if group is not None and group.rank != 0:  # rank 0 alone writes and verifies
         output = frozen_output = None
         verify = False
+    check_model(model)
+    check_path(output, "output")
+    check_path(frozen_output, "frozen_output")
+    check_data(data)
+    check_count(batch_size, "batch_size", optional=True, label="batch size")
+    check_count(verify_samples, "verify_samples")
+    check_callable(progress, "progress")
+    check_config(verify_config, "verify_config")
     given_shapes = normalize_input_shapes(input_shapes)
     target_se = check_target_se(target_se)
     if estimator not in ESTIMATORS:
         raise BadInputError(f"unknown estimator '{estimator}'; use one of: {', '.join(ESTIMATORS)}")
     _check_recalibrate(recalibrate, data is not None)
-    if verify_samples < 1:
-        raise BadInputError("verify_samples must be at least 1")
     if not dry_run:
         check_output_paths(output=output, frozen_output=frozen_output)
     loaded = _load(model)
@@ -518,6 +534,10 @@ def inspect(model: str | os.PathLike[str] | onnx.ModelProto, *, data: DataArg | 
     says so). Without data ``drift`` is None. ``distributed``: as ``fold``'s (the data's statistics
     are calibrated across the process group; every rank gets the same rows).
     """
+    check_model(model)
+    check_data(data)
+    check_count(batch_size, "batch_size", optional=True, label="batch size")
+    check_callable(progress, "progress")
     group = resolve_group(distributed) if data is not None else None
     work = Work(_load(model))
     modes = {s.info.name: s.info.mode for s in work.sites}
@@ -558,6 +578,14 @@ def verify(
     dynamic non-batch dims at its ``input_shapes`` entry, the model's hints or a probe size (as in
     :func:`fold`).
     """
+    check_model(reference, "reference", proto=False)
+    check_model(candidate, "candidate", proto=False)
+    check_data(data)
+    check_count(batch_size, "batch_size", label="batch size")
+    check_count(iterations, "iterations", optional=True)
+    check_seed(seed)
+    check_val_range(val_range)
+    check_config(config, "config")
     given_shapes = normalize_input_shapes(input_shapes)
     if given_shapes and data is not None:
         raise BadInputError("input_shapes applies to random inputs; with the data argument the data's shapes are fed")

@@ -37,6 +37,7 @@ from torch import nn
 from bnfold.api import BnInspection
 from bnfold.api import fold as onnx_fold
 from bnfold.api import inspect as onnx_inspect
+from bnfold.api_checks import check_callable, check_config, check_count, check_path
 from bnfold.data.sources import CalibrationData, open_data
 from bnfold.data.stream import StreamData, StreamSource, is_stream_source
 from bnfold.errors import BadInputError, BnfoldError, ProviderUnavailable, UnsupportedModelError, one_line
@@ -281,6 +282,12 @@ def _convert(module: nn.Module | LoadedTorchModel, data: str | os.PathLike[str] 
              progress: Callable[[int, int | None], None] | None, warn: Callable[[str], None] | None,
              outputs: Outputs, recalibrate: str = "training", training_graph: bool = False,
              target_se: float = DEFAULT_TARGET_SE, inplace: bool = False) -> ConvertResult:
+    check_path(output, "output")
+    check_path(frozen_output, "frozen_output")
+    check_count(batch_size, "batch_size", optional=True, label="batch size")
+    check_count(verify_samples, "verify_samples")
+    check_callable(progress, "progress")
+    check_config(config, "config")
     check_recalibrate(recalibrate)
     target_se = check_target_se(target_se)
     if training_graph and data is None:

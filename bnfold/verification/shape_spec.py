@@ -21,6 +21,9 @@ _DIMS = re.compile(r"\d+(?:[x,]\d+)*")
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """``"x:1x3x640x640"`` -> ``("x", (1, 3, 640, 640))``; raises :class:`BadInputError` (saying the
     form to use) for anything else, a zero dim included."""
+    if not isinstance(text, str):
+        raise BadInputError(f"input shape {text!r} is not a 'NAME:DIMS' string: give e.g. 'x:1x3x640x640', or a "
+                            "mapping {name: shape}")
     name, sep, dims = text.strip().rpartition(":")
     if not sep or not name:
         raise BadInputError(f"input shape {text!r} has no NAME: give NAME:DIMS, e.g. x:1x3x640x640")
@@ -67,6 +70,9 @@ def normalize_input_shapes(given: Mapping[str, Sequence[int] | str] | Iterable[s
         return out
     if isinstance(given, str):
         given = [given]
+    if not isinstance(given, Iterable):
+        raise BadInputError(f"input_shapes must be a mapping {{name: shape}} or 'NAME:DIMS' strings, got "
+                            f"{type(given).__name__}; pass e.g. input_shapes={{'x': (1, 3, 640, 640)}}")
     for text in given:
         name, shape = parse_input_shape(text)
         if name in out:
