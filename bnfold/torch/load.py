@@ -608,11 +608,27 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     if _is_state_dict(obj):
         return obj
     if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model"):
+        for key in ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema"):
             inner = obj.get(key)
             if _is_state_dict(inner):
                 return inner
     return None
+
+
+# the prefixes wrappers add to every key: DataParallel/DDP (module.), torch.compile (_orig_mod.), a Lightning
+# module or an EMA wrapper holding the network as self.model (model.)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def _strip_wrapper_prefixes(state: dict[str, torch.Tensor], expected: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``state`` without the wrapper prefixes that every one of its keys carries and the model's keys lack."""
+    while True:
+        for prefix in _WRAPPER_PREFIXES:
+            if (all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected)):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                break
+        else:
+            return state
 
 
 def _listing(keys: list[str], limit: int = 5) -> str:
@@ -643,11 +659,19 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
                                 f"{one_line(exc, 240)}") from exc
         state = _unwrap_state_dict(obj)
         if state is None:
-            raise BadInputError(f"weights '{weights}' hold a {type(obj).__name__}, not a state_dict "
-                                "(a dict of parameter name -> tensor); save model.state_dict()")
+            held = (f"a dict with keys {_listing([repr(k) for k in obj], 8)}" if isinstance(obj, dict)
+                    else f"a {type(obj).__name__}")
+            raise BadInputError(f"weights '{weights}' hold {held}, not a state_dict (a dict of parameter name -> "
+                                "tensor, or one under 'state_dict', 'model_state_dict', 'model', 'state_dict_ema' "
+                                "or 'model_ema'); save model.state_dict()")
         expected = model.state_dict()
-        if (all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected)):
-            state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel/DDP
+        state = _strip_wrapper_prefixes(state, expected)
+        # torch's own BN loading fills in a missing num_batches_tracked (checkpoints from before PyTorch 0.4.1
+        # or with their key metadata dropped); it only counts training steps, so it does not change the fold
+        state = dict(state)
+        for k, v in expected.items():
+            if k not in state and k.endswith(".num_batches_tracked"):
+                state[k] = v.clone()
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]
         shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()

@@ -1,0 +1,105 @@
+"""Review 25j: checkpoints as people have them, through ``--model-factory ... --weights``.
+
+torch.compile'd models (``_orig_mod.``), Lightning modules (``model.``), DataParallel around a compiled
+model, timm's EMA-only checkpoints (``state_dict_ema``) and checkpoints without ``num_batches_tracked``
+(which torch's own ``load_state_dict(strict=True)`` accepts) load like a plain state_dict.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from cli_run import run_cli
+from torch import nn
+
+from bnfold.errors import BadInputError
+from bnfold.torch.load import load_factory
+
+_MODULE = "r25j_ckpt_factory"
+_SOURCE = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+"""
+
+
+@pytest.fixture
+def factory_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / f"{_MODULE}.py").write_text(_SOURCE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop(_MODULE, None)
+    return tmp_path
+
+
+def _trained_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    net = nn.Module()
+    net.conv = nn.Conv2d(3, 4, 3)
+    net.bn = nn.BatchNorm2d(4)
+    net.fc = nn.Linear(4, 2)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state["bn.running_mean"] = torch.rand(4) * 2 - 1
+    state["bn.running_var"] = torch.rand(4) + 0.5
+    state["bn.num_batches_tracked"] = torch.tensor(7)
+    return state
+
+
+def _checkpoints() -> dict[str, Any]:
+    sd = _trained_state()
+    return {
+        "compiled": {"_orig_mod." + k: v for k, v in sd.items()},
+        "dp_compiled": {"module._orig_mod." + k: v for k, v in sd.items()},
+        "lightning": {"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 3},
+        "ema_only": {"state_dict_ema": {"module." + k: v for k, v in sd.items()}, "epoch": 3},
+        "no_num_batches_tracked": {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")},
+    }
+
+
+@pytest.mark.parametrize("name", list(_checkpoints()))
+def test_wrapped_checkpoints_load_as_the_plain_state_dict(factory_dir: Path, name: str) -> None:
+    path = factory_dir / f"{name}.pt"
+    torch.save(_checkpoints()[name], path)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_factory(f"{_MODULE}:build", path)
+    got = loaded.module.state_dict()
+    for k, v in _trained_state().items():
+        if k.endswith("num_batches_tracked") and name == "no_num_batches_tracked":
+            continue
+        assert torch.equal(got[k], v), k
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_a_dict_without_a_state_dict_names_its_keys(factory_dir: Path) -> None:
+    path = factory_dir / "opt.pt"
+    torch.save({"optimizer": {"lr": torch.tensor(0.1)}, "epoch": 3}, path)
+    with pytest.raises(BadInputError) as err:
+        load_factory(f"{_MODULE}:build", path)
+    assert "'optimizer'" in str(err.value) and "'state_dict_ema'" in str(err.value)
+
+
+def test_cli_folds_a_torch_compile_checkpoint(factory_dir: Path) -> None:
+    torch.save(_checkpoints()["compiled"], factory_dir / "w.pt")
+    np.savez(factory_dir / "d.npz", x=np.random.RandomState(0).randn(8, 3, 8, 8).astype(np.float32))
+    res = run_cli(*["fold", "--model-factory", f"{_MODULE}:build", "--weights", "w.pt", "--data", "d.npz",
+                   "--batch-size", "4", "-o", "out.pt2", "--device", "cpu"], cwd=factory_dir)
+    assert res.returncode == 0, res.stderr
+    assert (factory_dir / "out.pt2").is_file()
