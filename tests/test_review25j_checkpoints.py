@@ -103,3 +103,15 @@ def test_cli_folds_a_torch_compile_checkpoint(factory_dir: Path) -> None:
                    "--batch-size", "4", "-o", "out.pt2", "--device", "cpu"], cwd=factory_dir)
     assert res.returncode == 0, res.stderr
     assert (factory_dir / "out.pt2").is_file()
+
+
+def test_a_lightning_module_with_more_than_the_model_names_the_prefix_to_save(factory_dir: Path) -> None:
+    sd = {"net." + k: v for k, v in _trained_state().items()}
+    sd["criterion.weight"] = torch.ones(2)
+    path = factory_dir / "lit.pt"
+    torch.save({"state_dict": sd, "epoch": 1}, path)
+    with pytest.raises(BadInputError) as err:
+        load_factory(f"{_MODULE}:build", path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "under the prefix 'net.'" in msg and "with p = 'net.'" in msg

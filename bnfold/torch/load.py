@@ -631,6 +631,21 @@ def _strip_wrapper_prefixes(state: dict[str, torch.Tensor], expected: dict[str, 
             return state
 
 
+def _sub_model_prefix(missing: list[str], unexpected: list[str]) -> str | None:
+    """The prefix under which the file holds every missing key (a Lightning module's ``net.``, a
+    detector's ``backbone.``), or None."""
+    if not missing or not unexpected:
+        return None
+    first = missing[0]
+    present = set(unexpected)
+    for key in unexpected:
+        if key.endswith("." + first):
+            prefix = key[:len(key) - len(first)]
+            if all(prefix + k in present for k in missing):
+                return prefix
+    return None
+
+
 def _listing(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
@@ -691,6 +706,11 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
             if complex_:
                 parts.append(f"complex values for real tensors ({len(complex_)}; loading would drop their "
                              f"imaginary parts): {_listing(complex_, 3)}")
+            prefix = _sub_model_prefix(missing, unexpected)
+            if prefix is not None:
+                parts.append(f"every missing key is in the file under the prefix '{prefix}' (the model is a part of "
+                             "the checkpoint's module): save that part alone, torch.save({k[len(p):]: v for k, v in "
+                             f"sd.items() if k.startswith(p)}}, FILE) with p = '{prefix}'")
             raise BadInputError(f"weights '{weights}' do not match the model built by {spec}: " + "; ".join(parts))
         try:
             model.load_state_dict(state, strict=True)
