@@ -115,3 +115,15 @@ def test_a_lightning_module_with_more_than_the_model_names_the_prefix_to_save(fa
     msg = str(err.value)
     assert "\n" not in msg
     assert "under the prefix 'net.'" in msg and "with p = 'net.'" in msg
+
+
+def test_a_training_checkpoint_with_its_argparse_namespace_loads(factory_dir: Path) -> None:
+    import argparse
+    path = factory_dir / "model_best.pth.tar"
+    torch.save({"epoch": 9, "arch": "net", "state_dict": _trained_state(), "args": argparse.Namespace(lr=0.1),
+                "state_dict_ema": _trained_state()}, path)
+    loaded = load_factory(f"{_MODULE}:build", path)
+    assert torch.equal(loaded.module.state_dict()["bn.running_var"], _trained_state()["bn.running_var"])
+    np.savez(factory_dir / "d.npz", x=np.zeros((4, 3, 8, 8), np.float32))
+    res = run_cli("fold", str(path), "--data", "d.npz", "-o", "out.pt2", cwd=factory_dir)
+    assert res.returncode == 3 and "holds a state_dict" in res.stderr and "--model-factory" in res.stderr

@@ -23,6 +23,7 @@ a one-line message.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import inspect
 import io
@@ -539,6 +540,14 @@ def _load_torchscript(path: Path, unsafe_pickle: bool) -> LoadedTorchModel:
                             sha256=hashlib.sha256(data).hexdigest(), inputs=inputs, var_keyword=var_kw)
 
 
+def _load_checkpoint(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU that also reads an ``argparse.Namespace`` (the
+    training arguments timm's and torchvision's training scripts store beside the weights): it only holds
+    attributes, which the weights-only unpickler restricts to the same plain types."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 def _is_weights_only_refusal(exc: BaseException) -> bool:
     return isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower()
 
@@ -551,7 +560,7 @@ def _is_state_dict(obj: Any) -> bool:
 def _load_pickle(path: Path, unsafe_pickle: bool, warn: Callable[[str], None] | None) -> LoadedTorchModel:
     check_inflation(path, path, "model file")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = _load_checkpoint(path)
     except Exception as exc:  # noqa: BLE001
         if not _is_weights_only_refusal(exc):
             raise BadInputError(
@@ -664,7 +673,7 @@ def load_factory(spec: str, weights: Path | None) -> LoadedTorchModel:
             raise BadInputError(f"weights path is not a file: {weights}")
         check_inflation(weights, weights, "weights file")
         try:
-            obj = torch.load(str(weights), map_location="cpu", weights_only=True)
+            obj = _load_checkpoint(weights)
         except Exception as exc:  # noqa: BLE001
             if _is_weights_only_refusal(exc):
                 raise BadInputError(
