@@ -9,6 +9,7 @@ not callable, and a call that raises or exits are each a :class:`BadInputError` 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -79,4 +80,18 @@ def call_factory(fn: Callable[..., Any], spec: str, noun: str, returns: str, **k
     except BadInputError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise BadInputError(f"calling {noun} '{spec}' failed: {type(exc).__name__}: {one_line(exc, 240)}") from exc
+        needs = _required_parameters(fn, kwargs) if isinstance(exc, TypeError) else []
+        fix = (f"; bnfold calls it with no arguments ({', '.join(needs)} required): point MODULE:CALLABLE at a "
+               "function that calls it with them, e.g. def build(): return ..." if needs else "")
+        raise BadInputError(
+            f"calling {noun} '{spec}' failed: {type(exc).__name__}: {one_line(exc, 240)}{fix}") from exc
+
+
+def _required_parameters(fn: Callable[..., Any], given: dict[str, Any]) -> list[str]:
+    """The parameters of ``fn`` without a default that the call did not pass."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in given
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]

@@ -127,3 +127,11 @@ def test_a_training_checkpoint_with_its_argparse_namespace_loads(factory_dir: Pa
     np.savez(factory_dir / "d.npz", x=np.zeros((4, 3, 8, 8), np.float32))
     res = run_cli("fold", str(path), "--data", "d.npz", "-o", "out.pt2", cwd=factory_dir)
     assert res.returncode == 3 and "holds a state_dict" in res.stderr and "--model-factory" in res.stderr
+
+
+def test_a_factory_that_needs_arguments_names_the_fix(factory_dir: Path) -> None:
+    (factory_dir / "r25j_args_factory.py").write_text("def build(num_classes, pretrained=False):\n    return None\n")
+    sys.modules.pop("r25j_args_factory", None)
+    with pytest.raises(BadInputError) as err:
+        load_factory("r25j_args_factory:build", None)
+    assert "num_classes required" in str(err.value) and "def build(): return" in str(err.value)
