@@ -135,3 +135,15 @@ def test_a_factory_that_needs_arguments_names_the_fix(factory_dir: Path) -> None
     with pytest.raises(BadInputError) as err:
         load_factory("r25j_args_factory:build", None)
     assert "num_classes required" in str(err.value) and "def build(): return" in str(err.value)
+
+
+def test_a_safetensors_model_file_says_to_pass_it_as_weights(factory_dir: Path) -> None:
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    save_file({k: v.contiguous() for k, v in _trained_state().items()}, str(factory_dir / "w.safetensors"))
+    np.savez(factory_dir / "d.npz", x=np.zeros((4, 3, 8, 8), np.float32))
+    res = run_cli("fold", "w.safetensors", "--data", "d.npz", "-o", "out.onnx", cwd=factory_dir)
+    assert res.returncode == 3 and res.stderr.count("\n") == 1, res.stderr
+    assert "safetensors file" in res.stderr and "--weights FILE" in res.stderr
+    res = run_cli("fold", "--model-factory", f"{_MODULE}:build", "--weights", "w.safetensors", "--data", "d.npz",
+                  "-o", "out.pt2", "--device", "cpu", cwd=factory_dir)
+    assert res.returncode == 0, res.stderr

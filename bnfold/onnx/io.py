@@ -180,11 +180,23 @@ def _check_names(graph: onnx.GraphProto, path: Path) -> None:
                 _check_names(g, path)
 
 
+def _is_safetensors(data: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON."""
+    if len(data) < 10:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 2 <= n <= len(data) - 8 and data[8:9] == b"{" and data[8 + n - 1:8 + n].rstrip() in (b"}", b"")
+
+
 def _parse(data: bytes, path: Path) -> onnx.ModelProto:
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
+        if _is_safetensors(data):
+            raise BadInputError(
+                f"'{path}' is a safetensors file (weights only, no model): pass an .onnx file, or for a PyTorch "
+                "model build it with bnfold fold --model-factory MODULE:CALLABLE --weights FILE") from exc
         raise BadInputError(
             f"'{path}' is not an ONNX model (protobuf parse failed); pass an .onnx file"
         ) from exc
