@@ -1,0 +1,54 @@
+"""Review 25k: drift of corrupt stored statistics (a negative or NaN variance, a NaN mean).
+
+``fold(recalibrate='all')`` replaces them and records each BN's drift as inf, and
+``bnfold.torch.drift`` reports inf too; ``inspect(model, data=...)`` (the README's "Are my stored
+statistics stale?") refused the same model with "statistics are corrupt: export it again", after
+running the whole calibration. With data it now reports the drift (inf, flagged); without data the
+error stays."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from bnfold.cli.main import main
+from conftest import bn, bn_params, init, make_model, rand, vi
+from onnx import helper
+
+from bnfold.api import fold, inspect
+from bnfold.errors import BadInputError
+from bnfold.formulas.drift import flagged
+
+
+def _model(rng: np.random.Generator, slot: str, channel: int, value: float):  # type: ignore[no-untyped-def]
+    p = bn_params(rng, 4)
+    p[slot] = p[slot].copy()
+    p[slot][channel] = value
+    node, inits = bn("bn", "z", "y", p, eps=1e-5)
+    return make_model([helper.make_node("Conv", ["x", "w"], ["z"], name="conv"), node],
+                      [vi("x", ["N", 3, 6, 5])], [vi("y", 4)], [init("w", rand(rng, 4, 3, 3, 3))] + inits)
+
+
+@pytest.mark.parametrize(("slot", "value"), [("var", -1.0), ("var", math.nan), ("mean", math.nan)])
+def test_inspect_with_data_reports_corrupt_statistics_as_drift(rng: np.random.Generator, slot: str,
+                                                                value: float) -> None:
+    model = _model(rng, slot, 2, value)
+    x = rng.standard_normal((8, 3, 6, 5)).astype(np.float32)
+    (rec,) = fold(model, data={"x": x}, batch_size=4, recalibrate="all", dry_run=True).report.bns
+    (row,) = inspect(model, data={"x": x}, batch_size=4)
+    assert row.drift == rec.drift and flagged(row.drift) and row.drift is not None
+    assert row.drift.worst_channel == 2
+    assert math.inf in (row.drift.mean_shift_sigma_max, row.drift.log_var_ratio_max)
+    with pytest.raises(BadInputError, match="corrupt|not finite|NaN"):  # without data: nothing to compare
+        inspect(model)
+
+
+def test_cli_inspect_data_flags_a_negative_variance(rng: np.random.Generator, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    model = _model(rng, "var", 1, -0.5)
+    path, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    import onnx
+    onnx.save(model, path)
+    np.savez(data, x=rng.standard_normal((8, 3, 6, 5)).astype(np.float32))
+    assert main(["inspect", str(path), "--data", str(data), "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "DRIFT" in out and "inf" in out
