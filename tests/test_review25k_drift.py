@@ -52,3 +52,23 @@ def test_cli_inspect_data_flags_a_negative_variance(rng: np.random.Generator, tm
     assert main(["inspect", str(path), "--data", str(data), "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "DRIFT" in out and "inf" in out
+
+
+def test_recalibration_names_the_upstream_bn_whose_dead_channel_divides_by_zero(rng: np.random.Generator) -> None:
+    """Conv -> BN (epsilon 0, channel 1 dead: zero weights) -> Relu -> BN. In the calibration pass the
+    first BN normalises with batch statistics, 0 / sqrt(0 + 0) = NaN, and the second BN's statistics
+    are NaN. The error blamed the second BN and the data's scale; the cause is the first BN's epsilon."""
+    w = rand(rng, 4, 3, 3, 3)
+    w[1] = 0.0
+    p1, p2 = bn_params(rng, 4), bn_params(rng, 4)
+    n1, i1 = bn("bn1", "z", "a", p1, eps=0.0)
+    n2, i2 = bn("bn2", "r", "y", p2, eps=1e-5)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["z"], name="conv"), n1,
+                        helper.make_node("Relu", ["a"], ["r"], name="relu"), n2],
+                       [vi("x", ["N", 3, 6, 5])], [vi("y", 4)], [init("w", w)] + i1 + i2)
+    x = rng.standard_normal((8, 3, 6, 5)).astype(np.float32)
+    for call in (lambda: inspect(model, data={"x": x}, batch_size=4),
+                 lambda: fold(model, data={"x": x}, batch_size=4, recalibrate="all", dry_run=True)):
+        with pytest.raises(BadInputError) as err:
+            call()
+        assert "'bn1'" in str(err.value) and "epsilon" in str(err.value) and "channel(s) 1" in str(err.value)
