@@ -72,3 +72,41 @@ def test_recalibration_names_the_upstream_bn_whose_dead_channel_divides_by_zero(
         with pytest.raises(BadInputError) as err:
             call()
         assert "'bn1'" in str(err.value) and "epsilon" in str(err.value) and "channel(s) 1" in str(err.value)
+
+
+def _alg2(acts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    m = [a.shape[0] * int(np.prod(a.shape[2:])) for a in acts]
+    mu = sum(k * a.mean(axis=(0, 2, 3)) for k, a in zip(m, acts)) / sum(m)
+    var = sum(k * a.var(axis=(0, 2, 3)) for k, a in zip(m, acts)) / sum(k - 1 for k in m)
+    return mu, var
+
+
+def test_chain_drift_is_measured_on_the_training_network_as_the_readme_says(rng: np.random.Generator) -> None:
+    """Conv -> BN1 (stale) -> Relu -> BN2 whose stored statistics are exactly what the deployed model
+    (BN1 on its stored statistics) feeds it. BN2's drift is against Algorithm 2's training network
+    (BN1 on batch statistics; README, "Drift of stored statistics"), so it is not 0 here."""
+    import npref
+    x = (rng.standard_normal((12, 3, 6, 5)) * 2 + 1).astype(np.float32)
+    w = rand(rng, 4, 3, 3, 3)
+    p1, p2 = bn_params(rng, 4), bn_params(rng, 4)
+    p1["mean"] = (p1["mean"] + 1.5).astype(np.float32)
+    zs = [npref.conv(x[i:i + 4].astype(np.float64), w.astype(np.float64)) for i in range(0, 12, 4)]
+
+    def bn1(z: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
+        c = (1, -1, 1, 1)
+        return np.maximum((z - mu.reshape(c)) / np.sqrt(var.reshape(c) + 1e-5) * p1["scale"].reshape(c)
+                          + p1["bias"].reshape(c), 0)
+    deployed = _alg2([bn1(z, p1["mean"].astype(np.float64), p1["var"].astype(np.float64)) for z in zs])
+    training = _alg2([bn1(z, z.mean(axis=(0, 2, 3)), z.var(axis=(0, 2, 3))) for z in zs])
+    p2["mean"], p2["var"] = deployed[0].astype(np.float32), deployed[1].astype(np.float32)
+    n1, i1 = bn("bn1", "z", "a", p1, eps=1e-5)
+    n2, i2 = bn("bn2", "r", "y", p2, eps=1e-5)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["z"], name="conv"), n1,
+                        helper.make_node("Relu", ["a"], ["r"], name="relu"), n2],
+                       [vi("x", ["N", 3, 6, 5])], [vi("y", 4)], [init("w", w)] + i1 + i2)
+    rows = {r.name: r.drift for r in inspect(model, data={"x": x}, batch_size=4)}
+    d = rows["bn2"]
+    assert d is not None and d.mean_shift_sigma_max is not None
+    mu_s = p2["mean"].astype(np.float64)
+    shift = float((np.abs(mu_s - training[0]) / np.sqrt(training[1] + 1e-5)).max())
+    assert d.mean_shift_sigma_max == pytest.approx(shift, rel=1e-4) and shift > 0.1
