@@ -51,7 +51,7 @@ from bnfold.stages.calibrate import calibrate
 from bnfold.stages.discover import BnSite, training_bn_names
 from bnfold.stages.drift import drifts, stored_stats
 from bnfold.stages.fold import apply_plan
-from bnfold.stages.freeze import check_variances, freeze
+from bnfold.stages.freeze import check_stored_stats, check_variances, freeze
 from bnfold.stages.plan import make_plan
 from bnfold.stages.work import Work
 from bnfold.verification.config import VerifyConfig
@@ -397,6 +397,8 @@ def fold(
         if from_data:
             raise BadInputError(f"input '{from_data[0]}' is fed from the data, at the data's shape; give input "
                                 "shapes only for the inputs the data does not supply")
+    if cal is not None and recalibrate == "training":  # kept statistics: refused before calibrating, not after
+        _check_kept_stats(work)
     # before freezing edits the graph; a model fixed to batches of one mixes no samples
     unrecognised = ([] if fixed_batch(input_specs(work.model)) == 1
                     else batch_axis_warnings(work.index, work.consts, work.sites))
@@ -528,6 +530,20 @@ def _corrupt_stats(work: Work, site: BnSite) -> bool:
     mean, var = (np.asarray(a, dtype=np.float64) for a in stored)
     denom = var + site.info.epsilon
     return not (bool(np.isfinite(mean).all()) and bool((np.isfinite(denom) & (denom > 0)).all()))
+
+
+def _check_kept_stats(work: Work) -> None:
+    """Refuse an inference BN whose stored statistics fold with data keeps but are corrupt, naming
+    the fix the data allows."""
+    for site in work.sites:
+        if _corrupt_stats(work, site):
+            stored = stored_stats(work, site)
+            assert stored is not None
+            mean, var = (np.asarray(a, dtype=np.float64) for a in stored)
+            try:
+                check_stored_stats(site.info.name, mean, var, site.info.epsilon)
+            except BadInputError as exc:
+                raise BadInputError(f"{exc}; or re-estimate them from the data with recalibrate='all'") from None
 
 
 def inspect(model: str | os.PathLike[str] | onnx.ModelProto, *, data: DataArg | None = None,

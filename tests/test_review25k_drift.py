@@ -110,3 +110,18 @@ def test_chain_drift_is_measured_on_the_training_network_as_the_readme_says(rng:
     mu_s = p2["mean"].astype(np.float64)
     shift = float((np.abs(mu_s - training[0]) / np.sqrt(training[1] + 1e-5)).max())
     assert d.mean_shift_sigma_max == pytest.approx(shift, rel=1e-4) and shift > 0.1
+
+
+def test_fold_keeping_corrupt_statistics_says_so_before_calibrating_and_names_recalibrate_all(
+        rng: np.random.Generator) -> None:
+    """fold with data and recalibrate='training' keeps an inference BN's stored statistics: corrupt
+    ones are refused before the calibration pass (which cannot change them), and the message names
+    the fix the data allows (recalibrate='all'; the CLI says --recalibrate all)."""
+    model = _model(rng, "var", 2, -1.0)
+    x = rng.standard_normal((8, 3, 6, 5)).astype(np.float32)
+    calls: list[int] = []
+    with pytest.raises(BadInputError, match="recalibrate='all'") as err:
+        fold(model, data={"x": x}, batch_size=4, dry_run=True, progress=lambda done, total: calls.append(done))
+    assert "'bn'" in str(err.value) and "channel(s) 2" in str(err.value)
+    assert calls == []  # refused before calibrating
+    assert fold(model, data={"x": x}, batch_size=4, dry_run=True, recalibrate="all").report.bns[0].drift is not None
