@@ -125,3 +125,19 @@ def test_fold_keeping_corrupt_statistics_says_so_before_calibrating_and_names_re
     assert "'bn'" in str(err.value) and "channel(s) 2" in str(err.value)
     assert calls == []  # refused before calibrating
     assert fold(model, data={"x": x}, batch_size=4, dry_run=True, recalibrate="all").report.bns[0].drift is not None
+
+
+def test_drift_table_counts_the_bns_it_compared() -> None:
+    """inspect's table said "0 of 2 BN over the drift thresholds" for two training-mode BNs, which
+    have no stored statistics to compare; fold's summary counts over the rated BNs only."""
+    from types import SimpleNamespace
+
+    from bnfold.formulas.drift import drift, no_drift
+    from bnfold.report.summary import drift_table
+    rows = [SimpleNamespace(name="a", drift=no_drift("training mode")),
+            SimpleNamespace(name="b", drift=no_drift("training mode"))]
+    last = drift_table(rows).splitlines()[-1]
+    assert last.startswith("0 of 0 BN over the drift thresholds") and "2 BN without figures" in last
+    one = np.ones(3)
+    rows.append(SimpleNamespace(name="c", drift=drift(one, one, one * 2, one, 1e-5)))
+    assert drift_table(rows).splitlines()[-1].startswith("1 of 1 BN over the drift thresholds")
