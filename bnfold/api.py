@@ -49,9 +49,9 @@ from bnfold.run_records import BnRecord, FoldDecision, FoldPlan, Report, VerifyR
 from bnfold.stages.batch_axis import batch_axis_warnings
 from bnfold.stages.calibrate import calibrate
 from bnfold.stages.discover import BnSite, training_bn_names
-from bnfold.stages.drift import drifts
+from bnfold.stages.drift import drifts, stored_stats
 from bnfold.stages.fold import apply_plan
-from bnfold.stages.freeze import check_variances, freeze
+from bnfold.stages.freeze import check_stored_stats, check_variances, freeze
 from bnfold.stages.plan import make_plan
 from bnfold.stages.work import Work
 from bnfold.verification.config import VerifyConfig
@@ -397,6 +397,8 @@ def fold(
         if from_data:
             raise BadInputError(f"input '{from_data[0]}' is fed from the data, at the data's shape; give input "
                                 "shapes only for the inputs the data does not supply")
+    if cal is not None and recalibrate == "training":  # kept statistics: refused before calibrating, not after
+        _check_kept_stats(work)
     # before freezing edits the graph; a model fixed to batches of one mixes no samples
     unrecognised = ([] if fixed_batch(input_specs(work.model)) == 1
                     else batch_axis_warnings(work.index, work.consts, work.sites))
@@ -519,6 +521,31 @@ def _placeholder_stats(work: Work, site: BnSite) -> FrozenStats:
     return FrozenStats(zero, one, one, one, 0.0, 0, 0)
 
 
+def _corrupt_stats(work: Work, site: BnSite) -> bool:
+    """True where an inference BN's stored mean is not finite or its ``var + epsilon`` is not a
+    positive finite number in some channel (what ``check_variances`` refuses)."""
+    stored = stored_stats(work, site)
+    if site.info.mode is not Mode.INFERENCE or stored is None:
+        return False
+    mean, var = (np.asarray(a, dtype=np.float64) for a in stored)
+    denom = var + site.info.epsilon
+    return not (bool(np.isfinite(mean).all()) and bool((np.isfinite(denom) & (denom > 0)).all()))
+
+
+def _check_kept_stats(work: Work) -> None:
+    """Refuse an inference BN whose stored statistics fold with data keeps but are corrupt, naming
+    the fix the data allows."""
+    for site in work.sites:
+        if _corrupt_stats(work, site):
+            stored = stored_stats(work, site)
+            assert stored is not None
+            mean, var = (np.asarray(a, dtype=np.float64) for a in stored)
+            try:
+                check_stored_stats(site.info.name, mean, var, site.info.epsilon)
+            except BadInputError as exc:
+                raise BadInputError(f"{exc}; or re-estimate them from the data with recalibrate='all'") from None
+
+
 def inspect(model: str | os.PathLike[str] | onnx.ModelProto, *, data: DataArg | None = None,
             batch_size: int | None = None, progress: Callable[[int, int | None], None] | None = None,
             distributed: bool | str = "auto") -> list[BnInspection]:
@@ -546,7 +573,13 @@ def inspect(model: str | os.PathLike[str] | onnx.ModelProto, *, data: DataArg | 
         cal = _open_data(data, work.model, batch_size)
         only = _selected(work, "all")
         raw = _calibrate_ranks(work, cal, progress, only, group)
-        drift = drifts(work, {name: finalize(st, "unbiased", name) for name, st in raw.items()})
+        estimates = {name: finalize(st, "unbiased", name) for name, st in raw.items()}
+        drift = drifts(work, estimates)
+        # corrupt stored statistics (a negative or NaN variance, a NaN mean) are what drift is for: their
+        # records say inf and the rows are planned with the data's estimates, as fold(recalibrate='all') would
+        corrupt = {s.info.name for s in work.sites if s.info.name in estimates and _corrupt_stats(work, s)}
+        if corrupt:
+            freeze(work, {name: estimates[name] for name in corrupt})
     pending = [s for s in work.sites if s.pos is not None and s.info.mode is not Mode.INFERENCE]
     if pending:  # plan as fold would: after freezing (placeholder statistics; decomposition removed)
         placeholder = {s.info.name: _placeholder_stats(work, s) for s in pending}

@@ -31,6 +31,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("pass calibration data (the data argument)", "pass calibration data with --data"),
     ("its BNs calibrated on data and folded", "its BNs calibrated on --data and folded"),
     ("allow_reused_bn=True", "--allow-reused-bn"),
+    # bnfold.api (fold with data keeping corrupt statistics)
+    ("from the data with recalibrate='all'", "from the data with --recalibrate all"),
     ("training_graph=True", "--training-graph"),
     # bnfold.formulas.sufficiency
     ("or set the target with target_se=", "or set the target with --target-se"),

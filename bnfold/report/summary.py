@@ -419,10 +419,13 @@ def drift_table(rows: Iterable[Any]) -> str:
         return "  ".join(head + [cells[4]]).rstrip()
 
     flagged_n = sum(1 for r in rows if flagged(r.drift))
+    rated = sum(1 for r in rows if r.drift is not None and r.drift.mean_shift_sigma_max is not None)
     lines = [render(headers), render(["-" * w for w in widths] + ["-----"])]
     lines.extend(render(c) for c in body)
-    lines.append(f"{flagged_n} of {len(body)} BN over the drift thresholds (mean shift > {fmt(MEAN_SHIFT_FLAG)} "
-                     f"sigma or |ln var ratio| > {fmt(LOG_VAR_RATIO_FLAG)}; README, \"Drift of stored statistics\")")
+    unrated = f"; {len(body) - rated} BN without figures (see their notes)" if rated < len(body) else ""
+    lines.append(f"{flagged_n} of {rated} BN over the drift thresholds (mean shift > {fmt(MEAN_SHIFT_FLAG)} "
+                 f"sigma or |ln var ratio| > {fmt(LOG_VAR_RATIO_FLAG)}; README, \"Drift of stored statistics\")"
+                 + unrated)
     return _joined(lines)
 
 

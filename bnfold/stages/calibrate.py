@@ -129,6 +129,7 @@ def calibrate(work: Work, data: Batches, progress: Progress | None = None,
     names = [n for o in outs for n in (o.mean, o.var, o.shape)]
     stats: dict[str, BnStats] = {}
     total = data.num_batches
+    eps_of = {s.info.name: s.info.epsilon for s in main}
     if progress:
         progress(0, total)
     for done, batch in enumerate(data, start=1):
@@ -144,6 +145,7 @@ def calibrate(work: Work, data: Batches, progress: Progress | None = None,
             raise BadInputError(
                 f"onnxruntime failed on calibration batch {done}: {first}; check the data's shapes"
             ) from exc
+        dead: tuple[str, np.ndarray] | None = None  # the first BN that divided 0 by sqrt(0 + 0) on this batch
         for k, o in enumerate(outs):
             mu = np.asarray(values[3 * k], dtype=np.float64).reshape(-1)
             var = np.asarray(values[3 * k + 1], dtype=np.float64).reshape(-1)
@@ -151,10 +153,18 @@ def calibrate(work: Work, data: Batches, progress: Progress | None = None,
             c = mu.shape[0]
             m_b = int(np.prod(shape, dtype=np.int64)) // max(c, 1)
             if not (np.isfinite(mu).all() and np.isfinite(var).all()):
+                if dead is not None:
+                    shown = ", ".join(map(str, dead[1][:5].tolist())) + (", ..." if dead[1].size > 5 else "")
+                    raise BadInputError(
+                        f"BN '{dead[0]}' has epsilon=0 and a batch variance of 0 in channel(s) {shown} on calibration "
+                        f"batch {done}, so normalising with batch statistics divides by zero (NaN from there on, "
+                        f"at BN '{o.bn}'); give the BN a positive epsilon (e.g. 1e-5) when exporting the model")
                 raise BadInputError(
                     f"activations at BN '{o.bn}' became non-finite on calibration batch {done}; "
                     "check the data's scale and the model's weights"
                 )
+            if dead is None and eps_of.get(o.bn, 1.0) <= 0 and not (var > 0).all():
+                dead = (o.bn, np.flatnonzero(~(var > 0)))
             st = stats.get(o.bn)
             if st is None:
                 st = stats[o.bn] = BnStats(channels=c)

@@ -104,6 +104,13 @@ def _all_fine(work: Work, sites: list[BnSite], nodes: list[onnx.NodeProto]) -> b
     return bool((np.isfinite(denom) & (denom > 0)).all())
 
 
+def check_stored_stats(bn: str, mean: np.ndarray, var: np.ndarray, eps: float) -> None:
+    """``check_variances``'s test of one BN's mean and variance (float64 arrays), for statistics
+    checked before calibration (those the data will not replace)."""
+    _check_finite(bn, "mean", mean.reshape(-1))
+    _check_one(bn, var.reshape(-1), eps)
+
+
 def _check_finite(bn: str, what: str, value: np.ndarray) -> None:
     bad = np.flatnonzero(~np.isfinite(value))
     if bad.size:
