@@ -298,6 +298,16 @@ class _DeviceStats:
         return dev if self.host is None else merge(self.host, dev)
 
 
+def _check_eps(name: str, eps: float) -> None:
+    """A BN to calibrate needs eps > 0: normalising with a batch's statistics divides by
+    sqrt(var + eps), 0 in a channel whose batch is constant, and torch refuses eps <= 0 in training."""
+    if not float(eps) > 0:
+        raise BadInputError(
+            f"BN '{name}' has eps={eps}: calibration normalises with each batch's statistics, which divides by zero in "
+            "a channel whose batch variance is 0 (torch refuses eps <= 0 in training mode, update_bn too); set a "
+            "positive eps before calibrating (e.g. bn.eps = 1e-5)")
+
+
 def _batch_stat_forward(self: _BatchNorm, x: torch.Tensor, acc: _DeviceStats) -> torch.Tensor:
     """A standard BN module of the training network (see :func:`batch_stat_norm`)."""
     self._check_input_dim(x)
@@ -715,6 +725,7 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
         """An ``F.batch_norm`` call on the buffers of BN ``name`` (a module that overrides forward)."""
         if batch_stats and not modules_by_name[name].training and name not in forced:
             forced.append(name)
+        _check_eps(name, eps)
         note_call(name, x)
         eps_of[name] = eps
         with quiet[0]():
@@ -748,6 +759,7 @@ def _run_pass(work: nn.Module, dev: torch.device, data: Any, deferred: DeferredC
         for name, m in targets:
             kind = bn_kind(m)
             if isinstance(m, _BatchNorm) and kind in (BnKind.STANDARD, BnKind.BN_ACT):
+                _check_eps(name, m.eps)
                 m.forward = make_forward(name, m, kind is BnKind.BN_ACT)  # type: ignore[method-assign]
                 patched.append(m)
         if progress:
