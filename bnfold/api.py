@@ -100,6 +100,13 @@ class FoldResult:
         self.report = report
         self.rows: list[BnInspection] = rows if rows is not None else []
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to another process: ``ProcessPoolExecutor``, ``Pool.map``) with its deferred
+        tensors read in: only the process that loaded the model can read them."""
+        state = self.__dict__.copy()
+        state["_model"], state["_complete"] = self.model, True
+        return state
+
     @property
     def model(self) -> onnx.ModelProto | None:
         if not self._complete:

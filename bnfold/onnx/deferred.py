@@ -27,10 +27,15 @@ DEFER_MIN_BYTES = 64 * 2**20
 #: a deferred tensor is copied from its file in pieces of this size
 COPY_CHUNK = 16 * 2**20
 BASEPATH = "basepath"
+#: private key of a deferred tensor: its data file's stamp at load (size:mtime_ns:inode:device)
+STAMP = "bnfold_stamp"
 
 _Stamp = tuple[int, int, int, int]
-#: (model folder, location) -> (size, mtime_ns, inode, device) of the data file when it was checked at load
-_STAMPS: dict[tuple[str, str], _Stamp] = {}
+#: (model folder, location, stamp) of every data file a load deferred tensors of, with the
+#: (size, mtime_ns, inode, device) it had then. The stamp is also kept in each tensor (:data:`STAMP`):
+#: a later load of a replaced file under the same name must not make an earlier load's tensors
+#: read the new bytes.
+_STAMPS: dict[tuple[str, str, str], _Stamp] = {}
 
 
 def supported() -> bool:
@@ -67,24 +72,39 @@ def defer(tensor: TensorProto, base_dir: str) -> bool:
         os.close(fd)
     _check_bounds(stamp[0], offset, info.length, tensor.name)
     base = os.path.abspath(base_dir)
-    keep = [(e.key, e.value) for e in tensor.external_data if e.key != BASEPATH]
+    keep = [(e.key, e.value) for e in tensor.external_data if e.key not in (BASEPATH, STAMP)]
+    mark = ":".join(map(str, stamp))
     del tensor.external_data[:]
-    for key, value in (*keep, (BASEPATH, base)):
+    for key, value in (*keep, (BASEPATH, base), (STAMP, mark)):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
-    _STAMPS[(base, info.location)] = stamp
+    _STAMPS[(base, info.location, mark)] = stamp
     return True
 
 
 def _source(tensor: TensorProto) -> tuple[str, str, int, int] | None:
     """(model folder, location, offset, length) of a deferred tensor; None for any other tensor."""
+    key = _key(tensor)
+    if key is None:
+        return None
+    keys = {e.key: e.value for e in tensor.external_data}
+    return key[0], key[1], int(keys.get("offset") or 0), int(keys["length"])
+
+
+def _key(tensor: TensorProto) -> tuple[str, str, str] | None:
+    """The :data:`_STAMPS` key of a deferred tensor; None for any other tensor."""
     if tensor.data_location != TensorProto.EXTERNAL:
         return None
     keys = {e.key: e.value for e in tensor.external_data}
-    base, location, length = keys.get(BASEPATH), keys.get("location"), keys.get("length")
-    if base is None or location is None or length is None or (base, location) not in _STAMPS:
+    base, location, mark = keys.get(BASEPATH), keys.get("location"), keys.get(STAMP)
+    if base is None or location is None or mark is None or keys.get("length") is None:
         return None
-    return base, location, int(keys.get("offset") or 0), int(length)
+    key = (base, location, mark)
+    return key if key in _STAMPS else None
+
+
+def _mark(tensor: TensorProto) -> str:
+    return next(e.value for e in tensor.external_data if e.key == STAMP)
 
 
 def is_deferred(tensor: TensorProto) -> bool:
@@ -105,7 +125,7 @@ def _open_checked(tensor: TensorProto, base: str, location: str) -> int:
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise BadInputError(f"external data of tensor '{tensor.name}' could not be read ({exc}); "
                             "keep the data files next to the model") from exc
-    if _fd_stamp(fd) != _STAMPS[(base, location)]:
+    if _fd_stamp(fd) != _STAMPS[(base, location, _mark(tensor))]:
         os.close(fd)
         raise BadInputError(f"external data file '{path}' of tensor '{tensor.name}' changed since the model "
                             "was read; leave the model's data files unchanged while bnfold runs, then run it again")
@@ -159,7 +179,7 @@ def copy_to(tensor: TensorProto, fh: BinaryIO) -> int:
         while done < length:
             fh.write(_read_exact(fd, offset + done, min(COPY_CHUNK, length - done)))
             done += min(COPY_CHUNK, length - done)
-        if _fd_stamp(fd) != _STAMPS[(base, location)]:
+        if _fd_stamp(fd) != _STAMPS[(base, location, _mark(tensor))]:
             raise BadInputError(f"external data file '{os.path.join(base, location)}' of tensor '{tensor.name}' "
                                 "changed while it was copied; leave the model's data files unchanged while bnfold "
                                 "runs, then run it again")

@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import re
+import threading
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -338,19 +339,35 @@ def quiet_export_loggers() -> Iterator[_Drop]:
             logger.removeFilter(drop)
 
 
+_FORCE_LOCK = threading.Lock()
+_force_users = 0  # threads inside _weights_only_forced
+_force_saved: dict[str, str | None] = {}  # the environment before the first of them
+
+
 @contextmanager
 def _weights_only_forced() -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in (_FORCE, _FORCE_NO)}
-    os.environ[_FORCE] = "1"
-    os.environ.pop(_FORCE_NO, None)  # both set is an error in torch.load
+    """Force every ``torch.load`` to weights_only through the environment (process-wide): the
+    first of overlapping users (threads) saves the variables, the last one restores them, so
+    one thread leaving never lifts the guard under another and nothing stays set afterwards."""
+    global _force_users
+    with _FORCE_LOCK:
+        if _force_users == 0:
+            _force_saved.update({k: os.environ.get(k) for k in (_FORCE, _FORCE_NO)})
+            os.environ[_FORCE] = "1"
+            os.environ.pop(_FORCE_NO, None)  # both set is an error in torch.load
+        _force_users += 1
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        with _FORCE_LOCK:
+            _force_users -= 1
+            if _force_users == 0:
+                for key, value in _force_saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+                _force_saved.clear()
 
 
 def guarded_export_load(data: bytes, *, unsafe: bool = False) -> Any:

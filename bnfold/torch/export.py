@@ -34,6 +34,7 @@ from torch import nn
 
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedModelError, one_line
 from bnfold.torch.outputs import describe, leaves
+from bnfold.torch.process_state import PROCESS_STATE_LOCK
 from bnfold.torch.wrappers import uncompiled
 from bnfold.verification.compare import compare_outputs
 from bnfold.verification.noise_floor import MARGIN, floor_from_oracle
@@ -61,15 +62,20 @@ def _quiet(notes: list[str]) -> Iterator[None]:
     torch.onnx's TorchScript exporter logs its whole IR graph on stdout when an export fails
     ('Torch IR graph at exception: ...'; its ONNX log is on whatever the setting, as
     ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled`` for truth): that log
-    call is a no-op here, so a failure is bnfold's one error line."""
-    log = torch._C._jit_onnx_log
-    setattr(torch._C, "_jit_onnx_log", lambda *args: None)  # noqa: B010 - torch._C has no stubs for it
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
-        setattr(torch._C, "_jit_onnx_log", log)  # noqa: B010
+    call is a no-op here, so a failure is bnfold's one error line.
+
+    Both swaps (and ``warnings.catch_warnings``) are process-wide: threads exporting at once take
+    turns (``PROCESS_STATE_LOCK``), else one leaving would restore what another had swapped in and
+    leave the process with the log muted and its warnings recorded into a dead list."""
+    with PROCESS_STATE_LOCK:
+        log = torch._C._jit_onnx_log
+        setattr(torch._C, "_jit_onnx_log", lambda *args: None)  # noqa: B010 - torch._C has no stubs for it
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                yield
+        finally:
+            setattr(torch._C, "_jit_onnx_log", log)  # noqa: B010
     tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     if tracer:
         notes.append(
@@ -376,7 +382,8 @@ def float64_oracle(module: nn.Module, example: Mapping[str, torch.Tensor]) -> di
     float64): the exact function the float32 run rounds. None where the module cannot run in
     float64 (a dtype fixed in its code, a TorchScript cast): the checks then have no floor."""
     try:
-        with warnings.catch_warnings():  # .double() on a copied TorchScript module reads .grad of non-leaf tensors
+        # .double() on a copied TorchScript module reads .grad of non-leaf tensors
+        with PROCESS_STATE_LOCK, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
             double = copy.deepcopy(module).double()
         ex64 = {k: (v.double() if v.is_floating_point() else v) for k, v in example.items()}
@@ -531,6 +538,6 @@ def load_saved(path: Path, kind: str) -> nn.Module:
     """Read back what :func:`save_exported_program` / :func:`save_torchscript` wrote."""
     if kind == "pt2":
         return torch.export.load(str(path)).module()
-    with warnings.catch_warnings():
+    with PROCESS_STATE_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.load(str(path), map_location="cpu")

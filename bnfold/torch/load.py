@@ -50,6 +50,7 @@ from bnfold.torch.archive import (
     guarded_export_load,
     unsafe_hint,
 )
+from bnfold.torch.process_state import PROCESS_STATE_LOCK
 
 __all__ = [
     "EXPORTED_PROGRAM", "FACTORY", "PICKLE", "TORCHSCRIPT", "LoadedTorchModel", "detect_kind",
@@ -494,7 +495,7 @@ def _load_exported_program(path: Path, unsafe_pickle: bool,
         if warn is not None:
             warn(f"unsafe_pickle=True: unpickling '{path}' runs arbitrary code from the file; use it only on files "
                  f"you trust (member '{unsafe.member}' needs full unpickling)")
-    with catch_warnings(record=True) as caught:  # shown only where the archive is accepted
+    with PROCESS_STATE_LOCK, catch_warnings(record=True) as caught:  # shown only where the archive is accepted
         simplefilter("always")
         try:
             ep = guarded_export_load(data, unsafe=unsafe is not None)

@@ -36,6 +36,8 @@ from functools import lru_cache
 
 import torch
 
+from bnfold.torch.process_state import PROCESS_STATE_LOCK
+
 __all__ = ["FILE_OPS", "FOREIGN_NAMESPACES", "ScriptFinding", "find_file_op", "forbidden_names",
            "schema_file_ops"]
 
@@ -93,7 +95,7 @@ class ScriptFinding:
 def _string_value(text: str) -> str | None:
     """A literal's decoded value (octal and other escapes as TorchScript decodes them)."""
     try:
-        with warnings.catch_warnings():
+        with PROCESS_STATE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an invalid escape: DeprecationWarning/SyntaxWarning
             value = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
