@@ -31,6 +31,9 @@ ALLOWED_LOCAL: frozenset[tuple[str, str]] = frozenset({
     # torch is an optional, heavy dependency: the CLI imports the PyTorch front end only when it
     # is given a PyTorch model (bnfold/__init__.py's lazy names go through importlib instead)
     ("bnfold.cli.torch_fold", "bnfold.torch"),
+    # the console script's entry imports the command inside a try, so that a Ctrl-C during those
+    # imports ends as 'bnfold: interrupted' (exit 130) and not as a traceback
+    ("bnfold.cli.entry", "bnfold.cli.main"),
 })
 
 # layers that must never import a bnfold module inside a function, allowlist or not
