@@ -181,6 +181,7 @@ def outputs_svg(runs: Sequence[ProviderRun]) -> str:
     ]
     _y_axis(parts, lo, hi, y_of, left, left + pw)
     base = top + ph
+    several_providers = len({p for p, _ in groups}) > 1  # once, not per bar group (quadratic)
     for g, (provider, o) in enumerate(groups):
         gx = left + gap + g * (nbar * bar_w + gap)
         for b, (key, label, color) in enumerate(BAR_COLORS):
@@ -196,7 +197,7 @@ def outputs_svg(runs: Sequence[ProviderRun]) -> str:
         cx = gx + nbar * bar_w / 2
         label = o.name if len(o.name) <= 18 else o.name[:8] + "..." + o.name[-7:]
         parts.append(f'<text x="{_num(cx)}" y="{base + 14}" text-anchor="middle">{_e(label)}</text>')
-        if len({p for p, _ in groups}) > 1:
+        if several_providers:
             parts.append(f'<text x="{_num(cx)}" y="{base + 27}" text-anchor="middle">'
                          f'{_e(provider)}</text>')
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#8c959f"/>')

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -62,34 +61,30 @@ def ellipsize(text: str, width: int) -> str:
     return text[:head] + ELLIPSIS + (text[-tail:] if tail else "")
 
 
-def _clashes(name: str, head: int, width: int, names: list[str], reversed_names: list[str]) -> bool:
-    """Whether another name longer than ``width`` starts with ``name[:head]`` and ends with the tail
-    that an elision to ``width`` at split ``head`` keeps (so both could read the same). The longer of
-    the two ends is looked up by bisection in the sorted names (or the sorted reversed names)."""
-    tail = width - len(ELLIPSIS) - head
-    start, end = name[:head], name[len(name) - tail:] if tail else ""
-    if head >= tail:
-        pool, key, other = names, start, lambda b: b.endswith(end)
-    else:
-        pool, key, other = reversed_names, end[::-1], lambda b: b[::-1].startswith(start)
-    for candidate in pool[bisect_left(pool, key):]:
-        if not candidate.startswith(key):
-            return False
-        original = candidate if pool is names else candidate[::-1]
-        if original != name and len(original) > width and other(candidate):
-            return True
-    return False
-
-
 def elide_apart(names: Iterable[str], width: int) -> dict[str, str]:
     """Each name cut to ``width`` characters with ``...`` in the middle, like :func:`ellipsize`, but
     keeping the parts that tell the names apart: where the even split makes two long names read the
     same (``/stages/stages.0/...tchNormalization`` for ``.../bn1/...`` and ``.../bn2/...``), the cut
     moves (``/stages/stages.0/bn1...ormalization``) to the split nearest the middle at which no
-    other name has the same head and tail. Names that fit are kept whole."""
+    other name has the same head and tail. Names that fit are kept whole.
+
+    Linear in the number of names per split tried: the (head, tail) pairs of all long names at a
+    split are counted once, so names sharing a long common prefix do not cost a scan each."""
     unique = sorted(set(names))
-    reversed_names = sorted(n[::-1] for n in unique)
     keep = width - len(ELLIPSIS)
+    long_names = [n for n in unique if len(n) > width]
+    pairs: dict[int, Counter] = {}
+
+    def ends(name: str, head: int) -> tuple[str, str]:
+        tail = keep - head
+        return name[:head], (name[len(name) - tail:] if tail else "")
+
+    def clashes(name: str, head: int) -> bool:
+        counts = pairs.get(head)
+        if counts is None:
+            counts = pairs[head] = Counter(ends(n, head) for n in long_names)
+        return counts[ends(name, head)] > 1  # the names are unique: more than one is another name
+
     out: dict[str, str] = {}
     for name in unique:
         if len(name) <= width or width <= len(ELLIPSIS):
@@ -97,9 +92,9 @@ def elide_apart(names: Iterable[str], width: int) -> dict[str, str]:
             continue
         middle = (keep + 1) // 2
         splits = sorted(range(keep + 1), key=lambda h: (abs(h - middle), -h))
-        head = next((h for h in splits if not _clashes(name, h, width, unique, reversed_names)), middle)
-        tail = keep - head
-        out[name] = name[:head] + ELLIPSIS + (name[len(name) - tail:] if tail else "")
+        head = next((h for h in splits if not clashes(name, h)), middle)
+        start, end = ends(name, head)
+        out[name] = start + ELLIPSIS + end
     return out
 
 
