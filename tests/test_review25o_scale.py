@@ -66,3 +66,25 @@ def test_outputs_plot_is_not_quadratic_in_outputs():
     # before: the set of providers was rebuilt for every (provider, output) bar group
     small, large = _svg_hashes(100), _svg_hashes(200)
     assert large < 3 * small, (small, large)
+
+
+def test_plan_table_widens_long_names_in_few_elisions(monkeypatch):
+    # names that differ only in the middle of 1 kB: no cut at the column's cap keeps them apart, so
+    # the column widens. Before: one re-elision of the whole column per 4 characters (~250 here;
+    # 10 kB names made 'bnfold inspect' run for minutes); after: a bisection over the widths.
+    from collections import namedtuple
+
+    import bnfold.report.summary as summary
+    from bnfold.records import Action, Mode
+    from bnfold.run_records import FoldDecision
+
+    row = namedtuple("row", "name mode producer producer_op decision")
+    names = ["A" * 1000 + f"bn{i}" + "B" * 1000 for i in range(3)]
+    rows = [row(n, Mode.INFERENCE, None, None, FoldDecision(n, Action.FOLDED, target="c", direction="forward"))
+            for n in names]
+    calls = []
+    real = summary.elide_apart
+    monkeypatch.setattr(summary, "elide_apart", lambda column, width: calls.append(width) or real(column, width))
+    table = summary.plan_table(rows)
+    assert len({line.split('  ')[0] for line in table.splitlines()[2:]}) == 3  # BN cells read apart
+    assert len(calls) < 40, len(calls)
