@@ -176,6 +176,17 @@ def _reshape(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
     return x.reshape(shape)
 
 
+def _flatten(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | None:
+    """Flatten's axis lies in [-r, r]: axis r gives (size, 1), axis 0 gives (1, size)."""
+    x, axis = args[0], int(get_attr(node, "axis", 1))
+    if axis < 0:
+        axis += x.ndim
+    if not 0 <= axis <= x.ndim:
+        return None
+    lead = int(np.prod(x.shape[:axis], dtype=np.int64))
+    return x.reshape(lead, int(np.prod(x.shape[axis:], dtype=np.int64)))
+
+
 def _cast(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
     to = get_attr(node, "to")
     return args[0].astype(helper.tensor_dtype_to_np_dtype(to))
@@ -227,9 +238,7 @@ _OPS: dict[str, _Op] = {
     "Reshape": _reshape,
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
-    "Flatten": lambda n, a: a[0].reshape(
-        int(np.prod(a[0].shape[: get_attr(n, "axis", 1) % max(a[0].ndim, 1)] or [1])), -1
-    ),
+    "Flatten": _flatten,
     "Transpose": lambda n, a: np.transpose(a[0], get_attr(n, "perm")),
     "ConstantOfShape": _constant_of_shape,
     "Expand": _expand,
