@@ -214,6 +214,15 @@ def _shape(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
     return np.array(dims[start:end], dtype=np.int64)
 
 
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ONNX Div: integer division truncates toward zero (C semantics, as onnxruntime computes
+    it), where numpy's ``//`` floors: -3 / 2 is -1, not -2."""
+    if a.dtype.kind == "f" or b.dtype.kind == "f":
+        return a / b
+    q = np.abs(a) // np.abs(b)
+    return np.where((a < 0) != (b < 0), -q, q)
+
+
 _Op = Callable[[onnx.NodeProto, list[np.ndarray]], np.ndarray | None]
 
 
@@ -232,7 +241,7 @@ _OPS: dict[str, _Op] = {
     "Mul": _binary(np.multiply),
     "Add": _binary(np.add),
     "Sub": _binary(np.subtract),
-    "Div": _binary(lambda a, b: a / b if a.dtype.kind == "f" else a // b),
+    "Div": _binary(_div),
     "Sqrt": lambda n, a: np.sqrt(a[0]),
     "Neg": lambda n, a: -a[0],
     "Reshape": _reshape,
