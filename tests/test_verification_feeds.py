@@ -65,10 +65,11 @@ def test_random_feeds_are_seeded_uniform_in_the_range() -> None:
     assert info == {"source": "random", "seed": 5, "val_range": [-2.0, 3.0], "iterations": 2, "batch_size": 3}
 
 
-def test_scalar_inputs_get_one_value_per_sample() -> None:
-    """A rank-0 input has no dims after the batch axis: both generators make shape (batch,)."""
+def test_scalar_inputs_are_fed_as_scalars() -> None:
+    """A rank-0 input is a scalar, not a batch: both generators make a 0-d array (review 25m: fed
+    as (batch,), it failed to broadcast against a fixed batch; tests/test_review25m_scalar_inputs.py)."""
     specs = input_specs(_identity([]))
     feeds, _ = random_feeds(specs, seed=0, val_range=(0.0, 1.0), iterations=1, batch_size=4)
-    assert feeds[0]["x"].shape == (4,)
+    assert feeds[0]["x"].shape == ()
     normal = fold_feeds(None, _identity([]), 1)
-    assert isinstance(normal, list) and normal[0]["x"].shape == (1,)
+    assert isinstance(normal, list) and normal[0]["x"].shape == ()

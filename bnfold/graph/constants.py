@@ -176,6 +176,17 @@ def _reshape(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
     return x.reshape(shape)
 
 
+def _flatten(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | None:
+    """Flatten's axis lies in [-r, r]: axis r gives (size, 1), axis 0 gives (1, size)."""
+    x, axis = args[0], int(get_attr(node, "axis", 1))
+    if axis < 0:
+        axis += x.ndim
+    if not 0 <= axis <= x.ndim:
+        return None
+    lead = int(np.prod(x.shape[:axis], dtype=np.int64))
+    return x.reshape(lead, int(np.prod(x.shape[axis:], dtype=np.int64)))
+
+
 def _cast(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
     to = get_attr(node, "to")
     return args[0].astype(helper.tensor_dtype_to_np_dtype(to))
@@ -203,6 +214,15 @@ def _shape(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
     return np.array(dims[start:end], dtype=np.int64)
 
 
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ONNX Div: integer division truncates toward zero (C semantics, as onnxruntime computes
+    it), where numpy's ``//`` floors: -3 / 2 is -1, not -2."""
+    if a.dtype.kind == "f" or b.dtype.kind == "f":
+        return a / b
+    q = np.abs(a) // np.abs(b)
+    return np.where((a < 0) != (b < 0), -q, q)
+
+
 _Op = Callable[[onnx.NodeProto, list[np.ndarray]], np.ndarray | None]
 
 
@@ -221,15 +241,13 @@ _OPS: dict[str, _Op] = {
     "Mul": _binary(np.multiply),
     "Add": _binary(np.add),
     "Sub": _binary(np.subtract),
-    "Div": _binary(lambda a, b: a / b if a.dtype.kind == "f" else a // b),
+    "Div": _binary(_div),
     "Sqrt": lambda n, a: np.sqrt(a[0]),
     "Neg": lambda n, a: -a[0],
     "Reshape": _reshape,
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
-    "Flatten": lambda n, a: a[0].reshape(
-        int(np.prod(a[0].shape[: get_attr(n, "axis", 1) % max(a[0].ndim, 1)] or [1])), -1
-    ),
+    "Flatten": _flatten,
     "Transpose": lambda n, a: np.transpose(a[0], get_attr(n, "perm")),
     "ConstantOfShape": _constant_of_shape,
     "Expand": _expand,

@@ -141,6 +141,9 @@ def make_session(
         hint = ""
         if "IR version" in message:
             hint = f"; save the model with ir_version <= {ort_max_ir_version()}"
+        elif "consumed_inputs" in message:  # opset-6 operators (caffe2 and early converters)
+            hint = ("; onnxruntime no longer runs opset-6 operators: convert the model to opset 7 or later "
+                    "(onnx.version_converter.convert_version) (or verify=False to write it unverified)")
         raise UnsupportedModelError(
             f"onnxruntime {ort.__version__} cannot load {path}: {message}{hint}"
         ) from None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import onnx
 
-from bnfold.errors import UnsupportedModelError
+from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.graph.constants import Constants
 from bnfold.graph.index import GraphIndex
 from bnfold.records import Mode
@@ -172,6 +172,40 @@ def _refuse_read_saved_stats(index: GraphIndex, node: onnx.NodeProto, outs: list
                 "output has no value once the BN is frozen: export the model without it (or in eval mode)")
 
 
+_PARAM_NAMES = ((1, "scale"), (2, "B"), (3, "mean"), (4, "var"))
+
+
+def _check_param_shapes(node: onnx.NodeProto, ins: list[str], consts: Constants) -> None:
+    """Refuse a BN whose constant scale/B/mean/var is not a vector of one common length (C,):
+    converters write a scalar ``Constant`` (``value_float``) or a (1,) tensor; onnxruntime
+    refuses such a BN at run time, and the fold arithmetic cannot take it."""
+    inits = consts.index.initializers
+    seen: tuple[str, str, int] | None = None
+    for slot, what in _PARAM_NAMES:
+        name = ins[slot] if slot < len(ins) else ""
+        if not name:
+            continue
+        init = inits.get(name)
+        if init is not None:
+            dims: tuple[int, ...] = tuple(init.dims)
+        elif name in consts.index.overridable or name in consts.index.graph_inputs:
+            continue
+        else:
+            v = consts.value(name)
+            if v is None:
+                continue
+            dims = tuple(v.shape)
+        if len(dims) != 1 or (seen is not None and dims[0] != seen[2]):
+            against = ""
+            if seen is not None and len(dims) == 1:
+                against = f", but {seen[0]} '{seen[1]}' has {seen[2]} channels"
+            raise BadInputError(f"BN '{node.name}' {what} '{name}' has shape {list(dims)}{against}: BatchNormalization "
+                                "takes scale, B, mean and var as vectors of shape (C,), one value per channel; "
+                                "fix the model so that each holds C values")
+        if seen is None:
+            seen = (what, name, dims[0])
+
+
 def find_bns(model: onnx.ModelProto, index: GraphIndex, consts: Constants) -> list[BnSite]:
     """Every BN of the model: main graph first (in node order), then subgraphs and functions."""
     opset = index.opset
@@ -195,6 +229,8 @@ def find_bns(model: onnx.ModelProto, index: GraphIndex, consts: Constants) -> li
         else:
             mode = Mode.TRAINING if training else Mode.INFERENCE
         spatial = bool(attrs["spatial"].i) if opset < 9 and "spatial" in attrs else True
+        if spatial:
+            _check_param_shapes(node, ins, consts)
         sites.append(BnSite(_bn_info(node, mode, index, consts, "", attrs, ins, index.outs[pos][0]), pos, spatial))
     for pos in index.subgraph_positions:
         node = nodes[pos]

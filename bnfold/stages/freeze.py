@@ -21,8 +21,11 @@ from bnfold.stages.work import Work
 
 
 def stats_dtype(index: GraphIndex, node: onnx.NodeProto) -> np.dtype:
-    """dtype for the mean/var inputs: that of the scale (valid for every opset: T1 or T)."""
-    for slot in (1, 3):
+    """dtype for the mean/var inputs: that of the stored mean, else of the scale. Since opset 15
+    mean/var have their own type (T2, e.g. float32 statistics beside a float16 scale); before it
+    they share the scale's, so the mean's type is valid for every opset. Writing statistics in the
+    scale's float16 would round them and overflow at variances above 65504."""
+    for slot in (3, 4, 1):
         et = index.elem_type(node.input[slot]) if slot < len(node.input) else None
         if et:
             return np.dtype(helper.tensor_dtype_to_np_dtype(et))

@@ -190,6 +190,10 @@ class Planner:
         if node.op_type == "Add":
             const = [self.consts.is_constant(i) for i in node.input[:2]]
             if const.count(True) != 1:
+                given = [i for i in node.input[:2] if i in self.index.overridable]
+                if given and not any(const):  # a bias the caller may replace: not a constant to fold
+                    raise Refuse(Reason.NOT_CONSTANT, f"bias of Add '{node.name}' ('{given[0]}') "
+                                 f"{self._not_constant(given[0])}")
                 raise Refuse(Reason.UNSUPPORTED_PRODUCER,
                              f"input comes from Add '{node.name}' of two computed tensors")
             return const.index(False)

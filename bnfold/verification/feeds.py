@@ -57,7 +57,7 @@ def random_feeds(specs: list[InputSpec], *, seed: int, val_range: tuple[float, f
                 feed[spec.name] = rng.integers(int(np.ceil(lo)), int(np.floor(hi)), size=shape,
                                                endpoint=True).astype(spec.dtype)
             elif spec.dtype.kind == "b":
-                feed[spec.name] = rng.random(size=shape) < 0.5
+                feed[spec.name] = np.asarray(rng.random(size=shape) < 0.5)  # an array also at shape ()
             else:
                 raise BadInputError(f"input '{spec.name}' has dtype {spec.dtype}: pass the data argument instead")
         feeds.append(feed)
@@ -96,9 +96,12 @@ def _static_dims(spec: InputSpec) -> tuple[int, ...] | None:
 
 def _shape(spec: InputSpec, bs: int, shapes: Shapes | None) -> tuple[int, ...] | None:
     """The shape ``spec`` is fed at: ``shapes``' entry, else the declared one with a symbolic first
-    dim as ``bs`` (rank 0 gets ``(bs,)``), or None when a non-batch dim is dynamic."""
+    dim as ``bs`` (a declared scalar stays a scalar: it has no batch axis), or None when a
+    non-batch dim is dynamic."""
     if shapes is not None and spec.name in shapes:
         return tuple(shapes[spec.name])
+    if spec.shape is not None and not spec.shape:
+        return ()
     dims = _static_dims(spec)
     if dims is None:
         return None
@@ -221,7 +224,7 @@ def _generated(specs: list[InputSpec], bs: int, rng: np.random.Generator, shapes
         elif spec.dtype.kind in "iu":
             feed[spec.name] = rng.integers(0, bounds.get(spec.name, 1), size=shape, endpoint=True).astype(spec.dtype)
         elif spec.dtype.kind == "b":
-            feed[spec.name] = rng.random(size=shape) < 0.5
+            feed[spec.name] = np.asarray(rng.random(size=shape) < 0.5)  # an array also at shape ()
         else:
             return f"input '{spec.name}' has dtype {spec.dtype}; pass the data argument to verify"
     return feed

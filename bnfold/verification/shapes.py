@@ -101,7 +101,7 @@ def _declared(spec: InputSpec, batch: int) -> tuple[int, ...] | None:
     if spec.shape is None or any(d is None for d in spec.shape[1:]):
         return None
     if not spec.shape:
-        return (batch,)  # a scalar input is fed one value per sample (as the feeds do)
+        return ()  # a declared scalar is fed as one (as the feeds do): it has no batch axis
     return (spec.shape[0] if spec.shape[0] is not None else batch,) + tuple(d for d in spec.shape[1:] if d is not None)
 
 
