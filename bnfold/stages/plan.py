@@ -83,7 +83,25 @@ class Planner:
     def _not_constant(self, name: str) -> str:
         if name in self.index.overridable:
             return "is a graph input: its initializer is only a default a caller may replace"
+        dq = self._dequantized(name)
+        if dq is not None:
+            return (f"is not a constant: it is dequantized at run time by DequantizeLinear '{dq}' (a quantized "
+                    "weight; fold the BNs before quantizing the model)")
         return "is not a constant"
+
+    def _dequantized(self, name: str) -> str | None:
+        """The DequantizeLinear node that computes ``name``, directly or through Identity / Cast /
+        Reshape / Transpose / Unsqueeze steps (a QDQ model's weight), or None."""
+        for _ in range(8):
+            node = self.index.node_of(name)
+            if node is None or not node.input:
+                return None
+            if node.op_type == "DequantizeLinear":
+                return node.name or node.output[0]
+            if node.op_type not in ("Identity", "Cast", "Reshape", "Transpose", "Unsqueeze"):
+                return None
+            name = node.input[0]
+        return None
 
     def require_float(self, name: str, node: onnx.NodeProto) -> None:
         et = self.index.elem_type(name)
