@@ -73,3 +73,44 @@ def test_fold_cast_keeps_the_bias_dtype(rng):
     w2, b2 = FORWARD.fold(w, b, s, t, FoldAttrs())
     np.testing.assert_array_equal(w_out, w2.astype(np.float32))
     np.testing.assert_array_equal(b_out, b2.astype(np.float16))
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+@pytest.mark.parametrize("kernel_attr", [False, True])
+def test_same_padding_of_a_1x1_stride_1_conv_pads_nothing(rng, auto_pad, kernel_attr):
+    """SAME_* pads (ceil(in/stride) - 1) * stride + (k - 1) * dilation + 1 - in per axis: 0 for a
+    1x1 kernel at stride 1 whatever the input, so the forward fold is exact (it was refused as
+    padded, review 25m). With stride 2 it can pad: still refused."""
+    extra = {"kernel_shape": [1, 1]} if kernel_attr else {}
+    node, g = _conv(rand(rng, 4, 2, 1, 1), auto_pad=auto_pad, **extra)
+    assert FORWARD.match(node, g, 2) == Match(2, 4)
+    node, g = _conv(rand(rng, 4, 2, 1, 1), auto_pad=auto_pad, strides=[2, 2], **extra)
+    assert refusal(FORWARD.match, node, g, 2)[0] is Reason.PADDED_FORWARD_FOLD
+    tall = {"kernel_shape": [3, 1]} if kernel_attr else {}
+    node, g = _conv(rand(rng, 4, 2, 3, 1), auto_pad=auto_pad, **tall)  # a 3x1 kernel pads the first axis
+    assert refusal(FORWARD.match, node, g, 2)[0] is Reason.PADDED_FORWARD_FOLD
+
+
+def test_bn_before_a_same_padded_1x1_conv_folds_forward_and_verifies(rng):
+    """End to end: graph input -> BN -> Conv(1x1, SAME_UPPER): folded into the Conv, and onnxruntime
+    gives the original's outputs on odd and even spatial sizes."""
+    from conftest import init as mk_init
+    from conftest import make_model, ort_run
+
+    import bnfold
+
+    c = 3
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["n"], name="bn"),
+             helper.make_node("Conv", ["n", "w", "cb"], ["y"], name="conv", auto_pad="SAME_UPPER")]
+    f32 = np.float32
+    inits = [mk_init("s", rng.uniform(0.5, 2, c).astype(f32)), mk_init("b", rng.normal(size=c).astype(f32)),
+             mk_init("m", rng.normal(size=c).astype(f32)), mk_init("v", rng.uniform(0.5, 2, c).astype(f32)),
+             mk_init("w", rng.normal(size=(5, c, 1, 1)).astype(f32)), mk_init("cb", rng.normal(size=5).astype(f32))]
+    model = make_model(nodes, [vi("x", ["N", c, "H", "W"])], [vi("y", ["N", 5, "H", "W"])], inits)
+    result = bnfold.fold(model)
+    (record,) = result.report.bns
+    assert record.action.value == "folded" and record.direction == "forward", record
+    for hw in ((5, 7), (4, 4)):
+        x = rng.normal(size=(2, c, *hw)).astype(np.float32)
+        np.testing.assert_allclose(ort_run(result.model, {"x": x})[0], ort_run(model, {"x": x})[0],
+                                   rtol=1e-5, atol=1e-5)

@@ -22,7 +22,8 @@ class ForwardConvRule:
         pads = get_attr(conv, "pads")
         auto_pad = get_attr(conv, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if (pads and any(int(p) for p in pads)) or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if (pads and any(int(p) for p in pads)) or (auto_pad in ("SAME_UPPER", "SAME_LOWER")
+                                                    and not self._same_pads_nothing(conv, graph)):
             raise Refuse(Reason.PADDED_FORWARD_FOLD,
                          f"following Conv '{conv.name}' pads its input (zeros, not the BN shift)")
         w = graph.require_const(conv.input[1], "weight", conv)
@@ -37,6 +38,19 @@ class ForwardConvRule:
         if channels is not None and c_in != channels:
             raise Refuse(Reason.CHANNEL_MISMATCH, f"Conv '{conv.name}' takes {c_in} channels, BN has {channels}")
         return Match(c_in, len(w))
+
+    @staticmethod
+    def _same_pads_nothing(conv: onnx.NodeProto, graph: GraphView) -> bool:
+        """Whether ``auto_pad=SAME_*`` adds no padding whatever the input size: a 1x...x1 kernel at
+        stride 1 (the total pad per axis is (ceil(in/stride) - 1) * stride + (k - 1) * dilation + 1 - in)."""
+        kernel = get_attr(conv, "kernel_shape")
+        if not kernel:
+            try:
+                kernel = graph.require_const(conv.input[1], "weight", conv)[2:]
+            except Refuse:
+                return False
+        strides = get_attr(conv, "strides") or [1] * len(kernel)
+        return all(int(k) == 1 for k in kernel) and all(int(st) == 1 for st in strides)
 
     def attrs(self, node: onnx.NodeProto) -> FoldAttrs:
         return FoldAttrs(group=int(get_attr(node, "group", 1)))
