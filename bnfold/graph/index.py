@@ -76,6 +76,10 @@ def unlist_old_ir_constants(model: onnx.ModelProto) -> bool:
     return bool(listed)
 
 
+#: operators whose output is a matrix (rank 2) whatever their inputs (the ONNX spec)
+_MATRIX_OPS = frozenset({"Flatten", "Gemm"})
+
+
 class GraphIndex:
     """Producers and consumers of every tensor name in one graph.
 
@@ -188,11 +192,16 @@ class GraphIndex:
             self._consumers[name].remove(pos)
 
     def rank(self, name: str) -> int | None:
+        """The rank of tensor ``name`` from its value_info, else from the operator that writes it
+        where that fixes it (Flatten and Gemm always write a matrix), else None."""
         vi = self.value_info.get(name)
-        if vi is None or not vi.type.HasField("tensor_type"):
-            return None
-        tt = vi.type.tensor_type
-        return len(tt.shape.dim) if tt.HasField("shape") else None
+        tt = vi.type.tensor_type if vi is not None and vi.type.HasField("tensor_type") else None
+        if tt is not None and tt.HasField("shape"):
+            return len(tt.shape.dim)
+        node = self.node_of(name)
+        if node is not None and node.domain in ("", "ai.onnx") and node.op_type in _MATRIX_OPS:
+            return 2
+        return None
 
     def shape(self, name: str) -> tuple[int | None, ...] | None:
         vi = self.value_info.get(name)
