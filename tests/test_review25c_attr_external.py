@@ -13,14 +13,31 @@ from cli_run import run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 
+def _external(name: str, data_type: int, dims: list[int], location: str, length: int) -> TensorProto:
+    """A tensor whose data is ``length`` bytes at offset 0 of ``location``."""
+    t = TensorProto(name=name, data_type=data_type, dims=dims, data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def _refused(tmp_path: Path, model: Path, command: str) -> None:
+    """``inspect`` / ``fold --no-verify`` on ``model``: exit 3, one line about the absolute path, no output."""
+    out = tmp_path / "out"
+    args = ["inspect", model] if command == "inspect" else ["fold", model, "-o", out / "o.onnx", "--no-verify"]
+    proc = run_cli(*args)
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    [line] = proc.stderr.strip().splitlines()
+    assert "absolute path" in line, line
+    assert not out.exists()
+
+
 def _model(folder: Path, location: str, as_graph: bool = False) -> Path:
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w")]
     inits += [numpy_helper.from_array(rng.uniform(0.5, 2, 4).astype(np.float32), n) for n in "sbmv"]
-    evil = TensorProto(name="evil", data_type=TensorProto.UINT8, dims=[4], data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", location), ("offset", "0"), ("length", "4")):
-        entry = evil.external_data.add()
-        entry.key, entry.value = key, value
+    evil = _external("evil", TensorProto.UINT8, [4], location, 4)
     relu = helper.make_node("Relu", ["z"], ["y"], name="relu")
     if as_graph:
         sub = helper.make_graph([], "sub", [], [helper.make_tensor_value_info("evil", TensorProto.UINT8, [4])], [evil])
@@ -43,13 +60,7 @@ def test_an_escaping_attribute_tensor_of_any_node_is_exit_3(tmp_path: Path, comm
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"SECRETSECRET")
     model = _model(tmp_path / "in", str(secret), as_graph)
-    out = tmp_path / "out"
-    args = ["inspect", model] if command == "inspect" else ["fold", model, "-o", out / "o.onnx", "--no-verify"]
-    proc = run_cli(*args)
-    assert proc.returncode == 3, (proc.stdout, proc.stderr)
-    [line] = proc.stderr.strip().splitlines()
-    assert "absolute path" in line, line
-    assert not out.exists()
+    _refused(tmp_path, model, command)
 
 
 @pytest.mark.parametrize("command", ["inspect", "fold"])
@@ -60,20 +71,11 @@ def test_escaping_indices_of_a_sparse_initializer_are_exit_3(tmp_path: Path, com
     model = _model(tmp_path / "in", "unused")
     m = onnx.load(model, load_external_data=False)
     m.graph.node[-1].ClearField("attribute")
-    indices = TensorProto(name="spi", data_type=TensorProto.INT64, dims=[2], data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", str(secret)), ("offset", "0"), ("length", "16")):
-        entry = indices.external_data.add()
-        entry.key, entry.value = key, value
+    indices = _external("spi", TensorProto.INT64, [2], str(secret), 16)
     sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.ones(2, np.float32), "sp"), indices, [256])
     m.graph.sparse_initializer.append(sparse)
     onnx.save(m, model)
-    out = tmp_path / "out"
-    args = ["inspect", model] if command == "inspect" else ["fold", model, "-o", out / "o.onnx", "--no-verify"]
-    proc = run_cli(*args)
-    assert proc.returncode == 3, (proc.stdout, proc.stderr)
-    [line] = proc.stderr.strip().splitlines()
-    assert "absolute path" in line, line
-    assert not out.exists()
+    _refused(tmp_path, model, command)
 
 
 @pytest.mark.parametrize("command", ["inspect", "fold"])
@@ -85,10 +87,7 @@ def test_an_escaping_tensor_in_a_local_function_is_exit_3(tmp_path: Path, comman
     model = _model(tmp_path / "in", "unused")
     m = onnx.load(model, load_external_data=False)
     m.graph.node[-1].ClearField("attribute")
-    evil = TensorProto(name="evil", data_type=TensorProto.FLOAT, dims=[1], data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", str(secret)), ("offset", "0"), ("length", "4")):
-        entry = evil.external_data.add()
-        entry.key, entry.value = key, value
+    evil = _external("evil", TensorProto.FLOAT, [1], str(secret), 4)
     m.functions.append(helper.make_function(
         "local", "AddC", ["a"], ["b"],
         [helper.make_node("Constant", [], ["c"], value=evil), helper.make_node("Add", ["a", "c"], ["b"])],
@@ -97,10 +96,4 @@ def test_an_escaping_tensor_in_a_local_function_is_exit_3(tmp_path: Path, comman
     m.graph.node[-1].output[0] = "r"
     m.graph.node.append(helper.make_node("AddC", ["r"], ["y"], domain="local"))
     onnx.save(m, model)
-    out = tmp_path / "out"
-    args = ["inspect", model] if command == "inspect" else ["fold", model, "-o", out / "o.onnx", "--no-verify"]
-    proc = run_cli(*args)
-    assert proc.returncode == 3, (proc.stdout, proc.stderr)
-    [line] = proc.stderr.strip().splitlines()
-    assert "absolute path" in line, line
-    assert not out.exists()
+    _refused(tmp_path, model, command)
