@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+import bnfold  # for bnfold.VerifyConfig, a lazy name: bnfold.torch and bnfold.data call these checks too
 from bnfold.errors import BadInputError
-from bnfold.verification.config import VerifyConfig
 
 
 def _kind(value: Any) -> str:
@@ -73,7 +73,7 @@ def check_config(value: Any, name: str) -> None:
     """A ``VerifyConfig`` (or None) whose tolerances and providers have the documented shapes."""
     if value is None:
         return
-    if not isinstance(value, VerifyConfig):
+    if not isinstance(value, bnfold.VerifyConfig):
         raise BadInputError(f"{name} must be a bnfold.VerifyConfig, got {_kind(value)}; "
                             f"pass {name}=bnfold.VerifyConfig(...)")
     if isinstance(value.providers, str) or not isinstance(value.providers, (tuple, list)):

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bnfold.api_checks import check_count
 from bnfold.errors import BadInputError, one_line
 from bnfold.records import InputSpec
 
@@ -267,15 +268,6 @@ def _validate_file(label: str, members: list[_Member], inputs: Sequence[InputSpe
         )
     samples = next(iter(counts.values())) if counts else 0
     return _File(label=label, path=None, members=chosen, samples=samples)
-
-
-def _check_batch_size(batch_size: int | None) -> None:
-    if batch_size is None:
-        return
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise BadInputError(f"batch size must be a whole number, got {batch_size!r}; use batch_size=N with N >= 1")
-    if batch_size < 1:
-        raise BadInputError(f"batch size must be at least 1, got {batch_size}; use batch_size=N with N >= 1")
 
 
 def _check_inputs(inputs: Sequence[InputSpec]) -> list[InputSpec]:
@@ -551,7 +543,7 @@ def open_data(path: str | os.PathLike, inputs: Sequence[InputSpec], batch_size: 
     samples as one batch. See the module docstring for how memory is used.
     """
     specs = _check_inputs(inputs)
-    _check_batch_size(batch_size)
+    check_count(batch_size, "batch_size", optional=True, label="batch size")
     p = os.fspath(path)
     label = f"'{p}'"
     if not os.path.exists(p):
@@ -608,7 +600,7 @@ def from_arrays(
     Same validation as :func:`open_data`; the arrays are not copied up front (each batch is).
     """
     specs = _check_inputs(inputs)
-    _check_batch_size(batch_size)
+    check_count(batch_size, "batch_size", optional=True, label="batch size")
     if not isinstance(arrays, Mapping):
         raise BadInputError(
             f"calibration arrays must be a mapping of input name to array, got {type(arrays).__name__}; "

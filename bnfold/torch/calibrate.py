@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
+from bnfold.api_checks import check_callable
 from bnfold.data.sources import CalibrationData
 from bnfold.data.stream import StreamData, refuse_read_generator
 from bnfold.distributed import RankShard, resolve_group
@@ -538,8 +539,7 @@ def run_calibration(
     any other iterable is this rank's part
     (``DistributedSampler`` style). Every rank's sums and facts are gathered once and merged in rank
     order; an error on any rank before that stops every rank."""
-    if progress is not None and not callable(progress):  # (bnfold.api_checks has it too; not imported here: light)
-        raise BadInputError(f"progress must be a callable progress(done, total) or None, got {type(progress).__name__}")
+    check_callable(progress, "progress")
     group = resolve_group(distributed)
     opts = _PassOptions(device=device, estimator=estimator, allow_reused_bn=allow_reused_bn, inplace=inplace,
                         progress=progress, recalibrate=recalibrate, training_graph=training_graph,
