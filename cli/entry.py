@@ -7,9 +7,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+from .signals import EXIT_INTERRUPTED
 
-EXIT_INTERRUPTED = 130  # as bnfold.cli.main's
+__all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -86,13 +86,12 @@ from .options import (
 from .outcome import FoldOutcome
 from .private_cache import private_cache
 from .progress import ProgressBar, calibration_progress, verification_progress
-from .signals import EXIT_TERMINATED, Terminated, terminate_as_interrupt
+from .signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, terminate_as_interrupt
 from .wording import flag_words, worded_report, worded_result
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
-EXIT_INTERRUPTED = 130
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

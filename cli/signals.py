@@ -9,9 +9,10 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["EXIT_TERMINATED", "Terminated", "terminate_as_interrupt"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated", "terminate_as_interrupt"]
 
 EXIT_TERMINATED = 128 + signal.SIGTERM
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C: 130
 
 
 class Terminated(BaseException):
