@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import onnx
 from onnx import ModelProto, TensorProto
@@ -82,29 +82,23 @@ def defer(tensor: TensorProto, base_dir: str) -> bool:
     return True
 
 
-def _source(tensor: TensorProto) -> tuple[str, str, int, int] | None:
-    """(model folder, location, offset, length) of a deferred tensor; None for any other tensor."""
-    key = _key(tensor)
-    if key is None:
-        return None
-    keys = {e.key: e.value for e in tensor.external_data}
-    return key[0], key[1], int(keys.get("offset") or 0), int(keys["length"])
+class _Source(NamedTuple):
+    """Where a deferred tensor's bytes are: its :data:`_STAMPS` key (model folder, location, stamp)."""
+
+    key: tuple[str, str, str]
+    offset: int
+    length: int
 
 
-def _key(tensor: TensorProto) -> tuple[str, str, str] | None:
-    """The :data:`_STAMPS` key of a deferred tensor; None for any other tensor."""
+def _source(tensor: TensorProto) -> _Source | None:
+    """Where a deferred tensor's bytes are; None for any other tensor."""
     if tensor.data_location != TensorProto.EXTERNAL:
         return None
     keys = {e.key: e.value for e in tensor.external_data}
-    base, location, mark = keys.get(BASEPATH), keys.get("location"), keys.get(STAMP)
-    if base is None or location is None or mark is None or keys.get("length") is None:
+    base, location, mark, length = keys.get(BASEPATH), keys.get("location"), keys.get(STAMP), keys.get("length")
+    if base is None or location is None or mark is None or length is None or (base, location, mark) not in _STAMPS:
         return None
-    key = (base, location, mark)
-    return key if key in _STAMPS else None
-
-
-def _mark(tensor: TensorProto) -> str:
-    return next(e.value for e in tensor.external_data if e.key == STAMP)
+    return _Source((base, location, mark), int(keys.get("offset") or 0), int(length))
 
 
 def is_deferred(tensor: TensorProto) -> bool:
@@ -116,16 +110,17 @@ def has_deferred(tensors: Iterable[TensorProto]) -> bool:
     return any(_source(t) is not None for t in tensors)
 
 
-def _open_checked(tensor: TensorProto, base: str, location: str) -> int:
-    """A read-only descriptor of the deferred tensor's file, opened by onnx's resolver, after
-    checking the file is the one seen at load."""
+def _open_checked(tensor: TensorProto, key: tuple[str, str, str]) -> int:
+    """A read-only descriptor of the deferred tensor's file (``key``: its :data:`_STAMPS` key),
+    opened by onnx's resolver, after checking the file is the one seen at load."""
+    base, location, _ = key
     path = os.path.join(base, location)
     try:
         fd = _edh._open_external_data_fd(base, location, tensor.name, True)
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise BadInputError(f"external data of tensor '{tensor.name}' could not be read ({exc}); "
                             "keep the data files next to the model") from exc
-    if _fd_stamp(fd) != _STAMPS[(base, location, _mark(tensor))]:
+    if _fd_stamp(fd) != _STAMPS[key]:
         os.close(fd)
         raise BadInputError(f"external data file '{path}' of tensor '{tensor.name}' changed since the model "
                             "was read; leave the model's data files unchanged while bnfold runs, then run it again")
@@ -149,10 +144,9 @@ def tensor_bytes(tensor: TensorProto) -> bytes:
     """The raw bytes of a deferred tensor, read from its file now."""
     src = _source(tensor)
     assert src is not None, f"tensor '{tensor.name}' is not deferred"
-    base, location, offset, length = src
-    fd = _open_checked(tensor, base, location)
+    fd = _open_checked(tensor, src.key)
     try:
-        return _read_exact(fd, offset, length)
+        return _read_exact(fd, src.offset, src.length)
     finally:
         os.close(fd)
 
@@ -172,14 +166,15 @@ def copy_to(tensor: TensorProto, fh: BinaryIO) -> int:
     file is checked unchanged before and after the copy."""
     src = _source(tensor)
     assert src is not None, f"tensor '{tensor.name}' is not deferred"
-    base, location, offset, length = src
-    fd = _open_checked(tensor, base, location)
+    base, location, _ = src.key
+    offset, length = src.offset, src.length
+    fd = _open_checked(tensor, src.key)
     try:
         done = 0
         while done < length:
             fh.write(_read_exact(fd, offset + done, min(COPY_CHUNK, length - done)))
             done += min(COPY_CHUNK, length - done)
-        if _fd_stamp(fd) != _STAMPS[(base, location, _mark(tensor))]:
+        if _fd_stamp(fd) != _STAMPS[src.key]:
             raise BadInputError(f"external data file '{os.path.join(base, location)}' of tensor '{tensor.name}' "
                                 "changed while it was copied; leave the model's data files unchanged while bnfold "
                                 "runs, then run it again")
