@@ -129,6 +129,41 @@ def test_a_training_checkpoint_with_its_argparse_namespace_loads(factory_dir: Pa
     assert res.returncode == 3 and "holds a state_dict" in res.stderr and "--model-factory" in res.stderr
 
 
+class _Payload:
+    """Unpickling it would create ``marker`` (what an os.system payload would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("where", ["namespace_attribute", "beside_the_weights"])
+def test_allowing_argparse_namespace_lets_no_other_object_through(factory_dir: Path, where: str) -> None:
+    """weights_only with argparse.Namespace allowed (docs/security.md): a payload held by the
+    Namespace, or beside it, is refused with nothing run."""
+    import argparse
+    marker = factory_dir / "ran"
+    args = argparse.Namespace(lr=0.1)
+    if where == "namespace_attribute":
+        args.hook = _Payload(marker)
+    ckpt: dict[str, Any] = {"state_dict": _trained_state(), "args": args}
+    if where == "beside_the_weights":
+        ckpt["extra"] = _Payload(marker)
+    path = factory_dir / "evil.pth.tar"
+    torch.save(ckpt, path)
+    assert not marker.exists()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(BadInputError):
+        load_factory(f"{_MODULE}:build", path)
+    res = run_cli("fold", "--model-factory", f"{_MODULE}:build", "--weights", str(path), "-o", "out.pt2",
+                  cwd=factory_dir)
+    assert res.returncode == 3, res.stderr
+    assert not marker.exists()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
 def test_a_factory_that_needs_arguments_names_the_fix(factory_dir: Path) -> None:
     (factory_dir / "r25j_args_factory.py").write_text("def build(num_classes, pretrained=False):\n    return None\n")
     sys.modules.pop("r25j_args_factory", None)
